@@ -1,0 +1,43 @@
+# gpuvisor: `make run` for the tour, `make test` for the suite. Both set up
+# their own virtualenv on a fresh machine; nothing needs installing by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+# torch is pinned and installed first: on this project's CPU machines the pin
+# resolves to a CPU wheel. For a GPU box see README.md ("GPU install").
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[models,dev]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/gpuvisor demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,151 @@
+"""The error hierarchy, and how an error crosses the wire as plain data.
+
+Every class has a stable ``code``: the worker sends ``{"code", "message", ...}``
+and the supervisor rebuilds the same class, so a caller can write
+``except UnknownTask`` whether the error was raised locally or in the worker.
+Nothing here is pickled: an error travels as a msgpack map of strings.
+
+Each docstring says whose fault the error is and whether retrying can help,
+because that is what a caller needs to decide what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GpuvisorError(Exception):
+    """Base of every error gpuvisor raises on purpose."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack-ready form: strings and plain values only."""
+        return {"code": self.code, "message": self.message, **self.details}
+
+
+class ProtocolError(GpuvisorError):
+    """Bytes that do not follow the protocol: malformed msgpack, a missing or
+    mistyped field, an unknown kind, a message over the size limit, a version
+    we do not speak. The sender's fault; resending the same bytes cannot help."""
+
+    code = "protocol_error"
+
+
+class UnknownMode(GpuvisorError):
+    """The mode is not in the configuration. The caller's fault."""
+
+    code = "unknown_mode"
+
+
+class NoModeLoaded(GpuvisorError):
+    """A job named no mode and no mode is loaded (nothing was switched to yet,
+    or the last switch failed). Pass ``mode=`` or call ``switch_mode()``."""
+
+    code = "no_mode_loaded"
+
+
+class UnknownTask(GpuvisorError):
+    """The loaded mode has no handler for this task. The caller's fault."""
+
+    code = "unknown_task"
+
+
+class ModeLoadError(GpuvisorError):
+    """The mode's loader raised, or its worker died or never got ready while
+    loading. ``traceback`` holds the worker's traceback when there is one.
+    Usually deterministic (a bad path, a missing package): retrying the same
+    switch will fail the same way until the cause is fixed."""
+
+    code = "mode_load_error"
+
+    @property
+    def traceback(self) -> str:
+        return str(self.details.get("traceback", ""))
+
+
+class JobFailed(GpuvisorError):
+    """The task handler raised. ``remote_type`` is the exception's type name in
+    the worker and ``traceback`` its traceback text. The worker goes on
+    serving; whether a retry helps depends on the handler."""
+
+    code = "job_failed"
+
+    @property
+    def remote_type(self) -> str:
+        return str(self.details.get("remote_type", ""))
+
+    @property
+    def traceback(self) -> str:
+        return str(self.details.get("traceback", ""))
+
+
+class JobTimeout(GpuvisorError):
+    """The job ran past its ``timeout``; the worker was killed to stop it (a
+    stuck kernel cannot be interrupted any other way). Retrying helps only if
+    the job can finish in time."""
+
+    code = "job_timeout"
+
+
+class WorkerCrashed(GpuvisorError):
+    """The worker process died or hung while this job was in flight. The
+    message names the exit code or signal. Not the job's fault as far as the
+    supervisor can tell; an idempotent job may be retried."""
+
+    code = "worker_crashed"
+
+
+class JobCancelled(GpuvisorError):
+    """The job was cancelled before it produced a result, by a non-draining
+    shutdown or by a shutdown whose drain ran out of time."""
+
+    code = "job_cancelled"
+
+
+class ShuttingDown(GpuvisorError):
+    """The supervisor is shutting down and accepts no new work. Retrying
+    against this supervisor cannot help."""
+
+    code = "shutting_down"
+
+
+_BY_CODE: dict[str, type[GpuvisorError]] = {
+    cls.code: cls
+    for cls in (
+        GpuvisorError,
+        ProtocolError,
+        UnknownMode,
+        NoModeLoaded,
+        UnknownTask,
+        ModeLoadError,
+        JobFailed,
+        JobTimeout,
+        WorkerCrashed,
+        JobCancelled,
+        ShuttingDown,
+    )
+}
+
+ERROR_CODES: frozenset[str] = frozenset(_BY_CODE)
+
+
+def error_from_wire(data: Any) -> GpuvisorError:
+    """Rebuild an error sent as a map; an unknown code keeps the base class
+    (a newer peer may know more codes) and says which code it was."""
+    if not isinstance(data, dict):
+        return ProtocolError(f"error field is {type(data).__name__}, expected a map")
+    code = data.get("code")
+    message = data.get("message")
+    if not isinstance(code, str) or not isinstance(message, str):
+        return ProtocolError("error map needs string 'code' and 'message'")
+    details = {k: v for k, v in data.items() if k not in ("code", "message") and isinstance(k, str)}
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return GpuvisorError(f"[{code}] {message}", **details)
+    return cls(message, **details)

@@ -1,0 +1,224 @@
+"""Supervisor <-> worker messages: kinds, typed objects, encode and decode.
+
+A message is a ZeroMQ multipart message whose first frame is a msgpack map
+``{"v": PROTOCOL_VERSION, "k": <kind>, ...fields}``. Later frames are reserved
+for binary payloads; today a message has exactly one frame. ``docs/protocol.md``
+is the contract; this module is its one implementation.
+
+Decoding is typed and per direction: ``decode_from_worker`` only accepts what a
+worker may send and ``decode_to_worker`` what a supervisor may send, so a
+message in the wrong direction is a ``ProtocolError`` like any other malformed
+input, never a ``KeyError`` from deep inside the loop. Nothing is pickled:
+msgpack has no code-execution path, and ext types are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from protocol.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest frame either side encodes or decodes. A payload past it fails at
+``submit()``; a received frame past it is refused before it is unpacked."""
+
+
+class Kind(enum.StrEnum):
+    """Message kinds; the values go on the wire as they are."""
+
+    # worker -> supervisor
+    HELLO = "hello"
+    READY = "ready"
+    LOAD_FAILED = "load_failed"
+    RESULT = "result"
+    FAILURE = "failure"
+    HEARTBEAT = "heartbeat"
+    # supervisor -> worker
+    LOAD = "load"
+    JOB = "job"
+    DRAIN = "drain"
+
+
+class _Any:
+    """Field type marker: any msgpack value."""
+
+
+# Each message class lists its fields as (name, accepted types). An ``int``
+# field refuses ``bool`` (msgpack keeps them apart, Python does not).
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message of a worker: who it is, so stale generations are spotted."""
+
+    kind: ClassVar[Kind] = Kind.HELLO
+    fields: ClassVar[tuple] = (("pid", int), ("gen", int))
+    pid: int
+    gen: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    kind: ClassVar[Kind] = Kind.READY
+    fields: ClassVar[tuple] = (("mode", str), ("load_seconds", float), ("tasks", list))
+    mode: str
+    load_seconds: float
+    tasks: list
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    kind: ClassVar[Kind] = Kind.LOAD_FAILED
+    fields: ClassVar[tuple] = (("mode", str), ("error", dict))
+    mode: str
+    error: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    kind: ClassVar[Kind] = Kind.RESULT
+    fields: ClassVar[tuple] = (("job", int), ("value", _Any))
+    job: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    kind: ClassVar[Kind] = Kind.FAILURE
+    fields: ClassVar[tuple] = (("job", int), ("error", dict))
+    job: int
+    error: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    kind: ClassVar[Kind] = Kind.HEARTBEAT
+    fields: ClassVar[tuple] = (("busy", bool),)
+    busy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    kind: ClassVar[Kind] = Kind.LOAD
+    fields: ClassVar[tuple] = (("mode", str), ("loader", str), ("args", dict))
+    mode: str
+    loader: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    kind: ClassVar[Kind] = Kind.JOB
+    fields: ClassVar[tuple] = (("job", int), ("task", str), ("payload", _Any))
+    job: int
+    task: str
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Finish what you have, then exit 0."""
+
+    kind: ClassVar[Kind] = Kind.DRAIN
+    fields: ClassVar[tuple] = ()
+
+
+FromWorker = Hello | Ready | LoadFailed | Result | Failure | Heartbeat
+ToWorker = Load | Job | Drain
+
+_FROM_WORKER: dict[str, type] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Failure, Heartbeat)}
+_TO_WORKER: dict[str, type] = {c.kind.value: c for c in (Load, Job, Drain)}
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack with bin/str kept apart. Raises TypeError, naming the type, for
+    anything msgpack cannot carry; there is no fallback to pickle."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False)
+    except TypeError as exc:
+        raise TypeError(f"not msgpack-encodable: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        raise TypeError(f"not msgpack-encodable: {exc}") from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack ext type {code} is not part of the protocol")
+
+
+def unpack(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
+    """Inverse of ``pack`` for untrusted bytes: size-checked first, any
+    decoder failure (truncation, nesting past msgpack's stack, trailing bytes,
+    ext types) becomes a ``ProtocolError``."""
+    if len(data) > limit:
+        raise ProtocolError(f"frame of {len(data)} bytes is over the {limit}-byte limit")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, TypeError, StackError ...
+        raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def encode(msg: FromWorker | ToWorker, limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": msg.kind.value}
+    for name, _ in msg.fields:
+        header[name] = getattr(msg, name)
+    frame = pack(header)
+    if len(frame) > limit:
+        raise ProtocolError(f"{msg.kind.value} message of {len(frame)} bytes is over the {limit}-byte limit")
+    return [frame]
+
+
+def encode_job(job_id: int, task: str, payload: Any, limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+    """A JOB message, encoded once by the submitting thread so that a payload
+    msgpack cannot carry, or one over the limit, fails at ``submit()``."""
+    return encode(Job(job_id, task, payload), limit)
+
+
+def _type_ok(value: Any, expected: type) -> bool:
+    if expected is _Any:
+        return True
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: int):
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) != 1:
+        raise ProtocolError(f"expected 1 frame, got {len(frames)} (extra frames are reserved)")
+    header = unpack(bytes(frames[0]), limit)
+    if not isinstance(header, dict):
+        raise ProtocolError(f"message is a msgpack {type(header).__name__}, expected a map")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
+    kind = header.get("k")
+    cls = table.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind!r} {direction}")
+    values = []
+    for name, expected in cls.fields:
+        if name not in header:
+            raise ProtocolError(f"{kind} message lacks field {name!r}")
+        value = header[name]
+        if not _type_ok(value, expected):
+            raise ProtocolError(
+                f"{kind}.{name} is {type(value).__name__}, expected {expected.__name__.lstrip('_').lower()}"
+            )
+        values.append(value)
+    return cls(*values)
+
+
+def decode_from_worker(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> FromWorker:
+    return _decode(frames, _FROM_WORKER, "from a worker", limit)
+
+
+def decode_to_worker(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> ToWorker:
+    return _decode(frames, _TO_WORKER, "to a worker", limit)

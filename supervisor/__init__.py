@@ -1,0 +1,42 @@
+"""gpuvisor's supervisor: keeps GPU work in a child process it can kill.
+
+The supervisor never imports torch or touches CUDA; everything that does
+lives in the worker process. See ``docs/architecture.md``.
+"""
+
+from protocol.errors import (
+    GpuvisorError,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    ModeLoadError,
+    NoModeLoaded,
+    ProtocolError,
+    ShuttingDown,
+    UnknownMode,
+    UnknownTask,
+    WorkerCrashed,
+)
+from supervisor.api import AsyncSupervisor, Supervisor
+from supervisor.config import Config, ConfigError, ModeSpec
+from supervisor.config import load as load_config
+
+__all__ = [
+    "AsyncSupervisor",
+    "Config",
+    "ConfigError",
+    "GpuvisorError",
+    "JobCancelled",
+    "JobFailed",
+    "JobTimeout",
+    "ModeLoadError",
+    "ModeSpec",
+    "NoModeLoaded",
+    "ProtocolError",
+    "ShuttingDown",
+    "Supervisor",
+    "UnknownMode",
+    "UnknownTask",
+    "WorkerCrashed",
+    "load_config",
+]

@@ -1,0 +1,195 @@
+"""The public faces of the core loop: ``Supervisor`` (threads, returns
+``concurrent.futures.Future``) and ``AsyncSupervisor`` (asyncio, awaitables).
+
+Both only check arguments, encode the job in the caller's thread (so a
+payload msgpack cannot carry fails right here, at ``submit()``) and post a
+command; the loop thread does everything else. That keeps the facades free
+of shared state and lets many threads submit at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import threading
+import weakref
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from protocol import UnknownMode, encode_job
+from supervisor import config as config_mod
+from supervisor.commands import QueuedJob, QueuedSwitch, Shutdown
+from supervisor.config import Config
+from supervisor.core import Core
+
+_LIVE: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+def _stop_all_at_exit() -> None:
+    """A program that forgot ``shutdown()`` must still not leave a worker
+    behind: stop them without draining, as ProcessPoolExecutor joins its own."""
+    for sup in list(_LIVE):
+        sup.shutdown(drain=False)
+
+
+atexit.register(_stop_all_at_exit)
+
+
+def _failed(error: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
+
+
+def _check_timeout(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+class Supervisor:
+    """Runs jobs in a worker process that owns the GPU; see the README's tour.
+
+    Thread-safe. ``config`` is a path to a TOML file, a ``Config``, or None
+    for the built-in default. ``mode``, when given, is loaded by ``start()``.
+    """
+
+    def __init__(self, config: str | Path | Config | None = None, *, mode: str | None = None):
+        self.config = config if isinstance(config, Config) else config_mod.load(config)
+        initial = mode or self.config.default_mode or None
+        if initial is not None and self.config.mode(initial) is None:
+            raise UnknownMode(self._unknown_mode_message(initial))
+        self._initial_mode = initial
+        self._core = Core(self.config)
+        self._ids = itertools.count(1)
+        self._start_lock = threading.Lock()
+        self._started = False
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> Supervisor:
+        """Start the loop thread (and the initial mode, without waiting for
+        it). Idempotent; ``submit`` and ``switch_mode`` call it for you."""
+        with self._start_lock:
+            if not self._started:
+                self._core.start()
+                self._started = True
+                _LIVE.add(self)
+                if self._initial_mode is not None:
+                    self._core.post(QueuedSwitch(self._initial_mode, Future()))
+        return self
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop, and return once the worker is reaped.
+
+        ``drain=True``: new work gets ``ShuttingDown``, queued work runs in
+        order, then the worker gets DRAIN and exits 0. ``timeout`` bounds that
+        drain; what has not run by then gets ``JobCancelled``.
+        ``drain=False``: queued work and the job in flight get ``JobCancelled``
+        and the worker is stopped at once."""
+        timeout = _check_timeout("timeout", timeout)
+        with self._start_lock:
+            if not self._started:
+                return
+        command = Shutdown(drain, timeout)
+        self._core.post(command)
+        command.future.result()
+        self._core.join(timeout=None)
+        _LIVE.discard(self)
+
+    def __enter__(self) -> Supervisor:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown(drain=True)
+
+    # -------------------------------------------------------------- work
+
+    def submit(
+        self, task: str, payload: Any = None, *, mode: str | None = None, timeout: float | None = None
+    ) -> Future:
+        """Queue ``task`` with ``payload``; the Future gets the handler's result
+        or a typed error. ``mode`` switches first when another is loaded.
+        ``timeout`` is seconds of running time in the worker; past it the
+        worker is killed and the job fails with ``JobTimeout``.
+
+        ``Future.cancel()`` succeeds while the job is queued and returns False
+        once it is running."""
+        if not isinstance(task, str) or not task:
+            raise TypeError(f"task must be a non-empty str, got {task!r}")
+        if mode is not None and not isinstance(mode, str):
+            raise TypeError(f"mode must be a str or None, got {type(mode).__name__}")
+        timeout = _check_timeout("timeout", timeout)
+        if mode is not None and self.config.mode(mode) is None:
+            return _failed(UnknownMode(self._unknown_mode_message(mode)))
+        job_id = next(self._ids)
+        frames = encode_job(job_id, task, payload)  # TypeError / ProtocolError here, in the caller
+        future: Future = Future()
+        self.start()
+        self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future))
+        return future
+
+    def switch_mode(self, mode: str) -> Future:
+        """Make ``mode`` the loaded mode, after every job queued before this
+        call. The Future's result is ``{"mode", "status": "already_loaded"}``
+        when it already is (the worker is untouched), else ``{"mode",
+        "status": "loaded", "previous", "seconds", "load_seconds", "pid"}``."""
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be a str, got {type(mode).__name__}")
+        if self.config.mode(mode) is None:
+            return _failed(UnknownMode(self._unknown_mode_message(mode)))
+        future: Future = Future()
+        self.start()
+        self._core.post(QueuedSwitch(mode, future))
+        return future
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot, never blocking: ``state``, ``mode``, ``worker_state``,
+        ``worker_pid``, ``generation``, ``queued``, ``in_flight``,
+        ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``."""
+        return self._core.status
+
+    def _unknown_mode_message(self, mode: str) -> str:
+        return f"unknown mode {mode!r}; {self.config.source} has {', '.join(sorted(self.config.modes))}"
+
+
+class AsyncSupervisor:
+    """The same supervisor for asyncio code: every call is awaitable, and
+    cancelling the awaiting task cancels a job that is still queued."""
+
+    def __init__(self, config: str | Path | Config | None = None, *, mode: str | None = None):
+        self._sync = Supervisor(config, mode=mode)
+
+    @property
+    def config(self) -> Config:
+        return self._sync.config
+
+    async def start(self) -> AsyncSupervisor:
+        self._sync.start()
+        return self
+
+    async def submit(
+        self, task: str, payload: Any = None, *, mode: str | None = None, timeout: float | None = None
+    ) -> Any:
+        return await asyncio.wrap_future(self._sync.submit(task, payload, mode=mode, timeout=timeout))
+
+    async def switch_mode(self, mode: str) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync.switch_mode(mode))
+
+    def status(self) -> dict[str, Any]:
+        return self._sync.status()
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)
+
+    async def __aenter__(self) -> AsyncSupervisor:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.shutdown(drain=True)

@@ -1,0 +1,100 @@
+"""Commands that API threads hand to the core loop, and the mailbox they go
+through. A command carries the caller's Future; the loop gives it its one
+outcome with ``settle()``."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class QueuedJob:
+    id: int
+    task: str
+    frames: list[bytes]  # the JOB message, encoded by the submitting thread
+    mode: str | None
+    timeout: float | None
+    future: Future
+    deadline: float | None = None
+
+
+@dataclass(eq=False)
+class QueuedSwitch:
+    mode: str
+    future: Future | None  # None: implicit, for a job that names its mode
+
+
+@dataclass(eq=False)
+class Shutdown:
+    drain: bool
+    timeout: float | None
+    future: Future = field(default_factory=Future)
+
+
+Command = QueuedJob | QueuedSwitch | Shutdown
+
+
+class Mailbox:
+    """Where API threads leave commands for the loop. Closing it hands back
+    whatever arrived too late, so no command is ever silently lost."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Command] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    @property
+    def fd(self) -> int:
+        return self._wake_r
+
+    def put(self, command: Command) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._items.append(command)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is already due to wake
+        return True
+
+    def take_all(self) -> list[Command]:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+    def close(self) -> list[Command]:
+        with self._lock:
+            self._closed = True
+        left = self.take_all()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return left
+
+
+def settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Give a future its one outcome. A queued future the caller cancelled is
+    left cancelled: cancellation was its outcome."""
+    if not future.done() and not future.running():
+        if not future.set_running_or_notify_cancel():
+            return
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

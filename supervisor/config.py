@@ -1,0 +1,167 @@
+"""The mode table and the supervisor's settings, read from TOML.
+
+The supervisor only needs mode names and the loader strings it forwards; it
+never imports a loader (that would pull torch into the supervisor). So a
+loader is checked for shape here and for existence in the worker, where a
+mistake becomes a ``ModeLoadError`` with the worker's traceback.
+
+Every mistake names the file, the line and the key, because a config error
+found at 3 a.m. in a systemd journal has to be fixable from the message alone.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from protocol import GpuvisorError
+
+_LOADER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_MODE_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
+_HEADER_RE = re.compile(r"^\[\s*([^\[\]]+?)\s*\]")
+
+
+class ConfigError(GpuvisorError, ValueError):
+    """The configuration file is unreadable or has a mistake. The message
+    names the file, line and key; fix the file, nothing else helps."""
+
+    code = "config_error"
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    name: str
+    loader: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+# name -> (default, check, what is expected); a number check takes int or float.
+_SETTINGS: dict[str, tuple[Any, Any, str]] = {
+    "heartbeat_interval": (1.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "heartbeat_timeout": (10.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "load_timeout": (300.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "stop_timeout": (5.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "job_timeout": (0.0, lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: none)"),
+    "default_mode": ("", lambda v: isinstance(v, str), "a mode name"),
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Config:
+    modes: dict[str, ModeSpec]
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    load_timeout: float = 300.0
+    stop_timeout: float = 5.0
+    job_timeout: float = 0.0
+    default_mode: str = ""
+    source: str = "<built-in>"
+
+    def mode(self, name: str) -> ModeSpec | None:
+        return self.modes.get(name)
+
+
+class _Locator:
+    """Finds the line of a table or key in the TOML text. tomllib keeps no
+    positions, and a message without a line is half a message."""
+
+    def __init__(self, text: str, source: str):
+        self.lines = text.splitlines()
+        self.source = source
+
+    @staticmethod
+    def _norm(dotted: str) -> str:
+        return ".".join(part.strip().strip("\"'") for part in dotted.split("."))
+
+    def line(self, table: str, key: str | None = None) -> int | None:
+        current = ""
+        for number, raw in enumerate(self.lines, 1):
+            text = raw.strip()
+            header = _HEADER_RE.match(text)
+            if header:
+                current = self._norm(header.group(1))
+                if key is None and current == table:
+                    return number
+                continue
+            if key is not None and current == table and re.match(rf"^[\"']?{re.escape(key)}[\"']?\s*=", text):
+                return number
+        return None if key is None else self.line(table)
+
+    def error(self, table: str, key: str | None, problem: str) -> ConfigError:
+        number = self.line(table, key)
+        where = f"{self.source}:{number}" if number else self.source
+        what = f"[{table}]" + (f" key {key!r}" if key else "")
+        return ConfigError(f"{where}: {what}: {problem}")
+
+
+def parse(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    where = _Locator(text, source)
+
+    for key in data:
+        if key not in ("supervisor", "modes"):
+            raise where.error(key, None, "unknown table; expected [supervisor] or [modes.NAME]")
+
+    settings: dict[str, Any] = {}
+    section = data.get("supervisor", {})
+    if not isinstance(section, dict):
+        raise where.error("supervisor", None, "must be a table")
+    for key, value in section.items():
+        if key not in _SETTINGS:
+            raise where.error("supervisor", key, f"unknown key; known keys are {', '.join(sorted(_SETTINGS))}")
+        _, check, expected = _SETTINGS[key]
+        if not check(value):
+            raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
+        settings[key] = float(value) if _number(value) else value
+
+    modes_table = data.get("modes")
+    if not isinstance(modes_table, dict) or not modes_table:
+        raise ConfigError(f"{source}: no modes: add at least one [modes.NAME] table with a 'loader'")
+    modes: dict[str, ModeSpec] = {}
+    for name, entry in modes_table.items():
+        table = f"modes.{name}"
+        if not _MODE_NAME_RE.match(name):
+            raise where.error(table, None, "a mode name is 1-64 letters, digits, '_', '-' or '.'")
+        if not isinstance(entry, dict):
+            raise where.error("modes", name, "must be a table with a 'loader'")
+        for key in entry:
+            if key not in ("loader", "args"):
+                raise where.error(table, key, "unknown key; a mode has 'loader' and optional 'args'")
+        loader = entry.get("loader")
+        if not isinstance(loader, str) or not _LOADER_RE.match(loader):
+            raise where.error(table, "loader", f"expected 'package.module:function', got {loader!r}")
+        args = entry.get("args", {})
+        if not isinstance(args, dict):
+            raise where.error(table, "args", f"expected a table of keyword arguments, got {args!r}")
+        modes[name] = ModeSpec(name, loader, args)
+
+    default_mode = settings.get("default_mode", "")
+    if default_mode and default_mode not in modes:
+        raise where.error("supervisor", "default_mode", f"{default_mode!r} is not a mode; modes are {sorted(modes)}")
+    if settings.get("heartbeat_timeout", 10.0) <= settings.get("heartbeat_interval", 1.0):
+        raise where.error("supervisor", "heartbeat_timeout", "must be longer than heartbeat_interval")
+    return Config(modes=modes, source=source, **settings)
+
+
+def load(path: str | Path | None = None) -> Config:
+    """The file at ``path``, or the built-in default when it is None."""
+    if path is None:
+        text = resources.files("supervisor").joinpath("default.toml").read_text(encoding="utf-8")
+        return parse(text, "<built-in default.toml>")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, str(path))

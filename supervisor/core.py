@@ -1,0 +1,607 @@
+"""The core loop: one thread owns the worker socket, the queue and the worker.
+
+::
+
+      API threads (Supervisor, AsyncSupervisor)
+        | post(command) -> Mailbox + one byte on the wake-up pipe
+        v
+    +---------------------------- loop thread ----------------------------+
+    |  poll([wake-up pipe, ROUTER socket, worker pidfd], next deadline)   |
+    |    wake-up  -> take commands: submit, switch, shutdown              |
+    |    ROUTER   -> HELLO / READY / LOAD_FAILED / RESULT / FAILURE / HB  |
+    |    pidfd    -> the worker exited: reap it, settle what it held      |
+    |    deadline -> load timeout, heartbeat timeout, job timeout, drain  |
+    |  then pump(): move the FIFO forward as far as the worker allows     |
+    |  then publish a fresh status snapshot                               |
+    +---------------------------------------------------------------------+
+
+Nothing here is touched by another thread: API threads only post commands
+and read the published snapshot, so there are no locks around state. The
+worker is spawned from this thread on purpose: PR_SET_PDEATHSIG fires when
+the thread that forked the child ends, and this thread lives as long as the
+supervisor does.
+
+The FIFO holds jobs and switch barriers. A job runs in the mode in force when
+it reaches the head (its own ``mode=`` if it names one); a switch runs only
+when nothing is in flight. So jobs submitted before a switch run in the old
+mode, jobs after it in the new one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import zmq
+
+from protocol import (
+    MAX_MESSAGE_BYTES,
+    Drain,
+    Failure,
+    GpuvisorError,
+    Heartbeat,
+    Hello,
+    JobCancelled,
+    JobTimeout,
+    Load,
+    LoadFailed,
+    ModeLoadError,
+    NoModeLoaded,
+    ProtocolError,
+    Ready,
+    Result,
+    ShuttingDown,
+    WorkerCrashed,
+    decode_from_worker,
+    encode,
+    error_from_wire,
+)
+from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Shutdown, settle
+from supervisor.config import Config
+from supervisor.process import describe_exit, spawn_worker, stop_and_reap
+from supervisor.worker_handle import WorkerHandle, WorkerState
+
+log = logging.getLogger("gpuvisor")
+
+_SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING})
+_IDLE_POLL_S = 1.0  # upper bound on a poll, so deadlines are checked even with no events
+_NO_PIDFD_POLL_S = 0.05  # how often to poll the worker's exit where pidfd_open is missing
+
+
+@dataclass
+class _SwitchInProgress:
+    mode: str
+    request: QueuedSwitch
+    previous: str | None
+    started: float
+
+
+# --------------------------------------------------------------------- core
+
+
+class Core:
+    def __init__(self, config: Config):
+        self.config = config
+        self.mailbox = Mailbox()
+        self._thread = threading.Thread(target=self._main, name="gpuvisor-loop", daemon=True)
+        self._ready = threading.Event()
+        self._boot_error: BaseException | None = None
+        self._status: MappingProxyType = MappingProxyType({"state": "not_started"})
+        # Everything below belongs to the loop thread.
+        self._queue: collections.deque[QueuedJob | QueuedSwitch] = collections.deque()
+        self._worker: WorkerHandle | None = None
+        self._mode: str | None = None  # the mode in force: loaded, or being loaded
+        self._mode_error: str | None = None  # why no mode is in force after a failed switch
+        self._switch: _SwitchInProgress | None = None
+        self._in_flight: QueuedJob | None = None
+        self._shutdown: Shutdown | None = None
+        self._shutdown_waiters: list[Future] = []
+        self._drain_deadline: float | None = None
+        self._exit_deadline: float | None = None
+        self._generation = 0
+        self._restarts = 0
+        self._jobs_done = 0
+        self._running = True
+        self._endpoint_dir = ""
+        self._router: zmq.Socket | None = None
+
+    # ------------------------------------------------ API-thread side (only these)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"gpuvisor loop thread did not bind its socket within {timeout}s")
+        if self._boot_error is not None:
+            raise self._boot_error
+
+    def post(self, command: Command) -> None:
+        if not self.mailbox.put(command):
+            self._refuse(command)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self._status)
+
+    def join(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---------------------------------------------------------- loop thread
+
+    def _main(self) -> None:
+        ctx = zmq.Context()
+        try:
+            self._endpoint_dir = tempfile.mkdtemp(prefix="gpuvisor-")
+            router = ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
+            self.endpoint = f"ipc://{self._endpoint_dir}/worker.sock"
+            router.bind(self.endpoint)
+            self._router = router
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._boot_error = exc
+            self._ready.set()
+            ctx.term()
+            return
+        self._publish()
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("gpuvisor loop crashed; stopping the worker and failing all work")
+            self._abort_everything(GpuvisorError("the supervisor's loop crashed; see its log"))
+            raise
+        finally:
+            router.close(linger=0)
+            ctx.term()
+            shutil.rmtree(self._endpoint_dir, ignore_errors=True)
+            for command in self.mailbox.close():
+                self._refuse(command)
+            self._publish(state="stopped")
+            for waiter in self._shutdown_waiters:
+                settle(waiter, result=None)
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.mailbox.fd, zmq.POLLIN)
+        poller.register(self._router, zmq.POLLIN)
+        watched_pidfd: int | None = None
+        while self._running:
+            pidfd = self._worker.pidfd if self._worker else None
+            if pidfd != watched_pidfd:
+                if watched_pidfd is not None:
+                    poller.unregister(watched_pidfd)
+                if pidfd is not None:
+                    poller.register(pidfd, zmq.POLLIN)
+                watched_pidfd = pidfd
+            events = dict(poller.poll(self._poll_timeout() * 1000))
+            if self.mailbox.fd in events:
+                for command in self.mailbox.take_all():
+                    self._on_command(command)
+            if self._router in events:
+                self._drain_router()
+            if self._worker is not None and self._worker.proc.poll() is not None:
+                self._on_worker_exit()
+            self._check_deadlines()
+            self._pump()
+            self._publish()
+        if watched_pidfd is not None:
+            poller.unregister(watched_pidfd)
+
+    def _poll_timeout(self) -> float:
+        now = time.monotonic()
+        wait = _IDLE_POLL_S
+        if self._worker is not None and self._worker.pidfd is None:
+            wait = _NO_PIDFD_POLL_S
+        for deadline in self._deadlines():
+            wait = min(wait, deadline - now)
+        return max(wait, 0.0)
+
+    def _deadlines(self) -> list[float]:
+        out: list[float] = []
+        w = self._worker
+        if w is not None and w.state is not WorkerState.EXITED:
+            out.append(w.last_seen + self.config.heartbeat_timeout)
+            if w.state in (WorkerState.SPAWNED, WorkerState.LOADING):
+                out.append(w.started_at + self.config.load_timeout)
+        if self._in_flight is not None and self._in_flight.deadline is not None:
+            out.append(self._in_flight.deadline)
+        for d in (self._drain_deadline, self._exit_deadline):
+            if d is not None:
+                out.append(d)
+        return out
+
+    # ------------------------------------------------------------ commands
+
+    def _refuse(self, command: Command) -> None:
+        if isinstance(command, Shutdown):
+            settle(command.future, result=None)
+        elif command.future is not None:
+            settle(command.future, error=ShuttingDown("the supervisor is shut down; it accepts no new work"))
+
+    def _on_command(self, command: Command) -> None:
+        if isinstance(command, Shutdown):
+            self._begin_shutdown(command)
+        elif self._shutdown is not None:
+            self._refuse(command)
+        elif isinstance(command, QueuedSwitch) and self._switch_is_noop(command.mode):
+            settle(command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid})
+        else:
+            self._queue.append(command)
+
+    def _switch_is_noop(self, mode: str) -> bool:
+        """True when this switch, placed at the tail, would change nothing: the
+        mode is loaded and nothing queued or under way can change it first."""
+        w = self._worker
+        if self._switch is not None or w is None or w.state not in (WorkerState.READY, WorkerState.BUSY):
+            return False
+        if w.mode != mode:
+            return False
+        return all(
+            (isinstance(item, QueuedSwitch) and item.mode == mode)
+            or (isinstance(item, QueuedJob) and item.mode in (None, mode))
+            for item in self._queue
+        )
+
+    # ------------------------------------------------------------ the pump
+
+    def _pump(self) -> None:
+        """Advance the FIFO as far as the worker's state allows."""
+        while self._queue or self._shutdown is not None:
+            if self._switch is not None or self._in_flight is not None:
+                return
+            w = self._worker
+            if w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.DRAINING):
+                return
+            if not self._queue:
+                self._finish_drain()
+                return
+            item = self._queue[0]
+            if isinstance(item, QueuedSwitch):
+                self._queue.popleft()
+                if item.future is not None and item.future.cancelled():
+                    continue
+                if w is not None and w.state is WorkerState.READY and w.mode == item.mode:
+                    settle(item.future, result={"mode": item.mode, "status": "already_loaded", "pid": w.pid})
+                    continue
+                self._begin_switch(item)
+                return
+            if item.future.cancelled():
+                self._queue.popleft()
+                continue
+            needed = item.mode or self._mode
+            if needed is None:
+                self._queue.popleft()
+                why = f" ({self._mode_error})" if self._mode_error else ""
+                settle(
+                    item.future,
+                    error=NoModeLoaded(
+                        f"job {item.id} ({item.task!r}) names no mode and none is loaded{why}; pass mode= or call switch_mode()"
+                    ),
+                )
+                continue
+            if w is None or w.mode != needed:
+                self._begin_switch(QueuedSwitch(needed, None))
+                return
+            self._queue.popleft()
+            self._dispatch(item, w)
+            return
+
+    def _dispatch(self, job: QueuedJob, w: WorkerHandle) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            self._router.send_multipart([w.identity, *job.frames], copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker's socket is gone; its exit follows
+            settle(job.future, error=WorkerCrashed(f"could not send job {job.id} to worker pid {w.pid}: {exc}"))
+            return
+        w.transition(WorkerState.BUSY)
+        self._in_flight = job
+        timeout = job.timeout if job.timeout is not None else (self.config.job_timeout or None)
+        job.deadline = time.monotonic() + timeout if timeout else None
+
+    # ------------------------------------------------------------ switching
+
+    def _begin_switch(self, request: QueuedSwitch) -> None:
+        if request.future is not None and not request.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        previous = self._worker.mode if self._worker is not None else None
+        started = time.monotonic()
+        if self._worker is not None:
+            self._stop_worker(f"switching to mode {request.mode!r}")
+        spec = self.config.mode(request.mode)
+        if spec is None:  # validated at submit; a config reload could get here
+            settle(request.future, error=GpuvisorError(f"mode {request.mode!r} vanished from the configuration"))
+            return
+        self._generation += 1
+        proc = spawn_worker(self.endpoint, self._generation, self.config.heartbeat_interval)
+        self._worker = WorkerHandle(proc, self._generation, spec)
+        self._mode, self._mode_error = request.mode, None
+        self._switch = _SwitchInProgress(request.mode, request, previous, started)
+        log.info("worker gen %d pid %d starting mode %r", self._generation, proc.pid, request.mode)
+
+    def _switch_done(self, w: WorkerHandle) -> None:
+        sw = self._switch
+        self._switch = None
+        if sw is None:
+            return
+        seconds = time.monotonic() - sw.started
+        log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, seconds, w.load_seconds or 0, w.pid)
+        if sw.request.future is not None:
+            settle(
+                sw.request.future,
+                result={
+                    "mode": sw.mode,
+                    "status": "loaded",
+                    "previous": sw.previous,
+                    "seconds": seconds,
+                    "load_seconds": w.load_seconds,
+                    "pid": w.pid,
+                },
+            )
+
+    def _switch_failed(self, error: GpuvisorError) -> None:
+        """The switch in progress did not produce a READY worker. Its request
+        fails, and so does every queued job that needed that mode before the
+        next barrier: a deterministic load failure is paid once per burst, not
+        once per job, and never becomes a restart loop."""
+        sw = self._switch
+        self._switch = None
+        self._mode, self._mode_error = None, f"switch to {sw.mode!r} failed: {error.message}"
+        log.error("mode %r failed to load: %s", sw.mode, error.message)
+        if sw.request.future is not None:
+            settle(sw.request.future, error=error)
+        kept: collections.deque = collections.deque()
+        barrier = False
+        for item in self._queue:
+            if isinstance(item, QueuedSwitch):
+                barrier = True
+            if not barrier and isinstance(item, QueuedJob) and item.mode == sw.mode:
+                settle(
+                    item.future,
+                    error=ModeLoadError(
+                        f"job {item.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
+                    ),
+                )
+            else:
+                kept.append(item)
+        self._queue = kept
+
+    # ------------------------------------------------------------ worker messages
+
+    def _drain_router(self) -> None:
+        while True:
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_frames(frames)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        w = self._worker
+        if w is None or identity != w.identity or w.state is WorkerState.EXITED:
+            log.warning(
+                "dropped a message from %r: not the current worker (generation %s)", identity, w.gen if w else None
+            )
+            return
+        try:
+            msg = decode_from_worker(body)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from worker gen %d: %s", w.gen, exc)
+            return
+        w.last_seen = time.monotonic()
+        handler = self._HANDLERS.get(type(msg))
+        handler(self, w, msg)
+
+    def _on_hello(self, w: WorkerHandle, msg: Hello) -> None:
+        if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
+            log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
+            return
+        w.reported_pid = msg.pid
+        self._router.send_multipart([w.identity, *encode(Load(w.spec.name, w.spec.loader, w.spec.args))])
+        w.transition(WorkerState.LOADING)
+
+    def _on_ready(self, w: WorkerHandle, msg: Ready) -> None:
+        if w.state is not WorkerState.LOADING or msg.mode != w.mode:
+            log.warning("worker gen %d: unexpected READY for %r in state %s", w.gen, msg.mode, w.state.value)
+            return
+        w.load_seconds = float(msg.load_seconds)
+        w.transition(WorkerState.READY)
+        self._switch_done(w)
+
+    def _on_load_failed(self, w: WorkerHandle, msg: LoadFailed) -> None:
+        if w.state is not WorkerState.LOADING:
+            log.warning("worker gen %d: unexpected LOAD_FAILED in state %s", w.gen, w.state.value)
+            return
+        remote = error_from_wire(msg.error)
+        details = dict(remote.details)
+        self._stop_worker("its mode failed to load", kill_now=False)
+        self._switch_failed(ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **details))
+
+    def _on_outcome(self, w: WorkerHandle, msg: Result | Failure) -> None:
+        job = self._in_flight
+        if w.state is not WorkerState.BUSY or job is None or job.id != msg.job:
+            log.warning("worker gen %d: dropped an outcome for job %d, which is not in flight", w.gen, msg.job)
+            return
+        self._in_flight = None
+        self._jobs_done += 1
+        w.transition(WorkerState.READY)
+        if isinstance(msg, Result):
+            settle(job.future, result=msg.value)
+        else:
+            settle(job.future, error=error_from_wire(msg.error))
+
+    def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
+        pass  # last_seen is already updated for every message
+
+    _HANDLERS = {
+        Hello: _on_hello,
+        Ready: _on_ready,
+        LoadFailed: _on_load_failed,
+        Result: _on_outcome,
+        Failure: _on_outcome,
+        Heartbeat: _on_heartbeat,
+    }
+
+    # ------------------------------------------------------------ exits and deadlines
+
+    def _stop_worker(self, why: str, *, kill_now: bool = False) -> int:
+        """Stop and reap the current worker; returns its exit status."""
+        w = self._worker
+        assert w is not None
+        code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=kill_now)
+        log.info("worker gen %d pid %d stopped (%s): %s", w.gen, w.pid, why, describe_exit(code))
+        self._retire(w)
+        return code
+
+    def _retire(self, w: WorkerHandle) -> None:
+        if w.state is not WorkerState.EXITED:
+            w.transition(WorkerState.EXITED)
+        w.close_pidfd()
+        self._worker = None
+
+    def _on_worker_exit(self, cause: str | None = None, job_error: type[GpuvisorError] = WorkerCrashed) -> None:
+        """The worker died on its own (or we kill it now for a ``cause``):
+        settle whatever it held with an error that says how it died."""
+        w = self._worker
+        assert w is not None
+        code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
+        how = cause or describe_exit(code)
+        state = w.state
+        self._retire(w)
+        if state is WorkerState.DRAINING:
+            log.info("worker gen %d pid %d drained and %s", w.gen, w.pid, describe_exit(code))
+            self._exit_deadline = None
+            self._running = False
+            return
+        log.error("worker gen %d pid %d %s (state %s)", w.gen, w.pid, how, state.value)
+        if state in (WorkerState.SPAWNED, WorkerState.LOADING):
+            self._switch_failed(ModeLoadError(f"worker pid {w.pid} {how} while loading mode {w.mode!r}"))
+            return
+        self._restarts += 1  # the mode stays in force: the next job respawns it
+        job = self._in_flight
+        if job is not None:
+            self._in_flight = None
+            settle(
+                job.future,
+                error=job_error(
+                    f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r})"
+                ),
+            )
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        w = self._worker
+        if w is not None:
+            if self._in_flight is not None and self._in_flight.deadline is not None and now >= self._in_flight.deadline:
+                job = self._in_flight
+                limit = job.timeout or self.config.job_timeout
+                self._on_worker_exit(f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
+            elif (
+                w.state in (WorkerState.SPAWNED, WorkerState.LOADING) and now >= w.started_at + self.config.load_timeout
+            ):
+                self._on_worker_exit(f"did not say READY within load_timeout={self.config.load_timeout:g}s")
+            elif w.state is not WorkerState.DRAINING and now - w.last_seen >= self.config.heartbeat_timeout:
+                self._on_worker_exit(
+                    f"hung: no message for {now - w.last_seen:.1f}s (heartbeat_timeout={self.config.heartbeat_timeout:g}s)"
+                )
+            elif self._exit_deadline is not None and now >= self._exit_deadline:
+                log.warning("worker pid %d did not exit within %gs of DRAIN", w.pid, self.config.stop_timeout)
+                self._stop_worker("drain took too long")
+                self._exit_deadline = None
+                self._running = False
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            self._drain_deadline = None
+            log.warning("shutdown drain ran out of time; cancelling what is left")
+            self._cancel_everything(JobCancelled("shutdown's drain timeout passed before this job ran"))
+
+    # ------------------------------------------------------------ shutdown
+
+    def _begin_shutdown(self, command: Shutdown) -> None:
+        self._shutdown_waiters.append(command.future)
+        first = self._shutdown is None
+        if first:
+            self._shutdown = command
+            log.info("shutting down (%s)", "drain" if command.drain else "no drain")
+            if command.drain and command.timeout is not None:
+                self._drain_deadline = time.monotonic() + command.timeout
+        if not command.drain:
+            self._drain_deadline = None
+            self._cancel_everything(JobCancelled("cancelled by shutdown(drain=False)"))
+
+    def _cancel_everything(self, error: GpuvisorError) -> None:
+        """Fail queued work, the switch under way and the job in flight with
+        ``error``, and stop the worker at once."""
+        queued, self._queue = self._queue, collections.deque()
+        for item in queued:
+            if item.future is not None:
+                settle(item.future, error=error)
+        if self._switch is not None and self._switch.request.future is not None:
+            settle(self._switch.request.future, error=error)
+        self._switch = None
+        if self._in_flight is not None:
+            settle(self._in_flight.future, error=error)
+            self._in_flight = None
+        if self._worker is not None:
+            self._stop_worker("shutdown without drain")
+        self._running = False
+
+    def _finish_drain(self) -> None:
+        """Nothing queued or in flight: send DRAIN, or stop if there is no worker."""
+        w = self._worker
+        if w is None:
+            self._running = False
+            return
+        if w.state is WorkerState.READY:
+            try:
+                self._router.send_multipart([w.identity, *encode(Drain())])
+            except zmq.ZMQError:
+                self._stop_worker("could not send DRAIN")
+                self._running = False
+                return
+            w.transition(WorkerState.DRAINING)
+            self._exit_deadline = time.monotonic() + self.config.stop_timeout
+
+    def _abort_everything(self, error: GpuvisorError) -> None:
+        try:
+            self._cancel_everything(error)
+        except BaseException:  # noqa: BLE001 - last resort; the worker must still die
+            if self._worker is not None:
+                stop_and_reap(self._worker.proc, 1.0, kill_now=True)
+
+    # ------------------------------------------------------------ status
+
+    def _publish(self, state: str | None = None) -> None:
+        w = self._worker
+        if state is None:
+            state = "draining" if self._shutdown is not None else "running"
+        self._status = MappingProxyType(
+            {
+                "state": state,
+                "mode": w.mode if w is not None and w.state in _SERVING else None,
+                "worker_state": w.state.value if w is not None else "none",
+                "worker_pid": w.pid if w is not None else None,
+                "generation": self._generation,
+                "queued": len(self._queue),
+                "in_flight": 1 if self._in_flight is not None else 0,
+                "restarts": self._restarts,
+                "jobs_done": self._jobs_done,
+                "switching_to": self._switch.mode if self._switch is not None else None,
+                "last_error": self._mode_error,
+                "config": self.config.source,
+            }
+        )

@@ -1,0 +1,103 @@
+"""Start a worker process, stop it, reap it. The only module that signals.
+
+Stop-and-reap is one function so that every path (switch, crash, timeout,
+shutdown) kills the same way: SIGTERM to the worker's process group, a
+bounded wait, SIGKILL to the group, and always a reap before the next spawn,
+so no zombie and no grandchild (a compiler, a data loader) is left holding
+memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger("gpuvisor")
+
+# Variables that belong to the supervisor's own service manager and must not
+# make the worker think it is the service (systemd would get its notifications).
+_PRIVATE_ENV_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
+
+
+class UnkillableWorker(RuntimeError):
+    """The worker survived SIGKILL past the wait (a process stuck in the
+    kernel, state D). Nothing more can be done from user space."""
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+
+
+def spawn_worker(endpoint: str, gen: int, heartbeat_interval: float) -> subprocess.Popen:
+    """A fresh interpreter running ``python -m worker`` in a process group of
+    its own, so it can be killed as a tree, and so a Ctrl-C meant for the
+    supervisor does not reach it (the supervisor decides how it stops).
+    Its stdout goes to our stderr: a worker must never write into a CLI's
+    machine-readable output."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker",
+        "--endpoint",
+        endpoint,
+        "--gen",
+        str(gen),
+        "--parent-pid",
+        str(os.getpid()),
+        "--heartbeat-interval",
+        repr(heartbeat_interval),
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=2,
+        start_new_session=True,
+        env=worker_env(),
+        close_fds=True,
+    )
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_and_reap(proc: subprocess.Popen, grace: float, *, kill_now: bool = False) -> int:
+    """Stop ``proc`` and its group and reap it; returns its exit status.
+
+    ``kill_now`` skips SIGTERM: used when the worker is known stuck (timeout,
+    hang), where waiting out a grace period only delays the caller."""
+    if proc.poll() is None:
+        if not kill_now:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d ignored SIGTERM for %.1fs; sending SIGKILL", proc.pid, grace)
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGKILL)
+            try:
+                proc.wait(max(grace, 5.0))
+            except subprocess.TimeoutExpired:
+                raise UnkillableWorker(f"worker pid {proc.pid} survived SIGKILL for {max(grace, 5.0):.0f}s") from None
+    _signal_group(proc, signal.SIGKILL)  # grandchildren left in the group
+    return proc.returncode
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``killed by SIGSEGV(-11)`` or ``exited with code 3``: the words a person
+    needs to tell a segfault from an OOM kill from a clean exit."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}({returncode})"
+    return f"exited with code {returncode}"

@@ -1,0 +1,1 @@
+"""Built-in modes. Each module has a ``load(**args)`` returning task handlers."""

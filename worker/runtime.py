@@ -1,0 +1,210 @@
+"""The worker's two threads.
+
+::
+
+    supervisor ROUTER <==tcp/ipc==> DEALER  [I/O thread]  PAIR <==inproc==> PAIR  [main thread]
+                                    (routing id "g<gen>")  heartbeats,            LOAD -> loader
+                                                           parent-pid check       JOB  -> handler
+                                                                                  DRAIN -> exit 0
+
+The main thread runs the loader and the handlers, one job at a time, so a
+handler may use whatever needs the main thread. The I/O thread owns the
+DEALER socket: it moves frames both ways, sends a heartbeat every interval
+even while a job runs, and kills the process if the supervisor is gone. ZeroMQ
+sockets are not thread-safe, so each socket has exactly one owning thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from protocol import (
+    Drain,
+    Failure,
+    GpuvisorError,
+    Heartbeat,
+    Hello,
+    Job,
+    JobFailed,
+    Load,
+    LoadFailed,
+    ModeLoadError,
+    ProtocolError,
+    Ready,
+    Result,
+    UnknownTask,
+    decode_to_worker,
+    encode,
+)
+from worker.lifeline import exit_if_orphaned
+from worker.loader import Handler, load_mode
+
+_CLOSE = [b""]  # main -> I/O thread: flush and close. Never valid msgpack, so never a message.
+_LINGER_MS = 5000
+LOAD_FAILED_EXIT_CODE = 3
+
+
+def _log(gen: int, text: str) -> None:
+    print(f"gpuvisor-worker[gen {gen} pid {os.getpid()}]: {text}", file=sys.stderr, flush=True)
+
+
+class _IoThread(threading.Thread):
+    """Owns the DEALER socket; see the module docstring."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, gen: int, parent_pid: int, interval: float, pipe: str):
+        super().__init__(name="gpuvisor-worker-io", daemon=True)
+        self._ctx, self._endpoint, self._gen = ctx, endpoint, gen
+        self._parent_pid, self._interval, self._pipe_addr = parent_pid, interval, pipe
+        self.busy = False  # written by the main thread only; read here for heartbeats
+
+    def run(self) -> None:
+        dealer = self._ctx.socket(zmq.DEALER)
+        pipe = self._ctx.socket(zmq.PAIR)
+        try:
+            dealer.setsockopt(zmq.ROUTING_ID, f"g{self._gen}".encode())
+            dealer.setsockopt(zmq.LINGER, _LINGER_MS)
+            dealer.connect(self._endpoint)
+            pipe.setsockopt(zmq.LINGER, 0)
+            pipe.connect(self._pipe_addr)
+            poller = zmq.Poller()
+            poller.register(dealer, zmq.POLLIN)
+            poller.register(pipe, zmq.POLLIN)
+            next_beat = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= next_beat:
+                    exit_if_orphaned(self._parent_pid)
+                    dealer.send_multipart(encode(Heartbeat(self.busy)))
+                    next_beat = now + self._interval
+                events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+                if dealer in events:
+                    pipe.send_multipart(dealer.recv_multipart(copy=False), copy=False)
+                if pipe in events:
+                    frames = pipe.recv_multipart()
+                    if frames == _CLOSE:
+                        return
+                    dealer.send_multipart(frames)
+        finally:
+            pipe.close()
+            dealer.close()  # lingers, so the last RESULT and LOAD_FAILED get out
+
+
+def _error_map(exc: BaseException, fallback: type[GpuvisorError]) -> dict[str, Any]:
+    """A handler's exception as a wire error. One the handler raised on purpose
+    (a GpuvisorError) keeps its own code; anything else becomes ``fallback``."""
+    tb = "".join(traceback.format_exception(exc))
+    if isinstance(exc, GpuvisorError):
+        wire = exc.to_wire()
+    else:
+        wire = fallback(f"{type(exc).__name__}: {exc}").to_wire()
+    wire.setdefault("remote_type", type(exc).__name__)
+    wire.setdefault("traceback", tb)
+    return wire
+
+
+class _Worker:
+    def __init__(self, gen: int, pipe: zmq.Socket, io: _IoThread):
+        self.gen, self._pipe, self._io = gen, pipe, io
+        self.mode: str | None = None
+        self.handlers: dict[str, Handler] = {}
+
+    def send(self, msg) -> None:
+        self._pipe.send_multipart(encode(msg))
+
+    def recv(self):
+        while True:
+            frames = self._pipe.recv_multipart()
+            try:
+                return decode_to_worker(frames)
+            except ProtocolError as exc:
+                _log(self.gen, f"dropped a malformed message from the supervisor: {exc}")
+
+    def load(self, msg: Load) -> bool:
+        started = time.perf_counter()
+        try:
+            self.handlers = load_mode(msg.loader, msg.args)
+        except Exception as exc:  # noqa: BLE001 - any loader error fails the switch, with its traceback
+            _log(self.gen, f"loading mode {msg.mode!r} failed: {type(exc).__name__}: {exc}")
+            self.send(LoadFailed(msg.mode, _error_map(exc, ModeLoadError)))
+            return False
+        self.mode = msg.mode
+        self.send(Ready(msg.mode, time.perf_counter() - started, sorted(self.handlers)))
+        return True
+
+    def run_job(self, msg: Job) -> None:
+        handler = self.handlers.get(msg.task)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers)) or "none"
+            error = UnknownTask(f"mode {self.mode!r} has no task {msg.task!r} (it has: {known})").to_wire()
+            self.send(Failure(msg.job, error))
+            return
+        self._io.busy = True
+        try:
+            value = handler(msg.payload)
+        except Exception as exc:  # noqa: BLE001 - any handler error is the job's outcome
+            self.send(Failure(msg.job, _error_map(exc, JobFailed)))
+            return
+        finally:
+            self._io.busy = False
+        try:
+            frames = encode(Result(msg.job, value))
+        except (TypeError, ProtocolError) as exc:
+            self.send(
+                Failure(
+                    msg.job,
+                    JobFailed(
+                        f"task {msg.task!r} returned a result that cannot be sent: {exc}",
+                        remote_type=type(exc).__name__,
+                    ).to_wire(),
+                )
+            )
+            return
+        self._pipe.send_multipart(frames)
+
+    def serve(self) -> int:
+        """LOAD first, then jobs until DRAIN. Returns the exit code."""
+        while self.mode is None:
+            msg = self.recv()
+            if isinstance(msg, Load):
+                if not self.load(msg):
+                    return LOAD_FAILED_EXIT_CODE
+            else:
+                _log(self.gen, f"ignored {msg.kind.value} before LOAD")
+        while True:
+            msg = self.recv()
+            if isinstance(msg, Job):
+                self.run_job(msg)
+            elif isinstance(msg, Drain):
+                return 0
+            else:
+                _log(self.gen, f"ignored {msg.kind.value}: mode {self.mode!r} is already loaded")
+
+
+def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> int:
+    ctx = zmq.Context()
+    pipe_addr = f"inproc://gpuvisor-worker-{gen}"
+    pipe = ctx.socket(zmq.PAIR)
+    pipe.setsockopt(zmq.LINGER, 0)
+    pipe.bind(pipe_addr)
+    io = _IoThread(ctx, endpoint, gen, parent_pid, heartbeat_interval, pipe_addr)
+    io.start()
+    code = 1
+    try:
+        worker = _Worker(gen, pipe, io)
+        worker.send(Hello(os.getpid(), gen))
+        code = worker.serve()
+    finally:
+        pipe.send_multipart(_CLOSE)
+        io.join(timeout=_LINGER_MS / 1000 + 1)
+        pipe.close()
+        if io.is_alive():  # could not flush in time; ctx.term() would block on its socket
+            os._exit(code)
+        ctx.term()
+    return code
