@@ -20,7 +20,10 @@ def resolve(path: str) -> Callable[..., Any]:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"loader {path!r} is not of the form 'package.module:function'")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"loader {path!r}: cannot import {module_name!r}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
         try:

@@ -1,0 +1,107 @@
+"""Shared fixtures. Every wait is bounded and says what it waited for, and
+every test ends by checking that no process it spawned is left behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll ``predicate`` until it is truthy; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer names a live process (a zombie counts as
+    alive: it has not been reaped)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_DEAD
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children():
+    """Teardown check: the test reaped every process it started (processes
+    of a longer-lived fixture, already there when it began, are not its own)."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+
+    def new_children():
+        return [p for p in me.children(recursive=True) if p.pid not in before]
+
+    def none_left():
+        return not new_children()
+
+    try:
+        wait_until(none_left, 10.0, "the test's child processes to be reaped")
+    except AssertionError:
+        left = [(p.pid, p.status(), " ".join(p.cmdline()[:6])) for p in new_children()]
+        for p in new_children():
+            p.kill()
+        pytest.fail(f"child processes left behind: {left}")
+
+
+@pytest.fixture
+def sup():
+    s = Supervisor()
+    s.start()
+    yield s
+    s.shutdown(drain=False)
+
+
+@pytest.fixture
+def helper_loaders(monkeypatch):
+    """Make ``tests.loaders`` importable in worker processes."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return "tests.loaders"
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(text: str) -> Path:
+        path = tmp_path / "gpuvisor.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _log_level(caplog):
+    caplog.set_level(logging.INFO, logger="gpuvisor")
+
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_children_at_the_end():
+    """After every fixture has torn down, nothing at all is left."""
+    yield
+    me = psutil.Process()
+    wait_until(lambda: not me.children(recursive=True), 10.0, "every child process of the test session to be reaped")

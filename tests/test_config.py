@@ -1,0 +1,101 @@
+"""Configuration: the built-in default, and mistakes that name file, line and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor import ConfigError, Supervisor, UnknownMode, load_config
+from supervisor.config import parse
+
+
+def test_the_built_in_default_has_diag_and_embed():
+    config = load_config(None)
+    assert set(config.modes) >= {"diag", "embed"}
+    assert config.modes["diag"].loader == "worker.modes.diag:load"
+    assert config.modes["embed"].args == {"device": "auto"}
+    assert config.heartbeat_timeout > config.heartbeat_interval
+
+
+def test_a_file_is_read(write_config):
+    path = write_config(
+        """
+[supervisor]
+job_timeout = 30
+default_mode = "tiny"
+
+[modes.tiny]
+loader = "worker.modes.diag:load"
+"""
+    )
+    config = load_config(path)
+    assert config.job_timeout == 30.0 and config.default_mode == "tiny"
+    assert list(config.modes) == ["tiny"] and config.source == str(path)
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        (
+            '[supervisor]\nheartbeat_timeout = "soon"\n[modes.a]\nloader = "m:f"\n',
+            2,
+            ["[supervisor] key 'heartbeat_timeout'", "expected a number of seconds > 0", "'soon'"],
+        ),
+        ('[supervisor]\nstop_timeout = -1\n[modes.a]\nloader = "m:f"\n', 2, ["key 'stop_timeout'", "-1"]),
+        (
+            '[supervisor]\nhartbeat = 1\n[modes.a]\nloader = "m:f"\n',
+            2,
+            ["key 'hartbeat'", "unknown key", "heartbeat_timeout"],
+        ),
+        (
+            '[modes.a]\nloader = "m:f"\n\n[modes.b]\nloader = "no colon here"\n',
+            5,
+            ["[modes.b] key 'loader'", "'package.module:function'", "'no colon here'"],
+        ),
+        ("[modes.a]\nloader = 42\n", 2, ["[modes.a] key 'loader'", "42"]),
+        ("[modes.a]\n# no loader\nargs = {}\n", 1, ["[modes.a] key 'loader'", "None"]),
+        ('[modes.a]\nloader = "m:f"\nargs = "x"\n', 3, ["[modes.a] key 'args'", "table of keyword arguments"]),
+        ('[modes.a]\nloader = "m:f"\nlaoder = "m:g"\n', 3, ["[modes.a] key 'laoder'", "unknown key"]),
+        ('[modes."bad name!"]\nloader = "m:f"\n', 1, ["mode name"]),
+        (
+            '[supervisor]\ndefault_mode = "b"\n[modes.a]\nloader = "m:f"\n',
+            2,
+            ["key 'default_mode'", "'b' is not a mode", "['a']"],
+        ),
+        ('[surpervisor]\n[modes.a]\nloader = "m:f"\n', 1, ["[surpervisor]", "unknown table"]),
+        (
+            '[supervisor]\nheartbeat_interval = 5\nheartbeat_timeout = 5\n[modes.a]\nloader = "m:f"\n',
+            3,
+            ["heartbeat_timeout", "longer than heartbeat_interval"],
+        ),
+    ],
+)
+def test_a_mistake_names_the_file_line_and_key(write_config, text, line, words):
+    path = write_config(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_syntax_errors_and_missing_modes_and_unreadable_files(write_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 2"):
+        load_config(write_config('[modes.a]\nloader = "unterminated\n'))
+    with pytest.raises(ConfigError, match="no modes"):
+        load_config(write_config("[supervisor]\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_the_supervisor_refuses_a_bad_config_and_an_unknown_initial_mode(write_config):
+    with pytest.raises(ConfigError):
+        Supervisor(write_config("[modes.a]\nloader = 1\n"))
+    with pytest.raises(UnknownMode, match="unknown mode 'nope'.*diag, embed"):
+        Supervisor(mode="nope")
+
+
+def test_parse_keeps_args_as_given():
+    config = parse('[modes.e]\nloader = "pkg.mod:load"\n[modes.e.args]\ndevice = "cpu"\nbatch_size = 8\n')
+    assert config.modes["e"].args == {"device": "cpu", "batch_size": 8}

@@ -1,0 +1,159 @@
+"""The invariants from the architecture brief, each tested for real:
+the supervisor never imports torch; nothing on a socket is pickled; every
+process we spawn is reaped; a worker dies when its supervisor dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from supervisor import Supervisor
+from tests.conftest import ROOT, wait_until
+
+T = 60
+
+
+def not_running(pid: int) -> bool:
+    """Dead, or a zombie waiting for whoever adopted it: either way it holds
+    no memory and no VRAM. (Reaping orphans is init's job, not ours.)"""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def start_script(body: str) -> subprocess.Popen:
+    """A supervisor in a process of its own, printing JSON lines as it goes."""
+    code = "import json, sys, time\nfrom supervisor import Supervisor\n" + textwrap.dedent(body)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def read_line(proc: subprocess.Popen) -> dict:
+    line = proc.stdout.readline()
+    assert line, f"the supervisor script ended early with {proc.wait(T)}"
+    return json.loads(line)
+
+
+@pytest.mark.slow
+def test_the_supervisor_never_imports_torch_even_while_running_the_torch_mode():
+    proc = start_script(
+        """
+        with Supervisor() as sup:
+            sup.switch_mode("embed").result(120)
+            vectors = sup.submit("embed", {"texts": ["hello"]}).result(60)
+            heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy", "worker"))
+            print(json.dumps({"dim": len(vectors[0]), "heavy": heavy}), flush=True)
+        """
+    )
+    try:
+        out = read_line(proc)
+        assert proc.wait(T) == 0
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
+    assert out["dim"] == 384
+    assert out["heavy"] == [], "the supervisor process imported heavy or worker-side modules"
+
+
+def test_importing_every_supervisor_module_pulls_in_no_torch():
+    code = (
+        "import sys, supervisor, supervisor.api, supervisor.core, supervisor.cli, supervisor.tour;"
+        "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'worker')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("moment", ["idle", "mid_job", "loading"])
+def test_a_worker_dies_when_its_supervisor_is_killed(moment, helper_loaders, write_config):
+    path = write_config(
+        '[modes.diag]\nloader = "worker.modes.diag:load"\n[modes.hangs]\nloader = "tests.loaders:hangs"\n'
+    )
+    proc = start_script(
+        f"""
+        sup = Supervisor({str(path)!r}).start()
+        moment = {moment!r}
+        if moment == "loading":
+            sup.switch_mode("hangs")
+            while sup.status()["worker_state"] != "loading":
+                time.sleep(0.01)
+            pid = sup.status()["worker_pid"]
+        else:
+            sup.switch_mode("diag").result(60)
+            pid = sup.submit("pid").result(60)
+            if moment == "mid_job":
+                sup.submit("sleep", {{"seconds": 600}})
+                while sup.status()["in_flight"] != 1:
+                    time.sleep(0.01)
+        print(json.dumps({{"worker": pid}}), flush=True)
+        time.sleep(600)
+        """
+    )
+    try:
+        worker = read_line(proc)["worker"]
+        assert psutil.pid_exists(worker) and not not_running(worker)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(T) == -signal.SIGKILL
+        wait_until(lambda: not_running(worker), 10, f"orphaned worker {worker} to die")
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
+
+
+def test_a_program_that_forgets_shutdown_still_leaves_no_worker():
+    proc = start_script(
+        """
+        sup = Supervisor()
+        sup.switch_mode("diag").result(60)
+        print(json.dumps({"worker": sup.submit("pid").result(60)}), flush=True)
+        """
+    )
+    try:
+        worker = read_line(proc)["worker"]
+        assert proc.wait(T) == 0
+        assert not_running(worker)
+    finally:
+        proc.stdout.close()
+
+
+def test_every_worker_is_reaped_at_once_not_only_at_shutdown():
+    me = psutil.Process()
+    with Supervisor() as sup:
+        pids = []
+        for _ in range(5):
+            sup.switch_mode("diag").result(T)
+            pids.append(sup.submit("pid").result(T))
+            sup.submit("crash", {"how": "kill"}).exception(T)
+        sup.switch_mode("diag").result(T)
+        live = sup.submit("pid").result(T)
+        children = me.children(recursive=True)
+        assert [c.pid for c in children] == [live], "only the current worker may exist: no zombies, no strays"
+        assert all(not psutil.pid_exists(p) for p in pids)
+    assert me.children(recursive=True) == []
+
+
+def test_every_frame_the_supervisor_sends_decodes_as_a_protocol_message(capfd):
+    """The worker decodes each frame with the typed msgpack decoder and logs
+    any frame that is not a versioned msgpack map (a pickle included, see
+    test_worker). A full workload with no such line means every frame the
+    supervisor sent was msgpack."""
+    with Supervisor() as sup:
+        sup.switch_mode("diag").result(T)
+        payloads = [None, 1, -(2**63), 2**64 - 1, 1.5, "text", b"\x80\x04bytes", [1, [2, [3]]], {"k": {"n": [b"", ""]}}]
+        for p in payloads:
+            assert sup.submit("echo", p).result(T) == p
+        sup.submit("fail").exception(T)
+        sup.submit("nope").exception(T)
+    err = capfd.readouterr().err
+    assert "dropped a malformed message" not in err
+    assert "ignored" not in err
