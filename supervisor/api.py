@@ -94,6 +94,10 @@ class Supervisor:
         ``drain=False``: queued work and the job in flight get ``JobCancelled``
         and the worker is stopped at once."""
         timeout = _check_timeout("timeout", timeout)
+        if self._core.on_loop_thread():
+            raise RuntimeError(
+                "shutdown() called from a Future callback would wait on itself; call it from another thread"
+            )
         with self._start_lock:
             if not self._started:
                 return

@@ -47,6 +47,11 @@ _SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "stop_timeout": (5.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
     "job_timeout": (0.0, lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: none)"),
     "default_mode": ("", lambda v: isinstance(v, str), "a mode name"),
+    "worker_command": (
+        (),
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
+        'a non-empty list of strings, e.g. ["/opt/gpu-venv/bin/python", "-m", "worker"]',
+    ),
 }
 
 
@@ -63,6 +68,7 @@ class Config:
     stop_timeout: float = 5.0
     job_timeout: float = 0.0
     default_mode: str = ""
+    worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
     source: str = "<built-in>"
 
     def mode(self, name: str) -> ModeSpec | None:
@@ -123,7 +129,7 @@ def parse(text: str, source: str = "<string>") -> Config:
         _, check, expected = _SETTINGS[key]
         if not check(value):
             raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
-        settings[key] = float(value) if _number(value) else value
+        settings[key] = float(value) if _number(value) else tuple(value) if isinstance(value, list) else value
 
     modes_table = data.get("modes")
     if not isinstance(modes_table, dict) or not modes_table:

@@ -66,12 +66,15 @@ from protocol import (
 )
 from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Shutdown, settle
 from supervisor.config import Config
-from supervisor.process import describe_exit, spawn_worker, stop_and_reap
+from supervisor.process import describe_exit, spawn_worker, stop_and_reap, worker_argv
 from supervisor.worker_handle import WorkerHandle, WorkerState
 
 log = logging.getLogger("gpuvisor")
 
 _SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING})
+# Before HELLO the worker's I/O thread may not exist yet (load_timeout covers
+# that); while DRAINING the exit deadline does.
+_HEARTBEATING = frozenset({WorkerState.LOADING, WorkerState.READY, WorkerState.BUSY})
 _IDLE_POLL_S = 1.0  # upper bound on a poll, so deadlines are checked even with no events
 _NO_PIDFD_POLL_S = 0.05  # how often to poll the worker's exit where pidfd_open is missing
 
@@ -137,6 +140,10 @@ class Core:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def on_loop_thread(self) -> bool:
+        """Future callbacks run on the loop thread; waiting there would deadlock."""
+        return threading.current_thread() is self._thread
 
     # ---------------------------------------------------------- loop thread
 
@@ -213,7 +220,7 @@ class Core:
     def _deadlines(self) -> list[float]:
         out: list[float] = []
         w = self._worker
-        if w is not None and w.state is not WorkerState.EXITED:
+        if w is not None and w.state in _HEARTBEATING:
             out.append(w.last_seen + self.config.heartbeat_timeout)
             if w.state in (WorkerState.SPAWNED, WorkerState.LOADING):
                 out.append(w.started_at + self.config.load_timeout)
@@ -301,12 +308,11 @@ class Core:
             return
 
     def _dispatch(self, job: QueuedJob, w: WorkerHandle) -> None:
-        if not job.future.set_running_or_notify_cancel():
+        # RUNNING from here on, so cancel() says False for a job that may run.
+        if not job.future.running() and not job.future.set_running_or_notify_cancel():
             return
-        try:
-            self._router.send_multipart([w.identity, *job.frames], copy=False)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker's socket is gone; its exit follows
-            settle(job.future, error=WorkerCrashed(f"could not send job {job.id} to worker pid {w.pid}: {exc}"))
+        if not self._send(w, job.frames):
+            self._queue.appendleft(job)  # it never reached a worker: it keeps its place
             return
         w.transition(WorkerState.BUSY)
         self._in_flight = job
@@ -322,15 +328,20 @@ class Core:
         started = time.monotonic()
         if self._worker is not None:
             self._stop_worker(f"switching to mode {request.mode!r}")
+        self._switch = _SwitchInProgress(request.mode, request, previous, started)
         spec = self.config.mode(request.mode)
-        if spec is None:  # validated at submit; a config reload could get here
-            settle(request.future, error=GpuvisorError(f"mode {request.mode!r} vanished from the configuration"))
+        if spec is None:  # validated at submit; only a config reload could get here
+            self._switch_failed(ModeLoadError(f"mode {request.mode!r} is no longer in the configuration"))
             return
         self._generation += 1
-        proc = spawn_worker(self.endpoint, self._generation, self.config.heartbeat_interval)
+        argv = worker_argv(self.config.worker_command, self.endpoint, self._generation, self.config.heartbeat_interval)
+        try:
+            proc = spawn_worker(argv)
+        except OSError as exc:  # a worker_command that does not exist, say
+            self._switch_failed(ModeLoadError(f"could not start a worker with {argv[0]!r}: {exc}"))
+            return
         self._worker = WorkerHandle(proc, self._generation, spec)
         self._mode, self._mode_error = request.mode, None
-        self._switch = _SwitchInProgress(request.mode, request, previous, started)
         log.info("worker gen %d pid %d starting mode %r", self._generation, proc.pid, request.mode)
 
     def _switch_done(self, w: WorkerHandle) -> None:
@@ -382,6 +393,17 @@ class Core:
 
     # ------------------------------------------------------------ worker messages
 
+    def _send(self, w: WorkerHandle, frames: list) -> bool:
+        """Send to the current worker. A refusal (EHOSTUNREACH: its socket is
+        gone) means the worker is lost: it is stopped and handled like any
+        other death, and the caller learns the message did not go out."""
+        try:
+            self._router.send_multipart([w.identity, *frames], copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            self._on_worker_exit(f"stopped taking messages ({exc})")
+            return False
+
     def _drain_router(self) -> None:
         while True:
             try:
@@ -412,8 +434,8 @@ class Core:
             log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
             return
         w.reported_pid = msg.pid
-        self._router.send_multipart([w.identity, *encode(Load(w.spec.name, w.spec.loader, w.spec.args))])
-        w.transition(WorkerState.LOADING)
+        if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args))):
+            w.transition(WorkerState.LOADING)
 
     def _on_ready(self, w: WorkerHandle, msg: Ready) -> None:
         if w.state is not WorkerState.LOADING or msg.mode != w.mode:
@@ -515,7 +537,7 @@ class Core:
                 w.state in (WorkerState.SPAWNED, WorkerState.LOADING) and now >= w.started_at + self.config.load_timeout
             ):
                 self._on_worker_exit(f"did not say READY within load_timeout={self.config.load_timeout:g}s")
-            elif w.state is not WorkerState.DRAINING and now - w.last_seen >= self.config.heartbeat_timeout:
+            elif w.state in _HEARTBEATING and now - w.last_seen >= self.config.heartbeat_timeout:
                 self._on_worker_exit(
                     f"hung: no message for {now - w.last_seen:.1f}s (heartbeat_timeout={self.config.heartbeat_timeout:g}s)"
                 )
@@ -566,13 +588,7 @@ class Core:
         if w is None:
             self._running = False
             return
-        if w.state is WorkerState.READY:
-            try:
-                self._router.send_multipart([w.identity, *encode(Drain())])
-            except zmq.ZMQError:
-                self._stop_worker("could not send DRAIN")
-                self._running = False
-                return
+        if w.state is WorkerState.READY and self._send(w, encode(Drain())):
             w.transition(WorkerState.DRAINING)
             self._exit_deadline = time.monotonic() + self.config.stop_timeout
 

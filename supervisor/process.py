@@ -31,16 +31,11 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
 
 
-def spawn_worker(endpoint: str, gen: int, heartbeat_interval: float) -> subprocess.Popen:
-    """A fresh interpreter running ``python -m worker`` in a process group of
-    its own, so it can be killed as a tree, and so a Ctrl-C meant for the
-    supervisor does not reach it (the supervisor decides how it stops).
-    Its stdout goes to our stderr: a worker must never write into a CLI's
-    machine-readable output."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "worker",
+def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_interval: float) -> list[str]:
+    """``command`` (default: this interpreter with ``-m worker``) plus the
+    four arguments every worker takes; docs/protocol.md has the contract."""
+    return [
+        *(command or (sys.executable, "-m", "worker")),
         "--endpoint",
         endpoint,
         "--gen",
@@ -50,8 +45,15 @@ def spawn_worker(endpoint: str, gen: int, heartbeat_interval: float) -> subproce
         "--heartbeat-interval",
         repr(heartbeat_interval),
     ]
+
+
+def spawn_worker(argv: list[str]) -> subprocess.Popen:
+    """Start a worker in a process group of its own, so it can be killed as a
+    tree, and so a Ctrl-C meant for the supervisor does not reach it (the
+    supervisor decides how it stops). Its stdout goes to our stderr: a worker
+    must never write into a CLI's machine-readable output."""
     return subprocess.Popen(
-        cmd,
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=2,
         start_new_session=True,

@@ -420,3 +420,28 @@ def test_the_async_supervisor_does_the_same_over_one_core():
         assert sup.status()["state"] == "stopped"
 
     asyncio.run(asyncio.wait_for(main(), T))
+
+
+def test_shutdown_from_a_future_callback_is_refused_instead_of_deadlocking(sup):
+    sup.switch_mode("diag").result(T)
+    seen: list[BaseException] = []
+
+    def callback(f):
+        try:
+            sup.shutdown()
+        except RuntimeError as exc:
+            seen.append(exc)
+
+    sup.submit("echo", 1).add_done_callback(callback)
+    wait_until(lambda: seen, T, "the callback to run")
+    assert "from a Future callback" in str(seen[0])
+    assert sup.submit("echo", 2).result(T) == 2
+
+
+def test_a_worker_command_that_cannot_start_fails_the_switch_clearly(write_config):
+    path = write_config('[supervisor]\nworker_command = ["/nonexistent/python", "-m", "worker"]\n[modes.diag]\nloader = "worker.modes.diag:load"\n')
+    with Supervisor(path) as sup:
+        with pytest.raises(ModeLoadError, match="could not start a worker with '/nonexistent/python'"):
+            sup.switch_mode("diag").result(T)
+        with pytest.raises(ModeLoadError, match="could not start a worker"):
+            sup.submit("echo", 1, mode="diag").result(T)
