@@ -439,7 +439,9 @@ def test_shutdown_from_a_future_callback_is_refused_instead_of_deadlocking(sup):
 
 
 def test_a_worker_command_that_cannot_start_fails_the_switch_clearly(write_config):
-    path = write_config('[supervisor]\nworker_command = ["/nonexistent/python", "-m", "worker"]\n[modes.diag]\nloader = "worker.modes.diag:load"\n')
+    path = write_config(
+        '[supervisor]\nworker_command = ["/nonexistent/python", "-m", "worker"]\n[modes.diag]\nloader = "worker.modes.diag:load"\n'
+    )
     with Supervisor(path) as sup:
         with pytest.raises(ModeLoadError, match="could not start a worker with '/nonexistent/python'"):
             sup.switch_mode("diag").result(T)
