@@ -19,7 +19,7 @@ class GpuvisorError(Exception):
 
     code: ClassVar[str] = "error"
 
-    def __init__(self, message: str = "", **details: Any) -> None:
+    def __init__(self, message: str = "", /, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
@@ -146,6 +146,6 @@ def error_from_wire(data: Any) -> GpuvisorError:
         return ProtocolError("error map needs string 'code' and 'message'")
     details = {k: v for k, v in data.items() if k not in ("code", "message") and isinstance(k, str)}
     cls = _BY_CODE.get(code)
-    if cls is None:
-        return GpuvisorError(f"[{code}] {message}", **details)
-    return cls(message, **details)
+    error = GpuvisorError(f"[{code}] {message}") if cls is None else cls(message)
+    error.details = details  # not as **kwargs: a peer may send any key, "self" included
+    return error

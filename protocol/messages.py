@@ -197,7 +197,7 @@ def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: 
     if not isinstance(header, dict):
         raise ProtocolError(f"message is a msgpack {type(header).__name__}, expected a map")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 in Python
         raise ProtocolError(f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
     kind = header.get("k")
     cls = table.get(kind) if isinstance(kind, str) else None

@@ -12,29 +12,49 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import math
+import os
 import threading
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from protocol import UnknownMode, encode_job
+from protocol import ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
 from supervisor.commands import QueuedJob, QueuedSwitch, Shutdown
 from supervisor.config import Config
 from supervisor.core import Core
 
-_LIVE: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+# Cores still running, held strongly: a Supervisor the program dropped
+# without shutdown() still has a worker holding VRAM, and must be found here.
+_LIVE_CORES: set[Core] = set()
+
+
+def _post_stop(core: Core) -> Shutdown | None:
+    """Ask ``core`` for a non-draining stop, without waiting. Safe from a
+    finalizer, whatever thread runs it."""
+    if core.owner_pid != os.getpid() or not core.alive:
+        return None
+    command = Shutdown(drain=False, timeout=None)
+    core.post(command)
+    return command
 
 
 def _stop_all_at_exit() -> None:
     """A program that forgot ``shutdown()`` must still not leave a worker
     behind: stop them without draining, as ProcessPoolExecutor joins its own."""
-    for sup in list(_LIVE):
-        sup.shutdown(drain=False)
+    pending = [(core, _post_stop(core)) for core in list(_LIVE_CORES)]
+    for core, command in pending:
+        if command is not None:
+            command.future.result(timeout=core.config.stop_timeout * 2 + 10)
+            core.join(timeout=core.config.stop_timeout * 2 + 10)
 
 
 atexit.register(_stop_all_at_exit)
+# A forked child has a copy of the parent's Supervisors but not their loop
+# threads: it must neither use nor stop them (Core.post refuses).
+os.register_at_fork(after_in_child=_LIVE_CORES.clear)
 
 
 def _failed(error: BaseException) -> Future:
@@ -48,8 +68,8 @@ def _check_timeout(name: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not value > 0 or not math.isfinite(value):  # NaN compares False to everything
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -70,6 +90,7 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._start_lock = threading.Lock()
         self._started = False
+        self._closed = False
 
     # -------------------------------------------------------------- lifecycle
 
@@ -77,10 +98,14 @@ class Supervisor:
         """Start the loop thread (and the initial mode, without waiting for
         it). Idempotent; ``submit`` and ``switch_mode`` call it for you."""
         with self._start_lock:
+            if self._closed:
+                raise ShuttingDown("this supervisor was shut down; create a new one")
             if not self._started:
                 self._core.start()
                 self._started = True
-                _LIVE.add(self)
+                _LIVE_CORES.add(self._core)
+                # Dropped without shutdown(): stop the worker rather than leak it.
+                weakref.finalize(self, _post_stop, self._core).atexit = False
                 if self._initial_mode is not None:
                     self._core.post(QueuedSwitch(self._initial_mode, Future()))
         return self
@@ -99,13 +124,14 @@ class Supervisor:
                 "shutdown() called from a Future callback would wait on itself; call it from another thread"
             )
         with self._start_lock:
+            self._closed = True
             if not self._started:
                 return
         command = Shutdown(drain, timeout)
         self._core.post(command)
         command.future.result()
         self._core.join(timeout=None)
-        _LIVE.discard(self)
+        _LIVE_CORES.discard(self._core)
 
     def __enter__(self) -> Supervisor:
         return self.start()
@@ -135,7 +161,8 @@ class Supervisor:
         job_id = next(self._ids)
         frames = encode_job(job_id, task, payload)  # TypeError / ProtocolError here, in the caller
         future: Future = Future()
-        self.start()
+        if not self._running_or_fail(future):
+            return future
         self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future))
         return future
 
@@ -149,7 +176,8 @@ class Supervisor:
         if self.config.mode(mode) is None:
             return _failed(UnknownMode(self._unknown_mode_message(mode)))
         future: Future = Future()
-        self.start()
+        if not self._running_or_fail(future):
+            return future
         self._core.post(QueuedSwitch(mode, future))
         return future
 
@@ -158,6 +186,15 @@ class Supervisor:
         ``worker_pid``, ``generation``, ``queued``, ``in_flight``,
         ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``."""
         return self._core.status
+
+    def _running_or_fail(self, future: Future) -> bool:
+        """Start on first use; after shutdown, fail ``future`` instead."""
+        try:
+            self.start()
+            return True
+        except ShuttingDown as exc:
+            future.set_exception(exc)
+            return False
 
     def _unknown_mode_message(self, mode: str) -> str:
         return f"unknown mode {mode!r}; {self.config.source} has {', '.join(sorted(self.config.modes))}"

@@ -56,14 +56,16 @@ class Mailbox:
         return self._wake_r
 
     def put(self, command: Command) -> bool:
+        # The write happens under the lock too: close() must not close the
+        # pipe between our append and our write (the fd could be reused).
         with self._lock:
             if self._closed:
                 return False
             self._items.append(command)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is already due to wake
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is already due to wake
         return True
 
     def take_all(self) -> list[Command]:
@@ -80,9 +82,10 @@ class Mailbox:
     def close(self) -> list[Command]:
         with self._lock:
             self._closed = True
-        left = self.take_all()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            left = list(self._items)
+            self._items.clear()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         return left
 
 

@@ -18,11 +18,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from protocol import GpuvisorError
+from protocol import GpuvisorError, pack
 
 _LOADER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _MODE_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 _HEADER_RE = re.compile(r"^\[\s*([^\[\]]+?)\s*\]")
+_KEY_RE = re.compile(r"^[\w\"'.-]+\s*=")
+_STRING_RE = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
+
+
+def _open_brackets(text: str) -> int:
+    """Net ``[`` minus ``]`` outside strings and comments."""
+    bare = _STRING_RE.sub("", text).split("#", 1)[0]
+    return bare.count("[") - bare.count("]")
 
 
 class ConfigError(GpuvisorError, ValueError):
@@ -80,8 +88,36 @@ class _Locator:
     positions, and a message without a line is half a message."""
 
     def __init__(self, text: str, source: str):
-        self.lines = text.splitlines()
+        # split("\n"), not splitlines(): TOML allows U+2028 and friends inside
+        # strings and comments, and they do not start a line.
+        self.lines = self._structural(text.split("\n"))
         self.source = source
+
+    @staticmethod
+    def _structural(lines: list[str]) -> list[str]:
+        """Blank out lines inside multi-line strings and arrays, so a line
+        there that looks like ``[table]`` or ``key =`` is not taken for one."""
+        out: list[str] = []
+        quote: str | None = None  # delimiter of the open multi-line string
+        depth = 0  # brackets still open in a multi-line array
+        for raw in lines:
+            if quote is not None:
+                if raw.count(quote) % 2 == 1:
+                    quote = None
+                out.append("")
+                continue
+            if depth > 0:
+                depth = max(0, depth + _open_brackets(raw))
+                out.append("")
+                continue
+            out.append(raw)
+            text = raw.strip()
+            for delim in ('"""', "'''"):
+                if text.count(delim) % 2 == 1:
+                    quote = delim
+            if quote is None and _KEY_RE.match(text):
+                depth = max(0, _open_brackets(text.split("=", 1)[1]))
+        return out
 
     @staticmethod
     def _norm(dotted: str) -> str:
@@ -150,13 +186,22 @@ def parse(text: str, source: str = "<string>") -> Config:
         args = entry.get("args", {})
         if not isinstance(args, dict):
             raise where.error(table, "args", f"expected a table of keyword arguments, got {args!r}")
+        try:
+            pack(args)  # it travels to the worker as msgpack
+        except TypeError as exc:
+            raise where.error(
+                table, "args", f"cannot be sent to a worker ({exc}); use strings, numbers, booleans, arrays and tables"
+            ) from None
         modes[name] = ModeSpec(name, loader, args)
 
     default_mode = settings.get("default_mode", "")
     if default_mode and default_mode not in modes:
         raise where.error("supervisor", "default_mode", f"{default_mode!r} is not a mode; modes are {sorted(modes)}")
     if settings.get("heartbeat_timeout", 10.0) <= settings.get("heartbeat_interval", 1.0):
-        raise where.error("supervisor", "heartbeat_timeout", "must be longer than heartbeat_interval")
+        key = "heartbeat_timeout" if "heartbeat_timeout" in settings else "heartbeat_interval"
+        raise where.error(
+            "supervisor", key, "heartbeat_timeout must be longer than heartbeat_interval (default 10 and 1)"
+        )
     return Config(modes=modes, source=source, **settings)
 
 

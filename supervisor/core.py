@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -43,7 +45,6 @@ from typing import Any
 import zmq
 
 from protocol import (
-    MAX_MESSAGE_BYTES,
     Drain,
     Failure,
     GpuvisorError,
@@ -93,6 +94,7 @@ class _SwitchInProgress:
 class Core:
     def __init__(self, config: Config):
         self.config = config
+        self.owner_pid = os.getpid()
         self.mailbox = Mailbox()
         self._thread = threading.Thread(target=self._main, name="gpuvisor-loop", daemon=True)
         self._ready = threading.Event()
@@ -113,6 +115,10 @@ class Core:
         self._restarts = 0
         self._jobs_done = 0
         self._running = True
+        # Every Future the loop has taken charge of, so that even a crash of the
+        # loop itself gives each one an outcome. Weak: a settled Future the
+        # caller dropped costs nothing.
+        self._accepted: weakref.WeakSet[Future] = weakref.WeakSet()
         self._endpoint_dir = ""
         self._router: zmq.Socket | None = None
 
@@ -126,6 +132,11 @@ class Core:
             raise self._boot_error
 
     def post(self, command: Command) -> None:
+        if os.getpid() != self.owner_pid:
+            raise RuntimeError(
+                "this Supervisor was created in another process (before a fork); "
+                "its loop thread is not here. Create the Supervisor after forking."
+            )
         if not self.mailbox.put(command):
             self._refuse(command)
 
@@ -154,7 +165,10 @@ class Core:
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
+            # No ZMQ_MAXMSGSIZE here: libzmq would silently drop the worker's
+            # connection (and the DEALER reconnect), leaving its job without an
+            # outcome. decode_from_worker refuses an oversized frame instead,
+            # and a bad frame from the worker ends that worker (_on_frames).
             self.endpoint = f"ipc://{self._endpoint_dir}/worker.sock"
             router.bind(self.endpoint)
             self._router = router
@@ -167,10 +181,9 @@ class Core:
         self._ready.set()
         try:
             self._loop()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - logged here once; every Future gets the error
             log.exception("gpuvisor loop crashed; stopping the worker and failing all work")
             self._abort_everything(GpuvisorError("the supervisor's loop crashed; see its log"))
-            raise
         finally:
             router.close(linger=0)
             ctx.term()
@@ -195,18 +208,30 @@ class Core:
                     poller.register(pidfd, zmq.POLLIN)
                 watched_pidfd = pidfd
             events = dict(poller.poll(self._poll_timeout() * 1000))
-            if self.mailbox.fd in events:
-                for command in self.mailbox.take_all():
-                    self._on_command(command)
+            # The worker's news first: a command must see the worker as it is
+            # now (a switch to a mode whose worker just died is not a no-op).
             if self._router in events:
                 self._drain_router()
-            if self._worker is not None and self._worker.proc.poll() is not None:
-                self._on_worker_exit()
+            self._notice_exit()
+            if self.mailbox.fd in events:
+                commands = self.mailbox.take_all()
+                for command in commands:
+                    if command.future is not None:
+                        self._accepted.add(command.future)
+                for command in commands:
+                    self._on_command(command)
             self._check_deadlines()
             self._pump()
             self._publish()
         if watched_pidfd is not None:
             poller.unregister(watched_pidfd)
+
+    def _notice_exit(self) -> bool:
+        """Handle the worker's exit if it has happened; True if it had."""
+        if self._worker is not None and self._worker.proc.poll() is not None:
+            self._on_worker_exit()
+            return True
+        return False
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
@@ -222,8 +247,8 @@ class Core:
         w = self._worker
         if w is not None and w.state in _HEARTBEATING:
             out.append(w.last_seen + self.config.heartbeat_timeout)
-            if w.state in (WorkerState.SPAWNED, WorkerState.LOADING):
-                out.append(w.started_at + self.config.load_timeout)
+        if w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING):
+            out.append(w.started_at + self.config.load_timeout)
         if self._in_flight is not None and self._in_flight.deadline is not None:
             out.append(self._in_flight.deadline)
         for d in (self._drain_deadline, self._exit_deadline):
@@ -252,6 +277,8 @@ class Core:
     def _switch_is_noop(self, mode: str) -> bool:
         """True when this switch, placed at the tail, would change nothing: the
         mode is loaded and nothing queued or under way can change it first."""
+        if self._notice_exit():
+            return False
         w = self._worker
         if self._switch is not None or w is None or w.state not in (WorkerState.READY, WorkerState.BUSY):
             return False
@@ -303,6 +330,8 @@ class Core:
             if w is None or w.mode != needed:
                 self._begin_switch(QueuedSwitch(needed, None))
                 return
+            if self._notice_exit():  # never hand a job to a worker that is already dead
+                continue
             self._queue.popleft()
             self._dispatch(item, w)
             return
@@ -423,11 +452,19 @@ class Core:
         try:
             msg = decode_from_worker(body)
         except ProtocolError as exc:
-            log.warning("dropped a malformed message from worker gen %d: %s", w.gen, exc)
+            # Our own child broke the protocol: whatever it was answering is
+            # lost, and waiting for an answer that will not come would leave a
+            # job without an outcome. End it; the next job gets a fresh worker.
+            log.error("worker gen %d sent a malformed message: %s", w.gen, exc)
+            self._on_worker_exit(f"sent a malformed message ({exc})", ProtocolError)
             return
         w.last_seen = time.monotonic()
-        handler = self._HANDLERS.get(type(msg))
-        handler(self, w, msg)
+        try:
+            self._HANDLERS[type(msg)](self, w, msg)
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive any one message
+            log.exception("could not handle %s from worker gen %d", msg.kind.value, w.gen)
+            if self._worker is w:
+                self._on_worker_exit(f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
 
     def _on_hello(self, w: WorkerHandle, msg: Hello) -> None:
         if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
@@ -459,13 +496,11 @@ class Core:
         if w.state is not WorkerState.BUSY or job is None or job.id != msg.job:
             log.warning("worker gen %d: dropped an outcome for job %d, which is not in flight", w.gen, msg.job)
             return
+        error = error_from_wire(msg.error) if isinstance(msg, Failure) else None
         self._in_flight = None
         self._jobs_done += 1
         w.transition(WorkerState.READY)
-        if isinstance(msg, Result):
-            settle(job.future, result=msg.value)
-        else:
-            settle(job.future, error=error_from_wire(msg.error))
+        settle(job.future, result=msg.value if error is None else None, error=error)
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
         pass  # last_seen is already updated for every message
@@ -555,12 +590,12 @@ class Core:
 
     def _begin_shutdown(self, command: Shutdown) -> None:
         self._shutdown_waiters.append(command.future)
-        first = self._shutdown is None
-        if first:
+        if self._shutdown is None:
             self._shutdown = command
             log.info("shutting down (%s)", "drain" if command.drain else "no drain")
-            if command.drain and command.timeout is not None:
-                self._drain_deadline = time.monotonic() + command.timeout
+        if command.drain and command.timeout is not None:  # the tightest of all the callers' bounds
+            deadline = time.monotonic() + command.timeout
+            self._drain_deadline = min(deadline, self._drain_deadline or deadline)
         if not command.drain:
             self._drain_deadline = None
             self._cancel_everything(JobCancelled("cancelled by shutdown(drain=False)"))
@@ -593,11 +628,15 @@ class Core:
             self._exit_deadline = time.monotonic() + self.config.stop_timeout
 
     def _abort_everything(self, error: GpuvisorError) -> None:
+        """The loop itself failed: stop the worker and give every Future the
+        loop ever accepted an outcome, wherever it was when the loop died."""
         try:
             self._cancel_everything(error)
         except BaseException:  # noqa: BLE001 - last resort; the worker must still die
             if self._worker is not None:
                 stop_and_reap(self._worker.proc, 1.0, kill_now=True)
+        for future in list(self._accepted):
+            settle(future, error=error)
 
     # ------------------------------------------------------------ status
 

@@ -192,9 +192,22 @@ def job_thread(ctx: zmq.Context, jobs: queue.Queue, tasks: dict) -> None:
         pipe.send(answer(msg, tasks))
 
 
+# Deliberate protocol violations, not part of any mode's task table: the
+# supervisor's tests send these task names to see how it defends itself.
+MISBEHAVIOURS = {
+    "misbehave_garbage": lambda job_id: b"\xc1 this is not msgpack",
+    "misbehave_oversized": lambda job_id: b"\x00" * (MAX_FRAME + 1),
+    "misbehave_odd_error": lambda job_id: encode(
+        "failure", job=job_id, error={"code": "job_failed", "message": "odd", "self": 1, "cls": "x"}
+    ),
+}
+
+
 def answer(msg: dict, tasks: dict) -> bytes:
     """The one encoded RESULT or FAILURE for a JOB; never raises."""
     job_id, task, payload = msg["job"], msg["task"], msg["payload"]
+    if task in MISBEHAVIOURS:
+        return MISBEHAVIOURS[task](job_id)
     handler = tasks.get(task)
     if handler is None:
         err = error_map("unknown_task", f"no task {task!r} in this mode; it has {sorted(tasks)}")

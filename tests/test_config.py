@@ -99,3 +99,33 @@ def test_the_supervisor_refuses_a_bad_config_and_an_unknown_initial_mode(write_c
 def test_parse_keeps_args_as_given():
     config = parse('[modes.e]\nloader = "pkg.mod:load"\n[modes.e.args]\ndevice = "cpu"\nbatch_size = 8\n')
     assert config.modes["e"].args == {"device": "cpu", "batch_size": 8}
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        # U+2028 is legal in a TOML comment and must not shift the line count
+        ('# note\u2028more\n[modes.a]\nloader = "m:f"\n[modes.b]\nloader = 1\n', 5, ["[modes.b] key 'loader'"]),
+        # a multi-line array's body is not a table header
+        ('[modes.a]\nloader = "m:f"\nargs = { xs = [\n  [1, 2],\n] }\nlaoder = 1\n', 6, ["key 'laoder'"]),
+        ('[supervisor]\nxs = [\n  [1, 2],\n]\n[modes.a]\nloader = "m:f"\n', 2, ["key 'xs'"]),
+        # a multi-line string's body is not a key
+        (
+            '[modes.a]\nloader = "m:f"\n[modes.a.args]\nnote = """\n[modes.b]\nloader = 5\n"""\n[modes.b]\nloader = 9\n',
+            9,
+            ["[modes.b] key 'loader'"],
+        ),
+        # the fix is in heartbeat_interval when heartbeat_timeout is not in the file
+        ('[supervisor]\nheartbeat_interval = 30\n[modes.a]\nloader = "m:f"\n', 2, ["heartbeat_interval", "longer"]),
+        # args travel as msgpack: a TOML date cannot
+        ('[modes.a]\nloader = "m:f"\nargs = { since = 2024-01-01 }\n', 3, ["key 'args'", "cannot be sent to a worker"]),
+    ],
+)
+def test_the_line_is_right_around_multiline_values_and_unicode_separators(write_config, text, line, words):
+    path = write_config(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    for word in words:
+        assert word in message, (word, message)

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-from supervisor import JobFailed, ModeLoadError, Supervisor, UnknownTask
+from supervisor import JobFailed, ModeLoadError, ProtocolError, Supervisor, UnknownTask
 from tests.conftest import pid_gone
 
 T = 60  # bound on any single result; only there to stop a hang
@@ -200,3 +200,33 @@ def test_malformed_frames_are_logged_and_skipped(tmp_path):
         os.rmdir(sockdir)
     lines = [line for line in stderr.read_text().splitlines() if "malformed" in line]
     assert len(lines) == len(bad), lines
+
+
+@pytest.mark.parametrize(
+    "task, words",
+    [
+        ("misbehave_garbage", "malformed msgpack"),
+        ("misbehave_oversized", "over the 67108864-byte limit"),
+    ],
+)
+def test_a_worker_that_breaks_the_protocol_mid_job_is_replaced_and_the_job_gets_a_protocol_error(config, task, words):
+    with Supervisor(config()) as sup:
+        first = sup.switch_mode("f").result(T)["pid"]
+        before = sup.submit("echo", "before")
+        bad = sup.submit(task)
+        after = sup.submit("echo", "after")
+        assert before.result(T) == "before"
+        with pytest.raises(ProtocolError, match=words):
+            bad.result(T)
+        assert after.result(T) == "after", "the queue is untouched and served by a new worker"
+        assert sup.submit("pid").result(T) != first, "the worker that broke the protocol was replaced"
+        assert pid_gone(first)
+        assert sup.status()["restarts"] == 1
+
+
+def test_an_error_map_with_any_keys_arrives_as_the_right_class(config):
+    with Supervisor(config()) as sup:
+        sup.switch_mode("f").result(T)
+        err = sup.submit("misbehave_odd_error").exception(T)
+        assert isinstance(err, JobFailed) and err.details == {"self": 1, "cls": "x"}
+        assert sup.submit("add", {"a": 1, "b": 1}).result(T) == 2, "the same worker goes on"

@@ -157,3 +157,44 @@ def test_every_frame_the_supervisor_sends_decodes_as_a_protocol_message(capfd):
     err = capfd.readouterr().err
     assert "dropped a malformed message" not in err
     assert "ignored" not in err
+
+
+WRAPPED = [
+    "/bin/sh",
+    "-c",
+    '"$0" "$@"; exit $?',  # runs the worker as a child of sh, not in its place
+    sys.executable,
+    "-m",
+    "worker",
+]
+
+
+def test_a_worker_command_wrapper_that_does_not_exec_works_and_still_dies_with_the_supervisor(write_config):
+    import json as _json
+
+    path = write_config(
+        f"[supervisor]\nworker_command = {_json.dumps(WRAPPED)}\nheartbeat_interval = 0.2\n"
+        '[modes.diag]\nloader = "worker.modes.diag:load"\n'
+    )
+    with Supervisor(path) as sup:  # the wrapper case works at all
+        result = sup.switch_mode("diag").result(T)
+        worker = sup.submit("pid").result(T)
+        assert psutil.Process(worker).ppid() == result["pid"] != worker, "the worker runs under the wrapper"
+    proc = start_script(
+        f"""
+        sup = Supervisor({str(path)!r}).start()
+        sup.switch_mode("diag").result(60)
+        print(json.dumps({{"worker": sup.submit("pid").result(60), "wrapper": sup.status()["worker_pid"]}}), flush=True)
+        time.sleep(600)
+        """
+    )
+    try:
+        pids = read_line(proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(T)
+        wait_until(lambda: not_running(pids["worker"]), 10, "the wrapped worker to notice its supervisor died")
+        wait_until(lambda: not_running(pids["wrapper"]), 10, "the wrapper to go with the worker's group")
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()

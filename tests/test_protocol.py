@@ -169,3 +169,13 @@ def test_all_errors_are_importable_from_supervisor():
     for name in ("GpuvisorError", "WorkerCrashed", "JobFailed", "JobTimeout", "ModeLoadError", "UnknownMode",
                  "UnknownTask", "ShuttingDown", "JobCancelled", "ProtocolError"):  # fmt: skip
         assert getattr(supervisor, name) is getattr(protocol, name)
+
+
+def test_an_error_map_may_carry_any_key_even_self():
+    err = error_from_wire({"code": "job_failed", "message": "m", "self": 1, "message2": "x", "cls": 2})
+    assert type(err) is protocol.JobFailed and err.details == {"self": 1, "message2": "x", "cls": 2}
+
+
+def test_a_boolean_version_is_not_version_1():
+    with pytest.raises(ProtocolError, match="protocol version True"):
+        decode_from_worker(_frame({"v": True, "k": "heartbeat", "busy": False}))

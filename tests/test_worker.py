@@ -199,8 +199,10 @@ def test_no_module_of_ours_imports_pickle():
             assert "import pickle" not in text and "cloudpickle" not in text, path
 
 
-def test_a_worker_whose_parent_is_already_gone_exits_before_doing_anything():
-    h = Harness(parent_pid=1)  # not our pid: the worker must think it is orphaned
+def test_a_worker_whose_supervisor_is_already_gone_exits_before_doing_anything():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(30)  # reaped: its pid names no process now
+    h = Harness(parent_pid=gone.pid)
     try:
         assert h.proc.wait(30) == ORPHAN_EXIT_CODE
         assert not h.router.poll(100), "an orphan must not even say HELLO"
