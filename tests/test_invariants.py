@@ -198,3 +198,17 @@ def test_a_worker_command_wrapper_that_does_not_exec_works_and_still_dies_with_t
         proc.kill()
         proc.wait(T)
         proc.stdout.close()
+
+
+def _maps_torch(pid: int) -> bool:
+    return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
+
+
+@pytest.mark.slow
+def test_a_worker_imports_torch_only_when_its_mode_does():
+    with Supervisor() as sup:
+        sup.switch_mode("diag").result(T)
+        diag = sup.submit("pid").result(T)
+        assert not _maps_torch(diag), "the diag worker must not load torch"
+        embed = sup.switch_mode("embed").result(180)["pid"]
+        assert _maps_torch(embed), "the embed worker runs torch (this proves the check can see it)"
