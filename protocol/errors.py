@@ -108,6 +108,22 @@ class JobCancelled(GpuvisorError):
     code = "job_cancelled"
 
 
+class SupervisorFailed(GpuvisorError):
+    """The worker died more than ``max_restarts`` times in ``restart_window``
+    seconds, so the supervisor stopped respawning it rather than loop.
+    ``status()["failed_reason"]`` says why. Retrying is useless until an
+    operator calls ``switch_mode()`` or ``restart()``, which clear it."""
+
+    code = "supervisor_failed"
+
+
+class QueueFull(GpuvisorError):
+    """``max_queue`` jobs are already waiting or running. Backpressure: the
+    caller may retry later, or shed the load."""
+
+    code = "queue_full"
+
+
 class ShuttingDown(GpuvisorError):
     """The supervisor is shutting down and accepts no new work. Retrying
     against this supervisor cannot help."""
@@ -129,6 +145,8 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         WorkerCrashed,
         JobCancelled,
         ShuttingDown,
+        SupervisorFailed,
+        QueueFull,
     )
 }
 

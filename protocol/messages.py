@@ -44,6 +44,22 @@ class Kind(enum.StrEnum):
     DRAIN = "drain"
 
 
+class WorkerExit(enum.IntEnum):
+    """The worker's exit statuses that mean something; any other is a crash."""
+
+    DRAINED = 0  # after DRAIN
+    LOAD_FAILED = 3  # after LOAD_FAILED
+    DISCONNECTED = 4  # the supervisor's socket dropped the connection (e.g. a frame over the limit)
+    ORPHANED = 70  # the supervisor is gone
+
+
+EXIT_MEANINGS = {
+    WorkerExit.LOAD_FAILED: "its mode failed to load",
+    WorkerExit.DISCONNECTED: "it lost its connection to the supervisor; did it send a frame over the size limit?",
+    WorkerExit.ORPHANED: "it found its supervisor gone",
+}
+
+
 class _Any:
     """Field type marker: any msgpack value."""
 

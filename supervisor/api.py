@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from protocol import ShuttingDown, UnknownMode, encode_job
+from protocol import QueueFull, ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
 from supervisor.commands import QueuedJob, QueuedSwitch, Shutdown
 from supervisor.config import Config
@@ -91,6 +91,9 @@ class Supervisor:
         self._start_lock = threading.Lock()
         self._started = False
         self._closed = False
+        # Jobs accepted and not yet ended; a job gives its slot back in a done
+        # callback, so the count is exact whatever way the job ends.
+        self._slots = threading.BoundedSemaphore(self.config.max_queue)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -142,19 +145,31 @@ class Supervisor:
     # -------------------------------------------------------------- work
 
     def submit(
-        self, task: str, payload: Any = None, *, mode: str | None = None, timeout: float | None = None
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        mode: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
     ) -> Future:
         """Queue ``task`` with ``payload``; the Future gets the handler's result
         or a typed error. ``mode`` switches first when another is loaded.
         ``timeout`` is seconds of running time in the worker; past it the
-        worker is killed and the job fails with ``JobTimeout``.
+        worker is killed and the job fails with ``JobTimeout``. ``retries``
+        is the caller's word that the job is idempotent: if the worker dies
+        (or hangs) under it, it runs again, up to that many times, before it
+        fails with ``WorkerCrashed``.
 
-        ``Future.cancel()`` succeeds while the job is queued and returns False
-        once it is running."""
+        Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
+        running. ``Future.cancel()`` succeeds while the job is queued and
+        returns False once it is running."""
         if not isinstance(task, str) or not task:
             raise TypeError(f"task must be a non-empty str, got {task!r}")
         if mode is not None and not isinstance(mode, str):
             raise TypeError(f"mode must be a str or None, got {type(mode).__name__}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise TypeError(f"retries must be a whole number >= 0, got {retries!r}")
         timeout = _check_timeout("timeout", timeout)
         if mode is not None and self.config.mode(mode) is None:
             return _failed(UnknownMode(self._unknown_mode_message(mode)))
@@ -163,7 +178,11 @@ class Supervisor:
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future))
+        slots = self._slots  # not self: a callback must not keep the Supervisor alive
+        if not slots.acquire(blocking=False):
+            raise QueueFull(f"{self.config.max_queue} jobs are already queued or running (max_queue)")
+        future.add_done_callback(lambda _: slots.release())
+        self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries))
         return future
 
     def switch_mode(self, mode: str) -> Future:
@@ -181,10 +200,26 @@ class Supervisor:
         self._core.post(QueuedSwitch(mode, future))
         return future
 
+    def restart(self, mode: str | None = None) -> Future:
+        """Replace the worker with a fresh one, in ``mode`` or the mode in
+        force, after every job queued before this call; also clears the
+        ``failed`` state. Result: ``{"mode", "status": "restarted",
+        "previous", "seconds", "load_seconds", "pid"}``."""
+        if mode is not None and not isinstance(mode, str):
+            raise TypeError(f"mode must be a str or None, got {type(mode).__name__}")
+        if mode is not None and self.config.mode(mode) is None:
+            return _failed(UnknownMode(self._unknown_mode_message(mode)))
+        future: Future = Future()
+        if not self._running_or_fail(future):
+            return future
+        self._core.post(QueuedSwitch(mode, future, force=True))
+        return future
+
     def status(self) -> dict[str, Any]:
         """A snapshot, never blocking: ``state``, ``mode``, ``worker_state``,
         ``worker_pid``, ``generation``, ``queued``, ``in_flight``,
-        ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``."""
+        ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``,
+        ``failed_reason`` (set while ``state`` is ``"failed"``)."""
         return self._core.status
 
     def _running_or_fail(self, future: Future) -> bool:
@@ -216,12 +251,21 @@ class AsyncSupervisor:
         return self
 
     async def submit(
-        self, task: str, payload: Any = None, *, mode: str | None = None, timeout: float | None = None
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        mode: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
     ) -> Any:
-        return await asyncio.wrap_future(self._sync.submit(task, payload, mode=mode, timeout=timeout))
+        return await asyncio.wrap_future(self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries))
 
     async def switch_mode(self, mode: str) -> dict[str, Any]:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync.restart(mode))
 
     def status(self) -> dict[str, Any]:
         return self._sync.status()

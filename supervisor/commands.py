@@ -20,13 +20,15 @@ class QueuedJob:
     mode: str | None
     timeout: float | None
     future: Future
+    retries: int = 0  # the caller's word that the job is idempotent: runs again after a crash
     deadline: float | None = None
 
 
 @dataclass(eq=False)
 class QueuedSwitch:
-    mode: str
+    mode: str | None  # None only with ``force``: restart the mode in force
     future: Future | None  # None: implicit, for a job that names its mode
+    force: bool = False  # restart(): a fresh worker even if the mode is loaded
 
 
 @dataclass(eq=False)

@@ -54,6 +54,11 @@ _SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "load_timeout": (300.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
     "stop_timeout": (5.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
     "job_timeout": (0.0, lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: none)"),
+    "max_restarts": (5, lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "restart_window": (60.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "restart_backoff": (0.5, lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+    "restart_backoff_max": (10.0, lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+    "max_queue": (10_000, lambda v: _whole(v) and v > 0, "a whole number > 0"),
     "default_mode": ("", lambda v: isinstance(v, str), "a mode name"),
     "worker_command": (
         (),
@@ -67,6 +72,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Config:
     modes: dict[str, ModeSpec]
@@ -75,6 +84,11 @@ class Config:
     load_timeout: float = 300.0
     stop_timeout: float = 5.0
     job_timeout: float = 0.0
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 10.0
+    max_queue: int = 10_000
     default_mode: str = ""
     worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
     source: str = "<built-in>"
@@ -165,7 +179,11 @@ def parse(text: str, source: str = "<string>") -> Config:
         _, check, expected = _SETTINGS[key]
         if not check(value):
             raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
-        settings[key] = float(value) if _number(value) else tuple(value) if isinstance(value, list) else value
+        if isinstance(value, list):
+            value = tuple(value)
+        elif _number(value) and not _whole(_SETTINGS[key][0]):
+            value = float(value)
+        settings[key] = value
 
     modes_table = data.get("modes")
     if not isinstance(modes_table, dict) or not modes_table:

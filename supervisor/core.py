@@ -45,6 +45,7 @@ from typing import Any
 import zmq
 
 from protocol import (
+    MAX_MESSAGE_BYTES,
     Drain,
     Failure,
     GpuvisorError,
@@ -60,6 +61,7 @@ from protocol import (
     Ready,
     Result,
     ShuttingDown,
+    SupervisorFailed,
     WorkerCrashed,
     decode_from_worker,
     encode,
@@ -113,6 +115,9 @@ class Core:
         self._exit_deadline: float | None = None
         self._generation = 0
         self._restarts = 0
+        self._deaths: collections.deque[float] = collections.deque()  # unexpected deaths in the window
+        self._respawn_at = 0.0  # backoff: no automatic respawn before this
+        self._failed: str | None = None  # why the restart budget ran out
         self._jobs_done = 0
         self._running = True
         # Every Future the loop has taken charge of, so that even a crash of the
@@ -165,10 +170,11 @@ class Core:
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            # No ZMQ_MAXMSGSIZE here: libzmq would silently drop the worker's
-            # connection (and the DEALER reconnect), leaving its job without an
-            # outcome. decode_from_worker refuses an oversized frame instead,
-            # and a bad frame from the worker ends that worker (_on_frames).
+            # Memory stays bounded: libzmq drops the connection of a peer that
+            # sends more. A worker treats a dropped connection as fatal (exit 4),
+            # so its job still gets an outcome. A frame between the limit and
+            # this is refused by decode_from_worker, which ends the worker too.
+            router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
             self.endpoint = f"ipc://{self._endpoint_dir}/worker.sock"
             router.bind(self.endpoint)
             self._router = router
@@ -198,18 +204,20 @@ class Core:
         poller = zmq.Poller()
         poller.register(self.mailbox.fd, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
-        watched_pidfd: int | None = None
+        watched: set[int] = set()
         while self._running:
-            pidfd = self._worker.pidfd if self._worker else None
-            if pidfd != watched_pidfd:
-                if watched_pidfd is not None:
-                    poller.unregister(watched_pidfd)
-                if pidfd is not None:
-                    poller.register(pidfd, zmq.POLLIN)
-                watched_pidfd = pidfd
+            w = self._worker
+            wanted = {fd for fd in (w.pidfd, w.stderr_fd) if fd is not None} if w is not None else set()
+            for fd in watched - wanted:
+                poller.unregister(fd)
+            for fd in wanted - watched:
+                poller.register(fd, zmq.POLLIN)
+            watched = wanted
             events = dict(poller.poll(self._poll_timeout() * 1000))
             # The worker's news first: a command must see the worker as it is
             # now (a switch to a mode whose worker just died is not a no-op).
+            if w is not None and w is self._worker and w.stderr_fd in events:
+                w.pump_stderr()
             if self._router in events:
                 self._drain_router()
             self._notice_exit()
@@ -220,11 +228,12 @@ class Core:
                         self._accepted.add(command.future)
                 for command in commands:
                     self._on_command(command)
+                commands = command = None  # hold no caller's Future past its time
             self._check_deadlines()
             self._pump()
             self._publish()
-        if watched_pidfd is not None:
-            poller.unregister(watched_pidfd)
+        for fd in watched:
+            poller.unregister(fd)
 
     def _notice_exit(self) -> bool:
         """Handle the worker's exit if it has happened; True if it had."""
@@ -254,6 +263,8 @@ class Core:
         for d in (self._drain_deadline, self._exit_deadline):
             if d is not None:
                 out.append(d)
+        if self._respawn_at > time.monotonic() and self._worker is None and self._queue:
+            out.append(self._respawn_at)
         return out
 
     # ------------------------------------------------------------ commands
@@ -269,7 +280,9 @@ class Core:
             self._begin_shutdown(command)
         elif self._shutdown is not None:
             self._refuse(command)
-        elif isinstance(command, QueuedSwitch) and self._switch_is_noop(command.mode):
+        elif self._failed is not None and isinstance(command, QueuedJob):
+            settle(command.future, error=self._failed_error())
+        elif isinstance(command, QueuedSwitch) and not command.force and self._switch_is_noop(command.mode):
             settle(command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid})
         else:
             self._queue.append(command)
@@ -308,13 +321,27 @@ class Core:
                 self._queue.popleft()
                 if item.future is not None and item.future.cancelled():
                     continue
-                if w is not None and w.state is WorkerState.READY and w.mode == item.mode:
+                if self._failed is not None:  # an explicit switch or restart is the operator's word
+                    log.warning("leaving the failed state: %s requested", "restart" if item.force else "a switch")
+                    self._failed = None
+                self._deaths.clear()
+                self._respawn_at = 0.0
+                if item.mode is None:  # restart() of whatever mode is in force
+                    if self._mode is None:
+                        settle(item.future, error=NoModeLoaded("restart(): no mode is loaded; call switch_mode()"))
+                        continue
+                    item.mode = self._mode
+                if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:
                     settle(item.future, result={"mode": item.mode, "status": "already_loaded", "pid": w.pid})
                     continue
                 self._begin_switch(item)
                 return
             if item.future.cancelled():
                 self._queue.popleft()
+                continue
+            if self._failed is not None:
+                self._queue.popleft()
+                settle(item.future, error=self._failed_error())
                 continue
             needed = item.mode or self._mode
             if needed is None:
@@ -328,6 +355,8 @@ class Core:
                 )
                 continue
             if w is None or w.mode != needed:
+                if w is None and needed == self._mode and time.monotonic() < self._respawn_at:
+                    return  # backing off before respawning the mode that just died
                 self._begin_switch(QueuedSwitch(needed, None))
                 return
             if self._notice_exit():  # never hand a job to a worker that is already dead
@@ -385,7 +414,7 @@ class Core:
                 sw.request.future,
                 result={
                     "mode": sw.mode,
-                    "status": "loaded",
+                    "status": "restarted" if sw.request.force else "loaded",
                     "previous": sw.previous,
                     "seconds": seconds,
                     "load_seconds": w.load_seconds,
@@ -528,18 +557,22 @@ class Core:
     def _retire(self, w: WorkerHandle) -> None:
         if w.state is not WorkerState.EXITED:
             w.transition(WorkerState.EXITED)
-        w.close_pidfd()
+        w.close_fds()
         self._worker = None
 
     def _on_worker_exit(self, cause: str | None = None, job_error: type[GpuvisorError] = WorkerCrashed) -> None:
         """The worker died on its own (or we kill it now for a ``cause``):
-        settle whatever it held with an error that says how it died."""
+        settle whatever it held with an error that says how it died and what
+        it last wrote, count the death against the restart budget, and leave
+        the mode in force so the next job respawns it (after the backoff)."""
         w = self._worker
         assert w is not None
         code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
         how = cause or describe_exit(code)
         state = w.state
-        self._retire(w)
+        self._retire(w)  # reads the last of its stderr
+        tail = w.stderr_tail()
+        said = ("; its last stderr lines:\n    " + "\n    ".join(tail)) if tail else ""
         if state is WorkerState.DRAINING:
             log.info("worker gen %d pid %d drained and %s", w.gen, w.pid, describe_exit(code))
             self._exit_deadline = None
@@ -547,18 +580,60 @@ class Core:
             return
         log.error("worker gen %d pid %d %s (state %s)", w.gen, w.pid, how, state.value)
         if state in (WorkerState.SPAWNED, WorkerState.LOADING):
-            self._switch_failed(ModeLoadError(f"worker pid {w.pid} {how} while loading mode {w.mode!r}"))
+            self._switch_failed(
+                ModeLoadError(f"worker pid {w.pid} {how} while loading mode {w.mode!r}{said}", stderr_tail=tail)
+            )
             return
-        self._restarts += 1  # the mode stays in force: the next job respawns it
+        self._restarts += 1
         job = self._in_flight
         if job is not None:
             self._in_flight = None
-            settle(
-                job.future,
-                error=job_error(
-                    f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r})"
-                ),
+            if job_error is WorkerCrashed and job.retries > 0:
+                job.retries -= 1
+                log.warning("job %d (%r) will run again (%d retries left)", job.id, job.task, job.retries)
+                self._queue.appendleft(job)  # first in line, as it was
+            else:
+                message = f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r}){said}"
+                settle(job.future, error=job_error(message, stderr_tail=tail))
+        self._count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")
+
+    def _count_death(self, what: str) -> None:
+        """The restart budget, after Erlang/OTP's intensity and period: at most
+        ``max_restarts`` unexpected deaths in ``restart_window`` seconds, with
+        a growing wait before each respawn; past it, stop respawning."""
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths and self._deaths[0] <= now - self.config.restart_window:
+            self._deaths.popleft()
+        n = len(self._deaths)
+        if n > self.config.max_restarts:
+            self._enter_failed(
+                f"{n} worker deaths in {self.config.restart_window:g}s (max_restarts={self.config.max_restarts}); "
+                f"the last: {what}. switch_mode() or restart() clears this"
             )
+            return
+        delay = 0.0 if n <= 1 else min(self.config.restart_backoff * 2 ** (n - 2), self.config.restart_backoff_max)
+        self._respawn_at = now + delay
+        if delay:
+            log.warning("respawn %d in this window: waiting %.2fs first", n, delay)
+
+    def _failed_error(self) -> SupervisorFailed:
+        return SupervisorFailed(f"the supervisor is failed: {self._failed}")
+
+    def _enter_failed(self, reason: str) -> None:
+        """Stop respawning. Jobs queued before the next switch barrier fail
+        now, as will new ones, until an explicit switch_mode() or restart()."""
+        log.error("restart budget exhausted: %s", reason)
+        self._failed = reason
+        kept: collections.deque = collections.deque()
+        barrier = False
+        for item in self._queue:
+            barrier = barrier or isinstance(item, QueuedSwitch)
+            if not barrier and isinstance(item, QueuedJob):
+                settle(item.future, error=self._failed_error())
+            else:
+                kept.append(item)
+        self._queue = kept
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -643,7 +718,7 @@ class Core:
     def _publish(self, state: str | None = None) -> None:
         w = self._worker
         if state is None:
-            state = "draining" if self._shutdown is not None else "running"
+            state = "draining" if self._shutdown is not None else "failed" if self._failed else "running"
         self._status = MappingProxyType(
             {
                 "state": state,
@@ -657,6 +732,7 @@ class Core:
                 "jobs_done": self._jobs_done,
                 "switching_to": self._switch.mode if self._switch is not None else None,
                 "last_error": self._mode_error,
+                "failed_reason": self._failed,
                 "config": self.config.source,
             }
         )

@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 
+from protocol import EXIT_MEANINGS
+
 log = logging.getLogger("gpuvisor")
 
 # Variables that belong to the supervisor's own service manager and must not
@@ -51,11 +53,13 @@ def spawn_worker(argv: list[str]) -> subprocess.Popen:
     """Start a worker in a process group of its own, so it can be killed as a
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
     supervisor decides how it stops). Its stdout goes to our stderr: a worker
-    must never write into a CLI's machine-readable output."""
+    must never write into a CLI's machine-readable output. Its stderr comes
+    to the loop through a pipe (see WorkerHandle.pump_stderr)."""
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=2,
+        stderr=subprocess.PIPE,  # the loop passes it on and keeps the tail for crash reports
         start_new_session=True,
         env=worker_env(),
         close_fds=True,
@@ -102,4 +106,5 @@ def describe_exit(returncode: int | None) -> str:
         except ValueError:
             name = f"signal {-returncode}"
         return f"killed by {name}({returncode})"
-    return f"exited with code {returncode}"
+    meaning = EXIT_MEANINGS.get(returncode)
+    return f"exited with code {returncode}" + (f" ({meaning})" if meaning else "")

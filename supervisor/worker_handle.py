@@ -15,6 +15,7 @@ LOADING) is caught where it happens instead of corrupting the queue.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -48,7 +49,14 @@ class IllegalTransition(RuntimeError):
     """A bug in the loop: an event arrived that the state machine forbids."""
 
 
+STDERR_TAIL_LINES = 12
+
+
 class WorkerHandle:
+    """The loop's view of one worker process. Its stderr comes through a pipe
+    the loop polls: every byte is passed on to our own stderr, and the last
+    lines are kept, because "killed by SIGSEGV" is only half a crash report."""
+
     def __init__(self, proc: subprocess.Popen, gen: int, spec: ModeSpec):
         self.proc = proc
         self.gen = gen
@@ -59,6 +67,11 @@ class WorkerHandle:
         self.last_seen = self.started_at
         self.load_seconds: float | None = None
         self.reported_pid: int | None = None
+        self.stderr_fd: int | None = proc.stderr.fileno() if proc.stderr is not None else None
+        if self.stderr_fd is not None:
+            os.set_blocking(self.stderr_fd, False)
+        self._tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._partial = b""
         self.pidfd: int | None = None
         try:
             self.pidfd = os.pidfd_open(proc.pid)
@@ -79,7 +92,38 @@ class WorkerHandle:
         log.debug("worker gen %d pid %d: %s -> %s", self.gen, self.pid, self.state.value, new.value)
         self.state = new
 
-    def close_pidfd(self) -> None:
+    def pump_stderr(self) -> None:
+        """Read what the worker wrote, pass it on, keep the tail. Never blocks."""
+        while self.stderr_fd is not None:
+            try:
+                chunk = os.read(self.stderr_fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:  # EOF: the worker and everything that shared its stderr are gone
+                self._close_stderr()
+                return
+            try:
+                os.write(2, chunk)
+            except OSError:
+                pass  # our own stderr is gone; the tail still works
+            lines = (self._partial + chunk).split(b"\n")
+            self._partial = lines.pop()[-4096:]
+            self._tail.extend(line.decode("utf-8", "replace").rstrip() for line in lines if line.strip())
+
+    def stderr_tail(self) -> list[str]:
+        partial = self._partial.decode("utf-8", "replace").strip()
+        return [*self._tail, *([partial] if partial else [])][-STDERR_TAIL_LINES:]
+
+    def _close_stderr(self) -> None:
+        if self.stderr_fd is not None:
+            self.proc.stderr.close()
+            self.stderr_fd = None
+
+    def close_fds(self) -> None:
+        """After the reap: keep the last words, release the descriptors. A
+        grandchild may hold the pipe open forever; we do not wait for it."""
+        self.pump_stderr()
+        self._close_stderr()
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None

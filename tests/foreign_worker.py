@@ -35,6 +35,7 @@ LINGER_MS = 5000
 
 EXIT_DRAINED = 0
 EXIT_LOAD_FAILED = 3
+EXIT_DISCONNECTED = 4
 EXIT_ORPHANED = 70
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -197,6 +198,7 @@ def job_thread(ctx: zmq.Context, jobs: queue.Queue, tasks: dict) -> None:
 MISBEHAVIOURS = {
     "misbehave_garbage": lambda job_id: b"\xc1 this is not msgpack",
     "misbehave_oversized": lambda job_id: b"\x00" * (MAX_FRAME + 1),
+    "misbehave_huge": lambda job_id: b"\x00" * (MAX_FRAME + 1024 * 1024),
     "misbehave_odd_error": lambda job_id: encode(
         "failure", job=job_id, error={"code": "job_failed", "message": "odd", "self": 1, "cls": "x"}
     ),
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, f"g{gen}".encode("ascii"))
     sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDTIMEO, 3000)  # a send that cannot complete: the connection is lost (doc section 2)
+    dropped = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # a lost connection is fatal (doc section 2)
     sock.connect(args.endpoint)
     pipe = ctx.socket(zmq.PAIR)
     pipe.setsockopt(zmq.LINGER, 0)
@@ -280,15 +284,25 @@ def main(argv: list[str] | None = None) -> int:
             jobs.put(None)
             worker.join()
         pipe.close(linger=0)
+        sock.disable_monitor()
+        dropped.close(linger=0)
         sock.close(linger=LINGER_MS)  # flushes the last message
         ctx.term()
         return code
 
-    sock.send(encode("hello", pid=os.getpid(), gen=gen))
+    def send(frame: bytes) -> None:
+        try:
+            sock.send(frame)
+        except zmq.Again:  # SNDTIMEO passed: nobody is there to take it
+            log(gen, "could not send to the supervisor; exiting")
+            os._exit(EXIT_DISCONNECTED)
+
+    send(encode("hello", pid=os.getpid(), gen=gen))
 
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(pipe, zmq.POLLIN)
+    poller.register(dropped, zmq.POLLIN)
 
     tasks: dict | None = None
     loaded_mode: str | None = None
@@ -300,15 +314,18 @@ def main(argv: list[str] | None = None) -> int:
         now = time.monotonic()
         if now >= next_beat:
             check_parent(args.parent_pid)
-            sock.send(encode("heartbeat", busy=in_flight > 0))
+            send(encode("heartbeat", busy=in_flight > 0))
             next_beat = now + interval
         if draining and in_flight == 0:
             return close_and_exit(EXIT_DRAINED)
         timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
         ready = dict(poller.poll(timeout_ms))
 
+        if dropped in ready:
+            log(gen, "the supervisor dropped the connection; exiting")
+            os._exit(EXIT_DISCONNECTED)
         if pipe in ready:
-            sock.send(pipe.recv())  # an answer from the job thread, already encoded
+            send(pipe.recv())  # an answer from the job thread, already encoded
             in_flight -= 1
 
         if sock not in ready:
@@ -335,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                 tasks = load(msg["loader"], msg["args"])
             except Exception as exc:  # noqa: BLE001 - any loader error is reported
                 err = error_map("mode_load_error", f"loading {msg['mode']!r} failed: {type(exc).__name__}: {exc}", exc)
-                sock.send(encode("load_failed", mode=msg["mode"], error=err))
+                send(encode("load_failed", mode=msg["mode"], error=err))
                 return close_and_exit(EXIT_LOAD_FAILED)
-            sock.send(encode("ready", mode=msg["mode"], load_seconds=time.monotonic() - start, tasks=sorted(tasks)))
+            send(encode("ready", mode=msg["mode"], load_seconds=time.monotonic() - start, tasks=sorted(tasks)))
             worker = threading.Thread(target=job_thread, args=(ctx, jobs, tasks), name="job", daemon=True)
             worker.start()
         elif kind == "job":

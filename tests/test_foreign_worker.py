@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-from supervisor import JobFailed, ModeLoadError, ProtocolError, Supervisor, UnknownTask
+from supervisor import JobFailed, ModeLoadError, ProtocolError, Supervisor, UnknownTask, WorkerCrashed
 from tests.conftest import pid_gone
 
 T = 60  # bound on any single result; only there to stop a hang
@@ -222,6 +222,18 @@ def test_a_worker_that_breaks_the_protocol_mid_job_is_replaced_and_the_job_gets_
         assert sup.submit("pid").result(T) != first, "the worker that broke the protocol was replaced"
         assert pid_gone(first)
         assert sup.status()["restarts"] == 1
+
+
+def test_a_frame_over_libzmqs_limit_drops_the_connection_and_the_worker_exits_so_the_job_ends(config):
+    """Above MAXMSGSIZE libzmq drops the connection without a word; the
+    worker's rule (exit 4 on a lost connection) is what gives the job its
+    outcome instead of a hang."""
+    with Supervisor(config()) as sup:
+        first = sup.switch_mode("f").result(T)["pid"]
+        with pytest.raises(WorkerCrashed, match="exited with code 4 .*lost its connection"):
+            sup.submit("misbehave_huge").result(T)
+        assert sup.submit("echo", "after").result(T) == "after"
+        assert pid_gone(first)
 
 
 def test_an_error_map_with_any_keys_arrives_as_the_right_class(config):

@@ -24,8 +24,10 @@ import os
 import signal
 import sys
 
+from protocol.messages import WorkerExit
+
 PR_SET_PDEATHSIG = 1
-ORPHAN_EXIT_CODE = 70
+ORPHAN_EXIT_CODE = WorkerExit.ORPHANED
 
 _start_ppid: int | None = None
 _own_group = False

@@ -40,6 +40,7 @@ from protocol import (
     Ready,
     Result,
     UnknownTask,
+    WorkerExit,
     decode_to_worker,
     encode,
 )
@@ -48,11 +49,21 @@ from worker.loader import Handler, load_mode
 
 _CLOSE = [b""]  # main -> I/O thread: flush and close. Never valid msgpack, so never a message.
 _LINGER_MS = 5000
-LOAD_FAILED_EXIT_CODE = 3
+# A DEALER blocks a send for as long as it has no peer. Past this, the
+# supervisor is unreachable: waiting longer would also stop the heartbeat
+# thread from checking whether the supervisor is alive at all.
+_SEND_TIMEOUT_MS = 3000
+LOAD_FAILED_EXIT_CODE = WorkerExit.LOAD_FAILED
 
 
 def _log(gen: int, text: str) -> None:
-    print(f"gpuvisor-worker[gen {gen} pid {os.getpid()}]: {text}", file=sys.stderr, flush=True)
+    """One line to stderr, which is a pipe to the supervisor: when the
+    supervisor is gone the write fails, and a log line must never be what
+    stops the worker from noticing that."""
+    try:
+        print(f"gpuvisor-worker[gen {gen} pid {os.getpid()}]: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 class _IoThread(threading.Thread):
@@ -65,23 +76,37 @@ class _IoThread(threading.Thread):
         self.busy = False  # written by the main thread only; read here for heartbeats
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - without this thread the worker is deaf and blind
+            _log(self._gen, f"I/O thread failed ({type(exc).__name__}: {exc}); exiting")
+            os._exit(WorkerExit.DISCONNECTED)
+
+    def _serve(self) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
         pipe = self._ctx.socket(zmq.PAIR)
+        monitor = None
         try:
             dealer.setsockopt(zmq.ROUTING_ID, f"g{self._gen}".encode())
             dealer.setsockopt(zmq.LINGER, _LINGER_MS)
+            dealer.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+            # A dropped connection is fatal, never silently healed by a
+            # reconnect: the supervisor drops it when we send a frame over its
+            # limit, and whatever we were answering would be lost with it.
+            monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             dealer.connect(self._endpoint)
             pipe.setsockopt(zmq.LINGER, 0)
             pipe.connect(self._pipe_addr)
             poller = zmq.Poller()
             poller.register(dealer, zmq.POLLIN)
             poller.register(pipe, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
             next_beat = 0.0
             while True:
                 now = time.monotonic()
                 if now >= next_beat:
                     exit_if_orphaned(self._parent_pid)
-                    dealer.send_multipart(encode(Heartbeat(self.busy)))
+                    self._send(dealer, encode(Heartbeat(self.busy)))
                     next_beat = now + self._interval
                 events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
                 if dealer in events:
@@ -90,10 +115,26 @@ class _IoThread(threading.Thread):
                     frames = pipe.recv_multipart()
                     if frames == _CLOSE:
                         return
-                    dealer.send_multipart(frames)
+                    self._send(dealer, frames)
+                if monitor in events:
+                    monitor.recv_multipart()
+                    self._lost("the supervisor dropped our connection")
         finally:
+            if monitor is not None:
+                dealer.disable_monitor()
+                monitor.close(linger=0)
             pipe.close()
             dealer.close()  # lingers, so the last RESULT and LOAD_FAILED get out
+
+    def _send(self, dealer: zmq.Socket, frames: list) -> None:
+        try:
+            dealer.send_multipart(frames)
+        except zmq.Again:
+            self._lost(f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
+
+    def _lost(self, why: str) -> None:
+        _log(self._gen, f"{why}; exiting")
+        os._exit(WorkerExit.DISCONNECTED)
 
 
 def _error_map(exc: BaseException, fallback: type[GpuvisorError]) -> dict[str, Any]:
