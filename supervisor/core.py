@@ -124,6 +124,10 @@ class Core:
         # loop itself gives each one an outcome. Weak: a settled Future the
         # caller dropped costs nothing.
         self._accepted: weakref.WeakSet[Future] = weakref.WeakSet()
+        # Outcomes decided during a turn of the loop, handed out after the
+        # turn's status snapshot is published: when a caller sees its Future
+        # done, status() already tells the same story.
+        self._outcomes: list[tuple[Future, Any, BaseException | None]] = []
         self._endpoint_dir = ""
         self._router: zmq.Socket | None = None
 
@@ -191,6 +195,8 @@ class Core:
             log.exception("gpuvisor loop crashed; stopping the worker and failing all work")
             self._abort_everything(GpuvisorError("the supervisor's loop crashed; see its log"))
         finally:
+            self._publish(state="stopped")
+            self._hand_out()
             router.close(linger=0)
             ctx.term()
             shutil.rmtree(self._endpoint_dir, ignore_errors=True)
@@ -232,8 +238,18 @@ class Core:
             self._check_deadlines()
             self._pump()
             self._publish()
+            self._hand_out()
         for fd in watched:
             poller.unregister(fd)
+
+    def _settle(self, future: Future | None, *, result: Any = None, error: BaseException | None = None) -> None:
+        if future is not None:
+            self._outcomes.append((future, result, error))
+
+    def _hand_out(self) -> None:
+        outcomes, self._outcomes = self._outcomes, []
+        for future, result, error in outcomes:
+            settle(future, result=result, error=error)
 
     def _notice_exit(self) -> bool:
         """Handle the worker's exit if it has happened; True if it had."""
@@ -281,9 +297,9 @@ class Core:
         elif self._shutdown is not None:
             self._refuse(command)
         elif self._failed is not None and isinstance(command, QueuedJob):
-            settle(command.future, error=self._failed_error())
+            self._settle(command.future, error=self._failed_error())
         elif isinstance(command, QueuedSwitch) and not command.force and self._switch_is_noop(command.mode):
-            settle(command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid})
+            self._settle(command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid})
         else:
             self._queue.append(command)
 
@@ -328,11 +344,11 @@ class Core:
                 self._respawn_at = 0.0
                 if item.mode is None:  # restart() of whatever mode is in force
                     if self._mode is None:
-                        settle(item.future, error=NoModeLoaded("restart(): no mode is loaded; call switch_mode()"))
+                        self._settle(item.future, error=NoModeLoaded("restart(): no mode is loaded; call switch_mode()"))
                         continue
                     item.mode = self._mode
                 if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:
-                    settle(item.future, result={"mode": item.mode, "status": "already_loaded", "pid": w.pid})
+                    self._settle(item.future, result={"mode": item.mode, "status": "already_loaded", "pid": w.pid})
                     continue
                 self._begin_switch(item)
                 return
@@ -341,13 +357,13 @@ class Core:
                 continue
             if self._failed is not None:
                 self._queue.popleft()
-                settle(item.future, error=self._failed_error())
+                self._settle(item.future, error=self._failed_error())
                 continue
             needed = item.mode or self._mode
             if needed is None:
                 self._queue.popleft()
                 why = f" ({self._mode_error})" if self._mode_error else ""
-                settle(
+                self._settle(
                     item.future,
                     error=NoModeLoaded(
                         f"job {item.id} ({item.task!r}) names no mode and none is loaded{why}; pass mode= or call switch_mode()"
@@ -410,7 +426,7 @@ class Core:
         seconds = time.monotonic() - sw.started
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, seconds, w.load_seconds or 0, w.pid)
         if sw.request.future is not None:
-            settle(
+            self._settle(
                 sw.request.future,
                 result={
                     "mode": sw.mode,
@@ -432,14 +448,14 @@ class Core:
         self._mode, self._mode_error = None, f"switch to {sw.mode!r} failed: {error.message}"
         log.error("mode %r failed to load: %s", sw.mode, error.message)
         if sw.request.future is not None:
-            settle(sw.request.future, error=error)
+            self._settle(sw.request.future, error=error)
         kept: collections.deque = collections.deque()
         barrier = False
         for item in self._queue:
             if isinstance(item, QueuedSwitch):
                 barrier = True
             if not barrier and isinstance(item, QueuedJob) and item.mode == sw.mode:
-                settle(
+                self._settle(
                     item.future,
                     error=ModeLoadError(
                         f"job {item.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
@@ -529,7 +545,7 @@ class Core:
         self._in_flight = None
         self._jobs_done += 1
         w.transition(WorkerState.READY)
-        settle(job.future, result=msg.value if error is None else None, error=error)
+        self._settle(job.future, result=msg.value if error is None else None, error=error)
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
         pass  # last_seen is already updated for every message
@@ -594,7 +610,7 @@ class Core:
                 self._queue.appendleft(job)  # first in line, as it was
             else:
                 message = f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r}){said}"
-                settle(job.future, error=job_error(message, stderr_tail=tail))
+                self._settle(job.future, error=job_error(message, stderr_tail=tail))
         self._count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")
 
     def _count_death(self, what: str) -> None:
@@ -630,7 +646,7 @@ class Core:
         for item in self._queue:
             barrier = barrier or isinstance(item, QueuedSwitch)
             if not barrier and isinstance(item, QueuedJob):
-                settle(item.future, error=self._failed_error())
+                self._settle(item.future, error=self._failed_error())
             else:
                 kept.append(item)
         self._queue = kept
@@ -681,12 +697,12 @@ class Core:
         queued, self._queue = self._queue, collections.deque()
         for item in queued:
             if item.future is not None:
-                settle(item.future, error=error)
+                self._settle(item.future, error=error)
         if self._switch is not None and self._switch.request.future is not None:
-            settle(self._switch.request.future, error=error)
+            self._settle(self._switch.request.future, error=error)
         self._switch = None
         if self._in_flight is not None:
-            settle(self._in_flight.future, error=error)
+            self._settle(self._in_flight.future, error=error)
             self._in_flight = None
         if self._worker is not None:
             self._stop_worker("shutdown without drain")
@@ -704,12 +720,15 @@ class Core:
 
     def _abort_everything(self, error: GpuvisorError) -> None:
         """The loop itself failed: stop the worker and give every Future the
-        loop ever accepted an outcome, wherever it was when the loop died."""
+        loop ever accepted an outcome, wherever it was when the loop died.
+        Outcomes already decided in the failed turn go out first, as decided."""
+        self._hand_out()
         try:
             self._cancel_everything(error)
         except BaseException:  # noqa: BLE001 - last resort; the worker must still die
             if self._worker is not None:
                 stop_and_reap(self._worker.proc, 1.0, kill_now=True)
+        self._hand_out()
         for future in list(self._accepted):
             settle(future, error=error)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import sys
 import time
 
 
@@ -17,7 +19,17 @@ def segfaults(**_: object) -> dict:
     return {}
 
 
-def exits(**_: object) -> dict:
+def exits(code: int = 9, **_: object) -> dict:
+    os._exit(code)
+
+
+def kills_itself(**_: object) -> dict:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def says_then_exits(**_: object) -> dict:
+    print("loader's last words: CUDA out of memory (pretend)", file=sys.stderr, flush=True)
     os._exit(9)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -40,18 +42,46 @@ def fail(payload: Any) -> None:
     raise RuntimeError(message)
 
 
-def crash(payload: Any) -> None:
-    """Die the way the payload says: ``exit`` (status ``code``, default 3),
-    ``segfault`` (a real SIGSEGV from a null read) or ``kill`` (SIGKILL)."""
-    args = _payload_map(payload, "crash")
-    how = args.get("how", "exit")
+_WAYS = ("exit", "segfault", "kill")
+
+
+def _die(how: str, code: int) -> None:
     if how == "exit":
-        os._exit(int(args.get("code", 3)))
+        os._exit(code)
     if how == "segfault":
         ctypes.string_at(0)
-    if how == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise ValueError(f"crash: 'how' must be 'exit', 'segfault' or 'kill', got {how!r}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash(payload: Any) -> Any:
+    """Die the way the payload says: ``how`` is ``exit`` (status ``code``,
+    default 3), ``segfault`` (a real SIGSEGV from a null read) or ``kill``
+    (SIGKILL). ``say``: a line to write to stderr first (last words for the
+    crash report). ``after``: die that many seconds from now, from another
+    thread, and answer at once (so the worker dies idle, or while draining,
+    or while a switch waits). ``once_file``: die only if that file does not
+    exist yet, creating it (a crash that a retry gets past)."""
+    args = _payload_map(payload, "crash")
+    how, code, after = args.get("how", "exit"), args.get("code", 3), args.get("after", 0)
+    if how not in _WAYS:
+        raise ValueError(f"crash: 'how' must be one of {_WAYS}, got {how!r}")
+    if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
+        raise ValueError(f"crash: 'code' must be 0..255, got {code!r}")
+    if not isinstance(after, (int, float)) or isinstance(after, bool) or after < 0:
+        raise ValueError(f"crash: 'after' must be seconds >= 0, got {after!r}")
+    once = args.get("once_file")
+    if once is not None:
+        try:
+            open(once, "x").close()
+        except FileExistsError:
+            return "survived"
+    if args.get("say"):
+        print(str(args["say"]), file=sys.stderr, flush=True)
+    if after:
+        threading.Timer(after, _die, (how, code)).start()
+        return {"dying_in": after}
+    _die(how, code)
+    return None
 
 
 def load(**args: Any) -> dict:

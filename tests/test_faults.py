@@ -1,0 +1,312 @@
+"""Every job gets exactly one outcome, whatever the worker does: the crash
+matrix, retries, the restart budget, backpressure. Real processes; each
+fault is injected for real (a real segfault, a real SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from supervisor import (
+    JobFailed,
+    ModeLoadError,
+    NoModeLoaded,
+    QueueFull,
+    Supervisor,
+    SupervisorFailed,
+    WorkerCrashed,
+)
+from tests.conftest import pid_gone, wait_until
+
+T = 60
+
+CONFIG = """
+[supervisor]
+heartbeat_interval = 0.2
+heartbeat_timeout = 10.0
+load_timeout = 60.0
+stop_timeout = 2.0
+max_restarts = {max_restarts}
+restart_window = 60.0
+restart_backoff = {backoff}
+restart_backoff_max = 1.0
+max_queue = {max_queue}
+
+[modes.diag]
+loader = "worker.modes.diag:load"
+
+[modes.other]
+loader = "tests.loaders:tagged"
+args = {{ tag = "other" }}
+
+[modes.load_exit7]
+loader = "tests.loaders:exits"
+args = {{ code = 7 }}
+
+[modes.load_exit0]
+loader = "tests.loaders:exits"
+args = {{ code = 0 }}
+
+[modes.load_segfault]
+loader = "tests.loaders:segfaults"
+
+[modes.load_sigkill]
+loader = "tests.loaders:kills_itself"
+
+[modes.load_raise]
+loader = "tests.loaders:raises"
+
+[modes.load_says]
+loader = "tests.loaders:says_then_exits"
+"""
+
+
+@pytest.fixture
+def faults(write_config, helper_loaders):
+    made: list[Supervisor] = []
+
+    def make(max_restarts: int = 100, backoff: float = 0.0, max_queue: int = 10_000) -> Supervisor:
+        path = write_config(CONFIG.format(max_restarts=max_restarts, backoff=backoff, max_queue=max_queue))
+        sup = Supervisor(path).start()
+        made.append(sup)
+        return sup
+
+    yield make
+    for sup in made:
+        sup.shutdown(drain=False)
+
+
+# ---------------------------------------------------------------- the crash matrix
+
+# How a serving worker dies, and the words its crash report must contain.
+WAYS = {
+    "exit7": ({"how": "exit", "code": 7}, "exited with code 7"),
+    "exit0": ({"how": "exit", "code": 0}, "exited with code 0"),
+    "segfault": ({"how": "segfault"}, "killed by SIGSEGV(-11)"),
+    "sigkill_outside": (None, "killed by SIGKILL(-9)"),  # the test kills it, like the OOM killer would
+}
+
+
+def inject(sup: Supervisor, way: str, after: float) -> None:
+    """Make the current worker die ``after`` seconds from now, ``way``."""
+    how, _ = WAYS[way]
+    if how is None:
+        pid = sup.status()["worker_pid"]
+        threading.Timer(after, os.kill, (pid, signal.SIGKILL)).start()
+    else:
+        assert sup.submit("crash", {**how, "after": after}).result(T) == {"dying_in": after}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_crash_while_idle_fails_nothing_and_the_next_job_gets_a_new_worker(faults, way):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    pid = sup.submit("pid").result(T)
+    inject(sup, way, after=0.1)
+    wait_until(lambda: sup.status()["restarts"] == 1, T, "the idle worker's death to be noticed")
+    assert pid_gone(pid)
+    assert sup.submit("pid").result(T) != pid
+    assert sup.status()["mode"] == "diag"
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_crash_mid_job_fails_that_job_with_the_cause_and_leaves_the_queue_alone(faults, way):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    pid = sup.submit("pid").result(T)
+    inject(sup, way, after=0.3)
+    victim = sup.submit("sleep", {"seconds": 30})
+    behind = [sup.submit("echo", i) for i in range(5)]
+    with pytest.raises(WorkerCrashed) as info:
+        victim.result(T)
+    assert WAYS[way][1] in str(info.value) and f"pid {pid}" in str(info.value)
+    assert [f.result(T) for f in behind] == list(range(5))
+    assert sup.status()["restarts"] == 1
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_crash_during_a_drain_fails_the_job_and_the_drain_still_finishes_the_queue(faults, way):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    inject(sup, way, after=0.4)
+    victim = sup.submit("sleep", {"seconds": 30})
+    behind = [sup.submit("echo", i) for i in range(5)]
+    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the victim job to start")
+    sup.shutdown(drain=True)
+    with pytest.raises(WorkerCrashed, match=WAYS[way][1].replace("(", r"\(").replace(")", r"\)")):
+        victim.result(0)
+    assert [f.result(0) for f in behind] == list(range(5)), "the drain respawned the mode to finish the queue"
+    assert sup.status()["state"] == "stopped"
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_crash_while_a_switch_waits_fails_only_the_job_and_the_switch_goes_through(faults, way):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    inject(sup, way, after=0.4)
+    victim = sup.submit("sleep", {"seconds": 30})
+    switch = sup.switch_mode("other")
+    after = sup.submit("tag")
+    with pytest.raises(WorkerCrashed):
+        victim.result(T)
+    assert switch.result(T)["status"] == "loaded"
+    assert after.result(T)["tag"] == "other"
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("load_exit7", "exited with code 7"),
+        ("load_exit0", "exited with code 0"),
+        ("load_segfault", "killed by SIGSEGV(-11)"),
+        ("load_sigkill", "killed by SIGKILL(-9)"),
+        ("load_raise", "RuntimeError: this loader fails on purpose"),
+    ],
+)
+def test_crash_while_loading_fails_the_switch_once_and_never_loops(faults, mode, words):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    with pytest.raises(ModeLoadError) as info:
+        sup.switch_mode(mode).result(T)
+    assert words in str(info.value)
+    time.sleep(0.5)  # room for a restart loop to show itself, if there were one
+    status = sup.status()
+    assert status["restarts"] == 0 and status["generation"] == 2 and status["worker_pid"] is None
+    assert sup.switch_mode("other").result(T)["status"] == "loaded"
+
+
+# ---------------------------------------------------------------- crash reports
+
+
+def test_a_crash_report_carries_the_last_lines_of_the_workers_stderr(faults):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    with pytest.raises(WorkerCrashed) as info:
+        sup.submit("crash", {"how": "segfault", "say": "kernel 7 wrote past its buffer (last words)"}).result(T)
+    assert "kernel 7 wrote past its buffer (last words)" in str(info.value)
+    assert "kernel 7 wrote past its buffer (last words)" in info.value.details["stderr_tail"]
+    with pytest.raises(ModeLoadError, match="CUDA out of memory \\(pretend\\)"):
+        sup.switch_mode("load_says").result(T)
+
+
+# ---------------------------------------------------------------- retries
+
+
+def test_an_idempotent_job_runs_again_after_a_crash(faults, tmp_path):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    marker = str(tmp_path / "crashed-once")
+    job = sup.submit("crash", {"how": "segfault", "once_file": marker}, retries=1)
+    assert job.result(T) == "survived"
+    assert sup.status()["restarts"] == 1
+
+
+def test_retries_run_out_and_then_the_job_fails(faults):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    behind = sup.submit("echo", "behind")
+    job = sup.submit("crash", {"how": "kill"}, retries=2)
+    ahead_of_it = sup.submit("echo", "after")
+    with pytest.raises(WorkerCrashed):
+        job.result(T)
+    assert sup.status()["restarts"] == 3, "one run and two retries"
+    assert behind.result(T) == "behind" and ahead_of_it.result(T) == "after"
+
+
+def test_a_timeout_or_a_handler_error_is_not_retried(faults):
+    sup = faults()
+    sup.switch_mode("diag").result(T)
+    from supervisor import JobTimeout
+
+    with pytest.raises(JobTimeout):
+        sup.submit("sleep", {"seconds": 30}, timeout=0.3, retries=3).result(T)
+    assert sup.status()["restarts"] == 1
+    with pytest.raises(JobFailed):
+        sup.submit("fail", retries=3).result(T)
+    with pytest.raises(TypeError, match="retries must be a whole number"):
+        sup.submit("echo", retries=-1)
+
+
+# ---------------------------------------------------------------- the restart budget
+
+
+def test_past_the_restart_budget_the_supervisor_is_failed_until_a_switch(faults):
+    sup = faults(max_restarts=2, backoff=0.05)
+    sup.switch_mode("diag").result(T)
+    for _ in range(3):  # three deaths in the window; two are allowed
+        with pytest.raises(WorkerCrashed):
+            sup.submit("crash", {"how": "kill"}).result(T)
+    status = sup.status()
+    assert status["state"] == "failed" and "3 worker deaths" in status["failed_reason"]
+    with pytest.raises(SupervisorFailed, match="switch_mode\\(\\) or restart\\(\\) clears this"):
+        sup.submit("echo", 1).result(T)
+    result = sup.switch_mode("diag").result(T)
+    assert result["status"] == "loaded"
+    assert sup.status()["state"] == "running" and sup.status()["failed_reason"] is None
+    assert sup.submit("echo", 2).result(T) == 2
+
+
+def test_jobs_queued_when_the_budget_runs_out_fail_up_to_the_next_switch(faults):
+    sup = faults(max_restarts=0)
+    sup.switch_mode("diag").result(T)
+    doomed = sup.submit("crash", {"how": "kill"})
+    queued = [sup.submit("echo", i) for i in range(3)]
+    switch = sup.switch_mode("other")
+    after_switch = sup.submit("tag")
+    with pytest.raises(WorkerCrashed):
+        doomed.result(T)
+    for f in queued:
+        with pytest.raises(SupervisorFailed):
+            f.result(T)
+    assert switch.result(T)["status"] == "loaded"
+    assert after_switch.result(T)["tag"] == "other"
+
+
+def test_restart_clears_the_failed_state_and_gives_a_fresh_worker(faults):
+    sup = faults(max_restarts=0)
+    with pytest.raises(NoModeLoaded, match="restart\\(\\): no mode is loaded"):
+        sup.restart().result(T)
+    sup.switch_mode("diag").result(T)
+    first = sup.submit("pid").result(T)
+    again = sup.restart().result(T)
+    assert again["status"] == "restarted" and again["pid"] != first and pid_gone(first)
+    with pytest.raises(WorkerCrashed):
+        sup.submit("crash", {"how": "kill"}).result(T)
+    assert sup.status()["state"] == "failed"
+    assert sup.restart().result(T)["status"] == "restarted"
+    assert sup.submit("echo", "back").result(T) == "back"
+
+
+def test_respawns_back_off_exponentially(faults, caplog):
+    sup = faults(max_restarts=10, backoff=0.05)
+    sup.switch_mode("diag").result(T)
+    for _ in range(4):
+        with pytest.raises(WorkerCrashed):
+            sup.submit("crash", {"how": "kill"}).result(T)
+    assert sup.submit("echo", 1).result(T) == 1
+    waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert waits == [
+        "respawn 2 in this window: waiting 0.05s first",
+        "respawn 3 in this window: waiting 0.10s first",
+        "respawn 4 in this window: waiting 0.20s first",
+    ]
+
+
+# ---------------------------------------------------------------- backpressure
+
+
+def test_past_max_queue_submit_raises_queue_full_at_once_and_slots_come_back(faults):
+    sup = faults(max_queue=3)
+    sup.switch_mode("diag").result(T)
+    held = [sup.submit("sleep", {"seconds": 0.3}) for _ in range(3)]
+    with pytest.raises(QueueFull, match="3 jobs"):
+        sup.submit("echo", "one too many")
+    for f in held:
+        f.result(T)
+    cancelled = [sup.submit("sleep", {"seconds": 0.3}) for _ in range(3)]
+    assert cancelled[2].cancel()
+    assert sup.submit("echo", "a freed slot").result(T) == "a freed slot"
