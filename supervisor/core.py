@@ -299,7 +299,9 @@ class Core:
         elif self._failed is not None and isinstance(command, QueuedJob):
             self._settle(command.future, error=self._failed_error())
         elif isinstance(command, QueuedSwitch) and not command.force and self._switch_is_noop(command.mode):
-            self._settle(command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid})
+            self._settle(
+                command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid}
+            )
         else:
             self._queue.append(command)
 
@@ -344,7 +346,9 @@ class Core:
                 self._respawn_at = 0.0
                 if item.mode is None:  # restart() of whatever mode is in force
                     if self._mode is None:
-                        self._settle(item.future, error=NoModeLoaded("restart(): no mode is loaded; call switch_mode()"))
+                        self._settle(
+                            item.future, error=NoModeLoaded("restart(): no mode is loaded; call switch_mode()")
+                        )
                         continue
                     item.mode = self._mode
                 if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:

@@ -212,3 +212,74 @@ def test_a_worker_imports_torch_only_when_its_mode_does():
         assert not _maps_torch(diag), "the diag worker must not load torch"
         embed = sup.switch_mode("embed").result(180)["pid"]
         assert _maps_torch(embed), "the embed worker runs torch (this proves the check can see it)"
+
+
+@pytest.mark.parametrize("sig, moment", [
+    (signal.SIGTERM, "switching"),
+    (signal.SIGTERM, "mid_job"),
+    (signal.SIGINT, "mid_job"),
+    (signal.SIGINT, "loading"),
+    (signal.SIGINT, "switching"),
+])  # fmt: skip
+def test_sigterm_or_sigint_to_the_supervisor_leaves_no_child_behind(sig, moment, helper_loaders, write_config):
+    """SIGTERM's default action ends the process (PDEATHSIG then takes the
+    worker); SIGINT raises KeyboardInterrupt, the program ends, and the
+    atexit hook stops and reaps the worker itself."""
+    path = write_config(
+        '[modes.diag]\nloader = "worker.modes.diag:load"\n[modes.hangs]\nloader = "tests.loaders:hangs"\n'
+    )
+    proc = start_script(
+        f"""
+        sup = Supervisor({str(path)!r}).start()
+        moment = {moment!r}
+        sup.switch_mode("diag").result(60)
+        pids = [sup.submit("pid").result(60)]
+        if moment == "mid_job":
+            job = sup.submit("sleep", {{"seconds": 600}})
+            while sup.status()["in_flight"] != 1:
+                time.sleep(0.01)
+        else:  # loading, or switching: the new worker loads while the old one was stopped
+            job = sup.switch_mode("hangs")
+            while sup.status()["worker_state"] != "loading":
+                time.sleep(0.01)
+            pids.append(sup.status()["worker_pid"])
+        print(json.dumps({{"workers": pids}}), flush=True)
+        job.result()  # blocks in the main thread, where SIGINT lands
+        """
+    )
+    try:
+        workers = read_line(proc)["workers"]
+        proc.send_signal(sig)
+        code = proc.wait(T)
+        assert code != 0
+        for pid in workers:
+            wait_until(lambda p=pid: not_running(p), 10, f"worker {pid} to be gone after {sig.name}")
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
+
+
+def test_how_fast_an_orphan_dies(capsys):
+    """Not a timed assertion: the figure for the docs, printed (pytest -s)."""
+    import time as _time
+
+    proc = start_script(
+        """
+        sup = Supervisor().start()
+        sup.switch_mode("diag").result(60)
+        print(json.dumps({"worker": sup.submit("pid").result(60)}), flush=True)
+        time.sleep(600)
+        """
+    )
+    try:
+        worker = read_line(proc)["worker"]
+        started = _time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        wait_until(lambda: not_running(worker), 10, "the orphan to die")
+        with capsys.disabled():
+            print(f"\norphan: worker gone {1000 * (_time.monotonic() - started):.0f} ms after its supervisor's SIGKILL")
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
