@@ -310,3 +310,14 @@ def test_past_max_queue_submit_raises_queue_full_at_once_and_slots_come_back(fau
     cancelled = [sup.submit("sleep", {"seconds": 0.3}) for _ in range(3)]
     assert cancelled[2].cancel()
     assert sup.submit("echo", "a freed slot").result(T) == "a freed slot"
+
+
+def test_the_configured_job_timeout_applies_when_a_job_names_none(write_config):
+    path = write_config('[supervisor]\njob_timeout = 0.3\n[modes.diag]\nloader = "worker.modes.diag:load"\n')
+    with Supervisor(path) as sup:
+        sup.switch_mode("diag").result(T)
+        from supervisor import JobTimeout
+
+        with pytest.raises(JobTimeout, match="ran past its 0.3s timeout"):
+            sup.submit("sleep", {"seconds": 30}).result(T)
+        assert sup.submit("sleep", {"seconds": 1}, timeout=30).result(T) == {"slept": 1}, "a job's own timeout wins"
