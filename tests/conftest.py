@@ -91,6 +91,22 @@ def write_config(tmp_path):
     return write
 
 
+@pytest.fixture
+def supervisor_from(write_config, helper_loaders):
+    """``supervisor_from(toml_text)`` -> a started Supervisor over that config
+    (test loaders importable), stopped without draining after the test."""
+    made: list[Supervisor] = []
+
+    def make(text: str) -> Supervisor:
+        sup = Supervisor(write_config(text)).start()
+        made.append(sup)
+        return sup
+
+    yield make
+    for sup in made:
+        sup.shutdown(drain=False)
+
+
 @pytest.fixture(autouse=True)
 def _log_level(caplog):
     caplog.set_level(logging.INFO, logger="gpuvisor")

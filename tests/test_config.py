@@ -8,6 +8,15 @@ from supervisor import ConfigError, Supervisor, UnknownMode, load_config
 from supervisor.config import parse
 
 
+def assert_config_error(path, line: int, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    for word in words:
+        assert word in message, (word, message)
+
+
 def test_the_built_in_default_has_diag_and_embed():
     config = load_config(None)
     assert set(config.modes) >= {"diag", "embed"}
@@ -70,13 +79,7 @@ loader = "worker.modes.diag:load"
     ],
 )
 def test_a_mistake_names_the_file_line_and_key(write_config, text, line, words):
-    path = write_config(text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}:{line}: "), message
-    for word in words:
-        assert word in message, (word, message)
+    assert_config_error(write_config(text), line, words)
 
 
 def test_syntax_errors_and_missing_modes_and_unreadable_files(write_config, tmp_path):
@@ -122,10 +125,4 @@ def test_parse_keeps_args_as_given():
     ],
 )
 def test_the_line_is_right_around_multiline_values_and_unicode_separators(write_config, text, line, words):
-    path = write_config(text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}:{line}: "), message
-    for word in words:
-        assert word in message, (word, message)
+    assert_config_error(write_config(text), line, words)

@@ -66,18 +66,10 @@ loader = "tests.loaders:says_then_exits"
 
 
 @pytest.fixture
-def faults(write_config, helper_loaders):
-    made: list[Supervisor] = []
-
-    def make(max_restarts: int = 100, backoff: float = 0.0, max_queue: int = 10_000) -> Supervisor:
-        path = write_config(CONFIG.format(max_restarts=max_restarts, backoff=backoff, max_queue=max_queue))
-        sup = Supervisor(path).start()
-        made.append(sup)
-        return sup
-
-    yield make
-    for sup in made:
-        sup.shutdown(drain=False)
+def faults(supervisor_from):
+    return lambda max_restarts=100, backoff=0.0, max_queue=10_000: supervisor_from(
+        CONFIG.format(max_restarts=max_restarts, backoff=backoff, max_queue=max_queue)
+    )
 
 
 # ---------------------------------------------------------------- the crash matrix

@@ -4,6 +4,7 @@ process we spawn is reaped; a worker dies when its supervisor dies."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,11 +30,19 @@ def not_running(pid: int) -> bool:
         return True
 
 
-def start_script(body: str) -> subprocess.Popen:
-    """A supervisor in a process of its own, printing JSON lines as it goes."""
+@contextlib.contextmanager
+def supervisor_script(body: str):
+    """A supervisor in a process of its own, printing JSON lines as it goes;
+    killed, reaped and closed on the way out, whatever the test did to it."""
     code = "import json, sys, time\nfrom supervisor import Supervisor\n" + textwrap.dedent(body)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
 
 
 def read_line(proc: subprocess.Popen) -> dict:
@@ -44,7 +53,7 @@ def read_line(proc: subprocess.Popen) -> dict:
 
 @pytest.mark.slow
 def test_the_supervisor_never_imports_torch_even_while_running_the_torch_mode():
-    proc = start_script(
+    with supervisor_script(
         """
         with Supervisor() as sup:
             sup.switch_mode("embed").result(120)
@@ -52,14 +61,9 @@ def test_the_supervisor_never_imports_torch_even_while_running_the_torch_mode():
             heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy", "worker"))
             print(json.dumps({"dim": len(vectors[0]), "heavy": heavy}), flush=True)
         """
-    )
-    try:
+    ) as proc:
         out = read_line(proc)
         assert proc.wait(T) == 0
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()
     assert out["dim"] == 384
     assert out["heavy"] == [], "the supervisor process imported heavy or worker-side modules"
 
@@ -78,7 +82,7 @@ def test_a_worker_dies_when_its_supervisor_is_killed(moment, helper_loaders, wri
     path = write_config(
         '[modes.diag]\nloader = "worker.modes.diag:load"\n[modes.hangs]\nloader = "tests.loaders:hangs"\n'
     )
-    proc = start_script(
+    with supervisor_script(
         f"""
         sup = Supervisor({str(path)!r}).start()
         moment = {moment!r}
@@ -97,33 +101,25 @@ def test_a_worker_dies_when_its_supervisor_is_killed(moment, helper_loaders, wri
         print(json.dumps({{"worker": pid}}), flush=True)
         time.sleep(600)
         """
-    )
-    try:
+    ) as proc:
         worker = read_line(proc)["worker"]
         assert psutil.pid_exists(worker) and not not_running(worker)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(T) == -signal.SIGKILL
         wait_until(lambda: not_running(worker), 10, f"orphaned worker {worker} to die")
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()
 
 
 def test_a_program_that_forgets_shutdown_still_leaves_no_worker():
-    proc = start_script(
+    with supervisor_script(
         """
         sup = Supervisor()
         sup.switch_mode("diag").result(60)
         print(json.dumps({"worker": sup.submit("pid").result(60)}), flush=True)
         """
-    )
-    try:
+    ) as proc:
         worker = read_line(proc)["worker"]
         assert proc.wait(T) == 0
         assert not_running(worker)
-    finally:
-        proc.stdout.close()
 
 
 def test_every_worker_is_reaped_at_once_not_only_at_shutdown():
@@ -180,24 +176,19 @@ def test_a_worker_command_wrapper_that_does_not_exec_works_and_still_dies_with_t
         result = sup.switch_mode("diag").result(T)
         worker = sup.submit("pid").result(T)
         assert psutil.Process(worker).ppid() == result["pid"] != worker, "the worker runs under the wrapper"
-    proc = start_script(
+    with supervisor_script(
         f"""
         sup = Supervisor({str(path)!r}).start()
         sup.switch_mode("diag").result(60)
         print(json.dumps({{"worker": sup.submit("pid").result(60), "wrapper": sup.status()["worker_pid"]}}), flush=True)
         time.sleep(600)
         """
-    )
-    try:
+    ) as proc:
         pids = read_line(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(T)
         wait_until(lambda: not_running(pids["worker"]), 10, "the wrapped worker to notice its supervisor died")
         wait_until(lambda: not_running(pids["wrapper"]), 10, "the wrapper to go with the worker's group")
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()
 
 
 def _maps_torch(pid: int) -> bool:
@@ -228,7 +219,7 @@ def test_sigterm_or_sigint_to_the_supervisor_leaves_no_child_behind(sig, moment,
     path = write_config(
         '[modes.diag]\nloader = "worker.modes.diag:load"\n[modes.hangs]\nloader = "tests.loaders:hangs"\n'
     )
-    proc = start_script(
+    with supervisor_script(
         f"""
         sup = Supervisor({str(path)!r}).start()
         moment = {moment!r}
@@ -246,40 +237,30 @@ def test_sigterm_or_sigint_to_the_supervisor_leaves_no_child_behind(sig, moment,
         print(json.dumps({{"workers": pids}}), flush=True)
         job.result()  # blocks in the main thread, where SIGINT lands
         """
-    )
-    try:
+    ) as proc:
         workers = read_line(proc)["workers"]
         proc.send_signal(sig)
         code = proc.wait(T)
         assert code != 0
         for pid in workers:
             wait_until(lambda p=pid: not_running(p), 10, f"worker {pid} to be gone after {sig.name}")
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()
 
 
 def test_how_fast_an_orphan_dies(capsys):
     """Not a timed assertion: the figure for the docs, printed (pytest -s)."""
     import time as _time
 
-    proc = start_script(
+    with supervisor_script(
         """
         sup = Supervisor().start()
         sup.switch_mode("diag").result(60)
         print(json.dumps({"worker": sup.submit("pid").result(60)}), flush=True)
         time.sleep(600)
         """
-    )
-    try:
+    ) as proc:
         worker = read_line(proc)["worker"]
         started = _time.monotonic()
         proc.send_signal(signal.SIGKILL)
         wait_until(lambda: not_running(worker), 10, "the orphan to die")
         with capsys.disabled():
             print(f"\norphan: worker gone {1000 * (_time.monotonic() - started):.0f} ms after its supervisor's SIGKILL")
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()

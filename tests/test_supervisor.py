@@ -62,19 +62,11 @@ loader = "no.such.module:load"
 
 
 @pytest.fixture
-def modes(write_config, helper_loaders):
+def modes(supervisor_from):
     """A supervisor over test modes; ``modes(heartbeat_timeout=..)`` to tune."""
-    made: list[Supervisor] = []
-
-    def make(heartbeat_timeout=10.0, load_timeout=60.0) -> Supervisor:
-        path = write_config(MODES.format(heartbeat_timeout=heartbeat_timeout, load_timeout=load_timeout))
-        s = Supervisor(path).start()
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.shutdown(drain=False)
+    return lambda heartbeat_timeout=10.0, load_timeout=60.0: supervisor_from(
+        MODES.format(heartbeat_timeout=heartbeat_timeout, load_timeout=load_timeout)
+    )
 
 
 def test_the_same_mode_again_is_a_noop_that_keeps_the_worker(sup):
