@@ -4,6 +4,7 @@ and the error hierarchy. A leaf package: it imports nothing from
 
 from protocol.errors import (
     ERROR_CODES,
+    DaemonUnavailable,
     GpuvisorError,
     JobCancelled,
     JobFailed,
@@ -49,6 +50,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Drain",
     "Failure",
+    "DaemonUnavailable",
     "GpuvisorError",
     "Heartbeat",
     "Hello",

@@ -124,6 +124,14 @@ class QueueFull(GpuvisorError):
     code = "queue_full"
 
 
+class DaemonUnavailable(GpuvisorError):
+    """Nothing answered at the daemon's endpoint within the timeout: it is not
+    running, is not reachable by this user, or is stuck. Start the daemon
+    (``gpuvisor serve``) or check the endpoint; retrying helps once it runs."""
+
+    code = "daemon_unavailable"
+
+
 class ShuttingDown(GpuvisorError):
     """The supervisor is shutting down and accepts no new work. Retrying
     against this supervisor cannot help."""
@@ -147,6 +155,7 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         ShuttingDown,
         SupervisorFailed,
         QueueFull,
+        DaemonUnavailable,
     )
 }
 

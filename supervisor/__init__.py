@@ -5,6 +5,7 @@ lives in the worker process. See ``docs/architecture.md``.
 """
 
 from protocol.errors import (
+    DaemonUnavailable,
     GpuvisorError,
     JobCancelled,
     JobFailed,
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncSupervisor",
     "Config",
     "ConfigError",
+    "DaemonUnavailable",
     "GpuvisorError",
     "JobCancelled",
     "JobFailed",

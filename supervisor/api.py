@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import logging
 import math
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
@@ -22,13 +24,14 @@ from typing import Any
 
 from protocol import QueueFull, ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
-from supervisor.commands import QueuedJob, QueuedSwitch, Shutdown
+from supervisor.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.config import Config
 from supervisor.core import Core
 
 # Cores still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
 _LIVE_CORES: set[Core] = set()
+log = logging.getLogger("gpuvisor")
 
 
 def _post_stop(core: Core) -> Shutdown | None:
@@ -215,12 +218,33 @@ class Supervisor:
         self._core.post(QueuedSwitch(mode, future, force=True))
         return future
 
+    def reload(self, config: str | Path | Config | None = None) -> Future:
+        """Swap in a new mode table and settings (a daemon does this on SIGHUP).
+        A bad file raises ``ConfigError`` here and changes nothing. The loaded
+        worker keeps running as it was loaded; a mode's new entry applies the
+        next time it loads (``restart()`` does that now). ``max_queue`` keeps
+        its value until the supervisor is restarted."""
+        new = config if isinstance(config, Config) else config_mod.load(config)
+        if new.max_queue != self.config.max_queue:
+            log.warning("max_queue changes take effect when the supervisor restarts; keeping %d", self.config.max_queue)
+        future: Future = Future()
+        if not self._running_or_fail(future):
+            return future
+        self.config = new
+        self._core.post(Reload(new, future))
+        return future
+
     def status(self) -> dict[str, Any]:
         """A snapshot, never blocking: ``state``, ``mode``, ``worker_state``,
         ``worker_pid``, ``generation``, ``queued``, ``in_flight``,
         ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``,
         ``failed_reason`` (set while ``state`` is ``"failed"``)."""
         return self._core.status
+
+    def healthy(self, max_age: float) -> bool:
+        """The core loop is alive and has turned within ``max_age`` seconds
+        (it turns at least once a second when idle). For watchdogs."""
+        return self._core.alive and time.monotonic() - self._core.published_at <= max(max_age, 2.0)
 
     def _running_or_fail(self, future: Future) -> bool:
         """Start on first use; after shutdown, fail ``future`` instead."""

@@ -1,29 +1,133 @@
-"""The ``gpuvisor`` command."""
+"""The ``gpuvisor`` command.
+
+Exit codes: 0 ok; 1 the job or switch failed; 2 usage; 3 the daemon is not
+running (nothing answered); 6 bad configuration (the message names the
+file, the line and the key); also 1 when the daemon cannot start (its
+endpoint is taken, say).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_CONFIG = 0, 1, 2, 3, 6
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpuvisor", description="Keep GPU work in a process you can kill.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every worker transition")
+    parser.add_argument("--endpoint", help="the daemon's endpoint (default: ipc:// in the runtime directory)")
+    parser.add_argument("--config", help="TOML config file (serve reads it; clients take [daemon] endpoint from it)")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds of silence before the daemon counts as down"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the daemon in the foreground")
+    submit = commands.add_parser("submit", help="run one job and print its result")
+    submit.add_argument("task")
+    submit.add_argument("payload", nargs="?", default="null", help="the payload as JSON (default: null)")
+    submit.add_argument("--mode", help="switch to this mode first if needed")
+    submit.add_argument("--job-timeout", type=float, dest="job_timeout", help="seconds the job may run")
+    submit.add_argument("--retries", type=int, default=0, help="re-run this many times if the worker dies")
+    switch = commands.add_parser("switch", help="switch the daemon to a mode")
+    switch.add_argument("mode")
+    restart = commands.add_parser("restart", help="replace the worker with a fresh one (clears 'failed')")
+    restart.add_argument("mode", nargs="?")
+    commands.add_parser("status", help="what the daemon is doing")
+    stop = commands.add_parser("stop", help="stop the daemon (after draining its queue)")
+    stop.add_argument("--no-drain", action="store_true", help="cancel queued jobs instead of running them")
+    commands.add_parser("demo", help="the five-minute tour, in this process (no daemon)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpuvisor", description="Keep GPU work in a process you can kill.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every worker transition")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run the five-minute tour on the built-in config")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s gpuvisor %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command == "demo":
-        from supervisor.tour import run_tour
+    args = _parser().parse_args(argv)  # usage errors exit 2 here
+    from supervisor.logsetup import configure_logging
 
-        return run_tour()
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    configure_logging(verbose=args.verbose)
+    from protocol import DaemonUnavailable, GpuvisorError
+    from supervisor.config import ConfigError
+
+    try:
+        if args.command == "demo":
+            from supervisor.tour import run_tour
+
+            return run_tour()
+        if args.command == "serve":
+            from supervisor.daemon import Daemon
+
+            return Daemon(args.config, args.endpoint).run()
+        return _client_command(args)
+    except ConfigError as exc:
+        print(f"gpuvisor: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DaemonUnavailable as exc:
+        _fail(args, exc)
+        return EXIT_NO_DAEMON
+    except GpuvisorError as exc:
+        _fail(args, exc)
+        return EXIT_FAILED
+
+
+def _endpoint(args: argparse.Namespace) -> str | None:
+    if args.endpoint:
+        return args.endpoint
+    if args.config:
+        from supervisor.config import load
+
+        return load(args.config).daemon.endpoint or None
+    return None
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from supervisor.client import Client
+
+    if args.command == "submit":
+        try:
+            payload = json.loads(args.payload)
+        except json.JSONDecodeError as exc:
+            print(f"gpuvisor submit: the payload is not JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    with Client(_endpoint(args), timeout=args.timeout) as client:
+        if args.command == "submit":
+            value = client.submit(
+                args.task, payload, mode=args.mode, timeout=args.job_timeout, retries=args.retries
+            ).result()
+        elif args.command == "switch":
+            value = client.switch_mode(args.mode).result()
+        elif args.command == "restart":
+            value = client.restart(args.mode).result()
+        elif args.command == "status":
+            value = client.status()
+        else:  # stop
+            value = client.shutdown(drain=not args.no_drain)
+    _show(args, value)
+    return EXIT_OK
+
+
+def _json(value: Any, **kwargs: Any) -> str:
+    return json.dumps(value, default=lambda o: o.hex() if isinstance(o, bytes) else repr(o), **kwargs)
+
+
+def _show(args: argparse.Namespace, value: Any) -> None:
+    if args.json:
+        print(_json({"ok": True, "value": value}))
+    elif args.command == "status" and isinstance(value, dict):
+        for key, item in value.items():
+            print(f"{key:>14}: {item if item is not None else '-'}")
+    else:
+        print(_json(value, indent=2))
+
+
+def _fail(args: argparse.Namespace, exc: Exception) -> None:
+    if args.json:
+        print(_json({"ok": False, "error": {"type": type(exc).__name__, **exc.to_wire()}}))
+    else:
+        print(f"gpuvisor: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,16 @@ class Shutdown:
     future: Future = field(default_factory=Future)
 
 
-Command = QueuedJob | QueuedSwitch | Shutdown
+@dataclass(eq=False)
+class Reload:
+    """Swap the configuration (SIGHUP). The loaded worker is left alone; a
+    mode's new entry applies the next time that mode is loaded."""
+
+    config: Any
+    future: Future = field(default_factory=Future)
+
+
+Command = QueuedJob | QueuedSwitch | Shutdown | Reload
 
 
 class Mailbox:

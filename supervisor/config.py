@@ -76,6 +76,29 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# [daemon] keys: name -> (check, what is expected). All are strings; "" is unset.
+_DAEMON: dict[str, tuple[Any, str]] = {
+    "endpoint": (
+        lambda v: isinstance(v, str) and ("://" in v or v == ""),
+        "a ZeroMQ endpoint, e.g. 'ipc:///run/gpuvisor/gpuvisor.sock'",
+    ),
+    "socket_group": (lambda v: isinstance(v, str), "a group name: its members may connect (socket 0660)"),
+    "curve_secret_key": (lambda v: isinstance(v, str), "the path of the daemon's zmq.auth secret certificate"),
+    "curve_clients_dir": (
+        lambda v: isinstance(v, str),
+        "a directory of the allowed clients' zmq.auth public certificates",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    endpoint: str = ""  # empty: ipc:// in the runtime directory (see supervisor/endpoint.py)
+    socket_group: str = ""
+    curve_secret_key: str = ""
+    curve_clients_dir: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     modes: dict[str, ModeSpec]
@@ -91,6 +114,7 @@ class Config:
     max_queue: int = 10_000
     default_mode: str = ""
     worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "<built-in>"
 
     def mode(self, name: str) -> ModeSpec | None:
@@ -166,8 +190,21 @@ def parse(text: str, source: str = "<string>") -> Config:
     where = _Locator(text, source)
 
     for key in data:
-        if key not in ("supervisor", "modes"):
-            raise where.error(key, None, "unknown table; expected [supervisor] or [modes.NAME]")
+        if key not in ("supervisor", "modes", "daemon"):
+            raise where.error(key, None, "unknown table; expected [supervisor], [daemon] or [modes.NAME]")
+
+    daemon_table = data.get("daemon", {})
+    if not isinstance(daemon_table, dict):
+        raise where.error("daemon", None, "must be a table")
+    for key, value in daemon_table.items():
+        if key not in _DAEMON:
+            raise where.error("daemon", key, f"unknown key; known keys are {', '.join(sorted(_DAEMON))}")
+        check, expected = _DAEMON[key]
+        if not check(value):
+            raise where.error("daemon", key, f"expected {expected}, got {value!r}")
+    if bool(daemon_table.get("curve_secret_key")) != bool(daemon_table.get("curve_clients_dir")):
+        key = "curve_clients_dir" if daemon_table.get("curve_secret_key") else "curve_secret_key"
+        raise where.error("daemon", key, "CURVE needs both curve_secret_key and curve_clients_dir")
 
     settings: dict[str, Any] = {}
     section = data.get("supervisor", {})
@@ -220,7 +257,7 @@ def parse(text: str, source: str = "<string>") -> Config:
         raise where.error(
             "supervisor", key, "heartbeat_timeout must be longer than heartbeat_interval (default 10 and 1)"
         )
-    return Config(modes=modes, source=source, **settings)
+    return Config(modes=modes, source=source, daemon=DaemonSettings(**daemon_table), **settings)
 
 
 def load(path: str | Path | None = None) -> Config:

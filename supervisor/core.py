@@ -67,7 +67,7 @@ from protocol import (
     encode,
     error_from_wire,
 )
-from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Shutdown, settle
+from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reload, Shutdown, settle
 from supervisor.config import Config
 from supervisor.process import describe_exit, spawn_worker, stop_and_reap, worker_argv
 from supervisor.worker_handle import WorkerHandle, WorkerState
@@ -102,6 +102,7 @@ class Core:
         self._ready = threading.Event()
         self._boot_error: BaseException | None = None
         self._status: MappingProxyType = MappingProxyType({"state": "not_started"})
+        self.published_at = 0.0
         # Everything below belongs to the loop thread.
         self._queue: collections.deque[QueuedJob | QueuedSwitch] = collections.deque()
         self._worker: WorkerHandle | None = None
@@ -294,6 +295,16 @@ class Core:
     def _on_command(self, command: Command) -> None:
         if isinstance(command, Shutdown):
             self._begin_shutdown(command)
+        elif isinstance(command, Reload):
+            old, self.config = self.config, command.config
+            log.info("configuration reloaded from %s: modes %s", command.config.source, sorted(command.config.modes))
+            loaded = self._worker.mode if self._worker is not None else None
+            if loaded is not None and old.mode(loaded) != command.config.mode(loaded):
+                log.warning(
+                    "mode %r is loaded with its old entry; the new one applies when it is next loaded (restart() does it now)",
+                    loaded,
+                )
+            self._settle(command.future, result=None)
         elif self._shutdown is not None:
             self._refuse(command)
         elif self._failed is not None and isinstance(command, QueuedJob):
@@ -739,6 +750,7 @@ class Core:
     # ------------------------------------------------------------ status
 
     def _publish(self, state: str | None = None) -> None:
+        self.published_at = time.monotonic()  # read by Supervisor.healthy(): is the loop turning?
         w = self._worker
         if state is None:
             state = "draining" if self._shutdown is not None else "failed" if self._failed else "running"

@@ -1,0 +1,152 @@
+"""Client <-> daemon messages: the requests a local client sends to
+``gpuvisor serve`` and the one reply each gets. ``docs/protocol.md`` (part 2)
+is the contract; this module is its one implementation.
+
+A request is one msgpack map ``{"v": 1, "k": <kind>, "id": <request id>,
+...fields}``; the id is the client's own (an int or a string), echoed in the
+reply, so a client can pipeline many requests on one socket. Unlike the
+worker protocol, optional fields may be left out and take their defaults:
+clients are written by other people, in other languages.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.errors import GpuvisorError, ProtocolError
+from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, pack, unpack
+
+
+class Request(enum.StrEnum):
+    """Request kinds; the values go on the wire as they are."""
+
+    SUBMIT = "submit"
+    SWITCH = "switch"
+    RESTART = "restart"
+    STATUS = "status"
+    CANCEL = "cancel"
+    PING = "ping"
+    SHUTDOWN = "shutdown"
+
+
+REPLY = "reply"
+
+_NUMBER = (int, float)
+_NONE = type(None)
+# kind -> field -> (accepted types, default; _REQUIRED if it must be there)
+_REQUIRED = object()
+_FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
+    Request.SUBMIT: {
+        "task": ((str,), _REQUIRED),
+        "payload": ((object,), None),
+        "mode": ((str, _NONE), None),
+        "timeout": ((*_NUMBER, _NONE), None),
+        "retries": ((int,), 0),
+    },
+    Request.SWITCH: {"mode": ((str,), _REQUIRED)},
+    Request.RESTART: {"mode": ((str, _NONE), None)},
+    Request.STATUS: {},
+    Request.CANCEL: {"target": ((int, str), _REQUIRED)},
+    Request.PING: {},
+    Request.SHUTDOWN: {"drain": ((bool,), True)},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    kind: Request
+    id: int | str
+    args: dict[str, Any]
+
+
+class BadRequest(ProtocolError):
+    """A request that could not be read; ``request_id`` is its id when the
+    map got far enough to have one, so the error reply can name it."""
+
+    def __init__(self, message: str, request_id: int | str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types and object not in types:
+        return False  # True is not a number of seconds, nor a retry count
+    return isinstance(value, types)
+
+
+def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> ClientRequest:
+    if len(frames) != 1:
+        raise BadRequest(f"expected 1 frame, got {len(frames)}")
+    msg = unpack(bytes(frames[0]), limit)
+    if not isinstance(msg, dict):
+        raise BadRequest(f"request is a msgpack {type(msg).__name__}, expected a map")
+    rid = msg.get("id")
+    rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+    if rid is None:
+        raise BadRequest("request lacks an 'id' (an int or a string)")
+    version = msg.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise BadRequest(f"protocol version {version!r}, the daemon speaks {PROTOCOL_VERSION}", rid)
+    try:
+        kind = Request(msg.get("k"))
+    except ValueError:
+        raise BadRequest(f"unknown request kind {msg.get('k')!r}; known: {', '.join(Request)}", rid) from None
+    args: dict[str, Any] = {}
+    for name, (types, default) in _FIELDS[kind].items():
+        if name not in msg or (msg[name] is None and default is not _REQUIRED and _NONE not in types):
+            if default is _REQUIRED:
+                raise BadRequest(f"{kind.value} request lacks field {name!r}", rid)
+            args[name] = default
+            continue
+        if not _ok(msg[name], types):
+            want = " or ".join("nil" if t is _NONE else t.__name__ for t in types)
+            raise BadRequest(f"{kind.value}.{name} is {type(msg[name]).__name__}, expected {want}", rid)
+        args[name] = msg[name]
+    return ClientRequest(kind, rid, args)
+
+
+def encode_request(kind: Request | str, request_id: int | str, **fields: Any) -> list[bytes]:
+    return [pack({"v": PROTOCOL_VERSION, "k": str(kind), "id": request_id, **fields})]
+
+
+def encode_reply(request_id: int | str | None, *, value: Any = None, error: GpuvisorError | None = None) -> list[bytes]:
+    """The one reply to a request. A value msgpack cannot carry, or one over
+    the limit, becomes an error reply instead of no reply."""
+    head = {"v": PROTOCOL_VERSION, "k": REPLY, "id": request_id}
+    if error is None:
+        try:
+            frame = pack({**head, "ok": True, "value": value})
+            if len(frame) <= MAX_MESSAGE_BYTES:
+                return [frame]
+            error = ProtocolError(f"the reply of {len(frame)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+        except TypeError as exc:
+            error = ProtocolError(f"the reply cannot be encoded: {exc}")
+    wire = error.to_wire()
+    try:
+        return [pack({**head, "ok": False, "error": wire})]
+    except TypeError:
+        return [pack({**head, "ok": False, "error": {"code": error.code, "message": error.message}})]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: int | str | None
+    ok: bool
+    value: Any = None
+    error: dict | None = None
+
+
+def decode_reply(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Reply:
+    if len(frames) != 1:
+        raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+    msg = unpack(bytes(frames[0]), limit)
+    if not isinstance(msg, dict) or msg.get("k") != REPLY or msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("not a version-1 reply map")
+    ok = msg.get("ok")
+    if not isinstance(ok, bool):
+        raise ProtocolError("reply lacks a boolean 'ok'")
+    if not ok and not isinstance(msg.get("error"), dict):
+        raise ProtocolError("error reply lacks an 'error' map")
+    return Reply(msg.get("id"), ok, msg.get("value"), msg.get("error"))

@@ -1,0 +1,253 @@
+"""Talk to a running ``gpuvisor serve`` from another process.
+
+``Client`` has the methods of ``Supervisor`` (``submit`` returns a
+``concurrent.futures.Future``) and is thread-safe; ``AsyncClient`` is the
+same for asyncio. Neither imports torch: a client is as light as pyzmq.
+
+One I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe);
+callers post requests to it and get Futures that its replies complete.
+Liveness is separate from job length: a job may run for an hour, so a
+request has no timeout of its own; instead, whenever requests are
+outstanding and the daemon has said nothing for ``timeout`` seconds, the
+client pings it, and if the ping goes unanswered for ``timeout`` more, every
+outstanding request fails with ``DaemonUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from protocol import DaemonUnavailable, ProtocolError, error_from_wire
+from protocol.client import Request, decode_reply, encode_request
+from supervisor.commands import settle
+from supervisor.endpoint import default_endpoint
+
+_LINGER_MS = 0
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = 10.0,
+        curve_server_key: bytes | None = None,
+        curve_client_cert: str | None = None,
+    ):
+        """``endpoint`` defaults to the daemon's default (``ipc://`` in the
+        runtime directory). ``timeout``: seconds of silence from the daemon,
+        while requests wait, before it is declared unavailable. For a CURVE
+        daemon give its public key and this client's secret certificate file
+        (``zmq.auth``)."""
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._outbox: collections.deque[tuple[list[bytes], int, Future | None]] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._ids_of: dict[int, int] = {}  # id(Future) -> request id, for cancel()
+        self._curve = (curve_server_key, curve_client_cert)
+        self._thread = threading.Thread(target=self._io, name="gpuvisor-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ the API
+
+    def submit(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        mode: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> Future:
+        return self._request(Request.SUBMIT, task=task, payload=payload, mode=mode, timeout=timeout, retries=retries)
+
+    def switch_mode(self, mode: str) -> Future:
+        return self._request(Request.SWITCH, mode=mode)
+
+    def restart(self, mode: str | None = None) -> Future:
+        return self._request(Request.RESTART, mode=mode)
+
+    def status(self) -> dict[str, Any]:
+        return self._request(Request.STATUS).result()
+
+    def ping(self) -> dict[str, Any]:
+        return self._request(Request.PING).result()
+
+    def cancel(self, future: Future) -> bool:
+        """Ask the daemon to cancel a submitted job; True if it was still
+        queued (its Future then fails with ``JobCancelled``)."""
+        target = self._ids_of.get(id(future))
+        if target is None or future.done():
+            return False
+        return bool(self._request(Request.CANCEL, target=target).result()["cancelled"])
+
+    def shutdown(self, drain: bool = True) -> dict[str, Any]:
+        """Ask the daemon to stop (after draining its queue, by default)."""
+        return self._request(Request.SHUTDOWN, drain=drain).result()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.write(self._wake_w, b"\0")
+        self._thread.join(timeout=10)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _request(self, kind: Request, **fields: Any) -> Future:
+        request_id = next(self._ids)
+        frames = encode_request(kind, request_id, **fields)  # TypeError here, in the caller
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailable("this client is closed")
+            self._outbox.append((frames, request_id, future))
+            if kind is Request.SUBMIT:
+                self._ids_of[id(future)] = request_id
+                future.add_done_callback(lambda f: self._ids_of.pop(id(f), None))
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass
+        return future
+
+    def _io(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+        server_key, client_cert = self._curve
+        if server_key is not None:
+            from zmq.auth import load_certificate
+
+            public, secret = load_certificate(client_cert)
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+        sock.connect(self.endpoint)
+        pending: dict[int, Future] = {}
+        heard = time.monotonic()
+        ping_id: int | None = None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(min(self.timeout, 1.0) * 1000))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                with self._lock:
+                    closed, batch = self._closed, list(self._outbox)
+                    self._outbox.clear()
+                if closed:
+                    for future in pending.values():
+                        settle(future, error=DaemonUnavailable("the client was closed before the daemon answered"))
+                    return
+                for frames, request_id, future in batch:
+                    if not pending:
+                        heard = time.monotonic()  # the silence clock starts with the first request
+                    pending[request_id] = future
+                    try:
+                        sock.send_multipart(frames)
+                    except zmq.Again:
+                        pending.pop(request_id)
+                        settle(future, error=DaemonUnavailable(f"could not send to {self.endpoint}"))
+                if sock in events:
+                    heard = self._read_replies(sock, pending)
+                    if ping_id is not None and ping_id not in pending:
+                        ping_id = None
+                if pending and time.monotonic() - heard > self.timeout:
+                    if ping_id is None or ping_id not in pending:
+                        ping_id = next(self._ids)
+                        pending[ping_id] = Future()
+                        try:
+                            sock.send_multipart(encode_request(Request.PING, ping_id))
+                        except zmq.Again:
+                            pass
+                    if time.monotonic() - heard > 2 * self.timeout:
+                        error = DaemonUnavailable(
+                            f"no answer from {self.endpoint} for {2 * self.timeout:g}s: is `gpuvisor serve` running?"
+                        )
+                        for future in pending.values():
+                            settle(future, error=error)
+                        pending.clear()
+                        ping_id = None
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> float:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return time.monotonic()
+            try:
+                reply = decode_reply(frames)
+            except ProtocolError:
+                continue  # not for us to fix; the request's own reply will come, or the silence clock runs
+            future = pending.pop(reply.id, None) if isinstance(reply.id, int) else None
+            if future is None:
+                continue
+            if reply.ok:
+                settle(future, result=reply.value)
+            else:
+                settle(future, error=error_from_wire(reply.error))
+
+
+class AsyncClient:
+    """``Client`` for asyncio: every call is awaitable."""
+
+    def __init__(self, endpoint: str | None = None, **kwargs: Any):
+        self._sync = Client(endpoint, **kwargs)
+
+    async def submit(self, task: str, payload: Any = None, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self._sync.submit(task, payload, **kwargs))
+
+    async def switch_mode(self, mode: str) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync.switch_mode(mode))
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync.restart(mode))
+
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync._request(Request.STATUS))
+
+    async def ping(self) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync._request(Request.PING))
+
+    async def shutdown(self, drain: bool = True) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync._request(Request.SHUTDOWN, drain=drain))
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._sync.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()

@@ -1,0 +1,349 @@
+"""systemd integration: the notify protocol over real sockets, the journal
+log format in a real child process, and the unit file through systemd-analyze."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from supervisor.logsetup import journal_priority, stderr_is_journal
+from supervisor.sdnotify import Notifier
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "contrib" / "systemd" / "gpuvisor.service"
+
+RECV_TIMEOUT = 5.0
+CHILD_TIMEOUT = 60.0
+
+# --- sd_notify ------------------------------------------------------------
+
+
+@pytest.fixture
+def short_dir(tmp_path):
+    """tmp_path, unless its socket path would pass AF_UNIX's 108-byte limit
+    (long test names make long tmp_paths); then a short directory in /tmp."""
+    if len(str(tmp_path / "notify.sock")) < 100:
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(prefix="gv-sd-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def receiver(short_dir):
+    """A bound AF_UNIX datagram socket standing in for systemd; yields
+    (socket, NOTIFY_SOCKET value)."""
+    path = short_dir / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.settimeout(RECV_TIMEOUT)
+    sock.bind(str(path))
+    try:
+        yield sock, str(path)
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def abstract_receiver():
+    name = f"gpuvisor-test-{os.getpid()}-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.settimeout(RECV_TIMEOUT)
+    sock.bind("\0" + name)
+    try:
+        yield sock, "@" + name
+    finally:
+        sock.close()
+
+
+def recv(sock: socket.socket) -> str:
+    return sock.recv(65536).decode()
+
+
+def assert_nothing_pending(sock: socket.socket) -> None:
+    sock.settimeout(0.05)
+    try:
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+    finally:
+        sock.settimeout(RECV_TIMEOUT)
+
+
+def exercise(notifier: Notifier, sock: socket.socket) -> None:
+    assert notifier.enabled
+    assert notifier.ready() is True
+    assert recv(sock) == "READY=1"
+    assert notifier.status("serving: embed") is True
+    assert recv(sock) == "STATUS=serving: embed"
+    assert notifier.stopping() is True
+    assert recv(sock) == "STOPPING=1"
+    assert notifier.extend_timeout(90) is True
+    assert recv(sock) == "EXTEND_TIMEOUT_USEC=90000000"
+    assert notifier.extend_timeout(1.5) is True
+    assert recv(sock) == "EXTEND_TIMEOUT_USEC=1500000"
+    assert notifier.watchdog() is True
+    assert recv(sock) == "WATCHDOG=1"
+    assert notifier.send("READY=1", "STATUS=two lines, one datagram") is True
+    assert recv(sock) == "READY=1\nSTATUS=two lines, one datagram"
+    assert_nothing_pending(sock)
+
+
+def test_notify_to_path_socket(receiver):
+    sock, address = receiver
+    exercise(Notifier.from_environ({"NOTIFY_SOCKET": address}), sock)
+
+
+def test_notify_to_abstract_socket(abstract_receiver):
+    sock, address = abstract_receiver
+    assert address.startswith("@")
+    exercise(Notifier.from_environ({"NOTIFY_SOCKET": address}), sock)
+
+
+def test_reloading_carries_monotonic_usec(receiver):
+    sock, address = receiver
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert notifier.reloading() is True
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    lines = recv(sock).split("\n")
+    assert lines[0] == "RELOADING=1"
+    assert len(lines) == 2
+    key, _, value = lines[1].partition("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= after
+
+
+def test_status_changed_sends_only_changes(receiver):
+    sock, address = receiver
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    assert notifier.status_changed("idle") is True
+    assert recv(sock) == "STATUS=idle"
+    assert notifier.status_changed("idle") is False
+    assert notifier.status_changed("idle") is False
+    assert_nothing_pending(sock)
+    assert notifier.status_changed("busy") is True
+    assert recv(sock) == "STATUS=busy"
+    assert notifier.status_changed("idle") is True
+    assert recv(sock) == "STATUS=idle"
+    # A plain status() counts as the last one sent.
+    assert notifier.status("loading") is True
+    assert recv(sock) == "STATUS=loading"
+    assert notifier.status_changed("loading") is False
+    assert_nothing_pending(sock)
+
+
+def test_status_is_one_line(receiver):
+    sock, address = receiver
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    assert notifier.status("failed:\nREADY=1") is True
+    assert recv(sock) == "STATUS=failed: READY=1"
+
+
+def test_missing_socket_returns_false_and_warns_once(short_dir, caplog):
+    path = short_dir / "nobody-listens.sock"
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(path)})
+    assert notifier.enabled
+    with caplog.at_level(logging.DEBUG, logger="gpuvisor"):
+        assert notifier.ready() is False
+        assert notifier.watchdog() is False
+        assert notifier.status_changed("idle") is False
+    warnings = [r for r in caplog.records if r.name == "gpuvisor" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert "nobody-listens.sock" in warnings[0].getMessage()
+    # A status that failed to go out is not remembered as sent: once the
+    # socket is there, the same text goes out.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(RECV_TIMEOUT)
+        sock.bind(str(path))
+        assert notifier.status_changed("idle") is True
+        assert recv(sock) == "STATUS=idle"
+
+
+def test_disabled_is_a_noop():
+    notifier = Notifier.from_environ({})
+    assert not notifier.enabled
+    assert notifier.send("READY=1") is False
+    assert notifier.ready() is False
+    assert notifier.status_changed("idle") is False
+    assert notifier.watchdog_interval is None
+
+
+def test_unsupported_address_returns_false(caplog):
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": "relative/path.sock"})
+    with caplog.at_level(logging.WARNING, logger="gpuvisor"):
+        assert notifier.ready() is False
+    assert "unsupported NOTIFY_SOCKET" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "garbage"}, None),
+        ({"WATCHDOG_PID": str(os.getpid())}, None),
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": "1000"}, 0.0005),
+    ],
+    ids=["ours-implicit", "ours", "other-pid", "bad-pid", "usec-unset", "nothing", "zero", "bad-usec", "small"],
+)
+def test_watchdog_interval(environ, expected):
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": "/run/systemd/notify", **environ})
+    assert notifier.watchdog_interval == expected
+
+
+# --- logging --------------------------------------------------------------
+
+CHILD = """
+import logging, os, sys
+if sys.argv[1] == "journal":
+    st = os.fstat(2)  # what systemd does for the stream it hands us
+    os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+elif sys.argv[1] == "stale":
+    os.environ["JOURNAL_STREAM"] = "1:1"  # inherited, but stderr was redirected since
+from supervisor.logsetup import configure_logging
+configure_logging(verbose=True)
+configure_logging(verbose=True)  # idempotent: still one handler
+log = logging.getLogger("gpuvisor")
+log.debug("dbg line")
+log.info("info line")
+log.warning("warn line")
+log.error("error line")
+log.critical("crit line")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("boom")
+logging.getLogger("somelib").info("from a library")
+"""
+
+
+def run_child(mode: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,  # stderr is a pipe: not journald's, whatever the parent's was
+        env=env,
+        cwd=ROOT,
+        timeout=CHILD_TIMEOUT,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    return proc.stderr.splitlines()
+
+
+def test_journal_stream_gets_priority_prefixes():
+    lines = run_child("journal")
+    assert lines[:5] == [
+        "<7>DEBUG dbg line",
+        "<6>INFO info line",
+        "<4>WARNING warn line",
+        "<3>ERROR error line",
+        "<2>CRITICAL crit line",
+    ]
+    # The traceback: every line keeps the record's priority.
+    assert lines[5] == "<3>ERROR boom"
+    assert lines[6] == "<3>Traceback (most recent call last):"
+    assert lines[-2] == "<3>ZeroDivisionError: division by zero"
+    assert all(line.startswith("<3>") for line in lines[5:-1])
+    assert lines[-1] == "<6>INFO from a library"
+    assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines), "journald adds its own timestamp"
+
+
+@pytest.mark.parametrize("mode", ["plain", "stale"])
+def test_plain_stderr_has_timestamps_and_no_prefix(mode):
+    lines = run_child(mode)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.fullmatch(stamp + r" gpuvisor DEBUG dbg line", lines[0]), lines
+    assert re.fullmatch(stamp + r" gpuvisor INFO info line", lines[1]), lines
+    assert re.fullmatch(stamp + r" gpuvisor ERROR error line", lines[3]), lines
+    assert re.fullmatch(stamp + r" gpuvisor INFO from a library", lines[-1]), lines
+    assert not any(re.match(r"<\d>", line) for line in lines), lines
+    assert sum("info line" in line for line in lines) == 1, "configure_logging twice added a second handler"
+
+
+def test_journal_priority_levels():
+    assert [journal_priority(n) for n in (10, 20, 30, 40, 50)] == [7, 6, 4, 3, 2]
+    assert journal_priority(logging.INFO + 5) == 6
+    assert journal_priority(logging.CRITICAL + 10) == 2
+    assert journal_priority(logging.NOTSET) == 7
+
+
+def test_stderr_is_journal_compares_device_and_inode(tmp_path):
+    with open(tmp_path / "log", "w") as f, open(tmp_path / "other", "w") as g:
+        st = os.fstat(f.fileno())
+        good = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert stderr_is_journal(f, good) is True
+        assert stderr_is_journal(g, good) is False
+        assert stderr_is_journal(f, {}) is False
+        assert stderr_is_journal(f, {"JOURNAL_STREAM": "garbage"}) is False
+        assert stderr_is_journal(f, {"JOURNAL_STREAM": f"{st.st_dev}:x"}) is False
+    assert stderr_is_journal(io.StringIO(), good) is False  # no file descriptor
+    assert stderr_is_journal(f, good) is False  # closed
+
+
+# --- the unit file --------------------------------------------------------
+
+
+def test_unit_has_the_directives_the_daemon_relies_on():
+    text = UNIT.read_text()
+    directives = {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+    for needed in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "KillMode=mixed",
+        "Restart=on-failure",
+        "RuntimeDirectory=gpuvisor",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ):
+        assert needed in directives, needed
+    assert any(d.startswith("TimeoutStopSec=") for d in directives)
+    assert any(d.startswith("WatchdogSec=") for d in directives)
+    assert "PrivateDevices=yes" not in directives, "PrivateDevices hides /dev/nvidia*"
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package: systemd)")
+    # verify checks that ExecStart's binary exists and is executable; the
+    # shipped path is an example, so point it at one that exists here. Every
+    # other line is verified as shipped.
+    assert " " not in sys.executable
+    original = UNIT.read_text()
+    rewritten, n = re.subn(r"(?m)^ExecStart=.*$", f"ExecStart={sys.executable} -c pass", original)
+    assert n == 1
+    unit = tmp_path / "gpuvisor.service"
+    unit.write_text(rewritten)
+    proc = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    # Unknown keys and bad values are warnings with exit status 0; they name
+    # the file and line. Lines about the host (no running systemd, other
+    # units) are not ours to judge.
+    about_us = [line for line in output.splitlines() if "gpuvisor.service" in line]
+    assert about_us == [], output
