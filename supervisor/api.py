@@ -60,6 +60,21 @@ atexit.register(_stop_all_at_exit)
 os.register_at_fork(after_in_child=_LIVE_CORES.clear)
 
 
+def _once(fn):
+    lock = threading.Lock()
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        with lock:
+            if done:
+                return
+            done = True
+        fn()
+
+    return call
+
+
 def _failed(error: BaseException) -> Future:
     future: Future = Future()
     future.set_exception(error)
@@ -181,10 +196,13 @@ class Supervisor:
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        slots = self._slots  # not self: a callback must not keep the Supervisor alive
-        if not slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False):
             raise QueueFull(f"{self.config.max_queue} jobs are already queued or running (max_queue)")
-        future.add_done_callback(lambda _: slots.release())
+        # Given back exactly once: by the loop just before it settles the job
+        # (so a caller woken by the result finds it free), or on cancel().
+        # Neither holds a reference to the Supervisor.
+        future.release_slot = _once(self._slots.release)
+        future.add_done_callback(lambda f: f.release_slot())
         self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries))
         return future
 

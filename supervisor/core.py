@@ -33,6 +33,7 @@ import collections
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -228,6 +229,10 @@ class Core:
             if self._router in events:
                 self._drain_router()
             self._notice_exit()
+            if len(self._queue) > self.config.max_queue:
+                # Only cancelled jobs can push it past max_queue (their slots are
+                # back); drop them now rather than when they reach the head.
+                self._queue = collections.deque(i for i in self._queue if i.future is None or not i.future.cancelled())
             if self.mailbox.fd in events:
                 commands = self.mailbox.take_all()
                 for command in commands:
@@ -249,8 +254,17 @@ class Core:
 
     def _hand_out(self) -> None:
         outcomes, self._outcomes = self._outcomes, []
-        for future, result, error in outcomes:
-            settle(future, result=result, error=error)
+        for n, (future, result, error) in enumerate(outcomes):
+            try:
+                # The queue slot first: a caller woken by the result may submit
+                # again at once, and must find its slot free.
+                release = getattr(future, "release_slot", None)
+                if release is not None:
+                    release()
+                settle(future, result=result, error=error)
+            except BaseException:
+                self._outcomes[:0] = outcomes[n + 1 :]  # a callback raised past Future's guard: keep the rest
+                raise
 
     def _notice_exit(self) -> bool:
         """Handle the worker's exit if it has happened; True if it had."""
@@ -307,7 +321,7 @@ class Core:
             self._settle(command.future, result=None)
         elif self._shutdown is not None:
             self._refuse(command)
-        elif self._failed is not None and isinstance(command, QueuedJob):
+        elif self._failed is not None and isinstance(command, QueuedJob) and not self._barrier_queued():
             self._settle(command.future, error=self._failed_error())
         elif isinstance(command, QueuedSwitch) and not command.force and self._switch_is_noop(command.mode):
             self._settle(
@@ -315,6 +329,11 @@ class Core:
             )
         else:
             self._queue.append(command)
+
+    def _barrier_queued(self) -> bool:
+        """An explicit switch or restart waits in the queue: jobs behind it
+        belong to whatever it brings, not to the failed state."""
+        return any(isinstance(item, QueuedSwitch) and item.future is not None for item in self._queue)
 
     def _switch_is_noop(self, mode: str) -> bool:
         """True when this switch, placed at the tail, would change nothing: the
@@ -347,14 +366,21 @@ class Core:
                 return
             item = self._queue[0]
             if isinstance(item, QueuedSwitch):
-                self._queue.popleft()
                 if item.future is not None and item.future.cancelled():
+                    self._queue.popleft()
                     continue
-                if self._failed is not None:  # an explicit switch or restart is the operator's word
-                    log.warning("leaving the failed state: %s requested", "restart" if item.force else "a switch")
-                    self._failed = None
-                self._deaths.clear()
-                self._respawn_at = 0.0
+                same_mode = item.mode in (None, self._mode)
+                if self._failed is None and not item.force and same_mode and w is None:
+                    if time.monotonic() < self._respawn_at:
+                        return  # a same-mode switch is a respawn: it waits out the backoff like one
+                self._queue.popleft()
+                if self._failed is not None or item.force or not same_mode:
+                    # An operator's word (leaving failed, restart()) or a new mode: a fresh budget.
+                    if self._failed is not None:
+                        log.warning("leaving the failed state: %s requested", "restart" if item.force else "a switch")
+                        self._failed = None
+                    self._deaths.clear()
+                    self._respawn_at = 0.0
                 if item.mode is None:  # restart() of whatever mode is in force
                     if self._mode is None:
                         self._settle(
@@ -548,6 +574,10 @@ class Core:
             return
         remote = error_from_wire(msg.error)
         details = dict(remote.details)
+        try:
+            w.proc.wait(1.0)  # it exits 3 by itself; let it, so the log shows its own word
+        except subprocess.TimeoutExpired:
+            pass
         self._stop_worker("its mode failed to load", kill_now=False)
         self._switch_failed(ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **details))
 
@@ -616,17 +646,19 @@ class Core:
             )
             return
         self._restarts += 1
-        job = self._in_flight
-        if job is not None:
-            self._in_flight = None
-            if job_error is WorkerCrashed and job.retries > 0:
-                job.retries -= 1
-                log.warning("job %d (%r) will run again (%d retries left)", job.id, job.task, job.retries)
-                self._queue.appendleft(job)  # first in line, as it was
-            else:
-                message = f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r}){said}"
-                self._settle(job.future, error=job_error(message, stderr_tail=tail))
-        self._count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")
+        job, self._in_flight = self._in_flight, None
+        self._count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")  # may enter the failed state
+        if job is None:
+            return
+        if job_error is WorkerCrashed and job.retries > 0 and self._failed is None:
+            job.retries -= 1
+            log.warning("job %d (%r) will run again (%d retries left)", job.id, job.task, job.retries)
+            self._queue.appendleft(job)  # first in line, as it was
+            return
+        message = f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r}){said}"
+        if self._failed is not None:
+            message += "; the restart budget is exhausted, so it was not retried"
+        self._settle(job.future, error=job_error(message, stderr_tail=tail))
 
     def _count_death(self, what: str) -> None:
         """The restart budget, after Erlang/OTP's intensity and period: at most

@@ -19,7 +19,9 @@ import collections
 import enum
 import logging
 import os
+import queue
 import subprocess
+import threading
 import time
 
 from supervisor.config import ModeSpec
@@ -50,6 +52,54 @@ class IllegalTransition(RuntimeError):
 
 
 STDERR_TAIL_LINES = 12
+_READ_PER_TURN = 256 * 1024  # then back to the poll: a chatty worker must not starve the loop
+
+
+class _StderrForwarder(threading.Thread):
+    """Writes workers' stderr to ours, off the loop thread: if whoever reads
+    our stderr is slow or gone, a blocking write in the loop would stop job
+    timeouts and hang checks. The queue is bounded; past it, bytes are
+    dropped and counted, and a line says so."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gpuvisor-stderr", daemon=True)
+        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=1024)
+        self._dropped = 0  # written by the loop thread, read and reset here; a lost count is harmless
+
+    def forward(self, chunk: bytes) -> None:
+        try:
+            self._chunks.put_nowait(chunk)
+        except queue.Full:
+            self._dropped += len(chunk)
+
+    def run(self) -> None:
+        while True:
+            chunk = self._chunks.get()
+            dropped, self._dropped = self._dropped, 0
+            if dropped:
+                chunk = (
+                    f"[gpuvisor: {dropped} bytes of worker stderr dropped: our stderr is not keeping up]\n".encode()
+                    + chunk
+                )
+            try:
+                while chunk:
+                    chunk = chunk[os.write(2, chunk) :]
+            except OSError:
+                pass  # our stderr is gone; the tail for crash reports is kept by the handle
+
+
+_forwarder: _StderrForwarder | None = None
+_forwarder_lock = threading.Lock()
+
+
+def _forward(chunk: bytes) -> None:
+    global _forwarder
+    if _forwarder is None or not _forwarder.is_alive():
+        with _forwarder_lock:
+            if _forwarder is None or not _forwarder.is_alive():
+                _forwarder = _StderrForwarder()
+                _forwarder.start()
+    _forwarder.forward(chunk)
 
 
 class WorkerHandle:
@@ -92,9 +142,10 @@ class WorkerHandle:
         log.debug("worker gen %d pid %d: %s -> %s", self.gen, self.pid, self.state.value, new.value)
         self.state = new
 
-    def pump_stderr(self) -> None:
-        """Read what the worker wrote, pass it on, keep the tail. Never blocks."""
-        while self.stderr_fd is not None:
+    def pump_stderr(self, budget: int = _READ_PER_TURN) -> None:
+        """Read what the worker wrote, pass it on, keep the tail. Never blocks,
+        and reads at most ``budget`` bytes before going back to the poll."""
+        while self.stderr_fd is not None and budget > 0:
             try:
                 chunk = os.read(self.stderr_fd, 65536)
             except BlockingIOError:
@@ -102,10 +153,8 @@ class WorkerHandle:
             if not chunk:  # EOF: the worker and everything that shared its stderr are gone
                 self._close_stderr()
                 return
-            try:
-                os.write(2, chunk)
-            except OSError:
-                pass  # our own stderr is gone; the tail still works
+            budget -= len(chunk)
+            _forward(chunk)
             lines = (self._partial + chunk).split(b"\n")
             self._partial = lines.pop()[-4096:]
             self._tail.extend(line.decode("utf-8", "replace").rstrip() for line in lines if line.strip())
@@ -122,7 +171,7 @@ class WorkerHandle:
     def close_fds(self) -> None:
         """After the reap: keep the last words, release the descriptors. A
         grandchild may hold the pipe open forever; we do not wait for it."""
-        self.pump_stderr()
+        self.pump_stderr(budget=4 * _READ_PER_TURN)
         self._close_stderr()
         if self.pidfd is not None:
             os.close(self.pidfd)

@@ -313,3 +313,111 @@ def test_the_configured_job_timeout_applies_when_a_job_names_none(write_config):
         with pytest.raises(JobTimeout, match="ran past its 0.3s timeout"):
             sup.submit("sleep", {"seconds": 30}).result(T)
         assert sup.submit("sleep", {"seconds": 1}, timeout=30).result(T) == {"slept": 1}, "a job's own timeout wins"
+
+
+# ---------------------------------------------------------------- regressions from review
+
+
+def test_a_job_submitted_right_after_the_clearing_switch_runs(faults):
+    """switch_mode(); submit() leaves the failed state for the job too, even
+    when both land in the same turn of the loop."""
+    sup = faults(max_restarts=0)
+    sup.switch_mode("diag").result(T)
+    for _ in range(5):
+        with pytest.raises(WorkerCrashed):
+            sup.submit("crash", {"how": "kill"}).result(T)
+        wait_until(lambda: sup.status()["state"] == "failed", T, "the failed state")
+        switch, job = sup.switch_mode("diag"), sup.submit("echo", "after the switch")
+        assert switch.result(T)["status"] == "loaded"
+        assert job.result(T) == "after the switch"
+
+
+def test_a_same_mode_switch_does_not_reset_the_restart_budget(faults):
+    sup = faults(max_restarts=2, backoff=0.01)
+    for _ in range(3):
+        sup.switch_mode("diag").result(T)
+        with pytest.raises(WorkerCrashed):
+            sup.submit("crash", {"how": "kill"}).result(T)
+    wait_until(lambda: sup.status()["state"] == "failed", T, "three deaths to exhaust a budget of two")
+
+
+def test_a_retried_job_that_exhausts_the_budget_keeps_its_crash_report(faults):
+    sup = faults(max_restarts=0)
+    sup.switch_mode("diag").result(T)
+    with pytest.raises(WorkerCrashed, match="SIGKILL.*restart budget is exhausted"):
+        sup.submit("crash", {"how": "kill"}, retries=3).result(T)
+
+
+def test_cancelled_jobs_do_not_pile_up_past_max_queue(faults):
+    sup = faults(max_queue=8)
+    sup.switch_mode("diag").result(T)
+    sup.submit("sleep", {"seconds": 3})
+    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the long job to start")
+    for _ in range(200):
+        assert sup.submit("echo", b"x" * 100_000).cancel()
+    sup.submit("echo", "poke")  # a turn of the loop
+    wait_until(lambda: sup.status()["queued"] <= 9, T, "the cancelled jobs to be dropped from the queue")
+
+
+def test_a_caller_woken_by_its_result_always_finds_its_queue_slot_free(faults):
+    import sys
+
+    sup = faults(max_queue=4)
+    sup.switch_mode("diag").result(T)
+    full: list[BaseException] = []
+
+    def caller():
+        for i in range(300):
+            try:
+                sup.submit("echo", i).result(T)
+            except QueueFull as exc:
+                full.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # make the race as likely as we can
+    try:
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T)
+    finally:
+        sys.setswitchinterval(old)
+    assert full == [], f"{len(full)} QueueFull with never more than max_queue jobs outstanding"
+
+
+def test_a_worker_flooding_stderr_cannot_stall_the_loop_even_if_nobody_reads_our_stderr(tmp_path):
+    """The supervisor's stderr is a pipe nobody reads, and its worker floods
+    stderr: job timeouts and shutdown still work, because the loop hands the
+    worker's bytes to a forwarder thread and never writes them itself. (The
+    program's own log goes to a file: where a program sends its logging is
+    its business, and a blocked log handler blocks whoever logs.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "flood.py"
+    script.write_text(
+        "import json, logging, sys\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'flood.log')!r})\n"
+        "from supervisor import Supervisor, JobTimeout\n"
+        "sup = Supervisor().start()\n"
+        "sup.switch_mode('diag').result(60)\n"
+        "try:\n"
+        "    sup.submit('chatter', {'seconds': 30}, timeout=1.5).result(60)\n"
+        "    out = 'no timeout'\n"
+        "except JobTimeout:\n"
+        "    out = 'JobTimeout'\n"
+        "print(json.dumps({'job': out, 'next': sup.submit('echo', 1).result(60)}), flush=True)\n"
+        "sup.shutdown(drain=False)\n"
+        "print('stopped', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.strip() == '{"job": "JobTimeout", "next": 1}', first
+        assert proc.stdout.readline().strip() == "stopped"
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
+        proc.stderr.close()

@@ -37,6 +37,19 @@ def pid(payload: Any) -> int:
     return os.getpid()
 
 
+def chatter(payload: Any) -> dict:
+    """Write to stderr without pause for ``seconds``: a noisy library, for
+    the tests that the supervisor's loop never stalls on a worker's stderr."""
+    seconds = _payload_map(payload, "chatter").get("seconds", 1.0)
+    line = b"chatter " * 16 + b"\n"
+    end = time.monotonic() + seconds
+    lines = 0
+    while time.monotonic() < end:
+        os.write(2, line * 64)
+        lines += 64
+    return {"lines": lines}
+
+
 def fail(payload: Any) -> None:
     message = _payload_map(payload, "fail").get("message", "diag.fail was asked to fail")
     raise RuntimeError(message)
@@ -87,4 +100,4 @@ def crash(payload: Any) -> Any:
 def load(**args: Any) -> dict:
     if args:
         raise TypeError(f"diag takes no arguments, got {sorted(args)}")
-    return {"echo": echo, "sleep": sleep, "pid": pid, "fail": fail, "crash": crash}
+    return {"echo": echo, "sleep": sleep, "pid": pid, "fail": fail, "crash": crash, "chatter": chatter}
