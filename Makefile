@@ -1,4 +1,4 @@
-# gpuvisor: `make run` for the tour, `make test` for the suite. Both set up
+# gpuvisor: `make run` serves the daemon, `make test` runs the suite. Both set up
 # their own virtualenv on a fresh machine; nothing needs installing by hand.
 
 PYTHON ?= python3
@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test bench lint clean
+.PHONY: install run demo test bench lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
+	$(VENV)/bin/gpuvisor serve
+
+demo: install
 	$(VENV)/bin/gpuvisor demo
 
 test: install

@@ -1,9 +1,9 @@
 """The ``gpuvisor`` command.
 
-Exit codes: 0 ok; 1 the job or switch failed; 2 usage; 3 the daemon is not
-running (nothing answered); 6 bad configuration (the message names the
-file, the line and the key); also 1 when the daemon cannot start (its
-endpoint is taken, say).
+Exit codes: 0 ok; 1 the job or switch failed, or another daemon already
+serves the endpoint; 2 usage; 3 the daemon is not running (nothing
+answered); 6 bad configuration: the file (the message names the file, the
+line and the key) or an endpoint that is unsafe or unusable.
 """
 
 from __future__ import annotations
@@ -25,22 +25,27 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, help="seconds of silence before the daemon counts as down"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json also after the command (``gpuvisor status --json``); SUPPRESS keeps
+    # the subcommand from resetting a --json given before it.
+    either_side = argparse.ArgumentParser(add_help=False)
+    either_side.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the daemon in the foreground")
-    submit = commands.add_parser("submit", help="run one job and print its result")
+    add = lambda name, **kw: commands.add_parser(name, parents=[either_side], **kw)  # noqa: E731
+    add("serve", help="run the daemon in the foreground")
+    submit = add("submit", help="run one job and print its result")
     submit.add_argument("task")
     submit.add_argument("payload", nargs="?", default="null", help="the payload as JSON (default: null)")
     submit.add_argument("--mode", help="switch to this mode first if needed")
     submit.add_argument("--job-timeout", type=float, dest="job_timeout", help="seconds the job may run")
     submit.add_argument("--retries", type=int, default=0, help="re-run this many times if the worker dies")
-    switch = commands.add_parser("switch", help="switch the daemon to a mode")
+    switch = add("switch", help="switch the daemon to a mode")
     switch.add_argument("mode")
-    restart = commands.add_parser("restart", help="replace the worker with a fresh one (clears 'failed')")
+    restart = add("restart", help="replace the worker with a fresh one (clears 'failed')")
     restart.add_argument("mode", nargs="?")
-    commands.add_parser("status", help="what the daemon is doing")
-    stop = commands.add_parser("stop", help="stop the daemon (after draining its queue)")
+    add("status", help="what the daemon is doing")
+    stop = add("stop", help="stop the daemon (after draining its queue)")
     stop.add_argument("--no-drain", action="store_true", help="cancel queued jobs instead of running them")
-    commands.add_parser("demo", help="the five-minute tour, in this process (no daemon)")
+    add("demo", help="the five-minute tour, in this process (no daemon)")
     return parser
 
 
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     from protocol import DaemonUnavailable, GpuvisorError
     from supervisor.config import ConfigError
+    from supervisor.endpoint import EndpointError, EndpointInUse
 
     try:
         if args.command == "demo":
@@ -65,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gpuvisor: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except EndpointError as exc:  # in use: 1; unsafe or unusable as configured: 6
+        print(f"gpuvisor: cannot serve: {exc}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(exc, EndpointInUse) else EXIT_CONFIG
     except DaemonUnavailable as exc:
         _fail(args, exc)
         return EXIT_NO_DAEMON

@@ -163,9 +163,10 @@ class Client:
                 with self._lock:
                     closed, batch = self._closed, list(self._outbox)
                     self._outbox.clear()
-                if closed:
-                    for future in pending.values():
-                        settle(future, error=DaemonUnavailable("the client was closed before the daemon answered"))
+                if closed:  # every request gets an outcome, the unsent ones too
+                    gone = DaemonUnavailable("the client was closed before the daemon answered")
+                    for future in [*pending.values(), *(f for _, _, f in batch)]:
+                        settle(future, error=gone)
                     return
                 for frames, request_id, future in batch:
                     if not pending:

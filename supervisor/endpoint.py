@@ -32,6 +32,12 @@ class EndpointError(GpuvisorError):
     code = "endpoint_error"
 
 
+class EndpointInUse(EndpointError):
+    """A live daemon already serves this endpoint; it keeps serving."""
+
+    code = "endpoint_in_use"
+
+
 def runtime_dir(environ: Mapping[str, str] = os.environ) -> str:
     """systemd's ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY``), else
     ``$XDG_RUNTIME_DIR/gpuvisor``, else a private ``/tmp/gpuvisor-<uid>``."""
@@ -79,7 +85,7 @@ def claim_ipc(path: str) -> None:
         raise EndpointError(f"cannot tell whether a daemon serves {path}: {exc}") from None
     finally:
         probe.close()
-    raise EndpointError(f"another gpuvisor daemon is serving {path}; stop it first (gpuvisor stop)")
+    raise EndpointInUse(f"another gpuvisor daemon is serving {path}; stop it first (gpuvisor stop)")
 
 
 def check_tcp(endpoint: str, curve: bool) -> None:

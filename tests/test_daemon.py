@@ -1,0 +1,349 @@
+"""``gpuvisor serve`` as a real subprocess, driven by real clients: many at
+once, malformed input, the socket's permissions and ownership, signals,
+reload, sd_notify, the CLI's exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+import zmq
+
+from supervisor import DaemonUnavailable, JobCancelled, JobFailed, UnknownTask
+from supervisor.client import AsyncClient, Client
+from tests.conftest import wait_until
+from tests.daemon_helper import RunningDaemon
+
+T = 60
+
+TWO_MODES = """
+[modes.diag]
+loader = "worker.modes.diag:load"
+
+[modes.diag2]
+loader = "worker.modes.diag:load"
+"""
+
+
+@pytest.fixture
+def daemon():
+    made: list[RunningDaemon] = []
+
+    def start(*args: str, **kwargs) -> RunningDaemon:
+        d = RunningDaemon(*args, **kwargs)
+        made.append(d)
+        return d
+
+    yield start
+    for d in made:
+        d.close()
+
+
+def cli(*args: str, timeout: float = T) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+# ---------------------------------------------------------------- clients
+
+
+def test_many_concurrent_clients_each_get_every_answer_once_and_right(daemon):
+    d = daemon(config_text=TWO_MODES)
+    errors: list[str] = []
+    counts: dict[tuple[int, int], int] = {}
+    lock = threading.Lock()
+
+    def one_client(n: int) -> None:
+        mode = "diag2" if n % 10 == 9 else "diag"  # two of twenty use the other mode: mixed, without a switch per job
+        jobs = 20 if mode == "diag2" else 200
+        with d.client() as c:
+            futures = [(i, c.submit("echo", {"n": n, "i": i}, mode=mode)) for i in range(jobs)]
+            for i, f in futures:
+                value = f.result(T)
+                with lock:
+                    counts[(n, i)] = counts.get((n, i), 0) + 1
+                if value != {"n": n, "i": i}:
+                    errors.append(f"client {n} job {i} got {value}")
+
+    threads = [threading.Thread(target=one_client, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T * 2)
+    assert errors == []
+    assert len(counts) == 18 * 200 + 2 * 20 and set(counts.values()) == {1}
+
+
+def test_the_client_api_mirrors_the_supervisor(daemon):
+    d = daemon()
+    with d.client() as c:
+        assert c.ping()["pong"] is True
+        assert c.switch_mode("diag").result(T)["status"] == "loaded"
+        assert c.switch_mode("diag").result(T)["status"] == "already_loaded"
+        assert c.submit("echo", [1, "two", b"3"]).result(T) == [1, "two", b"3"]
+        with pytest.raises(JobFailed, match="on purpose"):
+            c.submit("fail", {"message": "on purpose"}).result(T)
+        with pytest.raises(UnknownTask):
+            c.submit("nope").result(T)
+        slow = c.submit("sleep", {"seconds": 1})
+        queued = c.submit("echo", "never")
+        wait_until(lambda: c.status()["in_flight"] == 1, T, "the sleep to start")
+        assert c.cancel(queued) is True
+        with pytest.raises(JobCancelled):
+            queued.result(T)
+        assert slow.result(T) == {"slept": 1}
+        status = c.status()
+        assert status["mode"] == "diag" and status["daemon_pid"] == d.proc.pid and status["endpoint"] == d.endpoint
+        assert c.restart().result(T)["status"] == "restarted"
+
+    async def use_async():
+        client = AsyncClient(d.endpoint)
+        try:
+            assert await client.submit("echo", 7) == 7
+            assert (await client.status())["state"] == "running"
+        finally:
+            await client.close()
+
+    asyncio.run(asyncio.wait_for(use_async(), T))
+
+
+def test_nothing_answering_is_daemon_unavailable(tmp_path):
+    with Client(f"ipc://{tmp_path}/nobody.sock", timeout=0.3) as c:
+        with pytest.raises(DaemonUnavailable, match="is `gpuvisor serve` running"):
+            c.ping()
+        with pytest.raises(DaemonUnavailable):
+            c.submit("echo", 1).result(T)
+
+
+def test_malformed_and_oversized_client_frames_get_errors_and_the_daemon_goes_on(daemon):
+    import msgpack
+
+    d = daemon()
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, T * 1000)
+    raw.connect(d.endpoint)
+    try:
+        for frame in (b"\xc1junk", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "k": "submit", "id": 5}),
+                      msgpack.packb({"v": 1, "k": "teleport", "id": "x"}), b"\x00" * (64 * 1024 * 1024 + 10)):  # fmt: skip
+            raw.send(frame)
+            reply = msgpack.unpackb(raw.recv(), raw=False)
+            assert reply["ok"] is False and reply["error"]["code"] == "protocol_error", reply
+        assert reply["id"] is None
+        raw.send_multipart([msgpack.packb({"v": 1, "k": "ping", "id": 1}), b"extra frame"])
+        assert msgpack.unpackb(raw.recv(), raw=False)["error"]["code"] == "protocol_error"
+        big = ctx.socket(zmq.DEALER)
+        big.setsockopt(zmq.LINGER, 0)
+        big.connect(d.endpoint)
+        big.send(b"\x00" * (64 * 1024 * 1024 + 100_000))  # past MAXMSGSIZE: libzmq drops this client
+        big.close()
+        with d.client() as c:
+            assert c.ping()["pong"] is True
+            assert c.submit("echo", "still serving", mode="diag").result(T) == "still serving"
+    finally:
+        raw.close()
+        ctx.term()
+
+
+def test_replies_for_a_client_that_went_away_are_dropped_harmlessly(daemon):
+    d = daemon()
+    c = d.client()
+    orphan = c.submit("sleep", {"seconds": 0.5}, mode="diag")
+    with d.client() as other:
+        wait_until(lambda: other.status()["in_flight"] == 1, T, "the job to reach the worker")
+        c.close()  # its reply has nowhere to go
+        with pytest.raises(DaemonUnavailable, match="closed"):
+            orphan.result(T)
+        wait_until(lambda: other.status()["jobs_done"] >= 1, T, "the orphaned job to finish")
+        assert other.ping()["pong"] is True
+        assert other.submit("echo", "next").result(T) == "next"
+
+
+# ---------------------------------------------------------------- the socket
+
+
+def test_the_directory_and_socket_are_private_whatever_the_umask(daemon):
+    d = daemon(umask=0)
+    path = d.endpoint[len("ipc://") :]
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_socket_group_gets_0660(daemon):
+    group = grp.getgrgid(os.getgid()).gr_name
+    d = daemon(config_text=f'[daemon]\nsocket_group = "{group}"\n' + TWO_MODES, umask=0)
+    path = d.endpoint[len("ipc://") :]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660 and os.stat(path).st_gid == os.getgid()
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o710
+
+
+def test_a_second_daemon_on_the_same_endpoint_is_refused_and_the_first_keeps_serving(daemon):
+    first = daemon()
+    second = daemon("--endpoint", first.endpoint, wait_ready=False)
+    assert second.wait() == 1
+    assert "another gpuvisor daemon is serving" in second.output()
+    with first.client() as c:
+        assert c.ping()["pid"] == first.proc.pid
+
+
+def test_a_stale_socket_file_is_replaced(daemon, tmp_path):
+    short = os.path.join("/tmp", f"gv-stale-{os.getpid()}")
+    os.makedirs(short, mode=0o700, exist_ok=True)
+    path = os.path.join(short, "g.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # the file stays; nothing listens: what a killed daemon leaves
+    try:
+        d = daemon("--endpoint", f"ipc://{path}")
+        with d.client() as c:
+            assert c.ping()["pong"] is True
+    finally:
+        import shutil
+
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_tcp_is_refused_off_loopback_and_served_on_it(daemon):
+    exposed = daemon("--endpoint", "tcp://0.0.0.0:0", wait_ready=False)
+    assert exposed.wait() == 6
+    assert "use ipc://, a loopback address" in exposed.output()
+    port = _free_port()
+    daemon("--endpoint", f"tcp://127.0.0.1:{port}")
+    with Client(f"tcp://127.0.0.1:{port}") as c:
+        assert c.ping()["pong"] is True
+
+
+def test_curve_lets_in_only_the_clients_whose_keys_are_listed(daemon, tmp_path):
+    import zmq.auth
+
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    keys.mkdir()
+    clients.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(str(keys), "server")
+    client_public, client_secret = zmq.auth.create_certificates(str(keys), "client")
+    os.rename(client_public, clients / "client.key")
+    _, stranger_secret = zmq.auth.create_certificates(str(keys), "stranger")
+    port = _free_port()
+    d = daemon(
+        "--endpoint",
+        f"tcp://127.0.0.1:{port}",
+        config_text=f'[daemon]\ncurve_secret_key = "{server_secret}"\ncurve_clients_dir = "{clients}"\n' + TWO_MODES,
+    )
+    server_key, _ = zmq.auth.load_certificate(server_public)
+    with Client(f"tcp://127.0.0.1:{port}", curve_server_key=server_key, curve_client_cert=client_secret) as c:
+        assert c.ping()["pid"] == d.proc.pid
+    with Client(f"tcp://127.0.0.1:{port}", timeout=0.5, curve_server_key=server_key,
+                curve_client_cert=stranger_secret) as c:  # fmt: skip
+        with pytest.raises(DaemonUnavailable):
+            c.ping()
+    with Client(f"tcp://127.0.0.1:{port}", timeout=0.5) as c:  # no keys at all
+        with pytest.raises(DaemonUnavailable):
+            c.ping()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- systemd and signals
+
+
+def test_sd_notify_ready_after_bind_then_status_watchdog_and_stopping(daemon):
+    d = daemon(env={"WATCHDOG_USEC": "200000"})
+    path = d.endpoint[len("ipc://") :]
+    assert os.path.exists(path), "READY=1 came before the socket was bound"
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        pid = c.submit("pid").result(T)
+    d.wait_note("STATUS=")
+    wait_until(lambda: any(f"worker {pid}" in n for n in d.notes), T, "a STATUS line naming the worker")
+    first = d.wait_note("WATCHDOG=1")
+    d.wait_note("WATCHDOG=1", after=first + 1)
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    assert not any(v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for v in environ), "leaked into the worker"
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.wait() == 0
+    d.wait_note("STOPPING=1")
+
+
+def test_sigterm_drains_the_queue_then_exits_0(daemon):
+    d = daemon()
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        futures = [c.submit("sleep", {"seconds": 0.2}) for _ in range(5)]
+        wait_until(lambda: c.status()["in_flight"] == 1, T, "the first job to start")
+        os.kill(d.proc.pid, signal.SIGTERM)
+        assert [f.result(T) for f in futures] == [{"slept": 0.2}] * 5
+    assert d.wait() == 0
+    assert "drained and exited with code 0" in d.output()
+
+
+def test_a_second_sigint_stops_at_once_and_cancels_the_queue(daemon):
+    d = daemon()
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        running = c.submit("sleep", {"seconds": 30})
+        queued = c.submit("echo", "never")
+        wait_until(lambda: c.status()["in_flight"] == 1, T, "the long job to start")
+        os.kill(d.proc.pid, signal.SIGINT)
+        d.wait_note("STOPPING=1")
+        os.kill(d.proc.pid, signal.SIGINT)
+        for f in (running, queued):
+            with pytest.raises(JobCancelled):
+                f.result(T)
+    assert d.wait() == 0
+
+
+def test_sighup_reloads_the_mode_table_and_keeps_it_if_the_file_is_broken(daemon):
+    d = daemon(config_text=TWO_MODES)
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        with open(d.config, "a") as f:
+            f.write('\n[modes.extra]\nloader = "worker.modes.diag:load"\n')
+        ready = d.notes.index("READY=1")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_note("READY=1", after=ready + 1)
+        assert "extra" in c.status()["modes"]
+        assert c.switch_mode("extra").result(T)["status"] == "loaded"
+        with open(d.config, "w") as f:
+            f.write("[modes.broken\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_until(lambda: "keeping the running configuration" in d.output(), T, "the reload to be refused")
+        assert c.switch_mode("diag").result(T)["status"] == "loaded"
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_every_cli_exit_code(daemon, write_config):
+    d = daemon()
+    ep = ["--endpoint", d.endpoint]
+    ok = cli(*ep, "submit", "echo", '{"x": 1}', "--mode", "diag")
+    assert ok.returncode == 0 and '"x": 1' in ok.stdout
+    status = cli(*ep, "--json", "status")
+    assert status.returncode == 0 and '"ok": true' in status.stdout and '"mode": "diag"' in status.stdout
+    assert cli(*ep, "switch", "diag").returncode == 0
+    failed = cli(*ep, "submit", "fail")
+    assert failed.returncode == 1 and "JobFailed" in failed.stderr
+    assert cli(*ep, "switch", "nope").returncode == 1
+    assert cli(*ep, "submit", "echo", "{not json").returncode == 2
+    assert cli(*ep, "frobnicate").returncode == 2
+    nobody = cli("--endpoint", "ipc:///tmp/gv-nobody-here.sock", "--timeout", "0.3", "status")
+    assert nobody.returncode == 3 and "DaemonUnavailable" in nobody.stderr
+    bad = write_config('[modes.a]\nloader = "m:f"\nlaoder = 1\n')
+    config_error = cli("--config", str(bad), "serve")
+    assert config_error.returncode == 6
+    assert f"{bad}:3: [modes.a] key 'laoder'" in config_error.stderr
+    stop = cli(*ep, "stop")
+    assert stop.returncode == 0 and d.wait() == 0
