@@ -30,7 +30,9 @@ def pack(obj: Any) -> bytes:
 def unpack(frame: bytes) -> Any:
     """Decode a reply: str stays str, bin becomes bytes, maps may have
     non-string keys (payloads and results may be any msgpack value)."""
-    return msgpack.unpackb(frame, raw=False, strict_map_key=False, max_buffer_size=MAX_FRAME)
+    if len(frame) > MAX_FRAME:
+        raise ValueError(f"frame of {len(frame)} bytes is over the {MAX_FRAME}-byte limit")
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
 
 
 class RawClient:
@@ -113,9 +115,7 @@ class RawClient:
                 return reply
             self._backlog.append(reply)
 
-    def call(
-        self, kind: str, *, id: int | str | None = None, wait: float | None = None, **fields: Any
-    ) -> dict:
+    def call(self, kind: str, *, id: int | str | None = None, wait: float | None = None, **fields: Any) -> dict:
         """Send and wait (at most ``wait`` seconds, default ``self.timeout``)
         for the reply with that id. Named ``wait``, not ``timeout``: that is
         a ``submit`` field."""

@@ -286,6 +286,8 @@ def test_sigterm_drains_the_queue_then_exits_0(daemon):
         os.kill(d.proc.pid, signal.SIGTERM)
         assert [f.result(T) for f in futures] == [{"slept": 0.2}] * 5
     assert d.wait() == 0
+    stopping = d.wait_note("STOPPING=1")
+    d.wait_note("EXTEND_TIMEOUT_USEC=", after=stopping)  # asks systemd for time while the drain runs
     assert "drained and exited with code 0" in d.output()
 
 
