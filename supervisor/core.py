@@ -629,8 +629,8 @@ class Core:
         w = self._worker
         assert w is not None
         code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
-        how = cause or describe_exit(code)
         state = w.state
+        how = cause or describe_exit(code, loading=state in (WorkerState.SPAWNED, WorkerState.LOADING))
         self._retire(w)  # reads the last of its stderr
         tail = w.stderr_tail()
         said = ("; its last stderr lines:\n    " + "\n    ".join(tail)) if tail else ""

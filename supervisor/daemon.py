@@ -52,8 +52,8 @@ class Daemon:
         self.config = config_mod.load(config_path)  # ConfigError: the caller exits 6
         self.endpoint = endpoint or self.config.daemon.endpoint or default_endpoint()
         self.notifier = notifier or Notifier.from_environ()
-        self._replies: collections.deque[tuple[bytes, Any, Future]] = collections.deque()
-        self._pending: dict[tuple[bytes, Any], Future] = {}  # (client, request id) -> job, for cancel
+        self._replies: collections.deque[tuple[tuple[bytes, ...], Any, Future]] = collections.deque()
+        self._pending: dict[tuple[tuple[bytes, ...], Any], Future] = {}  # (client, request id) -> job, for cancel
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
         self._stopping_since: float | None = None
@@ -179,10 +179,22 @@ class Daemon:
         if self._stopper is None:
             self.notifier.stopping()
             self._stopping_since = time.monotonic()
-            self._stopper = threading.Thread(target=sup.shutdown, kwargs={"drain": drain}, name="gpuvisor-stop")
+            self._stopper = threading.Thread(target=self._shutdown, args=(sup, drain), name="gpuvisor-stop")
             self._stopper.start()
         elif not drain:
             threading.Thread(target=sup.shutdown, kwargs={"drain": False}, name="gpuvisor-stop-now").start()
+
+    def _shutdown(self, sup: Supervisor, drain: bool) -> None:
+        try:
+            sup.shutdown(drain=drain)
+        finally:
+            self._wake()  # the loop exits now, not at its next tick
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
 
     def _reload(self, sup: Supervisor) -> None:
         self.notifier.reloading()
@@ -200,17 +212,22 @@ class Daemon:
     def _drain_front(self, sup: Supervisor, front: zmq.Socket) -> None:
         while True:
             try:
-                client, *frames = front.recv_multipart(zmq.NOBLOCK)
+                identity, *frames = front.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            # The route back: the routing id, plus the empty delimiter a REQ
+            # client puts first (and expects back), so REQ clients work too.
+            client: tuple[bytes, ...] = (identity,)
+            if len(frames) >= 2 and frames[0] == b"":
+                client, frames = (identity, b""), frames[1:]
             try:
                 request = decode_request(frames)
             except BadRequest as exc:
-                log.warning("bad request from client %s: %s", client.hex(), exc.message)
+                log.warning("bad request from client %s: %s", client[0].hex(), exc.message)
                 self._reply_now(front, client, exc.request_id, error=exc)
                 continue
             except GpuvisorError as exc:
-                log.warning("bad request from client %s: %s", client.hex(), exc.message)
+                log.warning("bad request from client %s: %s", client[0].hex(), exc.message)
                 self._reply_now(front, client, None, error=exc)
                 continue
             try:
@@ -219,7 +236,7 @@ class Daemon:
                 error = exc if isinstance(exc, GpuvisorError) else BadRequest(str(exc), request.id)
                 self._reply_now(front, client, request.id, error=error)
 
-    def _handle(self, sup: Supervisor, front: zmq.Socket, client: bytes, request: ClientRequest) -> None:
+    def _handle(self, sup: Supervisor, front: zmq.Socket, client: tuple[bytes, ...], request: ClientRequest) -> None:
         kind, args = request.kind, request.args
         if kind is Request.PING:
             self._reply_now(
@@ -251,13 +268,10 @@ class Daemon:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
             self._when_done(client, request.id, sup.restart(args["mode"]))
 
-    def _when_done(self, client: bytes, request_id: Any, future: Future) -> None:
+    def _when_done(self, client: tuple[bytes, ...], request_id: Any, future: Future) -> None:
         def done(f: Future) -> None:  # runs on the core loop thread: queue and wake, nothing more
             self._replies.append((client, request_id, f))
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass
+            self._wake()
 
         future.add_done_callback(done)
 
@@ -273,12 +287,12 @@ class Daemon:
                 exc = GpuvisorError(f"{type(exc).__name__}: {exc}")
             self._reply_now(front, client, request_id, value=None if exc else future.result(), error=exc)
 
-    def _reply_now(self, front: zmq.Socket, client: bytes, request_id: Any, *, value: Any = None,
+    def _reply_now(self, front: zmq.Socket, client: tuple[bytes, ...], request_id: Any, *, value: Any = None,
                    error: GpuvisorError | None = None) -> None:  # fmt: skip
         try:
-            front.send_multipart([client, *encode_reply(request_id, value=value, error=error)])
+            front.send_multipart([*client, *encode_reply(request_id, value=value, error=error)])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the client went away; its reply has nowhere to go
-            log.debug("dropped the reply to %r for client %s: %s", request_id, client.hex(), exc)
+            log.debug("dropped the reply to %r for client %s: %s", request_id, client[0].hex(), exc)
 
 
 def _drain_fd(fd: int) -> None:

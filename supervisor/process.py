@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 
-from protocol import EXIT_MEANINGS
+from protocol import EXIT_MEANINGS, WorkerExit
 
 log = logging.getLogger("gpuvisor")
 
@@ -95,7 +95,7 @@ def stop_and_reap(proc: subprocess.Popen, grace: float, *, kill_now: bool = Fals
     return proc.returncode
 
 
-def describe_exit(returncode: int | None) -> str:
+def describe_exit(returncode: int | None, *, loading: bool = False) -> str:
     """``killed by SIGSEGV(-11)`` or ``exited with code 3``: the words a person
     needs to tell a segfault from an OOM kill from a clean exit."""
     if returncode is None:
@@ -107,4 +107,6 @@ def describe_exit(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}({returncode})"
     meaning = EXIT_MEANINGS.get(returncode)
+    if returncode == WorkerExit.LOAD_FAILED and not loading:
+        meaning = None  # a handler's own exit(3) is not a failed load
     return f"exited with code {returncode}" + (f" ({meaning})" if meaning else "")
