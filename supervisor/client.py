@@ -28,7 +28,7 @@ import zmq
 
 from protocol import DaemonUnavailable, ProtocolError, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
-from supervisor.commands import settle
+from supervisor.commands import drain_wakeups, settle
 from supervisor.endpoint import default_endpoint
 
 _LINGER_MS = 0
@@ -155,11 +155,7 @@ class Client:
             while True:
                 events = dict(poller.poll(min(self.timeout, 1.0) * 1000))
                 if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                    drain_wakeups(self._wake_r)
                 with self._lock:
                     closed, batch = self._closed, list(self._outbox)
                     self._outbox.clear()

@@ -80,11 +80,7 @@ class Mailbox:
         return True
 
     def take_all(self) -> list[Command]:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_wakeups(self._wake_r)
         with self._lock:
             items = list(self._items)
             self._items.clear()
@@ -98,6 +94,15 @@ class Mailbox:
             os.close(self._wake_r)
             os.close(self._wake_w)
         return left
+
+
+def drain_wakeups(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe: the bytes mean only "look again"."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:

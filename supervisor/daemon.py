@@ -36,6 +36,7 @@ from protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, GpuvisorError, JobCanc
 from protocol.client import BadRequest, ClientRequest, Request, decode_request, encode_reply
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
+from supervisor.commands import drain_wakeups
 from supervisor.endpoint import bind_front, default_endpoint, release_ipc
 from supervisor.sdnotify import Notifier
 
@@ -138,13 +139,13 @@ class Daemon:
             wait = _TICK_S if watchdog is None else max(0.0, min(_TICK_S, next_beat - now))
             events = dict(poller.poll(wait * 1000))
             if sig_r in events:
-                _drain_fd(sig_r)
+                drain_wakeups(sig_r)
             while self._signals:
                 self._on_signal(sup, self._signals.pop(0))
             if front in events:
                 self._drain_front(sup, front)
             if wake_r in events:
-                _drain_fd(wake_r)
+                drain_wakeups(wake_r)
             self._flush_replies(front)
             now = time.monotonic()
             # Pinged only while the core loop is turning: a stuck loop gets the service restarted.
@@ -293,11 +294,3 @@ class Daemon:
             front.send_multipart([*client, *encode_reply(request_id, value=value, error=error)])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the client went away; its reply has nowhere to go
             log.debug("dropped the reply to %r for client %s: %s", request_id, client[0].hex(), exc)
-
-
-def _drain_fd(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
