@@ -22,7 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", help="the daemon's endpoint (default: ipc:// in the runtime directory)")
     parser.add_argument("--config", help="TOML config file (serve reads it; clients take [daemon] endpoint from it)")
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds of silence before the daemon counts as down"
+        "--daemon-timeout",
+        type=float,
+        default=10.0,
+        dest="daemon_timeout",
+        help="seconds of silence before the daemon counts as down",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # --json also after the command (``gpuvisor status --json``); SUPPRESS keeps
@@ -36,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("task")
     submit.add_argument("payload", nargs="?", default="null", help="the payload as JSON (default: null)")
     submit.add_argument("--mode", help="switch to this mode first if needed")
-    submit.add_argument("--job-timeout", type=float, dest="job_timeout", help="seconds the job may run")
+    submit.add_argument("--timeout", "--job-timeout", type=float, dest="job_timeout", help="seconds the job may run")
     submit.add_argument("--retries", type=int, default=0, help="re-run this many times if the worker dies")
     switch = add("switch", help="switch the daemon to a mode")
     switch.add_argument("mode")
@@ -64,9 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_tour()
         if args.command == "serve":
+            import zmq
+
             from supervisor.daemon import Daemon
 
-            return Daemon(args.config, args.endpoint).run()
+            try:
+                return Daemon(args.config, args.endpoint).run()
+            except (zmq.ZMQError, OSError) as exc:  # a port in use, a path we may not write ...
+                print(f"gpuvisor: cannot serve: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
         return _client_command(args)
     except ConfigError as exc:
         print(f"gpuvisor: bad configuration: {exc}", file=sys.stderr)
@@ -101,7 +111,7 @@ def _client_command(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             print(f"gpuvisor submit: the payload is not JSON: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    with Client(_endpoint(args), timeout=args.timeout) as client:
+    with Client(_endpoint(args), timeout=args.daemon_timeout) as client:
         if args.command == "submit":
             value = client.submit(
                 args.task, payload, mode=args.mode, timeout=args.job_timeout, retries=args.retries

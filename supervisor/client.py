@@ -56,10 +56,36 @@ class Client:
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._ids_of: dict[int, int] = {}  # id(Future) -> request id, for cancel()
-        self._curve = (curve_server_key, curve_client_cert)
+        # Made and connected here, so a bad endpoint or certificate is the
+        # caller's error now; then handed to the I/O thread, its only user.
+        self._ctx = zmq.Context()
+        try:
+            self._sock = self._connect(curve_server_key, curve_client_cert)
+        except (zmq.ZMQError, OSError, ValueError) as exc:
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise DaemonUnavailable(f"cannot connect to {self.endpoint}: {exc}") from None
         self._thread = threading.Thread(target=self._io, name="gpuvisor-client", daemon=True)
         self._thread.start()
+
+    def _connect(self, server_key: bytes | None, client_cert: str | None) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, _LINGER_MS)
+            sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+            if server_key is not None:
+                from zmq.auth import load_certificate
+
+                public, secret = load_certificate(client_cert)
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+            sock.connect(self.endpoint)
+            return sock
+        except BaseException:
+            sock.close(linger=0)
+            raise
 
     # ------------------------------------------------------------ the API
 
@@ -134,23 +160,30 @@ class Client:
         return future
 
     def _io(self) -> None:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, _LINGER_MS)
-        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-        server_key, client_cert = self._curve
-        if server_key is not None:
-            from zmq.auth import load_certificate
-
-            public, secret = load_certificate(client_cert)
-            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
-        sock.connect(self.endpoint)
         pending: dict[int, Future] = {}
+        try:
+            self._serve(pending)
+        except BaseException as exc:  # noqa: BLE001 - a dead I/O thread must not leave Futures waiting forever
+            with self._lock:
+                self._closed = True
+                batch = list(self._outbox)
+                self._outbox.clear()
+            error = DaemonUnavailable(f"the client's I/O failed: {type(exc).__name__}: {exc}")
+            for future in [*pending.values(), *(f for _, _, f in batch)]:
+                settle(future, error=error)
+
+    def _serve(self, pending: dict[int, Future]) -> None:
+        sock = self._sock
+        # A lost connection (the daemon died, or restarted on the same path)
+        # loses the replies to what was sent: fail those requests now, rather
+        # than let a new daemon's pongs keep them waiting forever.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         heard = time.monotonic()
         ping_id: int | None = None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll(min(self.timeout, 1.0) * 1000))
@@ -173,6 +206,16 @@ class Client:
                     except zmq.Again:
                         pending.pop(request_id)
                         settle(future, error=DaemonUnavailable(f"could not send to {self.endpoint}"))
+                if monitor in events:
+                    monitor.recv_multipart()
+                    lost = DaemonUnavailable(
+                        f"lost the connection to {self.endpoint} (the daemon stopped or restarted); "
+                        "the outcome of requests in flight is unknown"
+                    )
+                    for future in pending.values():
+                        settle(future, error=lost)
+                    pending.clear()
+                    ping_id = None
                 if sock in events:
                     heard = self._read_replies(sock, pending)
                     if ping_id is not None and ping_id not in pending:
@@ -194,8 +237,10 @@ class Client:
                         pending.clear()
                         ping_id = None
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
-            ctx.term()
+            self._ctx.term()
 
     def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> float:
         while True:

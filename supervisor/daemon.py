@@ -37,7 +37,7 @@ from protocol.client import BadRequest, ClientRequest, Request, decode_request, 
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.commands import drain_wakeups
-from supervisor.endpoint import bind_front, default_endpoint, release_ipc
+from supervisor.endpoint import EndpointError, bind_front, default_endpoint, release_ipc
 from supervisor.sdnotify import Notifier
 
 log = logging.getLogger("gpuvisor")
@@ -81,10 +81,10 @@ class Daemon:
             self._bound = bind_front(
                 front, self.endpoint, group=self.config.daemon.socket_group, curve=auth is not None
             )
-            sup = Supervisor(self.config).start()
-            old_wakeup = signal.set_wakeup_fd(sig_w)
+            old_wakeup = signal.set_wakeup_fd(sig_w)  # before the worker exists: a signal now is handled
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 old_handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
+            sup = Supervisor(self.config).start()
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
             self._loop(sup, front, wake_r, sig_r)
@@ -99,7 +99,7 @@ class Daemon:
             if self._stopper is not None:
                 self._stopper.join()
             self._flush_replies(front)
-            front.close(linger=0)
+            front.close(linger=500)  # the last replies get out
             if auth is not None:
                 auth.stop()
             ctx.term()
@@ -115,15 +115,28 @@ class Daemon:
         from zmq.auth import load_certificate
         from zmq.auth.thread import ThreadAuthenticator
 
-        public, secret = load_certificate(settings.curve_secret_key)
+        clients = settings.curve_clients_dir
+        if clients == "*" or not os.path.isdir(clients) or not any(f.endswith(".key") for f in os.listdir(clients)):
+            raise EndpointError(
+                f"curve_clients_dir {clients!r} must be a directory holding the allowed clients' public "
+                "certificates (*.key); '*' (any key) would authenticate nobody"
+            )
+        try:
+            public, secret = load_certificate(settings.curve_secret_key)
+        except (OSError, ValueError) as exc:
+            raise EndpointError(f"curve_secret_key {settings.curve_secret_key!r}: {exc}") from None
         if secret is None:
-            raise GpuvisorError(f"{settings.curve_secret_key} holds no secret key")
+            raise EndpointError(f"{settings.curve_secret_key} holds no secret key")
         auth = ThreadAuthenticator(ctx)
         auth.start()
-        auth.configure_curve(domain="*", location=settings.curve_clients_dir)
-        front.curve_secretkey = secret
-        front.curve_publickey = public
-        front.curve_server = True
+        try:
+            auth.configure_curve(domain="*", location=clients)
+            front.curve_secretkey = secret
+            front.curve_publickey = public
+            front.curve_server = True
+        except BaseException:
+            auth.stop()
+            raise
         return auth
 
     def _loop(self, sup: Supervisor, front: zmq.Socket, wake_r: int, sig_r: int) -> None:
@@ -291,6 +304,10 @@ class Daemon:
     def _reply_now(self, front: zmq.Socket, client: tuple[bytes, ...], request_id: Any, *, value: Any = None,
                    error: GpuvisorError | None = None) -> None:  # fmt: skip
         try:
-            front.send_multipart([*client, *encode_reply(request_id, value=value, error=error)])
+            # NOBLOCK: with ROUTER_MANDATORY a client that does not read its
+            # replies would otherwise block this loop (signals included) forever.
+            front.send_multipart([*client, *encode_reply(request_id, value=value, error=error)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped the reply to %r: client %s is not reading its replies", request_id, client[0].hex())
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the client went away; its reply has nowhere to go
             log.debug("dropped the reply to %r for client %s: %s", request_id, client[0].hex(), exc)

@@ -57,15 +57,29 @@ def ipc_path(endpoint: str) -> str | None:
 
 
 def _private_dir(path: str, group_gid: int | None) -> None:
-    """Make (or check) the socket's directory: a real directory owned by us,
-    0700 (0710 with a group, so members can reach the socket but not list)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """The socket's directory. One we make is 0700 (0710 with a group, so
+    members can reach the socket but not list). One that exists already (a
+    systemd RuntimeDirectory, say) is never changed, only checked: ours, a
+    real directory, and writable by nobody else, or we refuse."""
+    try:
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as exc:
+        raise EndpointError(f"cannot make the socket directory {path}: {exc}") from None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise EndpointError(f"{path} is not a directory owned by uid {os.getuid()}; refusing to put the socket there")
-    if group_gid is not None:
-        os.chown(path, -1, group_gid)
-    os.chmod(path, 0o710 if group_gid is not None else 0o700)
+    if created:
+        if group_gid is not None:
+            os.chown(path, -1, group_gid)
+        os.chmod(path, 0o710 if group_gid is not None else 0o700)
+    elif st.st_mode & 0o022:
+        raise EndpointError(
+            f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); refusing to put the socket there"
+        )
 
 
 def claim_ipc(path: str) -> None:
@@ -122,13 +136,16 @@ def bind_front(sock, endpoint: str, *, group: str = "", curve: bool = False) -> 
     path = ipc_path(endpoint)
     if path is None:
         raise EndpointError(f"{endpoint}: the front socket must be ipc:// or tcp://")
+    if not path.startswith("/"):
+        # An abstract socket (@name) has no file permissions: anyone could connect.
+        raise EndpointError(f"{endpoint}: an ipc:// endpoint must be an absolute file path (not @abstract or relative)")
     gid = None
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise EndpointError(f"socket_group {group!r} is not a group on this machine") from None
-    _private_dir(os.path.dirname(path) or ".", gid)
+    _private_dir(os.path.dirname(path), gid)
     claim_ipc(path)
     with _umask(0o177):
         sock.bind(endpoint)

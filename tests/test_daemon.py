@@ -341,7 +341,7 @@ def test_every_cli_exit_code(daemon, write_config):
     assert cli(*ep, "switch", "nope").returncode == 1
     assert cli(*ep, "submit", "echo", "{not json").returncode == 2
     assert cli(*ep, "frobnicate").returncode == 2
-    nobody = cli("--endpoint", "ipc:///tmp/gv-nobody-here.sock", "--timeout", "0.3", "status")
+    nobody = cli("--endpoint", "ipc:///tmp/gv-nobody-here.sock", "--daemon-timeout", "0.3", "status")
     assert nobody.returncode == 3 and "DaemonUnavailable" in nobody.stderr
     bad = write_config('[modes.a]\nloader = "m:f"\nlaoder = 1\n')
     config_error = cli("--config", str(bad), "serve")
@@ -349,3 +349,74 @@ def test_every_cli_exit_code(daemon, write_config):
     assert f"{bad}:3: [modes.a] key 'laoder'" in config_error.stderr
     stop = cli(*ep, "stop")
     assert stop.returncode == 0 and d.wait() == 0
+
+
+# ---------------------------------------------------------------- regressions from review
+
+
+def test_a_client_that_never_reads_its_replies_cannot_wedge_the_daemon(daemon):
+    import msgpack
+
+    d = daemon()
+    ctx = zmq.Context()
+    greedy = ctx.socket(zmq.DEALER)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.setsockopt(zmq.SNDTIMEO, 5000)
+    greedy.connect(d.endpoint)
+    try:
+        for i in range(3500):  # replies pile up past the high-water mark: the daemon must drop, not block
+            greedy.send(msgpack.packb({"v": 1, "k": "status", "id": i}))
+        with d.client() as c:
+            assert c.ping()["pong"] is True
+            assert c.submit("echo", "served", mode="diag").result(T) == "served"
+    finally:
+        greedy.close()
+        ctx.term()
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.wait() == 0
+
+
+def test_a_bad_endpoint_fails_at_once_and_the_cli_says_3():
+    with pytest.raises(DaemonUnavailable, match="cannot connect to bogus://x"):
+        Client("bogus://x")
+    assert cli("--endpoint", "bogus://x", "status").returncode == 3
+
+
+def test_requests_in_flight_when_the_daemon_dies_fail_even_if_a_new_one_takes_its_place(daemon):
+    first = daemon()
+    with first.client(timeout=5) as c:
+        pending = c.submit("sleep", {"seconds": 3}, mode="diag")
+        wait_until(lambda: c.status()["in_flight"] == 1, T, "the job to start")
+        first.proc.kill()
+        first.wait()
+        second = daemon("--endpoint", first.endpoint)  # Restart=on-failure: a new daemon, the same path
+        with pytest.raises(DaemonUnavailable, match="lost the connection"):
+            pending.result(T)
+        assert c.ping()["pid"] == second.proc.pid, "the same client goes on with the new daemon"
+
+
+@pytest.mark.parametrize(
+    "args, config, words",
+    [
+        (("--endpoint", "ipc://@abstract"), None, "absolute file path"),
+        (("--endpoint", "ipc://relative.sock"), None, "absolute file path"),
+        (("--endpoint", "tcp://127.0.0.1:1"), '[daemon]\ncurve_secret_key = "/nonexistent"\ncurve_clients_dir = "*"\n', "'*' (any key) would authenticate nobody"),
+    ],
+)  # fmt: skip
+def test_unsafe_endpoints_are_refused_with_exit_6(daemon, args, config, words):
+    d = daemon(*args, config_text=(config + TWO_MODES) if config else None, wait_ready=False)
+    assert d.wait() == 6
+    assert words in d.output()
+
+
+def test_an_existing_socket_directory_is_checked_not_changed(daemon, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    d = daemon("--endpoint", f"ipc://{shared}/g.sock")
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o755, "a directory we did not make keeps its mode"
+    assert stat.S_IMODE(os.stat(shared / "g.sock").st_mode) == 0o600
+    d.close()
+    os.chmod(shared, 0o777)
+    refused = daemon("--endpoint", f"ipc://{shared}/g.sock", wait_ready=False)
+    assert refused.wait() == 6 and "writable by others" in refused.output()
