@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import GpuvisorError, ProtocolError
-from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, pack, unpack
+from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version, pack, unpack_map
 
 
 class Request(enum.StrEnum):
@@ -77,18 +77,15 @@ def _ok(value: Any, types: tuple[type, ...]) -> bool:
 
 
 def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> ClientRequest:
-    if len(frames) != 1:
-        raise BadRequest(f"expected 1 frame, got {len(frames)}")
-    msg = unpack(bytes(frames[0]), limit)
-    if not isinstance(msg, dict):
-        raise BadRequest(f"request is a msgpack {type(msg).__name__}, expected a map")
+    msg = unpack_map(frames, limit, "request")  # ProtocolError: no id to answer with
     rid = msg.get("id")
     rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
     if rid is None:
         raise BadRequest("request lacks an 'id' (an int or a string)")
-    version = msg.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise BadRequest(f"protocol version {version!r}, the daemon speaks {PROTOCOL_VERSION}", rid)
+    try:
+        check_version(msg)
+    except ProtocolError as exc:
+        raise BadRequest(exc.message, rid) from None
     try:
         kind = Request(msg.get("k"))
     except ValueError:
@@ -139,11 +136,10 @@ class Reply:
 
 
 def decode_reply(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Reply:
-    if len(frames) != 1:
-        raise ProtocolError(f"expected 1 frame, got {len(frames)}")
-    msg = unpack(bytes(frames[0]), limit)
-    if not isinstance(msg, dict) or msg.get("k") != REPLY or msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError("not a version-1 reply map")
+    msg = unpack_map(frames, limit, "reply")
+    check_version(msg)
+    if msg.get("k") != REPLY:
+        raise ProtocolError(f"expected a reply, got kind {msg.get('k')!r}")
     ok = msg.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError("reply lacks a boolean 'ok'")

@@ -204,17 +204,27 @@ def _type_ok(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: int):
+def unpack_map(frames: list[bytes], limit: int, what: str = "message") -> dict:
+    """The shape every message of both protocols has: one frame, a msgpack map."""
     if not frames:
-        raise ProtocolError("empty message")
+        raise ProtocolError(f"empty {what}")
     if len(frames) != 1:
         raise ProtocolError(f"expected 1 frame, got {len(frames)} (extra frames are reserved)")
     header = unpack(bytes(frames[0]), limit)
     if not isinstance(header, dict):
-        raise ProtocolError(f"message is a msgpack {type(header).__name__}, expected a map")
+        raise ProtocolError(f"{what} is a msgpack {type(header).__name__}, expected a map")
+    return header
+
+
+def check_version(header: dict) -> None:
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 in Python
         raise ProtocolError(f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
+
+
+def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: int):
+    header = unpack_map(frames, limit)
+    check_version(header)
     kind = header.get("k")
     cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None:

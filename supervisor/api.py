@@ -81,6 +81,12 @@ def _failed(error: BaseException) -> Future:
     return future
 
 
+def _check_mode_type(mode: Any, optional: bool) -> None:
+    if (mode is None and optional) or isinstance(mode, str):
+        return
+    raise TypeError(f"mode must be a str{' or None' if optional else ''}, got {type(mode).__name__}")
+
+
 def _check_timeout(name: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -184,13 +190,12 @@ class Supervisor:
         returns False once it is running."""
         if not isinstance(task, str) or not task:
             raise TypeError(f"task must be a non-empty str, got {task!r}")
-        if mode is not None and not isinstance(mode, str):
-            raise TypeError(f"mode must be a str or None, got {type(mode).__name__}")
+        _check_mode_type(mode, optional=True)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise TypeError(f"retries must be a whole number >= 0, got {retries!r}")
         timeout = _check_timeout("timeout", timeout)
-        if mode is not None and self.config.mode(mode) is None:
-            return _failed(UnknownMode(self._unknown_mode_message(mode)))
+        if (unknown := self._unknown(mode)) is not None:
+            return unknown
         job_id = next(self._ids)
         frames = encode_job(job_id, task, payload)  # TypeError / ProtocolError here, in the caller
         future: Future = Future()
@@ -211,10 +216,9 @@ class Supervisor:
         call. The Future's result is ``{"mode", "status": "already_loaded"}``
         when it already is (the worker is untouched), else ``{"mode",
         "status": "loaded", "previous", "seconds", "load_seconds", "pid"}``."""
-        if not isinstance(mode, str):
-            raise TypeError(f"mode must be a str, got {type(mode).__name__}")
-        if self.config.mode(mode) is None:
-            return _failed(UnknownMode(self._unknown_mode_message(mode)))
+        _check_mode_type(mode, optional=False)
+        if (unknown := self._unknown(mode)) is not None:
+            return unknown
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
@@ -226,10 +230,9 @@ class Supervisor:
         force, after every job queued before this call; also clears the
         ``failed`` state. Result: ``{"mode", "status": "restarted",
         "previous", "seconds", "load_seconds", "pid"}``."""
-        if mode is not None and not isinstance(mode, str):
-            raise TypeError(f"mode must be a str or None, got {type(mode).__name__}")
-        if mode is not None and self.config.mode(mode) is None:
-            return _failed(UnknownMode(self._unknown_mode_message(mode)))
+        _check_mode_type(mode, optional=True)
+        if (unknown := self._unknown(mode)) is not None:
+            return unknown
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
@@ -266,12 +269,20 @@ class Supervisor:
 
     def _running_or_fail(self, future: Future) -> bool:
         """Start on first use; after shutdown, fail ``future`` instead."""
+        if self._started and not self._closed:  # the common case, without the lock
+            return True
         try:
             self.start()
             return True
         except ShuttingDown as exc:
             future.set_exception(exc)
             return False
+
+    def _unknown(self, mode: str | None) -> Future | None:
+        """A Future already failed with UnknownMode, or None if ``mode`` is fine."""
+        if mode is None or self.config.mode(mode) is not None:
+            return None
+        return _failed(UnknownMode(self._unknown_mode_message(mode)))
 
     def _unknown_mode_message(self, mode: str) -> str:
         return f"unknown mode {mode!r}; {self.config.source} has {', '.join(sorted(self.config.modes))}"

@@ -47,21 +47,20 @@ class ModeSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-# name -> (default, check, what is expected); a number check takes int or float.
-_SETTINGS: dict[str, tuple[Any, Any, str]] = {
-    "heartbeat_interval": (1.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
-    "heartbeat_timeout": (10.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
-    "load_timeout": (300.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
-    "stop_timeout": (5.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
-    "job_timeout": (0.0, lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: none)"),
-    "max_restarts": (5, lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
-    "restart_window": (60.0, lambda v: _number(v) and v > 0, "a number of seconds > 0"),
-    "restart_backoff": (0.5, lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
-    "restart_backoff_max": (10.0, lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
-    "max_queue": (10_000, lambda v: _whole(v) and v > 0, "a whole number > 0"),
-    "default_mode": ("", lambda v: isinstance(v, str), "a mode name"),
+# name -> (check, what is expected); the defaults live in Config alone.
+_SETTINGS: dict[str, tuple[Any, str]] = {
+    "heartbeat_interval": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "heartbeat_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "load_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "stop_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "job_timeout": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: none)"),
+    "max_restarts": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "restart_window": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "restart_backoff": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+    "restart_backoff_max": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+    "max_queue": (lambda v: _whole(v) and v > 0, "a whole number > 0"),
+    "default_mode": (lambda v: isinstance(v, str), "a mode name"),
     "worker_command": (
-        (),
         lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
         'a non-empty list of strings, e.g. ["/opt/gpu-venv/bin/python", "-m", "worker"]',
     ),
@@ -182,6 +181,10 @@ class _Locator:
         return ConfigError(f"{where}: {what}: {problem}")
 
 
+def _default(key: str) -> Any:
+    return Config.__dataclass_fields__[key].default
+
+
 def parse(text: str, source: str = "<string>") -> Config:
     try:
         data = tomllib.loads(text)
@@ -213,12 +216,12 @@ def parse(text: str, source: str = "<string>") -> Config:
     for key, value in section.items():
         if key not in _SETTINGS:
             raise where.error("supervisor", key, f"unknown key; known keys are {', '.join(sorted(_SETTINGS))}")
-        _, check, expected = _SETTINGS[key]
+        check, expected = _SETTINGS[key]
         if not check(value):
             raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
         if isinstance(value, list):
             value = tuple(value)
-        elif _number(value) and not _whole(_SETTINGS[key][0]):
+        elif _number(value) and not _whole(_default(key)):
             value = float(value)
         settings[key] = value
 
@@ -252,7 +255,9 @@ def parse(text: str, source: str = "<string>") -> Config:
     default_mode = settings.get("default_mode", "")
     if default_mode and default_mode not in modes:
         raise where.error("supervisor", "default_mode", f"{default_mode!r} is not a mode; modes are {sorted(modes)}")
-    if settings.get("heartbeat_timeout", 10.0) <= settings.get("heartbeat_interval", 1.0):
+    if settings.get("heartbeat_timeout", _default("heartbeat_timeout")) <= settings.get(
+        "heartbeat_interval", _default("heartbeat_interval")
+    ):
         key = "heartbeat_timeout" if "heartbeat_timeout" in settings else "heartbeat_interval"
         raise where.error(
             "supervisor", key, "heartbeat_timeout must be longer than heartbeat_interval (default 10 and 1)"

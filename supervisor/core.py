@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -89,6 +90,10 @@ class _SwitchInProgress:
     request: QueuedSwitch
     previous: str | None
     started: float
+
+
+def _already_loaded(mode: str, w: WorkerHandle) -> dict[str, Any]:
+    return {"mode": mode, "status": "already_loaded", "pid": w.pid}
 
 
 # --------------------------------------------------------------------- core
@@ -204,7 +209,6 @@ class Core:
             shutil.rmtree(self._endpoint_dir, ignore_errors=True)
             for command in self.mailbox.close():
                 self._refuse(command)
-            self._publish(state="stopped")
             for waiter in self._shutdown_waiters:
                 settle(waiter, result=None)
 
@@ -324,9 +328,7 @@ class Core:
         elif self._failed is not None and isinstance(command, QueuedJob) and not self._barrier_queued():
             self._settle(command.future, error=self._failed_error())
         elif isinstance(command, QueuedSwitch) and not command.force and self._switch_is_noop(command.mode):
-            self._settle(
-                command.future, result={"mode": command.mode, "status": "already_loaded", "pid": self._worker.pid}
-            )
+            self._settle(command.future, result=_already_loaded(command.mode, self._worker))
         else:
             self._queue.append(command)
 
@@ -389,7 +391,7 @@ class Core:
                         continue
                     item.mode = self._mode
                 if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:
-                    self._settle(item.future, result={"mode": item.mode, "status": "already_loaded", "pid": w.pid})
+                    self._settle(item.future, result=_already_loaded(item.mode, w))
                     continue
                 self._begin_switch(item)
                 return
@@ -490,18 +492,26 @@ class Core:
         log.error("mode %r failed to load: %s", sw.mode, error.message)
         if sw.request.future is not None:
             self._settle(sw.request.future, error=error)
+        self._fail_before_barrier(
+            lambda job: (
+                ModeLoadError(
+                    f"job {job.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
+                )
+                if job.mode == sw.mode
+                else None
+            )
+        )
+
+    def _fail_before_barrier(self, error_for: Callable[[QueuedJob], GpuvisorError | None]) -> None:
+        """Fail the queued jobs ahead of the first switch barrier for which
+        ``error_for`` gives an error; jobs behind a barrier belong to it."""
         kept: collections.deque = collections.deque()
         barrier = False
         for item in self._queue:
-            if isinstance(item, QueuedSwitch):
-                barrier = True
-            if not barrier and isinstance(item, QueuedJob) and item.mode == sw.mode:
-                self._settle(
-                    item.future,
-                    error=ModeLoadError(
-                        f"job {item.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
-                    ),
-                )
+            barrier = barrier or isinstance(item, QueuedSwitch)
+            error = None if barrier else error_for(item)
+            if error is not None:
+                self._settle(item.future, error=error)
             else:
                 kept.append(item)
         self._queue = kept
@@ -556,7 +566,6 @@ class Core:
         if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
             log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
             return
-        w.reported_pid = msg.pid
         if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args))):
             w.transition(WorkerState.LOADING)
 
@@ -688,15 +697,7 @@ class Core:
         now, as will new ones, until an explicit switch_mode() or restart()."""
         log.error("restart budget exhausted: %s", reason)
         self._failed = reason
-        kept: collections.deque = collections.deque()
-        barrier = False
-        for item in self._queue:
-            barrier = barrier or isinstance(item, QueuedSwitch)
-            if not barrier and isinstance(item, QueuedJob):
-                self._settle(item.future, error=self._failed_error())
-            else:
-                kept.append(item)
-        self._queue = kept
+        self._fail_before_barrier(lambda job: self._failed_error())
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()

@@ -57,7 +57,6 @@ class Daemon:
         self._pending: dict[tuple[tuple[bytes, ...], Any], Future] = {}  # (client, request id) -> job, for cancel
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
-        self._stopping_since: float | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
 
     # ------------------------------------------------------------ running
@@ -192,7 +191,6 @@ class Daemon:
     def _stop(self, sup: Supervisor, drain: bool) -> None:
         if self._stopper is None:
             self.notifier.stopping()
-            self._stopping_since = time.monotonic()
             self._stopper = threading.Thread(target=self._shutdown, args=(sup, drain), name="gpuvisor-stop")
             self._stopper.start()
         elif not drain:
@@ -236,13 +234,9 @@ class Daemon:
                 client, frames = (identity, b""), frames[1:]
             try:
                 request = decode_request(frames)
-            except BadRequest as exc:
+            except GpuvisorError as exc:  # BadRequest, or a ProtocolError from unpacking
                 log.warning("bad request from client %s: %s", client[0].hex(), exc.message)
-                self._reply_now(front, client, exc.request_id, error=exc)
-                continue
-            except GpuvisorError as exc:
-                log.warning("bad request from client %s: %s", client[0].hex(), exc.message)
-                self._reply_now(front, client, None, error=exc)
+                self._reply_now(front, client, getattr(exc, "request_id", None), error=exc)
                 continue
             try:
                 self._handle(sup, front, client, request)

@@ -116,7 +116,6 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.last_seen = self.started_at
         self.load_seconds: float | None = None
-        self.reported_pid: int | None = None
         self.stderr_fd: int | None = proc.stderr.fileno() if proc.stderr is not None else None
         if self.stderr_fd is not None:
             os.set_blocking(self.stderr_fd, False)
