@@ -2,6 +2,7 @@
 and the error hierarchy. A leaf package: it imports nothing from
 ``supervisor`` or ``worker``, so either side (or a test) can use it alone."""
 
+from protocol.arrays import ARRAY_EXT
 from protocol.errors import (
     ERROR_CODES,
     DaemonUnavailable,
@@ -11,6 +12,7 @@ from protocol.errors import (
     JobTimeout,
     ModeLoadError,
     NoModeLoaded,
+    OutOfMemory,
     ProtocolError,
     QueueFull,
     ShuttingDown,
@@ -24,6 +26,7 @@ from protocol.messages import (
     EXIT_MEANINGS,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    Chunk,
     Drain,
     Failure,
     Heartbeat,
@@ -40,10 +43,14 @@ from protocol.messages import (
     encode,
     encode_job,
     pack,
+    pack_frames,
     unpack,
 )
 
 __all__ = [
+    "ARRAY_EXT",
+    "Chunk",
+    "pack_frames",
     "ERROR_CODES",
     "EXIT_MEANINGS",
     "MAX_MESSAGE_BYTES",
@@ -63,6 +70,7 @@ __all__ = [
     "LoadFailed",
     "ModeLoadError",
     "NoModeLoaded",
+    "OutOfMemory",
     "ProtocolError",
     "QueueFull",
     "Ready",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import GpuvisorError, ProtocolError
-from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version, pack, unpack_map
+from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version, pack, pack_frames, unpack_map
 
 
 class Request(enum.StrEnum):
@@ -104,20 +104,20 @@ def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Clien
     return ClientRequest(kind, rid, args)
 
 
-def encode_request(kind: Request | str, request_id: int | str, **fields: Any) -> list[bytes]:
-    return [pack({"v": PROTOCOL_VERSION, "k": str(kind), "id": request_id, **fields})]
+def encode_request(kind: Request | str, request_id: int | str, **fields: Any) -> list:
+    """Arrays in ``fields`` go as frames after the header, as in part 1."""
+    return pack_frames({"v": PROTOCOL_VERSION, "k": str(kind), "id": request_id, **fields}, what="request")
 
 
-def encode_reply(request_id: int | str | None, *, value: Any = None, error: GpuvisorError | None = None) -> list[bytes]:
+def encode_reply(request_id: int | str | None, *, value: Any = None, error: GpuvisorError | None = None) -> list:
     """The one reply to a request. A value msgpack cannot carry, or one over
     the limit, becomes an error reply instead of no reply."""
     head = {"v": PROTOCOL_VERSION, "k": REPLY, "id": request_id}
     if error is None:
         try:
-            frame = pack({**head, "ok": True, "value": value})
-            if len(frame) <= MAX_MESSAGE_BYTES:
-                return [frame]
-            error = ProtocolError(f"the reply of {len(frame)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+            return pack_frames({**head, "ok": True, "value": value}, MAX_MESSAGE_BYTES, "the reply")
+        except ProtocolError as exc:
+            error = exc
         except TypeError as exc:
             error = ProtocolError(f"the reply cannot be encoded: {exc}")
     wire = error.to_wire()

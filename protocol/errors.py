@@ -85,6 +85,22 @@ class JobFailed(GpuvisorError):
         return str(self.details.get("traceback", ""))
 
 
+class OutOfMemory(JobFailed):
+    """The handler ran out of memory: ``torch.cuda.OutOfMemoryError`` (VRAM)
+    or ``MemoryError`` (host). ``memory`` holds torch's figures at the time
+    (allocated, reserved, peak bytes) when CUDA was in use. With
+    ``recycle_on_oom`` (the default) the worker is replaced afterwards, since
+    the allocator's fragments outlive the failed job. A smaller batch may
+    succeed; the same one will fail again."""
+
+    code = "out_of_memory"
+
+    @property
+    def memory(self) -> dict:
+        value = self.details.get("memory")
+        return value if isinstance(value, dict) else {}
+
+
 class JobTimeout(GpuvisorError):
     """The job ran past its ``timeout``; the worker was killed to stop it (a
     stuck kernel cannot be interrupted any other way). Retrying helps only if
@@ -149,6 +165,7 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         UnknownTask,
         ModeLoadError,
         JobFailed,
+        OutOfMemory,
         JobTimeout,
         WorkerCrashed,
         JobCancelled,

@@ -1,15 +1,16 @@
 """Supervisor <-> worker messages: kinds, typed objects, encode and decode.
 
 A message is a ZeroMQ multipart message whose first frame is a msgpack map
-``{"v": PROTOCOL_VERSION, "k": <kind>, ...fields}``. Later frames are reserved
-for binary payloads; today a message has exactly one frame. ``docs/protocol.md``
-is the contract; this module is its one implementation.
+``{"v": PROTOCOL_VERSION, "k": <kind>, ...fields}``. Later frames, if any, hold
+the bytes of arrays the header refers to (see ``protocol.arrays``).
+``docs/protocol.md`` is the contract; this module is its one implementation.
 
 Decoding is typed and per direction: ``decode_from_worker`` only accepts what a
 worker may send and ``decode_to_worker`` what a supervisor may send, so a
 message in the wrong direction is a ``ProtocolError`` like any other malformed
 input, never a ``KeyError`` from deep inside the loop. Nothing is pickled:
-msgpack has no code-execution path, and ext types are refused.
+msgpack has no code-execution path, and the only ext type accepted is the
+array reference.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from protocol.arrays import FrameRefs, nbytes, packer
 from protocol.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""Largest frame either side encodes or decodes. A payload past it fails at
-``submit()``; a received frame past it is refused before it is unpacked."""
+"""Largest frame either side encodes or decodes, header or array. A payload
+past it fails at ``submit()``; a received frame past it is refused before it
+is unpacked."""
 
 
 class Kind(enum.StrEnum):
@@ -36,6 +39,7 @@ class Kind(enum.StrEnum):
     READY = "ready"
     LOAD_FAILED = "load_failed"
     RESULT = "result"
+    CHUNK = "chunk"
     FAILURE = "failure"
     HEARTBEAT = "heartbeat"
     # supervisor -> worker
@@ -64,8 +68,14 @@ class _Any:
     """Field type marker: any msgpack value."""
 
 
-# Each message class lists its fields as (name, accepted types). An ``int``
-# field refuses ``bool`` (msgpack keeps them apart, Python does not).
+class _Optional:
+    """Field marker: ``(name, type, _Optional)`` may be absent (or nil) and
+    then takes the dataclass default. Fields added after version 1 are
+    optional, so a worker written against the first contract still works."""
+
+
+# Each message class lists its fields as (name, accepted types[, _Optional]).
+# An ``int`` field refuses ``bool`` (msgpack keeps them apart, Python does not).
 @dataclass(frozen=True, slots=True)
 class Hello:
     """First message of a worker: who it is, so stale generations are spotted."""
@@ -79,10 +89,18 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class Ready:
     kind: ClassVar[Kind] = Kind.READY
-    fields: ClassVar[tuple] = (("mode", str), ("load_seconds", float), ("tasks", list))
+    fields: ClassVar[tuple] = (
+        ("mode", str),
+        ("load_seconds", float),
+        ("tasks", list),
+        ("warmup_seconds", float, _Optional),
+        ("memory", dict, _Optional),
+    )
     mode: str
     load_seconds: float
     tasks: list
+    warmup_seconds: float | None = None
+    memory: dict | None = None  # torch's own figures, see worker.memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,28 +128,42 @@ class Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed piece of a job's result, before its RESULT or FAILURE."""
+
+    kind: ClassVar[Kind] = Kind.CHUNK
+    fields: ClassVar[tuple] = (("job", int), ("seq", int), ("value", _Any))
+    job: int
+    seq: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     kind: ClassVar[Kind] = Kind.HEARTBEAT
-    fields: ClassVar[tuple] = (("busy", bool),)
+    fields: ClassVar[tuple] = (("busy", bool), ("memory", dict, _Optional))
     busy: bool
+    memory: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Load:
     kind: ClassVar[Kind] = Kind.LOAD
-    fields: ClassVar[tuple] = (("mode", str), ("loader", str), ("args", dict))
+    fields: ClassVar[tuple] = (("mode", str), ("loader", str), ("args", dict), ("warmup", dict, _Optional))
     mode: str
     loader: str
     args: dict = field(default_factory=dict)
+    warmup: dict | None = None  # {"task", "payload"}: run once after the load, before READY
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
     kind: ClassVar[Kind] = Kind.JOB
-    fields: ClassVar[tuple] = (("job", int), ("task", str), ("payload", _Any))
+    fields: ClassVar[tuple] = (("job", int), ("task", str), ("payload", _Any), ("stream", bool, _Optional))
     job: int
     task: str
     payload: Any
+    stream: bool = False  # send CHUNKs as a generator handler yields them
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +174,10 @@ class Drain:
     fields: ClassVar[tuple] = ()
 
 
-FromWorker = Hello | Ready | LoadFailed | Result | Failure | Heartbeat
+FromWorker = Hello | Ready | LoadFailed | Result | Chunk | Failure | Heartbeat
 ToWorker = Load | Job | Drain
 
-_FROM_WORKER: dict[str, type] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Failure, Heartbeat)}
+_FROM_WORKER: dict[str, type] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Chunk, Failure, Heartbeat)}
 _TO_WORKER: dict[str, type] = {c.kind.value: c for c in (Load, Job, Drain)}
 
 
@@ -178,20 +210,38 @@ def unpack(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
         raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def encode(msg: FromWorker | ToWorker, limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+def pack_frames(header: dict, limit: int = MAX_MESSAGE_BYTES, what: str = "message") -> list:
+    """``header`` as a msgpack frame followed by one frame per array in it
+    (buffers, not copies). Raises TypeError for what msgpack cannot carry and
+    ProtocolError for a frame over ``limit``."""
+    arrays: list = []
+    try:
+        frame = packer(arrays).pack(header)
+    except (TypeError, ValueError, OverflowError) as exc:
+        text = str(exc)
+        raise TypeError(
+            text if text.startswith(("not msgpack", "a ", "an ")) else f"not msgpack-encodable: {text}"
+        ) from None
+    for n, buf in enumerate([frame, *arrays]):
+        if nbytes(buf) > limit:
+            part = "header" if n == 0 else f"array in frame {n}"
+            raise ProtocolError(f"{what}: {part} of {nbytes(buf)} bytes is over the {limit}-byte frame limit")
+    return [frame, *arrays]
+
+
+def encode(msg: FromWorker | ToWorker, limit: int = MAX_MESSAGE_BYTES) -> list:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": msg.kind.value}
-    for name, _ in msg.fields:
-        header[name] = getattr(msg, name)
-    frame = pack(header)
-    if len(frame) > limit:
-        raise ProtocolError(f"{msg.kind.value} message of {len(frame)} bytes is over the {limit}-byte limit")
-    return [frame]
+    for name, _type, *optional in msg.fields:
+        value = getattr(msg, name)
+        if not optional or (value is not None and value is not False):
+            header[name] = value
+    return pack_frames(header, limit, f"{msg.kind.value} message")
 
 
-def encode_job(job_id: int, task: str, payload: Any, limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+def encode_job(job_id: int, task: str, payload: Any, stream: bool = False, limit: int = MAX_MESSAGE_BYTES) -> list:
     """A JOB message, encoded once by the submitting thread so that a payload
     msgpack cannot carry, or one over the limit, fails at ``submit()``."""
-    return encode(Job(job_id, task, payload), limit)
+    return encode(Job(job_id, task, payload, stream), limit)
 
 
 def _type_ok(value: Any, expected: type) -> bool:
@@ -204,15 +254,32 @@ def _type_ok(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def unpack_map(frames: list[bytes], limit: int, what: str = "message") -> dict:
-    """The shape every message of both protocols has: one frame, a msgpack map."""
+MAX_FRAMES = 1025
+"""A header and at most 1024 arrays: bounds what one message can make us hold."""
+
+
+def unpack_map(frames: list, limit: int, what: str = "message") -> dict:
+    """The shape every message of both protocols has: a msgpack map, then
+    one frame per array it refers to. Arrays come back as numpy arrays over
+    the received frames' memory."""
     if not frames:
         raise ProtocolError(f"empty {what}")
-    if len(frames) != 1:
-        raise ProtocolError(f"expected 1 frame, got {len(frames)} (extra frames are reserved)")
-    header = unpack(bytes(frames[0]), limit)
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{what} has {len(frames)} frames; at most {MAX_FRAMES} (a header and 1024 arrays)")
+    first = frames[0]
+    data = first.bytes if hasattr(first, "bytes") else bytes(first)
+    if len(data) > limit:
+        raise ProtocolError(f"frame of {len(data)} bytes is over the {limit}-byte limit")
+    refs = FrameRefs(list(frames[1:]), limit)
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=refs, use_list=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, TypeError, StackError ...
+        raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"{what} is a msgpack {type(header).__name__}, expected a map")
+    refs.check_all_used()
     return header
 
 
@@ -230,7 +297,10 @@ def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: 
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r} {direction}")
     values = []
-    for name, expected in cls.fields:
+    for name, expected, *optional in cls.fields:
+        if optional and header.get(name) is None:
+            values.append(cls.__dataclass_fields__[name].default)
+            continue
         if name not in header:
             raise ProtocolError(f"{kind} message lacks field {name!r}")
         value = header[name]
@@ -242,9 +312,9 @@ def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: 
     return cls(*values)
 
 
-def decode_from_worker(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> FromWorker:
+def decode_from_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> FromWorker:
     return _decode(frames, _FROM_WORKER, "from a worker", limit)
 
 
-def decode_to_worker(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> ToWorker:
+def decode_to_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> ToWorker:
     return _decode(frames, _TO_WORKER, "to a worker", limit)

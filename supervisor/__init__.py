@@ -12,6 +12,7 @@ from protocol.errors import (
     JobTimeout,
     ModeLoadError,
     NoModeLoaded,
+    OutOfMemory,
     ProtocolError,
     QueueFull,
     ShuttingDown,
@@ -20,7 +21,7 @@ from protocol.errors import (
     UnknownTask,
     WorkerCrashed,
 )
-from supervisor.api import AsyncSupervisor, Supervisor
+from supervisor.api import AsyncSupervisor, JobStream, Supervisor
 from supervisor.config import Config, ConfigError, ModeSpec
 from supervisor.config import load as load_config
 
@@ -30,12 +31,14 @@ __all__ = [
     "ConfigError",
     "DaemonUnavailable",
     "GpuvisorError",
+    "JobStream",
     "JobCancelled",
     "JobFailed",
     "JobTimeout",
     "ModeLoadError",
     "ModeSpec",
     "NoModeLoaded",
+    "OutOfMemory",
     "ProtocolError",
     "QueueFull",
     "ShuttingDown",

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import queue
 import threading
 import time
 import weakref
@@ -97,6 +98,92 @@ def _check_timeout(name: str, value: Any) -> float | None:
     return float(value)
 
 
+_END = object()  # after a stream's last chunk: its Future is done
+
+
+class JobStream:
+    """The chunks of a streamed job, in order, as the handler yields them;
+    then the iteration ends, or raises the job's typed error (``WorkerCrashed``
+    if the worker died mid-stream, ``JobTimeout``, ``JobFailed`` ...). The
+    job still has exactly one outcome: ``future``, whose result is the value
+    the handler returned. Chunks wait in memory until read; leaving the loop
+    early does not stop the job."""
+
+    def __init__(self, future: Future, deliver: Any = None):
+        self.future = future
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        # ``deliver`` is how a chunk reaches the reader; called on the loop thread.
+        self._deliver = deliver or self._chunks.put
+        future.add_done_callback(lambda _: self._deliver(_END))
+
+    def _on_chunk(self, value: Any) -> None:
+        self._deliver(value)
+
+    def __iter__(self) -> JobStream:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._chunks.get()
+        if item is _END:
+            self._chunks.put(_END)  # iterating again ends again
+            error = self.future.exception()  # CancelledError if it was cancelled
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The handler's return value, once every chunk has been produced."""
+        return self.future.result(timeout)
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started (like ``Future.cancel``)."""
+        return self.future.cancel()
+
+
+class AsyncJobStream(JobStream):
+    """``JobStream`` for asyncio: ``async for chunk in stream``; ``await
+    stream.result()``. Chunks are handed to the event loop in order."""
+
+    def __init__(self, future: Future, loop: asyncio.AbstractEventLoop):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        super().__init__(future, lambda item: loop.call_soon_threadsafe(self._queue.put_nowait, item))
+
+    def __aiter__(self) -> AsyncJobStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.future.cancel()  # the reader gave up: a job still queued need not run
+            raise
+        if item is _END:
+            self._queue.put_nowait(_END)
+            error = self.future.exception()
+            if error is not None:
+                raise error
+            raise StopAsyncIteration
+        return item
+
+    async def result(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+        return await asyncio.wait_for(asyncio.wrap_future(self.future), timeout)
+
+
+def _check_submit(task: Any, mode: Any, timeout: Any, retries: Any, stream: Any) -> float | None:
+    """Every check of submit()'s arguments; returns the timeout as a float."""
+    if not isinstance(task, str) or not task:
+        raise TypeError(f"task must be a non-empty str, got {task!r}")
+    _check_mode_type(mode, optional=True)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise TypeError(f"retries must be a whole number >= 0, got {retries!r}")
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
+    if stream and retries:
+        raise ValueError("a streamed job cannot be retried: its reader would see the chunks twice")
+    return _check_timeout("timeout", timeout)
+
+
 class Supervisor:
     """Runs jobs in a worker process that owns the GPU; see the README's tour.
 
@@ -176,9 +263,14 @@ class Supervisor:
         mode: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-    ) -> Future:
+        stream: bool = False,
+    ) -> Future | JobStream:
         """Queue ``task`` with ``payload``; the Future gets the handler's result
         or a typed error. ``mode`` switches first when another is loaded.
+        ``stream=True`` returns a ``JobStream`` instead: an iterator of the
+        chunks a generator handler yields, then its typed outcome. numpy
+        arrays and CPU tensors in ``payload`` travel as raw frames without a
+        copy, so do not change them until the job is done.
         ``timeout`` is seconds of running time in the worker; past it the
         worker is killed and the job fails with ``JobTimeout``. ``retries``
         is the caller's word that the job is idempotent: if the worker dies
@@ -188,19 +280,18 @@ class Supervisor:
         Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
         running. ``Future.cancel()`` succeeds while the job is queued and
         returns False once it is running."""
-        if not isinstance(task, str) or not task:
-            raise TypeError(f"task must be a non-empty str, got {task!r}")
-        _check_mode_type(mode, optional=True)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise TypeError(f"retries must be a whole number >= 0, got {retries!r}")
-        timeout = _check_timeout("timeout", timeout)
+        timeout = _check_submit(task, mode, timeout, retries, stream)
+        return self._submit(task, payload, mode, timeout, retries, JobStream if stream else None)
+
+    def _submit(self, task, payload, mode, timeout, retries, stream_type, *stream_args) -> Future | JobStream:
         if (unknown := self._unknown(mode)) is not None:
-            return unknown
+            return stream_type(unknown, *stream_args) if stream_type else unknown
         job_id = next(self._ids)
-        frames = encode_job(job_id, task, payload)  # TypeError / ProtocolError here, in the caller
+        frames = encode_job(job_id, task, payload, stream_type is not None)  # TypeError / ProtocolError here
         future: Future = Future()
+        job_stream = stream_type(future, *stream_args) if stream_type else None
         if not self._running_or_fail(future):
-            return future
+            return job_stream or future
         if not self._slots.acquire(blocking=False):
             raise QueueFull(f"{self.config.max_queue} jobs are already queued or running (max_queue)")
         # Given back exactly once: by the loop just before it settles the job
@@ -208,8 +299,9 @@ class Supervisor:
         # Neither holds a reference to the Supervisor.
         future.release_slot = _once(self._slots.release)
         future.add_done_callback(lambda f: f.release_slot())
-        self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries))
-        return future
+        on_chunk = job_stream._on_chunk if job_stream is not None else None
+        self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
+        return job_stream or future
 
     def switch_mode(self, mode: str) -> Future:
         """Make ``mode`` the loaded mode, after every job queued before this
@@ -311,8 +403,16 @@ class AsyncSupervisor:
         mode: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
+        stream: bool = False,
     ) -> Any:
-        return await asyncio.wrap_future(self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries))
+        """The handler's result; with ``stream=True`` an ``AsyncJobStream``
+        (``async for chunk in await sup.submit(..., stream=True)``)."""
+        if not stream:
+            return await asyncio.wrap_future(
+                self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries)
+            )
+        timeout = _check_submit(task, mode, timeout, retries, stream)
+        return self._sync._submit(task, payload, mode, timeout, retries, AsyncJobStream, asyncio.get_running_loop())
 
     async def switch_mode(self, mode: str) -> dict[str, Any]:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))

@@ -129,7 +129,16 @@ def _client_command(args: argparse.Namespace) -> int:
 
 
 def _json(value: Any, **kwargs: Any) -> str:
-    return json.dumps(value, default=lambda o: o.hex() if isinstance(o, bytes) else repr(o), **kwargs)
+    return json.dumps(value, default=_plain, **kwargs)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON for what msgpack carries and JSON does not: bytes as hex, arrays as nested lists."""
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return repr(obj)
 
 
 def _show(args: argparse.Namespace, value: Any) -> None:

@@ -245,7 +245,7 @@ class Client:
     def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> float:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # arrays stay in these frames
             except zmq.Again:
                 return time.monotonic()
             try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ class QueuedJob:
     future: Future
     retries: int = 0  # the caller's word that the job is idempotent: runs again after a crash
     deadline: float | None = None
+    on_chunk: Callable[[Any], None] | None = None  # a streamed job's sink, called on the loop thread
+    chunks: int = 0  # CHUNKs received so far; the next must carry seq chunks + 1
 
 
 @dataclass(eq=False)

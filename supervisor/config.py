@@ -45,6 +45,14 @@ class ModeSpec:
     name: str
     loader: str
     args: dict[str, Any] = field(default_factory=dict)
+    warmup: dict[str, Any] | None = None  # {"task": str, "payload": any}: run after load, before READY
+    idle_unload_s: float | None = None  # None: the [supervisor] setting applies
+
+
+def _valid_device(value: Any) -> bool:
+    from supervisor.gpu import valid_device_setting  # no NVML here: syntax only
+
+    return valid_device_setting(value)
 
 
 # name -> (check, what is expected); the defaults live in Config alone.
@@ -60,6 +68,11 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "restart_backoff_max": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
     "max_queue": (lambda v: _whole(v) and v > 0, "a whole number > 0"),
     "default_mode": (lambda v: isinstance(v, str), "a mode name"),
+    "device": (_valid_device, "'auto', 'cpu' or 'cuda:N'"),
+    "recycle_on_oom": (lambda v: isinstance(v, bool), "true or false"),
+    "idle_unload_s": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: never)"),
+    "reclaim_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "reclaim_tolerance_mib": (lambda v: _number(v) and v >= 0, "a number of MiB >= 0"),
     "worker_command": (
         lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
         'a non-empty list of strings, e.g. ["/opt/gpu-venv/bin/python", "-m", "worker"]',
@@ -112,12 +125,20 @@ class Config:
     restart_backoff_max: float = 10.0
     max_queue: int = 10_000
     default_mode: str = ""
+    device: str = "auto"  # "auto": the first GPU NVML sees, else the CPU
+    recycle_on_oom: bool = True
+    idle_unload_s: float = 0.0  # 0: keep the worker loaded while idle
+    reclaim_timeout: float = 10.0
+    reclaim_tolerance_mib: float = 64.0
     worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "<built-in>"
 
     def mode(self, name: str) -> ModeSpec | None:
         return self.modes.get(name)
+
+    def idle_unload_for(self, spec: ModeSpec) -> float:
+        return self.idle_unload_s if spec.idle_unload_s is None else spec.idle_unload_s
 
 
 class _Locator:
@@ -181,6 +202,18 @@ class _Locator:
         return ConfigError(f"{where}: {what}: {problem}")
 
 
+_MODE_KEYS = ("loader", "args", "warmup", "idle_unload_s")
+
+
+def _check_sendable(where: _Locator, table: str, key: str, value: Any) -> None:
+    try:
+        pack(value)  # it travels to the worker as msgpack
+    except TypeError as exc:
+        raise where.error(
+            table, key, f"cannot be sent to a worker ({exc}); use strings, numbers, booleans, arrays and tables"
+        ) from None
+
+
 def _default(key: str) -> Any:
     return Config.__dataclass_fields__[key].default
 
@@ -221,7 +254,7 @@ def parse(text: str, source: str = "<string>") -> Config:
             raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
         if isinstance(value, list):
             value = tuple(value)
-        elif _number(value) and not _whole(_default(key)):
+        elif _number(value) and isinstance(_default(key), float):
             value = float(value)
         settings[key] = value
 
@@ -236,21 +269,32 @@ def parse(text: str, source: str = "<string>") -> Config:
         if not isinstance(entry, dict):
             raise where.error("modes", name, "must be a table with a 'loader'")
         for key in entry:
-            if key not in ("loader", "args"):
-                raise where.error(table, key, "unknown key; a mode has 'loader' and optional 'args'")
+            if key not in _MODE_KEYS:
+                raise where.error(
+                    table, key, f"unknown key; a mode has 'loader' and optional {', '.join(_MODE_KEYS[1:])}"
+                )
         loader = entry.get("loader")
         if not isinstance(loader, str) or not _LOADER_RE.match(loader):
             raise where.error(table, "loader", f"expected 'package.module:function', got {loader!r}")
         args = entry.get("args", {})
         if not isinstance(args, dict):
             raise where.error(table, "args", f"expected a table of keyword arguments, got {args!r}")
-        try:
-            pack(args)  # it travels to the worker as msgpack
-        except TypeError as exc:
-            raise where.error(
-                table, "args", f"cannot be sent to a worker ({exc}); use strings, numbers, booleans, arrays and tables"
-            ) from None
-        modes[name] = ModeSpec(name, loader, args)
+        _check_sendable(where, table, "args", args)
+        warmup = entry.get("warmup")
+        if warmup is not None:
+            if (
+                not isinstance(warmup, dict)
+                or not isinstance(warmup.get("task"), str)
+                or set(warmup) - {"task", "payload"}
+            ):
+                raise where.error(
+                    table, "warmup", f'expected {{ task = "TASK", payload = ... }} (payload optional), got {warmup!r}'
+                )
+            _check_sendable(where, table, "warmup", warmup)
+        idle = entry.get("idle_unload_s")
+        if idle is not None and not (_number(idle) and idle >= 0):
+            raise where.error(table, "idle_unload_s", f"expected a number of seconds >= 0 (0: never), got {idle!r}")
+        modes[name] = ModeSpec(name, loader, args, warmup, None if idle is None else float(idle))
 
     default_mode = settings.get("default_mode", "")
     if default_mode and default_mode not in modes:

@@ -48,6 +48,7 @@ import zmq
 
 from protocol import (
     MAX_MESSAGE_BYTES,
+    Chunk,
     Drain,
     Failure,
     GpuvisorError,
@@ -59,6 +60,7 @@ from protocol import (
     LoadFailed,
     ModeLoadError,
     NoModeLoaded,
+    OutOfMemory,
     ProtocolError,
     Ready,
     Result,
@@ -71,6 +73,7 @@ from protocol import (
 )
 from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reload, Shutdown, settle
 from supervisor.config import Config
+from supervisor.gpu import GpuMeter, choose_device, process_rss
 from supervisor.process import describe_exit, spawn_worker, stop_and_reap, worker_argv
 from supervisor.worker_handle import WorkerHandle, WorkerState
 
@@ -90,6 +93,18 @@ class _SwitchInProgress:
     request: QueuedSwitch
     previous: str | None
     started: float
+    reclaim: dict[str, Any]  # what stopping the previous worker gave back, for the result
+
+
+@dataclass
+class _Retired:
+    """The last worker stopped, until its memory is verified back."""
+
+    pid: int
+    baseline_used: int | None  # device used before it started
+    used_before: int | None  # device used just before it stopped
+    rss_bytes: int | None  # its RSS at the last sample (host memory, never VRAM)
+    stopping_since: float
 
 
 def _already_loaded(mode: str, w: WorkerHandle) -> dict[str, Any]:
@@ -137,6 +152,15 @@ class Core:
         self._outcomes: list[tuple[Future, Any, BaseException | None]] = []
         self._endpoint_dir = ""
         self._router: zmq.Socket | None = None
+        self._device = choose_device(config.device)
+        meter = GpuMeter.open(self._device.index) if self._device.index is not None else self._device.reason
+        self._meter: GpuMeter | None = meter if isinstance(meter, GpuMeter) else None
+        self._gpu_unavailable: str | None = None if self._meter is not None else str(meter)
+        self._memory: dict[str, Any] = {}  # the worker's memory at the last heartbeat
+        self._gpu: dict[str, Any] | None = self._meter.snapshot() if self._meter is not None else None
+        self._retired: _Retired | None = None
+        self._idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
+        self._oom_recycles = 0
 
     # ------------------------------------------------ API-thread side (only these)
 
@@ -300,7 +324,18 @@ class Core:
                 out.append(d)
         if self._respawn_at > time.monotonic() and self._worker is None and self._queue:
             out.append(self._respawn_at)
+        if (idle_at := self._idle_unload_at()) is not None:
+            out.append(idle_at)
         return out
+
+    def _idle_unload_at(self) -> float | None:
+        """When the idle worker is due to be stopped, or None. Only an idle
+        worker with nothing queued: never while a job runs or waits."""
+        w = self._worker
+        if w is None or w.state is not WorkerState.READY or self._queue or self._switch or self._shutdown:
+            return None
+        idle = self.config.idle_unload_for(w.spec)
+        return w.idle_since + idle if idle > 0 else None
 
     # ------------------------------------------------------------ commands
 
@@ -445,19 +480,22 @@ class Core:
         started = time.monotonic()
         if self._worker is not None:
             self._stop_worker(f"switching to mode {request.mode!r}")
-        self._switch = _SwitchInProgress(request.mode, request, previous, started)
+        self._switch = _SwitchInProgress(request.mode, request, previous, started, self._reclaim())
+        self._idle_unloaded = None
         spec = self.config.mode(request.mode)
         if spec is None:  # validated at submit; only a config reload could get here
             self._switch_failed(ModeLoadError(f"mode {request.mode!r} is no longer in the configuration"))
             return
         self._generation += 1
         argv = worker_argv(self.config.worker_command, self.endpoint, self._generation, self.config.heartbeat_interval)
+        baseline_used = self._device_used()
         try:
-            proc = spawn_worker(argv)
+            proc = spawn_worker(argv, self._device.env)
         except OSError as exc:  # a worker_command that does not exist, say
             self._switch_failed(ModeLoadError(f"could not start a worker with {argv[0]!r}: {exc}"))
             return
         self._worker = WorkerHandle(proc, self._generation, spec)
+        self._worker.baseline_used = baseline_used
         self._mode, self._mode_error = request.mode, None
         log.info("worker gen %d pid %d starting mode %r", self._generation, proc.pid, request.mode)
 
@@ -477,7 +515,9 @@ class Core:
                     "previous": sw.previous,
                     "seconds": seconds,
                     "load_seconds": w.load_seconds,
+                    "warmup_seconds": w.warmup_seconds,
                     "pid": w.pid,
+                    **sw.reclaim,
                 },
             )
 
@@ -532,13 +572,13 @@ class Core:
     def _drain_router(self) -> None:
         while True:
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)  # arrays stay in these frames
             except zmq.Again:
                 return
             self._on_frames(frames)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        identity, body = frames[0], frames[1:]
+    def _on_frames(self, frames: list) -> None:
+        identity, body = frames[0].bytes, frames[1:]
         w = self._worker
         if w is None or identity != w.identity or w.state is WorkerState.EXITED:
             log.warning(
@@ -566,7 +606,7 @@ class Core:
         if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
             log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
             return
-        if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args))):
+        if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args, w.spec.warmup))):
             w.transition(WorkerState.LOADING)
 
     def _on_ready(self, w: WorkerHandle, msg: Ready) -> None:
@@ -574,7 +614,9 @@ class Core:
             log.warning("worker gen %d: unexpected READY for %r in state %s", w.gen, msg.mode, w.state.value)
             return
         w.load_seconds = float(msg.load_seconds)
+        w.warmup_seconds = msg.warmup_seconds
         w.transition(WorkerState.READY)
+        self._sample_memory(w, msg.memory)
         self._switch_done(w)
 
     def _on_load_failed(self, w: WorkerHandle, msg: LoadFailed) -> None:
@@ -600,15 +642,47 @@ class Core:
         self._jobs_done += 1
         w.transition(WorkerState.READY)
         self._settle(job.future, result=msg.value if error is None else None, error=error)
+        if isinstance(error, OutOfMemory) and self.config.recycle_on_oom:
+            self._recycle_after_oom(w, job)
+
+    def _on_chunk(self, w: WorkerHandle, msg: Chunk) -> None:
+        job = self._in_flight
+        if w.state is not WorkerState.BUSY or job is None or job.id != msg.job or job.on_chunk is None:
+            log.warning("worker gen %d: dropped a chunk for job %d, which is not a stream in flight", w.gen, msg.job)
+            return
+        if msg.seq != job.chunks + 1:
+            raise ProtocolError(f"chunk {msg.seq} of job {job.id} after chunk {job.chunks}")
+        job.chunks = msg.seq
+        job.on_chunk(msg.value)
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
-        pass  # last_seen is already updated for every message
+        self._sample_memory(w, msg.memory)  # last_seen is already updated for every message
+
+    def _sample_memory(self, w: WorkerHandle, torch_figures: dict | None) -> None:
+        """Once a heartbeat, not once a turn: NVML and /proc reads are cheap,
+        but not free, and a busy loop turns thousands of times a second."""
+        self._memory = {
+            "worker_rss_bytes": process_rss(w.pid),
+            "worker_vram_bytes": self._meter.process_bytes(w.pid) if self._meter is not None else None,
+            "worker_torch": torch_figures,
+        }
+        self._gpu = self._meter.snapshot() if self._meter is not None else None
+
+    def _recycle_after_oom(self, w: WorkerHandle, job: QueuedJob) -> None:
+        """The allocator keeps its fragments after an OOM, so the next job
+        would likely fail too: replace the worker now, in the same mode, ahead
+        of everything queued. Not a death: the restart budget is untouched."""
+        self._oom_recycles += 1
+        log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
+        self._stop_worker("recycling after out of memory")
+        self._queue.appendleft(QueuedSwitch(w.mode, None))
 
     _HANDLERS = {
         Hello: _on_hello,
         Ready: _on_ready,
         LoadFailed: _on_load_failed,
         Result: _on_outcome,
+        Chunk: _on_chunk,
         Failure: _on_outcome,
         Heartbeat: _on_heartbeat,
     }
@@ -619,16 +693,53 @@ class Core:
         """Stop and reap the current worker; returns its exit status."""
         w = self._worker
         assert w is not None
+        used_before = self._device_used()
+        w.stopping_since = time.monotonic()
         code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=kill_now)
         log.info("worker gen %d pid %d stopped (%s): %s", w.gen, w.pid, why, describe_exit(code))
-        self._retire(w)
+        self._retire(w, used_before)
         return code
 
-    def _retire(self, w: WorkerHandle) -> None:
+    def _device_used(self) -> int | None:
+        if self._meter is None:
+            return None
+        memory = self._meter.memory()
+        return memory[0] if memory is not None else None
+
+    def _reclaim(self) -> dict[str, Any]:
+        """Wait until the last worker's memory is back: NVML no longer lists
+        its pid and the device's used memory is within the tolerance of what
+        it was before that worker started. Bounded by ``reclaim_timeout``; a
+        timeout is logged and reported, not fatal (another process may have
+        taken memory meanwhile). Without a GPU there is no VRAM to wait for:
+        the reap was the reclaim, and the old RSS is reported as RSS."""
+        r, self._retired = self._retired, None
+        if r is None:
+            return {}
+        out: dict[str, Any] = {"previous_pid": r.pid, "previous_rss_bytes": r.rss_bytes}
+        if self._meter is None or r.baseline_used is None:
+            out.update(reclaimed_bytes=None, reclaim_seconds=time.monotonic() - r.stopping_since, reclaim_complete=None)
+            return out
+        tolerance = int(self.config.reclaim_tolerance_mib * 1024 * 1024)
+        got = self._meter.wait_reclaimed(r.pid, r.used_before, r.baseline_used, tolerance, self.config.reclaim_timeout)
+        if not got.complete:
+            log.warning(
+                "VRAM of worker pid %d not verified back within %gs (pid listed: %s, device used %s vs baseline %d)",
+                r.pid, self.config.reclaim_timeout, not got.pid_gone, got.used_after, r.baseline_used,
+            )  # fmt: skip
+        self._gpu = self._meter.snapshot()
+        out.update(got.as_result(), reclaim_seconds=time.monotonic() - r.stopping_since)  # the kill included
+        return out
+
+    def _retire(self, w: WorkerHandle, used_before: int | None = None) -> None:
         if w.state is not WorkerState.EXITED:
             w.transition(WorkerState.EXITED)
         w.close_fds()
         self._worker = None
+        self._retired = _Retired(
+            w.pid, w.baseline_used, used_before, self._memory.get("worker_rss_bytes"), w.stopping_since
+        )
+        self._memory = {}
 
     def _on_worker_exit(self, cause: str | None = None, job_error: type[GpuvisorError] = WorkerCrashed) -> None:
         """The worker died on its own (or we kill it now for a ``cause``):
@@ -637,10 +748,12 @@ class Core:
         the mode in force so the next job respawns it (after the backoff)."""
         w = self._worker
         assert w is not None
+        used_before = self._device_used()
+        w.stopping_since = time.monotonic()
         code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
         state = w.state
         how = cause or describe_exit(code, loading=state in (WorkerState.SPAWNED, WorkerState.LOADING))
-        self._retire(w)  # reads the last of its stderr
+        self._retire(w, used_before)  # reads the last of its stderr
         tail = w.stderr_tail()
         said = ("; its last stderr lines:\n    " + "\n    ".join(tail)) if tail else ""
         if state is WorkerState.DRAINING:
@@ -701,6 +814,11 @@ class Core:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        idle_at = self._idle_unload_at()
+        if idle_at is not None and now >= idle_at:
+            mode = self._worker.mode
+            self._stop_worker(f"idle for {self.config.idle_unload_for(self._worker.spec):g}s (idle_unload_s)")
+            self._idle_unloaded = mode  # the mode stays in force: the next job loads it again
         w = self._worker
         if w is not None:
             if self._in_flight is not None and self._in_flight.deadline is not None and now >= self._in_flight.deadline:
@@ -801,6 +919,14 @@ class Core:
                 "switching_to": self._switch.mode if self._switch is not None else None,
                 "last_error": self._mode_error,
                 "failed_reason": self._failed,
+                "idle_unloaded": self._idle_unloaded,
+                "oom_recycles": self._oom_recycles,
+                "device": self._device.kind if self._device.index is None else f"cuda:{self._device.index}",
+                "gpu_unavailable": self._gpu_unavailable,
+                "worker_rss_bytes": self._memory.get("worker_rss_bytes"),
+                "worker_vram_bytes": self._memory.get("worker_vram_bytes"),
+                "worker_torch": self._memory.get("worker_torch"),
+                "gpu": self._gpu,
                 "config": self.config.source,
             }
         )

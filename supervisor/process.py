@@ -29,8 +29,11 @@ class UnkillableWorker(RuntimeError):
     kernel, state D). Nothing more can be done from user space."""
 
 
-def worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+def worker_env(device_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment without the service manager's variables, plus the
+    device pinning (CUDA_VISIBLE_DEVICES): the worker sees only its GPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+    return {**env, **(device_env or {})}
 
 
 def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_interval: float) -> list[str]:
@@ -49,7 +52,7 @@ def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_int
     ]
 
 
-def spawn_worker(argv: list[str]) -> subprocess.Popen:
+def spawn_worker(argv: list[str], device_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a worker in a process group of its own, so it can be killed as a
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
     supervisor decides how it stops). Its stdout goes to our stderr: a worker
@@ -61,7 +64,7 @@ def spawn_worker(argv: list[str]) -> subprocess.Popen:
         stdout=2,
         stderr=subprocess.PIPE,  # the loop passes it on and keeps the tail for crash reports
         start_new_session=True,
-        env=worker_env(),
+        env=worker_env(device_env),
         close_fds=True,
     )
 

@@ -43,7 +43,7 @@ def run_tour() -> int:
                 "embed",
                 {"texts": ["A man plays the guitar.", "Someone is playing a guitar.", "The stock market fell today."]},
             ).result(),
-            lambda v: f"{len(v)} vectors of {len(v[0])} floats",
+            lambda v: f"a {v.dtype} array of shape {v.shape}",
         )
         dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
         print(

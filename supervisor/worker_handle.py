@@ -116,6 +116,10 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.last_seen = self.started_at
         self.load_seconds: float | None = None
+        self.warmup_seconds: float | None = None
+        self.idle_since = self.started_at  # when it last became READY: idle_unload_s counts from here
+        self.baseline_used: int | None = None  # device memory used before it started (NVML), for the reclaim
+        self.stopping_since = 0.0
         self.stderr_fd: int | None = proc.stderr.fileno() if proc.stderr is not None else None
         if self.stderr_fd is not None:
             os.set_blocking(self.stderr_fd, False)
@@ -140,6 +144,8 @@ class WorkerHandle:
             raise IllegalTransition(f"worker gen {self.gen}: {self.state.value} -> {new.value} is not allowed")
         log.debug("worker gen %d pid %d: %s -> %s", self.gen, self.pid, self.state.value, new.value)
         self.state = new
+        if new is WorkerState.READY:
+            self.idle_since = time.monotonic()
 
     def pump_stderr(self, budget: int = _READ_PER_TURN) -> None:
         """Read what the worker wrote, pass it on, keep the tail. Never blocks,

@@ -45,3 +45,42 @@ def not_a_mapping(**_: object) -> list:
 def tagged(tag: str = "x") -> dict:
     """A mode whose jobs say which mode ran them."""
     return {"tag": lambda payload: {"tag": tag, "pid": os.getpid()}}
+
+
+def tensors() -> dict:
+    """Handlers that return torch tensors (contiguous, transposed, needing
+    grad) and one whose dtype has no numpy twin."""
+    import torch
+
+    def make(payload):
+        n = payload["n"]
+        return {
+            "float": torch.arange(n, dtype=torch.float32),
+            "long_T": torch.arange(6).reshape(2, 3).T,
+            "grad": torch.ones(2, requires_grad=True),
+        }
+
+    return {"make": make, "bfloat16": lambda payload: torch.zeros(2, dtype=torch.bfloat16)}
+
+
+def streams() -> dict:
+    """A generator handler whose first chunk msgpack cannot carry."""
+
+    def unsendable(payload):
+        yield "fine" if payload else object()
+
+    return {"unsendable": unsendable}
+
+
+def warmable() -> dict:
+    """A mode whose warm-up leaves a mark, so a test can see it ran, and in
+    which worker."""
+    state = {"warmed": False}
+
+    def warm(path):
+        time.sleep(0.2)
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        state["warmed"] = True
+
+    return {"warm": warm, "was_warmed": lambda payload: state["warmed"]}

@@ -365,7 +365,8 @@ def test_status_says_what_the_supervisor_is_doing(sup):
     sup.switch_mode("diag").result(T)
     sup.submit("sleep", {"seconds": 0.3})
     sup.submit("echo", 1)
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the job to start")
+    # Both commands may reach the loop in different turns: wait for the second too.
+    wait_until(lambda: sup.status()["in_flight"] == 1 and sup.status()["queued"] == 1, T, "one running, one queued")
     busy = sup.status()
     assert busy["mode"] == "diag" and busy["worker_state"] == "busy" and busy["queued"] == 1
     assert busy["worker_pid"] == sup.submit("pid").result(T)

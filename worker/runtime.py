@@ -16,6 +16,8 @@ sockets are not thread-safe, so each socket has exactly one owning thread.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import sys
 import threading
@@ -26,6 +28,7 @@ from typing import Any
 import zmq
 
 from protocol import (
+    Chunk,
     Drain,
     Failure,
     GpuvisorError,
@@ -36,6 +39,7 @@ from protocol import (
     Load,
     LoadFailed,
     ModeLoadError,
+    OutOfMemory,
     ProtocolError,
     Ready,
     Result,
@@ -46,8 +50,9 @@ from protocol import (
 )
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
+from worker.memory import is_out_of_memory, torch_memory
 
-_CLOSE = [b""]  # main -> I/O thread: flush and close. Never valid msgpack, so never a message.
+_CLOSE = b""  # main -> I/O thread: flush and close. Never valid msgpack, so never a message.
 _LINGER_MS = 5000
 # A DEALER blocks a send for as long as it has no peer. Past this, the
 # supervisor is unreachable: waiting longer would also stop the heartbeat
@@ -106,14 +111,14 @@ class _IoThread(threading.Thread):
                 now = time.monotonic()
                 if now >= next_beat:
                     exit_if_orphaned(self._parent_pid)
-                    self._send(dealer, encode(Heartbeat(self.busy)))
+                    self._send(dealer, encode(Heartbeat(self.busy, torch_memory())))
                     next_beat = now + self._interval
                 events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
                 if dealer in events:
                     pipe.send_multipart(dealer.recv_multipart(copy=False), copy=False)
                 if pipe in events:
-                    frames = pipe.recv_multipart()
-                    if frames == _CLOSE:
+                    frames = pipe.recv_multipart(copy=False)  # array frames pass through, never copied
+                    if len(frames) == 1 and frames[0].bytes == _CLOSE:
                         return
                     self._send(dealer, frames)
                 if monitor in events:
@@ -128,7 +133,7 @@ class _IoThread(threading.Thread):
 
     def _send(self, dealer: zmq.Socket, frames: list) -> None:
         try:
-            dealer.send_multipart(frames)
+            dealer.send_multipart(frames, copy=False)
         except zmq.Again:
             self._lost(f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
 
@@ -139,10 +144,13 @@ class _IoThread(threading.Thread):
 
 def _error_map(exc: BaseException, fallback: type[GpuvisorError]) -> dict[str, Any]:
     """A handler's exception as a wire error. One the handler raised on purpose
-    (a GpuvisorError) keeps its own code; anything else becomes ``fallback``."""
+    (a GpuvisorError) keeps its own code; running out of memory becomes
+    ``OutOfMemory`` with torch's figures; anything else becomes ``fallback``."""
     tb = "".join(traceback.format_exception(exc))
     if isinstance(exc, GpuvisorError):
         wire = exc.to_wire()
+    elif is_out_of_memory(exc) and fallback is JobFailed:
+        wire = OutOfMemory(f"{type(exc).__name__}: {exc}", memory=torch_memory()).to_wire()
     else:
         wire = fallback(f"{type(exc).__name__}: {exc}").to_wire()
     wire.setdefault("remote_type", type(exc).__name__)
@@ -157,11 +165,11 @@ class _Worker:
         self.handlers: dict[str, Handler] = {}
 
     def send(self, msg) -> None:
-        self._pipe.send_multipart(encode(msg))
+        self._pipe.send_multipart(encode(msg), copy=False)
 
     def recv(self):
         while True:
-            frames = self._pipe.recv_multipart()
+            frames = self._pipe.recv_multipart(copy=False)  # arrays arrive as views of these frames
             try:
                 return decode_to_worker(frames)
             except ProtocolError as exc:
@@ -169,15 +177,35 @@ class _Worker:
 
     def load(self, msg: Load) -> bool:
         started = time.perf_counter()
+        warmup_seconds = None
         try:
             self.handlers = load_mode(msg.loader, msg.args)
+            loaded = time.perf_counter()
+            if msg.warmup is not None:
+                self._warm_up(msg.warmup)
+                warmup_seconds = time.perf_counter() - loaded
         except Exception as exc:  # noqa: BLE001 - any loader error fails the switch, with its traceback
             _log(self.gen, f"loading mode {msg.mode!r} failed: {type(exc).__name__}: {exc}")
             self.send(LoadFailed(msg.mode, _error_map(exc, ModeLoadError)))
             return False
         self.mode = msg.mode
-        self.send(Ready(msg.mode, time.perf_counter() - started, sorted(self.handlers)))
+        load_seconds = (loaded - started) if warmup_seconds is not None else time.perf_counter() - started
+        self.send(Ready(msg.mode, load_seconds, sorted(self.handlers), warmup_seconds, torch_memory()))
         return True
+
+    def _warm_up(self, warmup: dict) -> None:
+        """Run the mode's warm-up job once, so the first real job does not pay
+        for lazy initialisation (CUDA kernels, tokenizer caches, autotuning)."""
+        task = warmup.get("task")
+        handler = self.handlers.get(task) if isinstance(task, str) else None
+        if handler is None:
+            raise ValueError(
+                f"warm-up task {task!r} is not one of this mode's tasks ({', '.join(sorted(self.handlers))})"
+            )
+        try:
+            _exhaust(handler(warmup.get("payload")), lambda chunk: None)
+        except Exception as exc:
+            raise RuntimeError(f"warm-up job {task!r} failed: {type(exc).__name__}: {exc}") from exc
 
     def run_job(self, msg: Job) -> None:
         handler = self.handlers.get(msg.task)
@@ -186,28 +214,43 @@ class _Worker:
             error = UnknownTask(f"mode {self.mode!r} has no task {msg.task!r} (it has: {known})").to_wire()
             self.send(Failure(msg.job, error))
             return
+        seq = 0
+
+        def chunk(value: Any) -> None:
+            nonlocal seq
+            if msg.stream:
+                seq += 1
+                self._pipe.send_multipart(self._encode_outcome(Chunk(msg.job, seq, value), msg.task), copy=False)
+
         self._io.busy = True
         try:
-            value = handler(msg.payload)
+            value = _exhaust(handler(msg.payload), chunk)
+        except _Unsendable as exc:
+            self.send(Failure(msg.job, exc.error))
+            return
         except Exception as exc:  # noqa: BLE001 - any handler error is the job's outcome
             self.send(Failure(msg.job, _error_map(exc, JobFailed)))
             return
         finally:
             self._io.busy = False
         try:
-            frames = encode(Result(msg.job, value))
-        except (TypeError, ProtocolError) as exc:
-            self.send(
-                Failure(
-                    msg.job,
-                    JobFailed(
-                        f"task {msg.task!r} returned a result that cannot be sent: {exc}",
-                        remote_type=type(exc).__name__,
-                    ).to_wire(),
-                )
-            )
+            frames = self._encode_outcome(Result(msg.job, value), msg.task)
+        except _Unsendable as exc:
+            self.send(Failure(msg.job, exc.error))
             return
-        self._pipe.send_multipart(frames)
+        self._pipe.send_multipart(frames, copy=False)
+
+    @staticmethod
+    def _encode_outcome(msg: Result | Chunk, task: str) -> list:
+        try:
+            return encode(msg)
+        except (TypeError, ProtocolError) as exc:
+            what = "a chunk" if isinstance(msg, Chunk) else "a result"
+            raise _Unsendable(
+                JobFailed(
+                    f"task {task!r} returned {what} that cannot be sent: {exc}", remote_type=type(exc).__name__
+                ).to_wire()
+            ) from None
 
     def serve(self) -> int:
         """LOAD first, then jobs until DRAIN. Returns the exit code."""
@@ -228,6 +271,30 @@ class _Worker:
                 _log(self.gen, f"ignored {msg.kind.value}: mode {self.mode!r} is already loaded")
 
 
+class _Unsendable(Exception):
+    """A handler's output that msgpack cannot carry: the job fails with this
+    wire error, and a generator handler stops there."""
+
+    def __init__(self, error: dict):
+        super().__init__(error.get("message"))
+        self.error = error
+
+
+def _exhaust(value: Any, on_chunk) -> Any:
+    """A plain handler's value is its result. A generator handler's chunks go
+    to ``on_chunk`` as they come and its ``return`` value is the result; the
+    generator is closed on the way out, so its ``finally`` blocks run."""
+    if not inspect.isgenerator(value):
+        return value
+    with contextlib.closing(value):
+        while True:
+            try:
+                item = next(value)
+            except StopIteration as stop:
+                return stop.value
+            on_chunk(item)
+
+
 def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> int:
     ctx = zmq.Context()
     pipe_addr = f"inproc://gpuvisor-worker-{gen}"
@@ -242,7 +309,7 @@ def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> 
         worker.send(Hello(os.getpid(), gen))
         code = worker.serve()
     finally:
-        pipe.send_multipart(_CLOSE)
+        pipe.send(_CLOSE)
         io.join(timeout=_LINGER_MS / 1000 + 1)
         pipe.close()
         if io.is_alive():  # could not flush in time; ctx.term() would block on its socket

@@ -50,6 +50,30 @@ def chatter(payload: Any) -> dict:
     return {"lines": lines}
 
 
+def count(payload: Any):
+    """Stream ``0 .. n-1`` (a generator handler), ``delay`` seconds apart,
+    and return ``{"count": n}``. ``die_after``: SIGKILL itself after that
+    many chunks, to end a stream with a crash."""
+    args = _payload_map(payload, "count")
+    n, delay, die_after = args.get("n", 3), args.get("delay", 0), args.get("die_after")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"count: 'n' must be a whole number >= 0, got {n!r}")
+    for i in range(n):
+        if i == die_after:
+            _die("kill", 0)
+        yield i
+        if delay:
+            time.sleep(delay)
+    return {"count": n}
+
+
+def oom(payload: Any) -> None:
+    """Ask for more memory than exists: a real ``MemoryError`` from the
+    allocator (no GPU needed), the host-side twin of CUDA's OOM."""
+    size = _payload_map(payload, "oom").get("bytes", 1 << 62)
+    bytearray(size)
+
+
 def fail(payload: Any) -> None:
     message = _payload_map(payload, "fail").get("message", "diag.fail was asked to fail")
     raise RuntimeError(message)
@@ -100,4 +124,13 @@ def crash(payload: Any) -> Any:
 def load(**args: Any) -> dict:
     if args:
         raise TypeError(f"diag takes no arguments, got {sorted(args)}")
-    return {"echo": echo, "sleep": sleep, "pid": pid, "fail": fail, "crash": crash, "chatter": chatter}
+    return {
+        "echo": echo,
+        "sleep": sleep,
+        "pid": pid,
+        "fail": fail,
+        "crash": crash,
+        "chatter": chatter,
+        "count": count,
+        "oom": oom,
+    }

