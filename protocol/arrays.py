@@ -122,4 +122,3 @@ class FrameRefs:
 
 def nbytes(frame: Any) -> int:
     return len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
-

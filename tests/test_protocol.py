@@ -87,7 +87,10 @@ def _frame(obj) -> list[bytes]:
         (_frame({"v": 1, "k": "hello", "pid": True, "gen": 1}), r"hello.pid is bool, expected int"),
         (_frame({"v": 1, "k": "ready", "mode": "m", "load_seconds": "x", "tasks": []}), "expected float"),
         (_frame({"v": 1, "k": "failure", "job": 1, "error": "text"}), "failure.error is str, expected dict"),
-        ([msgpack.packb({"v": 1, "k": "heartbeat", "busy": False}), b"extra"], "frames \\[1\\] after the header are not referenced"),
+        (
+            [msgpack.packb({"v": 1, "k": "heartbeat", "busy": False}), b"extra"],
+            "frames \\[1\\] after the header are not referenced",
+        ),
         ([msgpack.packb(msgpack.ExtType(42, b"data"))], "ext type 42"),
     ],
 )
