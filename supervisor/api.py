@@ -147,7 +147,14 @@ class AsyncJobStream(JobStream):
 
     def __init__(self, future: Future, loop: asyncio.AbstractEventLoop):
         self._queue: asyncio.Queue = asyncio.Queue()
-        super().__init__(future, lambda item: loop.call_soon_threadsafe(self._queue.put_nowait, item))
+
+        def deliver(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is left to read
+                pass
+
+        super().__init__(future, deliver)
 
     def __aiter__(self) -> AsyncJobStream:
         return self

@@ -653,7 +653,10 @@ class Core:
         if msg.seq != job.chunks + 1:
             raise ProtocolError(f"chunk {msg.seq} of job {job.id} after chunk {job.chunks}")
         job.chunks = msg.seq
-        job.on_chunk(msg.value)
+        try:
+            job.on_chunk(msg.value)
+        except Exception:  # noqa: BLE001 - a reader's failure is not the worker's
+            log.exception("job %d: could not deliver chunk %d to its reader", job.id, msg.seq)
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
         self._sample_memory(w, msg.memory)  # last_seen is already updated for every message

@@ -17,6 +17,12 @@ def _step(title: str, fn, show=lambda r: r) -> Any:
     return result
 
 
+def _vram(result: dict) -> str:
+    if result.get("reclaimed_bytes") is None:
+        return "n/a, no GPU"
+    return f"{result['reclaimed_bytes'] / 2**20:.0f} MiB, complete: {result['reclaim_complete']}"
+
+
 def run_tour() -> int:
     print("gpuvisor tour: built-in config, no GPU needed\n")
     with Supervisor() as sup:
@@ -49,6 +55,22 @@ def run_tour() -> int:
         print(
             f"            cosine(paraphrase) = {dot(vectors[0], vectors[1]):.3f}, cosine(unrelated) = {dot(vectors[0], vectors[2]):.3f}"
         )
+        _step(
+            "switch_mode('generate')  (kills embed)",
+            lambda: sup.switch_mode("generate").result(),
+            lambda r: (
+                f"{r['status']}, pid {r['pid']}; the embed worker's {(r['previous_rss_bytes'] or 0) / 2**20:.0f} MiB RSS "
+                f"gone in {r['reclaim_seconds']:.3f}s (VRAM reclaimed: {_vram(r)})"
+            ),
+        )
+        stream = _step(
+            "submit('generate', stream=True)",
+            lambda: sup.submit("generate", {"prompt": "Once upon a time", "max_new_tokens": 8}, stream=True),
+            lambda s: "a JobStream",
+        )
+        tokens = [chunk["token"] for chunk in stream]
+        print(f"            streamed tokens {tokens}, text {stream.result()['text']!r}")
+        print("            (the built-in generate model is tiny, with RANDOM weights: its text is gibberish)")
         _step(
             "submit('echo', mode='diag')  (switches back)",
             lambda: sup.submit("echo", "back in diag", mode="diag").result(),

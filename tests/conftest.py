@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor import Supervisor
+from supervisor import Supervisor, gpu
+from tests.fake_nvml import FakeNvml
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -121,3 +122,16 @@ def no_children_at_the_end():
     yield
     me = psutil.Process()
     wait_until(lambda: not me.children(recursive=True), 10.0, "every child process of the test session to be reaped")
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """``fake_nvml(FakeNvml(...))`` makes it this process's pynvml, with
+    NVML not yet initialised; all undone after the test."""
+
+    def install(fake: FakeNvml) -> FakeNvml:
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        monkeypatch.setattr(gpu, "_init_pid", None)
+        return fake
+
+    return install

@@ -23,12 +23,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from supervisor import Supervisor, gpu
+from supervisor import Supervisor
 from supervisor.gpu import DeviceChoice, GpuMeter, Reclaim, choose_device, process_rss, valid_device_setting
+from tests.fake_nvml import (
+    LIBRARY_NOT_FOUND,
+    FakeNvml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -131,100 +134,7 @@ def test_process_rss_of_a_zombie_is_none():
         child.wait(10)
 
 
-# ------------------------------------------------------------ a fake pynvml
-
-NOT_SUPPORTED, FUNCTION_NOT_FOUND, GPU_IS_LOST, LIBRARY_NOT_FOUND, INVALID_ARGUMENT = 3, 13, 15, 12, 2
-_WORDS = {
-    NOT_SUPPORTED: "Not Supported",
-    FUNCTION_NOT_FOUND: "Function Not Found",
-    GPU_IS_LOST: "GPU is lost",
-    LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
-    INVALID_ARGUMENT: "Invalid Argument",
-}
-
-
-class NVMLError(Exception):  # pynvml's errors print the driver's words and carry .value
-    def __init__(self, value: int):
-        super().__init__(value)
-        self.value = value
-
-    def __str__(self) -> str:
-        return _WORDS[self.value]
-
-
-class FakeNvml:
-    """Just the pynvml surface supervisor.gpu uses. ``gpus``: dicts with
-    name, uuid, used, total, and process lists (pid, bytes or None) under
-    Compute / Graphics / MPSCompute. ``missing``: names of calls this
-    "driver" lacks (they raise FunctionNotFound, as pynvml does)."""
-
-    nvmlMemory_v2 = 0x02000028
-
-    def __init__(self, gpus=(), *, init_error: int | None = None, missing=()):
-        self.gpus = [
-            {"name": f"Fake GPU {i}", "uuid": f"GPU-{i}{i}{i}-fake", "used": GiB, "total": 80 * GiB, **g}
-            for i, g in enumerate(gpus)
-        ]
-        self.init_error = init_error
-        self.missing = set(missing)
-        self.inits = 0
-        self.memory_versions: list[int | None] = []
-
-    def nvmlInit(self):
-        if self.init_error is not None:
-            raise NVMLError(self.init_error)
-        self.inits += 1
-
-    def nvmlDeviceGetCount(self):
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        if not 0 <= index < len(self.gpus):
-            raise NVMLError(INVALID_ARGUMENT)
-        return index
-
-    def _gpu(self, handle, call):
-        if call in self.missing:
-            raise NVMLError(FUNCTION_NOT_FOUND)
-        gpu = self.gpus[handle]
-        if gpu.get("lost"):
-            raise NVMLError(GPU_IS_LOST)
-        return gpu
-
-    def nvmlDeviceGetName(self, handle):
-        return self._gpu(handle, "name")["name"]
-
-    def nvmlDeviceGetUUID(self, handle):
-        return self._gpu(handle, "uuid")["uuid"].encode()  # old pynvml returned bytes
-
-    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
-        gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo_v2" if version else "nvmlDeviceGetMemoryInfo")
-        self.memory_versions.append(version)
-        return SimpleNamespace(total=gpu["total"], used=gpu["used"], free=gpu["total"] - gpu["used"])
-
-    def __getattr__(self, name):
-        for kind in ("Compute", "Graphics", "MPSCompute"):
-            if name in (f"nvmlDeviceGet{kind}RunningProcesses_v3", f"nvmlDeviceGet{kind}RunningProcesses_v2"):
-
-                def running(handle, kind=kind, name=name):
-                    gpu = self._gpu(handle, name)
-                    return [SimpleNamespace(pid=p, usedGpuMemory=b) for p, b in gpu.get(kind, [])]
-
-                return running
-        raise AttributeError(name)
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch):
-    """``fake_nvml(FakeNvml(...))`` makes it this process's pynvml, with
-    NVML not yet initialised; all undone after the test."""
-
-    def install(fake: FakeNvml) -> FakeNvml:
-        monkeypatch.setitem(sys.modules, "pynvml", fake)
-        monkeypatch.setattr(gpu, "_init_pid", None)
-        return fake
-
-    return install
+# ------------------------------------------------------------ a fake pynvml (tests/fake_nvml.py, fixture in conftest)
 
 
 def test_fake_no_library_gives_reasons_everywhere(fake_nvml):

@@ -53,18 +53,23 @@ def read_line(proc: subprocess.Popen) -> dict:
 
 @pytest.mark.slow
 def test_the_supervisor_never_imports_torch_even_while_running_the_torch_mode():
+    """numpy is the one exception, and only once an array has arrived: the
+    embed mode answers with one, which the supervisor hands over as numpy."""
     with supervisor_script(
         """
         with Supervisor() as sup:
+            sup.submit("echo", {"x": [1.5]}, mode="diag").result(60)
+            before = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy", "worker"))
             sup.switch_mode("embed").result(120)
             vectors = sup.submit("embed", {"texts": ["hello"]}).result(60)
-            heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy", "worker"))
-            print(json.dumps({"dim": len(vectors[0]), "heavy": heavy}), flush=True)
+            heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "worker"))
+            print(json.dumps({"shape": list(vectors.shape), "before": before, "heavy": heavy}), flush=True)
         """
     ) as proc:
         out = read_line(proc)
         assert proc.wait(T) == 0
-    assert out["dim"] == 384
+    assert out["shape"] == [1, 384]
+    assert out["before"] == [], "the supervisor imported heavy modules before any array reached it"
     assert out["heavy"] == [], "the supervisor process imported heavy or worker-side modules"
 
 

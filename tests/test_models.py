@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
+import psutil
 import pytest
 
 from supervisor import AsyncSupervisor, JobFailed, ModeLoadError, OutOfMemory, Supervisor, WorkerCrashed
 from tests.conftest import pid_gone, wait_until
+from tests.fake_nvml import FakeNvml
+
+MiB = 1 << 20
 
 T = 60
 DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
@@ -258,3 +263,67 @@ def test_compose_refuses_a_task_defined_twice(supervisor_from):
     )
     with pytest.raises(ModeLoadError, match="task 'echo' is defined by both"):
         sup.switch_mode("c").result(T)
+
+
+# ----------------------------------------------------------------- with a GPU, seen through a stand-in NVML
+
+
+class _LiveGpu(FakeNvml):
+    """An NVML stand-in whose memory follows real processes: each held pid
+    shows its bytes while it lives and for ``lag`` seconds after it is gone,
+    as a driver frees a dead process's memory a little after the exit."""
+
+    def __init__(self, lag: float):
+        super().__init__([{}])
+        self.base, self.lag = FakeNvml([{}]).gpus[0]["used"], lag
+        self.held: dict[int, int] = {}
+        self.gone_at: dict[int, float] = {}
+
+    def _gpu(self, handle, call):
+        gpu = super()._gpu(handle, call)
+        now = time.monotonic()
+        for pid in self.held:
+            if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                self.gone_at.setdefault(pid, now)
+        live = {pid: b for pid, b in self.held.items() if now < self.gone_at.get(pid, now + 1) + self.lag}
+        gpu["Compute"] = list(live.items())
+        gpu["used"] = self.base + sum(live.values())
+        return gpu
+
+
+def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memory(fake_nvml, supervisor_from):
+    """The real loop, real workers and the real reclaim wait; only the driver
+    is a stand-in (this machine has no GPU): it keeps a dead worker's 512 MiB
+    "used" for 0.5 s, and the next worker must not start before it is back."""
+    live = fake_nvml(_LiveGpu(lag=0.5))
+    sup = supervisor_from(
+        '[supervisor]\ndevice = "cuda:0"\nheartbeat_interval = 0.1\nheartbeat_timeout = 5\n'
+        + DIAG
+        + '[modes.other]\nloader = "worker.modes.diag:load"\n'
+    )
+    pid = sup.submit("pid", mode="diag").result(T)
+    live.held[pid] = 512 * MiB
+    wait_until(lambda: sup.status()["worker_vram_bytes"] == 512 * MiB, T, "a heartbeat's NVML sample")
+    status = sup.status()
+    assert status["device"] == "cuda:0" and status["gpu_unavailable"] is None
+    assert status["gpu"]["used_bytes"] == live.base + 512 * MiB and status["gpu"]["name"] == "Fake GPU 0"
+    result = sup.switch_mode("other").result(T)
+    assert result["previous_pid"] == pid and result["reclaim_complete"] is True
+    assert result["reclaimed_bytes"] == 512 * MiB and result["vram_used_after"] == live.base
+    assert result["reclaim_seconds"] >= 0.5  # it waited out the driver's lag
+    new = sup.status()["worker_pid"]
+    assert psutil.Process(new).create_time() >= psutil.Process().create_time()
+
+
+def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervisor_from):
+    live = fake_nvml(_LiveGpu(lag=3600))  # a leak, as far as the meter can tell
+    sup = supervisor_from(
+        '[supervisor]\ndevice = "cuda:0"\nreclaim_timeout = 0.5\n'
+        + DIAG
+        + "[modes.b]\nloader = 'worker.modes.diag:load'\n"
+    )
+    pid = sup.submit("pid", mode="diag").result(T)
+    live.held[pid] = 256 * MiB
+    result = sup.switch_mode("b").result(T)
+    assert result["reclaim_complete"] is False and result["reclaimed_bytes"] == 0
+    assert sup.submit("echo", "still serving").result(T) == "still serving"
