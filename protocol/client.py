@@ -32,6 +32,7 @@ class Request(enum.StrEnum):
 
 
 REPLY = "reply"
+CHUNK = "chunk"  # a streamed submit's piece, before its one reply
 
 _NUMBER = (int, float)
 _NONE = type(None)
@@ -44,6 +45,7 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
         "mode": ((str, _NONE), None),
         "timeout": ((*_NUMBER, _NONE), None),
         "retries": ((int,), 0),
+        "stream": ((bool,), False),
     },
     Request.SWITCH: {"mode": ((str,), _REQUIRED)},
     Request.RESTART: {"mode": ((str, _NONE), None)},
@@ -127,19 +129,31 @@ def encode_reply(request_id: int | str | None, *, value: Any = None, error: Gpuv
         return [pack({**head, "ok": False, "error": {"code": error.code, "message": error.message}})]
 
 
+def encode_chunk(request_id: int | str, seq: int, value: Any) -> list:
+    """One piece of a streamed submit. Not a reply: the request still gets
+    exactly one reply, after its last chunk."""
+    return pack_frames({"v": PROTOCOL_VERSION, "k": CHUNK, "id": request_id, "seq": seq, "value": value}, what="chunk")
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     id: int | str | None
     ok: bool
     value: Any = None
     error: dict | None = None
+    seq: int | None = None  # set on a chunk, which is not the reply
 
 
 def decode_reply(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Reply:
     msg = unpack_map(frames, limit, "reply")
     check_version(msg)
+    if msg.get("k") == CHUNK:
+        seq = msg.get("seq")
+        if type(seq) is not int or "value" not in msg:
+            raise ProtocolError("chunk lacks an int 'seq' or a 'value'")
+        return Reply(msg.get("id"), True, msg["value"], None, seq)
     if msg.get("k") != REPLY:
-        raise ProtocolError(f"expected a reply, got kind {msg.get('k')!r}")
+        raise ProtocolError(f"expected a reply or a chunk, got kind {msg.get('k')!r}")
     ok = msg.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError("reply lacks a boolean 'ok'")

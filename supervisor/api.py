@@ -15,10 +15,10 @@ import itertools
 import logging
 import math
 import os
-import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from supervisor import config as config_mod
 from supervisor.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.config import Config
 from supervisor.core import Core
+from supervisor.stream import AsyncJobStream, JobStream
 
 # Cores still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
@@ -98,86 +99,7 @@ def _check_timeout(name: str, value: Any) -> float | None:
     return float(value)
 
 
-_END = object()  # after a stream's last chunk: its Future is done
-
-
-class JobStream:
-    """The chunks of a streamed job, in order, as the handler yields them;
-    then the iteration ends, or raises the job's typed error (``WorkerCrashed``
-    if the worker died mid-stream, ``JobTimeout``, ``JobFailed`` ...). The
-    job still has exactly one outcome: ``future``, whose result is the value
-    the handler returned. Chunks wait in memory until read; leaving the loop
-    early does not stop the job."""
-
-    def __init__(self, future: Future, deliver: Any = None):
-        self.future = future
-        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
-        # ``deliver`` is how a chunk reaches the reader; called on the loop thread.
-        self._deliver = deliver or self._chunks.put
-        future.add_done_callback(lambda _: self._deliver(_END))
-
-    def _on_chunk(self, value: Any) -> None:
-        self._deliver(value)
-
-    def __iter__(self) -> JobStream:
-        return self
-
-    def __next__(self) -> Any:
-        item = self._chunks.get()
-        if item is _END:
-            self._chunks.put(_END)  # iterating again ends again
-            error = self.future.exception()  # CancelledError if it was cancelled
-            if error is not None:
-                raise error
-            raise StopIteration
-        return item
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The handler's return value, once every chunk has been produced."""
-        return self.future.result(timeout)
-
-    def cancel(self) -> bool:
-        """Cancel the job if it has not started (like ``Future.cancel``)."""
-        return self.future.cancel()
-
-
-class AsyncJobStream(JobStream):
-    """``JobStream`` for asyncio: ``async for chunk in stream``; ``await
-    stream.result()``. Chunks are handed to the event loop in order."""
-
-    def __init__(self, future: Future, loop: asyncio.AbstractEventLoop):
-        self._queue: asyncio.Queue = asyncio.Queue()
-
-        def deliver(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: nobody is left to read
-                pass
-
-        super().__init__(future, deliver)
-
-    def __aiter__(self) -> AsyncJobStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.future.cancel()  # the reader gave up: a job still queued need not run
-            raise
-        if item is _END:
-            self._queue.put_nowait(_END)
-            error = self.future.exception()
-            if error is not None:
-                raise error
-            raise StopAsyncIteration
-        return item
-
-    async def result(self, timeout: float | None = None) -> Any:  # type: ignore[override]
-        return await asyncio.wait_for(asyncio.wrap_future(self.future), timeout)
-
-
-def _check_submit(task: Any, mode: Any, timeout: Any, retries: Any, stream: Any) -> float | None:
+def _check_submit(task: Any, mode: Any, timeout: Any, retries: Any, stream: Any, on_chunk: Any = None) -> float | None:
     """Every check of submit()'s arguments; returns the timeout as a float."""
     if not isinstance(task, str) or not task:
         raise TypeError(f"task must be a non-empty str, got {task!r}")
@@ -186,7 +108,9 @@ def _check_submit(task: Any, mode: Any, timeout: Any, retries: Any, stream: Any)
         raise TypeError(f"retries must be a whole number >= 0, got {retries!r}")
     if not isinstance(stream, bool):
         raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
-    if stream and retries:
+    if on_chunk is not None and (stream or not callable(on_chunk)):
+        raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
+    if (stream or on_chunk) and retries:
         raise ValueError("a streamed job cannot be retried: its reader would see the chunks twice")
     return _check_timeout("timeout", timeout)
 
@@ -271,13 +195,16 @@ class Supervisor:
         timeout: float | None = None,
         retries: int = 0,
         stream: bool = False,
+        on_chunk: Callable[[Any], None] | None = None,
     ) -> Future | JobStream:
         """Queue ``task`` with ``payload``; the Future gets the handler's result
         or a typed error. ``mode`` switches first when another is loaded.
         ``stream=True`` returns a ``JobStream`` instead: an iterator of the
         chunks a generator handler yields, then its typed outcome. numpy
         arrays and CPU tensors in ``payload`` travel as raw frames without a
-        copy, so do not change them until the job is done.
+        copy, so do not change them until the job is done. ``on_chunk``
+        instead of ``stream=True``: a Future, and each chunk passed to
+        ``on_chunk`` on the supervisor's loop thread (it must not block).
         ``timeout`` is seconds of running time in the worker; past it the
         worker is killed and the job fails with ``JobTimeout``. ``retries``
         is the caller's word that the job is idempotent: if the worker dies
@@ -287,18 +214,21 @@ class Supervisor:
         Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
         running. ``Future.cancel()`` succeeds while the job is queued and
         returns False once it is running."""
-        timeout = _check_submit(task, mode, timeout, retries, stream)
-        return self._submit(task, payload, mode, timeout, retries, JobStream if stream else None)
+        timeout = _check_submit(task, mode, timeout, retries, stream, on_chunk)
+        if stream:
+            job_stream = JobStream()
+            return job_stream._bind(self._submit(task, payload, mode, timeout, retries, job_stream._on_chunk))
+        return self._submit(task, payload, mode, timeout, retries, on_chunk)
 
-    def _submit(self, task, payload, mode, timeout, retries, stream_type, *stream_args) -> Future | JobStream:
+    def _submit(self, task, payload, mode, timeout, retries, on_chunk) -> Future:
+        """``submit`` after its checks. With ``on_chunk``, the job streams."""
         if (unknown := self._unknown(mode)) is not None:
-            return stream_type(unknown, *stream_args) if stream_type else unknown
+            return unknown
         job_id = next(self._ids)
-        frames = encode_job(job_id, task, payload, stream_type is not None)  # TypeError / ProtocolError here
+        frames = encode_job(job_id, task, payload, on_chunk is not None)  # TypeError / ProtocolError here
         future: Future = Future()
-        job_stream = stream_type(future, *stream_args) if stream_type else None
         if not self._running_or_fail(future):
-            return job_stream or future
+            return future
         if not self._slots.acquire(blocking=False):
             raise QueueFull(f"{self.config.max_queue} jobs are already queued or running (max_queue)")
         # Given back exactly once: by the loop just before it settles the job
@@ -306,9 +236,8 @@ class Supervisor:
         # Neither holds a reference to the Supervisor.
         future.release_slot = _once(self._slots.release)
         future.add_done_callback(lambda f: f.release_slot())
-        on_chunk = job_stream._on_chunk if job_stream is not None else None
         self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
-        return job_stream or future
+        return future
 
     def switch_mode(self, mode: str) -> Future:
         """Make ``mode`` the loaded mode, after every job queued before this
@@ -419,7 +348,8 @@ class AsyncSupervisor:
                 self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries)
             )
         timeout = _check_submit(task, mode, timeout, retries, stream)
-        return self._sync._submit(task, payload, mode, timeout, retries, AsyncJobStream, asyncio.get_running_loop())
+        job_stream = AsyncJobStream(asyncio.get_running_loop())
+        return job_stream._bind(self._sync._submit(task, payload, mode, timeout, retries, job_stream._on_chunk))
 
     async def switch_mode(self, mode: str) -> dict[str, Any]:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--mode", help="switch to this mode first if needed")
     submit.add_argument("--timeout", "--job-timeout", type=float, dest="job_timeout", help="seconds the job may run")
     submit.add_argument("--retries", type=int, default=0, help="re-run this many times if the worker dies")
+    submit.add_argument(
+        "--stream", action="store_true", help="print each chunk as it comes (one JSON line each with --json)"
+    )
     switch = add("switch", help="switch the daemon to a mode")
     switch.add_argument("mode")
     restart = add("restart", help="replace the worker with a fresh one (clears 'failed')")
@@ -112,7 +115,14 @@ def _client_command(args: argparse.Namespace) -> int:
             print(f"gpuvisor submit: the payload is not JSON: {exc}", file=sys.stderr)
             return EXIT_USAGE
     with Client(_endpoint(args), timeout=args.daemon_timeout) as client:
-        if args.command == "submit":
+        if args.command == "submit" and args.stream:
+            stream = client.submit(args.task, payload, mode=args.mode, timeout=args.job_timeout, stream=True)
+            for chunk in stream:
+                _show_chunk(args, chunk)
+            if not args.json:
+                print()  # end the streamed text's line
+            value = stream.result()
+        elif args.command == "submit":
             value = client.submit(
                 args.task, payload, mode=args.mode, timeout=args.job_timeout, retries=args.retries
             ).result()
@@ -126,6 +136,17 @@ def _client_command(args: argparse.Namespace) -> int:
             value = client.shutdown(drain=not args.no_drain)
     _show(args, value)
     return EXIT_OK
+
+
+def _show_chunk(args: argparse.Namespace, chunk: Any) -> None:
+    """A chunk as it comes: a JSON line with --json; otherwise a token's text
+    (a map with a "text" string) as plain text, anything else as JSON."""
+    if args.json:
+        print(_json({"chunk": chunk}), flush=True)
+    elif isinstance(chunk, dict) and isinstance(chunk.get("text"), str):
+        print(chunk["text"], end="", flush=True)
+    else:
+        print(_json(chunk), flush=True)
 
 
 def _json(value: Any, **kwargs: Any) -> str:

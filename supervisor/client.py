@@ -21,6 +21,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -30,6 +31,7 @@ from protocol import DaemonUnavailable, ProtocolError, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
 from supervisor.commands import drain_wakeups, settle
 from supervisor.endpoint import default_endpoint
+from supervisor.stream import AsyncJobStream, JobStream
 
 _LINGER_MS = 0
 
@@ -97,8 +99,15 @@ class Client:
         mode: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-    ) -> Future:
-        return self._request(Request.SUBMIT, task=task, payload=payload, mode=mode, timeout=timeout, retries=retries)
+        stream: bool = False,
+    ) -> Future | JobStream:
+        """As ``Supervisor.submit``; ``stream=True`` gives a ``JobStream`` of
+        the chunks the daemon relays, then the job's one outcome."""
+        fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
+        if not stream:
+            return self._request(Request.SUBMIT, **fields)
+        job_stream = JobStream()
+        return job_stream._bind(self._request(Request.SUBMIT, job_stream._on_chunk, stream=True, **fields))
 
     def switch_mode(self, mode: str) -> Future:
         return self._request(Request.SWITCH, mode=mode)
@@ -142,10 +151,11 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _request(self, kind: Request, **fields: Any) -> Future:
+    def _request(self, kind: Request, on_chunk: Callable[[Any], None] | None = None, **fields: Any) -> Future:
         request_id = next(self._ids)
         frames = encode_request(kind, request_id, **fields)  # TypeError here, in the caller
         future: Future = Future()
+        future.on_chunk = on_chunk  # a streamed submit's chunks, called on the I/O thread
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("this client is closed")
@@ -252,6 +262,11 @@ class Client:
                 reply = decode_reply(frames)
             except ProtocolError:
                 continue  # not for us to fix; the request's own reply will come, or the silence clock runs
+            if reply.seq is not None:  # a chunk: the request stays pending until its reply
+                sink = getattr(pending.get(reply.id), "on_chunk", None) if isinstance(reply.id, int) else None
+                if sink is not None:
+                    sink(reply.value)
+                continue
             future = pending.pop(reply.id, None) if isinstance(reply.id, int) else None
             if future is None:
                 continue
@@ -267,8 +282,13 @@ class AsyncClient:
     def __init__(self, endpoint: str | None = None, **kwargs: Any):
         self._sync = Client(endpoint, **kwargs)
 
-    async def submit(self, task: str, payload: Any = None, **kwargs: Any) -> Any:
-        return await asyncio.wrap_future(self._sync.submit(task, payload, **kwargs))
+    async def submit(self, task: str, payload: Any = None, *, stream: bool = False, **kwargs: Any) -> Any:
+        """The result; with ``stream=True`` an ``AsyncJobStream``."""
+        if not stream:
+            return await asyncio.wrap_future(self._sync.submit(task, payload, **kwargs))
+        fields = {"task": task, "payload": payload, "mode": None, "timeout": None, "retries": 0, **kwargs}
+        job_stream = AsyncJobStream(asyncio.get_running_loop())
+        return job_stream._bind(self._sync._request(Request.SUBMIT, job_stream._on_chunk, stream=True, **fields))
 
     async def switch_mode(self, mode: str) -> dict[str, Any]:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))

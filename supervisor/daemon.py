@@ -21,19 +21,22 @@ cancelling what is queued; SIGHUP reloads the configuration file.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, GpuvisorError, JobCancelled, ShuttingDown, UnknownMode
-from protocol.client import BadRequest, ClientRequest, Request, decode_request, encode_reply
+from protocol.client import BadRequest, ClientRequest, Request, decode_request, encode_chunk, encode_reply
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.commands import drain_wakeups
@@ -46,6 +49,12 @@ _EXTEND_EVERY_S = 5.0  # while draining, ask systemd for more stop time this oft
 _TICK_S = 1.0
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    seq: int
+    value: Any
+
+
 class Daemon:
     def __init__(self, config_path: str | Path | None = None, endpoint: str | None = None,
                  notifier: Notifier | None = None):  # fmt: skip
@@ -53,7 +62,8 @@ class Daemon:
         self.config = config_mod.load(config_path)  # ConfigError: the caller exits 6
         self.endpoint = endpoint or self.config.daemon.endpoint or default_endpoint()
         self.notifier = notifier or Notifier.from_environ()
-        self._replies: collections.deque[tuple[tuple[bytes, ...], Any, Future]] = collections.deque()
+        # Replies and chunks, in the order the core loop produced them.
+        self._replies: collections.deque[tuple[tuple[bytes, ...], Any, Future | _Chunk]] = collections.deque()
         self._pending: dict[tuple[tuple[bytes, ...], Any], Future] = {}  # (client, request id) -> job, for cancel
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
@@ -265,8 +275,9 @@ class Daemon:
         elif self._stopper is not None:
             self._reply_now(front, client, request.id, error=ShuttingDown("the daemon is shutting down"))
         elif kind is Request.SUBMIT:
+            on_chunk = self._chunk_sink(client, request.id) if args["stream"] else None
             future = sup.submit(args["task"], args["payload"], mode=args["mode"], timeout=args["timeout"],
-                                retries=args["retries"])  # fmt: skip
+                                retries=args["retries"], on_chunk=on_chunk)  # fmt: skip
             self._pending[(client, request.id)] = future
             self._when_done(client, request.id, future)
         elif kind is Request.SWITCH:
@@ -275,6 +286,17 @@ class Daemon:
             if args["mode"] is not None and sup.config.mode(args["mode"]) is None:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
             self._when_done(client, request.id, sup.restart(args["mode"]))
+
+    def _chunk_sink(self, client: tuple[bytes, ...], request_id: Any) -> Callable[[Any], None]:
+        """Where a streamed job's chunks go: the same queue as the replies, so
+        a client gets every chunk before the reply that ends the stream."""
+        seq = itertools.count(1)
+
+        def sink(value: Any) -> None:  # on the core loop thread: queue and wake, nothing more
+            self._replies.append((client, request_id, _Chunk(next(seq), value)))
+            self._wake()
+
+        return sink
 
     def _when_done(self, client: tuple[bytes, ...], request_id: Any, future: Future) -> None:
         def done(f: Future) -> None:  # runs on the core loop thread: queue and wake, nothing more
@@ -286,6 +308,9 @@ class Daemon:
     def _flush_replies(self, front: zmq.Socket) -> None:
         while self._replies:
             client, request_id, future = self._replies.popleft()
+            if isinstance(future, _Chunk):
+                self._send(front, client, request_id, encode_chunk(request_id, future.seq, future.value))
+                continue
             self._pending.pop((client, request_id), None)
             if future.cancelled():
                 self._reply_now(front, client, request_id, error=JobCancelled("cancelled at the client's request"))
@@ -297,11 +322,14 @@ class Daemon:
 
     def _reply_now(self, front: zmq.Socket, client: tuple[bytes, ...], request_id: Any, *, value: Any = None,
                    error: GpuvisorError | None = None) -> None:  # fmt: skip
+        self._send(front, client, request_id, encode_reply(request_id, value=value, error=error))
+
+    def _send(self, front: zmq.Socket, client: tuple[bytes, ...], request_id: Any, frames: list) -> None:
         try:
             # NOBLOCK: with ROUTER_MANDATORY a client that does not read its
             # replies would otherwise block this loop (signals included) forever.
-            front.send_multipart([*client, *encode_reply(request_id, value=value, error=error)], zmq.NOBLOCK)
+            front.send_multipart([*client, *frames], zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("dropped the reply to %r: client %s is not reading its replies", request_id, client[0].hex())
+            log.warning("dropped a message to %r: client %s is not reading its replies", request_id, client[0].hex())
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the client went away; its reply has nowhere to go
-            log.debug("dropped the reply to %r for client %s: %s", request_id, client[0].hex(), exc)
+            log.debug("dropped a message to %r for client %s: %s", request_id, client[0].hex(), exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ import threading
 import pytest
 import zmq
 
-from supervisor import DaemonUnavailable, JobCancelled, JobFailed, UnknownTask
+from supervisor import DaemonUnavailable, JobCancelled, JobFailed, UnknownTask, WorkerCrashed
 from supervisor.client import AsyncClient, Client
 from tests.conftest import wait_until
 from tests.daemon_helper import RunningDaemon
@@ -420,3 +421,43 @@ def test_an_existing_socket_directory_is_checked_not_changed(daemon, tmp_path):
     os.chmod(shared, 0o777)
     refused = daemon("--endpoint", f"ipc://{shared}/g.sock", wait_ready=False)
     assert refused.wait() == 6 and "writable by others" in refused.output()
+
+
+# ---------------------------------------------------------------- streams and arrays through the daemon
+
+
+def test_streams_and_arrays_cross_the_daemon(daemon):
+    import numpy as np
+
+    d = daemon(config_text=TWO_MODES)
+    with d.client() as c:
+        stream = c.submit("count", {"n": 30}, mode="diag", stream=True)
+        assert list(stream) == list(range(30)) and stream.result(T) == {"count": 30}
+        crashed = c.submit("count", {"n": 9, "die_after": 3, "delay": 0.2}, stream=True)
+        got = []
+        with pytest.raises(WorkerCrashed):
+            for chunk in crashed:
+                got.append(chunk)
+        assert got == [0, 1, 2]
+        arr = np.arange(300_000, dtype=np.float32).reshape(1000, 300)
+        back = c.submit("echo", {"a": arr}).result(T)["a"]
+        assert back.dtype == arr.dtype and back.shape == arr.shape and back.tobytes() == arr.tobytes()
+
+    async def use_async():
+        client = AsyncClient(d.endpoint)
+        try:
+            stream = await client.submit("count", {"n": 5}, stream=True)
+            assert [chunk async for chunk in stream] == [0, 1, 2, 3, 4]
+            assert await stream.result(T) == {"count": 5}
+        finally:
+            await client.close()
+
+    asyncio.run(asyncio.wait_for(use_async(), T))
+
+
+def test_the_cli_streams_chunks_as_json_lines(daemon):
+    d = daemon(config_text=TWO_MODES)
+    out = cli("--endpoint", d.endpoint, "--json", "submit", "count", '{"n": 3}', "--mode", "diag", "--stream")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines == [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}, {"ok": True, "value": {"count": 3}}]
