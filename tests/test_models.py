@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 
 import psutil
@@ -291,17 +292,21 @@ class _LiveGpu(FakeNvml):
         return gpu
 
 
+def _gpu_supervisor(supervisor_from, settings: str):
+    """A supervisor pinned to the stand-in GPU, with two diag modes to switch
+    between, and the pid of a first worker already running in ``diag``."""
+    sup = supervisor_from(
+        f'[supervisor]\ndevice = "cuda:0"\n{settings}\n' + DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n'
+    )
+    return sup, sup.submit("pid", mode="diag").result(T)
+
+
 def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memory(fake_nvml, supervisor_from):
     """The real loop, real workers and the real reclaim wait; only the driver
     is a stand-in (this machine has no GPU): it keeps a dead worker's 512 MiB
     "used" for 0.5 s, and the next worker must not start before it is back."""
     live = fake_nvml(_LiveGpu(lag=0.5))
-    sup = supervisor_from(
-        '[supervisor]\ndevice = "cuda:0"\nheartbeat_interval = 0.1\nheartbeat_timeout = 5\n'
-        + DIAG
-        + '[modes.other]\nloader = "worker.modes.diag:load"\n'
-    )
-    pid = sup.submit("pid", mode="diag").result(T)
+    sup, pid = _gpu_supervisor(supervisor_from, "heartbeat_interval = 0.1\nheartbeat_timeout = 5")
     live.held[pid] = 512 * MiB
     wait_until(lambda: sup.status()["worker_vram_bytes"] == 512 * MiB, T, "a heartbeat's NVML sample")
     status = sup.status()
@@ -311,19 +316,18 @@ def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memo
     assert result["previous_pid"] == pid and result["reclaim_complete"] is True
     assert result["reclaimed_bytes"] == 512 * MiB and result["vram_used_after"] == live.base
     assert result["reclaim_seconds"] >= 0.5  # it waited out the driver's lag
-    new = sup.status()["worker_pid"]
-    assert psutil.Process(new).create_time() >= psutil.Process().create_time()
+    # The new worker began after the memory was back: both times on the
+    # kernel's boot clock (wall-clock create_time can be skewed by /proc's btime).
+    freed = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.monotonic() - (live.gone_at[pid] + live.lag))
+    with open(f"/proc/{sup.status()['worker_pid']}/stat") as f:
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    assert started >= freed - 0.02  # clock ticks are 10 ms
 
 
 def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervisor_from):
     live = fake_nvml(_LiveGpu(lag=3600))  # a leak, as far as the meter can tell
-    sup = supervisor_from(
-        '[supervisor]\ndevice = "cuda:0"\nreclaim_timeout = 0.5\n'
-        + DIAG
-        + "[modes.b]\nloader = 'worker.modes.diag:load'\n"
-    )
-    pid = sup.submit("pid", mode="diag").result(T)
+    sup, pid = _gpu_supervisor(supervisor_from, "reclaim_timeout = 0.5")
     live.held[pid] = 256 * MiB
-    result = sup.switch_mode("b").result(T)
+    result = sup.switch_mode("other").result(T)
     assert result["reclaim_complete"] is False and result["reclaimed_bytes"] == 0
     assert sup.submit("echo", "still serving").result(T) == "still serving"
