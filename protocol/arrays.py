@@ -28,6 +28,10 @@ from protocol.errors import ProtocolError
 
 ARRAY_EXT = 1
 """The one msgpack ext type the protocol defines; every other code is refused."""
+MAX_ARRAYS = 1024
+"""Per message: with the header, 1025 frames. Checked when encoding too, so
+what one side sends the other always accepts."""
+MAX_DIMS = 32
 
 # Plain numeric kinds: bool, signed and unsigned integers, floats, complex.
 # Object, string, void (structured) and datetime dtypes are refused: they are
@@ -53,6 +57,8 @@ def _as_ndarray(obj: Any):
             raise TypeError(f"a {obj.dtype} tensor cannot be sent as an array ({exc}); convert it first") from None
     if obj.dtype.kind not in _KINDS or obj.dtype.fields is not None:
         raise TypeError(f"an array of dtype {obj.dtype} cannot be sent: only bool, int, uint, float and complex")
+    if obj.ndim > MAX_DIMS:
+        raise TypeError(f"an array of {obj.ndim} dimensions cannot be sent: at most {MAX_DIMS}")
     return obj if obj.flags.c_contiguous else obj.copy(order="C")  # ascontiguousarray makes 0-d into 1-d
 
 
@@ -63,6 +69,8 @@ def packer(frames: list) -> msgpack.Packer:
     def default(obj: Any) -> Any:
         if not is_array(obj):
             raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+        if len(frames) >= MAX_ARRAYS:
+            raise TypeError(f"a message carries at most {MAX_ARRAYS} arrays; stack them into fewer")
         arr = _as_ndarray(obj)
         frames.append(memoryview(arr).cast("B") if arr.size else b"")
         ref = msgpack.packb([len(frames), arr.dtype.str, list(arr.shape)])
@@ -93,8 +101,8 @@ class FrameRefs:
             )
         if index in self._used:
             raise ProtocolError(f"frame {index} is referenced twice")
-        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or len(shape) > 32:
-            raise ProtocolError(f"array shape {shape!r} is not a list of at most 32 sizes >= 0")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or len(shape) > MAX_DIMS:
+            raise ProtocolError(f"array shape {shape!r} is not a list of at most {MAX_DIMS} sizes >= 0")
         import numpy as np
 
         try:
@@ -112,7 +120,13 @@ class FrameRefs:
                 + (f" (over the {self._limit}-byte limit)" if expected > self._limit else "")
             )
         self._used.add(index)
-        return np.frombuffer(buf, dtype=dt).reshape(shape) if expected else np.zeros(shape, dtype=dt)
+        if not expected:
+            return np.zeros(shape, dtype=dt)
+        arr = np.frombuffer(buf, dtype=dt).reshape(shape)
+        # libzmq packs small messages into a shared buffer at any offset;
+        # code that assumes aligned data (numba, SIMD, C extensions) must
+        # not see that. Large frames have buffers of their own, aligned.
+        return arr if arr.flags.aligned else arr.copy()
 
     def check_all_used(self) -> None:
         if len(self._used) != len(self._frames):

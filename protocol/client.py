@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import GpuvisorError, ProtocolError
-from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version, pack, pack_frames, unpack_map
+from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version, pack, pack_frames, peek, unpack_map
 
 
 class Request(enum.StrEnum):
@@ -79,7 +79,10 @@ def _ok(value: Any, types: tuple[type, ...]) -> bool:
 
 
 def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> ClientRequest:
-    msg = unpack_map(frames, limit, "request")  # ProtocolError: no id to answer with
+    try:
+        msg = unpack_map(frames, limit, "request")
+    except ProtocolError as exc:  # answered under its id when the header still shows one
+        raise BadRequest(exc.message, peek(frames, "id") if frames else None) from None
     rid = msg.get("id")
     rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
     if rid is None:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from protocol.arrays import FrameRefs, nbytes, packer
+from protocol.arrays import MAX_ARRAYS, FrameRefs, nbytes, packer
 from protocol.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -254,8 +254,24 @@ def _type_ok(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-MAX_FRAMES = 1025
+MAX_FRAMES = MAX_ARRAYS + 1
 """A header and at most 1024 arrays: bounds what one message can make us hold."""
+
+
+def peek(frames: list, key: str) -> Any:
+    """``key`` from a header the protocol refused, when it can still be read
+    (array references ignored), so that a malformed job or request is
+    answered under its id instead of waiting forever. None if unreadable."""
+    try:
+        first = frames[0]
+        data = first.bytes if hasattr(first, "bytes") else bytes(first)
+        if len(data) > MAX_MESSAGE_BYTES:
+            return None
+        header = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=lambda code, raw: None)
+    except Exception:  # noqa: BLE001 - unreadable is an answer too
+        return None
+    value = header.get(key) if isinstance(header, dict) else None
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
 def unpack_map(frames: list, limit: int, what: str = "message") -> dict:

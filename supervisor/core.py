@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -85,6 +85,7 @@ _SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING}
 _HEARTBEATING = frozenset({WorkerState.LOADING, WorkerState.READY, WorkerState.BUSY})
 _IDLE_POLL_S = 1.0  # upper bound on a poll, so deadlines are checked even with no events
 _NO_PIDFD_POLL_S = 0.05  # how often to poll the worker's exit where pidfd_open is missing
+_RECLAIM_POLL_S = 0.02  # how often NVML is read while a switch waits for memory to come back
 
 
 @dataclass
@@ -93,7 +94,10 @@ class _SwitchInProgress:
     request: QueuedSwitch
     previous: str | None
     started: float
-    reclaim: dict[str, Any]  # what stopping the previous worker gave back, for the result
+    reclaim: dict[str, Any] = field(default_factory=dict)  # what the worker this switch stopped gave back
+    waiting: _Retired | None = None  # a stopped worker whose memory must be back before the spawn
+    reclaim_deadline: float = 0.0
+    next_poll: float = 0.0
 
 
 @dataclass
@@ -326,6 +330,8 @@ class Core:
             out.append(self._respawn_at)
         if (idle_at := self._idle_unload_at()) is not None:
             out.append(idle_at)
+        if self._switch is not None and self._switch.waiting is not None:
+            out.append(self._switch.next_poll)
         return out
 
     def _idle_unload_at(self) -> float | None:
@@ -351,6 +357,8 @@ class Core:
         elif isinstance(command, Reload):
             old, self.config = self.config, command.config
             log.info("configuration reloaded from %s: modes %s", command.config.source, sorted(command.config.modes))
+            if command.config.device != old.device:
+                log.warning("device changes take effect when the supervisor restarts; keeping %r", old.device)
             loaded = self._worker.mode if self._worker is not None else None
             if loaded is not None and old.mode(loaded) != command.config.mode(loaded):
                 log.warning(
@@ -474,17 +482,59 @@ class Core:
     # ------------------------------------------------------------ switching
 
     def _begin_switch(self, request: QueuedSwitch) -> None:
+        """Stop the current worker, wait (without blocking the loop) until its
+        memory is back, then spawn the new one: see ``_poll_reclaim``."""
         if request.future is not None and not request.future.set_running_or_notify_cancel():
             return  # cancelled while queued
-        previous = self._worker.mode if self._worker is not None else None
-        started = time.monotonic()
-        if self._worker is not None:
+        w = self._worker
+        sw = _SwitchInProgress(request.mode, request, w.mode if w is not None else None, time.monotonic())
+        if w is not None:
             self._stop_worker(f"switching to mode {request.mode!r}")
-        self._switch = _SwitchInProgress(request.mode, request, previous, started, self._reclaim())
+        self._switch = sw
         self._idle_unloaded = None
-        spec = self.config.mode(request.mode)
+        r, self._retired = self._retired, None  # also one that died or was unloaded earlier: its memory too
+        if r is not None and w is not None:  # figures only for the worker this switch stopped: fresh ones
+            sw.reclaim = {"previous_pid": r.pid, "previous_rss_bytes": r.rss_bytes}
+        if r is not None and self._meter is not None and r.baseline_used is not None:
+            sw.waiting, sw.reclaim_deadline = r, time.monotonic() + self.config.reclaim_timeout
+            self._poll_reclaim()
+            return
+        if sw.reclaim:  # no GPU: the reap was the reclaim; RSS is reported as RSS, never as VRAM
+            sw.reclaim.update(
+                reclaimed_bytes=None, reclaim_seconds=time.monotonic() - r.stopping_since, reclaim_complete=None
+            )
+        self._spawn(sw)
+
+    def _poll_reclaim(self) -> None:
+        """One NVML reading for the switch waiting on a stopped worker's
+        memory: spawn once NVML no longer lists its pid and the device is
+        back within the tolerance of its baseline, or once ``reclaim_timeout``
+        has passed (logged and reported: another process on the GPU may have
+        taken memory meanwhile). Called every 20 ms from the deadlines, so
+        the loop keeps answering while it waits."""
+        sw = self._switch
+        r = sw.waiting
+        tolerance = int(self.config.reclaim_tolerance_mib * 1024 * 1024)
+        got = self._meter.poll_reclaim(r.pid, r.used_before, r.baseline_used, tolerance, r.stopping_since)
+        now = time.monotonic()
+        if not got.complete and now < sw.reclaim_deadline:
+            sw.next_poll = now + _RECLAIM_POLL_S
+            return
+        if not got.complete:
+            log.warning(
+                "VRAM of worker pid %d not verified back within %gs (pid listed: %s, device used %s vs baseline %d)",
+                r.pid, self.config.reclaim_timeout, not got.pid_gone, got.used_after, r.baseline_used,
+            )  # fmt: skip
+        if sw.reclaim:
+            sw.reclaim.update(got.as_result(), reclaim_seconds=now - r.stopping_since)  # the kill included
+        self._gpu = self._meter.snapshot()
+        sw.waiting = None
+        self._spawn(sw)
+
+    def _spawn(self, sw: _SwitchInProgress) -> None:
+        spec = self.config.mode(sw.mode)
         if spec is None:  # validated at submit; only a config reload could get here
-            self._switch_failed(ModeLoadError(f"mode {request.mode!r} is no longer in the configuration"))
+            self._switch_failed(ModeLoadError(f"mode {sw.mode!r} is no longer in the configuration"))
             return
         self._generation += 1
         argv = worker_argv(self.config.worker_command, self.endpoint, self._generation, self.config.heartbeat_interval)
@@ -496,8 +546,8 @@ class Core:
             return
         self._worker = WorkerHandle(proc, self._generation, spec)
         self._worker.baseline_used = baseline_used
-        self._mode, self._mode_error = request.mode, None
-        log.info("worker gen %d pid %d starting mode %r", self._generation, proc.pid, request.mode)
+        self._mode, self._mode_error = sw.mode, None
+        log.info("worker gen %d pid %d starting mode %r", self._generation, proc.pid, sw.mode)
 
     def _switch_done(self, w: WorkerHandle) -> None:
         sw = self._switch
@@ -651,7 +701,8 @@ class Core:
             log.warning("worker gen %d: dropped a chunk for job %d, which is not a stream in flight", w.gen, msg.job)
             return
         if msg.seq != job.chunks + 1:
-            raise ProtocolError(f"chunk {msg.seq} of job {job.id} after chunk {job.chunks}")
+            self._on_worker_exit(f"sent chunk {msg.seq} of job {job.id} after chunk {job.chunks}", ProtocolError)
+            return
         job.chunks = msg.seq
         try:
             job.on_chunk(msg.value)
@@ -673,12 +724,13 @@ class Core:
 
     def _recycle_after_oom(self, w: WorkerHandle, job: QueuedJob) -> None:
         """The allocator keeps its fragments after an OOM, so the next job
-        would likely fail too: replace the worker now, in the same mode, ahead
-        of everything queued. Not a death: the restart budget is untouched."""
+        would likely fail too: stop the worker now; the next job that needs
+        the mode starts a fresh one (none is loaded for nothing, should the
+        next thing be a switch or a shutdown). Not a death: the restart
+        budget is untouched."""
         self._oom_recycles += 1
         log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
-        self._stop_worker("recycling after out of memory")
-        self._queue.appendleft(QueuedSwitch(w.mode, None))
+        self._stop_worker("recycling after out of memory")  # the mode stays in force: the next job reloads it
 
     _HANDLERS = {
         Hello: _on_hello,
@@ -708,31 +760,6 @@ class Core:
             return None
         memory = self._meter.memory()
         return memory[0] if memory is not None else None
-
-    def _reclaim(self) -> dict[str, Any]:
-        """Wait until the last worker's memory is back: NVML no longer lists
-        its pid and the device's used memory is within the tolerance of what
-        it was before that worker started. Bounded by ``reclaim_timeout``; a
-        timeout is logged and reported, not fatal (another process may have
-        taken memory meanwhile). Without a GPU there is no VRAM to wait for:
-        the reap was the reclaim, and the old RSS is reported as RSS."""
-        r, self._retired = self._retired, None
-        if r is None:
-            return {}
-        out: dict[str, Any] = {"previous_pid": r.pid, "previous_rss_bytes": r.rss_bytes}
-        if self._meter is None or r.baseline_used is None:
-            out.update(reclaimed_bytes=None, reclaim_seconds=time.monotonic() - r.stopping_since, reclaim_complete=None)
-            return out
-        tolerance = int(self.config.reclaim_tolerance_mib * 1024 * 1024)
-        got = self._meter.wait_reclaimed(r.pid, r.used_before, r.baseline_used, tolerance, self.config.reclaim_timeout)
-        if not got.complete:
-            log.warning(
-                "VRAM of worker pid %d not verified back within %gs (pid listed: %s, device used %s vs baseline %d)",
-                r.pid, self.config.reclaim_timeout, not got.pid_gone, got.used_after, r.baseline_used,
-            )  # fmt: skip
-        self._gpu = self._meter.snapshot()
-        out.update(got.as_result(), reclaim_seconds=time.monotonic() - r.stopping_since)  # the kill included
-        return out
 
     def _retire(self, w: WorkerHandle, used_before: int | None = None) -> None:
         if w.state is not WorkerState.EXITED:
@@ -817,6 +844,8 @@ class Core:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        if self._switch is not None and self._switch.waiting is not None and now >= self._switch.next_poll:
+            self._poll_reclaim()
         idle_at = self._idle_unload_at()
         if idle_at is not None and now >= idle_at:
             mode = self._worker.mode
@@ -920,6 +949,7 @@ class Core:
                 "restarts": self._restarts,
                 "jobs_done": self._jobs_done,
                 "switching_to": self._switch.mode if self._switch is not None else None,
+                "reclaiming": self._switch is not None and self._switch.waiting is not None,
                 "last_error": self._mode_error,
                 "failed_reason": self._failed,
                 "idle_unloaded": self._idle_unloaded,

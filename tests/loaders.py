@@ -69,7 +69,17 @@ def streams() -> dict:
     def unsendable(payload):
         yield "fine" if payload else object()
 
-    return {"unsendable": unsendable}
+    def reuse(payload):
+        """Refill one 4 MiB buffer before each yield: a common pattern, and
+        a corrupted stream if chunks left the worker without a copy."""
+        import numpy as np
+
+        buf = np.empty(1 << 22, dtype=np.uint8)
+        for i in range(payload["n"]):
+            buf[:] = i
+            yield buf
+
+    return {"unsendable": unsendable, "reuse": reuse}
 
 
 def warmable() -> dict:

@@ -144,3 +144,20 @@ def test_a_torch_tensor_from_a_handler_arrives_as_an_array(supervisor_from, tmp_
     assert got["grad"].tolist() == [1.0, 1.0]
     with pytest.raises(JobFailed, match="torch.bfloat16 tensor cannot be sent as an array"):
         sup.submit("bfloat16", None, mode="t").result(T)
+
+
+def test_what_the_decoder_refuses_the_encoder_refuses_at_submit():
+    """Otherwise a payload submit() accepted would be dropped by the worker."""
+    with pytest.raises(TypeError, match="at most 1024 arrays"):
+        encode_job(1, "echo", [np.zeros(1)] * 1025)
+    assert len(encode_job(1, "echo", [np.zeros(1)] * 1024)) == 1025
+    with pytest.raises(TypeError, match="33 dimensions"):
+        encode_job(1, "echo", np.zeros((1,) * 33))
+
+
+def test_small_arrays_arrive_aligned_for_code_that_needs_it(sup):
+    """libzmq packs small messages at any offset in a shared buffer; an
+    array over it must still be aligned (numba, SIMD and C code assume so)."""
+    payload = [np.arange(n, dtype=dt) for n in (1, 3, 7, 100) for dt in ("<f8", "<i4", "<c16", "<u2")]
+    back = sup.submit("echo", payload, mode="diag").result(T)
+    assert all(a.flags.aligned and np.array_equal(a, b) for a, b in zip(back, payload, strict=True))

@@ -115,10 +115,21 @@ def test_a_memory_error_is_out_of_memory_and_the_worker_is_recycled(sup):
         sup.submit("oom", mode="diag").result(T)
     assert isinstance(info.value, JobFailed) and info.value.remote_type == "MemoryError"
     assert pid_gone(old)  # stopped before the outcome was handed out
+    status = sup.status()
+    assert status["worker_pid"] is None and status["generation"] == 1  # none loaded for nothing
     new = sup.submit("pid").result(T)  # no mode named: the recycled mode is still in force
     assert new != old
     status = sup.status()
-    assert status["oom_recycles"] == 1 and status["restarts"] == 0  # not a death
+    assert status["oom_recycles"] == 1 and status["restarts"] == 0 and status["generation"] == 2  # not a death
+
+
+def test_an_oom_before_a_switch_loads_only_the_new_mode(supervisor_from):
+    sup = supervisor_from(DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n')
+    oom = sup.submit("oom", mode="diag")
+    switched = sup.switch_mode("other")
+    with pytest.raises(OutOfMemory):
+        oom.result(T)
+    assert switched.result(T)["status"] == "loaded" and sup.status()["generation"] == 2
 
 
 def test_recycle_on_oom_false_keeps_the_worker(supervisor_from):
@@ -164,6 +175,10 @@ def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(supervisor_f
     assert status["idle_unloaded"] == "diag" and status["mode"] is None and status["restarts"] == 0
     second = sup.submit("pid").result(T)  # names no mode: the unloaded one is still in force
     assert second != first and sup.status()["idle_unloaded"] is None
+    wait_until(lambda: sup.status()["worker_pid"] is None, T, "the second unload")
+    result = sup.switch_mode("diag").result(T)
+    assert result["status"] == "loaded" and result["previous"] is None
+    assert "previous_pid" not in result  # no reclaim figures from a worker stopped long before this switch
 
 
 def test_idle_unload_never_stops_a_running_job(supervisor_from):
@@ -324,6 +339,19 @@ def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memo
     assert started >= freed - 0.02  # clock ticks are 10 ms
 
 
+def test_the_loop_keeps_serving_while_a_switch_waits_for_memory(fake_nvml, supervisor_from):
+    live = fake_nvml(_LiveGpu(lag=1.5))
+    sup, pid = _gpu_supervisor(supervisor_from, "")
+    live.held[pid] = 128 * MiB
+    switching = sup.switch_mode("other")
+    wait_until(lambda: sup.status()["reclaiming"], T, "the switch to wait for the memory")
+    status = sup.status()
+    assert status["worker_pid"] is None and status["switching_to"] == "other"
+    turned = sup._core.published_at
+    wait_until(lambda: sup._core.published_at > turned, 1.0, "the loop to turn during the wait")
+    assert switching.result(T)["reclaim_complete"] is True and not sup.status()["reclaiming"]
+
+
 def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervisor_from):
     live = fake_nvml(_LiveGpu(lag=3600))  # a leak, as far as the meter can tell
     sup, pid = _gpu_supervisor(supervisor_from, "reclaim_timeout = 0.5")
@@ -331,3 +359,22 @@ def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervi
     result = sup.switch_mode("other").result(T)
     assert result["reclaim_complete"] is False and result["reclaimed_bytes"] == 0
     assert sup.submit("echo", "still serving").result(T) == "still serving"
+
+
+def test_out_of_memory_is_recognised_in_a_chain_and_by_older_torchs_words():
+    from worker.memory import is_out_of_memory
+
+    def raised(outer: Exception, inner: Exception) -> Exception:
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise outer  # noqa: B904 - the implicit __context__ is the point
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(raised(ValueError("wrapped"), MemoryError()))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("memory"))

@@ -264,8 +264,8 @@ def test_malformed_requests(client):
         (msgpack.packb({"v": 1, "k": "submit", "id": 12, "task": "echo", "retries": True}), 12),  # bool for int
         (msgpack.packb({"v": 1, "k": "shutdown", "id": 13, "drain": "yes"}), 13),
         (msgpack.packb({"v": 1, "k": "cancel", "id": 14}), 14),
-        # an ext type (other than the timestamp) makes the whole frame unreadable, so its id is not usable
-        (msgpack.packb({"v": 1, "k": "ping", "id": 15, "x": msgpack.ExtType(5, b"z")}), None),
+        # an ext type (other than the timestamp and the array reference) is refused, under the request's id
+        (msgpack.packb({"v": 1, "k": "ping", "id": 15, "x": msgpack.ExtType(5, b"z")}), 15),
     ]
     for frame, expected_id in bad:
         client.send_raw(frame)
@@ -350,3 +350,18 @@ def test_req_socket(daemon):
     finally:
         req.close(0)
         ctx.term()
+
+
+def test_a_request_whose_arrays_cannot_be_read_is_answered_under_its_id(daemon):
+    """Not from the doc-built client (it only sends what the doc allows): a
+    broken array reference must still get its one reply, under its id."""
+    bad = msgpack.ExtType(1, msgpack.packb([2, "<f4", [1]]))  # frame 2 of 1
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(daemon.endpoint)
+        sock.send_multipart(
+            [msgpack.packb({"v": 1, "k": "submit", "id": 77, "task": "echo", "payload": bad}), b"\0" * 4]
+        )
+        assert sock.poll(30_000), "no reply"
+        reply = msgpack.unpackb(sock.recv_multipart()[0])
+    assert reply["id"] == 77 and reply["ok"] is False and reply["error"]["code"] == "protocol_error"

@@ -160,3 +160,25 @@ def test_a_worker_whose_supervisor_is_already_gone_exits_before_doing_anything()
         assert not h.router.poll(100), "an orphan must not even say HELLO"
     finally:
         h.close()
+
+
+def test_a_job_message_that_cannot_be_read_is_answered_under_its_id(harness):
+    """A header whose array reference is broken still names its job: the job
+    gets its one answer (a ProtocolError) instead of waiting forever."""
+    handshake(harness)
+    bad_ref = msgpack.ExtType(1, msgpack.packb([1, "<f4", [3]]))  # 12 bytes promised, 4 sent
+    harness.send_raw(msgpack.packb({"v": 1, "k": "job", "job": 8, "task": "echo", "payload": bad_ref}), b"\0" * 4)
+    failure = harness.recv()
+    assert isinstance(failure, Failure) and failure.job == 8 and failure.error["code"] == "protocol_error"
+    assert "has 4 bytes" in failure.error["message"]
+    harness.send(Job(9, "echo", "still here"))
+    assert harness.recv() == Result(9, "still here")
+
+
+def test_a_streamed_chunk_is_sent_as_it_was_yielded_even_if_its_buffer_is_reused(helper_loaders, harness):
+    handshake(harness, "s", "tests.loaders:streams")
+    harness.send(Job(1, "reuse", {"n": 20}, stream=True))
+    chunks = []
+    while not isinstance(msg := harness.recv(), Result):
+        chunks.append(msg.value)
+    assert [int(c[0]) for c in chunks] == list(range(20)) and all((c == c[0]).all() for c in chunks)

@@ -28,9 +28,21 @@ def torch_memory() -> dict | None:
         return None
 
 
+_OOM_WORDS = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """``MemoryError`` or torch's ``OutOfMemoryError``, told apart by type
-    name so that this check never imports torch."""
-    if isinstance(exc, MemoryError):
-        return True
-    return any(cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch") for cls in type(exc).__mro__)
+    """``MemoryError`` or torch's ``OutOfMemoryError`` (told apart by type
+    name, so this never imports torch), anywhere in the exception's chain; or
+    the RuntimeError older torch and cuBLAS raise with only words to go by."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return True
+        if any(c.__name__ == "OutOfMemoryError" and c.__module__.startswith("torch") for c in type(exc).__mro__):
+            return True
+        if isinstance(exc, RuntimeError) and any(words in str(exc) for words in _OOM_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

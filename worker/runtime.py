@@ -48,6 +48,7 @@ from protocol import (
     decode_to_worker,
     encode,
 )
+from protocol.messages import peek
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
 from worker.memory import is_out_of_memory, torch_memory
@@ -174,6 +175,11 @@ class _Worker:
                 return decode_to_worker(frames)
             except ProtocolError as exc:
                 _log(self.gen, f"dropped a malformed message from the supervisor: {exc}")
+                job = peek(frames, "job") if peek(frames, "k") == "job" and self.mode is not None else None
+                if isinstance(job, int):  # a job we cannot read still gets its one answer
+                    self.send(
+                        Failure(job, ProtocolError(f"the job message could not be read: {exc.message}").to_wire())
+                    )
 
     def load(self, msg: Load) -> bool:
         started = time.perf_counter()
@@ -220,7 +226,9 @@ class _Worker:
             nonlocal seq
             if msg.stream:
                 seq += 1
-                self._pipe.send_multipart(self._encode_outcome(Chunk(msg.job, seq, value), msg.task), copy=False)
+                # Copied (copy=True): the generator resumes as soon as this
+                # returns and may refill the very buffer it just yielded.
+                self._pipe.send_multipart(self._encode_outcome(Chunk(msg.job, seq, value), msg.task), copy=True)
 
         self._io.busy = True
         try:
