@@ -368,7 +368,7 @@ def test_out_of_memory_is_recognised_in_a_chain_and_by_older_torchs_words():
         try:
             try:
                 raise inner
-            except Exception:
+            except Exception:  # noqa: BLE001 - any: it becomes the context
                 raise outer  # noqa: B904 - the implicit __context__ is the point
         except Exception as exc:  # noqa: BLE001
             return exc
