@@ -1,31 +1,49 @@
 """``make bench``: run every benchmark, print one table, write results.json.
-``python -m bench roundtrip`` or ``python -m bench lifecycle`` runs one."""
+``python -m bench NAME [NAME ...]`` runs some of them alone."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
+import time
+import traceback
 
-from bench import lifecycle, roundtrip
-from bench.report import print_table, write
+from bench.report import failed_row, print_table, progress, write
 
-SUITES = {"roundtrip": roundtrip.run, "lifecycle": lifecycle.run}
+# name -> module in bench/ with a ``run() -> list[Row]``; the order of a full run.
+SUITES = ["roundtrip", "throughput", "arrays", "lifecycle", "footprint", "drain", "daemon"]
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
-    names = argv or list(SUITES)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = argv or SUITES
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        print(f"unknown benchmark {unknown}; choose from {list(SUITES)}", file=sys.stderr)
+        print(f"unknown benchmark {unknown}; choose from {SUITES}", file=sys.stderr)
         return 2
     rows = []
+    failed = False
+    started = time.monotonic()
     for name in names:
-        print(f"running {name} ...", flush=True)
-        rows.extend(SUITES[name]())
+        progress(f"running {name} ...")
+        t = time.monotonic()
+        try:
+            rows.extend(importlib.import_module(f"bench.{name}").run())
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            rows.append(failed_row(name, exc))
+            failed = True
+        progress(f"{name} done in {time.monotonic() - t:.1f}s")
+    seconds = time.monotonic() - started
     print_table(rows)
-    write(rows)
-    return 0
+    print(f"run time: {seconds:.1f}s ({', '.join(names)})")
+    write(rows, seconds)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,25 +1,28 @@
-"""No-op job round trip: gpuvisor against the floor of its own stack (a raw
-pyzmq + msgpack echo between two processes) and against the standard
-library's ProcessPoolExecutor and multiprocessing.Pipe."""
+"""No-op job round trip, one job at a time: gpuvisor against the floor of its
+own stack (a raw pyzmq + msgpack echo between two processes) and against the
+standard library's ProcessPoolExecutor and multiprocessing.Pipe.
+
+The five ways are measured in ROUNDS interleaved rounds (each round runs all
+five, each with a fresh process pair), so a burst of load from the machine's
+other tenants hits them alike; the samples of all rounds are pooled."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import msgpack
 import zmq
 
-from bench.report import Row, median, percentile
+from bench.common import child, ipc_endpoint
+from bench.report import Row, median, percentile, progress
 from supervisor import AsyncSupervisor, Supervisor
 
-N = 2000
-WARMUP = 200
+ROUNDS = 3
+N = 3000  # timed round trips per way and round
+WARMUP = 300
 
 _ECHO = """
 import sys, zmq, msgpack
@@ -33,26 +36,24 @@ s.close(); ctx.term()
 """
 
 
-def raw_zmq_echo() -> list[float]:
+def raw_zmq_echo(n: int) -> list[float]:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    endpoint = f"ipc://{tempfile.mkdtemp()}/echo.sock"
+    endpoint = ipc_endpoint("echo.sock")
     router.bind(endpoint)
-    proc = subprocess.Popen([sys.executable, "-c", _ECHO, endpoint])
     try:
-        ident, _ = router.recv_multipart()
-        samples = []
-        for i in range(N + WARMUP):
-            t = time.perf_counter()
-            router.send_multipart([ident, msgpack.packb({"k": "job", "job": i, "task": "echo", "payload": None})])
-            msgpack.unpackb(router.recv_multipart()[1])
-            samples.append(time.perf_counter() - t)
-        router.send_multipart([ident, msgpack.packb({"k": "stop"})])
-        proc.wait(30)
+        with child(_ECHO, endpoint) as proc:
+            ident, _ = router.recv_multipart()
+            samples = []
+            for i in range(n + WARMUP):
+                t = time.perf_counter()
+                router.send_multipart([ident, msgpack.packb({"k": "job", "job": i, "task": "echo", "payload": None})])
+                msgpack.unpackb(router.recv_multipart()[1])
+                samples.append(time.perf_counter() - t)
+            router.send_multipart([ident, msgpack.packb({"k": "stop"})])
+            proc.wait(30)
     finally:
-        proc.kill()
-        proc.wait()
         router.close()
         ctx.term()
     return samples[WARMUP:]
@@ -62,10 +63,10 @@ def _noop(x):
     return x
 
 
-def pool_executor() -> list[float]:
+def pool_executor(n: int) -> list[float]:
     samples = []
     with ProcessPoolExecutor(1) as pool:
-        for _ in range(N + WARMUP):
+        for _ in range(n + WARMUP):
             t = time.perf_counter()
             pool.submit(_noop, None).result()
             samples.append(time.perf_counter() - t)
@@ -77,38 +78,45 @@ def _pipe_echo(conn):
         conn.send(msg)
 
 
-def mp_pipe() -> list[float]:
-    parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_pipe_echo, args=(child,))
+def mp_pipe(n: int) -> list[float]:
+    parent, child_end = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=_pipe_echo, args=(child_end,))
     proc.start()
-    samples = []
-    for _ in range(N + WARMUP):
-        t = time.perf_counter()
-        parent.send(None)
-        parent.recv()
-        samples.append(time.perf_counter() - t)
-    parent.send(StopIteration)
-    proc.join(30)
+    try:
+        samples = []
+        for _ in range(n + WARMUP):
+            t = time.perf_counter()
+            parent.send(None)
+            parent.recv()
+            samples.append(time.perf_counter() - t)
+        parent.send(StopIteration)
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        parent.close()
+        child_end.close()
     return samples[WARMUP:]
 
 
-def gpuvisor_sync() -> list[float]:
+def gpuvisor_sync(n: int) -> list[float]:
     samples = []
     with Supervisor() as sup:
         sup.switch_mode("diag").result(60)
-        for _ in range(N + WARMUP):
+        for _ in range(n + WARMUP):
             t = time.perf_counter()
             sup.submit("echo").result(60)
             samples.append(time.perf_counter() - t)
     return samples[WARMUP:]
 
 
-def gpuvisor_async() -> list[float]:
+def gpuvisor_async(n: int) -> list[float]:
     async def main():
         samples = []
         async with AsyncSupervisor() as sup:
             await sup.switch_mode("diag")
-            for _ in range(N + WARMUP):
+            for _ in range(n + WARMUP):
                 t = time.perf_counter()
                 await sup.submit("echo")
                 samples.append(time.perf_counter() - t)
@@ -117,51 +125,42 @@ def gpuvisor_async() -> list[float]:
     return asyncio.run(main())
 
 
+WAYS = {
+    "raw": raw_zmq_echo,
+    "Supervisor": gpuvisor_sync,
+    "AsyncSupervisor": gpuvisor_async,
+    "ProcessPoolExecutor": pool_executor,
+    "Pipe": mp_pipe,
+}
+
+
+def measure(rounds: int = ROUNDS, n: int = N) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in WAYS}
+    for r in range(rounds):
+        for name, way in WAYS.items():
+            samples[name].extend(way(n))
+        progress(
+            f"round trip, round {r + 1}/{rounds}: p50 "
+            + ", ".join(f"{name} {median(s) * 1e6:.0f}us" for name, s in samples.items())
+        )
+    return samples
+
+
 def run() -> list[Row]:
-    raw = raw_zmq_echo()
-    sync = gpuvisor_sync()
-    aio = gpuvisor_async()
-    pool = pool_executor()
-    pipe = mp_pipe()
+    s = measure()
     us = 1e6
-    rows = [
-        Row(
-            "no-op round trip p50, Supervisor",
-            median(sync) * us,
-            "raw pyzmq+msgpack echo p50",
-            median(raw) * us,
-            "us",
-            "<= 2x",
-        ),
-        Row(
-            "no-op round trip p99, Supervisor",
-            percentile(sync, 99) * us,
-            "raw pyzmq+msgpack echo p99",
-            percentile(raw, 99) * us,
-            "us",
-        ),
-        Row(
-            "no-op round trip p50, AsyncSupervisor",
-            median(aio) * us,
-            "raw pyzmq+msgpack echo p50",
-            median(raw) * us,
-            "us",
-            "<= 1.5x",
-        ),
-        Row(
-            "no-op round trip p50, Supervisor",
-            median(sync) * us,
-            "ProcessPoolExecutor(1) p50",
-            median(pool) * us,
-            "us",
-            "<= 0.33x",
-        ),
-        Row(
-            "no-op round trip p50, Supervisor",
-            median(sync) * us,
-            "multiprocessing.Pipe echo p50",
-            median(pipe) * us,
-            "us",
-        ),
+    p50 = {k: median(v) * us for k, v in s.items()}
+    p99 = {k: percentile(v, 99) * us for k, v in s.items()}
+    n = f"{ROUNDS} x {N} sequential no-op jobs per way, interleaved rounds"
+    return [
+        Row("round trip p50, Supervisor", p50["Supervisor"], "raw pyzmq+msgpack echo p50", p50["raw"], "us", limit=2, note=n),
+        Row("round trip p99, Supervisor", p99["Supervisor"], "raw pyzmq+msgpack echo p99", p99["raw"], "us"),
+        Row("round trip p50, AsyncSupervisor", p50["AsyncSupervisor"], "raw pyzmq+msgpack echo p50", p50["raw"], "us",
+            limit=1.5),  # fmt: skip
+        Row("round trip p99, AsyncSupervisor", p99["AsyncSupervisor"], "raw pyzmq+msgpack echo p99", p99["raw"], "us"),
+        Row("round trip p50, Supervisor", p50["Supervisor"], "ProcessPoolExecutor(1) p50", p50["ProcessPoolExecutor"],
+            "us", limit=0.33),  # fmt: skip
+        Row("round trip p99, Supervisor", p99["Supervisor"], "ProcessPoolExecutor(1) p99", p99["ProcessPoolExecutor"],
+            "us"),  # fmt: skip
+        Row("round trip p50, Supervisor", p50["Supervisor"], "multiprocessing.Pipe echo p50", p50["Pipe"], "us"),
     ]
-    return rows

@@ -95,12 +95,14 @@ class Ready:
         ("tasks", list),
         ("warmup_seconds", float, _Optional),
         ("memory", dict, _Optional),
+        ("imported", list, _Optional),
     )
     mode: str
     load_seconds: float
     tasks: list
     warmup_seconds: float | None = None
     memory: dict | None = None  # torch's own figures, see worker.memory
+    imported: list | None = None  # heavy libraries the mode imported: what a warm standby should preload
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "recycle_on_oom": (lambda v: isinstance(v, bool), "true or false"),
     "idle_unload_s": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: never)"),
     "reclaim_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
+    "warm_standby": (lambda v: isinstance(v, bool), "true or false"),
     "reclaim_tolerance_mib": (lambda v: _number(v) and v >= 0, "a number of MiB >= 0"),
     "worker_command": (
         lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
@@ -130,6 +131,7 @@ class Config:
     idle_unload_s: float = 0.0  # 0: keep the worker loaded while idle
     reclaim_timeout: float = 10.0
     reclaim_tolerance_mib: float = 64.0
+    warm_standby: bool = True  # keep a spare worker with torch & co. imported (host RAM, no VRAM)
     worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "<built-in>"

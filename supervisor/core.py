@@ -75,6 +75,7 @@ from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reloa
 from supervisor.config import Config
 from supervisor.gpu import GpuMeter, choose_device, process_rss
 from supervisor.process import describe_exit, spawn_worker, stop_and_reap, worker_argv
+from supervisor.standby import Standby
 from supervisor.worker_handle import WorkerHandle, WorkerState
 
 log = logging.getLogger("gpuvisor")
@@ -98,6 +99,8 @@ class _SwitchInProgress:
     waiting: _Retired | None = None  # a stopped worker whose memory must be back before the spawn
     reclaim_deadline: float = 0.0
     next_poll: float = 0.0
+    stop_seconds: float | None = None  # stopping and reaping the worker this switch replaced
+    standby: bool = False  # the new worker was the warm standby
 
 
 @dataclass
@@ -165,6 +168,8 @@ class Core:
         self._retired: _Retired | None = None
         self._idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
         self._oom_recycles = 0
+        self._standby: Standby | None = None
+        self._preload: tuple[str, ...] = ()  # heavy libraries modes were seen to import: what a standby preloads
 
     # ------------------------------------------------ API-thread side (only these)
 
@@ -230,6 +235,7 @@ class Core:
             log.exception("gpuvisor loop crashed; stopping the worker and failing all work")
             self._abort_everything(GpuvisorError("the supervisor's loop crashed; see its log"))
         finally:
+            self._stop_standby()
             self._publish(state="stopped")
             self._hand_out()
             router.close(linger=0)
@@ -490,6 +496,7 @@ class Core:
         sw = _SwitchInProgress(request.mode, request, w.mode if w is not None else None, time.monotonic())
         if w is not None:
             self._stop_worker(f"switching to mode {request.mode!r}")
+            sw.stop_seconds = time.monotonic() - sw.started
         self._switch = sw
         self._idle_unloaded = None
         r, self._retired = self._retired, None  # also one that died or was unloaded earlier: its memory too
@@ -539,8 +546,11 @@ class Core:
         self._generation += 1
         argv = worker_argv(self.config.worker_command, self.endpoint, self._generation, self.config.heartbeat_interval)
         baseline_used = self._device_used()
+        standby, self._standby = self._standby, None
+        proc = standby.activate(self._generation, self.config.heartbeat_interval) if standby is not None else None
+        sw.standby = proc is not None
         try:
-            proc = spawn_worker(argv, self._device.env)
+            proc = proc or spawn_worker(argv, self._device.env)
         except OSError as exc:  # a worker_command that does not exist, say
             self._switch_failed(ModeLoadError(f"could not start a worker with {argv[0]!r}: {exc}"))
             return
@@ -566,10 +576,34 @@ class Core:
                     "seconds": seconds,
                     "load_seconds": w.load_seconds,
                     "warmup_seconds": w.warmup_seconds,
+                    "stop_seconds": sw.stop_seconds,
+                    "spawn_seconds": w.hello_at - w.started_at if w.hello_at else None,
+                    "standby": sw.standby,
                     "pid": w.pid,
                     **sw.reclaim,
                 },
             )
+        self._prepare_standby()
+
+    def _prepare_standby(self) -> None:
+        """After each switch: a spare that has imported what the modes were
+        seen to import, for the next one (see ``supervisor/standby.py``).
+        Only for the built-in worker, and never while shutting down."""
+        s = self._standby
+        if s is not None and (s.proc.poll() is not None or set(self._preload) - set(s.preload)):
+            s.stop()  # died, or preloads less than is now known to be needed
+            self._standby = s = None
+        wanted = self.config.warm_standby and not self.config.worker_command and self._preload
+        if s is None and wanted and self._shutdown is None:
+            try:
+                self._standby = Standby(self.endpoint, self._preload, self._device.env)
+            except OSError as exc:
+                log.warning("could not start a warm standby: %s", exc)
+
+    def _stop_standby(self) -> None:
+        if self._standby is not None:
+            self._standby.stop()
+            self._standby = None
 
     def _switch_failed(self, error: GpuvisorError) -> None:
         """The switch in progress did not produce a READY worker. Its request
@@ -656,6 +690,7 @@ class Core:
         if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
             log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
             return
+        w.hello_at = time.monotonic()
         if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args, w.spec.warmup))):
             w.transition(WorkerState.LOADING)
 
@@ -665,6 +700,9 @@ class Core:
             return
         w.load_seconds = float(msg.load_seconds)
         w.warmup_seconds = msg.warmup_seconds
+        if msg.imported:
+            names = (m for m in msg.imported if isinstance(m, str) and "," not in m)
+            self._preload = tuple(dict.fromkeys([*self._preload, *names]))  # import order kept, no repeats
         w.transition(WorkerState.READY)
         self._sample_memory(w, msg.memory)
         self._switch_done(w)
@@ -879,6 +917,7 @@ class Core:
 
     def _begin_shutdown(self, command: Shutdown) -> None:
         self._shutdown_waiters.append(command.future)
+        self._stop_standby()
         if self._shutdown is None:
             self._shutdown = command
             log.info("shutting down (%s)", "drain" if command.drain else "no drain")
@@ -950,6 +989,7 @@ class Core:
                 "jobs_done": self._jobs_done,
                 "switching_to": self._switch.mode if self._switch is not None else None,
                 "reclaiming": self._switch is not None and self._switch.waiting is not None,
+                "standby_pid": self._standby.pid if self._standby is not None else None,
                 "last_error": self._mode_error,
                 "failed_reason": self._failed,
                 "idle_unloaded": self._idle_unloaded,

@@ -52,7 +52,14 @@ def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_int
     ]
 
 
-def spawn_worker(argv: list[str], device_env: dict[str, str] | None = None) -> subprocess.Popen:
+def standby_argv(endpoint: str) -> list[str]:
+    """The built-in worker as a warm standby (``supervisor/standby.py``)."""
+    return [sys.executable, "-m", "worker", "--endpoint", endpoint, "--parent-pid", str(os.getpid()), "--standby"]
+
+
+def spawn_worker(
+    argv: list[str], device_env: dict[str, str] | None = None, stdin=subprocess.DEVNULL
+) -> subprocess.Popen:
     """Start a worker in a process group of its own, so it can be killed as a
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
     supervisor decides how it stops). Its stdout goes to our stderr: a worker
@@ -60,7 +67,7 @@ def spawn_worker(argv: list[str], device_env: dict[str, str] | None = None) -> s
     to the loop through a pipe (see WorkerHandle.pump_stderr)."""
     return subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=2,
         stderr=subprocess.PIPE,  # the loop passes it on and keeps the tail for crash reports
         start_new_session=True,

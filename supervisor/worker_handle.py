@@ -120,6 +120,7 @@ class WorkerHandle:
         self.idle_since = self.started_at  # when it last became READY: idle_unload_s counts from here
         self.baseline_used: int | None = None  # device memory used before it started (NVML), for the reclaim
         self.stopping_since = 0.0
+        self.hello_at: float | None = None
         self.stderr_fd: int | None = proc.stderr.fileno() if proc.stderr is not None else None
         if self.stderr_fd is not None:
             os.set_blocking(self.stderr_fd, False)

@@ -94,3 +94,12 @@ def warmable() -> dict:
         state["warmed"] = True
 
     return {"warm": warm, "was_warmed": lambda payload: state["warmed"]}
+
+
+def preloads() -> dict:
+    """A mode that imports a library a warm standby preloads (safetensors:
+    on the list, and light), and says whether it was there before the load."""
+    already = "safetensors" in sys.modules
+    import safetensors  # noqa: F401 - the import is the point
+
+    return {"was_preloaded": lambda payload: already, "pid": lambda payload: os.getpid()}

@@ -1,26 +1,68 @@
-"""Entry point: ``python -m worker --endpoint E --gen N --parent-pid P``."""
+"""Entry point: ``python -m worker --endpoint E --gen N --parent-pid P``, or
+``--standby`` to become a warm spare (see ``supervisor/standby.py``)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import sys
+import time
+
+
+def _standby() -> tuple[int, float]:
+    """Import what the supervisor names on stdin's first line (comma-separated
+    modules, in the order an earlier worker imported them), touching no GPU:
+    importing torch does not initialise CUDA. Then wait for the second line,
+    ``"GEN HEARTBEAT_INTERVAL"``, and become that worker. EOF: not needed,
+    exit 0."""
+    preload = sys.stdin.readline().strip()
+    started = time.perf_counter()
+    failed = 0
+    for name in filter(None, preload.split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a failed preload only costs the speed-up
+            failed += 1
+    took = time.perf_counter() - started
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit(0)
+    gen, interval = line.split()
+    print(
+        f"gpuvisor-worker[gen {gen} pid {os.getpid()}]: a warm standby taken into service "
+        f"({preload.count(',') + 1 - failed} modules preloaded in {took:.2f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return int(gen), float(interval)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description="gpuvisor worker process")
     parser.add_argument("--endpoint", required=True, help="the supervisor's ZeroMQ endpoint")
-    parser.add_argument("--gen", type=int, required=True, help="generation number of this worker")
+    parser.add_argument("--gen", type=int, help="generation number of this worker (not with --standby)")
     parser.add_argument("--parent-pid", type=int, required=True, help="pid of the supervisor")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument(
+        "--standby", action="store_true", help="read modules to preload, then 'GEN INTERVAL', from stdin"
+    )
     args = parser.parse_args()
+    if args.gen is None and not args.standby:
+        parser.error("--gen is required (unless --standby)")
 
     # Before anything slow: an orphan must never get as far as touching a GPU.
-    from worker.lifeline import die_with_parent
+    from worker.lifeline import die_with_parent, exit_if_orphaned
 
     die_with_parent(args.parent_pid)
+    gen, interval = args.gen, args.heartbeat_interval
+    if args.standby:
+        gen, interval = _standby()
+        exit_if_orphaned(args.parent_pid)
 
     from worker.runtime import run
 
-    raise SystemExit(run(args.endpoint, args.gen, args.parent_pid, args.heartbeat_interval))
+    raise SystemExit(run(args.endpoint, gen, args.parent_pid, interval))
 
 
 if __name__ == "__main__":

@@ -196,7 +196,9 @@ class _Worker:
             return False
         self.mode = msg.mode
         load_seconds = (loaded - started) if warmup_seconds is not None else time.perf_counter() - started
-        self.send(Ready(msg.mode, load_seconds, sorted(self.handlers), warmup_seconds, torch_memory()))
+        self.send(
+            Ready(msg.mode, load_seconds, sorted(self.handlers), warmup_seconds, torch_memory(), _heavy_imports())
+        )
         return True
 
     def _warm_up(self, warmup: dict) -> None:
@@ -277,6 +279,20 @@ class _Worker:
                 return 0
             else:
                 _log(self.gen, f"ignored {msg.kind.value}: mode {self.mode!r} is already loaded")
+
+
+# Libraries slow enough to import that a warm standby should have them ready,
+# with every submodule the mode pulled in (``import transformers`` alone is
+# lazy: the model classes are most of the cost). Third-party only: importing
+# them touches no GPU, which a loader's own module might do at import time.
+_PRELOADABLE = frozenset({"torch", "transformers", "tokenizers", "safetensors", "huggingface_hub",
+                          "sentence_transformers", "accelerate", "diffusers", "vllm", "onnxruntime", "scipy",
+                          "sklearn", "numpy"})  # fmt: skip
+
+
+def _heavy_imports() -> list[str]:
+    """In import order (sys.modules keeps it), so a standby can repeat it."""
+    return [name for name in list(sys.modules) if name.partition(".")[0] in _PRELOADABLE]
 
 
 class _Unsendable(Exception):

@@ -1,0 +1,65 @@
+"""A warm standby: a spare worker process that has already imported the
+heavy libraries (torch, transformers ...) but touched no GPU, ready to
+become the next worker.
+
+A respawn pays for a fresh interpreter and ``import torch, transformers``
+(seconds) before the model even starts loading. With a standby, a switch
+pays only for the kill, the reclaim and the model load. The standby holds
+host RAM, never VRAM (importing torch does not initialise CUDA), and it is
+started only after a mode has shown it needs those libraries (its READY
+lists them), so a supervisor that only ever runs light modes never has one.
+
+The standby reads the modules to import from its stdin's first line (those
+an earlier worker imported, in its order), then blocks on stdin;
+``activate()`` writes it a generation and it connects like any worker. Closing stdin, or the supervisor's death
+(PR_SET_PDEATHSIG, set before the imports), ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+from supervisor.process import spawn_worker, standby_argv, stop_and_reap
+
+log = logging.getLogger("gpuvisor")
+
+
+class Standby:
+    def __init__(self, endpoint: str, preload: tuple[str, ...], device_env: dict[str, str]):
+        self.preload = preload
+        self.proc = spawn_worker(standby_argv(endpoint), device_env, stdin=subprocess.PIPE)
+        try:
+            self.proc.stdin.write(",".join(preload).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died at once; activate() finds out and a fresh worker is spawned instead
+        tops = sorted({name.partition(".")[0] for name in preload})
+        log.info("warm standby pid %d preloading %d modules of %s", self.proc.pid, len(preload), ", ".join(tops))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def activate(self, gen: int, heartbeat_interval: float) -> subprocess.Popen | None:
+        """Hand the standby its generation; it becomes that worker. None if it
+        died meanwhile (it is reaped, and the caller spawns a fresh one)."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(f"{gen} {heartbeat_interval!r}\n".encode())
+                self.proc.stdin.close()
+                return self.proc
+            except (BrokenPipeError, OSError):
+                pass
+        log.warning("warm standby pid %d is gone (%s); starting a fresh worker", self.pid, self.proc.poll())
+        self.stop()
+        return None
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        stop_and_reap(self.proc, 1.0, kill_now=True)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()

@@ -1,0 +1,108 @@
+"""The warm standby: a spare worker that has imported what earlier workers
+imported, taken into service by the next switch. Real processes throughout;
+``tests.loaders:preloads`` stands in for a torch mode (it imports
+safetensors, which is on the preload list and light)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.conftest import ROOT, pid_gone, wait_until
+
+T = 60
+MODES = """
+[modes.heavy]
+loader = "tests.loaders:preloads"
+
+[modes.light]
+loader = "worker.modes.diag:load"
+"""
+
+
+def _standby_ready(sup) -> int:
+    pid = wait_until(lambda: sup.status()["standby_pid"], T, "a warm standby")
+    wait_until(lambda: _imported(pid, "safetensors"), T, "the standby's preload")
+    return pid
+
+
+def _imported(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_no_standby_until_a_mode_needs_heavy_libraries(supervisor_from):
+    sup = supervisor_from(MODES)
+    sup.switch_mode("light").result(T)
+    assert sup.status()["standby_pid"] is None
+
+
+def test_the_next_switch_takes_the_standby_which_had_preloaded(supervisor_from):
+    sup = supervisor_from(MODES)
+    first = sup.switch_mode("heavy").result(T)
+    assert first["standby"] is False and sup.submit("was_preloaded").result(T) is False
+    spare = _standby_ready(sup)
+    light = sup.switch_mode("light").result(T)
+    assert light["standby"] is True and light["pid"] == spare
+    spare = _standby_ready(sup)  # a new one is prepared after each use
+    heavy = sup.switch_mode("heavy").result(T)
+    assert heavy["standby"] is True and heavy["pid"] == spare
+    assert sup.submit("was_preloaded").result(T) is True  # imported before the loader ran
+    for key in ("stop_seconds", "spawn_seconds", "load_seconds", "seconds"):
+        assert heavy[key] is not None and heavy[key] >= 0
+
+
+def test_a_dead_standby_is_replaced_by_a_fresh_worker(supervisor_from):
+    sup = supervisor_from(MODES)
+    sup.switch_mode("heavy").result(T)
+    spare = _standby_ready(sup)
+    os.kill(spare, signal.SIGKILL)
+    result = sup.switch_mode("light").result(T)
+    assert result["standby"] is False and result["pid"] != spare and pid_gone(spare)
+
+
+def test_warm_standby_false_keeps_none(supervisor_from):
+    sup = supervisor_from("[supervisor]\nwarm_standby = false\n" + MODES)
+    sup.switch_mode("heavy").result(T)
+    sup.switch_mode("light").result(T)
+    assert sup.status()["standby_pid"] is None
+
+
+def test_shutdown_reaps_the_standby(supervisor_from):
+    sup = supervisor_from(MODES)
+    sup.switch_mode("heavy").result(T)
+    spare = _standby_ready(sup)
+    sup.shutdown(drain=True)
+    assert pid_gone(spare)
+
+
+def test_a_standby_dies_with_its_supervisor(tmp_path):
+    config = tmp_path / "g.toml"
+    config.write_text(MODES)
+    script = f"""
+import json, sys, time
+from supervisor import Supervisor
+sup = Supervisor({str(config)!r}).start()
+sup.switch_mode("heavy").result(60)
+while not sup.status()["standby_pid"]:
+    time.sleep(0.02)
+print(json.dumps(sup.status()["standby_pid"]), flush=True)
+time.sleep(600)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        spare = json.loads(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(T)
+        wait_until(lambda: pid_gone(spare), 10, "the standby to die with its supervisor")
+    finally:
+        proc.kill()
+        proc.wait(T)
+        proc.stdout.close()
