@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         t = time.monotonic()
         try:
             rows.extend(importlib.import_module(f"bench.{name}").run())
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
             rows.append(failed_row(name, exc))
             failed = True
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     seconds = time.monotonic() - started
     print_table(rows)
     print(f"run time: {seconds:.1f}s ({', '.join(names)})")
-    write(rows, seconds)
+    write(rows, seconds, names)
     return 1 if failed else 0
 
 

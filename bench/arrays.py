@@ -16,7 +16,7 @@ repetition, all three processes up at once):
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
 import pickle
 import subprocess
 import time
@@ -24,7 +24,7 @@ import time
 import numpy as np
 import zmq
 
-from bench.common import child, ipc_endpoint
+from bench.common import child, ipc_endpoint, pipe_child
 from bench.report import Row, median, progress
 from supervisor import Supervisor
 
@@ -46,13 +46,21 @@ s.close(); ctx.term()
 """
 
 
-def _pipe_echo(conn) -> None:
-    while True:
+_PIPE_ECHO = """
+import pickle, sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+while True:
+    try:
         header = conn.recv_bytes()
-        if header == b"stop":
-            return
-        arr = pickle.loads(header, buffers=[conn.recv_bytes()])
-        _pipe_send(conn, arr)
+    except EOFError:
+        break
+    arr = pickle.loads(header, buffers=[conn.recv_bytes()])
+    buffers = []
+    conn.send_bytes(pickle.dumps(arr, protocol=5, buffer_callback=buffers.append))
+    for b in buffers:
+        conn.send_bytes(b.raw())
+"""
 
 
 def _pipe_send(conn, arr) -> None:
@@ -65,62 +73,44 @@ def _pipe_send(conn, arr) -> None:
 
 def _pipe_recv(conn):
     header = conn.recv_bytes()
-    return pickle.loads(header, buffers=[conn.recv_bytes()])
+    return pickle.loads(header, buffers=[conn.recv_bytes()])  # noqa: S301 - our own child
 
 
 class Ways:
-    """The three echoes, up at once, so their round trips can interleave."""
+    """The three echoes, up at once, so their round trips can interleave.
+    Everything started is stopped and reaped on the way out (ExitStack)."""
 
     def __enter__(self) -> Ways:
-        self._stack = []
-        self.sup = Supervisor().start()
-        self._stack.append(self.sup.shutdown)
-        self.sup.switch_mode("diag").result(60)
-        self.parent, child_end = mp.Pipe()
-        self.pipe_proc = mp.get_context("spawn").Process(target=_pipe_echo, args=(child_end,))
-        self.pipe_proc.start()
-        child_end.close()
-        self._stack.append(self._stop_pipe)
-        self.ctx = zmq.Context()
-        self.pair = self.ctx.socket(zmq.PAIR)
-        self.pair.setsockopt(zmq.LINGER, 0)
-        endpoint = ipc_endpoint("arrays.sock")
-        self.pair.bind(endpoint)
-        self._zmq_child = child(_ZMQ_ECHO, endpoint)
-        self.zmq_proc = self._zmq_child.__enter__()
-        self._stack.append(self._stop_zmq)
-        assert self.pair.recv() == b"hello"
+        self._stack = contextlib.ExitStack()
+        try:
+            self.sup = Supervisor().start()
+            self._stack.callback(self.sup.shutdown)
+            self.sup.switch_mode("diag").result(60)
+            self.parent = self._stack.enter_context(pipe_child(_PIPE_ECHO))
+            self.ctx = zmq.Context()
+            self._stack.callback(self.ctx.term)
+            self.pair = self.ctx.socket(zmq.PAIR)
+            self._stack.callback(self.pair.close)
+            self.pair.setsockopt(zmq.LINGER, 0)
+            endpoint = ipc_endpoint("arrays.sock")
+            self.pair.bind(endpoint)
+            self.zmq_proc = self._stack.enter_context(child(_ZMQ_ECHO, endpoint))
+            self._stack.callback(self._ask_zmq_child_to_stop)  # runs first (LIFO), then child() reaps it
+            assert self.pair.recv() == b"hello"
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        while self._stack:
-            try:
-                self._stack.pop()()
-            except Exception as error:  # stop the rest all the same
-                progress(f"arrays: cleanup failed: {error!r}")
+        self._stack.close()
 
-    def _stop_pipe(self) -> None:
+    def _ask_zmq_child_to_stop(self) -> None:
         try:
-            self.parent.send_bytes(b"stop")
-        except OSError:
-            pass
-        self.pipe_proc.join(10)
-        if self.pipe_proc.is_alive():
-            self.pipe_proc.kill()
-            self.pipe_proc.join()
-        self.parent.close()
-
-    def _stop_zmq(self) -> None:
-        try:
-            self.pair.send(b"stop")
+            self.pair.send(b"stop", flags=zmq.NOBLOCK)
             self.zmq_proc.wait(5)
         except (zmq.ZMQError, subprocess.TimeoutExpired):
-            pass
-        try:
-            self._zmq_child.__exit__(None, None, None)  # reaps it (SIGTERM first if it is still there)
-        finally:
-            self.pair.close()
-            self.ctx.term()
+            pass  # child() terminates it
 
     def gpuvisor(self, arr):
         return self.sup.submit("echo", arr).result(120)
@@ -157,15 +147,35 @@ def run() -> list[Row]:
             gbps[mib] = {name: 2 * mib * MIB / median(t) / 1e9 for name, t in times.items()}
             progress(
                 f"arrays {mib} MiB: "
-                + ", ".join(f"{name} {v:.2f} GB/s ({median(times[name]) * 1e3:.1f} ms)" for name, v in gbps[mib].items())
+                + ", ".join(
+                    f"{name} {v:.2f} GB/s ({median(times[name]) * 1e3:.1f} ms)" for name, v in gbps[mib].items()
+                )
             )
     rows = []
     for mib in SIZES:
         g = gbps[mib]
         note = f"2 x {mib} MiB / median of {SIZES[mib]} round trips; GB = 1e9 bytes" if mib == 1 else ""
         goal = {"limit": 2} if mib == GOAL_MIB else {}
-        rows.append(Row(f"array echo {mib} MiB float32, Supervisor", g["gpuvisor"], "mp.Pipe, pickle 5 out-of-band",
-                        g["pipe"], "GB/s", higher_is_better=True, note=note, **goal))  # fmt: skip
-        rows.append(Row(f"array echo {mib} MiB float32, Supervisor", g["gpuvisor"], "raw zero-copy pyzmq echo",
-                        g["zmq"], "GB/s", higher_is_better=True))  # fmt: skip
+        rows.append(
+            Row(
+                f"array echo {mib} MiB float32, Supervisor",
+                g["gpuvisor"],
+                "mp.Pipe, pickle 5 out-of-band",
+                g["pipe"],
+                "GB/s",
+                higher_is_better=True,
+                note=note,
+                **goal,
+            )
+        )
+        rows.append(
+            Row(
+                f"array echo {mib} MiB float32, Supervisor",
+                g["gpuvisor"],
+                "raw zero-copy pyzmq echo",
+                g["zmq"],
+                "GB/s",
+                higher_is_better=True,
+            )
+        )
     return rows

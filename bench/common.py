@@ -3,12 +3,17 @@ and the built-in config with a few settings changed."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 
 import psutil
 
@@ -26,8 +31,20 @@ def has_setting(name: str) -> bool:
     return name in Config.__dataclass_fields__
 
 
+_SCRATCH: list[str] = []
+
+
+def scratch_dir() -> str:
+    """A private temporary directory, removed when the bench exits."""
+    path = tempfile.mkdtemp(prefix="gv-bench-")
+    if not _SCRATCH:
+        atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True) for p in _SCRATCH])
+    _SCRATCH.append(path)
+    return path
+
+
 def ipc_endpoint(name: str = "bench.sock") -> str:
-    return f"ipc://{tempfile.mkdtemp(prefix='gv-bench-')}/{name}"
+    return f"ipc://{scratch_dir()}/{name}"
 
 
 @contextlib.contextmanager
@@ -37,6 +54,33 @@ def child(script: str, *args: str, **popen) -> Iterator[subprocess.Popen]:
     try:
         yield proc
     finally:
+        reap(proc)
+
+
+@contextlib.contextmanager
+def pipe_child(script: str) -> Iterator[Connection]:
+    """A ``multiprocessing.Pipe()`` to ``python -c script FD``: the same
+    socketpair-backed ``Connection`` on both ends (the child opens it with
+    ``Connection(int(sys.argv[1]))``), started with subprocess rather than a
+    spawn context, which would leave a resource-tracker process behind.
+    Closing our end is the child's EOF; it is reaped on the way out."""
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    conn = Connection(ours.detach())
+    try:
+        yield conn
+    finally:
+        conn.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
         reap(proc)
 
 
@@ -55,8 +99,6 @@ def wait_quiet(pid: int, timeout: float = 90.0, interval: float = 0.25, cpu: flo
     """Wait until process ``pid`` uses under ``cpu`` CPU seconds per
     ``interval`` (e.g. a warm standby that has finished its imports).
     Returns the seconds waited; ``timeout`` bounds it."""
-    import time
-
     t0 = time.monotonic()
     try:
         p = psutil.Process(pid)

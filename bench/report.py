@@ -69,13 +69,23 @@ class Row:
         if self.on == "ratio":
             return f"{op} {self.limit:g}x"
         if self.on == "value":
-            return f"{op} {fmt(self.limit)} {self.unit.strip()}"
+            return f"{op} {self.limit:,g} {self.unit.strip()}"
         return f"{op} base + {self.limit:g}{self.unit.strip()}"
 
 
 def failed_row(name: str, error: BaseException) -> Row:
     """A benchmark that raised: one row that says so, and the run goes on."""
-    return Row(f"{name}: FAILED", float("nan"), "-", float("nan"), "", goal="runs", note=f"{type(error).__name__}: {error}")
+    return Row(
+        f"{name}: FAILED",
+        float("nan"),
+        "-",
+        float("nan"),
+        "",
+        goal="runs",
+        limit=0.0,
+        on="value",
+        note=f"{type(error).__name__}: {error}",
+    )
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -125,16 +135,21 @@ def print_table(rows: list[Row], file: Any = None) -> None:
         value = f"{fmt(r.value)} {r.unit.strip()}"
         base = f"{fmt(r.baseline)} {r.unit.strip()}"
         ratio = "n/a" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
-        print(f"{r.figure:<{fw}} {value:>16} {r.baseline_name:<{bw}} {base:>16} {ratio:>7}  {r.goal_text:<18} {met}", file=out)
+        print(
+            f"{r.figure:<{fw}} {value:>16} {r.baseline_name:<{bw}} {base:>16} {ratio:>7}  {r.goal_text:<18} {met}",
+            file=out,
+        )
         if r.note:
             print(f"{'':4}- {r.note}", file=out)
     goals = [r for r in rows if r.met is not None]
     print(f"\ngoals met: {sum(bool(r.met) for r in goals)} of {len(goals)}", file=out)
 
 
-def write(rows: list[Row], seconds: float | None = None) -> None:
+def write(rows: list[Row], seconds: float | None = None, benchmarks: list[str] | None = None) -> None:
+    """results.json holds the last run, whole or partial (``benchmarks`` says which)."""
     data = {
         "machine": machine(),
+        "benchmarks": benchmarks,
         "seconds": seconds,
         "rows": [dict(asdict(r), ratio=r.ratio, goal=r.goal_text, measured=r.measured, met=r.met) for r in rows],
     }

@@ -9,18 +9,17 @@ other tenants hits them alike; the samples of all rounds are pooled."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import msgpack
 import zmq
 
-from bench.common import child, ipc_endpoint
+from bench.common import child, ipc_endpoint, pipe_child
 from bench.report import Row, median, percentile, progress
 from supervisor import AsyncSupervisor, Supervisor
 
-ROUNDS = 3
+ROUNDS = 4
 N = 3000  # timed round trips per way and round
 WARMUP = 300
 
@@ -73,30 +72,28 @@ def pool_executor(n: int) -> list[float]:
     return samples[WARMUP:]
 
 
-def _pipe_echo(conn):
-    while (msg := conn.recv()) is not StopIteration:
-        conn.send(msg)
+_PIPE_ECHO = """
+import sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+while True:
+    try:
+        msg = conn.recv()
+    except EOFError:
+        break
+    conn.send(msg)
+"""
 
 
 def mp_pipe(n: int) -> list[float]:
-    parent, child_end = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_pipe_echo, args=(child_end,))
-    proc.start()
-    try:
-        samples = []
+    """A ``multiprocessing.Pipe`` echo: ``send``/``recv`` (pickle) of None."""
+    samples = []
+    with pipe_child(_PIPE_ECHO) as conn:
         for _ in range(n + WARMUP):
             t = time.perf_counter()
-            parent.send(None)
-            parent.recv()
+            conn.send(None)
+            conn.recv()
             samples.append(time.perf_counter() - t)
-        parent.send(StopIteration)
-        proc.join(30)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        parent.close()
-        child_end.close()
     return samples[WARMUP:]
 
 
@@ -153,14 +150,39 @@ def run() -> list[Row]:
     p99 = {k: percentile(v, 99) * us for k, v in s.items()}
     n = f"{ROUNDS} x {N} sequential no-op jobs per way, interleaved rounds"
     return [
-        Row("round trip p50, Supervisor", p50["Supervisor"], "raw pyzmq+msgpack echo p50", p50["raw"], "us", limit=2, note=n),
+        Row(
+            "round trip p50, Supervisor",
+            p50["Supervisor"],
+            "raw pyzmq+msgpack echo p50",
+            p50["raw"],
+            "us",
+            limit=2,
+            note=n,
+        ),
         Row("round trip p99, Supervisor", p99["Supervisor"], "raw pyzmq+msgpack echo p99", p99["raw"], "us"),
-        Row("round trip p50, AsyncSupervisor", p50["AsyncSupervisor"], "raw pyzmq+msgpack echo p50", p50["raw"], "us",
-            limit=1.5),  # fmt: skip
+        Row(
+            "round trip p50, AsyncSupervisor",
+            p50["AsyncSupervisor"],
+            "raw pyzmq+msgpack echo p50",
+            p50["raw"],
+            "us",
+            limit=1.5,
+        ),
         Row("round trip p99, AsyncSupervisor", p99["AsyncSupervisor"], "raw pyzmq+msgpack echo p99", p99["raw"], "us"),
-        Row("round trip p50, Supervisor", p50["Supervisor"], "ProcessPoolExecutor(1) p50", p50["ProcessPoolExecutor"],
-            "us", limit=0.33),  # fmt: skip
-        Row("round trip p99, Supervisor", p99["Supervisor"], "ProcessPoolExecutor(1) p99", p99["ProcessPoolExecutor"],
-            "us"),  # fmt: skip
+        Row(
+            "round trip p50, Supervisor",
+            p50["Supervisor"],
+            "ProcessPoolExecutor(1) p50",
+            p50["ProcessPoolExecutor"],
+            "us",
+            limit=0.33,
+        ),
+        Row(
+            "round trip p99, Supervisor",
+            p99["Supervisor"],
+            "ProcessPoolExecutor(1) p99",
+            p99["ProcessPoolExecutor"],
+            "us",
+        ),
         Row("round trip p50, Supervisor", p50["Supervisor"], "multiprocessing.Pipe echo p50", p50["Pipe"], "us"),
     ]

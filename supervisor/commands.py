@@ -72,19 +72,22 @@ class Mailbox:
     def put(self, command: Command) -> bool:
         # The write happens under the lock too: close() must not close the
         # pipe between our append and our write (the fd could be reused).
+        # One wake-up byte per batch, not per command: a burst of submits
+        # costs the loop one wake-up and the submitters no syscalls.
         with self._lock:
             if self._closed:
                 return False
             self._items.append(command)
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full, so the loop is already due to wake
+            if len(self._items) == 1:
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:
+                    pass  # the pipe is full, so the loop is already due to wake
         return True
 
     def take_all(self) -> list[Command]:
-        drain_wakeups(self._wake_r)
         with self._lock:
+            drain_wakeups(self._wake_r)  # under the lock: a put() after this sees an empty deque and writes again
             items = list(self._items)
             self._items.clear()
         return items

@@ -67,6 +67,7 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "restart_backoff": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
     "restart_backoff_max": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
     "max_queue": (lambda v: _whole(v) and v > 0, "a whole number > 0"),
+    "window": (lambda v: _whole(v) and 1 <= v <= 1024, "a whole number from 1 to 1024"),
     "default_mode": (lambda v: isinstance(v, str), "a mode name"),
     "device": (_valid_device, "'auto', 'cpu' or 'cuda:N'"),
     "recycle_on_oom": (lambda v: isinstance(v, bool), "true or false"),
@@ -125,6 +126,7 @@ class Config:
     restart_backoff: float = 0.5
     restart_backoff_max: float = 10.0
     max_queue: int = 10_000
+    window: int = 8  # jobs handed to the worker at once, the running one included (docs/performance.md)
     default_mode: str = ""
     device: str = "auto"  # "auto": the first GPU NVML sees, else the CPU
     recycle_on_oom: bool = True

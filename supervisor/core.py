@@ -71,6 +71,7 @@ from protocol import (
     encode,
     error_from_wire,
 )
+from protocol.frames import recv_message
 from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reload, Shutdown, settle
 from supervisor.config import Config
 from supervisor.gpu import GpuMeter, choose_device, process_rss
@@ -137,7 +138,9 @@ class Core:
         self._mode: str | None = None  # the mode in force: loaded, or being loaded
         self._mode_error: str | None = None  # why no mode is in force after a failed switch
         self._switch: _SwitchInProgress | None = None
-        self._in_flight: QueuedJob | None = None
+        # Jobs sent to the worker, in order: the head runs, the rest wait in
+        # the worker's socket (up to ``window``), so it never idles for a round trip.
+        self._in_flight: collections.deque[QueuedJob] = collections.deque()
         self._shutdown: Shutdown | None = None
         self._shutdown_waiters: list[Future] = []
         self._drain_deadline: float | None = None
@@ -170,6 +173,7 @@ class Core:
         self._oom_recycles = 0
         self._standby: Standby | None = None
         self._preload: tuple[str, ...] = ()  # heavy libraries modes were seen to import: what a standby preloads
+        self._heavy_modes: dict[str, bool] = {}  # mode -> it imported such libraries when it last loaded
 
     # ------------------------------------------------ API-thread side (only these)
 
@@ -266,7 +270,8 @@ class Core:
                 w.pump_stderr()
             if self._router in events:
                 self._drain_router()
-            self._notice_exit()
+            if w is None or w.pidfd is None or w.pidfd in events:  # a waitpid per turn costs; the pidfd says when
+                self._notice_exit()
             if len(self._queue) > self.config.max_queue:
                 # Only cancelled jobs can push it past max_queue (their slots are
                 # back); drop them now rather than when they reach the head.
@@ -327,8 +332,8 @@ class Core:
             out.append(w.last_seen + self.config.heartbeat_timeout)
         if w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING):
             out.append(w.started_at + self.config.load_timeout)
-        if self._in_flight is not None and self._in_flight.deadline is not None:
-            out.append(self._in_flight.deadline)
+        if self._in_flight and self._in_flight[0].deadline is not None:
+            out.append(self._in_flight[0].deadline)
         for d in (self._drain_deadline, self._exit_deadline):
             if d is not None:
                 out.append(d)
@@ -407,15 +412,18 @@ class Core:
     def _pump(self) -> None:
         """Advance the FIFO as far as the worker's state allows."""
         while self._queue or self._shutdown is not None:
-            if self._switch is not None or self._in_flight is not None:
+            if self._switch is not None or len(self._in_flight) >= self.config.window:
                 return
             w = self._worker
             if w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.DRAINING):
                 return
             if not self._queue:
-                self._finish_drain()
+                if not self._in_flight:
+                    self._finish_drain()
                 return
             item = self._queue[0]
+            if self._in_flight and (isinstance(item, QueuedSwitch) or item.mode not in (None, w.mode)):
+                return  # a barrier, or a job for another mode: after what is in flight
             if isinstance(item, QueuedSwitch):
                 if item.future is not None and item.future.cancelled():
                     self._queue.popleft()
@@ -467,21 +475,33 @@ class Core:
                     return  # backing off before respawning the mode that just died
                 self._begin_switch(QueuedSwitch(needed, None))
                 return
-            if self._notice_exit():  # never hand a job to a worker that is already dead
+            if w.pidfd is None and self._notice_exit():  # without a pidfd, look before sending
                 continue
             self._queue.popleft()
-            self._dispatch(item, w)
-            return
+            if not self._dispatch(item, w):
+                return
 
-    def _dispatch(self, job: QueuedJob, w: WorkerHandle) -> None:
+    def _dispatch(self, job: QueuedJob, w: WorkerHandle) -> bool:
+        """Send ``job`` to the worker; False if the worker is lost."""
         # RUNNING from here on, so cancel() says False for a job that may run.
         if not job.future.running() and not job.future.set_running_or_notify_cancel():
-            return
+            return True
+        queued = len(self._queue)
         if not self._send(w, job.frames):
-            self._queue.appendleft(job)  # it never reached a worker: it keeps its place
-            return
-        w.transition(WorkerState.BUSY)
-        self._in_flight = job
+            # It never reached a worker: it keeps its place, behind the jobs
+            # that were in flight (back at the head of the queue now).
+            self._queue.insert(len(self._queue) - queued, job)
+            return False
+        if w.state is WorkerState.READY:
+            w.transition(WorkerState.BUSY)
+        self._in_flight.append(job)
+        if len(self._in_flight) == 1:
+            self._start_clock(job)
+        return True
+
+    def _start_clock(self, job: QueuedJob) -> None:
+        """A job's timeout counts from when it reaches the head of the jobs in
+        flight: that is when the worker, which runs them in order, starts it."""
         timeout = job.timeout if job.timeout is not None else (self.config.job_timeout or None)
         job.deadline = time.monotonic() + timeout if timeout else None
 
@@ -546,7 +566,9 @@ class Core:
         self._generation += 1
         argv = worker_argv(self.config.worker_command, self.endpoint, self._generation, self.config.heartbeat_interval)
         baseline_used = self._device_used()
-        standby, self._standby = self._standby, None
+        standby = self._standby if self._standby is not None and self._takes_standby(sw.mode) else None
+        if standby is not None:
+            self._standby = None
         proc = standby.activate(self._generation, self.config.heartbeat_interval) if standby is not None else None
         sw.standby = proc is not None
         try:
@@ -585,6 +607,12 @@ class Core:
             )
         self._prepare_standby()
 
+    def _takes_standby(self, mode: str) -> bool:
+        """A ready spare suits any mode. One still importing suits only a mode
+        known to need those imports (it is ahead of a fresh process); a
+        light mode starts faster fresh and leaves the spare for later."""
+        return self._standby.ready() or bool(self._heavy_modes.get(mode))
+
     def _prepare_standby(self) -> None:
         """After each switch: a spare that has imported what the modes were
         seen to import, for the next one (see ``supervisor/standby.py``).
@@ -597,8 +625,8 @@ class Core:
         if s is None and wanted and self._shutdown is None:
             try:
                 self._standby = Standby(self.endpoint, self._preload, self._device.env)
-            except OSError as exc:
-                log.warning("could not start a warm standby: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
+                log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
 
     def _stop_standby(self) -> None:
         if self._standby is not None:
@@ -647,7 +675,9 @@ class Core:
         gone) means the worker is lost: it is stopped and handled like any
         other death, and the caller learns the message did not go out."""
         try:
-            self._router.send_multipart([w.identity, *frames], copy=False)
+            # Arrays (memoryviews) go without a copy; small bytes frames are
+            # cheaper copied than wrapped in zmq.Frame objects.
+            self._router.send_multipart([w.identity, *frames], copy=len(frames) == 1)
             return True
         except zmq.ZMQError as exc:
             self._on_worker_exit(f"stopped taking messages ({exc})")
@@ -656,13 +686,13 @@ class Core:
     def _drain_router(self) -> None:
         while True:
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)  # arrays stay in these frames
+                frames = recv_message(self._router, zmq.NOBLOCK, copied=2)  # identity and header; arrays stay in frames
             except zmq.Again:
                 return
             self._on_frames(frames)
 
     def _on_frames(self, frames: list) -> None:
-        identity, body = frames[0].bytes, frames[1:]
+        identity, body = frames[0], frames[1:]
         w = self._worker
         if w is None or identity != w.identity or w.state is WorkerState.EXITED:
             log.warning(
@@ -700,6 +730,7 @@ class Core:
             return
         w.load_seconds = float(msg.load_seconds)
         w.warmup_seconds = msg.warmup_seconds
+        self._heavy_modes[msg.mode] = bool(msg.imported)
         if msg.imported:
             names = (m for m in msg.imported if isinstance(m, str) and "," not in m)
             self._preload = tuple(dict.fromkeys([*self._preload, *names]))  # import order kept, no repeats
@@ -721,20 +752,23 @@ class Core:
         self._switch_failed(ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **details))
 
     def _on_outcome(self, w: WorkerHandle, msg: Result | Failure) -> None:
-        job = self._in_flight
+        job = self._in_flight[0] if self._in_flight else None
         if w.state is not WorkerState.BUSY or job is None or job.id != msg.job:
-            log.warning("worker gen %d: dropped an outcome for job %d, which is not in flight", w.gen, msg.job)
+            log.warning("worker gen %d: dropped an outcome for job %d, which is not running", w.gen, msg.job)
             return
         error = error_from_wire(msg.error) if isinstance(msg, Failure) else None
-        self._in_flight = None
+        self._in_flight.popleft()
         self._jobs_done += 1
-        w.transition(WorkerState.READY)
+        if self._in_flight:
+            self._start_clock(self._in_flight[0])
+        else:
+            w.transition(WorkerState.READY)
         self._settle(job.future, result=msg.value if error is None else None, error=error)
         if isinstance(error, OutOfMemory) and self.config.recycle_on_oom:
             self._recycle_after_oom(w, job)
 
     def _on_chunk(self, w: WorkerHandle, msg: Chunk) -> None:
-        job = self._in_flight
+        job = self._in_flight[0] if self._in_flight else None
         if w.state is not WorkerState.BUSY or job is None or job.id != msg.job or job.on_chunk is None:
             log.warning("worker gen %d: dropped a chunk for job %d, which is not a stream in flight", w.gen, msg.job)
             return
@@ -768,6 +802,7 @@ class Core:
         budget is untouched."""
         self._oom_recycles += 1
         log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
+        self._requeue_unstarted()
         self._stop_worker("recycling after out of memory")  # the mode stays in force: the next job reloads it
 
     _HANDLERS = {
@@ -836,7 +871,8 @@ class Core:
             )
             return
         self._restarts += 1
-        job, self._in_flight = self._in_flight, None
+        job = self._in_flight.popleft() if self._in_flight else None
+        self._requeue_unstarted()  # before the budget's verdict, which may fail the queue
         self._count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")  # may enter the failed state
         if job is None:
             return
@@ -849,6 +885,13 @@ class Core:
         if self._failed is not None:
             message += "; the restart budget is exhausted, so it was not retried"
         self._settle(job.future, error=job_error(message, stderr_tail=tail))
+
+    def _requeue_unstarted(self) -> None:
+        """Jobs sent behind the running one had not started (the worker runs
+        them in order): back to the head of the queue, in order, with their
+        retries untouched; the next worker runs them."""
+        self._queue.extendleft(reversed(self._in_flight))
+        self._in_flight.clear()
 
     def _count_death(self, what: str) -> None:
         """The restart budget, after Erlang/OTP's intensity and period: at most
@@ -891,8 +934,9 @@ class Core:
             self._idle_unloaded = mode  # the mode stays in force: the next job loads it again
         w = self._worker
         if w is not None:
-            if self._in_flight is not None and self._in_flight.deadline is not None and now >= self._in_flight.deadline:
-                job = self._in_flight
+            head = self._in_flight[0] if self._in_flight else None
+            if head is not None and head.deadline is not None and now >= head.deadline:
+                job = head
                 limit = job.timeout or self.config.job_timeout
                 self._on_worker_exit(f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
             elif (
@@ -938,9 +982,9 @@ class Core:
         if self._switch is not None and self._switch.request.future is not None:
             self._settle(self._switch.request.future, error=error)
         self._switch = None
-        if self._in_flight is not None:
-            self._settle(self._in_flight.future, error=error)
-            self._in_flight = None
+        for job in self._in_flight:
+            self._settle(job.future, error=error)
+        self._in_flight.clear()
         if self._worker is not None:
             self._stop_worker("shutdown without drain")
         self._running = False
@@ -984,12 +1028,14 @@ class Core:
                 "worker_pid": w.pid if w is not None else None,
                 "generation": self._generation,
                 "queued": len(self._queue),
-                "in_flight": 1 if self._in_flight is not None else 0,
+                "in_flight": len(self._in_flight),
+                "window": self.config.window,
                 "restarts": self._restarts,
                 "jobs_done": self._jobs_done,
                 "switching_to": self._switch.mode if self._switch is not None else None,
                 "reclaiming": self._switch is not None and self._switch.waiting is not None,
                 "standby_pid": self._standby.pid if self._standby is not None else None,
+                "standby_ready": self._standby is not None and self._standby.ready(),
                 "last_error": self._mode_error,
                 "failed_reason": self._failed,
                 "idle_unloaded": self._idle_unloaded,

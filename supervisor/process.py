@@ -58,7 +58,7 @@ def standby_argv(endpoint: str) -> list[str]:
 
 
 def spawn_worker(
-    argv: list[str], device_env: dict[str, str] | None = None, stdin=subprocess.DEVNULL
+    argv: list[str], device_env: dict[str, str] | None = None, stdin=subprocess.DEVNULL, pass_fds: tuple = ()
 ) -> subprocess.Popen:
     """Start a worker in a process group of its own, so it can be killed as a
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
@@ -73,6 +73,7 @@ def spawn_worker(
         start_new_session=True,
         env=worker_env(device_env),
         close_fds=True,
+        pass_fds=pass_fds,
     )
 
 

@@ -18,6 +18,7 @@ an earlier worker imported, in its order), then blocks on stdin;
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 
 from supervisor.process import spawn_worker, standby_argv, stop_and_reap
@@ -28,7 +29,19 @@ log = logging.getLogger("gpuvisor")
 class Standby:
     def __init__(self, endpoint: str, preload: tuple[str, ...], device_env: dict[str, str]):
         self.preload = preload
-        self.proc = spawn_worker(standby_argv(endpoint), device_env, stdin=subprocess.PIPE)
+        # The standby writes one byte here once its imports are done: a spare
+        # still importing is no faster than a fresh process for a light mode.
+        self._ready_r, ready_w = os.pipe()
+        os.set_blocking(self._ready_r, False)
+        try:
+            argv = [*standby_argv(endpoint), "--ready-fd", str(ready_w)]
+            self.proc = spawn_worker(argv, device_env, stdin=subprocess.PIPE, pass_fds=(ready_w,))
+        except BaseException:
+            os.close(self._ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        self._ready = False
         try:
             self.proc.stdin.write(",".join(preload).encode() + b"\n")
             self.proc.stdin.flush()
@@ -41,6 +54,15 @@ class Standby:
     def pid(self) -> int:
         return self.proc.pid
 
+    def ready(self) -> bool:
+        """Its preload is done (never blocks)."""
+        if not self._ready:
+            try:
+                self._ready = bool(os.read(self._ready_r, 1))
+            except BlockingIOError:
+                pass
+        return self._ready
+
     def activate(self, gen: int, heartbeat_interval: float) -> subprocess.Popen | None:
         """Hand the standby its generation; it becomes that worker. None if it
         died meanwhile (it is reaped, and the caller spawns a fresh one)."""
@@ -48,6 +70,7 @@ class Standby:
             try:
                 self.proc.stdin.write(f"{gen} {heartbeat_interval!r}\n".encode())
                 self.proc.stdin.close()
+                self._close_ready()
                 return self.proc
             except (BrokenPipeError, OSError):
                 pass
@@ -60,6 +83,12 @@ class Standby:
             self.proc.stdin.close()
         except OSError:
             pass
+        self._close_ready()
         stop_and_reap(self.proc, 1.0, kill_now=True)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+    def _close_ready(self) -> None:
+        if self._ready_r >= 0:
+            os.close(self._ready_r)
+            self._ready_r = -1

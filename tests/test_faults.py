@@ -127,7 +127,7 @@ def test_crash_during_a_drain_fails_the_job_and_the_drain_still_finishes_the_que
     inject(sup, way, after=0.4)
     victim = sup.submit("sleep", {"seconds": 30})
     behind = [sup.submit("echo", i) for i in range(5)]
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the victim job to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the victim job to start")
     sup.shutdown(drain=True)
     with pytest.raises(WorkerCrashed, match=WAYS[way][1].replace("(", r"\(").replace(")", r"\)")):
         victim.result(0)
@@ -352,7 +352,7 @@ def test_cancelled_jobs_do_not_pile_up_past_max_queue(faults):
     sup = faults(max_queue=8)
     sup.switch_mode("diag").result(T)
     sup.submit("sleep", {"seconds": 3})
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the long job to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the long job to start")
     for _ in range(200):
         assert sup.submit("echo", b"x" * 100_000).cancel()
     sup.submit("echo", "poke")  # a turn of the loop

@@ -24,17 +24,22 @@ loader = "worker.modes.diag:load"
 
 
 def _standby_ready(sup) -> int:
-    pid = wait_until(lambda: sup.status()["standby_pid"], T, "a warm standby")
-    wait_until(lambda: _imported(pid, "safetensors"), T, "the standby's preload")
+    wait_until(lambda: sup.status()["standby_ready"], T, "a warm standby done with its preload")
+    pid = sup.status()["standby_pid"]
+    with open(f"/proc/{pid}/maps") as f:
+        assert "safetensors" in f.read(), "the standby says ready but has not imported what it was asked to"
     return pid
 
 
-def _imported(pid: int, name: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return name in f.read()
-    except FileNotFoundError:
-        return False
+def test_a_light_mode_does_not_wait_for_a_standby_still_importing(supervisor_from):
+    """A spare still busy importing is no faster than a fresh process for a
+    light mode: the switch starts one and leaves the spare for later."""
+    sup = supervisor_from(MODES.replace("tests.loaders:preloads", "tests.loaders:tensors"))
+    sup.switch_mode("heavy").result(T)  # a torch mode: its spare spends seconds importing torch
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "a warm standby")
+    assert not sup.status()["standby_ready"]
+    result = sup.switch_mode("light").result(T)
+    assert result["standby"] is False and sup.status()["standby_pid"] == spare
 
 
 def test_no_standby_until_a_mode_needs_heavy_libraries(supervisor_from):

@@ -137,7 +137,7 @@ def test_shutdown_without_drain_cancels_the_queue_and_the_job_in_flight(sup):
     sup.switch_mode("diag").result(T)
     running = sup.submit("sleep", {"seconds": 30})
     queued = [sup.submit("echo", i) for i in range(20)]
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the sleep job to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the sleep job to start")
     started = time.monotonic()
     sup.shutdown(drain=False)
     assert time.monotonic() - started < 25, "a non-draining stop must not wait for the job"
@@ -267,7 +267,7 @@ def test_a_frozen_worker_is_detected_by_its_missing_heartbeats(modes):
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)
     job = sup.submit("sleep", {"seconds": 5})
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the job to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the job to start")
     os.kill(pid, signal.SIGSTOP)  # freezes both threads: no heartbeat, no result
     with pytest.raises(WorkerCrashed, match="hung: no message for"):
         job.result(T)
@@ -316,10 +316,12 @@ def test_a_worker_that_never_gets_ready_is_killed_after_load_timeout(modes):
 def test_cancel_removes_a_queued_job_but_not_a_running_one(sup):
     sup.switch_mode("diag").result(T)
     running = sup.submit("sleep", {"seconds": 0.5})
+    # ``window`` jobs are handed to the worker at once; they count as running.
+    sent_ahead = [sup.submit("echo", i) for i in range(sup.status()["window"] - 1)]
     queued = sup.submit("echo", "never")
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the sleep job to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the sleep job to start")
     assert queued.cancel() is True
-    assert running.cancel() is False
+    assert running.cancel() is False and not any(f.cancel() for f in sent_ahead)
     assert running.result(T) == {"slept": 0.5}
     assert queued.cancelled()
     assert sup.submit("echo", "next").result(T) == "next"
@@ -363,12 +365,18 @@ def test_status_says_what_the_supervisor_is_doing(sup):
         assert key in before
     assert before["state"] == "running" and before["mode"] is None and before["worker_pid"] is None
     sup.switch_mode("diag").result(T)
+    window = before["window"]
     sup.submit("sleep", {"seconds": 0.3})
-    sup.submit("echo", 1)
-    # Both commands may reach the loop in different turns: wait for the second too.
-    wait_until(lambda: sup.status()["in_flight"] == 1 and sup.status()["queued"] == 1, T, "one running, one queued")
+    for i in range(window):
+        sup.submit("echo", i)
+    # The commands may reach the loop in different turns: wait for the last too.
+    # ``window`` jobs are handed to the worker (the sleep runs, the rest wait in
+    # its socket); the one after them waits in the queue.
+    wait_until(
+        lambda: (sup.status()["in_flight"], sup.status()["queued"]) == (window, 1), T, "a full window, one queued"
+    )
     busy = sup.status()
-    assert busy["mode"] == "diag" and busy["worker_state"] == "busy" and busy["queued"] == 1
+    assert busy["mode"] == "diag" and busy["worker_state"] == "busy"
     assert busy["worker_pid"] == sup.submit("pid").result(T)
 
 
@@ -379,7 +387,7 @@ def test_messages_from_an_unknown_or_older_generation_are_dropped(sup, caplog):
 
     sup.switch_mode("diag").result(T)
     job = sup.submit("sleep", {"seconds": 0.5})
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the job to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the job to start")
     ctx = zmq.Context()
     impostor = ctx.socket(zmq.DEALER)
     impostor.setsockopt(zmq.ROUTING_ID, b"g0")
@@ -464,8 +472,9 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
     pid = sup.submit("pid").result(T)
     futures = [sup.submit("echo", i) for i in range(20)]
     outcomes = [f.exception(T) for f in futures]
-    assert outcomes[0] is None and all(o is not None for o in outcomes[2:])
-    assert "loop crashed" in str(outcomes[2])
+    # The third dispatch raised: at most the first job got a result first.
+    crashed = [o for o in outcomes if o is not None]
+    assert len(crashed) >= 19 and all("loop crashed" in str(o) for o in crashed)
     wait_until(lambda: pid_gone(pid), T, "the worker to be stopped after the loop crashed")
     with pytest.raises(ShuttingDown):
         sup.submit("echo", 1).result(T)
@@ -489,7 +498,7 @@ def test_a_supervisor_cannot_be_used_from_a_forked_child(sup):
 def test_the_tightest_shutdown_timeout_wins(sup):
     sup.switch_mode("diag").result(T)
     slow = sup.submit("sleep", {"seconds": 30})
-    wait_until(lambda: sup.status()["in_flight"] == 1, T, "the sleep to start")
+    wait_until(lambda: sup.status()["in_flight"] >= 1, T, "the sleep to start")
     patient = threading.Thread(target=sup.shutdown)  # no timeout: would wait 30 s
     patient.start()
     wait_until(lambda: sup.status()["state"] == "draining", T, "the drain to begin")

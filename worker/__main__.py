@@ -10,7 +10,7 @@ import sys
 import time
 
 
-def _standby() -> tuple[int, float]:
+def _standby(ready_fd: int | None) -> tuple[int, float]:
     """Import what the supervisor names on stdin's first line (comma-separated
     modules, in the order an earlier worker imported them), touching no GPU:
     importing torch does not initialise CUDA. Then wait for the second line,
@@ -25,6 +25,9 @@ def _standby() -> tuple[int, float]:
         except Exception:  # noqa: BLE001 - a failed preload only costs the speed-up
             failed += 1
     took = time.perf_counter() - started
+    if ready_fd is not None:  # tell the supervisor the imports are done
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     line = sys.stdin.readline()
     if not line:
         raise SystemExit(0)
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument(
         "--standby", action="store_true", help="read modules to preload, then 'GEN INTERVAL', from stdin"
     )
+    parser.add_argument("--ready-fd", type=int, help="with --standby: write a byte here once the preload is done")
     args = parser.parse_args()
     if args.gen is None and not args.standby:
         parser.error("--gen is required (unless --standby)")
@@ -57,7 +61,7 @@ def main() -> None:
     die_with_parent(args.parent_pid)
     gen, interval = args.gen, args.heartbeat_interval
     if args.standby:
-        gen, interval = _standby()
+        gen, interval = _standby(args.ready_fd)
         exit_if_orphaned(args.parent_pid)
 
     from worker.runtime import run

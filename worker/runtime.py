@@ -48,6 +48,7 @@ from protocol import (
     decode_to_worker,
     encode,
 )
+from protocol.frames import recv_message
 from protocol.messages import peek
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
@@ -60,6 +61,15 @@ _LINGER_MS = 5000
 # thread from checking whether the supervisor is alive at all.
 _SEND_TIMEOUT_MS = 3000
 LOAD_FAILED_EXIT_CODE = WorkerExit.LOAD_FAILED
+
+
+def _drain(sock: zmq.Socket):
+    """Every message waiting on ``sock``, without blocking."""
+    while True:
+        try:
+            yield recv_message(sock, zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def _log(gen: int, text: str) -> None:
@@ -115,13 +125,16 @@ class _IoThread(threading.Thread):
                     self._send(dealer, encode(Heartbeat(self.busy, torch_memory())))
                     next_beat = now + self._interval
                 events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+                # Everything waiting, not one message per poll: a window of
+                # jobs (and a burst of results) crosses in one turn.
                 if dealer in events:
-                    pipe.send_multipart(dealer.recv_multipart(copy=False), copy=False)
+                    for frames in _drain(dealer):  # array frames pass through, never copied
+                        pipe.send_multipart(frames, copy=len(frames) == 1)
                 if pipe in events:
-                    frames = pipe.recv_multipart(copy=False)  # array frames pass through, never copied
-                    if len(frames) == 1 and frames[0].bytes == _CLOSE:
-                        return
-                    self._send(dealer, frames)
+                    for frames in _drain(pipe):
+                        if frames == [_CLOSE]:
+                            return
+                        self._send(dealer, frames)
                 if monitor in events:
                     monitor.recv_multipart()
                     self._lost("the supervisor dropped our connection")
@@ -134,7 +147,7 @@ class _IoThread(threading.Thread):
 
     def _send(self, dealer: zmq.Socket, frames: list) -> None:
         try:
-            dealer.send_multipart(frames, copy=False)
+            dealer.send_multipart(frames, copy=len(frames) == 1)
         except zmq.Again:
             self._lost(f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
 
@@ -166,11 +179,12 @@ class _Worker:
         self.handlers: dict[str, Handler] = {}
 
     def send(self, msg) -> None:
-        self._pipe.send_multipart(encode(msg), copy=False)
+        frames = encode(msg)
+        self._pipe.send_multipart(frames, copy=len(frames) == 1)
 
     def recv(self):
         while True:
-            frames = self._pipe.recv_multipart(copy=False)  # arrays arrive as views of these frames
+            frames = recv_message(self._pipe)  # arrays arrive as views of their frames
             try:
                 return decode_to_worker(frames)
             except ProtocolError as exc:
@@ -248,7 +262,7 @@ class _Worker:
         except _Unsendable as exc:
             self.send(Failure(msg.job, exc.error))
             return
-        self._pipe.send_multipart(frames, copy=False)
+        self._pipe.send_multipart(frames, copy=len(frames) == 1)
 
     @staticmethod
     def _encode_outcome(msg: Result | Chunk, task: str) -> list:

@@ -1,0 +1,20 @@
+"""Receiving a multipart message the cheap way for each part.
+
+``recv_multipart(copy=False)`` wraps every part in a ``zmq.Frame``, which
+costs more than copying a small part; ``copy=True`` would copy a 64 MiB
+array. The routing and header parts are small: copied, as bytes. Any part
+after them is an array: kept in its frame, never copied.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+
+def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list:
+    """The next message: its first ``copied`` parts as bytes, the rest as
+    ``zmq.Frame``. Raises ``zmq.Again`` like ``recv`` with NOBLOCK."""
+    parts: list = [sock.recv(flags)]
+    while sock.getsockopt(zmq.RCVMORE):
+        parts.append(sock.recv(copy=len(parts) < copied))
+    return parts

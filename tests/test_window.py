@@ -1,0 +1,68 @@
+"""``window``: jobs handed to the worker ahead of the one running, so the
+worker never idles for a round trip. They count as running (``cancel()``
+says False); if the worker dies they go to the next worker untouched, since
+it runs jobs in order and had not started them."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor import JobTimeout, WorkerCrashed
+from tests.conftest import wait_until
+
+T = 60
+DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
+
+
+def test_a_full_window_is_in_flight_and_the_rest_queued(supervisor_from):
+    sup = supervisor_from("[supervisor]\nwindow = 4\n" + DIAG)
+    sup.switch_mode("diag").result(T)
+    first = sup.submit("sleep", {"seconds": 0.5})
+    rest = [sup.submit("echo", i) for i in range(9)]
+    wait_until(lambda: (sup.status()["in_flight"], sup.status()["queued"]) == (4, 6), T, "4 in flight, 6 queued")
+    assert [f.cancel() for f in rest[:3]] == [False] * 3 and rest[3].cancel() is True
+    assert first.result(T) == {"slept": 0.5} and [f.result(T) for f in rest[4:]] == list(range(4, 9))
+
+
+def test_jobs_sent_ahead_of_a_crash_run_on_the_next_worker_without_using_retries(supervisor_from):
+    sup = supervisor_from("[supervisor]\nwindow = 8\n" + DIAG)
+    old = sup.submit("pid", mode="diag").result(T)
+    victim = sup.submit("crash", {"how": "kill"})
+    behind = [sup.submit("pid") for _ in range(6)]  # in the worker's socket when it dies
+    with pytest.raises(WorkerCrashed):
+        victim.result(T)
+    pids = [f.result(T) for f in behind]
+    assert len(set(pids)) == 1 and pids[0] != old  # all ran, once, on the new worker
+    assert sup.status()["restarts"] == 1
+
+
+def test_only_the_running_job_times_out_and_the_clock_starts_when_a_job_reaches_the_head(supervisor_from):
+    sup = supervisor_from("[supervisor]\nwindow = 8\n" + DIAG)
+    sup.switch_mode("diag").result(T)
+    # Each sleeps 0.4 s with a 1 s limit: together 2 s, but each alone is in time.
+    slow = [sup.submit("sleep", {"seconds": 0.4}, timeout=1.0) for _ in range(5)]
+    assert [f.result(T) for f in slow] == [{"slept": 0.4}] * 5
+    stuck = sup.submit("sleep", {"seconds": 30}, timeout=0.5)
+    after = sup.submit("echo", "after")
+    with pytest.raises(JobTimeout):
+        stuck.result(T)
+    assert after.result(T) == "after"
+
+
+def test_window_one_sends_one_job_at_a_time(supervisor_from):
+    sup = supervisor_from("[supervisor]\nwindow = 1\n" + DIAG)
+    sup.switch_mode("diag").result(T)
+    running = sup.submit("sleep", {"seconds": 0.3})
+    nxt = sup.submit("echo", 1)
+    wait_until(lambda: sup.status()["in_flight"] == 1 and sup.status()["queued"] == 1, T, "one running, one queued")
+    assert nxt.cancel() is True and running.result(T) == {"slept": 0.3}
+
+
+def test_a_switch_waits_for_the_whole_window(supervisor_from):
+    sup = supervisor_from("[supervisor]\nwindow = 8\n" + DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n')
+    pid = sup.submit("pid", mode="diag").result(T)
+    before = [sup.submit("sleep", {"seconds": 0.05}) for _ in range(5)]
+    switched = sup.switch_mode("other")
+    after = sup.submit("pid")
+    assert all(f.result(T) == {"slept": 0.05} for f in before)
+    assert switched.result(T)["previous"] == "diag" and after.result(T) != pid
