@@ -126,7 +126,7 @@ class Config:
     restart_backoff: float = 0.5
     restart_backoff_max: float = 10.0
     max_queue: int = 10_000
-    window: int = 8  # jobs handed to the worker at once, the running one included (docs/performance.md)
+    window: int = 1  # jobs handed to the worker at once; >1 trades exactness for throughput (docs/configuration.md)
     default_mode: str = ""
     device: str = "auto"  # "auto": the first GPU NVML sees, else the CPU
     recycle_on_oom: bool = True

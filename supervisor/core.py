@@ -87,6 +87,8 @@ _SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING}
 _HEARTBEATING = frozenset({WorkerState.LOADING, WorkerState.READY, WorkerState.BUSY})
 _IDLE_POLL_S = 1.0  # upper bound on a poll, so deadlines are checked even with no events
 _NO_PIDFD_POLL_S = 0.05  # how often to poll the worker's exit where pidfd_open is missing
+_LAST_WORDS_QUIET_S = 0.02  # after a death: the worker's socket quiet this long means all it sent is in
+_LAST_WORDS_MAX_S = 0.5
 _RECLAIM_POLL_S = 0.02  # how often NVML is read while a switch waits for memory to come back
 
 
@@ -171,6 +173,7 @@ class Core:
         self._retired: _Retired | None = None
         self._idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
         self._oom_recycles = 0
+        self._exiting: WorkerHandle | None = None  # the worker whose death is being handled
         self._standby: Standby | None = None
         self._preload: tuple[str, ...] = ()  # heavy libraries modes were seen to import: what a standby preloads
         self._heavy_modes: dict[str, bool] = {}  # mode -> it imported such libraries when it last loaded
@@ -851,9 +854,19 @@ class Core:
         the mode in force so the next job respawns it (after the backoff)."""
         w = self._worker
         assert w is not None
-        used_before = self._device_used()
-        w.stopping_since = time.monotonic()
-        code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
+        if self._exiting is w:
+            return  # already being handled: a last word of it was malformed
+        self._exiting = w
+        try:
+            used_before = self._device_used()
+            w.stopping_since = time.monotonic()
+            code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
+            if self._in_flight:
+                self._read_last_words(w)
+        finally:
+            self._exiting = None
+        if self._worker is not w:
+            return
         state = w.state
         how = cause or describe_exit(code, loading=state in (WorkerState.SPAWNED, WorkerState.LOADING))
         self._retire(w, used_before)  # reads the last of its stderr
@@ -885,6 +898,23 @@ class Core:
         if self._failed is not None:
             message += "; the restart budget is exhausted, so it was not retried"
         self._settle(job.future, error=job_error(message, stderr_tail=tail))
+
+    def _read_last_words(self, w: WorkerHandle) -> None:
+        """Take in what the dead worker sent before it died. With a window it
+        runs the next job as soon as it has sent a result, so that result can
+        still be on its way when the death is seen; judging the jobs now
+        would fail a job that succeeded. Its socket is closed, so what it sent
+        arrives within moments: read until the socket has been quiet for
+        ``_LAST_WORDS_QUIET_S`` (at most ``_LAST_WORDS_MAX_S``)."""
+        now = time.monotonic()
+        quiet_until, give_up = now + _LAST_WORDS_QUIET_S, now + _LAST_WORDS_MAX_S
+        while now < give_up and self._worker is w:
+            if self._router.poll(max(0.0, min(quiet_until, give_up) - now) * 1000):
+                self._drain_router()
+                quiet_until = time.monotonic() + _LAST_WORDS_QUIET_S
+            elif time.monotonic() >= quiet_until:
+                return
+            now = time.monotonic()
 
     def _requeue_unstarted(self) -> None:
         """Jobs sent behind the running one had not started (the worker runs

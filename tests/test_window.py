@@ -66,3 +66,17 @@ def test_a_switch_waits_for_the_whole_window(supervisor_from):
     after = sup.submit("pid")
     assert all(f.result(T) == {"slept": 0.05} for f in before)
     assert switched.result(T)["previous"] == "diag" and after.result(T) != pid
+
+
+def test_with_the_default_window_a_finished_job_keeps_its_result_when_the_next_one_kills_the_worker(supervisor_from):
+    """Why the default is 1: the next job is sent only once the result is in,
+    so a poison job right behind a good one cannot take its result along."""
+    sup = supervisor_from("[supervisor]\nmax_restarts = 100\nrestart_backoff = 0\n" + DIAG)
+    assert sup.status()["window"] == 1
+    sup.switch_mode("diag").result(T)
+    for i in range(10):
+        good = sup.submit("echo", i)
+        poison = sup.submit("crash", {"how": "kill"})
+        assert good.result(T) == i
+        with pytest.raises(WorkerCrashed):
+            poison.result(T)
