@@ -112,3 +112,19 @@ def wait_quiet(pid: int, timeout: float = 90.0, interval: float = 0.25, cpu: flo
     except psutil.Error:
         pass
     return time.monotonic() - t0
+
+
+# The floor of this stack: a raw DEALER echo with msgpack, in a child process.
+# Unlimited high-water marks, so that a pipelined run cannot deadlock.
+RAW_ECHO = """
+import sys, zmq, msgpack
+ctx = zmq.Context(); s = ctx.socket(zmq.DEALER)
+s.setsockopt(zmq.SNDHWM, 0); s.setsockopt(zmq.RCVHWM, 0)
+s.connect(sys.argv[1])
+s.send(msgpack.packb({"k": "hello"}))
+while True:
+    m = msgpack.unpackb(s.recv())
+    if m.get("k") == "stop": break
+    s.send(msgpack.packb({"k": "result", "job": m["job"], "value": m["payload"]}))
+s.close(); ctx.term()
+"""

@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 import msgpack
 import zmq
 
-from bench.common import child, ipc_endpoint, pipe_child
+from bench.common import RAW_ECHO, child, ipc_endpoint, pipe_child
 from bench.report import Row, median, percentile, progress
 from supervisor import AsyncSupervisor, Supervisor
 
@@ -23,16 +23,7 @@ ROUNDS = 4
 N = 3000  # timed round trips per way and round
 WARMUP = 300
 
-_ECHO = """
-import sys, zmq, msgpack
-ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.connect(sys.argv[1])
-s.send(msgpack.packb({"k": "hello"}))
-while True:
-    m = msgpack.unpackb(s.recv())
-    if m.get("k") == "stop": break
-    s.send(msgpack.packb({"k": "result", "job": m["job"], "value": m["payload"]}))
-s.close(); ctx.term()
-"""
+_ECHO = RAW_ECHO
 
 
 def raw_zmq_echo(n: int) -> list[float]:

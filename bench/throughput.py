@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 import msgpack
 import zmq
 
-from bench.common import child, config, has_setting, ipc_endpoint
+from bench.common import RAW_ECHO, child, config, has_setting, ipc_endpoint
 from bench.report import Row, progress
 from supervisor import Supervisor
 
@@ -25,18 +25,7 @@ WINDOWS = (1, 2, 4, 8, 16, 32)
 N_SWEEP = 25_000  # jobs per window and pass in the sweep
 SWEEP_PASSES = 2  # windows in order, then in reverse: drift on a shared machine hits them alike
 
-_ECHO = """
-import sys, zmq, msgpack
-ctx = zmq.Context(); s = ctx.socket(zmq.DEALER)
-s.setsockopt(zmq.SNDHWM, 0); s.setsockopt(zmq.RCVHWM, 0)
-s.connect(sys.argv[1])
-s.send(msgpack.packb({"k": "hello"}))
-while True:
-    m = msgpack.unpackb(s.recv())
-    if m.get("k") == "stop": break
-    s.send(msgpack.packb({"k": "result", "job": m["job"], "value": m["payload"]}))
-s.close(); ctx.term()
-"""
+_ECHO = RAW_ECHO
 
 
 def raw_pipelined(n: int) -> float:
