@@ -18,3 +18,10 @@ def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list:
     while sock.getsockopt(zmq.RCVMORE):
         parts.append(sock.recv(copy=len(parts) < copied))
     return parts
+
+
+def small(frames: list) -> bool:
+    """Send ``frames`` copied? Yes for one small header (cheaper than a
+    ``zmq.Frame``); no when there are arrays or the header is big (a large
+    ``bytes`` payload), which go without a copy."""
+    return len(frames) == 1 and len(frames[0]) < zmq.COPY_THRESHOLD

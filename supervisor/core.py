@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -71,7 +72,7 @@ from protocol import (
     encode,
     error_from_wire,
 )
-from protocol.frames import recv_message
+from protocol.frames import recv_message, small
 from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reload, Shutdown, settle
 from supervisor.config import Config
 from supervisor.gpu import GpuMeter, choose_device, process_rss
@@ -87,6 +88,7 @@ _SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING}
 _HEARTBEATING = frozenset({WorkerState.LOADING, WorkerState.READY, WorkerState.BUSY})
 _IDLE_POLL_S = 1.0  # upper bound on a poll, so deadlines are checked even with no events
 _NO_PIDFD_POLL_S = 0.05  # how often to poll the worker's exit where pidfd_open is missing
+_MODULE_NAME = re.compile(r"[A-Za-z_][\w.]{0,200}")  # what a standby may be asked to import
 _LAST_WORDS_QUIET_S = 0.02  # after a death: the worker's socket quiet this long means all it sent is in
 _LAST_WORDS_MAX_S = 0.5
 _RECLAIM_POLL_S = 0.02  # how often NVML is read while a switch waits for memory to come back
@@ -173,6 +175,7 @@ class Core:
         self._retired: _Retired | None = None
         self._idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
         self._oom_recycles = 0
+        self._recycle = False  # an OOM asked for a fresh worker once the window is empty
         self._exiting: WorkerHandle | None = None  # the worker whose death is being handled
         self._standby: Standby | None = None
         self._preload: tuple[str, ...] = ()  # heavy libraries modes were seen to import: what a standby preloads
@@ -371,6 +374,8 @@ class Core:
         elif isinstance(command, Reload):
             old, self.config = self.config, command.config
             log.info("configuration reloaded from %s: modes %s", command.config.source, sorted(command.config.modes))
+            if not self._standby_wanted():
+                self._stop_standby()
             if command.config.device != old.device:
                 log.warning("device changes take effect when the supervisor restarts; keeping %r", old.device)
             loaded = self._worker.mode if self._worker is not None else None
@@ -414,8 +419,9 @@ class Core:
 
     def _pump(self) -> None:
         """Advance the FIFO as far as the worker's state allows."""
+        self._recycle_if_due()
         while self._queue or self._shutdown is not None:
-            if self._switch is not None or len(self._in_flight) >= self.config.window:
+            if self._switch is not None or len(self._in_flight) >= self.config.window or self._recycle:
                 return
             w = self._worker
             if w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.DRAINING):
@@ -614,7 +620,7 @@ class Core:
         """A ready spare suits any mode. One still importing suits only a mode
         known to need those imports (it is ahead of a fresh process); a
         light mode starts faster fresh and leaves the spare for later."""
-        return self._standby.ready() or bool(self._heavy_modes.get(mode))
+        return self._standby_wanted() and (self._standby.ready() or bool(self._heavy_modes.get(mode)))
 
     def _prepare_standby(self) -> None:
         """After each switch: a spare that has imported what the modes were
@@ -624,12 +630,14 @@ class Core:
         if s is not None and (s.proc.poll() is not None or set(self._preload) - set(s.preload)):
             s.stop()  # died, or preloads less than is now known to be needed
             self._standby = s = None
-        wanted = self.config.warm_standby and not self.config.worker_command and self._preload
-        if s is None and wanted and self._shutdown is None:
+        if s is None and self._standby_wanted() and self._preload and self._shutdown is None:
             try:
                 self._standby = Standby(self.endpoint, self._preload, self._device.env)
             except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
                 log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
+
+    def _standby_wanted(self) -> bool:
+        return self.config.warm_standby and not self.config.worker_command
 
     def _stop_standby(self) -> None:
         if self._standby is not None:
@@ -680,7 +688,7 @@ class Core:
         try:
             # Arrays (memoryviews) go without a copy; small bytes frames are
             # cheaper copied than wrapped in zmq.Frame objects.
-            self._router.send_multipart([w.identity, *frames], copy=len(frames) == 1)
+            self._router.send_multipart([w.identity, *frames], copy=small(frames))
             return True
         except zmq.ZMQError as exc:
             self._on_worker_exit(f"stopped taking messages ({exc})")
@@ -735,7 +743,7 @@ class Core:
         w.warmup_seconds = msg.warmup_seconds
         self._heavy_modes[msg.mode] = bool(msg.imported)
         if msg.imported:
-            names = (m for m in msg.imported if isinstance(m, str) and "," not in m)
+            names = (m for m in msg.imported if isinstance(m, str) and _MODULE_NAME.fullmatch(m))
             self._preload = tuple(dict.fromkeys([*self._preload, *names]))  # import order kept, no repeats
         w.transition(WorkerState.READY)
         self._sample_memory(w, msg.memory)
@@ -786,6 +794,10 @@ class Core:
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
         self._sample_memory(w, msg.memory)  # last_seen is already updated for every message
+        if self._standby is not None and self._standby.proc.poll() is not None:
+            log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
+                        self._standby.pid, describe_exit(self._standby.proc.returncode))  # fmt: skip
+            self._stop_standby()
 
     def _sample_memory(self, w: WorkerHandle, torch_figures: dict | None) -> None:
         """Once a heartbeat, not once a turn: NVML and /proc reads are cheap,
@@ -805,8 +817,13 @@ class Core:
         budget is untouched."""
         self._oom_recycles += 1
         log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
-        self._requeue_unstarted()
-        self._stop_worker("recycling after out of memory")  # the mode stays in force: the next job reloads it
+        self._recycle = True  # jobs already handed over may have started: they finish first (see _pump)
+        self._recycle_if_due()
+
+    def _recycle_if_due(self) -> None:
+        if self._recycle and not self._in_flight and self._worker is not None:
+            self._recycle = False
+            self._stop_worker("recycling after out of memory")  # the mode stays in force: the next job reloads it
 
     _HANDLERS = {
         Hello: _on_hello,
@@ -838,6 +855,7 @@ class Core:
         return memory[0] if memory is not None else None
 
     def _retire(self, w: WorkerHandle, used_before: int | None = None) -> None:
+        self._recycle = False  # whatever ended it, the next worker is fresh
         if w.state is not WorkerState.EXITED:
             w.transition(WorkerState.EXITED)
         w.close_fds()
@@ -857,6 +875,7 @@ class Core:
         if self._exiting is w:
             return  # already being handled: a last word of it was malformed
         self._exiting = w
+        head = self._in_flight[0] if self._in_flight else None
         try:
             used_before = self._device_used()
             w.stopping_since = time.monotonic()
@@ -867,6 +886,10 @@ class Core:
             self._exiting = None
         if self._worker is not w:
             return
+        if self._in_flight and self._in_flight[0] is not head:
+            # The job the cause was about (a timeout) answered in its last words;
+            # the one now at the head was merely running when we killed.
+            cause, job_error = f"was killed while running the next job ({cause})", WorkerCrashed
         state = w.state
         how = cause or describe_exit(code, loading=state in (WorkerState.SPAWNED, WorkerState.LOADING))
         self._retire(w, used_before)  # reads the last of its stderr
@@ -962,9 +985,12 @@ class Core:
             mode = self._worker.mode
             self._stop_worker(f"idle for {self.config.idle_unload_for(self._worker.spec):g}s (idle_unload_s)")
             self._idle_unloaded = mode  # the mode stays in force: the next job loads it again
+        head = self._in_flight[0] if self._in_flight else None
+        if head is not None and head.deadline is not None and now >= head.deadline:
+            self._drain_router()  # its answer may have just arrived: then it was in time after all
+            head = self._in_flight[0] if self._in_flight else None
         w = self._worker
         if w is not None:
-            head = self._in_flight[0] if self._in_flight else None
             if head is not None and head.deadline is not None and now >= head.deadline:
                 job = head
                 limit = job.timeout or self.config.job_timeout

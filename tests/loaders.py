@@ -103,3 +103,15 @@ def preloads() -> dict:
     import safetensors  # noqa: F401 - the import is the point
 
     return {"was_preloaded": lambda payload: already, "pid": lambda payload: os.getpid()}
+
+
+def marking(path: str) -> dict:
+    """``mark`` appends its payload to ``path`` (so a test can count how many
+    times a job really ran); ``oom`` runs out of memory for real."""
+
+    def mark(payload):
+        with open(path, "a") as f:
+            f.write(f"{payload}\n")
+        return payload
+
+    return {"mark": mark, "oom": lambda payload: bytearray(1 << 62)}

@@ -111,3 +111,26 @@ time.sleep(600)
         proc.kill()
         proc.wait(T)
         proc.stdout.close()
+
+
+def test_a_standby_taken_while_still_importing_becomes_the_worker(supervisor_from):
+    """A heavy mode takes the spare even mid-import (it is ahead of a fresh
+    process); its readiness signal then has nobody to read it, harmlessly."""
+    sup = supervisor_from(MODES.replace("tests.loaders:preloads", "tests.loaders:tensors"))
+    sup.switch_mode("heavy").result(T)
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "a warm standby")
+    assert not sup.status()["standby_ready"]
+    result = sup.restart().result(T)
+    assert result["status"] == "restarted" and result["standby"] is True and result["pid"] == spare
+    assert sup.submit("make", {"n": 2}).result(T)["float"].tolist() == [0.0, 1.0]
+
+
+def test_a_reload_that_turns_the_standby_off_stops_it(supervisor_from, write_config):
+    from supervisor.config import load
+
+    sup = supervisor_from(MODES)
+    sup.switch_mode("heavy").result(T)
+    spare = _standby_ready(sup)
+    sup.reload(load(write_config("[supervisor]\nwarm_standby = false\n" + MODES))).result(T)
+    assert sup.status()["standby_pid"] is None and pid_gone(spare)
+    assert sup.switch_mode("light").result(T)["standby"] is False

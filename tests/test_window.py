@@ -80,3 +80,23 @@ def test_with_the_default_window_a_finished_job_keeps_its_result_when_the_next_o
         assert good.result(T) == i
         with pytest.raises(WorkerCrashed):
             poison.result(T)
+
+
+def test_an_oom_recycle_lets_the_jobs_already_handed_over_finish_once(supervisor_from, tmp_path):
+    """They may have started by the time the OOM is read: killing the worker
+    then would run them twice."""
+    marks = tmp_path / "marks"
+    sup = supervisor_from(
+        f'[supervisor]\nwindow = 4\n[modes.m]\nloader = "tests.loaders:marking"\nargs = {{ path = "{marks}" }}\n'
+    )
+    sup.switch_mode("m").result(T)
+    from supervisor import OutOfMemory
+
+    oom = sup.submit("oom")
+    after = [sup.submit("mark", i) for i in range(3)]
+    with pytest.raises(OutOfMemory):
+        oom.result(T)
+    assert [f.result(T) for f in after] == [0, 1, 2]
+    assert marks.read_text().split() == ["0", "1", "2"]  # each ran once
+    wait_until(lambda: sup.status()["worker_pid"] is None, T, "the recycle once the window was empty")
+    assert sup.status()["oom_recycles"] == 1

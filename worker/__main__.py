@@ -26,8 +26,12 @@ def _standby(ready_fd: int | None) -> tuple[int, float]:
             failed += 1
     took = time.perf_counter() - started
     if ready_fd is not None:  # tell the supervisor the imports are done
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        try:
+            os.write(ready_fd, b"1")
+        except OSError:
+            pass  # taken into service before the imports were done: nobody is asking any more
+        finally:
+            os.close(ready_fd)
     line = sys.stdin.readline()
     if not line:
         raise SystemExit(0)

@@ -48,7 +48,7 @@ from protocol import (
     decode_to_worker,
     encode,
 )
-from protocol.frames import recv_message
+from protocol.frames import recv_message, small
 from protocol.messages import peek
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
@@ -129,7 +129,7 @@ class _IoThread(threading.Thread):
                 # jobs (and a burst of results) crosses in one turn.
                 if dealer in events:
                     for frames in _drain(dealer):  # array frames pass through, never copied
-                        pipe.send_multipart(frames, copy=len(frames) == 1)
+                        pipe.send_multipart(frames, copy=small(frames))
                 if pipe in events:
                     for frames in _drain(pipe):
                         if frames == [_CLOSE]:
@@ -147,7 +147,7 @@ class _IoThread(threading.Thread):
 
     def _send(self, dealer: zmq.Socket, frames: list) -> None:
         try:
-            dealer.send_multipart(frames, copy=len(frames) == 1)
+            dealer.send_multipart(frames, copy=small(frames))
         except zmq.Again:
             self._lost(f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
 
@@ -180,7 +180,7 @@ class _Worker:
 
     def send(self, msg) -> None:
         frames = encode(msg)
-        self._pipe.send_multipart(frames, copy=len(frames) == 1)
+        self._pipe.send_multipart(frames, copy=small(frames))
 
     def recv(self):
         while True:
@@ -262,7 +262,7 @@ class _Worker:
         except _Unsendable as exc:
             self.send(Failure(msg.job, exc.error))
             return
-        self._pipe.send_multipart(frames, copy=len(frames) == 1)
+        self._pipe.send_multipart(frames, copy=small(frames))
 
     @staticmethod
     def _encode_outcome(msg: Result | Chunk, task: str) -> list:
