@@ -9,8 +9,8 @@ host RAM, never VRAM (importing torch does not initialise CUDA), and it is
 started only after a mode has shown it needs those libraries (its READY
 lists them), so a supervisor that only ever runs light modes never has one.
 
-The standby reads the modules to import from its stdin's first line (those
-an earlier worker imported, in its order), then blocks on stdin;
+The standby reads the modules to import from a file descriptor (those an
+earlier worker imported, in its order), then blocks on stdin;
 ``activate()`` writes it a generation and it connects like any worker. Closing stdin, or the supervisor's death
 (PR_SET_PDEATHSIG, set before the imports), ends it.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 
 from supervisor.process import spawn_worker, standby_argv, stop_and_reap
 
@@ -33,20 +34,22 @@ class Standby:
         # still importing is no faster than a fresh process for a light mode.
         self._ready_r, ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
-        try:
-            argv = [*standby_argv(endpoint), "--ready-fd", str(ready_w)]
-            self.proc = spawn_worker(argv, device_env, stdin=subprocess.PIPE, pass_fds=(ready_w,))
-        except BaseException:
-            os.close(self._ready_r)
-            raise
-        finally:
-            os.close(ready_w)
+        # The module list (tens of KB) goes in an unlinked temporary file, not
+        # down a pipe: a pipe write past 64 KiB would block the loop until the
+        # child reads it.
+        with tempfile.TemporaryFile() as names:
+            names.write(",".join(preload).encode())
+            names.flush()
+            names.seek(0)
+            try:
+                argv = [*standby_argv(endpoint), "--ready-fd", str(ready_w), "--preload-fd", str(names.fileno())]
+                self.proc = spawn_worker(argv, device_env, stdin=subprocess.PIPE, pass_fds=(ready_w, names.fileno()))
+            except BaseException:
+                os.close(self._ready_r)
+                raise
+            finally:
+                os.close(ready_w)
         self._ready = False
-        try:
-            self.proc.stdin.write(",".join(preload).encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError:
-            pass  # it died at once; activate() finds out and a fresh worker is spawned instead
         tops = sorted({name.partition(".")[0] for name in preload})
         log.info("warm standby pid %d preloading %d modules of %s", self.proc.pid, len(preload), ", ".join(tops))
 

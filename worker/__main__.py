@@ -10,13 +10,16 @@ import sys
 import time
 
 
-def _standby(ready_fd: int | None) -> tuple[int, float]:
-    """Import what the supervisor names on stdin's first line (comma-separated
+def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
+    """Import what the supervisor names in ``preload_fd`` (comma-separated
     modules, in the order an earlier worker imported them), touching no GPU:
-    importing torch does not initialise CUDA. Then wait for the second line,
+    importing torch does not initialise CUDA. Then wait for a line on stdin,
     ``"GEN HEARTBEAT_INTERVAL"``, and become that worker. EOF: not needed,
     exit 0."""
-    preload = sys.stdin.readline().strip()
+    preload = ""
+    if preload_fd is not None:
+        with os.fdopen(preload_fd, "rb") as names:
+            preload = names.read().decode().strip()
     started = time.perf_counter()
     failed = 0
     for name in filter(None, preload.split(",")):
@@ -55,6 +58,7 @@ def main() -> None:
         "--standby", action="store_true", help="read modules to preload, then 'GEN INTERVAL', from stdin"
     )
     parser.add_argument("--ready-fd", type=int, help="with --standby: write a byte here once the preload is done")
+    parser.add_argument("--preload-fd", type=int, help="with --standby: read the modules to import from here")
     args = parser.parse_args()
     if args.gen is None and not args.standby:
         parser.error("--gen is required (unless --standby)")
@@ -65,7 +69,7 @@ def main() -> None:
     die_with_parent(args.parent_pid)
     gen, interval = args.gen, args.heartbeat_interval
     if args.standby:
-        gen, interval = _standby(args.ready_fd)
+        gen, interval = _standby(args.ready_fd, args.preload_fd)
         exit_if_orphaned(args.parent_pid)
 
     from worker.runtime import run
