@@ -287,7 +287,10 @@ class Supervisor:
         """A snapshot, never blocking: ``state``, ``mode``, ``worker_state``,
         ``worker_pid``, ``generation``, ``queued``, ``in_flight``,
         ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``,
-        ``failed_reason`` (set while ``state`` is ``"failed"``)."""
+        ``failed_reason`` (set while ``state`` is ``"failed"``), and the
+        memory and model fields docs/protocol.md lists under ``status``
+        (``gpu``, ``worker_vram_bytes``, ``worker_rss_bytes``, ``window``,
+        ``standby_pid`` ...): the same map the daemon answers with."""
         return self._core.status
 
     def healthy(self, max_age: float) -> bool:
