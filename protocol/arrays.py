@@ -134,5 +134,10 @@ class FrameRefs:
             raise ProtocolError(f"frames {unused} after the header are not referenced by it")
 
 
+def as_bytes(frame: Any) -> bytes:
+    """A received part as bytes, whether it came as bytes or as a zmq.Frame."""
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
 def nbytes(frame: Any) -> int:
     return len(frame.buffer) if hasattr(frame, "buffer") else len(frame)

@@ -20,6 +20,16 @@ def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list:
     return parts
 
 
+def drain(sock: zmq.Socket, copied: int = 1):
+    """Every message waiting on ``sock``, as ``recv_message`` gives them,
+    without blocking."""
+    while True:
+        try:
+            yield recv_message(sock, zmq.NOBLOCK, copied)
+        except zmq.Again:
+            return
+
+
 def small(frames: list) -> bool:
     """Send ``frames`` copied? Yes for one small header (cheaper than a
     ``zmq.Frame``); no when there are arrays or the header is big (a large

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from protocol.arrays import MAX_ARRAYS, FrameRefs, nbytes, packer
+from protocol.arrays import MAX_ARRAYS, FrameRefs, as_bytes, nbytes, packer
 from protocol.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -198,14 +198,14 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack ext type {code} is not part of the protocol")
 
 
-def unpack(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
+def unpack(data: bytes, limit: int = MAX_MESSAGE_BYTES, ext_hook=_refuse_ext) -> Any:
     """Inverse of ``pack`` for untrusted bytes: size-checked first, any
     decoder failure (truncation, nesting past msgpack's stack, trailing bytes,
-    ext types) becomes a ``ProtocolError``."""
+    ext types ``ext_hook`` refuses) becomes a ``ProtocolError``."""
     if len(data) > limit:
         raise ProtocolError(f"frame of {len(data)} bytes is over the {limit}-byte limit")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True)
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, TypeError, StackError ...
@@ -265,8 +265,7 @@ def peek(frames: list, key: str) -> Any:
     (array references ignored), so that a malformed job or request is
     answered under its id instead of waiting forever. None if unreadable."""
     try:
-        first = frames[0]
-        data = first.bytes if hasattr(first, "bytes") else bytes(first)
+        data = as_bytes(frames[0])
         if len(data) > MAX_MESSAGE_BYTES:
             return None
         header = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=lambda code, raw: None)
@@ -284,17 +283,8 @@ def unpack_map(frames: list, limit: int, what: str = "message") -> dict:
         raise ProtocolError(f"empty {what}")
     if len(frames) > MAX_FRAMES:
         raise ProtocolError(f"{what} has {len(frames)} frames; at most {MAX_FRAMES} (a header and 1024 arrays)")
-    first = frames[0]
-    data = first.bytes if hasattr(first, "bytes") else bytes(first)
-    if len(data) > limit:
-        raise ProtocolError(f"frame of {len(data)} bytes is over the {limit}-byte limit")
     refs = FrameRefs(list(frames[1:]), limit)
-    try:
-        header = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=refs, use_list=True)
-    except ProtocolError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, TypeError, StackError ...
-        raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+    header = unpack(as_bytes(frames[0]), limit, ext_hook=refs)
     if not isinstance(header, dict):
         raise ProtocolError(f"{what} is a msgpack {type(header).__name__}, expected a map")
     refs.check_all_used()

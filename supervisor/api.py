@@ -216,8 +216,7 @@ class Supervisor:
         returns False once it is running."""
         timeout = _check_submit(task, mode, timeout, retries, stream, on_chunk)
         if stream:
-            job_stream = JobStream()
-            return job_stream._bind(self._submit(task, payload, mode, timeout, retries, job_stream._on_chunk))
+            return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
         return self._submit(task, payload, mode, timeout, retries, on_chunk)
 
     def _submit(self, task, payload, mode, timeout, retries, on_chunk) -> Future:
@@ -352,7 +351,7 @@ class AsyncSupervisor:
             )
         timeout = _check_submit(task, mode, timeout, retries, stream)
         job_stream = AsyncJobStream(asyncio.get_running_loop())
-        return job_stream._bind(self._sync._submit(task, payload, mode, timeout, retries, job_stream._on_chunk))
+        return job_stream._feed(lambda sink: self._sync._submit(task, payload, mode, timeout, retries, sink))
 
     async def switch_mode(self, mode: str) -> dict[str, Any]:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))

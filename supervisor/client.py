@@ -103,11 +103,19 @@ class Client:
     ) -> Future | JobStream:
         """As ``Supervisor.submit``; ``stream=True`` gives a ``JobStream`` of
         the chunks the daemon relays, then the job's one outcome."""
-        fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
         if not stream:
-            return self._request(Request.SUBMIT, **fields)
-        job_stream = JobStream()
-        return job_stream._bind(self._request(Request.SUBMIT, job_stream._on_chunk, stream=True, **fields))
+            return self._submit(None, task, payload, mode=mode, timeout=timeout, retries=retries)
+        return JobStream()._feed(
+            lambda sink: self._submit(sink, task, payload, mode=mode, timeout=timeout, retries=retries)
+        )
+
+    def _submit(self, on_chunk: Callable[[Any], None] | None, task: str, payload: Any = None, *,
+                mode: str | None = None, timeout: float | None = None, retries: int = 0) -> Future:  # fmt: skip
+        """A submit request; with ``on_chunk``, a streamed one."""
+        fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
+        if on_chunk is not None:
+            fields["stream"] = True
+        return self._request(Request.SUBMIT, on_chunk, **fields)
 
     def switch_mode(self, mode: str) -> Future:
         return self._request(Request.SWITCH, mode=mode)
@@ -286,9 +294,8 @@ class AsyncClient:
         """The result; with ``stream=True`` an ``AsyncJobStream``."""
         if not stream:
             return await asyncio.wrap_future(self._sync.submit(task, payload, **kwargs))
-        fields = {"task": task, "payload": payload, "mode": None, "timeout": None, "retries": 0, **kwargs}
         job_stream = AsyncJobStream(asyncio.get_running_loop())
-        return job_stream._bind(self._sync._request(Request.SUBMIT, job_stream._on_chunk, stream=True, **fields))
+        return job_stream._feed(lambda sink: self._sync._submit(sink, task, payload, **kwargs))
 
     async def switch_mode(self, mode: str) -> dict[str, Any]:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))

@@ -72,7 +72,7 @@ from protocol import (
     encode,
     error_from_wire,
 )
-from protocol.frames import recv_message, small
+from protocol.frames import drain, small
 from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reload, Shutdown, settle
 from supervisor.config import Config
 from supervisor.gpu import GpuMeter, choose_device, process_rss
@@ -695,11 +695,7 @@ class Core:
             return False
 
     def _drain_router(self) -> None:
-        while True:
-            try:
-                frames = recv_message(self._router, zmq.NOBLOCK, copied=2)  # identity and header; arrays stay in frames
-            except zmq.Again:
-                return
+        for frames in drain(self._router, copied=2):  # identity and header as bytes; arrays stay in frames
             self._on_frames(frames)
 
     def _on_frames(self, frames: list) -> None:
@@ -841,12 +837,17 @@ class Core:
         """Stop and reap the current worker; returns its exit status."""
         w = self._worker
         assert w is not None
-        used_before = self._device_used()
-        w.stopping_since = time.monotonic()
-        code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=kill_now)
+        code, used_before = self._reap(w, kill_now)
         log.info("worker gen %d pid %d stopped (%s): %s", w.gen, w.pid, why, describe_exit(code))
         self._retire(w, used_before)
         return code
+
+    def _reap(self, w: WorkerHandle, kill_now: bool) -> tuple[int, int | None]:
+        """Stop and reap ``w``; returns its exit status and the device's used
+        memory just before, which the reclaim compares against."""
+        used_before = self._device_used()
+        w.stopping_since = time.monotonic()
+        return stop_and_reap(w.proc, self.config.stop_timeout, kill_now=kill_now), used_before
 
     def _device_used(self) -> int | None:
         if self._meter is None:
@@ -877,9 +878,7 @@ class Core:
         self._exiting = w
         head = self._in_flight[0] if self._in_flight else None
         try:
-            used_before = self._device_used()
-            w.stopping_since = time.monotonic()
-            code = stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
+            code, used_before = self._reap(w, kill_now=True)
             if self._in_flight:
                 self._read_last_words(w)
         finally:

@@ -28,11 +28,12 @@ class JobStream:
         # ``deliver`` is how a chunk reaches the reader; called on the loop thread.
         self._deliver = deliver or self._chunks.put
 
-    def _bind(self, future: Future) -> JobStream:
-        """After the job is posted: its chunks may already be here, and its
-        end comes after them (the loop settles a job after its last chunk)."""
-        self.future = future
-        future.add_done_callback(lambda _: self._deliver(_END))
+    def _feed(self, submit: Callable[[Callable[[Any], None]], Future]) -> JobStream:
+        """Post the job with ``submit(sink)``, chunks going to this stream.
+        Its chunks may arrive before ``submit`` returns; its end comes after
+        them (a job is settled after its last chunk)."""
+        self.future = submit(self._on_chunk)
+        self.future.add_done_callback(lambda _: self._deliver(_END))
         return self
 
     def _on_chunk(self, value: Any) -> None:

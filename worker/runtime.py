@@ -48,7 +48,7 @@ from protocol import (
     decode_to_worker,
     encode,
 )
-from protocol.frames import recv_message, small
+from protocol.frames import drain, recv_message, small
 from protocol.messages import peek
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
@@ -61,15 +61,6 @@ _LINGER_MS = 5000
 # thread from checking whether the supervisor is alive at all.
 _SEND_TIMEOUT_MS = 3000
 LOAD_FAILED_EXIT_CODE = WorkerExit.LOAD_FAILED
-
-
-def _drain(sock: zmq.Socket):
-    """Every message waiting on ``sock``, without blocking."""
-    while True:
-        try:
-            yield recv_message(sock, zmq.NOBLOCK)
-        except zmq.Again:
-            return
 
 
 def _log(gen: int, text: str) -> None:
@@ -128,10 +119,10 @@ class _IoThread(threading.Thread):
                 # Everything waiting, not one message per poll: a window of
                 # jobs (and a burst of results) crosses in one turn.
                 if dealer in events:
-                    for frames in _drain(dealer):  # array frames pass through, never copied
+                    for frames in drain(dealer):  # array frames pass through, never copied
                         pipe.send_multipart(frames, copy=small(frames))
                 if pipe in events:
-                    for frames in _drain(pipe):
+                    for frames in drain(pipe):
                         if frames == [_CLOSE]:
                             return
                         self._send(dealer, frames)
