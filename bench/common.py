@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
+import msgpack
 import psutil
+import zmq
 
 from supervisor import config as config_mod
 from supervisor.config import Config
@@ -128,3 +130,24 @@ while True:
     s.send(msgpack.packb({"k": "result", "job": m["job"], "value": m["payload"]}))
 s.close(); ctx.term()
 """
+
+
+@contextlib.contextmanager
+def raw_echo(name: str) -> Iterator[tuple[zmq.Socket, bytes]]:
+    """A ROUTER bound to a fresh endpoint with ``RAW_ECHO`` connected: yields
+    the socket and the echo's routing id; stops and reaps the echo after."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.ROUTER_MANDATORY, 1)):
+        router.setsockopt(option, value)
+    endpoint = ipc_endpoint(name)
+    router.bind(endpoint)
+    try:
+        with child(RAW_ECHO, endpoint) as proc:
+            ident, _ = router.recv_multipart()
+            yield router, ident
+            router.send_multipart([ident, msgpack.packb({"k": "stop"})])
+            proc.wait(30)
+    finally:
+        router.close()
+        ctx.term()

@@ -13,9 +13,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import msgpack
-import zmq
 
-from bench.common import RAW_ECHO, child, ipc_endpoint, pipe_child
+from bench.common import pipe_child, raw_echo
 from bench.report import Row, median, percentile, progress
 from supervisor import AsyncSupervisor, Supervisor
 
@@ -23,29 +22,15 @@ ROUNDS = 4
 N = 3000  # timed round trips per way and round
 WARMUP = 300
 
-_ECHO = RAW_ECHO
-
 
 def raw_zmq_echo(n: int) -> list[float]:
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    endpoint = ipc_endpoint("echo.sock")
-    router.bind(endpoint)
-    try:
-        with child(_ECHO, endpoint) as proc:
-            ident, _ = router.recv_multipart()
-            samples = []
-            for i in range(n + WARMUP):
-                t = time.perf_counter()
-                router.send_multipart([ident, msgpack.packb({"k": "job", "job": i, "task": "echo", "payload": None})])
-                msgpack.unpackb(router.recv_multipart()[1])
-                samples.append(time.perf_counter() - t)
-            router.send_multipart([ident, msgpack.packb({"k": "stop"})])
-            proc.wait(30)
-    finally:
-        router.close()
-        ctx.term()
+    samples = []
+    with raw_echo("echo.sock") as (router, ident):
+        for i in range(n + WARMUP):
+            t = time.perf_counter()
+            router.send_multipart([ident, msgpack.packb({"k": "job", "job": i, "task": "echo", "payload": None})])
+            msgpack.unpackb(router.recv_multipart()[1])
+            samples.append(time.perf_counter() - t)
     return samples[WARMUP:]
 
 

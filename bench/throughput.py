@@ -13,9 +13,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import msgpack
-import zmq
 
-from bench.common import RAW_ECHO, child, config, has_setting, ipc_endpoint
+from bench.common import config, has_setting, raw_echo
 from bench.report import Row, progress
 from supervisor import Supervisor
 
@@ -25,33 +24,16 @@ WINDOWS = (1, 2, 4, 8, 16, 32)
 N_SWEEP = 25_000  # jobs per window and pass in the sweep
 SWEEP_PASSES = 2  # windows in order, then in reverse: drift on a shared machine hits them alike
 
-_ECHO = RAW_ECHO
-
 
 def raw_pipelined(n: int) -> float:
     """jobs/s of a raw ROUTER/DEALER msgpack echo: send all n, then receive all n."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.SNDHWM, 0)
-    router.setsockopt(zmq.RCVHWM, 0)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    endpoint = ipc_endpoint("pipe.sock")
-    router.bind(endpoint)
-    try:
-        with child(_ECHO, endpoint) as proc:
-            ident, _ = router.recv_multipart()
-            t = time.perf_counter()
-            for i in range(n):
-                router.send_multipart([ident, msgpack.packb({"k": "job", "job": i, "task": "echo", "payload": None})])
-            for _ in range(n):
-                msgpack.unpackb(router.recv_multipart()[1])
-            seconds = time.perf_counter() - t
-            router.send_multipart([ident, msgpack.packb({"k": "stop"})])
-            proc.wait(30)
-    finally:
-        router.close()
-        ctx.term()
+    with raw_echo("pipe.sock") as (router, ident):
+        t = time.perf_counter()
+        for i in range(n):
+            router.send_multipart([ident, msgpack.packb({"k": "job", "job": i, "task": "echo", "payload": None})])
+        for _ in range(n):
+            msgpack.unpackb(router.recv_multipart()[1])
+        seconds = time.perf_counter() - t
     return n / seconds
 
 
