@@ -25,6 +25,7 @@ class QueuedJob:
     deadline: float | None = None
     on_chunk: Callable[[Any], None] | None = None  # a streamed job's sink, called on the loop thread
     chunks: int = 0  # CHUNKs received so far; the next must carry seq chunks + 1
+    stream_broken: bool = False  # a chunk could not be read: the stream ended with an error, later chunks are ignored
 
 
 @dataclass(eq=False)

@@ -57,6 +57,7 @@ from protocol import (
     Hello,
     JobCancelled,
     JobTimeout,
+    Kind,
     Load,
     LoadFailed,
     ModeLoadError,
@@ -73,6 +74,7 @@ from protocol import (
     error_from_wire,
 )
 from protocol.frames import drain, small
+from protocol.messages import peek
 from supervisor.commands import Command, Mailbox, QueuedJob, QueuedSwitch, Reload, Shutdown, settle
 from supervisor.config import Config
 from supervisor.gpu import GpuMeter, choose_device, process_rss
@@ -139,8 +141,11 @@ class Core:
         # Everything below belongs to the loop thread.
         self._queue: collections.deque[QueuedJob | QueuedSwitch] = collections.deque()
         self._worker: WorkerHandle | None = None
-        self._mode: str | None = None  # the mode in force: loaded, or being loaded
-        self._mode_error: str | None = None  # why no mode is in force after a failed switch
+        # The mode in force: loaded, being loaded, or wanted again after its
+        # worker died or its last load failed. Only a switch changes it.
+        self._mode: str | None = None
+        self._mode_served = False  # the mode in force has been READY: a death while reloading it is a respawn's
+        self._mode_error: str | None = None  # why the mode in force is not loaded, after a failed switch
         self._switch: _SwitchInProgress | None = None
         # Jobs sent to the worker, in order: the head runs, the rest wait in
         # the worker's socket (up to ``window``), so it never idles for a round trip.
@@ -570,7 +575,7 @@ class Core:
     def _spawn(self, sw: _SwitchInProgress) -> None:
         spec = self.config.mode(sw.mode)
         if spec is None:  # validated at submit; only a config reload could get here
-            self._switch_failed(ModeLoadError(f"mode {sw.mode!r} is no longer in the configuration"))
+            self._switch_failed(ModeLoadError(f"mode {sw.mode!r} is no longer in the configuration"), forget=True)
             return
         self._generation += 1
         argv = worker_argv(self.config.worker_command, self.endpoint, self._generation, self.config.heartbeat_interval)
@@ -580,6 +585,9 @@ class Core:
             self._standby = None
         proc = standby.activate(self._generation, self.config.heartbeat_interval) if standby is not None else None
         sw.standby = proc is not None
+        if proc is not None:
+            log.info("worker gen %d is the warm standby pid %d (%d modules preloaded)",
+                     self._generation, proc.pid, len(standby.preload))  # fmt: skip
         try:
             proc = proc or spawn_worker(argv, self._device.env)
         except OSError as exc:  # a worker_command that does not exist, say
@@ -587,12 +595,15 @@ class Core:
             return
         self._worker = WorkerHandle(proc, self._generation, spec)
         self._worker.baseline_used = baseline_used
+        if sw.mode != self._mode:
+            self._mode_served = False
         self._mode, self._mode_error = sw.mode, None
         log.info("worker gen %d pid %d starting mode %r", self._generation, proc.pid, sw.mode)
 
     def _switch_done(self, w: WorkerHandle) -> None:
         sw = self._switch
         self._switch = None
+        self._mode_served = True
         if sw is None:
             return
         seconds = time.monotonic() - sw.started
@@ -617,10 +628,11 @@ class Core:
         self._prepare_standby()
 
     def _takes_standby(self, mode: str) -> bool:
-        """A ready spare suits any mode. One still importing suits only a mode
-        known to need those imports (it is ahead of a fresh process); a
-        light mode starts faster fresh and leaves the spare for later."""
-        return self._standby_wanted() and (self._standby.ready() or bool(self._heavy_modes.get(mode)))
+        """Only a mode seen to import the libraries a spare preloads takes it
+        (ready, or still importing: it is ahead of a fresh process either
+        way). A light mode, or one not yet seen, starts fresh: a spare would
+        lend it hundreds of MB of imports it never uses."""
+        return self._standby_wanted() and bool(self._heavy_modes.get(mode))
 
     def _prepare_standby(self) -> None:
         """After each switch: a spare that has imported what the modes were
@@ -644,14 +656,28 @@ class Core:
             self._standby.stop()
             self._standby = None
 
-    def _switch_failed(self, error: GpuvisorError) -> None:
+    def _is_respawn(self, sw: _SwitchInProgress | None) -> bool:
+        """A switch that only brings back the mode in force, which has served
+        since it was put in force, for the jobs waiting on it. A death while
+        it loads is retried under the restart budget; a death while loading
+        a mode asked for anew fails that switch at once (likely deterministic)."""
+        return sw is not None and sw.request.future is None and sw.mode == self._mode and self._mode_served
+
+    def _switch_failed(self, error: GpuvisorError, *, forget: bool = False) -> None:
         """The switch in progress did not produce a READY worker. Its request
-        fails, and so does every queued job that needed that mode before the
-        next barrier: a deterministic load failure is paid once per burst, not
-        once per job, and never becomes a restart loop."""
+        fails, and so does every queued job before the next barrier that would
+        run in that mode (it names the mode, or names none): a deterministic
+        load failure is paid once per burst, not once per job. The mode stays
+        in force (unless ``forget``: it no longer exists), so a later job that
+        names no mode tries it again; every failed load counts against the
+        restart budget, so retrying a broken mode ends in ``failed``, never in
+        a loop."""
         sw = self._switch
         self._switch = None
-        self._mode, self._mode_error = None, f"switch to {sw.mode!r} failed: {error.message}"
+        if sw.mode != self._mode:
+            self._mode_served = False
+        self._mode = None if forget else sw.mode
+        self._mode_error = f"switch to {sw.mode!r} failed: {error.message}"
         log.error("mode %r failed to load: %s", sw.mode, error.message)
         if sw.request.future is not None:
             self._settle(sw.request.future, error=error)
@@ -660,10 +686,12 @@ class Core:
                 ModeLoadError(
                     f"job {job.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
                 )
-                if job.mode == sw.mode
+                if (job.mode or sw.mode) == sw.mode
                 else None
             )
         )
+        if not forget:
+            self._count_death(f"mode {sw.mode!r} failed to load: {error.message}")
 
     def _fail_before_barrier(self, error_for: Callable[[QueuedJob], GpuvisorError | None]) -> None:
         """Fail the queued jobs ahead of the first switch barrier for which
@@ -709,6 +737,8 @@ class Core:
         try:
             msg = decode_from_worker(body)
         except ProtocolError as exc:
+            if self._unreadable_outcome(w, body, exc):
+                return
             # Our own child broke the protocol: whatever it was answering is
             # lost, and waiting for an answer that will not come would leave a
             # job without an outcome. End it; the next job gets a fresh worker.
@@ -722,6 +752,24 @@ class Core:
             log.exception("could not handle %s from worker gen %d", msg.kind.value, w.gen)
             if self._worker is w:
                 self._on_worker_exit(f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
+
+    def _unreadable_outcome(self, w: WorkerHandle, body: list, exc: ProtocolError) -> bool:
+        """A RESULT, FAILURE or CHUNK whose header names the running job but
+        whose value cannot be read: that job alone fails, and the worker, which
+        kept to the protocol otherwise, serves on. True if it was one."""
+        job = self._in_flight[0] if self._in_flight else None
+        kind = peek(body, "k")
+        if job is None or kind not in (Kind.RESULT, Kind.FAILURE, Kind.CHUNK) or peek(body, "job") != job.id:
+            return False
+        log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, kind, job.id, exc.message)
+        error = ProtocolError(f"the worker's {kind} for job {job.id} ({job.task!r}) cannot be read: {exc.message}")
+        w.last_seen = time.monotonic()
+        if kind == Kind.CHUNK:  # the stream is broken: it ends now; the job's own outcome is still to come
+            job.on_chunk, job.stream_broken = None, True
+            self._settle(job.future, error=error)
+        else:
+            self._on_outcome(w, Failure(job.id, error.to_wire()))
+        return True
 
     def _on_hello(self, w: WorkerHandle, msg: Hello) -> None:
         if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
@@ -776,6 +824,8 @@ class Core:
 
     def _on_chunk(self, w: WorkerHandle, msg: Chunk) -> None:
         job = self._in_flight[0] if self._in_flight else None
+        if job is not None and job.id == msg.job and job.stream_broken:
+            return  # its reader already has its error
         if w.state is not WorkerState.BUSY or job is None or job.id != msg.job or job.on_chunk is None:
             log.warning("worker gen %d: dropped a chunk for job %d, which is not a stream in flight", w.gen, msg.job)
             return
@@ -901,9 +951,16 @@ class Core:
             return
         log.error("worker gen %d pid %d %s (state %s)", w.gen, w.pid, how, state.value)
         if state in (WorkerState.SPAWNED, WorkerState.LOADING):
-            self._switch_failed(
-                ModeLoadError(f"worker pid {w.pid} {how} while loading mode {w.mode!r}{said}", stderr_tail=tail)
-            )
+            what = f"worker pid {w.pid} {how} while loading mode {w.mode!r}"
+            if self._is_respawn(self._switch):
+                # The mode was serving and is still wanted: an OOM kill or an
+                # operator's kill during a reload is a death like any other.
+                # The jobs wait for the next respawn, after the backoff.
+                self._switch = None
+                self._restarts += 1
+                self._count_death(what)  # may enter the failed state, which fails them
+                return
+            self._switch_failed(ModeLoadError(f"{what}{said}", stderr_tail=tail))
             return
         self._restarts += 1
         job = self._in_flight.popleft() if self._in_flight else None

@@ -199,6 +199,8 @@ MISBEHAVIOURS = {
     "misbehave_garbage": lambda job_id: b"\xc1 this is not msgpack",
     "misbehave_oversized": lambda job_id: b"\x00" * (MAX_FRAME + 1),
     "misbehave_huge": lambda job_id: b"\x00" * (MAX_FRAME + 1024 * 1024),
+    # A map key msgpack carries but a decoder making lists of arrays cannot use.
+    "misbehave_tuple_key": lambda job_id: encode("result", job=job_id, value={(1, 2): "x"}),
     "misbehave_odd_error": lambda job_id: encode(
         "failure", job=job_id, error={"code": "job_failed", "message": "odd", "self": 1, "cls": "x"}
     ),

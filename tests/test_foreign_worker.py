@@ -242,3 +242,15 @@ def test_an_error_map_with_any_keys_arrives_as_the_right_class(config):
         err = sup.submit("misbehave_odd_error").exception(T)
         assert isinstance(err, JobFailed) and err.details == {"self": 1, "cls": "x"}
         assert sup.submit("add", {"a": 1, "b": 1}).result(T) == 2, "the same worker goes on"
+
+
+def test_a_result_whose_header_reads_but_whose_value_does_not_fails_that_job_alone(config):
+    """The worker kept to the protocol except for the value (a map with an
+    array key): the job it answered fails with a ProtocolError, and the same
+    worker goes on serving; nothing is restarted."""
+    with Supervisor(config()) as sup:
+        first = sup.switch_mode("f").result(T)["pid"]
+        with pytest.raises(ProtocolError, match="result for job 1 .* cannot be read"):
+            sup.submit("misbehave_tuple_key").result(T)
+        assert sup.submit("pid").result(T) == first
+        assert sup.status()["restarts"] == 0
