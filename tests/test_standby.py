@@ -11,6 +11,9 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+from supervisor import WorkerCrashed
 from tests.conftest import ROOT, pid_gone, wait_until
 
 T = 60
@@ -54,8 +57,7 @@ def test_the_next_switch_takes_the_standby_which_had_preloaded(supervisor_from):
     assert first["standby"] is False and sup.submit("was_preloaded").result(T) is False
     spare = _standby_ready(sup)
     light = sup.switch_mode("light").result(T)
-    assert light["standby"] is True and light["pid"] == spare
-    spare = _standby_ready(sup)  # a new one is prepared after each use
+    assert light["standby"] is False and sup.status()["standby_pid"] == spare  # left for a mode it suits
     heavy = sup.switch_mode("heavy").result(T)
     assert heavy["standby"] is True and heavy["pid"] == spare
     assert sup.submit("was_preloaded").result(T) is True  # imported before the loader ran
@@ -68,7 +70,7 @@ def test_a_dead_standby_is_replaced_by_a_fresh_worker(supervisor_from):
     sup.switch_mode("heavy").result(T)
     spare = _standby_ready(sup)
     os.kill(spare, signal.SIGKILL)
-    result = sup.switch_mode("light").result(T)
+    result = sup.restart().result(T)
     assert result["standby"] is False and result["pid"] != spare and pid_gone(spare)
 
 
@@ -134,3 +136,28 @@ def test_a_reload_that_turns_the_standby_off_stops_it(supervisor_from, write_con
     sup.reload(load(write_config("[supervisor]\nwarm_standby = false\n" + MODES))).result(T)
     assert sup.status()["standby_pid"] is None and pid_gone(spare)
     assert sup.switch_mode("light").result(T)["standby"] is False
+
+
+def test_a_light_mode_never_takes_a_standby_and_stays_light(supervisor_from):
+    """A spare carries the imports of the heavy modes; a light worker made
+    from it would hold them too. It starts fresh. A worker that was a spare
+    says nothing about it on stderr, so its crash reports quote only what
+    the mode wrote."""
+    sup = supervisor_from(
+        MODES
+        + """
+[modes.heavy_diag]
+loader = "tests.standby_loaders:heavy_crashing"
+"""
+    )
+    sup.switch_mode("heavy_diag").result(T)
+    spare = _standby_ready(sup)
+    light = sup.switch_mode("light").result(T)
+    assert light["standby"] is False and light["pid"] != spare
+    with open(f"/proc/{light['pid']}/maps") as f:
+        assert "safetensors" not in f.read(), "the light worker carries the heavy mode's imports"
+    heavy = sup.switch_mode("heavy_diag").result(T)
+    assert heavy["standby"] is True and heavy["pid"] == spare
+    with pytest.raises(WorkerCrashed) as info:
+        sup.submit("crash", {"say": "the mode's own last words"}).result(T)
+    assert "the mode's own last words" in str(info.value) and "standby" not in str(info.value)

@@ -7,7 +7,6 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 
 def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
@@ -15,19 +14,17 @@ def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
     modules, in the order an earlier worker imported them), touching no GPU:
     importing torch does not initialise CUDA. Then wait for a line on stdin,
     ``"GEN HEARTBEAT_INTERVAL"``, and become that worker. EOF: not needed,
-    exit 0."""
+    exit 0. It writes nothing to stderr: what a worker writes there is quoted
+    in its crash reports, and a standby's history is the supervisor's to log."""
     preload = ""
     if preload_fd is not None:
         with os.fdopen(preload_fd, "rb") as names:
             preload = names.read().decode().strip()
-    started = time.perf_counter()
-    failed = 0
     for name in filter(None, preload.split(",")):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a failed preload only costs the speed-up
-            failed += 1
-    took = time.perf_counter() - started
+            pass
     if ready_fd is not None:  # tell the supervisor the imports are done
         try:
             os.write(ready_fd, b"1")
@@ -39,12 +36,6 @@ def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
     if not line:
         raise SystemExit(0)
     gen, interval = line.split()
-    print(
-        f"gpuvisor-worker[gen {gen} pid {os.getpid()}]: a warm standby taken into service "
-        f"({preload.count(',') + 1 - failed} modules preloaded in {took:.2f}s)",
-        file=sys.stderr,
-        flush=True,
-    )
     return int(gen), float(interval)
 
 
