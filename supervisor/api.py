@@ -89,13 +89,18 @@ def _check_mode_type(mode: Any, optional: bool) -> None:
     raise TypeError(f"mode must be a str{' or None' if optional else ''}, got {type(mode).__name__}")
 
 
-def _check_timeout(name: str, value: Any) -> float | None:
+def _check_timeout(name: str, value: Any, zero_means_none: bool = False) -> float | None:
+    """Seconds as a float. A job's ``timeout=0`` means "no timeout", as
+    ``job_timeout = 0`` does in the config; a bound on a wait must be > 0."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if zero_means_none and value == 0:
+        return 0.0
+    least = ">= 0 (0: none)" if zero_means_none else "> 0"
     if not value > 0 or not math.isfinite(value):  # NaN compares False to everything
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {least}, got {value!r}")
     return float(value)
 
 
@@ -112,7 +117,7 @@ def _check_submit(task: Any, mode: Any, timeout: Any, retries: Any, stream: Any,
         raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
     if (stream or on_chunk) and retries:
         raise ValueError("a streamed job cannot be retried: its reader would see the chunks twice")
-    return _check_timeout("timeout", timeout)
+    return _check_timeout("timeout", timeout, zero_means_none=True)
 
 
 class Supervisor:
@@ -206,7 +211,8 @@ class Supervisor:
         instead of ``stream=True``: a Future, and each chunk passed to
         ``on_chunk`` on the supervisor's loop thread (it must not block).
         ``timeout`` is seconds of running time in the worker; past it the
-        worker is killed and the job fails with ``JobTimeout``. ``retries``
+        worker is killed and the job fails with ``JobTimeout``; 0 means no
+        timeout, even where the config sets a default ``job_timeout``. ``retries``
         is the caller's word that the job is idempotent: if the worker dies
         (or hangs) under it, it runs again, up to that many times, before it
         fails with ``WorkerCrashed``.

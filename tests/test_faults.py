@@ -313,6 +313,7 @@ def test_the_configured_job_timeout_applies_when_a_job_names_none(write_config):
         with pytest.raises(JobTimeout, match="ran past its 0.3s timeout"):
             sup.submit("sleep", {"seconds": 30}).result(T)
         assert sup.submit("sleep", {"seconds": 1}, timeout=30).result(T) == {"slept": 1}, "a job's own timeout wins"
+        assert sup.submit("sleep", {"seconds": 1}, timeout=0).result(T) == {"slept": 1}, "0: no timeout at all"
 
 
 # ---------------------------------------------------------------- regressions from review
