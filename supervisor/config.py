@@ -90,7 +90,7 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# [daemon] keys: name -> (check, what is expected). All are strings; "" is unset.
+# [daemon] keys: name -> (check, what is expected). The strings' "" is unset.
 _DAEMON: dict[str, tuple[Any, str]] = {
     "endpoint": (
         lambda v: isinstance(v, str) and ("://" in v or v == ""),
@@ -102,6 +102,7 @@ _DAEMON: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, str),
         "a directory of the allowed clients' zmq.auth public certificates",
     ),
+    "allow_unauthenticated_tcp": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -111,6 +112,8 @@ class DaemonSettings:
     socket_group: str = ""
     curve_secret_key: str = ""
     curve_clients_dir: str = ""
+    # Plain TCP (loopback, no CURVE) lets every local user run jobs: only when the file says so.
+    allow_unauthenticated_tcp: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,13 @@ in a directory only the daemon's user can enter (0700), the socket itself
 decide. ZeroMQ's ``ipc://`` bind silently unlinks and replaces a socket
 file, so a second daemon would steal the first one's clients; we probe the
 path first and refuse to start over a live daemon, and only replace a stale
-file. TCP is allowed on loopback only, unless CURVE keys authenticate and
-encrypt the clients; anything else is refused with the reason.
+file. TCP is allowed only with CURVE keys that authenticate and encrypt the
+clients, or on loopback when the configuration accepts, in words, that every
+local user may then connect (file permissions do not apply to TCP); anything
+else is refused with the reason.
+
+Clients use the same probe: a socket file that is missing or refuses the
+connection means no daemon, known at once rather than after a silence.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import ipaddress
+import logging
 import os
 import socket
 import stat
@@ -23,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from protocol import GpuvisorError
 
 SOCKET_NAME = "gpuvisor.sock"
+
+log = logging.getLogger("gpuvisor")
 
 
 class EndpointError(GpuvisorError):
@@ -56,11 +64,12 @@ def ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
 
 
-def _private_dir(path: str, group_gid: int | None) -> None:
+def _private_dir(path: str, group: tuple[str, int] | None) -> None:
     """The socket's directory. One we make is 0700 (0710 with a group, so
     members can reach the socket but not list). One that exists already (a
     systemd RuntimeDirectory, say) is never changed, only checked: ours, a
-    real directory, and writable by nobody else, or we refuse."""
+    real directory, writable by nobody else, and passable by the socket's
+    group when there is one, or we refuse."""
     try:
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
         os.mkdir(path, 0o700)
@@ -73,13 +82,54 @@ def _private_dir(path: str, group_gid: int | None) -> None:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise EndpointError(f"{path} is not a directory owned by uid {os.getuid()}; refusing to put the socket there")
     if created:
-        if group_gid is not None:
-            os.chown(path, -1, group_gid)
-        os.chmod(path, 0o710 if group_gid is not None else 0o700)
+        if group is not None:
+            os.chown(path, -1, group[1])
+        os.chmod(path, 0o710 if group is not None else 0o700)
     elif st.st_mode & 0o022:
         raise EndpointError(
             f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); refusing to put the socket there"
         )
+    elif group is not None and not _passable(st, group[1]):
+        raise EndpointError(
+            f"socket_group {group[0]!r} cannot reach the socket: its directory {path} is mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, group {_group_name(st.st_gid)}, and this daemon never changes a "
+            f"directory it did not make. Give the directory the group {group[0]!r} and mode 0710 (under systemd: "
+            f"Group={group[0]} and RuntimeDirectoryMode=0710, as contrib/systemd/gpuvisor.service has), or mode "
+            "0711, or unset socket_group"
+        )
+    if group is not None:
+        _warn_if_closed_above(path, group)
+
+
+def _passable(st: os.stat_result, gid: int) -> bool:
+    """Whether members of group ``gid`` (not the owner) may pass through a directory."""
+    return bool(st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _warn_if_closed_above(path: str, group: tuple[str, int]) -> None:
+    """A directory above the socket's that the group cannot pass keeps its
+    members out too; it is not ours to judge (a private parent may be meant),
+    so it is said, not refused."""
+    parent = os.path.dirname(path)
+    while parent and parent != os.path.dirname(parent):
+        try:
+            st = os.stat(parent)
+        except OSError:
+            return
+        if not _passable(st, group[1]):
+            log.warning(
+                "socket_group %r cannot pass %s (mode %04o, group %s) on the way to the socket",
+                group[0], parent, stat.S_IMODE(st.st_mode), _group_name(st.st_gid),
+            )  # fmt: skip
+            return
+        parent = os.path.dirname(parent)
 
 
 def claim_ipc(path: str) -> None:
@@ -102,18 +152,77 @@ def claim_ipc(path: str) -> None:
     raise EndpointInUse(f"another gpuvisor daemon is serving {path}; stop it first (gpuvisor stop)")
 
 
-def check_tcp(endpoint: str, curve: bool) -> None:
+def _is_loopback(endpoint: str) -> bool:
     host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback and not curve:
+        return False
+
+
+def check_tcp(endpoint: str, curve: bool) -> None:
+    if not curve and not _is_loopback(endpoint):
         raise EndpointError(
             f"{endpoint} would let anyone who can reach that address run jobs on this GPU; "
-            "use ipc://, a loopback address (tcp://127.0.0.1:PORT), or configure CURVE "
-            "([daemon] curve_secret_key and curve_clients_dir)"
+            "use ipc://, a loopback address (tcp://127.0.0.1:PORT, with [daemon] allow_unauthenticated_tcp = true), "
+            "or configure CURVE ([daemon] curve_secret_key and curve_clients_dir)"
         )
+
+
+def check_front(endpoint: str, *, curve: bool, allow_unauthenticated_tcp: bool) -> None:
+    """What the configuration must say before ``endpoint`` is served: plain
+    TCP, loopback included, lets every local user in (file permissions do not
+    apply to it), so it needs ``allow_unauthenticated_tcp``, and is logged."""
+    if not endpoint.startswith("tcp://") or curve:
+        return
+    check_tcp(endpoint, curve)
+    if not allow_unauthenticated_tcp:
+        raise EndpointError(
+            f"{endpoint} has no authentication: every local user could run jobs on this GPU (the ipc:// "
+            "socket's file permissions do not apply to TCP). Use ipc:// (with [daemon] socket_group to share "
+            "it), configure CURVE ([daemon] curve_secret_key and curve_clients_dir), or accept it with "
+            "[daemon] allow_unauthenticated_tcp = true"
+        )
+    log.warning(
+        "serving %s without authentication (allow_unauthenticated_tcp = true): every local user can run jobs "
+        "on this GPU",
+        endpoint,
+    )
+
+
+def unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why nothing can answer at ``endpoint``, found at once with one plain
+    connect; None when something accepted the connection, or for a
+    transport this cannot tell about. A missing socket file (or directory)
+    or a refused connection (a stale file) needs no waiting for a reply."""
+    path = ipc_path(endpoint)
+    if path is not None:
+        family, address, shown = socket.AF_UNIX, "\0" + path[1:] if path.startswith("@") else path, path
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        if not port.isdigit() or not host or "*" in host or ";" in host:
+            return None  # a source address or a wildcard: libzmq's syntax, not ours to parse
+        family, address, shown = socket.AF_INET, (host.strip("[]"), int(port)), f"{host}:{port}"
+    else:
+        return None
+    try:
+        if family == socket.AF_UNIX:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(timeout)
+                probe.connect(address)
+        else:
+            socket.create_connection(address, timeout=timeout).close()
+    except FileNotFoundError:
+        return f"there is no socket file {shown}"
+    except ConnectionRefusedError:
+        return f"{shown} refuses connections" + (" (a stale socket file: its daemon is gone)" if path else "")
+    except PermissionError:
+        return f"permission denied on {shown}: only the daemon's user, or its [daemon] socket_group, may connect"
+    except TimeoutError:
+        return f"{shown} accepted no connection within {timeout:g}s"
+    except OSError as exc:  # no route, an unknown host, a path too long ...
+        return f"cannot connect to {shown}: {exc.strerror or exc}"
+    return None
 
 
 @contextlib.contextmanager
@@ -145,7 +254,7 @@ def bind_front(sock, endpoint: str, *, group: str = "", curve: bool = False) -> 
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise EndpointError(f"socket_group {group!r} is not a group on this machine") from None
-    _private_dir(os.path.dirname(path), gid)
+    _private_dir(os.path.dirname(path), None if gid is None else (group, gid))
     claim_ipc(path)
     with _umask(0o177):
         sock.bind(endpoint)

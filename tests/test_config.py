@@ -126,3 +126,27 @@ def test_parse_keeps_args_as_given():
 )
 def test_the_line_is_right_around_multiline_values_and_unicode_separators(write_config, text, line, words):
     assert_config_error(write_config(text), line, words)
+
+
+def test_the_daemon_table(write_config):
+    config = load_config(
+        write_config(
+            '[daemon]\nendpoint = "tcp://127.0.0.1:5555"\nallow_unauthenticated_tcp = true\n[modes.a]\nloader = "m:f"\n'
+        )
+    )
+    assert config.daemon.endpoint == "tcp://127.0.0.1:5555" and config.daemon.allow_unauthenticated_tcp is True
+    assert load_config(None).daemon.allow_unauthenticated_tcp is False, "plain TCP is refused unless the file says so"
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ('[daemon]\nallow_unauthenticated_tcp = "yes"\n', 2, ["[daemon] key 'allow_unauthenticated_tcp'", "true or false", "'yes'"]),
+        ("[daemon]\nallow_unauthenticated_tcp = 1\n", 2, ["key 'allow_unauthenticated_tcp'", "true or false"]),
+        ('[daemon]\nallow_tcp = true\n', 2, ["[daemon] key 'allow_tcp'", "unknown key", "allow_unauthenticated_tcp"]),
+        ('[daemon]\nendpoint = "gpuvisor.sock"\n', 2, ["key 'endpoint'", "a ZeroMQ endpoint"]),
+        ('[daemon]\ncurve_secret_key = "/k"\n', 1, ["key 'curve_clients_dir'", "needs both"]),
+    ],
+)  # fmt: skip
+def test_a_daemon_mistake_names_the_file_line_and_key(write_config, text, line, words):
+    assert_config_error(write_config(text + '[modes.a]\nloader = "m:f"\n'), line, words)

@@ -1,0 +1,352 @@
+"""The ``gpuvisor`` console script as a user runs it: options on either side
+of the command, usage errors, "not running" at once, what people read, and
+what ``serve`` refuses (plain TCP, a socket group shut out of its directory).
+
+``load_cli_modes`` below is a mode for the worker: the daemons started here
+put the repository on PYTHONPATH, so a worker can import this module."""
+
+from __future__ import annotations
+
+import grp
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.client import Client
+from tests.conftest import ROOT
+
+T = 60
+GPUVISOR = str(Path(sys.executable).with_name("gpuvisor"))
+
+DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
+CLI_MODES = DIAG + '[modes.cli]\nloader = "tests.test_cli:load_cli_modes"\n'
+
+
+def load_cli_modes() -> dict:
+    """Worker side: an array result and a stream of text, without a model."""
+    import numpy as np
+
+    def vectors(payload):
+        return np.linspace(-1, 1, 2 * 384, dtype=np.float32).reshape(2, 384)
+
+    def words(payload):
+        for word in payload:
+            yield {"text": word}
+        return {"words": len(payload)}
+
+    return {"vectors": vectors, "words": words}
+
+
+def gpuvisor(*args: str, env: dict | None = None, timeout: float = T) -> subprocess.CompletedProcess:
+    """The console script, to the end. ``timeout`` only stops a hang."""
+    return subprocess.run([GPUVISOR, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+class Served:
+    """``argv`` (a ``gpuvisor ... serve ...`` line) as a real process, with a
+    datagram socket standing in for systemd's NOTIFY_SOCKET, so the tests
+    wait for READY=1 instead of sleeping."""
+
+    def __init__(self, argv: list[str], *, env: dict | None = None, cwd: str | None = None, umask: int = -1):
+        self.dir = tempfile.mkdtemp(prefix="gv-cli-")
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(os.path.join(self.dir, "notify"))
+        self._notify.settimeout(0.2)
+        self.notes: list[str] = []
+        full_env = dict(os.environ, NOTIFY_SOCKET=os.path.join(self.dir, "notify"))
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        full_env.update(env or {})
+        self._log = open(os.path.join(self.dir, "output"), "w+")  # a file: a pipe nobody reads could block it
+        self.proc = subprocess.Popen(argv, env=full_env, cwd=cwd, umask=umask, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def ready(self, timeout: float = T) -> bool:
+        """True once the daemon said READY=1; False if it exited first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.notes.extend(self._notify.recv(65536).decode().split("\n"))
+            except TimeoutError:
+                pass
+            if "READY=1" in self.notes:
+                return True
+            if self.proc.poll() is not None:
+                return False
+        raise AssertionError(f"no READY=1 within {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        with open(self._log.name) as f:
+            return f.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(T)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(T)
+            raise
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self._notify.close()
+            self._log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def served():
+    made: list[Served] = []
+
+    def start(*argv: str, **kwargs) -> Served:
+        s = Served([GPUVISOR, *argv], **kwargs)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def short_dir():
+    """A directory whose socket paths stay under AF_UNIX's 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="gv-") as d:
+        yield Path(d)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- options on either side
+
+
+def test_shared_options_work_before_and_after_the_command(served, short_dir):
+    endpoint = f"ipc://{short_dir}/run/g.sock"
+    config = short_dir / "g.toml"
+    config.write_text(CLI_MODES)
+    daemon = served("serve", "--config", str(config), "--endpoint", endpoint, "-v")
+    assert daemon.ready(), daemon.output()
+    for args in (
+        ["--endpoint", endpoint, "--json", "status"],
+        ["status", "--endpoint", endpoint, "--json"],
+        ["--json", "status", "--endpoint", endpoint],
+        ["--endpoint", "ipc:///nonexistent/g.sock", "status", "--json", "--endpoint", endpoint],  # after wins
+        ["status", "--json", "--config", str(short_dir / "none.toml"), "--endpoint", endpoint],
+    ):
+        out = gpuvisor(*args)
+        assert out.returncode == 0, (args, out.stderr)
+        reply = json.loads(out.stdout)
+        assert reply["ok"] is True and reply["value"]["daemon_pid"] == daemon.proc.pid, args
+    out = gpuvisor("submit", "echo", '{"x": 1}', "--mode", "diag", "--endpoint", endpoint, "--daemon-timeout", "5")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"x": 1}, out.stderr
+    # A client reads the endpoint from --config, given after the command too.
+    config.write_text(f'[daemon]\nendpoint = "{endpoint}"\n' + CLI_MODES)
+    out = gpuvisor("stop", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert daemon.stop() == 0
+    assert "DEBUG" in daemon.output(), "-v after serve did not reach the daemon"
+
+
+def test_version_is_the_installed_package_version():
+    out = gpuvisor("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"gpuvisor {importlib.metadata.version('gpuvisor')}"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["status", "--daemon-timeout", "0"], "--daemon-timeout: '0': expected a number of seconds > 0"),
+        (["--daemon-timeout", "-1", "status"], "expected a number of seconds > 0"),
+        (["--daemon-timeout", "nan", "status"], "expected a number of seconds > 0"),
+        (["--daemon-timeout", "soon", "status"], "'soon' is not a number of seconds"),
+        (["submit", "echo", "--timeout", "-1"], "--timeout/--job-timeout: '-1': expected a number of seconds >= 0"),
+        (["submit", "echo", "--retries", "-1"], "--retries: '-1': expected a whole number >= 0"),
+        (["submit", "count", "--stream", "--retries", "1"], "a streamed job cannot be retried"),
+        (["serve", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_exit_2_with_the_reason(args, words):
+    out = gpuvisor(*args, "--endpoint", "ipc:///nonexistent/g.sock")
+    assert out.returncode == 2, out
+    assert words in out.stderr and out.stderr.startswith("usage: gpuvisor"), out.stderr
+
+
+# ---------------------------------------------------------------- nothing serves
+
+
+def _stale_socket(path: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays; nothing listens: what a killed daemon leaves
+
+
+@pytest.mark.parametrize("case", ["no directory", "no file", "stale file", "tcp refused"])
+def test_nothing_serving_is_exit_3_at_once(short_dir, case):
+    if case == "no directory":
+        endpoint, says = f"ipc://{short_dir}/gone/g.sock", "there is no socket file"
+    elif case == "no file":
+        endpoint, says = f"ipc://{short_dir}/g.sock", "there is no socket file"
+    elif case == "stale file":
+        _stale_socket(short_dir / "g.sock")
+        endpoint, says = f"ipc://{short_dir}/g.sock", "refuses connections (a stale socket file"
+    else:
+        endpoint, says = f"tcp://127.0.0.1:{_free_port()}", "refuses connections"
+    # With a 300 s daemon-timeout, a client that waited for silence would run
+    # for ten minutes: the subprocess timeout (a hang stopper) would fire.
+    for args in (["status"], ["submit", "echo", "1"], ["stop"], ["--json", "switch", "diag"]):
+        out = gpuvisor(*args, "--endpoint", endpoint, "--daemon-timeout", "300")
+        assert out.returncode == 3, (args, out)
+        shown = json.loads(out.stdout)["error"]["message"] if "--json" in args else out.stderr
+        assert says in shown and "is `gpuvisor serve` running?" in shown, shown
+
+
+def test_a_socket_this_user_may_not_reach_is_exit_3_with_the_reason(short_dir):
+    private = short_dir / "private"
+    private.mkdir()
+    _stale_socket(private / "g.sock")
+    os.chmod(private, 0o700)
+    argv = [GPUVISOR, "status", "--endpoint", f"ipc://{private}/g.sock"]
+    if os.getuid() == 0:  # root passes every permission check: ask as root without capabilities
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("as root, the refusal needs setpriv (util-linux) to drop the capabilities")
+        os.chown(private, 65534, 65534)
+        out = subprocess.run([setpriv, "--bounding-set=-all", "--inh-caps=-all", *argv], capture_output=True,
+                             text=True, timeout=T, stdin=subprocess.DEVNULL)  # fmt: skip
+    else:
+        os.chmod(private, 0o000)
+        try:
+            out = gpuvisor(*argv[1:])
+        finally:
+            os.chmod(private, 0o700)
+    assert out.returncode == 3, out
+    assert f"permission denied on {private}/g.sock: only the daemon's user" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- what people read
+
+
+def test_human_output_arrays_status_and_streams(served, short_dir):
+    endpoint = f"ipc://{short_dir}/g.sock"
+    config = short_dir / "g.toml"
+    config.write_text(CLI_MODES)
+    daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
+    assert daemon.ready(), daemon.output()
+    ep = ["--endpoint", endpoint]
+
+    array = gpuvisor("submit", "vectors", "--mode", "cli", *ep)
+    assert array.returncode == 0, array.stderr
+    assert array.stdout == "float32 array (2, 384): [[-1.0000, -0.9974, ..., -0.0013], ...]\n"
+    full = gpuvisor("submit", "vectors", "--json", *ep)
+    values = json.loads(full.stdout)["value"]
+    assert len(values) == 2 and len(values[0]) == 384 and values[1][-1] == 1.0
+
+    stream = gpuvisor("submit", "words", '["Hello", ", ", "world"]', "--stream", *ep)
+    assert stream.returncode == 0, stream.stderr
+    assert stream.stdout == 'Hello, world\n{\n  "words": 3\n}\n'
+    ended = gpuvisor("submit", "words", '["a line\\n"]', "--stream", *ep)
+    assert ended.stdout == 'a line\n{\n  "words": 1\n}\n', "a blank line after a stream that ended its own line"
+    silent = gpuvisor("submit", "words", "[]", "--stream", *ep)
+    assert silent.stdout == '{\n  "words": 0\n}\n'
+
+    zero = gpuvisor("submit", "sleep", '{"seconds": 0.2}', "--mode", "diag", "--timeout", "0", *ep)
+    assert zero.returncode == 0 and json.loads(zero.stdout) == {"slept": 0.2}, zero.stderr
+
+    status = gpuvisor("status", *ep)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    top = [line for line in lines if not line.startswith(" ")]
+    fields = {key: rest.strip() for key, _, rest in (line.partition(":") for line in top)}
+    columns = {re.match(r"^\w+:\s+", line).end() for line in top if line.partition(":")[2].strip()}
+    assert len(columns) == 1, f"values not aligned: {status.stdout}"
+    for i, line in enumerate(lines[:-1]):  # a nested map: its key alone, then its lines indented
+        if not line.partition(":")[2].strip():
+            assert lines[i + 1].startswith("  "), status.stdout
+    assert fields["mode"] == "diag" and fields["daemon_pid"] == str(daemon.proc.pid)
+    assert fields["modes"] == "cli, diag"
+    assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", fields["worker_rss_bytes"]), fields["worker_rss_bytes"]
+    assert fields["reclaiming"] == "no" and fields["last_error"] == "-"
+
+
+def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
+    out = gpuvisor("demo", env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert "switch_mode('embed')" in out.stdout and "streamed tokens" in out.stdout
+    assert " INFO " not in out.stdout + out.stderr
+    assert "Warning" not in out.stderr and "deprecated" not in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- what serve refuses
+
+
+def test_plain_tcp_needs_allow_unauthenticated_tcp_and_is_logged(served, short_dir):
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    config = short_dir / "g.toml"
+    config.write_text(DIAG)
+    refused = served("serve", "--config", str(config), "--endpoint", endpoint)
+    assert not refused.ready() and refused.stop() == 6
+    assert "allow_unauthenticated_tcp = true" in refused.output() and endpoint in refused.output()
+
+    config.write_text("[daemon]\nallow_unauthenticated_tcp = true\n" + DIAG)
+    daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
+    assert daemon.ready(), daemon.output()
+    with Client(endpoint) as c:
+        assert c.ping()["pid"] == daemon.proc.pid
+    assert daemon.stop() == 0
+    warning = [line for line in daemon.output().splitlines() if " WARNING " in line and endpoint in line]
+    assert warning and "without authentication" in warning[0], daemon.output()
+
+
+def test_a_socket_group_shut_out_of_an_existing_directory_is_refused(served, short_dir):
+    group = grp.getgrgid(os.getgid()).gr_name
+    run = short_dir / "run"
+    run.mkdir()
+    os.chmod(run, 0o700)  # what RuntimeDirectoryMode=0700 makes
+    config = short_dir / "g.toml"
+    config.write_text(f'[daemon]\nendpoint = "ipc://{run}/g.sock"\nsocket_group = "{group}"\n' + DIAG)
+    refused = served("serve", "--config", str(config))
+    assert not refused.ready() and refused.stop() == 6
+    said = refused.output()
+    assert f"socket_group {group!r} cannot reach the socket: its directory {run} is mode 0700" in said, said
+    assert "RuntimeDirectoryMode=0710" in said
+    assert not (run / "g.sock").exists()
+
+    others = [g for g in grp.getgrall() if g.gr_gid != os.getgid()]
+    if others:  # 0710, but for another group than socket_group's
+        os.chmod(run, 0o710)
+        config.write_text(f'[daemon]\nendpoint = "ipc://{run}/g.sock"\nsocket_group = "{others[0].gr_name}"\n' + DIAG)
+        wrong = served("serve", "--config", str(config))
+        assert not wrong.ready() and wrong.stop() == 6
+        assert f"is mode 0710, group {group}" in wrong.output(), wrong.output()
+
+    os.chown(run, -1, os.getgid())
+    os.chmod(run, 0o710)  # the shipped unit's RuntimeDirectoryMode, the group its Group=
+    config.write_text(f'[daemon]\nendpoint = "ipc://{run}/g.sock"\nsocket_group = "{group}"\n' + DIAG)
+    daemon = served("serve", "--config", str(config))
+    assert daemon.ready(), daemon.output()
+    st = os.stat(run / "g.sock")
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+    assert stat.S_IMODE(os.stat(run).st_mode) == 0o710, "a directory the daemon did not make keeps its mode"
+    assert daemon.stop() == 0
