@@ -219,9 +219,7 @@ def _client_command(args: argparse.Namespace) -> int:
         raise DaemonUnavailable(f"no daemon at {endpoint}: {why}; is `gpuvisor serve` running?")
     with Client(endpoint, timeout=args.daemon_timeout) as client:
         if args.command == "submit":
-            # 0 is "no limit", as job_timeout = 0 in the config; the daemon
-            # takes no 0 yet, and no timeout there means the config's.
-            timeout = args.job_timeout or None
+            timeout = args.job_timeout  # None: the config's job_timeout; 0: none, as job_timeout = 0
             if args.stream:
                 stream = client.submit(args.task, payload, mode=args.mode, timeout=timeout, stream=True)
                 _show_stream(args, stream)
