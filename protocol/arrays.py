@@ -79,13 +79,28 @@ def packer(frames: list) -> msgpack.Packer:
     return msgpack.Packer(use_bin_type=True, datetime=False, default=default)
 
 
+class _ArrayStandIn:
+    """What a reference resolves to when only checking: unhashable, like the
+    numpy array the receiver makes, so an array used as a map key is refused
+    by the check exactly as the receiver would refuse it."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+
+_STAND_IN = _ArrayStandIn()
+
+
 class FrameRefs:
     """The ext hook for unpacking: resolves references against the frames
-    that came after the header, and checks that each is used exactly once."""
+    that came after the header, and checks that each is used exactly once.
+    With ``materialise=False`` every check is made but no array is built:
+    the sender's check of its own message (``protocol.values``)."""
 
-    def __init__(self, frames: list, limit: int):
+    def __init__(self, frames: list, limit: int, materialise: bool = True):
         self._frames = frames
         self._limit = limit
+        self._materialise = materialise
         self._used: set[int] = set()
 
     def __call__(self, code: int, data: bytes) -> Any:
@@ -120,6 +135,8 @@ class FrameRefs:
                 + (f" (over the {self._limit}-byte limit)" if expected > self._limit else "")
             )
         self._used.add(index)
+        if not self._materialise:
+            return _STAND_IN
         if not expected:
             return np.zeros(shape, dtype=dt)
         arr = np.frombuffer(buf, dtype=dt).reshape(shape)

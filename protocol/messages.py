@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from protocol import values
 from protocol.arrays import MAX_ARRAYS, FrameRefs, as_bytes, nbytes, packer
 from protocol.errors import ProtocolError
+from protocol.peek import read_field
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -184,14 +186,15 @@ _TO_WORKER: dict[str, type] = {c.kind.value: c for c in (Load, Job, Drain)}
 
 
 def pack(obj: Any) -> bytes:
-    """msgpack with bin/str kept apart. Raises TypeError, naming the type, for
-    anything msgpack cannot carry; there is no fallback to pickle."""
+    """msgpack with bin/str kept apart, and only what a receiver decodes
+    (see ``protocol.values``). Raises TypeError, naming the path and the
+    reason, for anything else; there is no fallback to pickle."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, datetime=False)
-    except TypeError as exc:
-        raise TypeError(f"not msgpack-encodable: {exc}") from None
-    except (ValueError, OverflowError) as exc:
-        raise TypeError(f"not msgpack-encodable: {exc}") from None
+        data = msgpack.packb(obj, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(values.explain(obj) or f"not msgpack-encodable: {exc}") from None
+    values.check(data, [], MAX_MESSAGE_BYTES, obj)
+    return data
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -200,34 +203,37 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def unpack(data: bytes, limit: int = MAX_MESSAGE_BYTES, ext_hook=_refuse_ext) -> Any:
     """Inverse of ``pack`` for untrusted bytes: size-checked first, any
-    decoder failure (truncation, nesting past msgpack's stack, trailing bytes,
-    ext types ``ext_hook`` refuses) becomes a ``ProtocolError``."""
+    decoder failure (truncation, nesting past msgpack's stack, an unhashable
+    key, trailing bytes, ext types ``ext_hook`` refuses) becomes a
+    ``ProtocolError``."""
     if len(data) > limit:
         raise ProtocolError(f"frame of {len(data)} bytes is over the {limit}-byte limit")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True)
+        return values.unpackb(data, ext_hook)
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, TypeError, StackError ...
-        raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+        raise ProtocolError(f"malformed msgpack: {values.describe(exc)}") from None
 
 
 def pack_frames(header: dict, limit: int = MAX_MESSAGE_BYTES, what: str = "message") -> list:
     """``header`` as a msgpack frame followed by one frame per array in it
-    (buffers, not copies). Raises TypeError for what msgpack cannot carry and
+    (buffers, not copies), checked with the receiver's own decoder. Raises
+    TypeError, naming the path, for what a receiver could not decode, and
     ProtocolError for a frame over ``limit``."""
     arrays: list = []
     try:
         frame = packer(arrays).pack(header)
     except (TypeError, ValueError, OverflowError) as exc:
         text = str(exc)
-        raise TypeError(
-            text if text.startswith(("not msgpack", "a ", "an ")) else f"not msgpack-encodable: {text}"
-        ) from None
+        if text.startswith(("not msgpack", "a ", "an ")):  # our own words, from the array hook
+            raise TypeError(text) from None
+        raise TypeError(values.explain(header) or f"not msgpack-encodable: {text}") from None
     for n, buf in enumerate([frame, *arrays]):
         if nbytes(buf) > limit:
             part = "header" if n == 0 else f"array in frame {n}"
             raise ProtocolError(f"{what}: {part} of {nbytes(buf)} bytes is over the {limit}-byte frame limit")
+    values.check(frame, arrays, limit, header)
     return [frame, *arrays]
 
 
@@ -260,19 +266,11 @@ MAX_FRAMES = MAX_ARRAYS + 1
 """A header and at most 1024 arrays: bounds what one message can make us hold."""
 
 
-def peek(frames: list, key: str) -> Any:
+def peek(frames: list, key: str) -> int | str | None:
     """``key`` from a header the protocol refused, when it can still be read
-    (array references ignored), so that a malformed job or request is
-    answered under its id instead of waiting forever. None if unreadable."""
-    try:
-        data = as_bytes(frames[0])
-        if len(data) > MAX_MESSAGE_BYTES:
-            return None
-        header = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=lambda code, raw: None)
-    except Exception:  # noqa: BLE001 - unreadable is an answer too
-        return None
-    value = header.get(key) if isinstance(header, dict) else None
-    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    (see ``protocol.peek``), so that a malformed job or request is answered
+    under its id instead of waiting forever. None if unreadable."""
+    return read_field(frames, key, MAX_MESSAGE_BYTES)
 
 
 def unpack_map(frames: list, limit: int, what: str = "message") -> dict:

@@ -115,3 +115,29 @@ def marking(path: str) -> dict:
         return payload
 
     return {"mark": mark, "oom": lambda payload: bytearray(1 << 62)}
+
+
+def unsendable_results() -> dict:
+    """Handlers whose results (or chunks) plain msgpack packs but the
+    decoder cannot read back: a map with a tuple key, a list nested past
+    the decoder's stack. Each must fail its own job, not the worker."""
+
+    def too_deep(payload):
+        value: list = []
+        for _ in range(payload["levels"] - 1):
+            value = [value]
+        return value
+
+    def tuple_key_chunk(payload):
+        yield "fine"
+        yield {(1, 2): "x"}
+        yield "never sent"
+
+    return {
+        "tuple_key": lambda payload: {(1, 2): "x"},
+        "nested_tuple_key": lambda payload: [{"a": {(1,): 2}}],
+        "too_deep": too_deep,
+        "tuple_key_chunk": tuple_key_chunk,
+        "echo": lambda payload: payload,
+        "pid": lambda payload: os.getpid(),
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 
@@ -111,12 +112,12 @@ def test_a_payload_msgpack_cannot_carry_fails_at_encoding_and_never_falls_back_t
     class Custom:
         pass
 
-    with pytest.raises(TypeError, match="not msgpack-encodable"):
+    with pytest.raises(TypeError, match=r"^payload\['obj'\]: an object of type Custom is not msgpack-encodable$"):
         encode_job(1, "echo", {"obj": Custom()})
-    with pytest.raises(TypeError, match="not msgpack-encodable"):
+    with pytest.raises(TypeError, match=r"^payload: an object of type set is not msgpack-encodable$"):
         encode_job(1, "echo", {1, 2})
-    with pytest.raises(TypeError, match="not msgpack-encodable"):
-        encode_job(1, "echo", 2**70)
+    with pytest.raises(TypeError, match=r"^payload\[1\]: the integer 1180591620717411303424 is not msgpack-encodable"):
+        encode_job(1, "echo", [0, 2**70])
 
 
 def test_a_payload_over_the_limit_fails_at_encoding():
@@ -182,3 +183,148 @@ def test_an_error_map_may_carry_any_key_even_self():
 def test_a_boolean_version_is_not_version_1():
     with pytest.raises(ProtocolError, match="protocol version True"):
         decode_from_worker(_frame({"v": True, "k": "heartbeat", "busy": False}))
+
+
+# ------------------------------------------------ one definition of what travels
+
+
+def _random_value(rng, depth: int = 0):
+    """A value of the kinds a caller might pass: scalars, lists, tuples and
+    maps whose keys are sometimes tuples, now and then a chain nested near
+    the decoder's limit."""
+    roll = rng.random()
+    if depth > 4 or roll < 0.35:
+        return rng.choice([None, True, 0, -1, 2**63 - 1, 2**64 - 1, -(2**63), 1.5, "s", "ü", b"\x00", b""])
+    if roll < 0.45:
+        chain = rng.choice([[], {}, 1, {(1,): 1}, {"k": []}])
+        for _ in range(rng.randint(1015, 1030)):
+            chain = [chain]
+        return chain
+    if roll < 0.7:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if roll < 0.75:
+        return tuple(_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3)))
+    keys = ["a", 1, -2, 2.5, None, True, b"k", (1,), (1, (2,)), ()]
+    return {rng.choice(keys): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+
+
+def test_what_the_encoder_accepts_the_decoder_accepts_and_it_refuses_nothing_else():
+    import random
+
+    rng = random.Random(10)
+    accepted = refused = 0
+    for _ in range(400):
+        payload = _random_value(rng)
+        try:
+            frames = encode_job(1, "echo", payload)
+        except TypeError as exc:
+            refused += 1
+            assert str(exc).startswith("payload"), exc  # names the path
+            try:  # and plain msgpack's bytes for it are what a receiver refuses
+                plain = msgpack.packb({"v": 1, "k": "job", "job": 1, "task": "echo", "payload": payload})
+            except (TypeError, ValueError):
+                continue
+            with pytest.raises(ProtocolError):
+                decode_to_worker([plain])
+            continue
+        accepted += 1
+        assert decode_to_worker(frames).job == 1
+    assert accepted > 50 and refused > 50, (accepted, refused)
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        ({(1, 2): "x"}, "payload: a map key of type tuple cannot be sent: (1, 2)"),
+        ([{"a": {(1,): 2}}], "payload[0]['a']: a map key of type tuple cannot be sent: (1,)"),
+        ({"a": [0, {"b": {("k",): 1}}]}, "payload['a'][1]['b']: a map key of type tuple"),
+        ({"e": msgpack.ExtType(5, b"x")}, "payload['e']: msgpack ext type 5 cannot be sent"),
+        ({"e": msgpack.ExtType(1, b"x")}, "payload['e']: a hand-made array reference (ext type 1) cannot be sent"),
+    ],
+)
+def test_a_payload_no_receiver_could_decode_is_refused_naming_its_path(payload, words):
+    with pytest.raises(TypeError, match=re.escape(words)):
+        encode_job(1, "echo", payload)
+
+
+def test_nesting_is_refused_past_the_decoders_stack_with_the_depth_and_the_limit():
+    def nested(levels):
+        value: list = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    assert decode_to_worker(encode_job(1, "echo", nested(1023))).job == 1
+    for levels in (1024, 1030):
+        words = f"^payload: nested {levels:,} levels deep; the wire carries at most 1,023 in a message field"
+        with pytest.raises(TypeError, match=words):
+            encode_job(1, "echo", nested(levels))
+    deep_key: object = {(1,): 1}
+    for _ in range(600):
+        deep_key = [deep_key]
+    with pytest.raises(TypeError, match=re.escape("payload[0][0][0][0][0][0][0][0]…(589 more)…[0][0][0]: a map key")):
+        encode_job(1, "echo", deep_key)
+    cycle: list = [1]
+    cycle.append({"back": cycle})
+    with pytest.raises(TypeError, match=re.escape("payload[1]['back']: contains itself")):
+        encode_job(1, "echo", cycle)
+
+
+def test_a_result_and_a_reply_are_checked_like_a_payload():
+    with pytest.raises(TypeError, match=re.escape("value: a map key of type tuple")):
+        encode(Result(1, {(1, 2): "x"}))
+    from protocol.client import encode_reply
+
+    reply = msgpack.unpackb(encode_reply(5, value={(1, 2): "x"})[0], raw=False)
+    assert reply["id"] == 5 and reply["ok"] is False and reply["error"]["code"] == "protocol_error"
+    assert "value: a map key of type tuple" in reply["error"]["message"]
+    with pytest.raises(TypeError, match=re.escape("a map key of type tuple")):
+        protocol.pack({"x": {(1,): 1}})
+
+
+def _raw_map(*pairs: tuple[bytes, bytes]) -> bytes:
+    """A msgpack map from already-packed keys and values (for values plain
+    msgpack will not pack)."""
+    assert len(pairs) < 16
+    return bytes([0x80 | len(pairs)]) + b"".join(k + v for k, v in pairs)
+
+
+def _p(obj) -> bytes:
+    return msgpack.packb(obj)
+
+
+DEEP = b"\x91" * 5000 + b"\x90"
+
+
+@pytest.mark.parametrize(
+    "frame, expected",
+    [
+        (_p({"payload": {(1, 2): "x"}, "id": 7}), 7),
+        (_p({"id": "req-1", "payload": {(1, 2): "x"}}), "req-1"),
+        (_raw_map((_p("payload"), DEEP), (_p("id"), _p(8))), 8),
+        (_raw_map((DEEP, _p(1)), (_p([1, 2]), _p(2)), (_p("id"), _p(9))), 9),  # unreadable keys before it
+        (_p({"payload": msgpack.ExtType(9, b"x"), "id": 10}), 10),
+        (_p({"id": True}), None),
+        (_p({"id": [1]}), None),
+        (_p({**{f"k{i}": i for i in range(70)}, "id": 11}), None),  # past the entries read
+        (_p({"id": 12})[:-1], None),  # truncated
+        (_p([1, 2]), None),
+        (b"\xc1", None),
+        (b"", None),
+        (_raw_map((_p("payload"), b"\xdd\xff\xff\xff\xff"), (_p("id"), _p(13))), None),  # claims 4G elements
+        (_raw_map((_p("payload"), b"\x91" * 5000 + b"\xdd\xff\xff\xff\xff"), (_p("id"), _p(14))), None),
+    ],
+)
+def test_peek_reads_an_id_whatever_else_the_header_holds(frame, expected):
+    from protocol.messages import peek
+
+    assert peek([frame], "id") == expected
+
+
+def test_peek_stays_bounded_on_a_large_header():
+    from protocol.messages import peek
+
+    frame = _p({"id": 3, **{f"k{i}": [i] * 10 for i in range(200_000)}})
+    assert peek([frame], "id") == 3
+    wide_and_deep = _raw_map((_p("payload"), b"\x91" * 2000 + _p(list(range(300_000)))), (_p("id"), _p(4)))
+    assert peek([wide_and_deep], "id") is None  # over the scanning budget: given up, not hung
