@@ -197,16 +197,17 @@ def unreachable(endpoint: str, timeout: float) -> str | None:
     or a refused connection (a stale file) needs no waiting for a reply."""
     path = ipc_path(endpoint)
     if path is not None:
-        family, address, shown = socket.AF_UNIX, "\0" + path[1:] if path.startswith("@") else path, path
+        shown = path
+        address: str | tuple[str, int] = "\0" + path[1:] if path.startswith("@") else path  # @: abstract
     elif endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://") :].rpartition(":")
         if not port.isdigit() or not host or "*" in host or ";" in host:
             return None  # a source address or a wildcard: libzmq's syntax, not ours to parse
-        family, address, shown = socket.AF_INET, (host.strip("[]"), int(port)), f"{host}:{port}"
+        shown, address = f"{host}:{port}", (host.strip("[]"), int(port))
     else:
         return None
     try:
-        if family == socket.AF_UNIX:
+        if isinstance(address, str):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(timeout)
                 probe.connect(address)
@@ -215,7 +216,8 @@ def unreachable(endpoint: str, timeout: float) -> str | None:
     except FileNotFoundError:
         return f"there is no socket file {shown}"
     except ConnectionRefusedError:
-        return f"{shown} refuses connections" + (" (a stale socket file: its daemon is gone)" if path else "")
+        stale = path is not None and not path.startswith("@")
+        return f"{shown} refuses connections" + (" (a stale socket file: its daemon is gone)" if stale else "")
     except PermissionError:
         return f"permission denied on {shown}: only the daemon's user, or its [daemon] socket_group, may connect"
     except TimeoutError:
