@@ -163,6 +163,19 @@ def test_a_failing_warm_up_fails_the_switch_with_its_reason(supervisor_from):
         sup2.switch_mode("w").result(T)
 
 
+@pytest.mark.slow
+def test_a_torch_mode_whose_warm_up_fails_exits_3_by_itself_without_being_signalled(supervisor_from, caplog):
+    """A worker that imported torch and built a model takes seconds to tear
+    down; after LOAD_FAILED it leaves at once with its own exit code, so the
+    switch fails without waiting for a SIGTERM (and the log says code 3)."""
+    sup = supervisor_from('[modes.w]\nloader = "worker.modes.generate:load"\nwarmup = { task = "nope" }\n')
+    with pytest.raises(ModeLoadError, match="warm-up task 'nope' is not one of this mode's tasks"):
+        sup.switch_mode("w").result(T)
+    stopped = [r.getMessage() for r in caplog.records if "its mode failed to load" in r.getMessage()]
+    assert stopped and "exited with code 3" in stopped[-1], stopped
+    assert sup.status()["worker_pid"] is None
+
+
 # ----------------------------------------------------------------- idle unload
 
 

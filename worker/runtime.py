@@ -344,4 +344,10 @@ def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> 
         if io.is_alive():  # could not flush in time; ctx.term() would block on its socket
             os._exit(code)
         ctx.term()
+    if code == LOAD_FAILED_EXIT_CODE:
+        # A failed load can leave half-built models and library threads whose
+        # teardown takes seconds (torch's); the supervisor waits on this exit
+        # before it tells the caller, so LOAD_FAILED is sent and this is it.
+        sys.stderr.flush()
+        os._exit(code)
     return code
