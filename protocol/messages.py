@@ -153,11 +153,18 @@ class Heartbeat:
 @dataclass(frozen=True, slots=True)
 class Load:
     kind: ClassVar[Kind] = Kind.LOAD
-    fields: ClassVar[tuple] = (("mode", str), ("loader", str), ("args", dict), ("warmup", dict, _Optional))
+    fields: ClassVar[tuple] = (
+        ("mode", str),
+        ("loader", str),
+        ("args", dict),
+        ("warmup", dict, _Optional),
+        ("path", list, _Optional),
+    )
     mode: str
     loader: str
     args: dict = field(default_factory=dict)
     warmup: dict | None = None  # {"task", "payload"}: run once after the load, before READY
+    path: list | None = None  # folders to import the loader from, ahead of the worker's own sys.path
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,10 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "reclaim_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
     "warm_standby": (lambda v: isinstance(v, bool), "true or false"),
     "reclaim_tolerance_mib": (lambda v: _number(v) and v >= 0, "a number of MiB >= 0"),
+    "loader_path": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+        'a list of folders where loader modules live, e.g. ["modes"] (relative to this file\'s folder)',
+    ),
     "worker_command": (
         lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
         'a non-empty list of strings, e.g. ["/opt/gpu-venv/bin/python", "-m", "worker"]',
@@ -138,6 +142,7 @@ class Config:
     reclaim_tolerance_mib: float = 64.0
     warm_standby: bool = True  # keep a spare worker with torch & co. imported (host RAM, no VRAM)
     worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
+    loader_path: tuple[str, ...] = ()  # absolute folders the worker imports loaders from, before its sys.path
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: str = "<built-in>"
 
@@ -225,7 +230,21 @@ def _default(key: str) -> Any:
     return Config.__dataclass_fields__[key].default
 
 
-def parse(text: str, source: str = "<string>") -> Config:
+def _folders(where: _Locator, entries: tuple[str, ...], base: Path) -> tuple[str, ...]:
+    """``loader_path`` as absolute folders: a relative entry starts from the
+    config file's folder (under systemd the working directory is /)."""
+    out = []
+    for entry in entries:
+        folder = (base / entry).resolve()
+        if not folder.is_dir():
+            raise where.error("supervisor", "loader_path", f"{entry!r} is {folder}, which is not a folder")
+        out.append(str(folder))
+    return tuple(out)
+
+
+def parse(text: str, source: str = "<string>", base: Path | None = None) -> Config:
+    """``base``: the folder relative paths in the file start from (the
+    file's own folder; the working directory for a string)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -261,6 +280,8 @@ def parse(text: str, source: str = "<string>") -> Config:
             raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
         if isinstance(value, list):
             value = tuple(value)
+        if key == "loader_path":
+            value = _folders(where, value, base or Path.cwd())
         elif _number(value) and isinstance(_default(key), float):
             value = float(value)
         settings[key] = value
@@ -326,4 +347,4 @@ def load(path: str | Path | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse(text, str(path))
+    return parse(text, str(path), path.resolve().parent)

@@ -776,7 +776,8 @@ class Core:
             log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
             return
         w.hello_at = time.monotonic()
-        if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args, w.spec.warmup))):
+        path = list(self.config.loader_path) or None
+        if self._send(w, encode(Load(w.spec.name, w.spec.loader, w.spec.args, w.spec.warmup, path))):
             w.transition(WorkerState.LOADING)
 
     def _on_ready(self, w: WorkerHandle, msg: Ready) -> None:

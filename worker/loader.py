@@ -10,20 +10,31 @@ imports a loader, so it never pulls torch in by accident.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Handler = Callable[[Any], Any]
 
 
-def resolve(path: str) -> Callable[..., Any]:
+def resolve(path: str, folders: Sequence[str] = ()) -> Callable[..., Any]:
+    """``folders`` (the config's ``loader_path``) go ahead of ``sys.path``,
+    so a loader module beside the config file is found whatever the working
+    directory is (under systemd, it is /)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"loader {path!r} is not of the form 'package.module:function'")
+    sys.path[:0] = [folder for folder in folders if folder not in sys.path]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(f"loader {path!r}: cannot import {module_name!r}: {exc}") from exc
+        where = f"the loader_path folders {', '.join(folders)} and " if folders else ""
+        raise ImportError(
+            f"loader {path!r}: cannot import {module_name!r}: {exc}. The worker looked in {where}its sys.path "
+            f"(the working directory is {os.getcwd()}); name the folder that holds it in [supervisor] loader_path, "
+            "relative to the config file's folder"
+        ) from exc
     target: Any = module
     for part in attr.split("."):
         try:
@@ -35,8 +46,8 @@ def resolve(path: str) -> Callable[..., Any]:
     return target
 
 
-def load_mode(loader: str, args: Mapping[str, Any]) -> dict[str, Handler]:
-    handlers = resolve(loader)(**dict(args))
+def load_mode(loader: str, args: Mapping[str, Any], folders: Sequence[str] = ()) -> dict[str, Handler]:
+    handlers = resolve(loader, folders)(**dict(args))
     if not isinstance(handlers, Mapping):
         raise TypeError(
             f"loader {loader!r} returned {type(handlers).__name__}; it must return a mapping of task name to handler"

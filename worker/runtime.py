@@ -190,7 +190,7 @@ class _Worker:
         started = time.perf_counter()
         warmup_seconds = None
         try:
-            self.handlers = load_mode(msg.loader, msg.args)
+            self.handlers = load_mode(msg.loader, msg.args, msg.path or ())
             loaded = time.perf_counter()
             if msg.warmup is not None:
                 self._warm_up(msg.warmup)
