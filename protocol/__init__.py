@@ -5,6 +5,7 @@ and the error hierarchy. A leaf package: it imports nothing from
 from protocol.arrays import ARRAY_EXT
 from protocol.errors import (
     ERROR_CODES,
+    ClientCutOff,
     DaemonUnavailable,
     GpuvisorError,
     JobCancelled,
@@ -16,6 +17,7 @@ from protocol.errors import (
     ProtocolError,
     QueueFull,
     ShuttingDown,
+    StreamIncomplete,
     SupervisorFailed,
     UnknownMode,
     UnknownTask,
@@ -50,6 +52,7 @@ from protocol.messages import (
 __all__ = [
     "ARRAY_EXT",
     "Chunk",
+    "ClientCutOff",
     "pack_frames",
     "ERROR_CODES",
     "EXIT_MEANINGS",
@@ -76,6 +79,7 @@ __all__ = [
     "Ready",
     "Result",
     "ShuttingDown",
+    "StreamIncomplete",
     "SupervisorFailed",
     "UnknownMode",
     "UnknownTask",

@@ -148,6 +148,28 @@ class DaemonUnavailable(GpuvisorError):
     code = "daemon_unavailable"
 
 
+class ClientCutOff(GpuvisorError):
+    """The daemon stopped serving this client's connection because the
+    client did not read its replies: nothing could be sent to it for a while,
+    or it kept sending far more requests than it read replies. The client's
+    fault (or its host's: a stopped or starved process). Its queued jobs were
+    cancelled; jobs that were running may have finished, but their outcomes
+    are lost. Retrying on a new connection helps, if the client then reads
+    its replies; ``Client`` opens one by itself."""
+
+    code = "client_cut_off"
+
+
+class StreamIncomplete(GpuvisorError):
+    """A streamed job's chunks arrived with a gap in their ``seq`` numbers:
+    some were lost between the daemon and this client, so the stream ends
+    with this error rather than a success. Not the caller's fault; the job
+    itself may have finished, but its outcome is not known here. Retrying
+    helps if the job is idempotent."""
+
+    code = "stream_incomplete"
+
+
 class ShuttingDown(GpuvisorError):
     """The supervisor is shutting down and accepts no new work. Retrying
     against this supervisor cannot help."""
@@ -173,6 +195,8 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         SupervisorFailed,
         QueueFull,
         DaemonUnavailable,
+        ClientCutOff,
+        StreamIncomplete,
     )
 }
 

@@ -5,6 +5,7 @@ lives in the worker process. See ``docs/architecture.md``.
 """
 
 from protocol.errors import (
+    ClientCutOff,
     DaemonUnavailable,
     GpuvisorError,
     JobCancelled,
@@ -16,6 +17,7 @@ from protocol.errors import (
     ProtocolError,
     QueueFull,
     ShuttingDown,
+    StreamIncomplete,
     SupervisorFailed,
     UnknownMode,
     UnknownTask,
@@ -27,6 +29,7 @@ from supervisor.config import load as load_config
 
 __all__ = [
     "AsyncSupervisor",
+    "ClientCutOff",
     "Config",
     "ConfigError",
     "DaemonUnavailable",
@@ -42,6 +45,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "ShuttingDown",
+    "StreamIncomplete",
     "SupervisorFailed",
     "Supervisor",
     "UnknownMode",

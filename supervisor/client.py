@@ -11,6 +11,13 @@ request has no timeout of its own; instead, whenever requests are
 outstanding and the daemon has said nothing for ``timeout`` seconds, the
 client pings it, and if the ping goes unanswered for ``timeout`` more, every
 outstanding request fails with ``DaemonUnavailable``.
+
+No request waits on a message that will never come: a streamed job whose
+chunks skip a ``seq`` fails with ``StreamIncomplete``; a reply that cannot be
+decoded but names its request fails that request with ``ProtocolError``; a
+``client_cut_off`` notice (the daemon stopped serving this connection
+because it was not read) fails every outstanding request with
+``ClientCutOff``, and the client goes on over a new connection.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import os
 import threading
 import time
@@ -27,13 +35,15 @@ from typing import Any
 
 import zmq
 
-from protocol import DaemonUnavailable, ProtocolError, error_from_wire
+from protocol import ClientCutOff, DaemonUnavailable, ProtocolError, StreamIncomplete, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
+from protocol.messages import peek
 from supervisor.commands import drain_wakeups, settle
 from supervisor.endpoint import default_endpoint
 from supervisor.stream import AsyncJobStream, JobStream
 
 _LINGER_MS = 0
+log = logging.getLogger("gpuvisor")
 
 
 class Client:
@@ -63,8 +73,9 @@ class Client:
         # Made and connected here, so a bad endpoint or certificate is the
         # caller's error now; then handed to the I/O thread, its only user.
         self._ctx = zmq.Context()
+        self._curve = (curve_server_key, curve_client_cert)
         try:
-            self._sock = self._connect(curve_server_key, curve_client_cert)
+            self._sock = self._connect(*self._curve)
         except (zmq.ZMQError, OSError, ValueError) as exc:
             self._ctx.term()
             os.close(self._wake_r)
@@ -164,6 +175,7 @@ class Client:
         frames = encode_request(kind, request_id, **fields)  # TypeError here, in the caller
         future: Future = Future()
         future.on_chunk = on_chunk  # a streamed submit's chunks, called on the I/O thread
+        future.chunks = 0  # chunks received: the next must carry seq chunks + 1
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("this client is closed")
@@ -191,11 +203,10 @@ class Client:
                 settle(future, error=error)
 
     def _serve(self, pending: dict[int, Future]) -> None:
-        sock = self._sock
         # A lost connection (the daemon died, or restarted on the same path)
         # loses the replies to what was sent: fail those requests now, rather
         # than let a new daemon's pongs keep them waiting forever.
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock, monitor = self._sock, self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         heard = time.monotonic()
         ping_id: int | None = None
         poller = zmq.Poller()
@@ -235,7 +246,16 @@ class Client:
                     pending.clear()
                     ping_id = None
                 if sock in events:
-                    heard = self._read_replies(sock, pending)
+                    heard, cut_off = self._read_replies(sock, pending)
+                    if cut_off is not None:  # every request sent on this connection has ended
+                        for future in pending.values():
+                            settle(future, error=cut_off)
+                        pending.clear()
+                        for old in (sock, monitor):
+                            poller.unregister(old)
+                        sock, monitor = self._reconnect(sock, monitor)
+                        poller.register(sock, zmq.POLLIN)
+                        poller.register(monitor, zmq.POLLIN)
                     if ping_id is not None and ping_id not in pending:
                         ping_id = None
                 if pending and time.monotonic() - heard > self.timeout:
@@ -260,28 +280,78 @@ class Client:
             sock.close(linger=0)
             self._ctx.term()
 
-    def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> float:
+    def _reconnect(self, sock: zmq.Socket, monitor: zmq.Socket) -> tuple[zmq.Socket, zmq.Socket]:
+        """A new connection (a new routing id) in place of one the daemon cut off."""
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        self._sock = self._connect(*self._curve)
+        return self._sock, self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> tuple[float, ClientCutOff | None]:
+        """Everything waiting on ``sock``: (when it was read, the daemon's
+        cut-off notice if one came: the caller ends every request)."""
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # arrays stay in these frames
             except zmq.Again:
-                return time.monotonic()
+                return time.monotonic(), None
             try:
                 reply = decode_reply(frames)
-            except ProtocolError:
-                continue  # not for us to fix; the request's own reply will come, or the silence clock runs
-            if reply.seq is not None:  # a chunk: the request stays pending until its reply
-                sink = getattr(pending.get(reply.id), "on_chunk", None) if isinstance(reply.id, int) else None
-                if sink is not None:
-                    sink(reply.value)
+            except ProtocolError as exc:
+                self._undecodable(frames, exc, pending)
                 continue
-            future = pending.pop(reply.id, None) if isinstance(reply.id, int) else None
+            if not isinstance(reply.id, int):
+                if reply.id is None and not reply.ok:
+                    error = error_from_wire(reply.error)
+                    if isinstance(error, ClientCutOff):
+                        log.warning("the daemon at %s cut this client off: %s", self.endpoint, error.message)
+                        return time.monotonic(), error
+                    log.warning("the daemon at %s could not read one of this client's requests (%d outstanding, "
+                                "which one is unknown): %s", self.endpoint, len(pending), error)  # fmt: skip
+                continue
+            future = pending.get(reply.id)
             if future is None:
+                continue  # a request this client already ended (a gap, a timeout): the rest of it is ignored
+            if reply.seq is not None:  # a chunk: the request stays pending until its reply
+                self._chunk(reply, future, pending)
                 continue
+            del pending[reply.id]
             if reply.ok:
                 settle(future, result=reply.value)
             else:
                 settle(future, error=error_from_wire(reply.error))
+
+    @staticmethod
+    def _chunk(reply: Any, future: Future, pending: dict[int, Future]) -> None:
+        sink = getattr(future, "on_chunk", None)
+        expected = getattr(future, "chunks", 0) + 1
+        if sink is None:
+            del pending[reply.id]
+            settle(
+                future, error=ProtocolError(f"the daemon sent a chunk for request {reply.id}, which does not stream")
+            )
+            return
+        if reply.seq != expected:
+            del pending[reply.id]
+            lost = f"{reply.seq - expected:,} lost" if reply.seq > expected else "out of order"
+            error = StreamIncomplete(f"request {reply.id}: chunk {reply.seq} came after chunk {expected - 1} "
+                                     f"({lost}); the stream is incomplete")  # fmt: skip
+            settle(future, error=error)
+            return
+        future.chunks = expected
+        sink(reply.value)
+
+    def _undecodable(self, frames: list, exc: ProtocolError, pending: dict[int, Future]) -> None:
+        """A message that is not a valid reply: if its id can still be read,
+        that request fails with the ``ProtocolError``; otherwise it is logged."""
+        request_id = peek(frames, "id")
+        future = pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if future is None:
+            log.warning("dropped a message from the daemon at %s that cannot be decoded and names no request of "
+                        "this client: %s", self.endpoint, exc.message)  # fmt: skip
+            return
+        settle(future, error=ProtocolError(f"the reply to request {request_id} cannot be decoded: {exc.message}"))
 
 
 class AsyncClient:

@@ -3,16 +3,21 @@
 ::
 
     clients (DEALER) ──▶ front ROUTER ─┐
-                                       │   main thread (this module)
-    signal wake-up fd (SIGTERM/INT/HUP)┼─▶ poll ──▶ decode request ──▶ Supervisor API ──▶ core loop
-    reply wake-up pipe ◀───────────────┘        ◀── Future done-callback posts (client, id, Future)
-                                       send the one reply, or drop it if the client is gone
+                                       │   main thread (this module), one turn:
+    signal wake-up fd (SIGTERM/INT/HUP)┼─▶ poll ─▶ signals
+    reply wake-up pipe ◀───────────────┘        ─▶ read at most READ_BUDGET requests ─▶ Supervisor API ─▶ core loop
+                                                ─▶ replies the core loop finished, to each client's backlog
+                                                ─▶ send what each client's pipe takes (flow.py)
+                                                ─▶ held requests of clients that caught up
 
 The main thread owns the front socket and nothing else: requests become
 calls on the thread-safe ``Supervisor``, whose Futures' done-callbacks (run
 on the core loop thread) only queue the reply and wake this loop. Every
-request gets exactly one reply; a reply for a client that went away is
-dropped (``ROUTER_MANDATORY`` turns that into an error we can see).
+request gets exactly one reply, and a client that reads gets every reply
+and chunk in order; one that does not is slowed, then cut off (see
+``supervisor.flow``). Each turn reads a bounded number of requests (libzmq's
+ROUTER takes them from the clients in turn), so signals, replies and other
+clients are served every turn whatever one client sends.
 
 Signals: SIGTERM or SIGINT drain and exit 0; a second SIGINT stops at once,
 cancelling what is queued; SIGHUP reloads the configuration file.
@@ -25,6 +30,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,12 +47,30 @@ from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.commands import drain_wakeups
 from supervisor.endpoint import EndpointError, bind_front, default_endpoint, release_ipc
+from supervisor.flow import FlowControl, Peer, Route
 from supervisor.sdnotify import Notifier
 
 log = logging.getLogger("gpuvisor")
 
 _EXTEND_EVERY_S = 5.0  # while draining, ask systemd for more stop time this often
 _TICK_S = 1.0
+READ_BUDGET = 32
+"""Requests read from the front socket per loop turn (and as many held ones
+handled): one turn stays around a few milliseconds however fast a client
+sends."""
+_SWITCH_INTERVAL_S = 0.0005
+"""The GIL hand-over interval in the daemon (Python's default is 5 ms). The
+front loop and the core loop share one interpreter: while the front loop is
+busy with a flooding client, each step of another client's job waits this
+long for the core loop to get the GIL (docs/performance.md)."""
+DUTY = 0.7
+"""While requests keep coming faster than the loop handles them (a turn used
+its whole READ_BUDGET), it reads no new ones for 3/7 of the time that turn
+took (replies and signals are still served): it shares the CPU and the GIL
+with the core loop and the worker, and a client that floods it must not take
+their share (docs/performance.md)."""
+_EXIT_FLUSH_S = 5.0  # at exit, send what clients still read for at most this long ...
+_EXIT_STALL_S = 0.25  # ... and stop when nothing went out for this long
 
 
 @dataclass(frozen=True)
@@ -62,9 +86,9 @@ class Daemon:
         self.config = config_mod.load(config_path)  # ConfigError: the caller exits 6
         self.endpoint = endpoint or self.config.daemon.endpoint or default_endpoint()
         self.notifier = notifier or Notifier.from_environ()
-        # Replies and chunks, in the order the core loop produced them.
-        self._replies: collections.deque[tuple[tuple[bytes, ...], Any, Future | _Chunk]] = collections.deque()
-        self._pending: dict[tuple[tuple[bytes, ...], Any], Future] = {}  # (client, request id) -> job, for cancel
+        # Replies and chunks the core loop finished, in the order it did: (client, request id, Future | chunk).
+        self._replies: collections.deque[tuple[Route, Any, Future | _Chunk]] = collections.deque()
+        self._flow: FlowControl | None = None
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
@@ -75,8 +99,9 @@ class Daemon:
         ctx = zmq.Context()
         front = ctx.socket(zmq.ROUTER)
         front.setsockopt(zmq.LINGER, 0)
-        front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says EAGAIN: flow.py keeps the message
         front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
+        self._flow = FlowControl(front, self._encode, lambda future: future.cancel())
         wake_r, wake_w = os.pipe()
         sig_r, sig_w = os.pipe()
         for fd in (wake_r, wake_w, sig_r, sig_w):
@@ -85,6 +110,7 @@ class Daemon:
         auth = None
         sup: Supervisor | None = None
         old_handlers = {}
+        old_interval = sys.getswitchinterval()
         try:
             auth = self._curve(ctx, front)
             self._bound = bind_front(
@@ -93,6 +119,7 @@ class Daemon:
             old_wakeup = signal.set_wakeup_fd(sig_w)  # before the worker exists: a signal now is handled
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 old_handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
             sup = Supervisor(self.config).start()
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
@@ -107,8 +134,9 @@ class Daemon:
                 sup.shutdown(drain=False)  # an error got us here: never leave the worker behind
             if self._stopper is not None:
                 self._stopper.join()
-            self._flush_replies(front)
-            front.close(linger=500)  # the last replies get out
+            self._flush_at_exit()
+            sys.setswitchinterval(old_interval)
+            front.close(linger=500)  # what libzmq still holds for clients that read
             if auth is not None:
                 auth.stop()
             ctx.term()
@@ -153,23 +181,41 @@ class Daemon:
         poller.register(front, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
         poller.register(sig_r, zmq.POLLIN)
+        pausing = zmq.Poller()  # the same without the front socket: replies and signals, no new requests
+        pausing.register(wake_r, zmq.POLLIN)
+        pausing.register(sig_r, zmq.POLLIN)
+        flow = self._flow
         watchdog = self.notifier.watchdog_interval
         next_beat = time.monotonic()
         next_extend = 0.0
+        pause_until = 0.0
         while True:
             now = time.monotonic()
             wait = _TICK_S if watchdog is None else max(0.0, min(_TICK_S, next_beat - now))
-            events = dict(poller.poll(wait * 1000))
+            retry = flow.retry_in()
+            if retry is not None:
+                wait = min(wait, retry)
+            paused = now < pause_until
+            if paused:
+                events = dict(pausing.poll(min(wait, pause_until - now) * 1000))
+            else:
+                events = dict(poller.poll(wait * 1000))
+            turn = time.monotonic()
             if sig_r in events:
                 drain_wakeups(sig_r)
             while self._signals:
                 self._on_signal(sup, self._signals.pop(0))
-            if front in events:
-                self._drain_front(sup, front)
+            handled = self._read_front(sup, front) if front in events else 0
             if wake_r in events:
                 drain_wakeups(wake_r)
-            self._flush_replies(front)
             now = time.monotonic()
+            self._take_replies()
+            flow.flush(now)
+            if not paused:
+                for peer, frames in flow.release(READ_BUDGET - handled):
+                    self._serve(sup, peer, frames)
+                    handled += 1
+                flow.flush(now)
             # Pinged only while the core loop is turning: a stuck loop gets the service restarted.
             if watchdog is not None and now >= next_beat and sup.healthy(max_age=watchdog):
                 self.notifier.watchdog()
@@ -179,12 +225,28 @@ class Daemon:
                 f"{status['state']}: mode {status['mode'] or '-'}, worker {status['worker_pid'] or '-'}, "
                 f"{status['queued']} queued, {status['in_flight']} running"
             )
+            if handled >= READ_BUDGET:  # a pause from requests, not from replies or signals
+                pause_until = time.monotonic() + (time.monotonic() - turn) * (1 - DUTY) / DUTY
             if self._stopper is not None:
                 if not self._stopper.is_alive():
                     return
                 if now >= next_extend:  # a long drain: ask systemd for more time, a little at a time
                     self.notifier.extend_timeout(_EXTEND_EVERY_S * 3)
                     next_extend = now + _EXTEND_EVERY_S
+
+    def _flush_at_exit(self) -> None:
+        """The last replies (a drain's included) reach every client that still
+        reads; one that does not costs the exit at most ``_EXIT_STALL_S``."""
+        flow = self._flow
+        started = last_sent = time.monotonic()
+        while True:
+            self._take_replies()
+            now = time.monotonic()
+            if flow.flush(now):
+                last_sent = now
+            if not flow.waiting() or now - started > _EXIT_FLUSH_S or now - last_sent > _EXIT_STALL_S:
+                return
+            time.sleep(0.002)
 
     # ------------------------------------------------------------ signals and stop
 
@@ -231,105 +293,128 @@ class Daemon:
 
     # ------------------------------------------------------------ requests
 
-    def _drain_front(self, sup: Supervisor, front: zmq.Socket) -> None:
-        while True:
+    def _read_front(self, sup: Supervisor, front: zmq.Socket) -> int:
+        """At most ``READ_BUDGET`` requests; the rest wait for the next turn.
+        Returns how many were read."""
+        flow = self._flow
+        now = time.monotonic()
+        for n in range(READ_BUDGET):
             try:
                 identity, *frames = front.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return n
             # The route back: the routing id, plus the empty delimiter a REQ
             # client puts first (and expects back), so REQ clients work too.
-            client: tuple[bytes, ...] = (identity,)
+            route: Route = (identity,)
             if len(frames) >= 2 and frames[0] == b"":
-                client, frames = (identity, b""), frames[1:]
-            try:
-                request = decode_request(frames)
-            except GpuvisorError as exc:  # BadRequest, or a ProtocolError from unpacking
-                log.warning("bad request from client %s: %s", client[0].hex(), exc.message)
-                self._reply_now(front, client, getattr(exc, "request_id", None), error=exc)
-                continue
-            try:
-                self._handle(sup, front, client, request)
-            except (GpuvisorError, TypeError, ValueError) as exc:  # raised by the API at once (QueueFull, ...)
-                error = exc if isinstance(exc, GpuvisorError) else BadRequest(str(exc), request.id)
-                self._reply_now(front, client, request.id, error=error)
+                route, frames = (identity, b""), frames[1:]
+            peer = flow.peer(route, now)
+            peer.heard = now
+            if peer.cut_off is not None:
+                flow.refuse(peer, frames)
+            elif peer.admits():
+                self._serve(sup, peer, frames)
+            else:
+                flow.hold(peer, frames, now)
+        return READ_BUDGET
 
-    def _handle(self, sup: Supervisor, front: zmq.Socket, client: tuple[bytes, ...], request: ClientRequest) -> None:
+    def _serve(self, sup: Supervisor, peer: Peer, frames: list) -> None:
+        try:
+            request = decode_request(frames)
+        except GpuvisorError as exc:  # BadRequest, or a ProtocolError from unpacking
+            log.warning("bad request from client %s: %s", peer.route[0].hex(), exc.message)
+            self._reply_now(peer, getattr(exc, "request_id", None), error=exc)
+            return
+        try:
+            self._handle(sup, peer, request)
+        except (GpuvisorError, TypeError, ValueError) as exc:  # raised by the API at once (QueueFull, ...)
+            error = exc if isinstance(exc, GpuvisorError) else BadRequest(str(exc), request.id)
+            self._reply_now(peer, request.id, error=error)
+
+    def _handle(self, sup: Supervisor, peer: Peer, request: ClientRequest) -> None:
         kind, args = request.kind, request.args
         if kind is Request.PING:
-            self._reply_now(
-                front, client, request.id, value={"pong": True, "pid": os.getpid(), "version": PROTOCOL_VERSION}
-            )
+            self._reply_now(peer, request.id, value={"pong": True, "pid": os.getpid(), "version": PROTOCOL_VERSION})
         elif kind is Request.STATUS:
             status = sup.status()
-            status.update(daemon_pid=os.getpid(), endpoint=self.endpoint, modes=sorted(sup.config.modes))
-            self._reply_now(front, client, request.id, value=status)
+            status.update(daemon_pid=os.getpid(), endpoint=self.endpoint, modes=sorted(sup.config.modes),
+                          clients=self._clients_status())  # fmt: skip
+            self._reply_now(peer, request.id, value=status)
         elif kind is Request.CANCEL:
-            future = self._pending.get((client, args["target"]))
-            self._reply_now(
-                front, client, request.id, value={"cancelled": bool(future is not None and future.cancel())}
-            )
+            future = peer.jobs.get(args["target"])
+            self._reply_now(peer, request.id, value={"cancelled": bool(future is not None and future.cancel())})
         elif kind is Request.SHUTDOWN:
-            self._reply_now(front, client, request.id, value={"stopping": True, "drain": args["drain"]})
+            self._reply_now(peer, request.id, value={"stopping": True, "drain": args["drain"]})
             self._stop(sup, drain=args["drain"])
         elif self._stopper is not None:
-            self._reply_now(front, client, request.id, error=ShuttingDown("the daemon is shutting down"))
+            self._reply_now(peer, request.id, error=ShuttingDown("the daemon is shutting down"))
         elif kind is Request.SUBMIT:
-            on_chunk = self._chunk_sink(client, request.id) if args["stream"] else None
+            on_chunk = self._chunk_sink(peer.route, request.id) if args["stream"] else None
             future = sup.submit(args["task"], args["payload"], mode=args["mode"], timeout=args["timeout"],
                                 retries=args["retries"], on_chunk=on_chunk)  # fmt: skip
-            self._pending[(client, request.id)] = future
-            self._when_done(client, request.id, future)
+            peer.jobs[request.id] = future
+            self._when_done(peer.route, request.id, future)
         elif kind is Request.SWITCH:
-            self._when_done(client, request.id, sup.switch_mode(args["mode"]))
+            self._when_done(peer.route, request.id, sup.switch_mode(args["mode"]))
         elif kind is Request.RESTART:
             if args["mode"] is not None and sup.config.mode(args["mode"]) is None:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
-            self._when_done(client, request.id, sup.restart(args["mode"]))
+            self._when_done(peer.route, request.id, sup.restart(args["mode"]))
 
-    def _chunk_sink(self, client: tuple[bytes, ...], request_id: Any) -> Callable[[Any], None]:
+    def _clients_status(self) -> dict[str, int]:
+        flow = self._flow
+        peers = flow.peers.values()
+        return {
+            "connected": sum(1 for p in peers if p.cut_off is None),
+            "waiting_replies": sum(len(p.backlog) for p in peers),
+            "held_requests": sum(len(p.held) for p in peers),
+            "cut_off": flow.counts.cut_off,
+            "dropped": flow.counts.dropped,
+            "refused": flow.counts.refused,
+        }
+
+    # ------------------------------------------------------------ replies
+
+    def _chunk_sink(self, route: Route, request_id: Any) -> Callable[[Any], None]:
         """Where a streamed job's chunks go: the same queue as the replies, so
         a client gets every chunk before the reply that ends the stream."""
         seq = itertools.count(1)
 
         def sink(value: Any) -> None:  # on the core loop thread: queue and wake, nothing more
-            self._replies.append((client, request_id, _Chunk(next(seq), value)))
+            self._replies.append((route, request_id, _Chunk(next(seq), value)))
             self._wake()
 
         return sink
 
-    def _when_done(self, client: tuple[bytes, ...], request_id: Any, future: Future) -> None:
+    def _when_done(self, route: Route, request_id: Any, future: Future) -> None:
         def done(f: Future) -> None:  # runs on the core loop thread: queue and wake, nothing more
-            self._replies.append((client, request_id, f))
+            self._replies.append((route, request_id, f))
             self._wake()
 
         future.add_done_callback(done)
 
-    def _flush_replies(self, front: zmq.Socket) -> None:
-        while self._replies:
-            client, request_id, future = self._replies.popleft()
-            if isinstance(future, _Chunk):
-                self._send(front, client, request_id, encode_chunk(request_id, future.seq, future.value))
-                continue
-            self._pending.pop((client, request_id), None)
-            if future.cancelled():
-                self._reply_now(front, client, request_id, error=JobCancelled("cancelled at the client's request"))
-                continue
-            exc = future.exception()
-            if exc is not None and not isinstance(exc, GpuvisorError):
-                exc = GpuvisorError(f"{type(exc).__name__}: {exc}")
-            self._reply_now(front, client, request_id, value=None if exc else future.result(), error=exc)
+    def _take_replies(self) -> None:
+        """What the core loop finished goes to each client's backlog, in order;
+        it is encoded when it is sent."""
+        flow = self._flow
+        replies = self._replies
+        while replies:
+            route, request_id, item = replies.popleft()
+            if not isinstance(item, _Chunk):
+                peer = flow.peers.get(route)
+                if peer is not None and peer.jobs.get(request_id) is item:
+                    del peer.jobs[request_id]
+            flow.post(route, (request_id, item))
 
-    def _reply_now(self, front: zmq.Socket, client: tuple[bytes, ...], request_id: Any, *, value: Any = None,
-                   error: GpuvisorError | None = None) -> None:  # fmt: skip
-        self._send(front, client, request_id, encode_reply(request_id, value=value, error=error))
+    def _encode(self, request_id: Any, item: Future | _Chunk) -> list:
+        if isinstance(item, _Chunk):
+            return encode_chunk(request_id, item.seq, item.value)
+        if item.cancelled():
+            return encode_reply(request_id, error=JobCancelled("cancelled at the client's request"))
+        exc = item.exception()
+        if exc is not None and not isinstance(exc, GpuvisorError):
+            exc = GpuvisorError(f"{type(exc).__name__}: {exc}")
+        return encode_reply(request_id, value=None if exc else item.result(), error=exc)
 
-    def _send(self, front: zmq.Socket, client: tuple[bytes, ...], request_id: Any, frames: list) -> None:
-        try:
-            # NOBLOCK: with ROUTER_MANDATORY a client that does not read its
-            # replies would otherwise block this loop (signals included) forever.
-            front.send_multipart([*client, *frames], zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("dropped a message to %r: client %s is not reading its replies", request_id, client[0].hex())
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the client went away; its reply has nowhere to go
-            log.debug("dropped a message to %r for client %s: %s", request_id, client[0].hex(), exc)
+    def _reply_now(self, peer: Peer, request_id: Any, *, value: Any = None, error: GpuvisorError | None = None) -> None:
+        self._flow.post(peer.route, encode_reply(request_id, value=value, error=error))
