@@ -48,6 +48,8 @@ REPEAT_LIMIT = 20
 """Records with the same message template from the same line let through per window ..."""
 REPEAT_WINDOW_S = 10.0
 """... of this many seconds."""
+MAX_WINDOWS = 4096
+"""Places and templates followed at once; past it, new ones are not limited."""
 _TICK_S = 1.0  # how often the listener looks for finished windows while nothing is logged
 _STOP_WAIT_S = 2.0  # at exit, how long the last lines may take to get out (a stuck stderr may never take them)
 
@@ -129,6 +131,8 @@ class RepeatFilter(logging.Filter):
         now = self.clock()
         with self._lock:
             w = self._windows.get(key)
+            if w is None and len(self._windows) >= MAX_WINDOWS:
+                return True  # messages made anew each time (no template): not counted, never held back
             if w is None or now - w.start >= self.window:
                 if w is not None and w.suppressed:  # its summary is still due: keep it under another key
                     self._windows[(*key, w.start)] = w
@@ -197,6 +201,12 @@ class _FdHandler(logging.StreamHandler):
         except (AttributeError, OSError, ValueError):
             self.fd = None
 
+    def createLock(self) -> None:  # noqa: N802 - logging's name
+        """No lock: only the listener thread writes, and a lock held across a
+        blocked write would hang ``logging.shutdown()`` at exit, which takes
+        every handler's lock."""
+        self.lock = None
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
@@ -223,42 +233,43 @@ class _Listener(QueueListener):
         self.writer = writer
         self.source = source
         self.repeats = repeats
+        self._next_summaries = 0.0
 
     def dequeue(self, block: bool) -> logging.LogRecord:
         while True:
             try:
                 record = self.queue.get(timeout=_TICK_S)
             except queue.Empty:
-                self._report()
+                self._report(summaries=True)
                 continue
-            self._report(final=record is self._sentinel)
+            final = record is self._sentinel
+            self._report(summaries=final or time.monotonic() >= self._next_summaries, final=final)
             return record
 
-    def _report(self, final: bool = False) -> None:
+    def _report(self, summaries: bool, final: bool = False) -> None:
         dropped = self.source.take_dropped()
         if dropped:
             self.writer.handle(logging.LogRecord(
                 "gpuvisor", logging.WARNING, __file__, 0,
                 "dropped %s log records: the log queue was full (stderr is not keeping up)", (f"{dropped:,}",), None,
             ))  # fmt: skip
-        for summary in self.repeats.due(final):
-            self.writer.handle(summary)
-
-    def enqueue_sentinel(self) -> None:
-        try:
-            self.queue.put(self._sentinel, timeout=_STOP_WAIT_S)
-        except queue.Full:
-            pass  # the writer is stuck; stop() gives up on it below
+        if summaries:  # a look at every window: once a tick, not once a record
+            self._next_summaries = time.monotonic() + _TICK_S
+            for summary in self.repeats.due(final):
+                self.writer.handle(summary)
 
     def stop(self) -> None:
         """Let the last lines out, unless stderr is stuck: then give up after
         ``_STOP_WAIT_S`` (the thread is a daemon thread; the exit goes on)."""
-        thread = self._thread
+        thread, self._thread = self._thread, None
         if thread is None:
             return
-        self.enqueue_sentinel()
-        thread.join(_STOP_WAIT_S)
-        self._thread = None
+        deadline = time.monotonic() + _STOP_WAIT_S
+        try:
+            self.queue.put(self._sentinel, timeout=_STOP_WAIT_S)
+        except queue.Full:
+            return  # the writer is stuck
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 _current: tuple[DroppingQueueHandler, _Listener] | None = None

@@ -21,7 +21,9 @@ T = 60
 
 class RunningDaemon:
     def __init__(self, *args: str, config_text: str | None = None, env: dict | None = None, umask: int = -1,
-                 wait_ready: bool = True):  # fmt: skip
+                 wait_ready: bool = True, stderr: int | None = None):  # fmt: skip
+        """``stderr``: a file descriptor for the daemon's stderr (and stdout)
+        instead of the log file ``output()`` reads."""
         self.dir = tempfile.mkdtemp(prefix="gv-")
         self.endpoint = args[args.index("--endpoint") + 1] if "--endpoint" in args else f"ipc://{self.dir}/run/g.sock"
         self.config = None
@@ -45,8 +47,9 @@ class RunningDaemon:
         if self.config is not None:
             cmd += ["--config", self.config]
         self._log = open(os.path.join(self.dir, "stderr.log"), "w+")  # a file: a pipe nobody reads could block it
+        out = self._log if stderr is None else stderr
         self.proc = subprocess.Popen([*cmd, *args, "serve"], env=full_env, umask=umask,
-                                     stdout=self._log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                     stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         if wait_ready:
             self.wait_note("READY=1")
 
