@@ -3,13 +3,15 @@
 A real daemon (built-in config, diag loaded) and, in a child process, a
 flooder: a raw DEALER that sends ``ping`` requests without pause, and reads
 what has come back after every FLOOD_BURST sends (it reads now and then).
-Meanwhile a ``Client`` in this process measures ``submit("echo")`` round
-trips, one at a time, against the same echo with no flood (same daemon, just
-before); a streamed job of STREAM_N chunks runs under the flood too. Then
-SIGTERM: the time until the daemon has exited, under the flood.
+A ``Client`` in this process measures ``submit("echo")`` round trips, one at
+a time, with the flood and without it, in alternating rounds on the same
+daemon; then a streamed job of STREAM_N chunks runs under the flood, and
+SIGTERM: the time until the daemon has exited, under the flood. Last, a
+flooder that never reads: the daemon's memory while it floods, and whether
+it is cut off and told so.
 
-Reported beside the rows: requests the flooder sent, replies it read, and
-whether it was cut off; chunks sent by the worker vs received.
+Reported beside the rows: requests the flooder sent and replies it read;
+chunks sent by the worker and received.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from bench.report import Row, percentile, progress
 from protocol import DaemonUnavailable
 from supervisor.client import Client
 
-N = 400  # echo round trips each way
+N = 400  # echo round trips each way, in ROUNDS rounds
+ROUNDS = 4
 STREAM_N = 100_000
 FLOOD_BURST = 1000
 SILENT_S = 5.0
@@ -114,21 +117,34 @@ def _flood(endpoint: str, burst: int):
 
 def reading_flooder() -> tuple[list[float], list[float], dict, int, bool, float, dict]:
     """(quiet echoes, flooded echoes, the flooder's counts, chunks received,
-    stream ok, SIGTERM to exit, the daemon's clients figures)."""
+    stream ok, SIGTERM to exit, the daemon's clients figures). Quiet and
+    flooded echoes alternate in ROUNDS rounds, so that the machine's own
+    noise falls on both alike."""
     proc, endpoint, log = _start(scratch_dir())
+    quiet: list[float] = []
+    flooded: list[float] = []
+    counts = {"sent": 0, "read": 0, "cut_off": None}
     try:
         with Client(endpoint, timeout=30.0) as client:
             client.switch_mode("diag").result(60)
             _echoes(client, 100)  # warm-up
-            quiet = _echoes(client, N)
+            for _ in range(ROUNDS):
+                quiet += _echoes(client, N // ROUNDS)
+                with _flood(endpoint, FLOOD_BURST) as flooder:
+                    assert flooder.stdout.readline().strip() == "flooding"
+                    time.sleep(0.3)
+                    flooded += _echoes(client, N // ROUNDS)
+                    said = _say(flooder, "report")  # it pauses to read what it is owed
+                    _say(flooder, "stop")
+                    flooder.wait(30)
+                counts = {"sent": counts["sent"] + said["sent"], "read": counts["read"] + said["read"],
+                          "cut_off": counts["cut_off"] or said["cut_off"]}  # fmt: skip
             with _flood(endpoint, FLOOD_BURST) as flooder:
                 assert flooder.stdout.readline().strip() == "flooding"
-                time.sleep(0.5)
-                flooded = _echoes(client, N)
-                stream = client.submit("count", {"n": STREAM_N}, stream=True)  # after: it would hold up the echoes
+                time.sleep(0.3)
+                stream = client.submit("count", {"n": STREAM_N}, stream=True)
                 chunks = sum(1 for _ in stream)
                 stream_ok = stream.result(60) == {"count": STREAM_N}
-                counts = _say(flooder, "report")  # it pauses to read what it is owed, then floods on
                 clients = client.status()["clients"]
                 t = time.perf_counter()
                 proc.send_signal(signal.SIGTERM)
@@ -195,7 +211,8 @@ def run() -> list[Row]:
             percentile(quiet, 99) * us,
             "us",
             limit=3,
-            note=f"{N} sequential echo jobs each way; the flooder (reads after every {FLOOD_BURST:,} pings) sent "
+            note=f"p50 {percentile(flooded, 50) * us:.0f} us flooded, {percentile(quiet, 50) * us:.0f} us quiet; "
+            f"{N} sequential echo jobs each way, in {ROUNDS} alternating rounds; the flooder (reads after every {FLOOD_BURST:,} pings) sent "
             f"{counts['sent']:,} pings, {counts['read']:,} answered ({'cut off' if counts['cut_off'] else 'not cut off'})"
             f"; a {STREAM_N:,}-chunk stream under the flood: {chunks:,} chunks received, "
             f"{'then its result' if stream_ok else 'then a FAILURE'}",

@@ -255,8 +255,8 @@ class FlowControl:
         message = (
             f"the daemon stopped serving this connection: {reason}. {dropped:,} replies were dropped, "
             f"{cancelled:,} queued jobs cancelled, {unrun:,} requests never run, {running:,} running jobs' "
-            "outcomes will not be sent. No request sent on this connection before this notice will get "
-            "another reply; open a new connection"
+            "outcomes will not be sent. Every request still outstanding on this connection has ended (what comes "
+            "later on it is a client_cut_off refusal); open a new connection"
         )
         notice = encode_reply(None, error=ClientCutOff(message, dropped=dropped, cancelled=cancelled, unrun=unrun))
         peer.cut_off = CutOff(reason, now, notice)
