@@ -115,7 +115,6 @@ class Peer:
 class Counts:
     """Since the daemon started."""
 
-    sent: int = 0  # replies and chunks that went out
     dropped: int = 0  # replies and chunks for clients that were cut off or had gone
     cut_off: int = 0  # clients cut off
     refused: int = 0  # requests not handled because their client was cut off
@@ -201,7 +200,6 @@ class FlowControl:
                     break
                 backlog.popleft()
                 peer.blocked_since = None
-                self.counts.sent += 1
                 quantum -= 1
                 sent = True
             if peer.idle:
