@@ -25,56 +25,42 @@ from typing import Any
 
 from protocol import QueueFull, ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
-from supervisor.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.config import Config
-from supervisor.core import Core
+from supervisor.engine.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
+from supervisor.engine.loop import Engine
+from supervisor.futures import JobFuture
 from supervisor.stream import AsyncJobStream, JobStream
 
-# Cores still running, held strongly: a Supervisor the program dropped
+# Engines still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
-_LIVE_CORES: set[Core] = set()
+_LIVE_ENGINES: set[Engine] = set()
 log = logging.getLogger("gpuvisor")
 
 
-def _post_stop(core: Core) -> Shutdown | None:
+def _post_stop(engine: Engine) -> Shutdown | None:
     """Ask ``core`` for a non-draining stop, without waiting. Safe from a
     finalizer, whatever thread runs it."""
-    if core.owner_pid != os.getpid() or not core.alive:
+    if engine.owner_pid != os.getpid() or not engine.alive:
         return None
     command = Shutdown(drain=False, timeout=None)
-    core.post(command)
+    engine.post(command)
     return command
 
 
 def _stop_all_at_exit() -> None:
     """A program that forgot ``shutdown()`` must still not leave a worker
     behind: stop them without draining, as ProcessPoolExecutor joins its own."""
-    pending = [(core, _post_stop(core)) for core in list(_LIVE_CORES)]
-    for core, command in pending:
+    pending = [(engine, _post_stop(engine)) for engine in list(_LIVE_ENGINES)]
+    for engine, command in pending:
         if command is not None:
-            command.future.result(timeout=core.config.stop_timeout * 2 + 10)
-            core.join(timeout=core.config.stop_timeout * 2 + 10)
+            command.future.result(timeout=engine.config.stop_timeout * 2 + 10)
+            engine.join(timeout=engine.config.stop_timeout * 2 + 10)
 
 
 atexit.register(_stop_all_at_exit)
 # A forked child has a copy of the parent's Supervisors but not their loop
-# threads: it must neither use nor stop them (Core.post refuses).
-os.register_at_fork(after_in_child=_LIVE_CORES.clear)
-
-
-def _once(fn):
-    lock = threading.Lock()
-    done = False
-
-    def call() -> None:
-        nonlocal done
-        with lock:
-            if done:
-                return
-            done = True
-        fn()
-
-    return call
+# threads: it must neither use nor stop them (Engine.post refuses).
+os.register_at_fork(after_in_child=_LIVE_ENGINES.clear)
 
 
 def _failed(error: BaseException) -> Future:
@@ -133,7 +119,7 @@ class Supervisor:
         if initial is not None and self.config.mode(initial) is None:
             raise UnknownMode(self._unknown_mode_message(initial))
         self._initial_mode = initial
-        self._core = Core(self.config)
+        self._engine = Engine(self.config)
         self._ids = itertools.count(1)
         self._start_lock = threading.Lock()
         self._started = False
@@ -151,13 +137,13 @@ class Supervisor:
             if self._closed:
                 raise ShuttingDown("this supervisor was shut down; create a new one")
             if not self._started:
-                self._core.start()
+                self._engine.start()
                 self._started = True
-                _LIVE_CORES.add(self._core)
+                _LIVE_ENGINES.add(self._engine)
                 # Dropped without shutdown(): stop the worker rather than leak it.
-                weakref.finalize(self, _post_stop, self._core).atexit = False
+                weakref.finalize(self, _post_stop, self._engine).atexit = False
                 if self._initial_mode is not None:
-                    self._core.post(QueuedSwitch(self._initial_mode, Future()))
+                    self._engine.post(QueuedSwitch(self._initial_mode, Future()))
         return self
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -169,7 +155,7 @@ class Supervisor:
         ``drain=False``: queued work and the job in flight get ``JobCancelled``
         and the worker is stopped at once."""
         timeout = _check_timeout("timeout", timeout)
-        if self._core.on_loop_thread():
+        if self._engine.on_loop_thread():
             raise RuntimeError(
                 "shutdown() called from a Future callback would wait on itself; call it from another thread"
             )
@@ -178,10 +164,10 @@ class Supervisor:
             if not self._started:
                 return
         command = Shutdown(drain, timeout)
-        self._core.post(command)
+        self._engine.post(command)
         command.future.result()
-        self._core.join(timeout=None)
-        _LIVE_CORES.discard(self._core)
+        self._engine.join(timeout=None)
+        _LIVE_ENGINES.discard(self._engine)
 
     def __enter__(self) -> Supervisor:
         return self.start()
@@ -231,7 +217,7 @@ class Supervisor:
             return unknown
         job_id = next(self._ids)
         frames = encode_job(job_id, task, payload, on_chunk is not None)  # TypeError / ProtocolError here
-        future: Future = Future()
+        future = JobFuture(on_chunk)
         if not self._running_or_fail(future):
             return future
         if not self._slots.acquire(blocking=False):
@@ -239,9 +225,8 @@ class Supervisor:
         # Given back exactly once: by the loop just before it settles the job
         # (so a caller woken by the result finds it free), or on cancel().
         # Neither holds a reference to the Supervisor.
-        future.release_slot = _once(self._slots.release)
-        future.add_done_callback(lambda f: f.release_slot())
-        self._core.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
+        future.hold_slot(self._slots.release)
+        self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
         return future
 
     def switch_mode(self, mode: str) -> Future:
@@ -255,7 +240,7 @@ class Supervisor:
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        self._core.post(QueuedSwitch(mode, future))
+        self._engine.post(QueuedSwitch(mode, future))
         return future
 
     def restart(self, mode: str | None = None) -> Future:
@@ -269,7 +254,7 @@ class Supervisor:
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        self._core.post(QueuedSwitch(mode, future, force=True))
+        self._engine.post(QueuedSwitch(mode, future, force=True))
         return future
 
     def reload(self, config: str | Path | Config | None = None) -> Future:
@@ -285,7 +270,7 @@ class Supervisor:
         if not self._running_or_fail(future):
             return future
         self.config = new
-        self._core.post(Reload(new, future))
+        self._engine.post(Reload(new, future))
         return future
 
     def status(self) -> dict[str, Any]:
@@ -296,12 +281,12 @@ class Supervisor:
         memory and model fields docs/protocol.md lists under ``status``
         (``gpu``, ``worker_vram_bytes``, ``worker_rss_bytes``, ``window``,
         ``standby_pid`` ...): the same map the daemon answers with."""
-        return self._core.status
+        return self._engine.status
 
     def healthy(self, max_age: float) -> bool:
         """The core loop is alive and has turned within ``max_age`` seconds
         (it turns at least once a second when idle). For watchdogs."""
-        return self._core.alive and time.monotonic() - self._core.published_at <= max(max_age, 2.0)
+        return self._engine.alive and time.monotonic() - self._engine.published_at <= max(max_age, 2.0)
 
     def _running_or_fail(self, future: Future) -> bool:
         """Start on first use; after shutdown, fail ``future`` instead."""

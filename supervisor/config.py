@@ -49,10 +49,13 @@ class ModeSpec:
     idle_unload_s: float | None = None  # None: the [supervisor] setting applies
 
 
-def _valid_device(value: Any) -> bool:
-    from supervisor.gpu import valid_device_setting  # no NVML here: syntax only
+_DEVICE_RE = re.compile(r"cuda:(0|[1-9][0-9]*)")
+BAD_DEVICE_SETTING = "device must be 'auto', 'cpu' or 'cuda:N' (N = the GPU's NVML index: 0, 1, ...), got {!r}"
 
-    return valid_device_setting(value)
+
+def valid_device_setting(value: Any) -> bool:
+    """Syntax only, no NVML: ``"auto"``, ``"cpu"`` or ``"cuda:N"``."""
+    return isinstance(value, str) and (value in ("auto", "cpu") or _DEVICE_RE.fullmatch(value) is not None)
 
 
 # name -> (check, what is expected); the defaults live in Config alone.
@@ -69,7 +72,7 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "max_queue": (lambda v: _whole(v) and v > 0, "a whole number > 0"),
     "window": (lambda v: _whole(v) and 1 <= v <= 1024, "a whole number from 1 to 1024"),
     "default_mode": (lambda v: isinstance(v, str), "a mode name"),
-    "device": (_valid_device, "'auto', 'cpu' or 'cuda:N'"),
+    "device": (valid_device_setting, "'auto', 'cpu' or 'cuda:N'"),
     "recycle_on_oom": (lambda v: isinstance(v, bool), "true or false"),
     "idle_unload_s": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: never)"),
     "reclaim_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),

@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor import Supervisor, gpu
+from supervisor import Supervisor
+from supervisor.engine import gpu
 from tests.fake_nvml import FakeNvml
 
 ROOT = Path(__file__).resolve().parent.parent

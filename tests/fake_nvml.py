@@ -1,5 +1,5 @@
 """A stand-in for ``pynvml``, for the tests that need a GPU's NVML where
-there is none: just the surface ``supervisor.gpu`` uses, with the error
+there is none: just the surface ``supervisor.engine.gpu`` uses, with the error
 codes and words of the real library. Only NVML is stood in for; the
 supervisor, its workers and their sockets stay real."""
 
@@ -30,7 +30,7 @@ class NVMLError(Exception):  # pynvml's errors print the driver's words and carr
 
 
 class FakeNvml:
-    """Just the pynvml surface supervisor.gpu uses. ``gpus``: dicts with
+    """Just the pynvml surface supervisor.engine.gpu uses. ``gpus``: dicts with
     name, uuid, used, total, and process lists (pid, bytes or None) under
     Compute / Graphics / MPSCompute. ``missing``: names of calls this
     "driver" lacks (they raise FunctionNotFound, as pynvml does)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor.gpu import GpuMeter  # noqa: E402 - after the path is set
+from supervisor.engine.gpu import GpuMeter  # noqa: E402 - after the path is set
 
 TEXTS = ["hello"] * 64
 

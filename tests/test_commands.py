@@ -6,7 +6,9 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
-from supervisor.commands import Mailbox, QueuedSwitch, settle
+from supervisor.engine.commands import QueuedSwitch
+from supervisor.futures import settle
+from supervisor.mailbox import Mailbox
 
 
 def _race_posters_against_close(posters: int = 4) -> tuple[int, int, list[BaseException]]:

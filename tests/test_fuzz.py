@@ -155,7 +155,7 @@ def test_the_supervisor_survives_a_rogue_peer_on_its_worker_socket(caplog):
     with Supervisor() as sup:
         sup.switch_mode("diag").result(T)
         pid = sup.submit("pid").result(T)
-        endpoint = sup._core.endpoint
+        endpoint = sup._engine.link.endpoint
         ctx = zmq.Context()
         rogues = []
         for identity in (b"g0", b"g1", b"", os.urandom(8), b"g999"):

@@ -1,4 +1,4 @@
-"""supervisor.gpu: the worker's device and VRAM accounting through NVML.
+"""supervisor.engine.gpu and .devices: the worker's device and VRAM accounting through NVML.
 
 Three groups:
 
@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 
 from supervisor import Supervisor
-from supervisor.gpu import DeviceChoice, GpuMeter, Reclaim, choose_device, process_rss, valid_device_setting
+from supervisor.config import valid_device_setting
+from supervisor.engine.devices import DeviceChoice, choose_device
+from supervisor.engine.gpu import GpuMeter, Reclaim, process_rss
 from tests.fake_nvml import (
     LIBRARY_NOT_FOUND,
     FakeNvml,
@@ -76,7 +78,7 @@ def test_cpu_hides_every_gpu_whatever_nvml_says():
 
 def test_importing_the_module_imports_no_nvml_numpy_or_torch():
     code = (
-        "import sys, supervisor; before = set(sys.modules); import supervisor.gpu; "
+        "import sys, supervisor; before = set(sys.modules); import supervisor.engine.gpu, supervisor.engine.devices; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('pynvml', 'numpy', 'torch')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
@@ -323,7 +325,7 @@ def test_fake_without_a_baseline_only_the_pid_is_waited_for(fake_nvml):
 
 # ------------------------------------------------------------ the real pynvml over a stub driver
 
-# A libnvidia-ml.so.1 with just the calls supervisor.gpu makes, laid out as
+# A libnvidia-ml.so.1 with just the calls supervisor.engine.gpu makes, laid out as
 # nvml.h says: drives pynvml's own ctypes wrappers (struct versions, the
 # two-call process lists, NVML_VALUE_NOT_AVAILABLE -> None, a missing
 # symbol -> FunctionNotFound) with no GPU. The worker (pid 4242) leaves the
@@ -364,7 +366,8 @@ int nvmlDeviceGetGraphicsRunningProcesses_v3(void *h, unsigned int *count, proc_
 
 STUB_CLIENT = """
 import json
-from supervisor.gpu import GpuMeter, choose_device
+from supervisor.engine.devices import choose_device
+from supervisor.engine.gpu import GpuMeter
 m = GpuMeter.open(0)
 out = {"choice": choose_device("auto", environ={}).__dict__, "snapshot": m.snapshot(),
        "worker": m.process_bytes(4242), "unknown": m.process_bytes(31), "absent": m.process_bytes(7)}

@@ -75,7 +75,7 @@ def test_the_supervisor_never_imports_torch_even_while_running_the_torch_mode():
 
 def test_importing_every_supervisor_module_pulls_in_no_torch():
     code = (
-        "import sys, supervisor, supervisor.api, supervisor.core, supervisor.cli, supervisor.tour,"
+        "import sys, supervisor, supervisor.api, supervisor.engine.loop, supervisor.cli, supervisor.tour,"
         " supervisor.client, supervisor.daemon;"
         "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'worker')])"
     )

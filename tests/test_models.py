@@ -360,8 +360,8 @@ def test_the_loop_keeps_serving_while_a_switch_waits_for_memory(fake_nvml, super
     wait_until(lambda: sup.status()["reclaiming"], T, "the switch to wait for the memory")
     status = sup.status()
     assert status["worker_pid"] is None and status["switching_to"] == "other"
-    turned = sup._core.published_at
-    wait_until(lambda: sup._core.published_at > turned, 1.0, "the loop to turn during the wait")
+    turned = sup._engine.published_at
+    wait_until(lambda: sup._engine.published_at > turned, 1.0, "the loop to turn during the wait")
     assert switching.result(T)["reclaim_complete"] is True and not sup.status()["reclaiming"]
 
 

@@ -393,7 +393,7 @@ def test_messages_from_an_unknown_or_older_generation_are_dropped(sup, caplog):
     impostor = ctx.socket(zmq.DEALER)
     impostor.setsockopt(zmq.ROUTING_ID, b"g0")
     impostor.setsockopt(zmq.LINGER, 0)
-    impostor.connect(sup._core.endpoint)
+    impostor.connect(sup._engine.link.endpoint)
     impostor.send_multipart(encode(Result(1, "forged")))
     try:
         assert job.result(T) == {"slept": 0.5}, "a stale generation's result must not be attributed"
@@ -456,9 +456,9 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
     """Fault injection in the supervisor's own loop (a bug we do not know of
     yet): every accepted Future still ends, the worker is reaped, and later
     calls get ShuttingDown instead of hanging."""
-    from supervisor.core import Core
+    from supervisor.engine.slot import Slot
 
-    real = Core._dispatch
+    real = Slot.dispatch
     calls = {"n": 0}
 
     def exploding_dispatch(self, job, w):
@@ -467,7 +467,7 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
             raise RuntimeError("injected bug in the loop")
         return real(self, job, w)
 
-    monkeypatch.setattr(Core, "_dispatch", exploding_dispatch)
+    monkeypatch.setattr(Slot, "dispatch", exploding_dispatch)
     sup = Supervisor().start()
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)

@@ -1,10 +1,11 @@
-"""Start a worker process, stop it, reap it. The only module that signals.
+"""Start a worker process and signal it. The only module that signals.
 
-Stop-and-reap is one function so that every path (switch, crash, timeout,
-shutdown) kills the same way: SIGTERM to the worker's process group, a
-bounded wait, SIGKILL to the group, and always a reap before the next spawn,
-so no zombie and no grandchild (a compiler, a data loader) is left holding
-memory.
+The loop never waits on a child: it sends SIGTERM (or SIGKILL) to the
+worker's process group and goes on; the worker's pidfd tells it when to
+reap, and a deadline escalates to SIGKILL. Signals go to the group, so no
+grandchild (a compiler, a data loader) is left holding memory. The one
+blocking stop, ``stop_and_reap``, is for the paths where the loop itself is
+gone (its crash, the interpreter's exit).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def spawn_worker(
     )
 
 
-def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+def signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -85,24 +86,25 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
 
 
 def stop_and_reap(proc: subprocess.Popen, grace: float, *, kill_now: bool = False) -> int:
-    """Stop ``proc`` and its group and reap it; returns its exit status.
+    """Stop ``proc`` and its group and reap it, waiting; returns its exit
+    status. Only where no loop is left to wait for a pidfd.
 
     ``kill_now`` skips SIGTERM: used when the worker is known stuck (timeout,
     hang), where waiting out a grace period only delays the caller."""
     if proc.poll() is None:
         if not kill_now:
-            _signal_group(proc, signal.SIGTERM)
+            signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
                 log.warning("worker pid %d ignored SIGTERM for %.1fs; sending SIGKILL", proc.pid, grace)
         if proc.poll() is None:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             try:
                 proc.wait(max(grace, 5.0))
             except subprocess.TimeoutExpired:
                 raise UnkillableWorker(f"worker pid {proc.pid} survived SIGKILL for {max(grace, 5.0):.0f}s") from None
-    _signal_group(proc, signal.SIGKILL)  # grandchildren left in the group
+    signal_group(proc, signal.SIGKILL)  # grandchildren left in the group
     return proc.returncode
 
 

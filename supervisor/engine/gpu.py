@@ -1,4 +1,5 @@
-"""Which device the worker gets, and VRAM accounting through NVML, never torch.
+"""VRAM accounting through NVML, never torch: the device's memory, what
+each process holds, and whether a stopped worker's memory is back.
 
 The supervisor must not hold a CUDA context (that is the whole design), so
 everything here reads the driver through NVML (``nvidia-ml-py``, module
@@ -9,8 +10,7 @@ pynvml nor numpy nor torch.
 Nothing here raises for an NVML failure. A missing driver, a library that
 is too old, a GPU that fell off the bus: each becomes a reason string (or
 None, with the reason in ``GpuMeter.last_error``), because the supervisor's
-loop must outlive its GPU. Only ``choose_device`` raises, and only
-``ValueError`` for a setting that cannot be right.
+loop must outlive its GPU.
 
 NVML semantics this module relies on (what the numbers mean):
 
@@ -52,15 +52,11 @@ NVML semantics this module relies on (what the numbers mean):
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-_DEVICE_RE = re.compile(r"cuda:(0|[1-9][0-9]*)")
-_BAD_SETTING = "device must be 'auto', 'cpu' or 'cuda:N' (N = the GPU's NVML index: 0, 1, ...), got {!r}"
 
 # NVML error codes (nvml.h) that mean "this call does not exist or does not
 # apply here", as opposed to "something went wrong".
@@ -80,7 +76,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _nvml() -> tuple[Any, str | None]:
+def nvml() -> tuple[Any, str | None]:
     """``(pynvml, None)`` with NVML initialised in this process, or
     ``(None, reason)``. A failure is not remembered: a driver loaded after
     the supervisor started is seen on the next call."""
@@ -114,14 +110,14 @@ def _not_there(exc: BaseException) -> bool:
     )
 
 
-def _device_count(nv: Any) -> tuple[int | None, str | None]:
+def device_count(nv: Any) -> tuple[int | None, str | None]:
     try:
         return int(nv.nvmlDeviceGetCount()), None
     except Exception as exc:  # noqa: BLE001 - any NVML failure is a reason, never a crash
         return None, _describe(exc)
 
 
-def _identity(nv: Any, index: int) -> tuple[str, str, str | None]:
+def identity(nv: Any, index: int) -> tuple[str, str, str | None]:
     """``(name, uuid, problem)`` of NVML device ``index``; empty strings
     where NVML could not say."""
     try:
@@ -129,131 +125,6 @@ def _identity(nv: Any, index: int) -> tuple[str, str, str | None]:
         return _text(nv.nvmlDeviceGetName(handle)), _text(nv.nvmlDeviceGetUUID(handle)), None
     except Exception as exc:  # noqa: BLE001 - any NVML failure is a reason, never a crash
         return "", "", _describe(exc)
-
-
-# ---------------------------------------------------------------- the device
-
-
-@dataclass(frozen=True)
-class DeviceChoice:
-    """The device the worker gets, decided in the supervisor from NVML.
-
-    ``index`` is the NVML index of the GPU to meter: None on cpu, and None
-    also where the GPU cannot be named (``auto`` honouring a
-    ``CUDA_VISIBLE_DEVICES`` NVML cannot map); ``reason`` then says VRAM
-    cannot be verified. ``env`` goes into the worker's environment, over
-    the supervisor's own. A pinned worker sees exactly one GPU, as
-    ``cuda:0``: its mode arguments should say ``"cuda"``, not ``"cuda:N"``.
-    """
-
-    setting: str  # what the config said: "auto" | "cpu" | "cuda:N"
-    kind: str  # "cpu" or "cuda"
-    index: int | None
-    env: dict[str, str]
-    reason: str  # one line for the log and status(): why this device
-
-
-def valid_device_setting(value: Any) -> bool:
-    """Syntax only, no NVML: ``"auto"``, ``"cpu"`` or ``"cuda:N"``."""
-    return isinstance(value, str) and (value in ("auto", "cpu") or _DEVICE_RE.fullmatch(value) is not None)
-
-
-def _cpu(setting: str, reason: str) -> DeviceChoice:
-    return DeviceChoice(setting, "cpu", None, {"CUDA_VISIBLE_DEVICES": ""}, reason)
-
-
-def _pinned(setting: str, nv: Any, index: int, why: str) -> DeviceChoice:
-    """``cuda`` on NVML device ``index``. The worker is pinned by the GPU's
-    UUID: NVML's numbering and CUDA's can differ (CUDA's default order is
-    fastest first, and NVML promises no order across reboots), a UUID
-    cannot. Without a UUID, the number in PCI bus order, which is how NVML
-    numbers in practice."""
-    name, uuid, problem = _identity(nv, index)
-    env = {"CUDA_VISIBLE_DEVICES": uuid or str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    what = f"{name} ({uuid})" if uuid else f"NVML device {index} (name unknown: {problem})"
-    return DeviceChoice(setting, "cuda", index, env, f"{why}: {what}")
-
-
-def _honour_visible(nv: Any, count: int, visible: str, order: str | None) -> DeviceChoice:
-    """``auto`` when the supervisor's own environment already sets
-    ``CUDA_VISIBLE_DEVICES`` (a service pinned to a GPU by its unit file):
-    the worker inherits it unchanged, and the GPU it names is metered when
-    NVML can tell which one that is. CUDA uses the first entry as cuda:0."""
-    setting = "auto"
-    first = visible.split(",")[0].strip()
-    said = f"auto: CUDA_VISIBLE_DEVICES={visible!r} in the supervisor's environment"
-    if not first or first.startswith("-"):
-        return _cpu(setting, f"{said} hides every GPU")
-    index: int | None = None
-    if first.isascii() and first.isdigit():
-        number = int(first)
-        if number >= count:
-            return _cpu(setting, f"{said} names no GPU NVML sees ({count})")
-        if order == "PCI_BUS_ID" or count == 1:
-            index = number
-    elif first.startswith("GPU-"):  # CUDA takes a unique prefix of the UUID
-        matches = [i for i in range(count) if _identity(nv, i)[1].startswith(first)]
-        index = matches[0] if len(matches) == 1 else None
-    if index is None:
-        return DeviceChoice(
-            setting,
-            "cuda",
-            None,
-            {},
-            f"{said}, which NVML cannot map to one of its {count} GPUs, so VRAM cannot be verified "
-            "(use a GPU UUID, or CUDA_DEVICE_ORDER=PCI_BUS_ID, or set device = 'cuda:N')",
-        )
-    name, uuid, _ = _identity(nv, index)
-    return DeviceChoice(setting, "cuda", index, {}, f"{said}: NVML device {index}, {name} ({uuid})")
-
-
-def choose_device(setting: str, environ: Mapping[str, str] | None = None) -> DeviceChoice:
-    """Decide the worker's device from the config's ``device`` setting.
-
-    * ``"cpu"``: every GPU hidden from the worker (``CUDA_VISIBLE_DEVICES=""``).
-    * ``"cuda:N"``: the worker sees NVML device N alone. ``ValueError`` when
-      NVML works and has no device N. Without NVML the worker is pinned all
-      the same (the user asked for it), and ``reason`` says VRAM cannot be
-      verified.
-    * ``"auto"``: ``cuda:0`` when NVML sees a GPU, else cpu; but a
-      ``CUDA_VISIBLE_DEVICES`` already in ``environ`` (default: this
-      process's environment) is honoured, not overridden.
-
-    Anything else raises ``ValueError``. Never raises for an NVML failure.
-    """
-    if not valid_device_setting(setting):
-        raise ValueError(_BAD_SETTING.format(setting))
-    if setting == "cpu":
-        return _cpu(setting, "cpu: set in the configuration; CUDA_VISIBLE_DEVICES='' hides every GPU from the worker")
-    environ = os.environ if environ is None else environ
-    nv, problem = _nvml()
-    count: int | None = None
-    if nv is not None:
-        count, problem = _device_count(nv)
-    if setting == "auto":
-        if count is None or count == 0:
-            return _cpu(setting, f"auto: NVML sees no GPU ({problem or '0 devices'})")
-        if "CUDA_VISIBLE_DEVICES" in environ:
-            return _honour_visible(nv, count, environ["CUDA_VISIBLE_DEVICES"], environ.get("CUDA_DEVICE_ORDER"))
-        return _pinned(setting, nv, 0, f"auto: NVML sees {count} GPU{'s' if count != 1 else ''}, using cuda:0")
-    index = int(setting.removeprefix("cuda:"))
-    if count is None:
-        env = {"CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        return DeviceChoice(
-            setting,
-            "cuda",
-            index,
-            env,
-            f"{setting}: set in the configuration; NVML is unavailable ({problem}), so VRAM cannot be verified",
-        )
-    if index >= count:
-        seen = {0: "NVML sees no GPU", 1: "NVML sees 1 GPU (cuda:0)"}.get(count)
-        seen = seen or f"NVML sees {count} GPUs (cuda:0 to cuda:{count - 1})"
-        raise ValueError(f"device {setting!r}: there is no such GPU; {seen}")
-    why = f"{setting}: set in the configuration"
-    if "CUDA_VISIBLE_DEVICES" in environ:
-        why += f" (over CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r} in the supervisor's environment)"
-    return _pinned(setting, nv, index, why)
 
 
 # ---------------------------------------------------------------- the meter
@@ -308,10 +179,10 @@ class GpuMeter:
         """A meter for NVML device ``index``, or the reason there is none."""
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             return f"{index!r} is not a GPU index"
-        nv, problem = _nvml()
+        nv, problem = nvml()
         if nv is None:
             return f"NVML is unavailable: {problem}"
-        count, problem = _device_count(nv)
+        count, problem = device_count(nv)
         if count is None:
             return f"NVML cannot count GPUs: {problem}"
         if index >= count:

@@ -1,12 +1,16 @@
-"""One worker process as the core loop sees it, and its state machine.
+"""One worker process as the loop sees it: its state machine, the jobs
+handed to it, how it is ending, and its stderr.
 
 ::
 
-    SPAWNED --HELLO--> LOADING --READY--> READY <--result-- BUSY
-       |                  |                 |  --JOB-->      |
+    SPAWNED --HELLO--> LOADING --READY--> READY <--outcome-- BUSY
+       |                  |                 |  ----JOB---->   |
        |                  |                 +--DRAIN--> DRAINING
-       +------------------+-----------------+---------------+--> EXITED
-                    (exit, kill, load failure, timeout, hang)
+       +------------------+--------+--------+----------------+
+                                   | stop() (SIGTERM) or kill() (SIGKILL)
+                                   v
+                               STOPPING --its pidfd fires, reaped--> EXITED
+       (any state) --it dies on its own, reaped--------------------> EXITED
 
 Every change goes through ``transition()``, which refuses a change from a
 state not listed as its predecessor, so an impossible event (a RESULT while
@@ -23,8 +27,11 @@ import queue
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 
+from protocol import GpuvisorError
 from supervisor.config import ModeSpec
+from supervisor.engine.commands import QueuedJob
 
 log = logging.getLogger("gpuvisor")
 
@@ -33,22 +40,41 @@ class WorkerState(enum.Enum):
     SPAWNED = "spawned"  # process started, no HELLO yet
     LOADING = "loading"  # LOAD sent, waiting for READY
     READY = "ready"  # idle, mode loaded
-    BUSY = "busy"  # one job in flight
+    BUSY = "busy"  # jobs in flight
     DRAINING = "draining"  # DRAIN sent, waiting for exit 0
+    STOPPING = "stopping"  # signalled; waiting for its exit
     EXITED = "exited"  # reaped; the handle is dead
 
+
+SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING})
+STARTING = frozenset({WorkerState.SPAWNED, WorkerState.LOADING})
+# Before HELLO the worker's I/O thread may not exist yet (load_timeout covers
+# that); while DRAINING the exit deadline does.
+HEARTBEATING = frozenset({WorkerState.LOADING, WorkerState.READY, WorkerState.BUSY})
 
 _PREDECESSORS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.LOADING: frozenset({WorkerState.SPAWNED}),
     WorkerState.READY: frozenset({WorkerState.LOADING, WorkerState.BUSY}),
     WorkerState.BUSY: frozenset({WorkerState.READY}),
     WorkerState.DRAINING: frozenset({WorkerState.READY}),
+    WorkerState.STOPPING: frozenset(set(WorkerState) - {WorkerState.STOPPING, WorkerState.EXITED}),
     WorkerState.EXITED: frozenset(set(WorkerState) - {WorkerState.EXITED}),
 }
 
 
 class IllegalTransition(RuntimeError):
     """A bug in the loop: an event arrived that the state machine forbids."""
+
+
+@dataclass
+class Ending:
+    """Why a worker is ending, decided when the loop stops or kills it. A
+    worker that dies on its own has none: its exit status says why."""
+
+    why: str  # for the log, and the crash report when ``job_error`` is set
+    job_error: type[GpuvisorError] | None = None  # what the running job gets; None: we stop it idle, on purpose
+    job_id: int | None = None  # the job the cause is about (a timeout): another one running gets WorkerCrashed
+    then: list = field(default_factory=list)  # outcomes handed out once it is reaped (future, result, error)
 
 
 STDERR_TAIL_LINES = 12
@@ -119,8 +145,18 @@ class WorkerHandle:
         self.warmup_seconds: float | None = None
         self.idle_since = self.started_at  # when it last became READY: idle_unload_s counts from here
         self.baseline_used: int | None = None  # device memory used before it started (NVML), for the reclaim
-        self.stopping_since = 0.0
         self.hello_at: float | None = None
+        # Jobs sent to it, in order: the head runs, the rest wait in its socket
+        # (up to ``window``), so it never idles for a round trip.
+        self.in_flight: collections.deque[QueuedJob] = collections.deque()
+        self.unsent: list[QueuedJob] = []  # a job whose send found the worker gone: it goes back to the queue
+        self.ending: Ending | None = None
+        self.ended_in: WorkerState | None = None  # its state when it began to end
+        self.signalled: int | None = None  # the last signal sent to end it
+        self.stopping_since = 0.0
+        self.used_before: int | None = None  # device memory used just before it ended, for the reclaim
+        self.last_words_until = 0.0  # after its death, read its socket at most until then
+        self.returncode: int | None = None
         self.stderr_fd: int | None = proc.stderr.fileno() if proc.stderr is not None else None
         if self.stderr_fd is not None:
             os.set_blocking(self.stderr_fd, False)
@@ -140,13 +176,26 @@ class WorkerHandle:
     def mode(self) -> str:
         return self.spec.name
 
+    @property
+    def alive(self) -> bool:
+        """Not yet reaped (it may be stopping)."""
+        return self.state is not WorkerState.EXITED
+
     def transition(self, new: WorkerState) -> None:
         if self.state not in _PREDECESSORS[new]:
             raise IllegalTransition(f"worker gen {self.gen}: {self.state.value} -> {new.value} is not allowed")
         log.debug("worker gen %d pid %d: %s -> %s", self.gen, self.pid, self.state.value, new.value)
+        if new in (WorkerState.STOPPING, WorkerState.EXITED) and self.ended_in is None:
+            self.ended_in = self.state
         self.state = new
         if new is WorkerState.READY:
             self.idle_since = time.monotonic()
+
+    def reap(self) -> bool:
+        """Collect its exit status if it has exited (never blocks); True then."""
+        if self.returncode is None:
+            self.returncode = self.proc.poll()
+        return self.returncode is not None
 
     def pump_stderr(self, budget: int = _READ_PER_TURN) -> None:
         """Read what the worker wrote, pass it on, keep the tail. Never blocks,

@@ -1,0 +1,52 @@
+"""What API threads hand to the loop. A command carries the caller's
+Future, and the loop gives that Future its one outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.futures import JobFuture
+
+
+@dataclass(eq=False)
+class QueuedJob:
+    id: int
+    task: str
+    frames: list  # the JOB message, encoded by the submitting thread
+    mode: str | None
+    timeout: float | None  # None: the config's job_timeout; 0: none at all
+    future: JobFuture
+    retries: int = 0  # the caller's word that the job is idempotent: runs again after a crash
+    deadline: float | None = None  # when it must be done; set when it starts running
+    on_chunk: Callable[[Any], None] | None = None  # a streamed job's sink, called on the loop thread
+    chunks: int = 0  # CHUNKs received so far; the next must carry seq chunks + 1
+    stream_broken: bool = False  # a chunk could not be read: the stream has ended with an error
+
+
+@dataclass(eq=False)
+class QueuedSwitch:
+    mode: str | None  # None only with ``force``: restart the mode in force
+    future: Future | None  # None: implicit, for jobs that need its mode
+    force: bool = False  # restart(): a fresh worker even if the mode is loaded
+
+
+@dataclass(eq=False)
+class Shutdown:
+    drain: bool
+    timeout: float | None  # bounds the drain; what has not run by then is cancelled
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class Reload:
+    """Swap the configuration (SIGHUP). The loaded worker is left alone; a
+    mode's new entry applies the next time that mode is loaded."""
+
+    config: Any
+    future: Future = field(default_factory=Future)
+
+
+Command = QueuedJob | QueuedSwitch | Shutdown | Reload

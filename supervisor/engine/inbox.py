@@ -1,0 +1,175 @@
+"""What each message from a worker means for its slot.
+
+Messages are handled in the loop's first phase, before commands and
+deadlines, so a command sees the worker as it is now. A handler changes the
+slot's state and decides outcomes; when a message shows the worker cannot
+go on (it broke the protocol), the handler kills it and the slot's end
+phase does the rest. A message from a worker that is not the slot's
+current one (an older generation) is logged and dropped, never attributed
+to the new worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from protocol import (
+    Chunk,
+    Failure,
+    Heartbeat,
+    Hello,
+    Kind,
+    LoadFailed,
+    ModeLoadError,
+    OutOfMemory,
+    ProtocolError,
+    Ready,
+    Result,
+    error_from_wire,
+)
+from supervisor.engine.link import Received
+from supervisor.engine.worker_handle import WorkerHandle, WorkerState
+
+if TYPE_CHECKING:
+    from supervisor.engine.slot import Slot
+
+log = logging.getLogger("gpuvisor")
+
+_OUTCOMES = (Kind.RESULT, Kind.FAILURE, Kind.CHUNK)
+
+
+def handle(slot: Slot, got: Received) -> None:
+    w = slot.worker
+    if w is None or got.identity != w.identity:
+        log.warning("dropped a message from %r: not the current worker (generation %s)",
+                    got.identity, w.gen if w else None)  # fmt: skip
+        return
+    if w.state is WorkerState.EXITED:
+        if not w.in_flight:
+            return
+        slot.heard_last_words()  # it died, but what it sent before still counts
+    if got.message is None:
+        _unreadable(slot, w, got)
+        return
+    w.last_seen = time.monotonic()
+    msg = got.message
+    try:
+        _HANDLERS[type(msg)](slot, w, msg)
+    except Exception as exc:  # noqa: BLE001 - the loop must outlive any one message
+        log.exception("could not handle %s from worker gen %d", msg.kind.value, w.gen)
+        if w.alive:
+            slot.kill(f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
+
+
+def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
+    """A RESULT, FAILURE or CHUNK whose header names the running job but whose
+    value cannot be read fails that job alone: the worker kept to the
+    protocol otherwise and serves on. Anything else unreadable means our own
+    child broke the protocol: whatever it was answering is lost, so it is
+    killed, and the job it ran gets the ProtocolError."""
+    job = w.in_flight[0] if w.in_flight else None
+    if job is not None and got.kind in _OUTCOMES and got.job == job.id:
+        w.last_seen = time.monotonic()
+        log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id,
+                  got.error.message)  # fmt: skip
+        error = ProtocolError(
+            f"the worker's {got.kind} for job {job.id} ({job.task!r}) cannot be read: {got.error.message}"
+        )
+        if got.kind == Kind.CHUNK:  # the stream is broken: it ends now; the job's own outcome is still to come
+            job.on_chunk, job.stream_broken = None, True
+            slot.engine.decide(job.future, error=error)
+        else:
+            _on_outcome(slot, w, Failure(job.id, error.to_wire()))
+        return
+    log.error("worker gen %d sent a malformed message: %s", w.gen, got.error)
+    if w.alive:
+        slot.kill(f"sent a malformed message ({got.error})", ProtocolError)
+
+
+def _on_hello(slot: Slot, w: WorkerHandle, msg: Hello) -> None:
+    if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
+        log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
+        return
+    w.hello_at = time.monotonic()
+    slot.send_load(w)
+
+
+def _on_ready(slot: Slot, w: WorkerHandle, msg: Ready) -> None:
+    if w.state is not WorkerState.LOADING or msg.mode != w.mode:
+        log.warning("worker gen %d: unexpected READY for %r in state %s", w.gen, msg.mode, w.state.value)
+        return
+    w.load_seconds = float(msg.load_seconds)
+    w.warmup_seconds = msg.warmup_seconds
+    slot.standby.learn(msg.mode, msg.imported)
+    slot.engine.tasks[msg.mode] = sorted(t for t in msg.tasks if isinstance(t, str))
+    w.transition(WorkerState.READY)
+    slot.sample_memory(w, msg.memory)
+    slot.switch_done(w)
+
+
+def _on_load_failed(slot: Slot, w: WorkerHandle, msg: LoadFailed) -> None:
+    """The worker exits 3 by itself (a stop makes sure); the switch fails when
+    it is reaped, without waiting here."""
+    if w.state is not WorkerState.LOADING:
+        log.warning("worker gen %d: unexpected LOAD_FAILED in state %s", w.gen, w.state.value)
+        return
+    remote = error_from_wire(msg.error)
+    slot.load_failed(ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **remote.details))
+
+
+def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
+    job = w.in_flight[0] if w.in_flight else None
+    if job is None or job.id != msg.job or w.state not in (WorkerState.BUSY, WorkerState.STOPPING, WorkerState.EXITED):
+        log.warning("worker gen %d: dropped an outcome for job %d, which is not running", w.gen, msg.job)
+        return
+    error = error_from_wire(msg.error) if isinstance(msg, Failure) else None
+    slot.finished(w)
+    outcome = (job.future, msg.value if error is None else None, error)
+    if isinstance(error, OutOfMemory) and slot.config.recycle_on_oom and w.alive:
+        # The allocator keeps its fragments after an OOM, so the next job would
+        # likely fail too: the worker is stopped once the jobs already handed
+        # to it are done, and the next job that needs the mode starts a fresh
+        # one. Not a death: the restart budget is untouched. If it stops now,
+        # the OOM is handed out once it is gone.
+        slot.oom_recycles += 1
+        log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
+        slot.recycle = True
+        slot.recycle_if_due(outcome)
+        return
+    slot.engine.decide(outcome[0], result=outcome[1], error=outcome[2])
+
+
+def _on_chunk(slot: Slot, w: WorkerHandle, msg: Chunk) -> None:
+    job = w.in_flight[0] if w.in_flight else None
+    if job is not None and job.id == msg.job and job.stream_broken:
+        return  # its reader already has its error
+    if job is None or job.id != msg.job or job.on_chunk is None:
+        log.warning("worker gen %d: dropped a chunk for job %d, which is not a stream in flight", w.gen, msg.job)
+        return
+    if msg.seq != job.chunks + 1:
+        if w.alive:
+            slot.kill(f"sent chunk {msg.seq} of job {job.id} after chunk {job.chunks}", ProtocolError)
+        return
+    job.chunks = msg.seq
+    try:
+        job.on_chunk(msg.value)
+    except Exception:  # noqa: BLE001 - a reader's failure is not the worker's
+        log.exception("job %d: could not deliver chunk %d to its reader", job.id, msg.seq)
+
+
+def _on_heartbeat(slot: Slot, w: WorkerHandle, msg: Heartbeat) -> None:
+    slot.sample_memory(w, msg.memory)  # last_seen is already updated for every message
+    slot.standby.check()
+
+
+_HANDLERS = {
+    Hello: _on_hello,
+    Ready: _on_ready,
+    LoadFailed: _on_load_failed,
+    Result: _on_outcome,
+    Chunk: _on_chunk,
+    Failure: _on_outcome,
+    Heartbeat: _on_heartbeat,
+}
