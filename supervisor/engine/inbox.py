@@ -29,6 +29,7 @@ from protocol import (
     Result,
     error_from_wire,
 )
+from supervisor.engine import ending
 from supervisor.engine.link import Received
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
 
@@ -49,7 +50,7 @@ def handle(slot: Slot, got: Received) -> None:
     if w.state is WorkerState.EXITED:
         if not w.in_flight:
             return
-        slot.heard_last_words()  # it died, but what it sent before still counts
+        ending.heard_last_words(slot)  # it died, but what it sent before still counts
     if got.message is None:
         _unreadable(slot, w, got)
         return
@@ -60,7 +61,7 @@ def handle(slot: Slot, got: Received) -> None:
     except Exception as exc:  # noqa: BLE001 - the loop must outlive any one message
         log.exception("could not handle %s from worker gen %d", msg.kind.value, w.gen)
         if w.alive:
-            slot.kill(f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
+            ending.kill(slot, f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
 
 
 def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
@@ -85,7 +86,7 @@ def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
         return
     log.error("worker gen %d sent a malformed message: %s", w.gen, got.error)
     if w.alive:
-        slot.kill(f"sent a malformed message ({got.error})", ProtocolError)
+        ending.kill(slot, f"sent a malformed message ({got.error})", ProtocolError)
 
 
 def _on_hello(slot: Slot, w: WorkerHandle, msg: Hello) -> None:
@@ -150,7 +151,7 @@ def _on_chunk(slot: Slot, w: WorkerHandle, msg: Chunk) -> None:
         return
     if msg.seq != job.chunks + 1:
         if w.alive:
-            slot.kill(f"sent chunk {msg.seq} of job {job.id} after chunk {job.chunks}", ProtocolError)
+            ending.kill(slot, f"sent chunk {msg.seq} of job {job.id} after chunk {job.chunks}", ProtocolError)
         return
     job.chunks = msg.seq
     try:

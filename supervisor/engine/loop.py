@@ -45,7 +45,7 @@ import zmq
 
 from protocol import GpuvisorError, JobCancelled, NoModeLoaded, ShuttingDown
 from supervisor.config import Config
-from supervisor.engine import inbox
+from supervisor.engine import ending, inbox
 from supervisor.engine.commands import Command, QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import choose_device
@@ -207,7 +207,7 @@ class Engine:
                     inbox.handle(slot, got)
             # 2. exits. Without a pidfd, look every turn.
             if w is not None and (w.pidfd is None or w.pidfd in events):
-                slot.notice_exit()
+                ending.notice_exit(slot)
             # 3. commands
             if self.mailbox.fd in events:
                 self._take_commands()
@@ -221,7 +221,7 @@ class Engine:
                     kind, _slot = name
                     slot.on_deadline(kind)
             # 5. a worker's end
-            slot.conclude()
+            ending.conclude(slot)
             if self._after_standbys and not slot.standby.stopping:
                 self._outcomes.extend(self._after_standbys)
                 self._after_standbys.clear()
@@ -401,7 +401,7 @@ class Engine:
                 self.decide(job.future, error=error)
             w.in_flight.clear()
             if w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
-                slot.stop("shutdown without drain")
+                ending.stop(slot, "shutdown without drain")
 
     def _abort(self, error: GpuvisorError) -> None:
         """The loop itself failed: stop the worker, waiting (no loop is left to

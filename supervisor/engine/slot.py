@@ -14,7 +14,6 @@ queue, and the restart budget counts the death.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,26 +24,23 @@ from protocol import (
     Load,
     ModeLoadError,
     SupervisorFailed,
-    WorkerCrashed,
     encode,
 )
+from supervisor.engine import ending
 from supervisor.engine.budget import RestartBudget
 from supervisor.engine.commands import QueuedJob, QueuedSwitch
 from supervisor.engine.deadlines import Deadline
 from supervisor.engine.devices import DeviceChoice
 from supervisor.engine.gpu import GpuMeter, process_rss
-from supervisor.engine.process import describe_exit, signal_group, spawn_worker, worker_argv
+from supervisor.engine.process import spawn_worker, worker_argv
 from supervisor.engine.standby import StandbyPool
 from supervisor.engine.switching import RECLAIM_POLL_S, Gone, Switch, SwitchPhase
-from supervisor.engine.worker_handle import HEARTBEATING, STARTING, Ending, WorkerHandle, WorkerState
+from supervisor.engine.worker_handle import HEARTBEATING, STARTING, WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
     from supervisor.engine.loop import Engine
 
 log = logging.getLogger("gpuvisor")
-
-LAST_WORDS_QUIET_S = 0.02  # after a death: the worker's socket quiet this long means all it sent is in
-LAST_WORDS_MAX_S = 0.5
 
 
 class Slot:
@@ -75,7 +71,7 @@ class Slot:
 
     # ------------------------------------------------------------ what the loop asks
 
-    def _at(self, name: Deadline) -> tuple[Deadline, int]:
+    def at(self, name: Deadline) -> tuple[Deadline, int]:
         return (name, self.key)
 
     @property
@@ -100,17 +96,17 @@ class Slot:
         each turn: heartbeat, load, the running job, respawn, idle unload."""
         d, w, now = self.engine.deadlines, self.worker, time.monotonic()
         alive = w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED)
-        d.set(self._at(Deadline.HEARTBEAT), w.last_seen + self.config.heartbeat_timeout
+        d.set(self.at(Deadline.HEARTBEAT), w.last_seen + self.config.heartbeat_timeout
               if alive and w.state in HEARTBEATING else None)  # fmt: skip
         d.set(
-            self._at(Deadline.LOAD), w.started_at + self.config.load_timeout if alive and w.state in STARTING else None
+            self.at(Deadline.LOAD), w.started_at + self.config.load_timeout if alive and w.state in STARTING else None
         )
-        d.set(self._at(Deadline.JOB), w.in_flight[0].deadline if alive and w.in_flight else None)
+        d.set(self.at(Deadline.JOB), w.in_flight[0].deadline if alive and w.in_flight else None)
         backing_off = self.worker is None and self.engine.queue and self.budget.respawn_at > now
-        d.set(self._at(Deadline.RESPAWN), self.budget.respawn_at if backing_off else None)
-        d.set(self._at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
-        if self.standby.stopping and self._at(Deadline.STANDBY_REAP) not in d:
-            d.after(self._at(Deadline.STANDBY_REAP), 0.05)  # stopped spares are reaped without waiting on them
+        d.set(self.at(Deadline.RESPAWN), self.budget.respawn_at if backing_off else None)
+        d.set(self.at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
+        if self.standby.stopping and self.at(Deadline.STANDBY_REAP) not in d:
+            d.after(self.at(Deadline.STANDBY_REAP), 0.05)  # stopped spares are reaped without waiting on them
 
     def _idle_unload_at(self) -> float | None:
         """When the idle worker is due to be stopped: only an idle worker with
@@ -131,7 +127,7 @@ class Slot:
             return True
         if not self.engine.link.send(w.identity, job.frames):
             w.unsent.append(job)
-            self.kill("stopped taking messages")
+            ending.kill(self, "stopped taking messages")
             return False
         if w.state is WorkerState.READY:
             w.transition(WorkerState.BUSY)
@@ -162,17 +158,17 @@ class Slot:
         w = self.worker
         if w is not None and w.state is WorkerState.READY:
             if not self.engine.link.send(w.identity, encode(Drain())):
-                self.kill("stopped taking messages")
+                ending.kill(self, "stopped taking messages")
                 return
             w.transition(WorkerState.DRAINING)
-            self.engine.deadlines.after(self._at(Deadline.EXIT), self.config.stop_timeout)
+            self.engine.deadlines.after(self.at(Deadline.EXIT), self.config.stop_timeout)
 
     def recycle_if_due(self, *then: tuple) -> None:
         """After an OOM: stop the worker once the jobs handed to it are done
         (``then``: outcomes to hand out once it is gone)."""
         if self.recycle and self.worker is not None and not self.worker.in_flight:
             self.recycle = False
-            self.stop("recycling after out of memory", then=list(then))  # the mode stays in force
+            ending.stop(self, "recycling after out of memory", then=list(then))  # the mode stays in force
         else:
             for future, result, error in then:
                 self.engine.decide(future, result=result, error=error)
@@ -188,11 +184,11 @@ class Slot:
         self.switch = Switch(request.mode, request, w.mode if w is not None else None)
         self.idle_unloaded = None
         if w is None:
-            self._after_stop(stopped_here=False)
+            self.after_stop(stopped_here=False)
         elif w.state is not WorkerState.STOPPING:
-            self.stop(f"switching to mode {request.mode!r}")
+            ending.stop(self, f"switching to mode {request.mode!r}")
 
-    def _after_stop(self, stopped_here: bool) -> None:
+    def after_stop(self, stopped_here: bool) -> None:
         sw, gone, now = self.switch, self.gone, time.monotonic()
         self.gone = None  # also one that died or was unloaded earlier: its memory too
         sw.stopped(gone, stopped_here)
@@ -202,7 +198,7 @@ class Slot:
             self.poll_reclaim()
             return
         sw.no_gpu(gone, now)
-        self._spawn()
+        self.spawn()
 
     def poll_reclaim(self) -> None:
         """One NVML reading for the switch waiting on a stopped worker's
@@ -210,20 +206,20 @@ class Slot:
         passed (logged: another process may have taken memory meanwhile)."""
         sw, now = self.switch, time.monotonic()
         if sw is None or sw.waiting_for is None:  # the switch was cancelled meanwhile
-            self.engine.deadlines.clear(self._at(Deadline.RECLAIM))
+            self.engine.deadlines.clear(self.at(Deadline.RECLAIM))
             return
         gone = sw.waiting_for
         tolerance = int(self.config.reclaim_tolerance_mib * 1024 * 1024)
         got = self.meter.poll_reclaim(gone.pid, gone.used_before, gone.baseline_used, tolerance, gone.stopping_since)
         if not got.complete and now < sw.reclaim_until:
-            self.engine.deadlines.after(self._at(Deadline.RECLAIM), RECLAIM_POLL_S)
+            self.engine.deadlines.after(self.at(Deadline.RECLAIM), RECLAIM_POLL_S)
             return
-        self.engine.deadlines.clear(self._at(Deadline.RECLAIM))
+        self.engine.deadlines.clear(self.at(Deadline.RECLAIM))
         sw.reclaimed(got, now)
         self.gpu = self.meter.snapshot()
-        self._spawn()
+        self.spawn()
 
-    def _spawn(self, standby: bool = True) -> None:
+    def spawn(self, standby: bool = True) -> None:
         sw = self.switch
         sw.phase = SwitchPhase.STARTING
         spec = self.config.mode(sw.mode)
@@ -277,7 +273,7 @@ class Slot:
         exits 3 by itself; its own word goes in the log), so that a caller
         who sees the failure sees no worker in the status either."""
         self.switch.failure = error
-        self.stop("its mode failed to load", grace=1.0)
+        ending.stop(self, "its mode failed to load", grace=1.0)
 
     def switch_failed(self, error: GpuvisorError, *, forget: bool = False) -> None:
         """The switch did not produce a READY worker. Its request fails, and
@@ -307,143 +303,6 @@ class Slot:
         )
         if not forget:
             self.count_death(f"mode {sw.mode!r} failed to load: {error.message}")
-
-    # ------------------------------------------------------------ a worker's end
-
-    def stop(self, why: str, *, grace: float = 0.0, then: list | None = None) -> None:
-        """Ask the worker to end, on purpose, with nothing running: SIGTERM
-        (after ``grace`` seconds if it may still exit by itself), then SIGKILL
-        ``stop_timeout`` later. ``then``: outcomes that wait until it is gone."""
-        self._end(Ending(why, then=then or []), signal.SIGTERM if not grace else None)
-        self.engine.deadlines.after(self._at(Deadline.STOP), grace or self.config.stop_timeout)
-
-    def kill(self, why: str, job_error: type[GpuvisorError] = WorkerCrashed) -> None:
-        """End the worker now (SIGKILL): it hangs, ran past a timeout or broke
-        the protocol. The job it runs gets ``job_error``, saying ``why``."""
-        head = self.worker.in_flight[0] if self.worker.in_flight else None
-        self._end(Ending(why, job_error, head.id if head is not None else None), signal.SIGKILL)
-
-    def _end(self, ending: Ending, sig: signal.Signals | None) -> None:
-        w = self.worker
-        if w.state is WorkerState.EXITED:
-            return
-        if w.state is not WorkerState.STOPPING:
-            w.ending, w.used_before, w.stopping_since = ending, self.device_used(), time.monotonic()
-            w.transition(WorkerState.STOPPING)
-        elif sig is signal.SIGKILL and w.ending is not None and w.ending.job_error is None:
-            w.ending = ending  # a stop turned into a kill: the new reason is the one that matters
-        if sig is not None:
-            w.signalled = sig
-            signal_group(w.proc, sig)
-
-    def escalate(self) -> None:
-        """The STOP deadline: a worker given its grace gets SIGTERM; one still
-        there after SIGTERM gets SIGKILL."""
-        w = self.worker
-        if w is None or w.state is not WorkerState.STOPPING or w.reap():
-            return
-        if w.signalled is None:
-            w.signalled = signal.SIGTERM
-            signal_group(w.proc, signal.SIGTERM)
-            self.engine.deadlines.after(self._at(Deadline.STOP), self.config.stop_timeout)
-            return
-        log.warning("worker pid %d ignored SIGTERM for %.1fs; sending SIGKILL", w.pid, self.config.stop_timeout)
-        w.signalled = signal.SIGKILL
-        signal_group(w.proc, signal.SIGKILL)
-
-    def notice_exit(self) -> None:
-        """The worker's pidfd fired (or, without one, a turn passed): reap it.
-        With jobs in flight, its last messages may still be on their way:
-        they are read until its socket has been quiet a moment."""
-        w = self.worker
-        if w is None or w.state is WorkerState.EXITED or not w.reap():
-            return
-        if w.state is not WorkerState.STOPPING and w.ending is None:
-            w.used_before, w.stopping_since = self.device_used(), time.monotonic()
-        w.transition(WorkerState.EXITED)
-        self.engine.deadlines.clear(self._at(Deadline.STOP))
-        if w.in_flight:
-            w.last_words_until = time.monotonic() + LAST_WORDS_MAX_S
-            self.engine.deadlines.after(self._at(Deadline.LAST_WORDS), LAST_WORDS_QUIET_S)
-
-    def heard_last_words(self) -> None:
-        """A message from the dead worker: wait a little longer for the rest."""
-        w = self.worker
-        quiet = min(time.monotonic() + LAST_WORDS_QUIET_S, w.last_words_until)
-        self.engine.deadlines.set(self._at(Deadline.LAST_WORDS), quiet)
-
-    def conclude(self) -> None:
-        """The one place a worker's end is handled; a no-op until it is
-        reaped and its last words are in."""
-        w = self.worker
-        if w is None or w.state is not WorkerState.EXITED or self._at(Deadline.LAST_WORDS) in self.engine.deadlines:
-            return
-        for name in (Deadline.HEARTBEAT, Deadline.LOAD, Deadline.JOB, Deadline.EXIT):
-            self.engine.deadlines.clear(self._at(name))
-        self.worker, self.recycle = None, False  # whatever ended it, the next worker is fresh
-        self.gone = Gone(w.pid, w.baseline_used, w.used_before, self.memory.get("worker_rss_bytes"), w.stopping_since)
-        self.memory = {}
-        w.close_fds()  # reads the last of its stderr
-        code, ending, ended_in = w.returncode, w.ending, w.ended_in
-        for future, result, error in ending.then if ending is not None else ():
-            self.engine.decide(future, result=result, error=error)
-        tail = w.stderr_tail()
-        said = ("; its last stderr lines:\n    " + "\n    ".join(tail)) if tail else ""
-        if ended_in is WorkerState.DRAINING:
-            log.info("worker gen %d pid %d drained and %s", w.gen, w.pid, describe_exit(code))
-            return
-        if ending is not None and ending.job_error is None:  # we stopped it, idle, on purpose
-            log.info("worker gen %d pid %d stopped (%s): %s", w.gen, w.pid, ending.why, describe_exit(code))
-            self.engine.queue.put_back(w.unsent)
-            if self.switch is not None and self.switch.failure is not None:
-                self.switch_failed(self.switch.failure)
-            elif self.switch is not None and self.switch.phase is SwitchPhase.STOPPING:
-                self._after_stop(stopped_here=True)
-            return
-        how = ending.why if ending is not None else describe_exit(code, loading=ended_in in STARTING)
-        log.error("worker gen %d pid %d %s (state %s)", w.gen, w.pid, how, ended_in.value)
-        if ended_in in STARTING:
-            self._died_loading(w, f"worker pid {w.pid} {how} while loading mode {w.mode!r}", said, tail)
-            return
-        self.restarts += 1
-        job = w.in_flight.popleft() if w.in_flight else None
-        self.engine.queue.put_back([*w.in_flight, *w.unsent])  # not started: they keep their place
-        job_error = ending.job_error if ending is not None else WorkerCrashed
-        if ending is not None and ending.job_id is not None and (job is None or job.id != ending.job_id):
-            # The job the cause was about answered in its last words; this one
-            # was merely running when it was killed.
-            how, job_error = f"was killed while running the next job ({ending.why})", WorkerCrashed
-        self.count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")  # may enter the failed state
-        if job is None:
-            return
-        if job_error is WorkerCrashed and job.retries > 0 and self.budget.failed is None:
-            job.retries -= 1
-            log.warning("job %d (%r) will run again (%d retries left)", job.id, job.task, job.retries)
-            self.engine.queue.put_back([job])  # first in line, as it was
-            return
-        message = f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r}){said}"
-        if self.budget.failed is not None:
-            message += "; the restart budget is exhausted, so it was not retried"
-        self.engine.decide(job.future, error=job_error(message, stderr_tail=tail))
-
-    def _died_loading(self, w: WorkerHandle, what: str, said: str, tail: list[str]) -> None:
-        if self.switch is None:  # its LOAD_FAILED already failed the switch
-            return
-        if self.switch.standby and w.ended_in is WorkerState.SPAWNED and w.ending is None:
-            # A spare that died before it said HELLO (killed while idle, just
-            # as it was taken): not the mode's fault. A fresh process instead.
-            log.warning("the warm standby taken as worker gen %d was already dead; starting a fresh worker", w.gen)
-            self._spawn(standby=False)
-            return
-        if self.is_respawn():
-            # The mode was serving and is still wanted: an OOM kill or an
-            # operator's kill during a reload is a death like any other. The
-            # jobs wait for the next respawn, after the backoff.
-            self.switch = None
-            self.restarts += 1
-            self.count_death(what)  # may enter the failed state, which fails them
-            return
-        self.switch_failed(ModeLoadError(f"{what}{said}", stderr_tail=tail))
 
     def count_death(self, what: str) -> None:
         if self.budget.count(what):
@@ -476,33 +335,33 @@ class Slot:
         if name is Deadline.RECLAIM:
             self.poll_reclaim()
         elif name is Deadline.STOP:
-            d.clear(self._at(name))
-            self.escalate()
+            d.clear(self.at(name))
+            ending.escalate(self)
         elif name is Deadline.LAST_WORDS:
-            d.clear(self._at(name))
+            d.clear(self.at(name))
         elif name is Deadline.RESPAWN:
-            d.clear(self._at(name))  # the pump sees the backoff is over
+            d.clear(self.at(name))  # the pump sees the backoff is over
         elif name is Deadline.STANDBY_REAP:
-            d.clear(self._at(name))
+            d.clear(self.at(name))
             self.standby.reap()
         elif w is None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
-            d.clear(self._at(name))
+            d.clear(self.at(name))
         elif name is Deadline.JOB:
             job = w.in_flight[0]
             limit = job.timeout or self.config.job_timeout
-            self.kill(f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
+            ending.kill(self, f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
         elif name is Deadline.LOAD:
-            self.kill(f"did not say READY within load_timeout={self.config.load_timeout:g}s")
+            ending.kill(self, f"did not say READY within load_timeout={self.config.load_timeout:g}s")
         elif name is Deadline.HEARTBEAT:
-            self.kill(f"hung: no message for {now - w.last_seen:.1f}s "
+            ending.kill(self, f"hung: no message for {now - w.last_seen:.1f}s "
                       f"(heartbeat_timeout={self.config.heartbeat_timeout:g}s)")  # fmt: skip
         elif name is Deadline.EXIT:
-            d.clear(self._at(name))
+            d.clear(self.at(name))
             log.warning("worker pid %d did not exit within %gs of DRAIN", w.pid, self.config.stop_timeout)
-            self.stop("drain took too long")
+            ending.stop(self, "drain took too long")
         elif name is Deadline.IDLE_UNLOAD:
             mode = w.mode
-            self.stop(f"idle for {self.config.idle_unload_for(w.spec):g}s (idle_unload_s)")
+            ending.stop(self, f"idle for {self.config.idle_unload_for(w.spec):g}s (idle_unload_s)")
             self.idle_unloaded = mode  # the mode stays in force: the next job loads it again
 
     def send_load(self, w: WorkerHandle) -> None:
@@ -511,4 +370,4 @@ class Slot:
         if self.engine.link.send(w.identity, encode(load)):
             w.transition(WorkerState.LOADING)
         else:
-            self.kill("stopped taking messages")
+            ending.kill(self, "stopped taking messages")
