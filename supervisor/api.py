@@ -29,6 +29,7 @@ from supervisor.config import Config
 from supervisor.engine.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.loop import Engine
 from supervisor.futures import JobFuture
+from supervisor.status import Status, SwitchResult
 from supervisor.stream import AsyncJobStream, JobStream
 
 # Engines still running, held strongly: a Supervisor the program dropped
@@ -187,7 +188,7 @@ class Supervisor:
         retries: int = 0,
         stream: bool = False,
         on_chunk: Callable[[Any], None] | None = None,
-    ) -> Future | JobStream:
+    ) -> JobFuture | JobStream:
         """Queue ``task`` with ``payload``; the Future gets the handler's result
         or a typed error. ``mode`` switches first when another is loaded.
         ``stream=True`` returns a ``JobStream`` instead: an iterator of the
@@ -211,7 +212,7 @@ class Supervisor:
             return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
         return self._submit(task, payload, mode, timeout, retries, on_chunk)
 
-    def _submit(self, task, payload, mode, timeout, retries, on_chunk) -> Future:
+    def _submit(self, task, payload, mode, timeout, retries, on_chunk) -> JobFuture:
         """``submit`` after its checks. With ``on_chunk``, the job streams."""
         if (unknown := self._unknown(mode)) is not None:
             return unknown
@@ -229,7 +230,7 @@ class Supervisor:
         self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
         return future
 
-    def switch_mode(self, mode: str) -> Future:
+    def switch_mode(self, mode: str) -> Future[SwitchResult]:
         """Make ``mode`` the loaded mode, after every job queued before this
         call. The Future's result is ``{"mode", "status": "already_loaded"}``
         when it already is (the worker is untouched), else ``{"mode",
@@ -243,7 +244,7 @@ class Supervisor:
         self._engine.post(QueuedSwitch(mode, future))
         return future
 
-    def restart(self, mode: str | None = None) -> Future:
+    def restart(self, mode: str | None = None) -> Future[SwitchResult]:
         """Replace the worker with a fresh one, in ``mode`` or the mode in
         force, after every job queued before this call; also clears the
         ``failed`` state. Result: ``{"mode", "status": "restarted",
@@ -273,7 +274,13 @@ class Supervisor:
         self._engine.post(Reload(new, future))
         return future
 
-    def status(self) -> dict[str, Any]:
+    def modes(self) -> dict[str, dict[str, Any]]:
+        """Each configured mode: ``loader``, ``loaded`` (now) and ``tasks``
+        (the task names its worker reported when it last loaded; None until
+        it has loaded once)."""
+        return self._engine.modes()
+
+    def status(self) -> Status:
         """A snapshot, never blocking: ``state``, ``mode``, ``worker_state``,
         ``worker_pid``, ``generation``, ``queued``, ``in_flight``,
         ``restarts``, ``jobs_done``, ``switching_to``, ``last_error``,
@@ -333,25 +340,33 @@ class AsyncSupervisor:
         timeout: float | None = None,
         retries: int = 0,
         stream: bool = False,
+        on_chunk: Callable[[Any], None] | None = None,
     ) -> Any:
         """The handler's result; with ``stream=True`` an ``AsyncJobStream``
-        (``async for chunk in await sup.submit(..., stream=True)``)."""
+        (``async for chunk in await sup.submit(..., stream=True)``). Awaiting
+        runs on this event loop: the result is handed to it by the
+        supervisor's loop thread, with no thread of its own in between."""
         if not stream:
             return await asyncio.wrap_future(
-                self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries)
+                self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=on_chunk)
             )
-        timeout = _check_submit(task, mode, timeout, retries, stream)
+        _check_submit(task, mode, timeout, retries, stream, on_chunk)
         job_stream = AsyncJobStream(asyncio.get_running_loop())
-        return job_stream._feed(lambda sink: self._sync._submit(task, payload, mode, timeout, retries, sink))
+        return job_stream._feed(
+            lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)
+        )
 
-    async def switch_mode(self, mode: str) -> dict[str, Any]:
+    async def switch_mode(self, mode: str) -> SwitchResult:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+    async def restart(self, mode: str | None = None) -> SwitchResult:
         return await asyncio.wrap_future(self._sync.restart(mode))
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> Status:
         return self._sync.status()
+
+    async def modes(self) -> dict[str, dict[str, Any]]:
+        return self._sync.modes()
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)

@@ -419,8 +419,8 @@ def test_the_async_supervisor_does_the_same_over_one_core():
             queued.cancel()
             assert (await slow) == {"slept": 0.3}
             assert queued.cancelled()
-            assert sup.status()["mode"] == "diag"
-        assert sup.status()["state"] == "stopped"
+            assert (await sup.status())["mode"] == "diag"
+        assert (await sup.status())["state"] == "stopped"
 
     asyncio.run(asyncio.wait_for(main(), T))
 
