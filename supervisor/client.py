@@ -206,7 +206,7 @@ class Client:
         # A lost connection (the daemon died, or restarted on the same path)
         # loses the replies to what was sent: fail those requests now, rather
         # than let a new daemon's pongs keep them waiting forever.
-        sock, monitor = self._sock, self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock, monitor = self._sock, self._monitor(self._sock)
         heard = time.monotonic()
         ping_id: int | None = None
         poller = zmq.Poller()
@@ -286,7 +286,15 @@ class Client:
         monitor.close(linger=0)
         sock.close(linger=0)
         self._sock = self._connect(*self._curve)
-        return self._sock, self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        return self._sock, self._monitor(self._sock)
+
+    def _monitor(self, sock: zmq.Socket) -> zmq.Socket:
+        """The socket that says when ``sock``'s connection drops. Each under a
+        name of its own: a new connection's socket may reuse the old one's fd,
+        which pyzmq's default name is made of."""
+        return sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED, addr=f"inproc://gpuvisor-client-monitor-{next(self._ids)}"
+        )
 
     def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> tuple[float, ClientCutOff | None]:
         """Everything waiting on ``sock``: (when it was read, the daemon's
