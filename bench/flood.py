@@ -56,13 +56,15 @@ def read_all():
             cut = cut or m["error"]["message"]
 print("flooding", flush=True)
 while True:
-    if poller.poll(0):  # a line from the bench: "report" (pause, read what is owed, say), or "stop"
+    if poller.poll(0):  # a line from the bench: "report" (stop, read what is owed, say), or "stop"
         if sys.stdin.readline().strip() == "stop":
             break
         deadline = time.monotonic() + float(sys.argv[3])
         while time.monotonic() < deadline and read < sent and cut is None:
             read_all(); time.sleep(0.01)
         print(json.dumps({"sent": sent, "read": read, "cut_off": cut}), flush=True)
+        sys.stdin.readline()  # "stop"
+        break
     for _ in range(burst or 1000):
         try:
             s.send(msgpack.packb({"v": 1, "k": "ping", "id": sent}), zmq.NOBLOCK)
@@ -134,7 +136,7 @@ def reading_flooder() -> tuple[list[float], list[float], dict, int, bool, float,
                     assert flooder.stdout.readline().strip() == "flooding"
                     time.sleep(0.3)
                     flooded += _echoes(client, N // ROUNDS)
-                    said = _say(flooder, "report")  # it pauses to read what it is owed
+                    said = _say(flooder, "report")  # it stops, and reads what it is owed
                     _say(flooder, "stop")
                     flooder.wait(30)
                 counts = {"sent": counts["sent"] + said["sent"], "read": counts["read"] + said["read"],
