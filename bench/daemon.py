@@ -1,5 +1,5 @@
 """Client -> daemon -> worker: a no-op round trip through ``gpuvisor serve``
-(``python -m supervisor.cli --endpoint ipc://... serve``, built-in config, in a
+(``python -m supervisor.service.cli --endpoint ipc://... serve``, built-in config, in a
 subprocess), one job at a time, ``client.submit("echo").result()``, against
 the in-process ``Supervisor`` round trip measured in the same run (the two
 interleaved in ROUNDS rounds). The daemon is stopped with
@@ -47,7 +47,9 @@ def through_daemon(n: int) -> tuple[list[float], float]:
     log = open(os.path.join(tmp, "daemon.log"), "w+")  # a file: a pipe nobody reads could block it
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--endpoint", endpoint, "serve"], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     client = None
     try:

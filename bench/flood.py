@@ -82,7 +82,9 @@ def _start(tmp: str) -> tuple[subprocess.Popen, str, object]:
     endpoint = f"ipc://{tmp}/run/g.sock"
     log = open(os.path.join(tmp, "daemon.log"), "w+")  # a file: a pipe nobody reads could block it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--endpoint", endpoint, "serve"], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + START_TIMEOUT
     while True:

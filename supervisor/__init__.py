@@ -1,31 +1,50 @@
 """gpuvisor's supervisor: keeps GPU work in a child process it can kill.
 
-The supervisor never imports torch or touches CUDA; everything that does
-lives in the worker process. See ``docs/architecture.md``.
+The one import for users: ``from supervisor import Supervisor``. Names are
+resolved on first use (PEP 562), so ``import supervisor.client`` in a
+client process loads the client and nothing of the engine. The supervisor
+never imports torch or touches CUDA; everything that does lives in the
+worker process. See ``docs/architecture.md``.
 """
 
-from protocol.errors import (
-    ClientCutOff,
-    DaemonUnavailable,
-    GpuvisorError,
-    JobCancelled,
-    JobFailed,
-    JobTimeout,
-    ModeLoadError,
-    NoModeLoaded,
-    OutOfMemory,
-    ProtocolError,
-    QueueFull,
-    ShuttingDown,
-    StreamIncomplete,
-    SupervisorFailed,
-    UnknownMode,
-    UnknownTask,
-    WorkerCrashed,
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_ERRORS = (
+    "ClientCutOff",
+    "DaemonUnavailable",
+    "GpuvisorError",
+    "JobCancelled",
+    "JobFailed",
+    "JobTimeout",
+    "ModeLoadError",
+    "NoModeLoaded",
+    "OutOfMemory",
+    "ProtocolError",
+    "QueueFull",
+    "ShuttingDown",
+    "StreamIncomplete",
+    "SupervisorFailed",
+    "UnknownMode",
+    "UnknownTask",
+    "WorkerCrashed",
 )
-from supervisor.api import AsyncSupervisor, JobStream, Supervisor
-from supervisor.config import Config, ConfigError, ModeSpec
-from supervisor.config import load as load_config
+# name -> (module, attribute in it)
+_WHERE: dict[str, tuple[str, str]] = {
+    **{name: ("protocol.errors", name) for name in _ERRORS},
+    "Supervisor": ("supervisor.api", "Supervisor"),
+    "AsyncSupervisor": ("supervisor.api", "AsyncSupervisor"),
+    "JobStream": ("supervisor.stream", "JobStream"),
+    "JobFuture": ("supervisor.futures", "JobFuture"),
+    "Config": ("supervisor.config", "Config"),
+    "ConfigError": ("supervisor.config", "ConfigError"),
+    "ModeSpec": ("supervisor.config", "ModeSpec"),
+    "load_config": ("supervisor.config", "load"),
+    "Status": ("supervisor.status", "Status"),
+    "SwitchResult": ("supervisor.status", "SwitchResult"),
+}
 
 __all__ = [
     "AsyncSupervisor",
@@ -34,9 +53,10 @@ __all__ = [
     "ConfigError",
     "DaemonUnavailable",
     "GpuvisorError",
-    "JobStream",
     "JobCancelled",
     "JobFailed",
+    "JobFuture",
+    "JobStream",
     "JobTimeout",
     "ModeLoadError",
     "ModeSpec",
@@ -45,11 +65,55 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "ShuttingDown",
+    "Status",
     "StreamIncomplete",
-    "SupervisorFailed",
     "Supervisor",
+    "SupervisorFailed",
+    "SwitchResult",
     "UnknownMode",
     "UnknownTask",
     "WorkerCrashed",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _WHERE[name]
+    except KeyError:
+        raise AttributeError(f"module 'supervisor' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # once resolved, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from protocol.errors import (
+        ClientCutOff,
+        DaemonUnavailable,
+        GpuvisorError,
+        JobCancelled,
+        JobFailed,
+        JobTimeout,
+        ModeLoadError,
+        NoModeLoaded,
+        OutOfMemory,
+        ProtocolError,
+        QueueFull,
+        ShuttingDown,
+        StreamIncomplete,
+        SupervisorFailed,
+        UnknownMode,
+        UnknownTask,
+        WorkerCrashed,
+    )
+    from supervisor.api import AsyncSupervisor, Supervisor
+    from supervisor.config import Config, ConfigError, ModeSpec
+    from supervisor.config import load as load_config
+    from supervisor.futures import JobFuture
+    from supervisor.status import Status, SwitchResult
+    from supervisor.stream import JobStream

@@ -115,7 +115,7 @@ _DAEMON: dict[str, tuple[Any, str]] = {
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    endpoint: str = ""  # empty: ipc:// in the runtime directory (see supervisor/endpoint.py)
+    endpoint: str = ""  # empty: ipc:// in the runtime directory (see supervisor/client/endpoint.py)
     socket_group: str = ""
     curve_secret_key: str = ""
     curve_clients_dir: str = ""

@@ -41,7 +41,7 @@ class RunningDaemon:
         full_env = dict(os.environ, NOTIFY_SOCKET=os.path.join(self.dir, "notify"))
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         full_env.update(env or {})
-        cmd = [sys.executable, "-m", "supervisor.cli"]
+        cmd = [sys.executable, "-m", "supervisor.service.cli"]
         if "--endpoint" not in args:
             cmd += ["--endpoint", self.endpoint]
         if self.config is not None:

@@ -49,7 +49,7 @@ def daemon():
 
 
 def cli(*args: str, timeout: float = T) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "supervisor.service.cli", *args], capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
 
 

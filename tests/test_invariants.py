@@ -75,8 +75,8 @@ def test_the_supervisor_never_imports_torch_even_while_running_the_torch_mode():
 
 def test_importing_every_supervisor_module_pulls_in_no_torch():
     code = (
-        "import sys, supervisor, supervisor.api, supervisor.engine.loop, supervisor.cli, supervisor.tour,"
-        " supervisor.client, supervisor.daemon;"
+        "import sys, supervisor, supervisor.api, supervisor.engine.loop, supervisor.service.cli, supervisor.service.tour,"
+        " supervisor.client, supervisor.service.daemon;"
         "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'worker')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T, check=True)

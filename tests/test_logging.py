@@ -11,14 +11,14 @@ import re
 import subprocess
 import sys
 
-from supervisor.logsetup import QUEUE_SIZE, REPEAT_LIMIT, RepeatFilter
+from supervisor.service.logsetup import QUEUE_SIZE, REPEAT_LIMIT, RepeatFilter
 from tests.conftest import ROOT
 
 T = 60
 
 STUCK = """
 import logging, sys, time
-from supervisor.logsetup import configure_logging
+from supervisor.service.logsetup import configure_logging
 configure_logging()
 log = logging.getLogger("gpuvisor")
 t = time.monotonic()
@@ -31,7 +31,7 @@ log.info("the last line")  # written at exit, or counted as dropped
 
 REPEATS = """
 import logging
-from supervisor.logsetup import configure_logging
+from supervisor.service.logsetup import configure_logging
 configure_logging()
 log = logging.getLogger("gpuvisor")
 for i in range(1500):

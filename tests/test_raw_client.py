@@ -124,7 +124,7 @@ def daemon():
     env = dict(os.environ, NOTIFY_SOCKET=notify.path)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "--endpoint", endpoint, "serve"],
+            [sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
             env=env,
             cwd=ROOT,
             stdin=subprocess.DEVNULL,

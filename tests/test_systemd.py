@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.logsetup import journal_priority, stderr_is_journal
-from supervisor.sdnotify import Notifier
+from supervisor.service.logsetup import journal_priority, stderr_is_journal
+from supervisor.service.sdnotify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "systemd" / "gpuvisor.service"
@@ -219,7 +219,7 @@ if sys.argv[1] == "journal":
     os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
 elif sys.argv[1] == "stale":
     os.environ["JOURNAL_STREAM"] = "1:1"  # inherited, but stderr was redirected since
-from supervisor.logsetup import configure_logging
+from supervisor.service.logsetup import configure_logging
 configure_logging(verbose=True)
 configure_logging(verbose=True)  # idempotent: still one handler
 log = logging.getLogger("gpuvisor")

@@ -38,8 +38,9 @@ import zmq
 from protocol import ClientCutOff, DaemonUnavailable, ProtocolError, StreamIncomplete, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
-from supervisor.commands import drain_wakeups, settle
-from supervisor.endpoint import default_endpoint
+from supervisor.client.endpoint import default_endpoint
+from supervisor.futures import settle
+from supervisor.mailbox import empty_pipe
 from supervisor.stream import AsyncJobStream, JobStream
 
 _LINGER_MS = 0
@@ -217,7 +218,7 @@ class Client:
             while True:
                 events = dict(poller.poll(min(self.timeout, 1.0) * 1000))
                 if self._wake_r in events:
-                    drain_wakeups(self._wake_r)
+                    empty_pipe(self._wake_r)
                 with self._lock:
                     closed, batch = self._closed, list(self._outbox)
                     self._outbox.clear()

@@ -15,7 +15,7 @@ calls on the thread-safe ``Supervisor``, whose Futures' done-callbacks (run
 on the core loop thread) only queue the reply and wake this loop. Every
 request gets exactly one reply, and a client that reads gets every reply
 and chunk in order; one that does not is slowed, then cut off (see
-``supervisor.flow``). Each turn reads a bounded number of requests (libzmq's
+``supervisor.service.flow``). Each turn reads a bounded number of requests (libzmq's
 ROUTER takes them from the clients in turn), so signals, replies and other
 clients are served every turn whatever one client sends.
 
@@ -45,10 +45,11 @@ from protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, GpuvisorError, JobCanc
 from protocol.client import BadRequest, ClientRequest, Request, decode_request, encode_chunk, encode_reply
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
-from supervisor.commands import drain_wakeups
-from supervisor.endpoint import EndpointError, bind_front, default_endpoint, release_ipc
-from supervisor.flow import FlowControl, Peer, Route
-from supervisor.sdnotify import Notifier
+from supervisor.client.endpoint import default_endpoint
+from supervisor.mailbox import empty_pipe
+from supervisor.service.flow import FlowControl, Peer, Route
+from supervisor.service.front import EndpointError, bind_front, release_ipc
+from supervisor.service.sdnotify import Notifier
 
 log = logging.getLogger("gpuvisor")
 
@@ -202,12 +203,12 @@ class Daemon:
                 events = dict(poller.poll(wait * 1000))
             turn = time.monotonic()
             if sig_r in events:
-                drain_wakeups(sig_r)
+                empty_pipe(sig_r)
             while self._signals:
                 self._on_signal(sup, self._signals.pop(0))
             handled = self._read_front(sup, front) if front in events else 0
             if wake_r in events:
-                drain_wakeups(wake_r)
+                empty_pipe(wake_r)
             now = time.monotonic()
             self._take_replies()
             flow.flush(now)

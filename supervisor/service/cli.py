@@ -124,16 +124,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from supervisor.logsetup import configure_logging
+    from supervisor.service.logsetup import configure_logging
 
     configure_logging(verbose=args.verbose)
     from protocol import DaemonUnavailable, GpuvisorError
     from supervisor.config import ConfigError
-    from supervisor.endpoint import EndpointError, EndpointInUse
+    from supervisor.service.front import EndpointError, EndpointInUse
 
     try:
         if args.command == "demo":
-            from supervisor.tour import run_tour
+            from supervisor.service.tour import run_tour
 
             if not args.verbose:
                 _quiet_demo()
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import zmq
 
-    from supervisor.daemon import Daemon
-    from supervisor.endpoint import check_front
+    from supervisor.service.daemon import Daemon
+    from supervisor.service.front import check_front
 
     daemon = Daemon(args.config, args.endpoint)
     settings = daemon.config.daemon
@@ -197,7 +197,7 @@ def _endpoint(args: argparse.Namespace) -> str:
         configured = load(args.config).daemon.endpoint
         if configured:
             return configured
-    from supervisor.endpoint import default_endpoint
+    from supervisor.client.endpoint import default_endpoint
 
     return default_endpoint()
 
@@ -205,7 +205,7 @@ def _endpoint(args: argparse.Namespace) -> str:
 def _client_command(args: argparse.Namespace) -> int:
     from protocol import DaemonUnavailable
     from supervisor.client import Client
-    from supervisor.endpoint import unreachable
+    from supervisor.client.endpoint import unreachable
 
     if args.command == "submit":
         try:

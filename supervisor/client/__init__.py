@@ -1,0 +1,7 @@
+"""Talk to a running ``gpuvisor serve`` from another process: ``Client``
+(threads, Futures) and ``AsyncClient`` (asyncio). As light as pyzmq and
+msgpack: nothing of the engine, and never torch."""
+
+from supervisor.client.client import AsyncClient, Client
+
+__all__ = ["AsyncClient", "Client"]
