@@ -29,6 +29,7 @@ class Request(enum.StrEnum):
     CANCEL = "cancel"
     PING = "ping"
     SHUTDOWN = "shutdown"
+    MODES = "modes"
 
 
 REPLY = "reply"
@@ -52,7 +53,8 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
     Request.STATUS: {},
     Request.CANCEL: {"target": ((int, str), _REQUIRED)},
     Request.PING: {},
-    Request.SHUTDOWN: {"drain": ((bool,), True)},
+    Request.SHUTDOWN: {"drain": ((bool,), True), "timeout": ((*_NUMBER, _NONE), None)},
+    Request.MODES: {},
 }
 
 

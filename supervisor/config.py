@@ -110,6 +110,10 @@ _DAEMON: dict[str, tuple[Any, str]] = {
         "a directory of the allowed clients' zmq.auth public certificates",
     ),
     "allow_unauthenticated_tcp": (lambda v: isinstance(v, bool), "true or false"),
+    "drain_timeout": (
+        lambda v: _number(v) and v > 0,
+        "a number of seconds > 0: how long a stop may drain (keep it inside the unit's TimeoutStopSec)",
+    ),
 }
 
 
@@ -121,6 +125,10 @@ class DaemonSettings:
     curve_clients_dir: str = ""
     # Plain TCP (loopback, no CURVE) lets every local user run jobs: only when the file says so.
     allow_unauthenticated_tcp: bool = False
+    # On SIGTERM (or `gpuvisor stop`), queued work runs for at most this long;
+    # what is left is cancelled and the worker stopped. Well inside the shipped
+    # unit's TimeoutStopSec=120, with room for the worker's stop_timeout.
+    drain_timeout: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,8 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
         raise where.error(
             "supervisor", key, "heartbeat_timeout must be longer than heartbeat_interval (default 10 and 1)"
         )
+    if "drain_timeout" in daemon_table:
+        daemon_table = {**daemon_table, "drain_timeout": float(daemon_table["drain_timeout"])}
     return Config(modes=modes, source=source, daemon=DaemonSettings(**daemon_table), **settings)
 
 

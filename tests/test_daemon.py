@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+from concurrent.futures import CancelledError
 
 import pytest
 import zmq
@@ -98,9 +99,10 @@ def test_the_client_api_mirrors_the_supervisor(daemon):
         sent_ahead = [c.submit("echo", i) for i in range(c.status()["window"] - 1)]  # handed to the worker with it
         queued = c.submit("echo", "never")
         wait_until(lambda: c.status()["in_flight"] >= 1, T, "the sleep to start")
-        assert c.cancel(queued) is True
-        with pytest.raises(JobCancelled):
+        assert queued.cancel() is True  # the daemon's word: it was queued, it will never run
+        with pytest.raises(CancelledError):
             queued.result(T)
+        assert slow.cancel() is False  # running: the daemon says so
         assert slow.result(T) == {"slept": 1} and [f.result(T) for f in sent_ahead] == list(range(len(sent_ahead)))
         status = c.status()
         assert status["mode"] == "diag" and status["daemon_pid"] == d.proc.pid and status["endpoint"] == d.endpoint
@@ -464,3 +466,71 @@ def test_the_cli_streams_chunks_as_json_lines(daemon):
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert lines == [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}, {"ok": True, "value": {"count": 3}}]
+
+
+# ---------------------------------------------------------------- stopping, modes, a daemon that is not there
+
+
+def test_a_stop_is_bounded_by_drain_timeout_and_asks_systemd_for_no_more(daemon):
+    """SIGTERM drains, but for at most [daemon] drain_timeout: a job that
+    would run past it is cancelled with JobCancelled, the worker is stopped,
+    and every EXTEND_TIMEOUT_USEC stays inside the budget (plus the worker's
+    stop_timeout), so the unit's TimeoutStopSec applies."""
+    d = daemon(config_text="[supervisor]\nstop_timeout = 1.0\n[daemon]\ndrain_timeout = 1.5\n" + TWO_MODES)
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        running = c.submit("sleep", {"seconds": 60})
+        queued = c.submit("echo", "never runs")
+        wait_until(lambda: c.status()["in_flight"] >= 1, T, "the long job to start")
+        os.kill(d.proc.pid, signal.SIGTERM)
+        with pytest.raises(JobCancelled, match="drain timeout"):
+            queued.result(T)
+        with pytest.raises(JobCancelled):
+            running.result(T)
+    assert d.wait() == 0
+    asked = [int(n.split("=")[1]) / 1e6 for n in d.notes if n.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert asked and max(asked) <= 1.5 + 1.0 + 5.0, asked
+
+
+def test_client_shutdown_returns_once_the_daemon_has_stopped(daemon):
+    d = daemon()
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        jobs = [c.submit("sleep", {"seconds": 0.2}) for _ in range(3)]
+        assert c.shutdown() is None  # like Supervisor.shutdown(): returns once stopped, after the drain
+        assert [j.result(0) for j in jobs] == [{"slept": 0.2}] * 3  # done before it returned
+    assert d.wait(T) == 0
+
+
+def test_modes_lists_each_mode_its_loader_and_its_tasks_once_loaded(daemon):
+    d = daemon(config_text=TWO_MODES)
+    with d.client() as c:
+        before = c.modes()
+        assert before["diag"] == {"loader": "worker.modes.diag:load", "loaded": False, "tasks": None}
+        c.switch_mode("diag").result(T)
+        after = c.modes()
+        assert after["diag"]["loaded"] is True and "echo" in after["diag"]["tasks"]
+        assert after["diag2"]["tasks"] is None
+    shown = cli("--endpoint", d.endpoint, "modes")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["MODE", "LOADED", "LOADER", "TASKS"]
+    assert any(line.startswith("diag ") and "yes" in line and "echo" in line for line in lines)
+    assert any(line.startswith("diag2 ") and "(known once loaded)" in line for line in lines)
+    as_json = json.loads(cli("--endpoint", d.endpoint, "modes", "--json").stdout)
+    assert as_json["value"]["diag"]["loaded"] is True
+
+
+def test_a_client_learns_at_once_that_no_daemon_is_there(tmp_path):
+    """No socket file, or a stale one that refuses: the first request fails
+    with the reason, without waiting for the silence timeout (10 s here)."""
+    stale = tmp_path / "stale.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(stale))
+    sock.close()  # the file stays; nothing listens
+    for endpoint, words in ((f"ipc://{tmp_path}/none.sock", "no socket file"), (f"ipc://{stale}", "refuses")):
+        with Client(endpoint, timeout=10.0) as c:
+            with pytest.raises(DaemonUnavailable, match=words):
+                c.status()
+            with pytest.raises(DaemonUnavailable, match=words):
+                c.submit("echo", 1).result(T)

@@ -23,24 +23,25 @@ because it was not read) fails every outstanding request with
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
-import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from protocol import ClientCutOff, DaemonUnavailable, ProtocolError, StreamIncomplete, error_from_wire
+from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolError, StreamIncomplete, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
-from supervisor.client.endpoint import default_endpoint
-from supervisor.futures import settle
-from supervisor.mailbox import empty_pipe
+from supervisor.client.endpoint import default_endpoint, unreachable
+from supervisor.futures import JobFuture, settle
+from supervisor.mailbox import Mailbox
+from supervisor.status import Status, SwitchResult
 from supervisor.stream import AsyncJobStream, JobStream
 
 _LINGER_MS = 0
@@ -64,13 +65,10 @@ class Client:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self._ids = itertools.count(1)
-        self._outbox: collections.deque[tuple[list[bytes], int, Future | None]] = collections.deque()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._ids_of: dict[int, int] = {}  # id(Future) -> request id, for cancel()
+        self._outbox: Mailbox[tuple[list, int, Future]] = Mailbox()  # requests for the I/O thread to send
+        self._closing = False
+        self._cancelling: set[int] = set()  # submits this client asked the daemon to cancel
+        self._lost = threading.Event()  # set by the I/O thread while the connection is down
         # Made and connected here, so a bad endpoint or certificate is the
         # caller's error now; then handed to the I/O thread, its only user.
         self._ctx = zmq.Context()
@@ -79,8 +77,7 @@ class Client:
             self._sock = self._connect(*self._curve)
         except (zmq.ZMQError, OSError, ValueError) as exc:
             self._ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._outbox.close()
             raise DaemonUnavailable(f"cannot connect to {self.endpoint}: {exc}") from None
         self._thread = threading.Thread(target=self._io, name="gpuvisor-client", daemon=True)
         self._thread.start()
@@ -112,56 +109,66 @@ class Client:
         timeout: float | None = None,
         retries: int = 0,
         stream: bool = False,
-    ) -> Future | JobStream:
-        """As ``Supervisor.submit``; ``stream=True`` gives a ``JobStream`` of
-        the chunks the daemon relays, then the job's one outcome."""
+        on_chunk: Callable[[Any], None] | None = None,
+    ) -> JobFuture | JobStream:
+        """As ``Supervisor.submit``, through the daemon. ``stream=True`` gives
+        a ``JobStream`` of the chunks the daemon relays, then the job's one
+        outcome; ``on_chunk`` instead gets each chunk on this client's I/O
+        thread (it must not block). The Future's ``cancel()`` asks the daemon
+        and tells the truth: True only if the job will never run."""
+        if stream and on_chunk is not None:
+            raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
+        if (stream or on_chunk is not None) and retries:
+            raise ValueError("a streamed job cannot be retried: its reader would see the chunks twice")
         if not stream:
-            return self._submit(None, task, payload, mode=mode, timeout=timeout, retries=retries)
-        return JobStream()._feed(
-            lambda sink: self._submit(sink, task, payload, mode=mode, timeout=timeout, retries=retries)
-        )
+            return self._submit(task, payload, mode, timeout, retries, on_chunk)
+        return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
 
-    def _submit(self, on_chunk: Callable[[Any], None] | None, task: str, payload: Any = None, *,
-                mode: str | None = None, timeout: float | None = None, retries: int = 0) -> Future:  # fmt: skip
+    def _submit(self, task: str, payload: Any, mode: str | None, timeout: float | None, retries: int,
+                on_chunk: Callable[[Any], None] | None) -> JobFuture:  # fmt: skip
         """A submit request; with ``on_chunk``, a streamed one."""
         fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
         if on_chunk is not None:
             fields["stream"] = True
-        return self._request(Request.SUBMIT, on_chunk, **fields)
+        return self._request(Request.SUBMIT, RemoteJobFuture(self, on_chunk), **fields)
 
-    def switch_mode(self, mode: str) -> Future:
-        return self._request(Request.SWITCH, mode=mode)
+    def switch_mode(self, mode: str) -> Future[SwitchResult]:
+        return self._request(Request.SWITCH, Future(), mode=mode)
 
-    def restart(self, mode: str | None = None) -> Future:
-        return self._request(Request.RESTART, mode=mode)
+    def restart(self, mode: str | None = None) -> Future[SwitchResult]:
+        return self._request(Request.RESTART, Future(), mode=mode)
 
-    def status(self) -> dict[str, Any]:
-        return self._request(Request.STATUS).result()
+    def status(self) -> Status:
+        """The daemon's status: the supervisor's ``Status`` plus ``daemon_pid``,
+        ``endpoint``, ``modes`` (their names) and ``clients``."""
+        return self._request(Request.STATUS, Future()).result()
+
+    def modes(self) -> dict[str, dict[str, Any]]:
+        return self._request(Request.MODES, Future()).result()
 
     def ping(self) -> dict[str, Any]:
-        return self._request(Request.PING).result()
+        return self._request(Request.PING, Future()).result()
 
-    def cancel(self, future: Future) -> bool:
-        """Ask the daemon to cancel a submitted job; True if it was still
-        queued (its Future then fails with ``JobCancelled``)."""
-        target = self._ids_of.get(id(future))
-        if target is None or future.done():
-            return False
-        return bool(self._request(Request.CANCEL, target=target).result()["cancelled"])
-
-    def shutdown(self, drain: bool = True) -> dict[str, Any]:
-        """Ask the daemon to stop (after draining its queue, by default)."""
-        return self._request(Request.SHUTDOWN, drain=drain).result()
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the daemon, after running what is queued (``drain``, bounded by
+        ``timeout`` and by its ``[daemon] drain_timeout``); returns once it
+        has stopped: its connection is gone, or it stopped answering."""
+        self._request(Request.SHUTDOWN, Future(), drain=drain, timeout=timeout).result()
+        next_ping = time.monotonic() + self.timeout
+        while not self._lost.wait(0.05):
+            if time.monotonic() >= next_ping:  # still draining, or gone without a word?
+                try:
+                    self.ping()
+                except DaemonUnavailable:
+                    return
+                next_ping = time.monotonic() + self.timeout
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            os.write(self._wake_w, b"\0")
+        if self._outbox.closed:
+            return
+        self._outbox.wake()
+        self._closing = True
         self._thread.join(timeout=10)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
     def __enter__(self) -> Client:
         return self
@@ -171,34 +178,33 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _request(self, kind: Request, on_chunk: Callable[[Any], None] | None = None, **fields: Any) -> Future:
+    def _request(self, kind: Request, future: Future, **fields: Any) -> Future:
         request_id = next(self._ids)
         frames = encode_request(kind, request_id, **fields)  # TypeError here, in the caller
-        future: Future = Future()
-        future.on_chunk = on_chunk  # a streamed submit's chunks, called on the I/O thread
-        future.chunks = 0  # chunks received: the next must carry seq chunks + 1
-        with self._lock:
-            if self._closed:
-                raise DaemonUnavailable("this client is closed")
-            self._outbox.append((frames, request_id, future))
-            if kind is Request.SUBMIT:
-                self._ids_of[id(future)] = request_id
-                future.add_done_callback(lambda f: self._ids_of.pop(id(f), None))
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass
+        if isinstance(future, RemoteJobFuture):
+            future.request_id = request_id
+        if self._closing or not self._outbox.put((frames, request_id, future)):
+            raise DaemonUnavailable("this client is closed")
         return future
+
+    def _cancel(self, future: RemoteJobFuture) -> bool:
+        """Ask the daemon to cancel ``future``'s job; True once it has."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("cancel() from a Future callback of this client would wait on itself")
+        self._cancelling.add(future.request_id)
+        answer = self._request(Request.CANCEL, Future(), target=future.request_id)
+        try:
+            cancelled = bool(answer.result()["cancelled"])
+        except DaemonUnavailable:
+            return False
+        return cancelled and (Future.cancel(future) or future.cancelled())
 
     def _io(self) -> None:
         pending: dict[int, Future] = {}
         try:
             self._serve(pending)
         except BaseException as exc:  # noqa: BLE001 - a dead I/O thread must not leave Futures waiting forever
-            with self._lock:
-                self._closed = True
-                batch = list(self._outbox)
-                self._outbox.clear()
+            batch = self._outbox.close()
             error = DaemonUnavailable(f"the client's I/O failed: {type(exc).__name__}: {exc}")
             for future in [*pending.values(), *(f for _, _, f in batch)]:
                 settle(future, error=error)
@@ -210,23 +216,30 @@ class Client:
         sock, monitor = self._sock, self._monitor(self._sock)
         heard = time.monotonic()
         ping_id: int | None = None
+        connected = False  # the connection is known to be up (a monitor event, or a probe that got through)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._outbox.fd, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll(min(self.timeout, 1.0) * 1000))
-                if self._wake_r in events:
-                    empty_pipe(self._wake_r)
-                with self._lock:
-                    closed, batch = self._closed, list(self._outbox)
-                    self._outbox.clear()
-                if closed:  # every request gets an outcome, the unsent ones too
+                batch = self._outbox.take_all() if self._outbox.fd in events else []
+                if self._closing:  # every request gets an outcome, the unsent ones too
                     gone = DaemonUnavailable("the client was closed before the daemon answered")
-                    for future in [*pending.values(), *(f for _, _, f in batch)]:
+                    for future in [*pending.values(), *(f for _, _, f in [*batch, *self._outbox.close()])]:
                         settle(future, error=gone)
                     return
+                if batch and not connected:
+                    # Nothing serves the endpoint (no socket file, a refused
+                    # connection): say so now, not after twice the timeout.
+                    why = unreachable(self.endpoint, min(self.timeout, 2.0))
+                    if why is not None:
+                        error = DaemonUnavailable(f"no daemon at {self.endpoint}: {why}; is `gpuvisor serve` running?")
+                        for _, _, future in batch:
+                            settle(future, error=error)
+                        batch = []
+                    connected = why is None
                 for frames, request_id, future in batch:
                     if not pending:
                         heard = time.monotonic()  # the silence clock starts with the first request
@@ -236,8 +249,12 @@ class Client:
                     except zmq.Again:
                         pending.pop(request_id)
                         settle(future, error=DaemonUnavailable(f"could not send to {self.endpoint}"))
-                if monitor in events:
-                    monitor.recv_multipart()
+                if monitor in events and recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED:
+                    connected = True
+                    self._lost.clear()
+                elif monitor in events:
+                    connected = False
+                    self._lost.set()
                     lost = DaemonUnavailable(
                         f"lost the connection to {self.endpoint} (the daemon stopped or restarted); "
                         "the outcome of requests in flight is unknown"
@@ -294,7 +311,7 @@ class Client:
         name of its own: a new connection's socket may reuse the old one's fd,
         which pyzmq's default name is made of."""
         return sock.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED, addr=f"inproc://gpuvisor-client-monitor-{next(self._ids)}"
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED, addr=f"inproc://gpuvisor-client-monitor-{next(self._ids)}"
         )
 
     def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> tuple[float, ClientCutOff | None]:
@@ -326,10 +343,16 @@ class Client:
                 self._chunk(reply, future, pending)
                 continue
             del pending[reply.id]
+            asked_to_cancel = reply.id in self._cancelling
+            self._cancelling.discard(reply.id)
             if reply.ok:
                 settle(future, result=reply.value)
+                continue
+            error = error_from_wire(reply.error)
+            if asked_to_cancel and isinstance(error, JobCancelled):
+                Future.cancel(future)  # cancelled at this caller's word: a cancelled Future, as in-process
             else:
-                settle(future, error=error_from_wire(reply.error))
+                settle(future, error=error)
 
     @staticmethod
     def _chunk(reply: Any, future: Future, pending: dict[int, Future]) -> None:
@@ -363,33 +386,73 @@ class Client:
         settle(future, error=ProtocolError(f"the reply to request {request_id} cannot be decoded: {exc.message}"))
 
 
+class RemoteJobFuture(JobFuture):
+    """A job a daemon runs. ``cancel()`` asks the daemon and answers with
+    its word: True only if the job was still queued there and will never
+    run (the Future is then cancelled, as in-process); False once it runs."""
+
+    def __init__(self, client: Client, on_chunk: Callable[[Any], None] | None = None):
+        super().__init__(on_chunk)
+        self._client = weakref.ref(client)
+        self.request_id = 0
+        self.chunks = 0  # chunks received: the next must carry seq chunks + 1
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        client = self._client()
+        return client is not None and client._cancel(self)
+
+
 class AsyncClient:
-    """``Client`` for asyncio: every call is awaitable."""
+    """``Client`` for asyncio: every call is awaitable. A Future's answer is
+    handed to this event loop by the client's I/O thread; the calls that
+    wait for a plain answer (``status``, ``modes``, ``shutdown``) wait in the
+    loop's executor."""
 
     def __init__(self, endpoint: str | None = None, **kwargs: Any):
         self._sync = Client(endpoint, **kwargs)
 
-    async def submit(self, task: str, payload: Any = None, *, stream: bool = False, **kwargs: Any) -> Any:
+    async def submit(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        mode: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        stream: bool = False,
+        on_chunk: Callable[[Any], None] | None = None,
+    ) -> Any:
         """The result; with ``stream=True`` an ``AsyncJobStream``."""
         if not stream:
-            return await asyncio.wrap_future(self._sync.submit(task, payload, **kwargs))
+            return await asyncio.wrap_future(
+                self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=on_chunk)
+            )
+        if on_chunk is not None:
+            raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
         job_stream = AsyncJobStream(asyncio.get_running_loop())
-        return job_stream._feed(lambda sink: self._sync._submit(sink, task, payload, **kwargs))
+        return job_stream._feed(
+            lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)
+        )
 
-    async def switch_mode(self, mode: str) -> dict[str, Any]:
+    async def switch_mode(self, mode: str) -> SwitchResult:
         return await asyncio.wrap_future(self._sync.switch_mode(mode))
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+    async def restart(self, mode: str | None = None) -> SwitchResult:
         return await asyncio.wrap_future(self._sync.restart(mode))
 
-    async def status(self) -> dict[str, Any]:
-        return await asyncio.wrap_future(self._sync._request(Request.STATUS))
+    async def status(self) -> Status:
+        return await asyncio.get_running_loop().run_in_executor(None, self._sync.status)
+
+    async def modes(self) -> dict[str, dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._sync.modes)
 
     async def ping(self) -> dict[str, Any]:
-        return await asyncio.wrap_future(self._sync._request(Request.PING))
+        return await asyncio.get_running_loop().run_in_executor(None, self._sync.ping)
 
-    async def shutdown(self, drain: bool = True) -> dict[str, Any]:
-        return await asyncio.wrap_future(self._sync._request(Request.SHUTDOWN, drain=drain))
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._sync.close)

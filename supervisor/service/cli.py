@@ -105,8 +105,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     restart = add("restart", help="replace the worker with a fresh one (clears 'failed')")
     restart.add_argument("mode", nargs="?")
     add("status", help="what the daemon is doing")
-    stop = add("stop", help="stop the daemon (after draining its queue)")
+    add("modes", help="the modes the daemon serves: loader, whether loaded, tasks")
+    stop = add("stop", help="stop the daemon (after draining its queue); returns once it has stopped")
     stop.add_argument("--no-drain", action="store_true", help="cancel queued jobs instead of running them")
+    stop.add_argument("--drain-timeout", type=_positive_seconds, metavar="SECONDS",
+                      help="cancel what has not run after this long (default: the daemon's drain_timeout)")  # fmt: skip
     add("demo", help="the five-minute tour, in this process (no daemon)")
     return parser, submit
 
@@ -159,14 +162,9 @@ def _serve(args: argparse.Namespace) -> int:
     import zmq
 
     from supervisor.service.daemon import Daemon
-    from supervisor.service.front import check_front
 
-    daemon = Daemon(args.config, args.endpoint)
-    settings = daemon.config.daemon
-    check_front(daemon.endpoint, curve=bool(settings.curve_secret_key),
-                allow_unauthenticated_tcp=settings.allow_unauthenticated_tcp)  # fmt: skip
     try:
-        return daemon.run()
+        return Daemon(args.config, args.endpoint).run()
     except (zmq.ZMQError, OSError) as exc:  # a port in use, a path we may not write ...
         print(f"gpuvisor: cannot serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -233,8 +231,11 @@ def _client_command(args: argparse.Namespace) -> int:
             value = client.restart(args.mode).result()
         elif args.command == "status":
             value = client.status()
+        elif args.command == "modes":
+            value = client.modes()
         else:  # stop
-            value = client.shutdown(drain=not args.no_drain)
+            client.shutdown(drain=not args.no_drain, timeout=args.drain_timeout)
+            value = {"stopped": True}
     _show(args, value)
     return EXIT_OK
 
@@ -371,11 +372,27 @@ def _record(value: dict, indent: str = "") -> list[str]:
     return lines
 
 
+def _modes_table(modes: dict) -> list[str]:
+    """One line per mode: name, loaded or not, loader, tasks (known once the
+    mode has loaded)."""
+    rows = [("MODE", "LOADED", "LOADER", "TASKS")]
+    for name, mode in modes.items():
+        tasks = mode.get("tasks")
+        rows.append((name, "yes" if mode.get("loaded") else "-", str(mode.get("loader")),
+                     ", ".join(tasks) if tasks is not None else "(known once loaded)"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
+
+
 def _show(args: argparse.Namespace, value: Any) -> None:
     if args.json:
         print(_json({"ok": True, "value": value}))
     elif args.command == "status" and isinstance(value, dict):
         print("\n".join(_record(value)))
+    elif args.command == "modes" and isinstance(value, dict):
+        print("\n".join(_modes_table(value)))
+    elif args.command == "stop":
+        print("stopped")
     else:
         print(_human(value))
 

@@ -25,7 +25,6 @@ cancelling what is queued; SIGHUP reloads the configuration file.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
@@ -46,7 +45,7 @@ from protocol.client import BadRequest, ClientRequest, Request, decode_request, 
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.client.endpoint import default_endpoint
-from supervisor.mailbox import empty_pipe
+from supervisor.mailbox import Mailbox, empty_pipe
 from supervisor.service.flow import FlowControl, Peer, Route
 from supervisor.service.front import EndpointError, bind_front, release_ipc
 from supervisor.service.sdnotify import Notifier
@@ -88,7 +87,8 @@ class Daemon:
         self.endpoint = endpoint or self.config.daemon.endpoint or default_endpoint()
         self.notifier = notifier or Notifier.from_environ()
         # Replies and chunks the core loop finished, in the order it did: (client, request id, Future | chunk).
-        self._replies: collections.deque[tuple[Route, Any, Future | _Chunk]] = collections.deque()
+        self._replies: Mailbox[tuple[Route, Any, Future | _Chunk]] = Mailbox()
+        self._stop_began = 0.0
         self._flow: FlowControl | None = None
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
@@ -103,20 +103,18 @@ class Daemon:
         front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says EAGAIN: flow.py keeps the message
         front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
         self._flow = FlowControl(front, self._encode, lambda future: future.cancel())
-        wake_r, wake_w = os.pipe()
         sig_r, sig_w = os.pipe()
-        for fd in (wake_r, wake_w, sig_r, sig_w):
+        for fd in (sig_r, sig_w):
             os.set_blocking(fd, False)
-        self._wake_w = wake_w
         auth = None
         sup: Supervisor | None = None
         old_handlers = {}
         old_interval = sys.getswitchinterval()
         try:
             auth = self._curve(ctx, front)
-            self._bound = bind_front(
-                front, self.endpoint, group=self.config.daemon.socket_group, curve=auth is not None
-            )
+            settings = self.config.daemon
+            self._bound = bind_front(front, self.endpoint, group=settings.socket_group, curve=auth is not None,
+                                     allow_unauthenticated_tcp=settings.allow_unauthenticated_tcp)  # fmt: skip
             old_wakeup = signal.set_wakeup_fd(sig_w)  # before the worker exists: a signal now is handled
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 old_handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
@@ -124,26 +122,29 @@ class Daemon:
             sup = Supervisor(self.config).start()
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
-            self._loop(sup, front, wake_r, sig_r)
+            self._loop(sup, front, sig_r)
             return 0
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            if old_handlers:
-                signal.set_wakeup_fd(old_wakeup)
             if sup is not None and self._stopper is None:
                 sup.shutdown(drain=False)  # an error got us here: never leave the worker behind
             if self._stopper is not None:
                 self._stopper.join()
             self._flush_at_exit()
+            self._replies.close()
             sys.setswitchinterval(old_interval)
             front.close(linger=500)  # what libzmq still holds for clients that read
             if auth is not None:
                 auth.stop()
             ctx.term()
-            for fd in (wake_r, wake_w, sig_r, sig_w):
-                os.close(fd)
             release_ipc(self.endpoint, self._bound)
+            # Last: until the socket file is gone, a second SIGTERM is still
+            # ours (a drain finishing), never the default that kills with -15.
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if old_handlers:
+                signal.set_wakeup_fd(old_wakeup)
+            for fd in (sig_r, sig_w):
+                os.close(fd)
 
     def _curve(self, ctx: zmq.Context, front: zmq.Socket):
         """CURVE: encryption plus a list of allowed client keys (zmq.auth)."""
@@ -177,7 +178,8 @@ class Daemon:
             raise
         return auth
 
-    def _loop(self, sup: Supervisor, front: zmq.Socket, wake_r: int, sig_r: int) -> None:
+    def _loop(self, sup: Supervisor, front: zmq.Socket, sig_r: int) -> None:
+        wake_r = self._replies.fd
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
@@ -207,8 +209,6 @@ class Daemon:
             while self._signals:
                 self._on_signal(sup, self._signals.pop(0))
             handled = self._read_front(sup, front) if front in events else 0
-            if wake_r in events:
-                empty_pipe(wake_r)
             now = time.monotonic()
             self._take_replies()
             flow.flush(now)
@@ -231,8 +231,11 @@ class Daemon:
             if self._stopper is not None:
                 if not self._stopper.is_alive():
                     return
-                if now >= next_extend:  # a long drain: ask systemd for more time, a little at a time
-                    self.notifier.extend_timeout(_EXTEND_EVERY_S * 3)
+                # A long drain asks systemd for more time, a little at a time,
+                # never past the drain budget and the worker's stop after it.
+                limit = self._stop_began + self.config.daemon.drain_timeout + self.config.stop_timeout + 5.0
+                if now >= next_extend and now < limit:
+                    self.notifier.extend_timeout(min(_EXTEND_EVERY_S * 3, limit - now))
                     next_extend = now + _EXTEND_EVERY_S
 
     def _flush_at_exit(self) -> None:
@@ -256,30 +259,30 @@ class Daemon:
             self._reload(sup)
         elif signum == signal.SIGINT and self._stopper is not None:
             log.warning("second SIGINT: stopping now; queued jobs are cancelled")
-            threading.Thread(target=sup.shutdown, kwargs={"drain": False}, name="gpuvisor-stop-now").start()
+            self._stop(sup, drain=False)
         else:
             log.info("%s: draining, then exiting", signal.Signals(signum).name)
             self._stop(sup, drain=True)
 
-    def _stop(self, sup: Supervisor, drain: bool) -> None:
+    def _stop(self, sup: Supervisor, drain: bool, timeout: float | None = None) -> None:
+        """A drain is bounded by ``[daemon] drain_timeout`` (and by ``timeout``,
+        a stop request's own): what has not run by then is cancelled with
+        ``JobCancelled`` and the worker is stopped."""
+        budget = min(self.config.daemon.drain_timeout, timeout or float("inf"))
         if self._stopper is None:
             self.notifier.stopping()
-            self._stopper = threading.Thread(target=self._shutdown, args=(sup, drain), name="gpuvisor-stop")
+            self._stop_began = time.monotonic()
+            self._stopper = threading.Thread(target=self._shutdown, args=(sup, drain, budget), name="gpuvisor-stop")
             self._stopper.start()
-        elif not drain:
-            threading.Thread(target=sup.shutdown, kwargs={"drain": False}, name="gpuvisor-stop-now").start()
+        else:  # a second, tighter word: the tightest bound wins (shutdown() calls may overlap)
+            threading.Thread(target=sup.shutdown, args=(drain, budget if drain else None), name="gpuvisor-stop-now",
+                             daemon=True).start()  # fmt: skip
 
-    def _shutdown(self, sup: Supervisor, drain: bool) -> None:
+    def _shutdown(self, sup: Supervisor, drain: bool, budget: float) -> None:
         try:
-            sup.shutdown(drain=drain)
+            sup.shutdown(drain=drain, timeout=budget if drain else None)
         finally:
-            self._wake()  # the loop exits now, not at its next tick
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+            self._replies.wake()  # the loop exits now, not at its next tick
 
     def _reload(self, sup: Supervisor) -> None:
         self.notifier.reloading()
@@ -337,16 +340,17 @@ class Daemon:
         if kind is Request.PING:
             self._reply_now(peer, request.id, value={"pong": True, "pid": os.getpid(), "version": PROTOCOL_VERSION})
         elif kind is Request.STATUS:
-            status = sup.status()
-            status.update(daemon_pid=os.getpid(), endpoint=self.endpoint, modes=sorted(sup.config.modes),
-                          clients=self._clients_status())  # fmt: skip
+            status = {**sup.status(), "daemon_pid": os.getpid(), "endpoint": self.endpoint,
+                      "modes": sorted(sup.config.modes), "clients": self._clients_status()}  # fmt: skip
             self._reply_now(peer, request.id, value=status)
+        elif kind is Request.MODES:
+            self._reply_now(peer, request.id, value=sup.modes())
         elif kind is Request.CANCEL:
             future = peer.jobs.get(args["target"])
             self._reply_now(peer, request.id, value={"cancelled": bool(future is not None and future.cancel())})
         elif kind is Request.SHUTDOWN:
             self._reply_now(peer, request.id, value={"stopping": True, "drain": args["drain"]})
-            self._stop(sup, drain=args["drain"])
+            self._stop(sup, drain=args["drain"], timeout=args["timeout"])
         elif self._stopper is not None:
             self._reply_now(peer, request.id, error=ShuttingDown("the daemon is shutting down"))
         elif kind is Request.SUBMIT:
@@ -382,15 +386,13 @@ class Daemon:
         seq = itertools.count(1)
 
         def sink(value: Any) -> None:  # on the core loop thread: queue and wake, nothing more
-            self._replies.append((route, request_id, _Chunk(next(seq), value)))
-            self._wake()
+            self._replies.put((route, request_id, _Chunk(next(seq), value)))
 
         return sink
 
     def _when_done(self, route: Route, request_id: Any, future: Future) -> None:
         def done(f: Future) -> None:  # runs on the core loop thread: queue and wake, nothing more
-            self._replies.append((route, request_id, f))
-            self._wake()
+            self._replies.put((route, request_id, f))
 
         future.add_done_callback(done)
 
@@ -398,9 +400,7 @@ class Daemon:
         """What the core loop finished goes to each client's backlog, in order;
         it is encoded when it is sent."""
         flow = self._flow
-        replies = self._replies
-        while replies:
-            route, request_id, item = replies.popleft()
+        for route, request_id, item in self._replies.take_all():
             if not isinstance(item, _Chunk):
                 peer = flow.peers.get(route)
                 if peer is not None and peer.jobs.get(request_id) is item:

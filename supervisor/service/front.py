@@ -178,12 +178,14 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
-def bind_front(sock, endpoint: str, *, group: str = "", curve: bool = False) -> tuple[int, int] | None:
+def bind_front(
+    sock, endpoint: str, *, group: str = "", curve: bool = False, allow_unauthenticated_tcp: bool = False
+) -> tuple[int, int] | None:
     """Bind ``sock`` to ``endpoint`` after the checks above, with the socket
     file's mode fixed (umask 0177 during the bind, so no moment of a wider
     mode exists, then the final mode and group)."""
     if endpoint.startswith("tcp://"):
-        check_tcp(endpoint, curve)
+        check_front(endpoint, curve=curve, allow_unauthenticated_tcp=allow_unauthenticated_tcp)
         sock.bind(endpoint)
         return None
     path = ipc_path(endpoint)
