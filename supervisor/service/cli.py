@@ -349,8 +349,8 @@ def _field(key: str, value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, (int, float)) and key.endswith("_bytes"):
         return _size(value)
-    if isinstance(value, (int, float)) and (key.endswith(("_seconds", "_s")) or isinstance(value, float)):
-        return f"{value:.2f}s" if key.endswith(("_seconds", "_s")) else f"{value:.2f}"
+    if isinstance(value, (int, float)) and (key.endswith(("seconds", "_s")) or isinstance(value, float)):
+        return f"{value:.3f}s" if key.endswith(("seconds", "_s")) else f"{value:.3f}"
     if isinstance(value, list) and all(not isinstance(x, (dict, list)) for x in value):
         return ", ".join(map(str, value)) or "-"
     if isinstance(value, (dict, list)):
@@ -387,7 +387,7 @@ def _modes_table(modes: dict) -> list[str]:
 def _show(args: argparse.Namespace, value: Any) -> None:
     if args.json:
         print(_json({"ok": True, "value": value}))
-    elif args.command == "status" and isinstance(value, dict):
+    elif args.command in ("status", "switch", "restart") and isinstance(value, dict):
         print("\n".join(_record(value)))
     elif args.command == "modes" and isinstance(value, dict):
         print("\n".join(_modes_table(value)))

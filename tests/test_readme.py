@@ -1,0 +1,113 @@
+"""The README as a newcomer uses it: the five-minute tour's commands run
+through the console script against a real ``gpuvisor serve`` on its
+default endpoint, each output checked line by line against the README
+(``…`` stands for what differs from run to run), and the first Python
+example run as it is written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.client import Client
+from tests.conftest import ROOT, wait_until
+
+T = 120
+BIN = Path(sys.executable).parent
+README = (ROOT / "README.md").read_text()
+
+
+def _block(after: str, fence: str = "```") -> list[str]:
+    """The lines of the first fenced block after the heading ``after``."""
+    section = README[README.index(after) :]
+    start = section.index(fence + "\n") if fence == "```" else section.index(fence)
+    body = section[start:].split("\n", 1)[1]
+    return body[: body.index("```")].rstrip("\n").split("\n")
+
+
+def _tour() -> list[tuple[str, int, list[str]]]:
+    """(command, expected exit code, expected output lines) for each ``$`` line."""
+    steps: list[tuple[str, int, list[str]]] = []
+    for line in _block("## A five-minute tour"):
+        if line.startswith("$ "):
+            command, _, comment = line[2:].partition("  #")
+            code = re.search(r"exit code (\d+)", comment)
+            steps.append((command.strip(), int(code.group(1)) if code else 0, []))
+        else:
+            steps[-1][2].append(line)
+    return steps
+
+
+def _matches(expected: list[str], actual: list[str]) -> str | None:
+    """None if ``actual`` is ``expected`` with each ``…`` filled in: within a
+    line it stands for any text, and a line that is only ``…`` for any
+    number of lines. Runs of spaces count as one. Otherwise, what did not
+    match."""
+    squeeze = re.compile(r"\s+")  # alignment is for the eye: runs of spaces count as one
+    expected = [squeeze.sub(" ", line).strip() for line in expected]
+    actual = [squeeze.sub(" ", line).strip() for line in actual]
+    j, skipping = 0, False
+    for line in expected:
+        if line.strip() == "…":
+            skipping = True
+            continue
+        pattern = re.compile(".*".join(re.escape(part) for part in line.split("…")))
+        while j < len(actual) and not pattern.fullmatch(actual[j]):
+            if not skipping:
+                return f"expected {line!r}, got {actual[j]!r}"
+            j += 1
+        if j == len(actual):
+            return f"expected {line!r}, found nothing more"
+        j, skipping = j + 1, False
+    if j < len(actual) and not skipping:
+        return f"unexpected line {actual[j]!r}"
+    return None
+
+
+def test_the_tour_runs_and_prints_what_the_readme_shows(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_DIRECTORY", "PYTHONPATH")}
+    env.update(XDG_RUNTIME_DIR=str(tmp_path), HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    endpoint = f"ipc://{tmp_path}/gpuvisor/gpuvisor.sock"  # the default endpoint for this XDG_RUNTIME_DIR
+    serve = subprocess.Popen([str(BIN / "gpuvisor"), "serve"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+
+        def answering() -> bool:
+            assert serve.poll() is None, f"gpuvisor serve exited with {serve.returncode}"
+            try:
+                with Client(endpoint, timeout=1) as c:
+                    return bool(c.ping())
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        wait_until(answering, T, "gpuvisor serve to answer")
+        steps = _tour()
+        assert [s[0].split()[1] for s in steps][:2] == ["switch", "submit"] and steps[-1][0] == "gpuvisor stop"
+        for command, code, expected in steps:
+            argv = shlex.split(command)
+            assert argv[0] == "gpuvisor", command
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=T)
+            output = (done.stdout + done.stderr).rstrip("\n").split("\n")
+            assert done.returncode == code, f"{command}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+            problem = _matches(expected, output)
+            assert problem is None, f"{command}: {problem}\n--- printed:\n" + "\n".join(output)
+        assert serve.wait(T) == 0  # `gpuvisor stop` returned once it had stopped
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(T)
+
+
+@pytest.mark.slow
+def test_the_first_python_example_runs_as_written():
+    code = "\n".join(_block("# gpuvisor", "```python"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) > 0  # the streamed (gibberish) text
