@@ -223,7 +223,11 @@ def load(
     known = len(tokenizer)  # ids past this (padding rows of the embedding) have no text: never pick them
     # Only the last position's logits are needed; on a long prompt the full
     # [prompt, vocab] float matrix can cost gigabytes. Remote-code models may lack the argument.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    accepts = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+    # The KV cache's name: ``cache`` in transformers 5.x (``past_key_values``
+    # is deprecated there), ``past_key_values`` before; in and out alike.
+    cache_arg = "cache" if "cache" in accepts else "past_key_values"
 
     def generate(payload: Any):
         opts = _options(payload, max_new_tokens_limit, max_positions)
@@ -242,8 +246,8 @@ def load(
         with torch.inference_mode():
             inputs, cache = torch.tensor([prompt_ids], device=target), None
             while len(tokens) < n:
-                out = model(input_ids=inputs, past_key_values=cache, use_cache=True, **keep)
-                cache, logits = out.past_key_values, out.logits[0, -1]
+                out = model(input_ids=inputs, use_cache=True, **{cache_arg: cache}, **keep)
+                cache, logits = out[cache_arg], out.logits[0, -1]
                 if known < vocab:
                     logits[known:] = float("-inf")
                 token = _pick(logits, opts, rng)
