@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -14,35 +13,13 @@ import pytest
 
 from supervisor import Supervisor
 from supervisor.engine import gpu
-from tests.fake_nvml import FakeNvml
-
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+from tests.helpers import repo_pythonpath, wait_until
+from tests.helpers.daemon import RunningDaemon
+from tests.helpers.fake_nvml import FakeNvml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll ``predicate`` until it is truthy; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def pid_gone(pid: int) -> bool:
-    """True when ``pid`` no longer names a live process (a zombie counts as
-    alive: it has not been reaped)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_DEAD
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.fixture(autouse=True)
@@ -78,9 +55,9 @@ def sup():
 
 @pytest.fixture
 def helper_loaders(monkeypatch):
-    """Make ``tests.loaders`` importable in worker processes."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return "tests.loaders"
+    """Make ``tests.helpers.loaders`` importable in worker processes."""
+    monkeypatch.setenv("PYTHONPATH", repo_pythonpath())
+    return "tests.helpers.loaders"
 
 
 @pytest.fixture
@@ -114,15 +91,28 @@ def _log_level(caplog):
     caplog.set_level(logging.INFO, logger="gpuvisor")
 
 
-PYTHON = sys.executable
-
-
 @pytest.fixture(scope="session", autouse=True)
 def no_children_at_the_end():
     """After every fixture has torn down, nothing at all is left."""
     yield
     me = psutil.Process()
     wait_until(lambda: not me.children(recursive=True), 10.0, "every child process of the test session to be reaped")
+
+
+@pytest.fixture
+def daemon():
+    """``daemon(...)`` -> a started ``RunningDaemon`` (see its arguments),
+    stopped and cleaned up after the test."""
+    made: list[RunningDaemon] = []
+
+    def start(*args: str, **kwargs) -> RunningDaemon:
+        d = RunningDaemon(*args, **kwargs)
+        made.append(d)
+        return d
+
+    yield start
+    for d in made:
+        d.close()
 
 
 @pytest.fixture

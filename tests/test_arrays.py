@@ -12,8 +12,8 @@ import pytest
 
 from protocol import ARRAY_EXT, Job, ProtocolError, Result, decode_from_worker, decode_to_worker, encode, encode_job
 from supervisor import JobFailed
-
-T = 60
+from tests.helpers import T
+from tests.helpers.config import config_text
 
 DTYPES = ["<f4", "<f8", "<f2", ">f4", "<i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1", "<c8", "<c16"]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (2, 3, 4, 5)]
@@ -137,7 +137,7 @@ def test_received_arrays_are_writable_and_own_nothing_shared_with_the_sender(sup
 
 
 def test_a_torch_tensor_from_a_handler_arrives_as_an_array(supervisor_from, tmp_path):
-    sup = supervisor_from('[modes.t]\nloader = "tests.loaders:tensors"\n')
+    sup = supervisor_from(config_text({"t": "tests.helpers.loaders:tensors"}))
     got = sup.submit("make", {"n": 5}, mode="t").result(T)
     assert got["float"].dtype == np.float32 and got["float"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert got["long_T"].shape == (3, 2) and got["long_T"].tolist() == [[0, 3], [1, 4], [2, 5]]

@@ -15,21 +15,13 @@ from collections import Counter
 import pytest
 
 from supervisor import Supervisor, WorkerCrashed
-from tests.conftest import wait_until
+from tests.helpers import T, wait_until
+from tests.helpers.config import config_text
 
-T = 120
 JOBS = 2000
 KILLS = 20
 
-CONFIG = """
-[supervisor]
-heartbeat_interval = 0.2
-max_restarts = 1000
-restart_backoff = 0.0
-
-[modes.diag]
-loader = "worker.modes.diag:load"
-"""
+CONFIG = config_text(supervisor={"heartbeat_interval": 0.2, "max_restarts": 1000, "restart_backoff": 0.0})
 
 
 def _kill_at_random(sup: Supervisor, rng: random.Random, every: int, all_done: threading.Event) -> int:
@@ -77,7 +69,7 @@ def test_chaos_every_job_ends_exactly_once_and_retries_make_every_job_succeed(wr
             f.add_done_callback(record(i))
             futures.append(f)
         kills = _kill_at_random(sup, rng, every=JOBS // (KILLS * 2), all_done=all_done)
-        assert all_done.wait(T), f"only {len(results)} of {JOBS} jobs ended"
+        assert all_done.wait(2 * T), f"only {len(results)} of {JOBS} jobs ended"
 
         assert set(outcomes.values()) == {1}, "every Future resolves exactly once"
         failed = {i: r for i, r in results.items() if isinstance(r, BaseException)}

@@ -1,9 +1,6 @@
 """The ``gpuvisor`` console script as a user runs it: options on either side
 of the command, usage errors, "not running" at once, what people read, and
-what ``serve`` refuses (plain TCP, a socket group shut out of its directory).
-
-``load_cli_modes`` below is a mode for the worker: the daemons started here
-put the repository on PYTHONPATH, so a worker can import this module."""
+what ``serve`` refuses (plain TCP, a socket group shut out of its directory)."""
 
 from __future__ import annotations
 
@@ -13,40 +10,19 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import stat
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from supervisor.client import Client
-from tests.conftest import ROOT
+from tests.helpers import T
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.daemon import GPUVISOR, RunningDaemon, free_port, stale_socket
 
-T = 60
-GPUVISOR = str(Path(sys.executable).with_name("gpuvisor"))
-
-DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
-CLI_MODES = DIAG + '[modes.cli]\nloader = "tests.test_cli:load_cli_modes"\n'
-
-
-def load_cli_modes() -> dict:
-    """Worker side: an array result and a stream of text, without a model."""
-    import numpy as np
-
-    def vectors(payload):
-        return np.linspace(-1, 1, 2 * 384, dtype=np.float32).reshape(2, 384)
-
-    def words(payload):
-        for word in payload:
-            yield {"text": word}
-        return {"words": len(payload)}
-
-    return {"vectors": vectors, "words": words}
+CLI_MODES = {"diag": DIAG, "cli": "tests.helpers.loaders:vectors_and_words"}
 
 
 def gpuvisor(*args: str, env: dict | None = None, timeout: float = T) -> subprocess.CompletedProcess:
@@ -55,73 +31,15 @@ def gpuvisor(*args: str, env: dict | None = None, timeout: float = T) -> subproc
                           env=env, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
-class Served:
-    """``argv`` (a ``gpuvisor ... serve ...`` line) as a real process, with a
-    datagram socket standing in for systemd's NOTIFY_SOCKET, so the tests
-    wait for READY=1 instead of sleeping."""
-
-    def __init__(self, argv: list[str], *, env: dict | None = None, cwd: str | None = None, umask: int = -1):
-        self.dir = tempfile.mkdtemp(prefix="gv-cli-")
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(os.path.join(self.dir, "notify"))
-        self._notify.settimeout(0.2)
-        self.notes: list[str] = []
-        full_env = dict(os.environ, NOTIFY_SOCKET=os.path.join(self.dir, "notify"))
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        full_env.update(env or {})
-        self._log = open(os.path.join(self.dir, "output"), "w+")  # a file: a pipe nobody reads could block it
-        self.proc = subprocess.Popen(argv, env=full_env, cwd=cwd, umask=umask, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
-
-    def ready(self, timeout: float = T) -> bool:
-        """True once the daemon said READY=1; False if it exited first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.notes.extend(self._notify.recv(65536).decode().split("\n"))
-            except TimeoutError:
-                pass
-            if "READY=1" in self.notes:
-                return True
-            if self.proc.poll() is not None:
-                return False
-        raise AssertionError(f"no READY=1 within {timeout}s: {self.output()}")
-
-    def output(self) -> str:
-        with open(self._log.name) as f:
-            return f.read()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(T)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(T)
-            raise
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            self._notify.close()
-            self._log.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
-def served():
-    made: list[Served] = []
+def served(daemon):
+    """``served(*argv)``: ``gpuvisor *argv`` (a ``serve`` line) started through
+    the console script; the test asks ``ready()`` itself."""
 
-    def start(*argv: str, **kwargs) -> Served:
-        s = Served([GPUVISOR, *argv], **kwargs)
-        made.append(s)
-        return s
+    def start(*argv: str, **kwargs) -> RunningDaemon:
+        return daemon(argv=[GPUVISOR, *argv], wait_ready=False, **kwargs)
 
-    yield start
-    for s in made:
-        s.close()
+    return start
 
 
 @pytest.fixture
@@ -131,19 +49,13 @@ def short_dir():
         yield Path(d)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------- options on either side
 
 
 def test_shared_options_work_before_and_after_the_command(served, short_dir):
     endpoint = f"ipc://{short_dir}/run/g.sock"
     config = short_dir / "g.toml"
-    config.write_text(CLI_MODES)
+    config.write_text(config_text(CLI_MODES))
     daemon = served("serve", "--config", str(config), "--endpoint", endpoint, "-v")
     assert daemon.ready(), daemon.output()
     for args in (
@@ -160,7 +72,7 @@ def test_shared_options_work_before_and_after_the_command(served, short_dir):
     out = gpuvisor("submit", "echo", '{"x": 1}', "--mode", "diag", "--endpoint", endpoint, "--daemon-timeout", "5")
     assert out.returncode == 0 and json.loads(out.stdout) == {"x": 1}, out.stderr
     # A client reads the endpoint from --config, given after the command too.
-    config.write_text(f'[daemon]\nendpoint = "{endpoint}"\n' + CLI_MODES)
+    config.write_text(config_text(CLI_MODES, daemon={"endpoint": endpoint}))
     out = gpuvisor("stop", "--config", str(config))
     assert out.returncode == 0, out.stderr
     assert daemon.proc.wait(T) == 0
@@ -196,12 +108,6 @@ def test_usage_errors_exit_2_with_the_reason(args, words):
 # ---------------------------------------------------------------- nothing serves
 
 
-def _stale_socket(path: Path) -> None:
-    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dead.bind(str(path))
-    dead.close()  # the file stays; nothing listens: what a killed daemon leaves
-
-
 @pytest.mark.parametrize("case", ["no directory", "no file", "stale file", "tcp refused"])
 def test_nothing_serving_is_exit_3_at_once(short_dir, case):
     if case == "no directory":
@@ -209,10 +115,10 @@ def test_nothing_serving_is_exit_3_at_once(short_dir, case):
     elif case == "no file":
         endpoint, says = f"ipc://{short_dir}/g.sock", "there is no socket file"
     elif case == "stale file":
-        _stale_socket(short_dir / "g.sock")
+        stale_socket(short_dir / "g.sock")
         endpoint, says = f"ipc://{short_dir}/g.sock", "refuses connections (a stale socket file"
     else:
-        endpoint, says = f"tcp://127.0.0.1:{_free_port()}", "refuses connections"
+        endpoint, says = f"tcp://127.0.0.1:{free_port()}", "refuses connections"
     # With a 300 s daemon-timeout, a client that waited for silence would run
     # for ten minutes: the subprocess timeout (a hang stopper) would fire.
     for args in (["status"], ["submit", "echo", "1"], ["stop"], ["--json", "switch", "diag"]):
@@ -225,7 +131,7 @@ def test_nothing_serving_is_exit_3_at_once(short_dir, case):
 def test_a_socket_this_user_may_not_reach_is_exit_3_with_the_reason(short_dir):
     private = short_dir / "private"
     private.mkdir()
-    _stale_socket(private / "g.sock")
+    stale_socket(private / "g.sock")
     os.chmod(private, 0o700)
     argv = [GPUVISOR, "status", "--endpoint", f"ipc://{private}/g.sock"]
     if os.getuid() == 0:  # root passes every permission check: ask as root without capabilities
@@ -251,7 +157,7 @@ def test_a_socket_this_user_may_not_reach_is_exit_3_with_the_reason(short_dir):
 def test_human_output_arrays_status_and_streams(served, short_dir):
     endpoint = f"ipc://{short_dir}/g.sock"
     config = short_dir / "g.toml"
-    config.write_text(CLI_MODES)
+    config.write_text(config_text(CLI_MODES))
     daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
     assert daemon.ready(), daemon.output()
     ep = ["--endpoint", endpoint]
@@ -290,7 +196,7 @@ def test_human_output_arrays_status_and_streams(served, short_dir):
 def test_timeout_0_means_no_limit_even_over_the_configs_job_timeout(served, short_dir):
     endpoint = f"ipc://{short_dir}/g.sock"
     config = short_dir / "g.toml"
-    config.write_text("[supervisor]\njob_timeout = 0.3\n" + DIAG)
+    config.write_text(config_text(supervisor={"job_timeout": 0.3}))
     daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
     assert daemon.ready(), daemon.output()
     ep = ["--endpoint", endpoint, "--mode", "diag"]
@@ -301,7 +207,7 @@ def test_timeout_0_means_no_limit_even_over_the_configs_job_timeout(served, shor
 
 
 def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
-    out = gpuvisor("demo", env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=240)
+    out = gpuvisor("demo", env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=4 * T)
     assert out.returncode == 0, out.stderr
     assert "switch_mode('embed')" in out.stdout and "streamed tokens" in out.stdout
     assert " INFO " not in out.stdout + out.stderr
@@ -312,14 +218,14 @@ def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
 
 
 def test_plain_tcp_needs_allow_unauthenticated_tcp_and_is_logged(served, short_dir):
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = short_dir / "g.toml"
-    config.write_text(DIAG)
+    config.write_text(config_text())
     refused = served("serve", "--config", str(config), "--endpoint", endpoint)
     assert not refused.ready() and refused.stop() == 6
     assert "allow_unauthenticated_tcp = true" in refused.output() and endpoint in refused.output()
 
-    config.write_text("[daemon]\nallow_unauthenticated_tcp = true\n" + DIAG)
+    config.write_text(config_text(daemon={"allow_unauthenticated_tcp": True}))
     daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
     assert daemon.ready(), daemon.output()
     with Client(endpoint) as c:
@@ -335,7 +241,7 @@ def test_a_socket_group_shut_out_of_an_existing_directory_is_refused(served, sho
     run.mkdir()
     os.chmod(run, 0o700)  # what RuntimeDirectoryMode=0700 makes
     config = short_dir / "g.toml"
-    config.write_text(f'[daemon]\nendpoint = "ipc://{run}/g.sock"\nsocket_group = "{group}"\n' + DIAG)
+    config.write_text(config_text(daemon={"endpoint": f"ipc://{run}/g.sock", "socket_group": group}))
     refused = served("serve", "--config", str(config))
     assert not refused.ready() and refused.stop() == 6
     said = refused.output()
@@ -346,14 +252,14 @@ def test_a_socket_group_shut_out_of_an_existing_directory_is_refused(served, sho
     others = [g for g in grp.getgrall() if g.gr_gid != os.getgid()]
     if others:  # 0710, but for another group than socket_group's
         os.chmod(run, 0o710)
-        config.write_text(f'[daemon]\nendpoint = "ipc://{run}/g.sock"\nsocket_group = "{others[0].gr_name}"\n' + DIAG)
+        config.write_text(config_text(daemon={"endpoint": f"ipc://{run}/g.sock", "socket_group": others[0].gr_name}))
         wrong = served("serve", "--config", str(config))
         assert not wrong.ready() and wrong.stop() == 6
         assert f"is mode 0710, group {group}" in wrong.output(), wrong.output()
 
     os.chown(run, -1, os.getgid())
     os.chmod(run, 0o710)  # the shipped unit's RuntimeDirectoryMode, the group its Group=
-    config.write_text(f'[daemon]\nendpoint = "ipc://{run}/g.sock"\nsocket_group = "{group}"\n' + DIAG)
+    config.write_text(config_text(daemon={"endpoint": f"ipc://{run}/g.sock", "socket_group": group}))
     daemon = served("serve", "--config", str(config))
     assert daemon.ready(), daemon.output()
     st = os.stat(run / "g.sock")

@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from supervisor.engine.commands import QueuedSwitch
 from supervisor.futures import settle
 from supervisor.mailbox import Mailbox
+from tests.helpers import T
 
 
 def _race_posters_against_close(posters: int = 4) -> tuple[int, int, list[BaseException]]:
@@ -38,7 +39,7 @@ def _race_posters_against_close(posters: int = 4) -> tuple[int, int, list[BaseEx
         delivered += len(box.take_all())
     delivered += len(box.close())
     for t in threads:
-        t.join(30)
+        t.join(T)
     return delivered, len(accepted), errors
 
 

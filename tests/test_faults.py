@@ -20,56 +20,30 @@ from supervisor import (
     SupervisorFailed,
     WorkerCrashed,
 )
-from tests.conftest import pid_gone, wait_until
+from tests.helpers import T, pid_gone, wait_until
+from tests.helpers.config import DIAG, config_text
 
-T = 60
-
-CONFIG = """
-[supervisor]
-heartbeat_interval = 0.2
-heartbeat_timeout = 10.0
-load_timeout = 60.0
-stop_timeout = 2.0
-max_restarts = {max_restarts}
-restart_window = 60.0
-restart_backoff = {backoff}
-restart_backoff_max = 1.0
-max_queue = {max_queue}
-
-[modes.diag]
-loader = "worker.modes.diag:load"
-
-[modes.other]
-loader = "tests.loaders:tagged"
-args = {{ tag = "other" }}
-
-[modes.load_exit7]
-loader = "tests.loaders:exits"
-args = {{ code = 7 }}
-
-[modes.load_exit0]
-loader = "tests.loaders:exits"
-args = {{ code = 0 }}
-
-[modes.load_segfault]
-loader = "tests.loaders:segfaults"
-
-[modes.load_sigkill]
-loader = "tests.loaders:kills_itself"
-
-[modes.load_raise]
-loader = "tests.loaders:raises"
-
-[modes.load_says]
-loader = "tests.loaders:says_then_exits"
-"""
+MODES = {
+    "diag": DIAG,
+    "other": {"loader": "tests.helpers.loaders:tagged", "args": {"tag": "other"}},
+    "load_exit7": {"loader": "tests.helpers.loaders:exits", "args": {"code": 7}},
+    "load_exit0": {"loader": "tests.helpers.loaders:exits", "args": {"code": 0}},
+    "load_segfault": "tests.helpers.loaders:segfaults",
+    "load_sigkill": "tests.helpers.loaders:kills_itself",
+    "load_raise": "tests.helpers.loaders:raises",
+    "load_says": "tests.helpers.loaders:says_then_exits",
+}
 
 
 @pytest.fixture
 def faults(supervisor_from):
-    return lambda max_restarts=100, backoff=0.0, max_queue=10_000: supervisor_from(
-        CONFIG.format(max_restarts=max_restarts, backoff=backoff, max_queue=max_queue)
-    )
+    def make(max_restarts: int = 100, backoff: float = 0.0, max_queue: int = 10_000):
+        supervisor = {"heartbeat_interval": 0.2, "heartbeat_timeout": 10.0, "load_timeout": 60.0, "stop_timeout": 2.0,
+                      "max_restarts": max_restarts, "restart_window": 60.0, "restart_backoff": backoff,
+                      "restart_backoff_max": 1.0, "max_queue": max_queue}  # fmt: skip
+        return supervisor_from(config_text(MODES, supervisor=supervisor))
+
+    return make
 
 
 # ---------------------------------------------------------------- the crash matrix
@@ -305,7 +279,7 @@ def test_past_max_queue_submit_raises_queue_full_at_once_and_slots_come_back(fau
 
 
 def test_the_configured_job_timeout_applies_when_a_job_names_none(write_config):
-    path = write_config('[supervisor]\njob_timeout = 0.3\n[modes.diag]\nloader = "worker.modes.diag:load"\n')
+    path = write_config(config_text(supervisor={"job_timeout": 0.3}))
     with Supervisor(path) as sup:
         sup.switch_mode("diag").result(T)
         from supervisor import JobTimeout

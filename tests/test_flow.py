@@ -20,29 +20,8 @@ import zmq
 
 from protocol import ClientCutOff, ModeLoadError, ProtocolError, StreamIncomplete
 from supervisor.client import Client
-from tests.conftest import wait_until
-from tests.daemon_helper import RunningDaemon
-
-T = 60
-
-DIAG = """
-[modes.diag]
-loader = "worker.modes.diag:load"
-"""
-
-
-@pytest.fixture
-def daemon():
-    made: list[RunningDaemon] = []
-
-    def start(**kwargs) -> RunningDaemon:
-        d = RunningDaemon(**kwargs)
-        made.append(d)
-        return d
-
-    yield start
-    for d in made:
-        d.close()
+from tests.helpers import T, wait_until
+from tests.helpers.config import DIAG, config_text
 
 
 def raw_dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -85,14 +64,8 @@ class Flooder(threading.Thread):
 
 
 def test_every_future_settles_when_20000_jobs_fail_at_once(daemon):
-    d = daemon(config_text="""
-[supervisor]
-max_queue = 50000
-
-[modes.broken]
-loader = "tests.flow_loaders:sleeps_then_raises"
-args = { seconds = 2.0 }
-""" + DIAG)  # fmt: skip
+    broken = {"loader": "tests.helpers.loaders:sleeps_then_raises", "args": {"seconds": 2.0}}
+    d = daemon(config_text=config_text({"broken": broken, "diag": DIAG}, supervisor={"max_queue": 50000}))
     with d.client() as c:
         futures = [c.submit("echo", i, mode="broken") for i in range(20_000)]
         wait_until(lambda: all(f.done() for f in futures), T * 2, "every one of 20,000 futures to settle")
@@ -103,7 +76,7 @@ args = { seconds = 2.0 }
 
 
 def test_a_long_stream_arrives_complete_and_in_order(daemon):
-    d = daemon(config_text=DIAG)
+    d = daemon(config_text=config_text())
     n = 100_000
     with d.client() as c:
         stream = c.submit("count", {"n": n}, mode="diag", stream=True)
@@ -115,67 +88,66 @@ def test_a_long_stream_arrives_complete_and_in_order(daemon):
 # ---------------------------------------------------------------- a client that does not read
 
 
-def test_a_flooder_that_never_reads_is_cut_off_alone_and_told_when_it_reads(daemon):
-    d = daemon(config_text=DIAG)
+@pytest.fixture
+def flooded(daemon):
+    """A daemon serving diag, and a Flooder aimed at it, not started yet;
+    the flooder is stopped and closed after the test, before the daemon."""
+    d = daemon(config_text=config_text())
     ctx = zmq.Context()
     flooder = Flooder(ctx, d.endpoint)
-    try:
-        with d.client() as other:
-            other.switch_mode("diag").result(T)
-            flooder.start()
-            served = 0
+    yield d, flooder
+    flooder.stop()
+    flooder.sock.close()
+    ctx.term()
 
-            def cut_off_while_serving_the_other() -> bool:
-                nonlocal served
-                assert other.submit("echo", served).result(T) == served
-                served += 1
-                return other.status()["clients"]["cut_off"] >= 1
 
-            wait_until(cut_off_while_serving_the_other, T, "the flooder to be cut off")
-            flooder.stop()
-            assert served >= 1
-            wait_until(lambda: "cut off client" in d.output(), T, "the daemon to log the cut-off")
-            sock = flooder.sock
-            replies = []
-            while True:  # what was already on its way, then the notice
-                reply = msgpack.unpackb(sock.recv(), raw=False)
-                replies.append(reply)
-                if reply["id"] is None:
-                    break
-            assert reply["ok"] is False and reply["error"]["code"] == "client_cut_off", reply
-            assert "open a new connection" in reply["error"]["message"]
-            assert all(r["ok"] and r["value"]["pong"] for r in replies[:-1])
-            assert len(replies) - 1 < flooder.sent
-            sock.send(ping(-1))  # nothing more is served on that connection: each request is refused
-            while True:  # (after the pings it sent before it stopped, which are refused too)
-                refused = msgpack.unpackb(sock.recv(), raw=False)
-                assert refused["ok"] is False and refused["error"]["code"] == "client_cut_off", refused
-                if refused["id"] == -1:
-                    break
-            assert other.submit("echo", "still served").result(T) == "still served"
-            assert d.output().count("cut off client") == 1
-    finally:
+def test_a_flooder_that_never_reads_is_cut_off_alone_and_told_when_it_reads(flooded):
+    d, flooder = flooded
+    with d.client() as other:
+        other.switch_mode("diag").result(T)
+        flooder.start()
+        served = 0
+
+        def cut_off_while_serving_the_other() -> bool:
+            nonlocal served
+            assert other.submit("echo", served).result(T) == served
+            served += 1
+            return other.status()["clients"]["cut_off"] >= 1
+
+        wait_until(cut_off_while_serving_the_other, T, "the flooder to be cut off")
         flooder.stop()
-        flooder.sock.close()
-        ctx.term()
+        assert served >= 1
+        wait_until(lambda: "cut off client" in d.output(), T, "the daemon to log the cut-off")
+        sock = flooder.sock
+        replies = []
+        while True:  # what was already on its way, then the notice
+            reply = msgpack.unpackb(sock.recv(), raw=False)
+            replies.append(reply)
+            if reply["id"] is None:
+                break
+        assert reply["ok"] is False and reply["error"]["code"] == "client_cut_off", reply
+        assert "open a new connection" in reply["error"]["message"]
+        assert all(r["ok"] and r["value"]["pong"] for r in replies[:-1])
+        assert len(replies) - 1 < flooder.sent
+        sock.send(ping(-1))  # nothing more is served on that connection: each request is refused
+        while True:  # (after the pings it sent before it stopped, which are refused too)
+            refused = msgpack.unpackb(sock.recv(), raw=False)
+            assert refused["ok"] is False and refused["error"]["code"] == "client_cut_off", refused
+            if refused["id"] == -1:
+                break
+        assert other.submit("echo", "still served").result(T) == "still served"
+        assert d.output().count("cut off client") == 1
 
 
-def test_sigterm_is_prompt_while_a_client_floods(daemon):
-    d = daemon(config_text=DIAG)
-    ctx = zmq.Context()
-    flooder = Flooder(ctx, d.endpoint)
-    try:
-        with d.client() as c:
-            c.switch_mode("diag").result(T)
-            flooder.start()
-            wait_until(lambda: flooder.sent > 5000, T, "the flood to be under way")
-            assert c.ping()["pong"] is True
-        os.kill(d.proc.pid, signal.SIGTERM)
-        assert d.wait(30) == 0  # a bound against a hang, not a timing
-    finally:
-        flooder.stop()
-        flooder.sock.close()
-        ctx.term()
+def test_sigterm_is_prompt_while_a_client_floods(flooded):
+    d, flooder = flooded
+    with d.client() as c:
+        c.switch_mode("diag").result(T)
+        flooder.start()
+        wait_until(lambda: flooder.sent > 5000, T, "the flood to be under way")
+        assert c.ping()["pong"] is True
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.wait() == 0
 
 
 def test_a_daemon_whose_stderr_nobody_reads_still_answers_and_stops(daemon):
@@ -188,7 +160,7 @@ def test_a_daemon_whose_stderr_nobody_reads_still_answers_and_stops(daemon):
         pass
     os.set_blocking(write_end, True)
     try:
-        d = daemon(config_text=DIAG, stderr=write_end)
+        d = daemon(config_text=config_text(), stderr=write_end)
         ctx = zmq.Context()
         raw = raw_dealer(ctx, d.endpoint)
         try:
@@ -202,7 +174,7 @@ def test_a_daemon_whose_stderr_nobody_reads_still_answers_and_stops(daemon):
             raw.close()
             ctx.term()
         os.kill(d.proc.pid, signal.SIGTERM)
-        assert d.wait(30) == 0
+        assert d.wait() == 0
     finally:
         os.close(read_end)
         os.close(write_end)

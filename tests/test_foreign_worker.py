@@ -1,9 +1,9 @@
-"""The real supervisor driving tests/foreign_worker.py, a worker written from
-docs/protocol.md alone: the document is enough to write a worker."""
+"""The real supervisor driving tests/helpers/foreign_worker.py, a worker
+written from docs/protocol.md alone: the document is enough to write a
+worker."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,47 +16,25 @@ import pytest
 import zmq
 
 from supervisor import JobFailed, ModeLoadError, ProtocolError, Supervisor, UnknownTask, WorkerCrashed
-from tests.conftest import pid_gone
+from tests.helpers import T, pid_gone
+from tests.helpers.config import config_text
 
-T = 60  # bound on any single result; only there to stop a hang
-
-FOREIGN = Path(__file__).resolve().parent / "foreign_worker.py"
-WORKER_COMMAND = "[" + ", ".join(json.dumps(part) for part in [sys.executable, str(FOREIGN)]) + "]"
-
-CONFIG = """
-[supervisor]
-worker_command = {worker_command}
-heartbeat_interval = {heartbeat_interval}
-heartbeat_timeout = {heartbeat_timeout}
-load_timeout = 30.0
-stop_timeout = 2.0
-
-[modes.f]
-loader = "foreign.any:thing"
-
-[modes.g]
-loader = "foreign.other:thing"
-args = {{ tag = "g" }}
-
-[modes.broken]
-loader = "foreign:fail"
-"""
+FOREIGN = Path(__file__).resolve().parent / "helpers" / "foreign_worker.py"
+MODES = {
+    "f": "foreign.any:thing",
+    "g": {"loader": "foreign.other:thing", "args": {"tag": "g"}},
+    "broken": "foreign:fail",
+}
 
 
 @pytest.fixture
-def config(tmp_path):
+def config(write_config):
     """``config(heartbeat_interval=.., heartbeat_timeout=..)`` -> the path of a config file."""
 
     def write(heartbeat_interval: float = 0.2, heartbeat_timeout: float = 10.0) -> Path:
-        path = tmp_path / "g.toml"
-        path.write_text(
-            CONFIG.format(
-                worker_command=WORKER_COMMAND,
-                heartbeat_interval=heartbeat_interval,
-                heartbeat_timeout=heartbeat_timeout,
-            )
-        )
-        return path
+        supervisor = {"worker_command": [sys.executable, str(FOREIGN)], "heartbeat_interval": heartbeat_interval,
+                      "heartbeat_timeout": heartbeat_timeout, "load_timeout": 30.0, "stop_timeout": 2.0}  # fmt: skip
+        return write_config(config_text(MODES, supervisor=supervisor))
 
     return write
 

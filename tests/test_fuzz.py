@@ -27,9 +27,10 @@ from protocol import (
     encode,
 )
 from supervisor import Supervisor
-from tests.harness import Harness
+from tests.helpers import T
+from tests.helpers.config import DIAG
+from tests.helpers.harness import Harness
 
-T = 60
 SEED = 20261124
 FUZZ_FRAMES = 3000
 REAL_JOB_ID = 10**12  # real jobs' ids; a mutated frame that happens to be a valid JOB gets a small one
@@ -37,7 +38,7 @@ REAL_JOB_ID = 10**12  # real jobs' ids; a mutated frame that happens to be a val
 _VALID = [
     encode(Job(7, "echo", {"x": [1, 2, 3], "s": "text"}))[0],
     encode(Job(8, "sleep", {"seconds": 0}))[0],
-    encode(Load("diag", "worker.modes.diag:load", {}))[0],
+    encode(Load("diag", DIAG, {}))[0],
     encode(Drain())[0],
     msgpack.packb({"v": 1, "k": "job", "job": 9, "task": "pid", "payload": None}),
 ]
@@ -100,7 +101,7 @@ def test_the_worker_survives_thousands_of_bad_frames_and_keeps_serving():
     h = Harness(stderr=log)
     try:
         assert h.recv().kind.value == "hello"
-        h.send(Load("diag", "worker.modes.diag:load", {}))
+        h.send(Load("diag", DIAG, {}))
         assert h.recv().kind.value == "ready"
         sent_bad = valid_jobs = real_ok = 0
         gen = fuzz_frames(rng)

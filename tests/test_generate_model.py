@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT, T, repo_pythonpath
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
 import inspect, json, sys
@@ -131,14 +131,14 @@ print(json.dumps(report))
 def seen(tmp_path_factory):
     folder, empty = tmp_path_factory.mktemp("tiny-model"), tmp_path_factory.mktemp("empty")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = repo_pythonpath()
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(folder), str(empty)],
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=2 * T,  # a tiny model built and saved, on a shared CPU
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -30,12 +29,13 @@ from supervisor import Supervisor
 from supervisor.config import valid_device_setting
 from supervisor.engine.devices import DeviceChoice, choose_device
 from supervisor.engine.gpu import GpuMeter, Reclaim, process_rss
-from tests.fake_nvml import (
+from tests.helpers import ROOT, T, run_python
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.fake_nvml import (
     LIBRARY_NOT_FOUND,
     FakeNvml,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -81,7 +81,7 @@ def test_importing_the_module_imports_no_nvml_numpy_or_torch():
         "import sys, supervisor; before = set(sys.modules); import supervisor.engine.gpu, supervisor.engine.devices; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('pynvml', 'numpy', 'torch')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    out = run_python(code, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
 
@@ -136,7 +136,7 @@ def test_process_rss_of_a_zombie_is_none():
         child.wait(10)
 
 
-# ------------------------------------------------------------ a fake pynvml (tests/fake_nvml.py, fixture in conftest)
+# ------------------------------------------------------------ a fake pynvml (tests/helpers/fake_nvml.py, fixture in conftest)
 
 
 def test_fake_no_library_gives_reasons_everywhere(fake_nvml):
@@ -385,12 +385,12 @@ def test_the_real_pynvml_over_a_stub_driver(tmp_path):
     subprocess.run(
         [compiler, "-shared", "-fPIC", "-o", str(tmp_path / "libnvidia-ml.so.1"), str(tmp_path / "stub.c")],
         check=True,
-        timeout=60,
+        timeout=T,
     )
     env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     out = subprocess.run(
-        [sys.executable, "-c", STUB_CLIENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", STUB_CLIENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=T
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
@@ -415,7 +415,7 @@ def test_the_real_pynvml_over_a_stub_driver(tmp_path):
 
 # ------------------------------------------------------------ a real GPU
 
-GPU_T = 600  # generous: only there to stop a hang
+GPU_T = 10 * T  # a model onto a real GPU, or torch asked about CUDA: generous, only there to stop a hang
 WITHIN = 64 * MiB
 _FIGURES: dict[str, dict] = {}
 
@@ -433,7 +433,7 @@ def gpu_skip_reason() -> str | None:
     )
     env = {**os.environ, **choose_device("cuda:0").env}
     try:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=GPU_T)
         info = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
         return f"NVML sees a GPU, but torch in {sys.prefix} cannot be asked about CUDA: {exc!r}"
@@ -470,16 +470,13 @@ def mib(value: int | None) -> str:
 @pytest.mark.timeout(GPU_T * 2)
 def test_a_switch_gives_back_the_embed_workers_vram(gpu_meter, tmp_path, record_property):
     path = tmp_path / "gpu.toml"
-    path.write_text(
-        '[supervisor]\ndevice = "cuda:0"\n'
-        '[modes.embed]\nloader = "worker.modes.embed:load"\nargs = { device = "cuda" }\n'
-        '[modes.diag]\nloader = "worker.modes.diag:load"\n'
-    )
+    embed = {"loader": "worker.modes.embed:load", "args": {"device": "cuda"}}
+    path.write_text(config_text({"embed": embed, "diag": DIAG}, supervisor={"device": "cuda:0"}))
     sup = Supervisor(path).start()
     try:
         baseline = used_now(gpu_meter)
         loaded = sup.switch_mode("embed").result(GPU_T)
-        vectors = sup.submit("embed", {"texts": ["hello"] * 64}).result(60)
+        vectors = sup.submit("embed", {"texts": ["hello"] * 64}).result(T)
         assert len(vectors) == 64 and len(vectors[0]) == 384
         pid = loaded["pid"]
         assert sup.status()["worker_pid"] == pid
@@ -492,7 +489,7 @@ def test_a_switch_gives_back_the_embed_workers_vram(gpu_meter, tmp_path, record_
         else:  # a container's PID namespace: NVML lists host pids, or none
             print(f"\nNVML does not list worker pid {pid}: relying on device used alone")
 
-        switched = sup.switch_mode("diag").result(120)
+        switched = sup.switch_mode("diag").result(2 * T)
         used_after = used_now(gpu_meter)
         assert switched["pid"] != pid
         assert gpu_meter.lists_pid(pid) is False
@@ -523,7 +520,7 @@ def test_a_switch_gives_back_the_embed_workers_vram(gpu_meter, tmp_path, record_
 def test_an_in_process_del_and_empty_cache_is_measured_beside_it(gpu_meter, record_property):
     env = {**os.environ, **choose_device("cuda:0").env}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "gpu_inprocess_probe.py"), "0"],
+        [sys.executable, str(ROOT / "tests" / "helpers" / "gpu_inprocess_probe.py"), "0"],
         cwd=ROOT,
         env=env,
         capture_output=True,

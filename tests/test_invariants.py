@@ -4,21 +4,18 @@ process we spawn is reaped; a worker dies when its supervisor dies."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import signal
-import subprocess
 import sys
-import textwrap
 
 import psutil
 import pytest
 
 from supervisor import Supervisor
-from tests.conftest import ROOT, wait_until
+from tests.helpers import T, run_python, wait_until
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.script import read_line, supervisor_script
 
-T = 60
+DIAG_AND_HANGS = config_text({"diag": DIAG, "hangs": "tests.helpers.loaders:hangs"})
 
 
 def not_running(pid: int) -> bool:
@@ -28,27 +25,6 @@ def not_running(pid: int) -> bool:
         return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return True
-
-
-@contextlib.contextmanager
-def supervisor_script(body: str):
-    """A supervisor in a process of its own, printing JSON lines as it goes;
-    killed, reaped and closed on the way out, whatever the test did to it."""
-    code = "import json, sys, time\nfrom supervisor import Supervisor\n" + textwrap.dedent(body)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()
-
-
-def read_line(proc: subprocess.Popen) -> dict:
-    line = proc.stdout.readline()
-    assert line, f"the supervisor script ended early with {proc.wait(T)}"
-    return json.loads(line)
 
 
 @pytest.mark.slow
@@ -79,15 +55,13 @@ def test_importing_every_supervisor_module_pulls_in_no_torch():
         " supervisor.client, supervisor.service.daemon;"
         "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'worker')])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T, check=True)
+    out = run_python(code)
     assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("moment", ["idle", "mid_job", "loading"])
 def test_a_worker_dies_when_its_supervisor_is_killed(moment, helper_loaders, write_config):
-    path = write_config(
-        '[modes.diag]\nloader = "worker.modes.diag:load"\n[modes.hangs]\nloader = "tests.loaders:hangs"\n'
-    )
+    path = write_config(DIAG_AND_HANGS)
     with supervisor_script(
         f"""
         sup = Supervisor({str(path)!r}).start()
@@ -172,12 +146,7 @@ WRAPPED = [
 
 
 def test_a_worker_command_wrapper_that_does_not_exec_works_and_still_dies_with_the_supervisor(write_config):
-    import json as _json
-
-    path = write_config(
-        f"[supervisor]\nworker_command = {_json.dumps(WRAPPED)}\nheartbeat_interval = 0.2\n"
-        '[modes.diag]\nloader = "worker.modes.diag:load"\n'
-    )
+    path = write_config(config_text(supervisor={"worker_command": WRAPPED, "heartbeat_interval": 0.2}))
     with Supervisor(path) as sup:  # the wrapper case works at all
         result = sup.switch_mode("diag").result(T)
         worker = sup.submit("pid").result(T)
@@ -207,7 +176,7 @@ def test_a_worker_imports_torch_only_when_its_mode_does():
         sup.switch_mode("diag").result(T)
         diag = sup.submit("pid").result(T)
         assert not _maps_torch(diag), "the diag worker must not load torch"
-        embed = sup.switch_mode("embed").result(180)["pid"]
+        embed = sup.switch_mode("embed").result(3 * T)["pid"]
         assert _maps_torch(embed), "the embed worker runs torch (this proves the check can see it)"
 
 
@@ -222,9 +191,7 @@ def test_sigterm_or_sigint_to_the_supervisor_leaves_no_child_behind(sig, moment,
     """SIGTERM's default action ends the process (PDEATHSIG then takes the
     worker); SIGINT raises KeyboardInterrupt, the program ends, and the
     atexit hook stops and reaps the worker itself."""
-    path = write_config(
-        '[modes.diag]\nloader = "worker.modes.diag:load"\n[modes.hangs]\nloader = "tests.loaders:hangs"\n'
-    )
+    path = write_config(DIAG_AND_HANGS)
     with supervisor_script(
         f"""
         sup = Supervisor({str(path)!r}).start()

@@ -12,9 +12,7 @@ import subprocess
 import sys
 
 from supervisor.service.logsetup import QUEUE_SIZE, REPEAT_LIMIT, RepeatFilter
-from tests.conftest import ROOT
-
-T = 60
+from tests.helpers import ROOT, T
 
 STUCK = """
 import logging, sys, time

@@ -13,13 +13,12 @@ import psutil
 import pytest
 
 from supervisor import AsyncSupervisor, JobFailed, ModeLoadError, OutOfMemory, Supervisor, WorkerCrashed
-from tests.conftest import pid_gone, wait_until
-from tests.fake_nvml import FakeNvml
+from tests.helpers import T, pid_gone, wait_until
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.fake_nvml import FakeNvml
 
 MiB = 1 << 20
-
-T = 60
-DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
+TWO_DIAGS = {"diag": DIAG, "other": DIAG}
 
 
 # ----------------------------------------------------------------- streaming
@@ -64,7 +63,7 @@ def test_a_handler_error_mid_stream_is_the_streams_one_typed_outcome(sup):
 
 
 def test_an_unsendable_chunk_fails_the_job_and_the_worker_serves_on(supervisor_from):
-    sup = supervisor_from('[modes.s]\nloader = "tests.loaders:streams"\n')
+    sup = supervisor_from(config_text({"s": "tests.helpers.loaders:streams"}))
     stream = sup.submit("unsendable", None, mode="s", stream=True)
     with pytest.raises(JobFailed, match="returned a chunk that cannot be sent"):
         list(stream)
@@ -124,7 +123,7 @@ def test_a_memory_error_is_out_of_memory_and_the_worker_is_recycled(sup):
 
 
 def test_an_oom_before_a_switch_loads_only_the_new_mode(supervisor_from):
-    sup = supervisor_from(DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n')
+    sup = supervisor_from(config_text(TWO_DIAGS))
     oom = sup.submit("oom", mode="diag")
     switched = sup.switch_mode("other")
     with pytest.raises(OutOfMemory):
@@ -133,7 +132,7 @@ def test_an_oom_before_a_switch_loads_only_the_new_mode(supervisor_from):
 
 
 def test_recycle_on_oom_false_keeps_the_worker(supervisor_from):
-    sup = supervisor_from("[supervisor]\nrecycle_on_oom = false\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"recycle_on_oom": False}))
     old = sup.submit("pid", mode="diag").result(T)
     with pytest.raises(OutOfMemory):
         sup.submit("oom").result(T)
@@ -145,9 +144,8 @@ def test_recycle_on_oom_false_keeps_the_worker(supervisor_from):
 
 def test_a_warm_up_job_runs_after_the_load_and_before_ready(supervisor_from, tmp_path):
     marker = tmp_path / "warmed"
-    sup = supervisor_from(
-        f'[modes.w]\nloader = "tests.loaders:warmable"\nwarmup = {{ task = "warm", payload = "{marker}" }}\n'
-    )
+    warmable = {"loader": "tests.helpers.loaders:warmable", "warmup": {"task": "warm", "payload": str(marker)}}
+    sup = supervisor_from(config_text({"w": warmable}))
     result = sup.switch_mode("w").result(T)
     assert result["warmup_seconds"] is not None and result["warmup_seconds"] >= 0.2  # the warm task sleeps 0.2 s
     assert marker.read_text() == str(result["pid"])  # done by the worker that then said READY
@@ -155,10 +153,10 @@ def test_a_warm_up_job_runs_after_the_load_and_before_ready(supervisor_from, tmp
 
 
 def test_a_failing_warm_up_fails_the_switch_with_its_reason(supervisor_from):
-    sup = supervisor_from('[modes.w]\nloader = "worker.modes.diag:load"\nwarmup = { task = "fail" }\n')
+    sup = supervisor_from(config_text({"w": {"loader": DIAG, "warmup": {"task": "fail"}}}))
     with pytest.raises(ModeLoadError, match="warm-up job 'fail' failed: RuntimeError"):
         sup.switch_mode("w").result(T)
-    sup2 = supervisor_from('[modes.w]\nloader = "worker.modes.diag:load"\nwarmup = { task = "nope" }\n')
+    sup2 = supervisor_from(config_text({"w": {"loader": DIAG, "warmup": {"task": "nope"}}}))
     with pytest.raises(ModeLoadError, match="warm-up task 'nope' is not one of this mode's tasks"):
         sup2.switch_mode("w").result(T)
 
@@ -168,7 +166,7 @@ def test_a_torch_mode_whose_warm_up_fails_exits_3_by_itself_without_being_signal
     """A worker that imported torch and built a model takes seconds to tear
     down; after LOAD_FAILED it leaves at once with its own exit code, so the
     switch fails without waiting for a SIGTERM (and the log says code 3)."""
-    sup = supervisor_from('[modes.w]\nloader = "worker.modes.generate:load"\nwarmup = { task = "nope" }\n')
+    sup = supervisor_from(config_text({"w": {"loader": "worker.modes.generate:load", "warmup": {"task": "nope"}}}))
     with pytest.raises(ModeLoadError, match="warm-up task 'nope' is not one of this mode's tasks"):
         sup.switch_mode("w").result(T)
     stopped = [r.getMessage() for r in caplog.records if "its mode failed to load" in r.getMessage()]
@@ -180,7 +178,7 @@ def test_a_torch_mode_whose_warm_up_fails_exits_3_by_itself_without_being_signal
 
 
 def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(supervisor_from):
-    sup = supervisor_from("[supervisor]\nidle_unload_s = 0.5\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"idle_unload_s": 0.5}))
     first = sup.submit("pid", mode="diag").result(T)
     wait_until(lambda: sup.status()["worker_pid"] is None, T, "the idle worker to be unloaded")
     assert pid_gone(first)
@@ -195,7 +193,7 @@ def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(supervisor_f
 
 
 def test_idle_unload_never_stops_a_running_job(supervisor_from):
-    sup = supervisor_from("[supervisor]\nidle_unload_s = 0.3\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"idle_unload_s": 0.3}))
     pid = sup.submit("pid", mode="diag").result(T)
     assert sup.submit("sleep", {"seconds": 1.5}).result(T) == {"slept": 1.5}  # five idle periods long
     assert sup.submit("pid").result(T) == pid or pid_gone(pid)  # unloaded only after it finished
@@ -204,11 +202,8 @@ def test_idle_unload_never_stops_a_running_job(supervisor_from):
 
 
 def test_a_mode_may_set_its_own_idle_unload(supervisor_from):
-    sup = supervisor_from(
-        "[supervisor]\nidle_unload_s = 0.3\n"
-        + DIAG
-        + '[modes.sticky]\nloader = "worker.modes.diag:load"\nidle_unload_s = 0\n'
-    )
+    sticky = {"loader": DIAG, "idle_unload_s": 0}
+    sup = supervisor_from(config_text({"diag": DIAG, "sticky": sticky}, supervisor={"idle_unload_s": 0.3}))
     pid = sup.submit("pid", mode="sticky").result(T)
     wait_until(lambda: sup.status()["jobs_done"] >= 1, T, "the job")
     with pytest.raises(AssertionError):
@@ -220,7 +215,7 @@ def test_a_mode_may_set_its_own_idle_unload(supervisor_from):
 
 
 def test_status_reports_memory_without_a_gpu_and_never_calls_rss_vram(supervisor_from):
-    sup = supervisor_from("[supervisor]\nheartbeat_interval = 0.2\nheartbeat_timeout = 5\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"heartbeat_interval": 0.2, "heartbeat_timeout": 5}))
     before = sup.status()
     for key in ("device", "gpu", "gpu_unavailable", "worker_rss_bytes", "worker_vram_bytes", "worker_torch"):
         assert key in before
@@ -235,7 +230,7 @@ def test_status_reports_memory_without_a_gpu_and_never_calls_rss_vram(supervisor
 
 
 def test_a_switch_reports_what_it_reclaimed(supervisor_from):
-    sup = supervisor_from(DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n')
+    sup = supervisor_from(config_text(TWO_DIAGS))
     sup.switch_mode("diag").result(T)
     wait_until(lambda: sup.status()["worker_rss_bytes"], T, "a memory sample")
     old = sup.status()["worker_pid"]
@@ -247,7 +242,7 @@ def test_a_switch_reports_what_it_reclaimed(supervisor_from):
 
 
 def test_the_worker_is_pinned_to_its_device(supervisor_from):
-    sup = supervisor_from('[supervisor]\ndevice = "cpu"\n' + DIAG)
+    sup = supervisor_from(config_text(supervisor={"device": "cpu"}))
     pid = sup.submit("pid", mode="diag").result(T)
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
@@ -277,7 +272,7 @@ def test_generate_streams_tokens_that_add_up_to_its_result():
 @pytest.mark.slow
 def test_one_mode_may_hold_two_models(tmp_path):
     with Supervisor() as sup:
-        result = sup.switch_mode("assistant").result(180)
+        result = sup.switch_mode("assistant").result(3 * T)  # two models to load
         assert result["warmup_seconds"] is not None
         vectors = sup.submit("embed", {"texts": ["a", "b"]}).result(T)
         text = sup.submit("generate", {"prompt": "x", "max_new_tokens": 3}).result(T)
@@ -286,10 +281,8 @@ def test_one_mode_may_hold_two_models(tmp_path):
 
 
 def test_compose_refuses_a_task_defined_twice(supervisor_from):
-    sup = supervisor_from(
-        '[modes.c]\nloader = "worker.modes.compose:load"\n'
-        'args = { parts = [ { loader = "worker.modes.diag:load" }, { loader = "worker.modes.diag:load" } ] }\n'
-    )
+    compose = {"loader": "worker.modes.compose:load", "args": {"parts": [{"loader": DIAG}, {"loader": DIAG}]}}
+    sup = supervisor_from(config_text({"c": compose}))
     with pytest.raises(ModeLoadError, match="task 'echo' is defined by both"):
         sup.switch_mode("c").result(T)
 
@@ -320,12 +313,10 @@ class _LiveGpu(FakeNvml):
         return gpu
 
 
-def _gpu_supervisor(supervisor_from, settings: str):
+def _gpu_supervisor(supervisor_from, **settings):
     """A supervisor pinned to the stand-in GPU, with two diag modes to switch
     between, and the pid of a first worker already running in ``diag``."""
-    sup = supervisor_from(
-        f'[supervisor]\ndevice = "cuda:0"\n{settings}\n' + DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n'
-    )
+    sup = supervisor_from(config_text(TWO_DIAGS, supervisor={"device": "cuda:0", **settings}))
     return sup, sup.submit("pid", mode="diag").result(T)
 
 
@@ -334,7 +325,7 @@ def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memo
     is a stand-in (this machine has no GPU): it keeps a dead worker's 512 MiB
     "used" for 0.5 s, and the next worker must not start before it is back."""
     live = fake_nvml(_LiveGpu(lag=0.5))
-    sup, pid = _gpu_supervisor(supervisor_from, "heartbeat_interval = 0.1\nheartbeat_timeout = 5")
+    sup, pid = _gpu_supervisor(supervisor_from, heartbeat_interval=0.1, heartbeat_timeout=5)
     live.held[pid] = 512 * MiB
     wait_until(lambda: sup.status()["worker_vram_bytes"] == 512 * MiB, T, "a heartbeat's NVML sample")
     status = sup.status()
@@ -354,7 +345,7 @@ def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memo
 
 def test_the_loop_keeps_serving_while_a_switch_waits_for_memory(fake_nvml, supervisor_from):
     live = fake_nvml(_LiveGpu(lag=1.5))
-    sup, pid = _gpu_supervisor(supervisor_from, "")
+    sup, pid = _gpu_supervisor(supervisor_from)
     live.held[pid] = 128 * MiB
     switching = sup.switch_mode("other")
     wait_until(lambda: sup.status()["reclaiming"], T, "the switch to wait for the memory")
@@ -367,7 +358,7 @@ def test_the_loop_keeps_serving_while_a_switch_waits_for_memory(fake_nvml, super
 
 def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervisor_from):
     live = fake_nvml(_LiveGpu(lag=3600))  # a leak, as far as the meter can tell
-    sup, pid = _gpu_supervisor(supervisor_from, "reclaim_timeout = 0.5")
+    sup, pid = _gpu_supervisor(supervisor_from, reclaim_timeout=0.5)
     live.held[pid] = 256 * MiB
     result = sup.switch_mode("other").result(T)
     assert result["reclaim_complete"] is False and result["reclaimed_bytes"] == 0

@@ -20,10 +20,11 @@ import zmq
 
 from protocol import Failure, Hello, Job, JobFailed, Load, Ready, Result
 from supervisor import Supervisor
-from tests.daemon_helper import RunningDaemon
-from tests.harness import Harness
+from tests.helpers import T
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.daemon import RunningDaemon
+from tests.helpers.harness import Harness
 
-T = 60  # seconds: a bound against hangs, never a timing assertion
 ACCEPTED_LEVELS = 1023  # the deepest a field may nest: msgpack's decoder stops at 1,024, the message's map included
 KEYS = "(keys must be str, int, float, bool, bytes or None)"
 
@@ -113,7 +114,7 @@ def test_submit_refuses_what_a_worker_could_not_decode_and_the_worker_serves_on(
     ],
 )  # fmt: skip
 def test_a_result_the_supervisor_could_not_decode_fails_that_job_alone(supervisor_from, task, payload, words):
-    sup = supervisor_from('[modes.u]\nloader = "tests.loaders:unsendable_results"\n')
+    sup = supervisor_from(config_text({"u": "tests.helpers.loaders:unsendable_results"}))
     sup.switch_mode("u").result(T)
     pid = sup.submit("pid").result(T)
     with pytest.raises(JobFailed, match=re.escape(words)):
@@ -126,7 +127,7 @@ def test_a_result_the_supervisor_could_not_decode_fails_that_job_alone(superviso
 
 
 def test_an_unsendable_chunk_ends_the_stream_with_job_failed_and_the_worker_serves_on(supervisor_from):
-    sup = supervisor_from('[modes.u]\nloader = "tests.loaders:unsendable_results"\n')
+    sup = supervisor_from(config_text({"u": "tests.helpers.loaders:unsendable_results"}))
     pid = sup.submit("pid", mode="u").result(T)
     stream = sup.submit("tuple_key_chunk", None, mode="u", stream=True)
     words = "returned a chunk that cannot be sent: value: a map key of type tuple"
@@ -224,7 +225,7 @@ def test_a_hand_packed_job_the_worker_cannot_decode_gets_a_failure_under_its_id(
     h = Harness()
     try:
         assert h.recv() == Hello(pid=h.proc.pid, gen=1)
-        h.send(Load("diag", "worker.modes.diag:load", {}))
+        h.send(Load("diag", DIAG, {}))
         assert isinstance(h.recv(), Ready)
         jobs = [
             (11, msgpack.packb({"v": 1, "k": "job", "job": 11, "task": "echo", "payload": {(1, 2): "x"}}), UNHASHABLE),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import subprocess
-import sys
 
 import msgpack
 import pytest
@@ -32,6 +30,8 @@ from protocol import (
     encode_job,
     error_from_wire,
 )
+from tests.helpers import run_python
+from tests.helpers.config import DIAG
 
 FROM_WORKER = [
     Hello(pid=123, gen=4),
@@ -41,7 +41,7 @@ FROM_WORKER = [
     Failure(job=8, error={"code": "job_failed", "message": "x", "traceback": "tb"}),
     Heartbeat(busy=True),
 ]
-TO_WORKER = [Load(mode="diag", loader="worker.modes.diag:load", args={"a": 1}), Job(9, "echo", [1, 2]), Drain()]
+TO_WORKER = [Load(mode="diag", loader=DIAG, args={"a": 1}), Job(9, "echo", [1, 2]), Drain()]
 
 
 @pytest.mark.parametrize("msg", FROM_WORKER, ids=lambda m: m.kind.value)
@@ -163,7 +163,7 @@ def test_an_unknown_or_malformed_error_map_still_becomes_an_error():
 
 def test_protocol_is_a_leaf_package():
     code = "import sys, protocol; print(sorted(m for m in sys.modules if m.split('.')[0] in ('supervisor', 'worker', 'torch')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = run_python(code)
     assert out.stdout.strip() == "[]"
 
 

@@ -4,27 +4,17 @@ project's supervisor, protocol or worker packages."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import random
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
-from tests.raw_client import RawClient, error, value
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 20.0
-EXIT_TIMEOUT = 15.0
+from tests.helpers import ROOT, T, wait_until
+from tests.helpers.daemon import RunningDaemon
+from tests.helpers.raw_client import RawClient, error, value
 
 STATUS_FIELDS = {
     "state",
@@ -46,109 +36,20 @@ STATUS_FIELDS = {
 }
 
 
-@dataclass
-class Daemon:
-    endpoint: str
-    proc: subprocess.Popen
-    log: Path
-    notices: list[bytes] = field(default_factory=list)
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return "<no log>"
-
-    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"daemon did not exit within {timeout}s; log:\n{self.log_text()}") from None
-
-
-class Notify:
-    """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET. A
-    thread keeps reading it (as systemd does), so the daemon's notices never
-    pile up; ``wait_for(b"READY=1")`` is bounded."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.1)
-        self.notices: list[bytes] = []
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="notify-reader", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._cond:
-                self.notices.append(data)
-                self._cond.notify_all()
-
-    def wait_for(self, line: bytes, timeout: float, alive) -> bytes:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for notice in self.notices:
-                    if line in notice.split(b"\n"):
-                        return notice
-                left = deadline - time.monotonic()
-                if left <= 0 or not alive():
-                    raise AssertionError(f"no {line!r} datagram within {timeout}s (got {self.notices!r})")
-                self._cond.wait(min(left, 0.1))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-        self.sock.close()
-
-
 @pytest.fixture
 def daemon():
-    """A started daemon on a private ipc endpoint, stopped (``shutdown``, then
-    a bounded wait, then a kill) after the test."""
-    tmp = tempfile.mkdtemp(prefix="gv-", dir="/tmp")
-    endpoint = f"ipc://{tmp}/g.sock"
-    assert len(f"{tmp}/g.sock") < 100
-    notify = Notify(f"{tmp}/n.sock")
-    log = Path(tmp) / "daemon.log"
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    d = Daemon(endpoint, proc, log, notify.notices)
+    """A started daemon on a private ipc endpoint, stopped after the test by
+    a raw ``shutdown`` (then a bounded wait, then a kill)."""
+    d = RunningDaemon(cwd=str(ROOT))
     try:
-        notify.wait_for(b"READY=1", START_TIMEOUT, alive=lambda: proc.poll() is None)
         yield d
     finally:
-        if proc.poll() is None:
-            with RawClient(endpoint, timeout=5.0) as c:
-                try:
-                    c.call("shutdown", drain=False)
-                except TimeoutError:
-                    pass
-            try:
-                proc.wait(EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(EXIT_TIMEOUT)
-        notify.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if d.running():
+            with RawClient(d.endpoint, timeout=5.0) as c, contextlib.suppress(TimeoutError):
+                c.call("shutdown", drain=False)
+            with contextlib.suppress(AssertionError):
+                d.wait()
+        d.close()
 
 
 @pytest.fixture
@@ -322,24 +223,17 @@ def test_shutdown_with_drain(daemon, diag):
     assert error(diag.call("submit", task="echo", payload=1))["code"] == "shutting_down"
     assert value(diag.wait_for(job)) is not None
     assert value(diag.wait_for(queued)) == "drained"
-    assert daemon.wait_exit() == 0
+    assert daemon.wait() == 0
 
 
 def test_shutdown_without_drain(daemon, diag):
     running = diag.send("submit", id="running", task="sleep", payload={"seconds": 1})
     queued = diag.send("submit", id="queued", task="echo", payload="dropped")
-    wait_until_in_flight(diag)
+    wait_until(lambda: value(diag.call("status"))["in_flight"] >= 1, T, "a job to be in flight")
     assert value(diag.call("shutdown", drain=False)) == {"stopping": True, "drain": False}
     assert error(diag.wait_for(queued))["code"] == "job_cancelled"
     assert error(diag.wait_for(running))["code"] == "job_cancelled"  # observed; doc 9 names only queued jobs
-    assert daemon.wait_exit() == 0
-
-
-def wait_until_in_flight(c: RawClient, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while value(c.call("status"))["in_flight"] < 1:
-        assert time.monotonic() < deadline, "a job to be in flight"
-        time.sleep(0.02)
+    assert daemon.wait() == 0
 
 
 def test_req_socket(daemon):

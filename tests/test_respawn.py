@@ -17,39 +17,23 @@ from collections import Counter
 import pytest
 
 from supervisor import ModeLoadError, NoModeLoaded, Supervisor, SupervisorFailed, WorkerCrashed
-from tests.conftest import wait_until
-
-T = 120
-
-CONFIG = """
-[supervisor]
-heartbeat_interval = 0.2
-max_restarts = {max_restarts}
-restart_window = 60.0
-restart_backoff = {backoff}
-restart_backoff_max = 0.2
-{extra}
-
-[modes.diag]
-loader = "worker.modes.diag:load"
-
-[modes.slow]
-loader = "tests.respawn_loaders:slow"
-args = {{ seconds = 0.3 }}
-
-[modes.flaky]
-loader = "tests.respawn_loaders:fails_while_file_exists"
-args = {{ path = "{marker}" }}
-"""
+from tests.helpers import T, wait_until
+from tests.helpers.config import DIAG, config_text
 
 
 @pytest.fixture
 def respawning(supervisor_from, tmp_path):
     marker = tmp_path / "broken"
+    modes = {
+        "diag": DIAG,
+        "slow": {"loader": "tests.helpers.loaders:slow", "args": {"seconds": 0.3}},
+        "flaky": {"loader": "tests.helpers.loaders:fails_while_file_exists", "args": {"path": str(marker)}},
+    }
 
-    def make(max_restarts: int = 100, backoff: float = 0.0, extra: str = "") -> tuple[Supervisor, object]:
-        text = CONFIG.format(max_restarts=max_restarts, backoff=backoff, extra=extra, marker=marker)
-        return supervisor_from(text), marker
+    def make(max_restarts: int = 100, backoff: float = 0.0, **settings) -> tuple[Supervisor, object]:
+        supervisor = {"heartbeat_interval": 0.2, "max_restarts": max_restarts, "restart_window": 60.0,
+                      "restart_backoff": backoff, "restart_backoff_max": 0.2, **settings}  # fmt: skip
+        return supervisor_from(config_text(modes, supervisor=supervisor)), marker
 
     return make
 
@@ -149,7 +133,7 @@ def test_when_the_budget_runs_out_during_reloads_the_jobs_fail_saying_so(respawn
 
 
 def test_a_default_mode_whose_load_failed_is_tried_again_by_the_next_job(respawning):
-    sup, marker = respawning(extra='default_mode = "flaky"')
+    sup, marker = respawning(default_mode="flaky")
     marker.write_text("")
     wait_until(lambda: sup.status()["last_error"], T, "the default mode's load to fail")
     with pytest.raises(ModeLoadError, match="refuses to load"):  # tried again: it still fails, and says why

@@ -1,29 +1,22 @@
 """The warm standby: a spare worker that has imported what earlier workers
 imported, taken into service by the next switch. Real processes throughout;
-``tests.loaders:preloads`` stands in for a torch mode (it imports
+``tests.helpers.loaders:preloads`` stands in for a torch mode (it imports
 safetensors, which is on the preload list and light)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from supervisor import WorkerCrashed
-from tests.conftest import ROOT, pid_gone, wait_until
+from tests.helpers import T, pid_gone, wait_until
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.script import read_line, supervisor_script
 
-T = 60
-MODES = """
-[modes.heavy]
-loader = "tests.loaders:preloads"
-
-[modes.light]
-loader = "worker.modes.diag:load"
-"""
+MODES = {"heavy": "tests.helpers.loaders:preloads", "light": DIAG}
+TORCH_MODES = {**MODES, "heavy": "tests.helpers.loaders:tensors"}  # "heavy" imports torch
 
 
 def _standby_ready(sup) -> int:
@@ -37,7 +30,7 @@ def _standby_ready(sup) -> int:
 def test_a_light_mode_does_not_wait_for_a_standby_still_importing(supervisor_from):
     """A spare still busy importing is no faster than a fresh process for a
     light mode: the switch starts one and leaves the spare for later."""
-    sup = supervisor_from(MODES.replace("tests.loaders:preloads", "tests.loaders:tensors"))
+    sup = supervisor_from(config_text(TORCH_MODES))
     sup.switch_mode("heavy").result(T)  # a torch mode: its spare spends seconds importing torch
     spare = wait_until(lambda: sup.status()["standby_pid"], T, "a warm standby")
     assert not sup.status()["standby_ready"]
@@ -46,13 +39,13 @@ def test_a_light_mode_does_not_wait_for_a_standby_still_importing(supervisor_fro
 
 
 def test_no_standby_until_a_mode_needs_heavy_libraries(supervisor_from):
-    sup = supervisor_from(MODES)
+    sup = supervisor_from(config_text(MODES))
     sup.switch_mode("light").result(T)
     assert sup.status()["standby_pid"] is None
 
 
 def test_the_next_switch_takes_the_standby_which_had_preloaded(supervisor_from):
-    sup = supervisor_from(MODES)
+    sup = supervisor_from(config_text(MODES))
     first = sup.switch_mode("heavy").result(T)
     assert first["standby"] is False and sup.submit("was_preloaded").result(T) is False
     spare = _standby_ready(sup)
@@ -66,7 +59,7 @@ def test_the_next_switch_takes_the_standby_which_had_preloaded(supervisor_from):
 
 
 def test_a_dead_standby_is_replaced_by_a_fresh_worker(supervisor_from):
-    sup = supervisor_from(MODES)
+    sup = supervisor_from(config_text(MODES))
     sup.switch_mode("heavy").result(T)
     spare = _standby_ready(sup)
     os.kill(spare, signal.SIGKILL)
@@ -75,14 +68,14 @@ def test_a_dead_standby_is_replaced_by_a_fresh_worker(supervisor_from):
 
 
 def test_warm_standby_false_keeps_none(supervisor_from):
-    sup = supervisor_from("[supervisor]\nwarm_standby = false\n" + MODES)
+    sup = supervisor_from(config_text(MODES, supervisor={"warm_standby": False}))
     sup.switch_mode("heavy").result(T)
     sup.switch_mode("light").result(T)
     assert sup.status()["standby_pid"] is None
 
 
 def test_shutdown_reaps_the_standby(supervisor_from):
-    sup = supervisor_from(MODES)
+    sup = supervisor_from(config_text(MODES))
     sup.switch_mode("heavy").result(T)
     spare = _standby_ready(sup)
     sup.shutdown(drain=True)
@@ -91,10 +84,8 @@ def test_shutdown_reaps_the_standby(supervisor_from):
 
 def test_a_standby_dies_with_its_supervisor(tmp_path):
     config = tmp_path / "g.toml"
-    config.write_text(MODES)
+    config.write_text(config_text(MODES))
     script = f"""
-import json, sys, time
-from supervisor import Supervisor
 sup = Supervisor({str(config)!r}).start()
 sup.switch_mode("heavy").result(60)
 while not sup.status()["standby_pid"]:
@@ -102,23 +93,17 @@ while not sup.status()["standby_pid"]:
 print(json.dumps(sup.status()["standby_pid"]), flush=True)
 time.sleep(600)
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
-        spare = json.loads(proc.stdout.readline())
+    with supervisor_script(script) as proc:
+        spare = read_line(proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(T)
         wait_until(lambda: pid_gone(spare), 10, "the standby to die with its supervisor")
-    finally:
-        proc.kill()
-        proc.wait(T)
-        proc.stdout.close()
 
 
 def test_a_standby_taken_while_still_importing_becomes_the_worker(supervisor_from):
     """A heavy mode takes the spare even mid-import (it is ahead of a fresh
     process); its readiness signal then has nobody to read it, harmlessly."""
-    sup = supervisor_from(MODES.replace("tests.loaders:preloads", "tests.loaders:tensors"))
+    sup = supervisor_from(config_text(TORCH_MODES))
     sup.switch_mode("heavy").result(T)
     spare = wait_until(lambda: sup.status()["standby_pid"], T, "a warm standby")
     assert not sup.status()["standby_ready"]
@@ -130,10 +115,10 @@ def test_a_standby_taken_while_still_importing_becomes_the_worker(supervisor_fro
 def test_a_reload_that_turns_the_standby_off_stops_it(supervisor_from, write_config):
     from supervisor.config import load
 
-    sup = supervisor_from(MODES)
+    sup = supervisor_from(config_text(MODES))
     sup.switch_mode("heavy").result(T)
     spare = _standby_ready(sup)
-    sup.reload(load(write_config("[supervisor]\nwarm_standby = false\n" + MODES))).result(T)
+    sup.reload(load(write_config(config_text(MODES, supervisor={"warm_standby": False})))).result(T)
     assert sup.status()["standby_pid"] is None and pid_gone(spare)
     assert sup.switch_mode("light").result(T)["standby"] is False
 
@@ -143,13 +128,7 @@ def test_a_light_mode_never_takes_a_standby_and_stays_light(supervisor_from):
     from it would hold them too. It starts fresh. A worker that was a spare
     says nothing about it on stderr, so its crash reports quote only what
     the mode wrote."""
-    sup = supervisor_from(
-        MODES
-        + """
-[modes.heavy_diag]
-loader = "tests.standby_loaders:heavy_crashing"
-"""
-    )
+    sup = supervisor_from(config_text({**MODES, "heavy_diag": "tests.helpers.loaders:heavy_crashing"}))
     sup.switch_mode("heavy_diag").result(T)
     spare = _standby_ready(sup)
     light = sup.switch_mode("light").result(T)

@@ -25,48 +25,30 @@ from supervisor import (
     UnknownTask,
     WorkerCrashed,
 )
-from tests.conftest import pid_gone, wait_until
+from tests.helpers import T, pid_gone, wait_until
+from tests.helpers.config import DIAG, config_text
 
-T = 60  # bound on any single result; only there to stop a hang
-
-MODES = """
-[supervisor]
-heartbeat_interval = 0.2
-heartbeat_timeout = {heartbeat_timeout}
-load_timeout = {load_timeout}
-stop_timeout = 2.0
-
-[modes.diag]
-loader = "worker.modes.diag:load"
-
-[modes.a]
-loader = "tests.loaders:tagged"
-args = {{ tag = "a" }}
-
-[modes.b]
-loader = "tests.loaders:tagged"
-args = {{ tag = "b" }}
-
-[modes.raises]
-loader = "tests.loaders:raises"
-
-[modes.segfaults]
-loader = "tests.loaders:segfaults"
-
-[modes.hangs]
-loader = "tests.loaders:hangs"
-
-[modes.missing]
-loader = "no.such.module:load"
-"""
+MODES = {
+    "diag": DIAG,
+    "a": {"loader": "tests.helpers.loaders:tagged", "args": {"tag": "a"}},
+    "b": {"loader": "tests.helpers.loaders:tagged", "args": {"tag": "b"}},
+    "raises": "tests.helpers.loaders:raises",
+    "segfaults": "tests.helpers.loaders:segfaults",
+    "hangs": "tests.helpers.loaders:hangs",
+    "missing": "no.such.module:load",
+}
 
 
 @pytest.fixture
 def modes(supervisor_from):
     """A supervisor over test modes; ``modes(heartbeat_timeout=..)`` to tune."""
-    return lambda heartbeat_timeout=10.0, load_timeout=60.0: supervisor_from(
-        MODES.format(heartbeat_timeout=heartbeat_timeout, load_timeout=load_timeout)
-    )
+
+    def make(heartbeat_timeout: float = 10.0, load_timeout: float = 60.0):
+        supervisor = {"heartbeat_interval": 0.2, "heartbeat_timeout": heartbeat_timeout,
+                      "load_timeout": load_timeout, "stop_timeout": 2.0}  # fmt: skip
+        return supervisor_from(config_text(MODES, supervisor=supervisor))
+
+    return make
 
 
 def test_the_same_mode_again_is_a_noop_that_keeps_the_worker(sup):
@@ -278,7 +260,7 @@ def test_a_frozen_worker_is_detected_by_its_missing_heartbeats(modes):
 @pytest.mark.parametrize(
     "mode, words",
     [
-        ("raises", ["RuntimeError", "fails on purpose", "tests/loaders.py"]),
+        ("raises", ["RuntimeError", "fails on purpose", "tests/helpers/loaders.py"]),
         ("missing", ["ImportError", "cannot import 'no.such.module'"]),
         ("segfaults", ["SIGSEGV(-11)", "while loading mode 'segfaults'"]),
     ],
@@ -442,9 +424,7 @@ def test_shutdown_from_a_future_callback_is_refused_instead_of_deadlocking(sup):
 
 
 def test_a_worker_command_that_cannot_start_fails_the_switch_clearly(write_config):
-    path = write_config(
-        '[supervisor]\nworker_command = ["/nonexistent/python", "-m", "worker"]\n[modes.diag]\nloader = "worker.modes.diag:load"\n'
-    )
+    path = write_config(config_text(supervisor={"worker_command": ["/nonexistent/python", "-m", "worker"]}))
     with Supervisor(path) as sup:
         with pytest.raises(ModeLoadError, match="could not start a worker with '/nonexistent/python'"):
             sup.switch_mode("diag").result(T)

@@ -6,16 +6,13 @@ engine."""
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 
 import pytest
 
 from supervisor import AsyncSupervisor, Supervisor
 from supervisor.client import AsyncClient, Client
 from supervisor.surface import AsyncSupervisorAPI, SupervisorAPI
-
-T = 60
+from tests.helpers import run_python
 
 
 def _methods(protocol: type) -> list[str]:
@@ -51,11 +48,11 @@ def test_the_sync_and_async_faces_take_the_same_arguments():
 
 def test_importing_the_client_loads_nothing_of_the_engine():
     code = "import sys, supervisor.client; print(sorted(m for m in sys.modules if m.startswith('supervisor')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T, check=True)
+    out = run_python(code)
     loaded = eval(out.stdout)  # noqa: S307 - our own subprocess printing a list of names
     assert not [m for m in loaded if m.startswith(("supervisor.engine", "supervisor.api", "supervisor.service"))]
     code = "import sys, supervisor.client; print(sorted(m.split('.')[0] for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T, check=True)
+    out = run_python(code)
     assert not {"torch", "numpy", "psutil", "pynvml", "worker"} & set(eval(out.stdout))  # noqa: S307
 
 
@@ -65,5 +62,5 @@ def test_import_supervisor_is_light_until_a_name_is_used():
         "supervisor.Supervisor; after = {m for m in sys.modules if m.startswith('supervisor')}; "
         "print(sorted(before), 'supervisor.engine.loop' in after)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T, check=True)
+    out = run_python(code)
     assert out.stdout.strip() == "['supervisor'] True"

@@ -10,26 +10,23 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from supervisor.service.logsetup import journal_priority, stderr_is_journal
 from supervisor.service.sdnotify import Notifier
+from tests.helpers import ROOT, T
+from tests.helpers.config import config_text
+from tests.helpers.daemon import GPUVISOR
+from tests.helpers.notify import NotifyReceiver
 
-ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "systemd" / "gpuvisor.service"
-
-RECV_TIMEOUT = 5.0
-CHILD_TIMEOUT = 60.0
 
 # --- sd_notify ------------------------------------------------------------
 
@@ -47,80 +44,58 @@ def short_dir(tmp_path):
 
 @pytest.fixture
 def receiver(short_dir):
-    """A bound AF_UNIX datagram socket standing in for systemd; yields
-    (socket, NOTIFY_SOCKET value)."""
-    path = short_dir / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.settimeout(RECV_TIMEOUT)
-    sock.bind(str(path))
-    try:
-        yield sock, str(path)
-    finally:
-        sock.close()
+    """systemd's side, at a path."""
+    with NotifyReceiver(str(short_dir / "notify.sock")) as r:
+        yield r
 
 
 @pytest.fixture
 def abstract_receiver():
-    name = f"gpuvisor-test-{os.getpid()}-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.settimeout(RECV_TIMEOUT)
-    sock.bind("\0" + name)
-    try:
-        yield sock, "@" + name
-    finally:
-        sock.close()
+    """systemd's side, at an abstract address."""
+    with NotifyReceiver() as r:
+        yield r
 
 
-def recv(sock: socket.socket) -> str:
-    return sock.recv(65536).decode()
+def assert_nothing_pending(receiver: NotifyReceiver) -> None:
+    with pytest.raises(TimeoutError):
+        receiver.next(0.05)
 
 
-def assert_nothing_pending(sock: socket.socket) -> None:
-    sock.settimeout(0.05)
-    try:
-        with pytest.raises(TimeoutError):
-            sock.recv(65536)
-    finally:
-        sock.settimeout(RECV_TIMEOUT)
-
-
-def exercise(notifier: Notifier, sock: socket.socket) -> None:
+def exercise(notifier: Notifier, receiver: NotifyReceiver) -> None:
     assert notifier.enabled
     assert notifier.ready() is True
-    assert recv(sock) == "READY=1"
+    assert receiver.next() == "READY=1"
     assert notifier.status("serving: embed") is True
-    assert recv(sock) == "STATUS=serving: embed"
+    assert receiver.next() == "STATUS=serving: embed"
     assert notifier.stopping() is True
-    assert recv(sock) == "STOPPING=1"
+    assert receiver.next() == "STOPPING=1"
     assert notifier.extend_timeout(90) is True
-    assert recv(sock) == "EXTEND_TIMEOUT_USEC=90000000"
+    assert receiver.next() == "EXTEND_TIMEOUT_USEC=90000000"
     assert notifier.extend_timeout(1.5) is True
-    assert recv(sock) == "EXTEND_TIMEOUT_USEC=1500000"
+    assert receiver.next() == "EXTEND_TIMEOUT_USEC=1500000"
     assert notifier.watchdog() is True
-    assert recv(sock) == "WATCHDOG=1"
+    assert receiver.next() == "WATCHDOG=1"
     assert notifier.send("READY=1", "STATUS=two lines, one datagram") is True
-    assert recv(sock) == "READY=1\nSTATUS=two lines, one datagram"
-    assert_nothing_pending(sock)
+    assert receiver.next() == "READY=1\nSTATUS=two lines, one datagram"
+    assert_nothing_pending(receiver)
 
 
 def test_notify_to_path_socket(receiver):
-    sock, address = receiver
-    exercise(Notifier.from_environ({"NOTIFY_SOCKET": address}), sock)
+    exercise(Notifier.from_environ({"NOTIFY_SOCKET": receiver.address}), receiver)
 
 
 def test_notify_to_abstract_socket(abstract_receiver):
-    sock, address = abstract_receiver
+    address = abstract_receiver.address
     assert address.startswith("@")
-    exercise(Notifier.from_environ({"NOTIFY_SOCKET": address}), sock)
+    exercise(Notifier.from_environ({"NOTIFY_SOCKET": address}), abstract_receiver)
 
 
 def test_reloading_carries_monotonic_usec(receiver):
-    sock, address = receiver
-    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": receiver.address})
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert notifier.reloading() is True
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    lines = recv(sock).split("\n")
+    lines = receiver.next().split("\n")
     assert lines[0] == "RELOADING=1"
     assert len(lines) == 2
     key, _, value = lines[1].partition("=")
@@ -129,29 +104,27 @@ def test_reloading_carries_monotonic_usec(receiver):
 
 
 def test_status_changed_sends_only_changes(receiver):
-    sock, address = receiver
-    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": receiver.address})
     assert notifier.status_changed("idle") is True
-    assert recv(sock) == "STATUS=idle"
+    assert receiver.next() == "STATUS=idle"
     assert notifier.status_changed("idle") is False
     assert notifier.status_changed("idle") is False
-    assert_nothing_pending(sock)
+    assert_nothing_pending(receiver)
     assert notifier.status_changed("busy") is True
-    assert recv(sock) == "STATUS=busy"
+    assert receiver.next() == "STATUS=busy"
     assert notifier.status_changed("idle") is True
-    assert recv(sock) == "STATUS=idle"
+    assert receiver.next() == "STATUS=idle"
     # A plain status() counts as the last one sent.
     assert notifier.status("loading") is True
-    assert recv(sock) == "STATUS=loading"
+    assert receiver.next() == "STATUS=loading"
     assert notifier.status_changed("loading") is False
-    assert_nothing_pending(sock)
+    assert_nothing_pending(receiver)
 
 
 def test_status_is_one_line(receiver):
-    sock, address = receiver
-    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": receiver.address})
     assert notifier.status("failed:\nREADY=1") is True
-    assert recv(sock) == "STATUS=failed: READY=1"
+    assert receiver.next() == "STATUS=failed: READY=1"
 
 
 def test_missing_socket_returns_false_and_warns_once(short_dir, caplog):
@@ -167,11 +140,9 @@ def test_missing_socket_returns_false_and_warns_once(short_dir, caplog):
     assert "nobody-listens.sock" in warnings[0].getMessage()
     # A status that failed to go out is not remembered as sent: once the
     # socket is there, the same text goes out.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(RECV_TIMEOUT)
-        sock.bind(str(path))
+    with NotifyReceiver(str(path)) as receiver:
         assert notifier.status_changed("idle") is True
-        assert recv(sock) == "STATUS=idle"
+        assert receiver.next() == "STATUS=idle"
 
 
 def test_disabled_is_a_noop():
@@ -244,7 +215,7 @@ def run_child(mode: str) -> list[str]:
         capture_output=True,  # stderr is a pipe: not journald's, whatever the parent's was
         env=env,
         cwd=ROOT,
-        timeout=CHILD_TIMEOUT,
+        timeout=T,
         text=True,
         check=False,
     )
@@ -323,8 +294,6 @@ def exec_start(config: str) -> list[str]:
     """The unit's own ExecStart line with two substitutions: its example
     executable becomes this venv's console script, its config path ``config``.
     Everything else is as shipped."""
-    from tests.test_cli import GPUVISOR
-
     argv = shlex.split(unit_value("ExecStart"))
     assert argv[0].endswith("/gpuvisor") and "--config" in argv, argv
     argv[0] = GPUVISOR
@@ -369,24 +338,19 @@ def test_unit_has_the_directives_the_daemon_relies_on():
     assert home["StateDirectory"] == "gpuvisor" and home["CacheDirectory"] == "gpuvisor"
 
 
-def _analyze() -> str:
+def _analyze(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``systemd-analyze ARGS UNIT`` over the unit as shipped (its ExecStart
+    made real); the test is skipped where there is no systemd-analyze."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed (Debian package: systemd)")
-    return analyze
+    unit = unit_with_real_exec_start(tmp_path)
+    return subprocess.run([analyze, *args, str(unit)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=T, check=False)  # fmt: skip
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
-    analyze = _analyze()
-    unit = unit_with_real_exec_start(tmp_path)
-    proc = subprocess.run(
-        [analyze, "verify", "--man=no", str(unit)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
+    proc = _analyze(tmp_path, "verify", "--man=no")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     # Unknown keys and bad values are warnings with exit status 0; they name
@@ -397,16 +361,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 def test_unit_exposure_is_at_most_4(tmp_path):
-    analyze = _analyze()
-    unit = unit_with_real_exec_start(tmp_path)
-    proc = subprocess.run(
-        [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
+    proc = _analyze(tmp_path, "security", "--offline=yes", "--no-pager")
     output = proc.stdout + proc.stderr
     if "--offline" in output and "unrecognized option" in output:
         pytest.skip(f"this systemd-analyze cannot judge a unit offline (systemd 252 can): {output.strip()}")
@@ -416,14 +371,12 @@ def test_unit_exposure_is_at_most_4(tmp_path):
     assert float(found.group(1)) <= 4.0, output
 
 
-def test_the_units_own_exec_start_serves_and_stops_on_sigterm(receiver, tmp_path):
+def test_the_units_own_exec_start_serves_and_stops_on_sigterm(daemon):
     """The ExecStart line as systemd would run it: from /, with the unit's
-    umask and Environment= lines, a RuntimeDirectory made with the unit's
-    mode and group, and the documented group access (socket_group = the
-    unit's Group=, here this process's group)."""
-    from supervisor.client import Client
-
-    sock, notify = receiver
+    umask and Environment= lines (and no PYTHONPATH: the unit sets none), a
+    RuntimeDirectory made with the unit's mode and group, and the documented
+    group access (socket_group = the unit's Group=, here this process's
+    group)."""
     group = grp.getgrgid(os.getgid()).gr_name
     with tempfile.TemporaryDirectory(prefix="gv-unit-") as base:
         run, state, cache = (Path(base) / name for name in ("run", "state", "cache"))
@@ -432,38 +385,20 @@ def test_the_units_own_exec_start_serves_and_stops_on_sigterm(receiver, tmp_path
         for directory in (state / "gpuvisor", cache / "gpuvisor"):
             directory.mkdir(parents=True)
         config = Path(base) / "gpuvisor.toml"
-        config.write_text(f'[daemon]\nsocket_group = "{group}"\n[modes.diag]\nloader = "worker.modes.diag:load"\n')
-        env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "JOURNAL_STREAM")}
+        config.write_text(config_text(daemon={"socket_group": group}))
+        env: dict[str, str | None] = {"XDG_RUNTIME_DIR": None, "JOURNAL_STREAM": None, "PYTHONPATH": None}
         for key, value in unit_directives():
             if key == "Environment":
                 name, _, setting = value.partition("=")
                 env[name] = setting.replace("%S", str(state)).replace("%C", str(cache))
-        env.update(RUNTIME_DIRECTORY=str(run), NOTIFY_SOCKET=notify)
-        with open(Path(base) / "output", "w+") as log:
-            proc = subprocess.Popen(exec_start(str(config)), env=env, cwd="/", stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    umask=int(unit_value("UMask"), 8))  # fmt: skip
-            try:
-                deadline = time.monotonic() + CHILD_TIMEOUT
-                notes: list[str] = []
-                while "READY=1" not in notes:
-                    assert proc.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()
-                    try:
-                        notes.extend(recv(sock).split("\n"))
-                    except TimeoutError:
-                        pass
-                socket_file = run / "gpuvisor.sock"
-                st = os.stat(socket_file)
-                assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
-                with Client(f"ipc://{socket_file}") as client:
-                    assert client.ping()["pid"] == proc.pid
-                    assert client.submit("echo", "from the unit's line", mode="diag").result(CHILD_TIMEOUT) == (
-                        "from the unit's line"
-                    )
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(CHILD_TIMEOUT) == 0, Path(log.name).read_text()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(CHILD_TIMEOUT)
+        env["RUNTIME_DIRECTORY"] = str(run)
+        socket_file = run / "gpuvisor.sock"
+        d = daemon(argv=exec_start(str(config)), endpoint=f"ipc://{socket_file}", env=env, cwd="/",
+                   umask=int(unit_value("UMask"), 8))  # fmt: skip
+        st = os.stat(socket_file)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+        with d.client() as client:
+            assert client.ping()["pid"] == d.proc.pid
+            assert client.submit("echo", "from the unit's line", mode="diag").result(T) == "from the unit's line"
+        assert d.stop() == 0, d.output()
         assert not socket_file.exists(), "the daemon left its socket behind"

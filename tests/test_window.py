@@ -8,14 +8,12 @@ from __future__ import annotations
 import pytest
 
 from supervisor import JobTimeout, WorkerCrashed
-from tests.conftest import wait_until
-
-T = 60
-DIAG = '[modes.diag]\nloader = "worker.modes.diag:load"\n'
+from tests.helpers import T, wait_until
+from tests.helpers.config import DIAG, config_text
 
 
 def test_a_full_window_is_in_flight_and_the_rest_queued(supervisor_from):
-    sup = supervisor_from("[supervisor]\nwindow = 4\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"window": 4}))
     sup.switch_mode("diag").result(T)
     first = sup.submit("sleep", {"seconds": 0.5})
     rest = [sup.submit("echo", i) for i in range(9)]
@@ -25,7 +23,7 @@ def test_a_full_window_is_in_flight_and_the_rest_queued(supervisor_from):
 
 
 def test_jobs_sent_ahead_of_a_crash_run_on_the_next_worker_without_using_retries(supervisor_from):
-    sup = supervisor_from("[supervisor]\nwindow = 8\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"window": 8}))
     old = sup.submit("pid", mode="diag").result(T)
     victim = sup.submit("crash", {"how": "kill"})
     behind = [sup.submit("pid") for _ in range(6)]  # in the worker's socket when it dies
@@ -37,7 +35,7 @@ def test_jobs_sent_ahead_of_a_crash_run_on_the_next_worker_without_using_retries
 
 
 def test_only_the_running_job_times_out_and_the_clock_starts_when_a_job_reaches_the_head(supervisor_from):
-    sup = supervisor_from("[supervisor]\nwindow = 8\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"window": 8}))
     sup.switch_mode("diag").result(T)
     # Each sleeps 0.4 s with a 1 s limit: together 2 s, but each alone is in time.
     slow = [sup.submit("sleep", {"seconds": 0.4}, timeout=1.0) for _ in range(5)]
@@ -50,7 +48,7 @@ def test_only_the_running_job_times_out_and_the_clock_starts_when_a_job_reaches_
 
 
 def test_window_one_sends_one_job_at_a_time(supervisor_from):
-    sup = supervisor_from("[supervisor]\nwindow = 1\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"window": 1}))
     sup.switch_mode("diag").result(T)
     running = sup.submit("sleep", {"seconds": 0.3})
     nxt = sup.submit("echo", 1)
@@ -59,7 +57,7 @@ def test_window_one_sends_one_job_at_a_time(supervisor_from):
 
 
 def test_a_switch_waits_for_the_whole_window(supervisor_from):
-    sup = supervisor_from("[supervisor]\nwindow = 8\n" + DIAG + '[modes.other]\nloader = "worker.modes.diag:load"\n')
+    sup = supervisor_from(config_text({"diag": DIAG, "other": DIAG}, supervisor={"window": 8}))
     pid = sup.submit("pid", mode="diag").result(T)
     before = [sup.submit("sleep", {"seconds": 0.05}) for _ in range(5)]
     switched = sup.switch_mode("other")
@@ -71,7 +69,7 @@ def test_a_switch_waits_for_the_whole_window(supervisor_from):
 def test_with_the_default_window_a_finished_job_keeps_its_result_when_the_next_one_kills_the_worker(supervisor_from):
     """Why the default is 1: the next job is sent only once the result is in,
     so a poison job right behind a good one cannot take its result along."""
-    sup = supervisor_from("[supervisor]\nmax_restarts = 100\nrestart_backoff = 0\n" + DIAG)
+    sup = supervisor_from(config_text(supervisor={"max_restarts": 100, "restart_backoff": 0}))
     assert sup.status()["window"] == 1
     sup.switch_mode("diag").result(T)
     for i in range(10):
@@ -86,9 +84,8 @@ def test_an_oom_recycle_lets_the_jobs_already_handed_over_finish_once(supervisor
     """They may have started by the time the OOM is read: killing the worker
     then would run them twice."""
     marks = tmp_path / "marks"
-    sup = supervisor_from(
-        f'[supervisor]\nwindow = 4\n[modes.m]\nloader = "tests.loaders:marking"\nargs = {{ path = "{marks}" }}\n'
-    )
+    marking = {"loader": "tests.helpers.loaders:marking", "args": {"path": str(marks)}}
+    sup = supervisor_from(config_text({"m": marking}, supervisor={"window": 4}))
     sup.switch_mode("m").result(T)
     from supervisor import OutOfMemory
 

@@ -23,7 +23,9 @@ from protocol import (
     Ready,
     Result,
 )
-from tests.harness import Harness
+from tests.helpers import T
+from tests.helpers.config import DIAG
+from tests.helpers.harness import Harness
 from worker.lifeline import ORPHAN_EXIT_CODE
 
 
@@ -34,7 +36,7 @@ def harness():
     h.close()
 
 
-def handshake(h: Harness, mode="diag", loader="worker.modes.diag:load", args=None):
+def handshake(h: Harness, mode="diag", loader=DIAG, args=None):
     hello = h.recv()
     assert hello == Hello(pid=h.proc.pid, gen=1)
     h.send(Load(mode, loader, args or {}))
@@ -58,7 +60,7 @@ def test_handshake_jobs_and_drain(harness):
     unknown = harness.recv()
     assert unknown.error["code"] == "unknown_task" and "no_such_task" in unknown.error["message"]
     harness.send(Drain())
-    assert harness.proc.wait(30) == 0
+    assert harness.proc.wait(T) == 0
 
 
 def test_heartbeats_keep_coming_while_a_job_runs(harness):
@@ -79,11 +81,11 @@ def test_bad_bytes_from_the_supervisor_are_logged_and_the_worker_goes_on(harness
     harness.send_raw(pickle.dumps(Job(9, "echo", "pickled")))
     harness.send_raw(msgpack.packb({"v": 1, "k": "job", "job": "one", "task": "echo", "payload": 1}))
     harness.send_raw(msgpack.packb({"v": 1, "k": "hello", "pid": 1, "gen": 1}))  # wrong direction
-    harness.send(Load("diag", "worker.modes.diag:load", {}))  # already loaded: ignored
+    harness.send(Load("diag", DIAG, {}))  # already loaded: ignored
     harness.send(Job(5, "echo", "still here"))
     assert harness.recv() == Result(5, "still here")
     harness.send(Drain())
-    assert harness.proc.wait(30) == 0
+    assert harness.proc.wait(T) == 0
     stderr = harness.proc.stderr.read().decode()
     assert stderr.count("dropped a malformed message") == 4, stderr
     assert "already loaded" in stderr
@@ -109,8 +111,8 @@ def test_a_result_msgpack_cannot_carry_is_a_job_failure_and_the_worker_goes_on(t
 @pytest.mark.parametrize(
     "loader, words",
     [
-        ("tests.loaders:raises", ["RuntimeError", "fails on purpose"]),
-        ("tests.loaders:not_a_mapping", ["TypeError", "mapping of task name"]),
+        ("tests.helpers.loaders:raises", ["RuntimeError", "fails on purpose"]),
+        ("tests.helpers.loaders:not_a_mapping", ["TypeError", "mapping of task name"]),
         ("worker.modes.nowhere:load", ["ImportError", "cannot import 'worker.modes.nowhere'"]),
         ("worker.modes.diag:nothing", ["AttributeError", "has no 'nothing'"]),
     ],
@@ -122,7 +124,7 @@ def test_a_loader_that_fails_sends_load_failed_with_its_traceback_and_exits(help
         assert isinstance(failed, LoadFailed) and failed.error["code"] == "mode_load_error"
         for word in words:
             assert word in failed.error["traceback"], failed.error
-        assert h.proc.wait(30) == 3
+        assert h.proc.wait(T) == 3
     finally:
         h.close()
 
@@ -133,7 +135,7 @@ def test_every_frame_the_worker_sends_is_a_versioned_msgpack_map_and_never_a_pic
         harness.send(Job(i, "echo", {"i": i, "b": b"\x80\x04"}))
         harness.recv()
     harness.send(Drain())
-    assert harness.proc.wait(30) == 0
+    assert harness.proc.wait(T) == 0
     assert len(harness.raw_frames) >= 7
     for frame in harness.raw_frames:
         assert not frame.startswith(b"\x80"), "pickle protocol marker on the wire"
@@ -153,10 +155,10 @@ def test_no_module_of_ours_imports_pickle():
 
 def test_a_worker_whose_supervisor_is_already_gone_exits_before_doing_anything():
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait(30)  # reaped: its pid names no process now
+    gone.wait(T)  # reaped: its pid names no process now
     h = Harness(parent_pid=gone.pid)
     try:
-        assert h.proc.wait(30) == ORPHAN_EXIT_CODE
+        assert h.proc.wait(T) == ORPHAN_EXIT_CODE
         assert not h.router.poll(100), "an orphan must not even say HELLO"
     finally:
         h.close()
@@ -176,7 +178,7 @@ def test_a_job_message_that_cannot_be_read_is_answered_under_its_id(harness):
 
 
 def test_a_streamed_chunk_is_sent_as_it_was_yielded_even_if_its_buffer_is_reused(helper_loaders, harness):
-    handshake(harness, "s", "tests.loaders:streams")
+    handshake(harness, "s", "tests.helpers.loaders:streams")
     harness.send(Job(1, "reuse", {"n": 20}, stream=True))
     chunks = []
     while not isinstance(msg := harness.recv(), Result):

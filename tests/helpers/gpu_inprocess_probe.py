@@ -9,7 +9,7 @@ embed 64 texts, then drop every reference, ``gc.collect()`` and
 cuBLAS/cuDNN workspaces and whatever the caching allocator keeps. Prints one
 JSON line on stdout; everything else goes to stderr.
 
-Usage: ``python tests/gpu_inprocess_probe.py [NVML_INDEX]``, with the
+Usage: ``python tests/helpers/gpu_inprocess_probe.py [NVML_INDEX]``, with the
 worker's ``CUDA_VISIBLE_DEVICES`` (from ``choose_device``) in the environment
 so that CUDA's device 0 is the GPU NVML measures.
 """
@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from supervisor.engine.gpu import GpuMeter  # noqa: E402 - after the path is set
 

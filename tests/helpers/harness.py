@@ -11,6 +11,7 @@ import tempfile
 import zmq
 
 from protocol import Heartbeat, decode_from_worker, encode
+from tests.helpers import T
 
 
 class Harness:
@@ -29,7 +30,7 @@ class Harness:
                "--parent-pid", str(parent_pid or os.getpid()), "--heartbeat-interval", "0.1"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stderr=stderr, env=env)
 
-    def recv(self, skip_heartbeats: bool = True, timeout: float = 30.0):
+    def recv(self, skip_heartbeats: bool = True, timeout: float = T):
         while True:
             if not self.router.poll(timeout * 1000):
                 raise AssertionError(f"no message from the worker within {timeout}s")
@@ -50,7 +51,7 @@ class Harness:
     def close(self) -> int:
         if self.proc.poll() is None:
             self.proc.kill()
-        code = self.proc.wait(30)
+        code = self.proc.wait(T)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         self.router.close()

@@ -1,5 +1,7 @@
-"""Loaders that misbehave on purpose, for the load-failure tests. Imported
-only in worker processes (the tests put the repo root on PYTHONPATH)."""
+"""The test modes' loaders: ones that misbehave on purpose (the load-failure
+tests), and small task tables the tests name in their configs as
+``tests.helpers.loaders:NAME``. Imported only in worker processes (the tests
+put the repository on PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -141,3 +143,51 @@ def unsendable_results() -> dict:
         "echo": lambda payload: payload,
         "pid": lambda payload: os.getpid(),
     }
+
+
+def fails_while_file_exists(path: str) -> dict:
+    """For the respawn tests: refuses to load while ``path`` exists."""
+    if os.path.exists(path):
+        raise RuntimeError(f"{path} exists, so this mode refuses to load")
+    return {"pid": lambda payload: os.getpid(), "echo": lambda payload: payload}
+
+
+def slow(seconds: float = 0.3) -> dict:
+    """For the respawn tests: loads slowly enough to be killed while loading."""
+    time.sleep(seconds)
+    return {"pid": lambda payload: os.getpid(), "echo": lambda payload: payload}
+
+
+def heavy_crashing() -> dict:
+    """For the standby tests: a heavy mode (it imports a library a warm
+    standby preloads: safetensors, on the list and light) that can crash."""
+    import safetensors  # noqa: F401 - the import is what makes the mode heavy
+
+    def crash(payload):
+        print(payload["say"], file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    return {"crash": crash}
+
+
+def sleeps_then_raises(seconds: float = 4.0, **_: object) -> dict:
+    """For the flow-control tests: a mode whose load fails late, so every job
+    queued for it meanwhile fails at once when it does, and their replies
+    leave the daemon in one burst."""
+    time.sleep(seconds)
+    raise RuntimeError("this loader fails on purpose, late")
+
+
+def vectors_and_words() -> dict:
+    """For the CLI tests: an array result and a stream of text, without a model."""
+    import numpy as np
+
+    def vectors(payload):
+        return np.linspace(-1, 1, 2 * 384, dtype=np.float32).reshape(2, 384)
+
+    def words(payload):
+        for word in payload:
+            yield {"text": word}
+        return {"words": len(payload)}
+
+    return {"vectors": vectors, "words": words}
