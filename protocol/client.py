@@ -94,7 +94,7 @@ def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Clien
     except ProtocolError as exc:
         raise BadRequest(exc.message, rid) from None
     try:
-        kind = Request(msg.get("k"))
+        kind = Request(str(msg.get("k")))
     except ValueError:
         raise BadRequest(f"unknown request kind {msg.get('k')!r}; known: {', '.join(Request)}", rid) from None
     args: dict[str, Any] = {}
@@ -149,7 +149,7 @@ class Reply:
     seq: int | None = None  # set on a chunk, which is not the reply
 
 
-def decode_reply(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Reply:
+def decode_reply(frames: list, limit: int = MAX_MESSAGE_BYTES) -> Reply:
     msg = unpack_map(frames, limit, "reply")
     check_version(msg)
     if msg.get("k") == CHUNK:

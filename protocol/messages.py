@@ -15,9 +15,10 @@ array reference.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -76,29 +77,50 @@ class _Optional:
     optional, so a worker written against the first contract still works."""
 
 
-# Each message class lists its fields as (name, accepted types[, _Optional]).
-# An ``int`` field refuses ``bool`` (msgpack keeps them apart, Python does not).
+W = TypeVar("W", bound="_Message")
+_WIRE_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
+                                 "Any": _Any}  # fmt: skip
+
+
+def _wire(cls: type[W]) -> type[W]:
+    """The message's fields as the decoder checks them, read off the
+    dataclass once: ``(name, accepted type[, _Optional])``. A field that may
+    be nil, or that defaults to False, is optional on the wire (added after
+    version 1, or a flag); one with a default factory is required. An
+    ``int`` field refuses ``bool`` (msgpack keeps them apart, Python does
+    not)."""
+    spec = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        names = [name.strip() for name in str(f.type).split("|")]
+        wire = _WIRE_TYPES[next(name for name in names if name != "None")]
+        spec.append((f.name, wire, _Optional) if "None" in names or f.default is False else (f.name, wire))
+    cls.fields = tuple(spec)
+    return cls
+
+
+class _Message:
+    """What every message class has: its kind, and its fields as the decoder
+    checks them (set by ``_wire``)."""
+
+    __slots__ = ()
+    kind: ClassVar[Kind]
+    fields: ClassVar[tuple] = ()
+
+
+@_wire
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(_Message):
     """First message of a worker: who it is, so stale generations are spotted."""
 
     kind: ClassVar[Kind] = Kind.HELLO
-    fields: ClassVar[tuple] = (("pid", int), ("gen", int))
     pid: int
     gen: int
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Ready:
+class Ready(_Message):
     kind: ClassVar[Kind] = Kind.READY
-    fields: ClassVar[tuple] = (
-        ("mode", str),
-        ("load_seconds", float),
-        ("tasks", list),
-        ("warmup_seconds", float, _Optional),
-        ("memory", dict, _Optional),
-        ("imported", list, _Optional),
-    )
     mode: str
     load_seconds: float
     tasks: list
@@ -107,59 +129,53 @@ class Ready:
     imported: list | None = None  # heavy libraries the mode imported: what a warm standby should preload
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class LoadFailed:
+class LoadFailed(_Message):
     kind: ClassVar[Kind] = Kind.LOAD_FAILED
-    fields: ClassVar[tuple] = (("mode", str), ("error", dict))
     mode: str
     error: dict
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Result:
+class Result(_Message):
     kind: ClassVar[Kind] = Kind.RESULT
-    fields: ClassVar[tuple] = (("job", int), ("value", _Any))
     job: int
     value: Any
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Failure:
+class Failure(_Message):
     kind: ClassVar[Kind] = Kind.FAILURE
-    fields: ClassVar[tuple] = (("job", int), ("error", dict))
     job: int
     error: dict
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(_Message):
     """One streamed piece of a job's result, before its RESULT or FAILURE."""
 
     kind: ClassVar[Kind] = Kind.CHUNK
-    fields: ClassVar[tuple] = (("job", int), ("seq", int), ("value", _Any))
     job: int
     seq: int
     value: Any
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Heartbeat:
+class Heartbeat(_Message):
     kind: ClassVar[Kind] = Kind.HEARTBEAT
-    fields: ClassVar[tuple] = (("busy", bool), ("memory", dict, _Optional))
     busy: bool
     memory: dict | None = None
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Load:
+class Load(_Message):
     kind: ClassVar[Kind] = Kind.LOAD
-    fields: ClassVar[tuple] = (
-        ("mode", str),
-        ("loader", str),
-        ("args", dict),
-        ("warmup", dict, _Optional),
-        ("path", list, _Optional),
-    )
     mode: str
     loader: str
     args: dict = field(default_factory=dict)
@@ -167,29 +183,29 @@ class Load:
     path: list | None = None  # folders to import the loader from, ahead of the worker's own sys.path
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Job:
+class Job(_Message):
     kind: ClassVar[Kind] = Kind.JOB
-    fields: ClassVar[tuple] = (("job", int), ("task", str), ("payload", _Any), ("stream", bool, _Optional))
     job: int
     task: str
     payload: Any
     stream: bool = False  # send CHUNKs as a generator handler yields them
 
 
+@_wire
 @dataclass(frozen=True, slots=True)
-class Drain:
+class Drain(_Message):
     """Finish what you have, then exit 0."""
 
     kind: ClassVar[Kind] = Kind.DRAIN
-    fields: ClassVar[tuple] = ()
 
 
 FromWorker = Hello | Ready | LoadFailed | Result | Chunk | Failure | Heartbeat
 ToWorker = Load | Job | Drain
 
-_FROM_WORKER: dict[str, type] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Chunk, Failure, Heartbeat)}
-_TO_WORKER: dict[str, type] = {c.kind.value: c for c in (Load, Job, Drain)}
+_FROM_WORKER: dict[str, Any] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Chunk, Failure, Heartbeat)}
+_TO_WORKER: dict[str, Any] = {c.kind.value: c for c in (Load, Job, Drain)}
 
 
 def pack(obj: Any) -> bytes:
@@ -302,7 +318,7 @@ def check_version(header: dict) -> None:
         raise ProtocolError(f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
 
 
-def _decode(frames: list[bytes], table: dict[str, type], direction: str, limit: int):
+def _decode(frames: list, table: dict[str, Any], direction: str, limit: int) -> Any:
     header = unpack_map(frames, limit)
     check_version(header)
     kind = header.get("k")

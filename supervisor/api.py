@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from protocol import QueueFull, ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
@@ -64,8 +64,8 @@ atexit.register(_stop_all_at_exit)
 os.register_at_fork(after_in_child=_LIVE_ENGINES.clear)
 
 
-def _failed(error: BaseException) -> Future:
-    future: Future = Future()
+def _failed(error: BaseException) -> JobFuture:
+    future = JobFuture()
     future.set_exception(error)
     return future
 
@@ -177,6 +177,32 @@ class Supervisor:
         self.shutdown(drain=True)
 
     # -------------------------------------------------------------- work
+
+    @overload
+    def submit(
+        self,
+        task: str,
+        payload: Any = ...,
+        *,
+        mode: str | None = ...,
+        timeout: float | None = ...,
+        retries: int = ...,
+        stream: Literal[False] = ...,
+        on_chunk: Callable[[Any], None] | None = ...,
+    ) -> JobFuture: ...
+
+    @overload
+    def submit(
+        self,
+        task: str,
+        payload: Any = ...,
+        *,
+        mode: str | None = ...,
+        timeout: float | None = ...,
+        retries: int = ...,
+        stream: Literal[True],
+        on_chunk: None = ...,
+    ) -> JobStream: ...
 
     def submit(
         self,
@@ -306,7 +332,7 @@ class Supervisor:
             future.set_exception(exc)
             return False
 
-    def _unknown(self, mode: str | None) -> Future | None:
+    def _unknown(self, mode: str | None) -> JobFuture | None:
         """A Future already failed with UnknownMode, or None if ``mode`` is fine."""
         if mode is None or self.config.mode(mode) is not None:
             return None

@@ -27,7 +27,7 @@ class JobFuture(Future):
         """``release`` gives the job's queue slot back: called once, when the
         job ends, whatever way it ends."""
         self._release = release
-        self.add_done_callback(lambda f: f.release_slot())
+        self.add_done_callback(lambda f: f.release_slot())  # type: ignore[attr-defined]  # f is self
 
     def release_slot(self) -> None:
         with self._release_lock:

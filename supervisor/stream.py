@@ -93,5 +93,5 @@ class AsyncJobStream(JobStream):
             raise StopAsyncIteration
         return item
 
-    async def result(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+    async def result(self, timeout: float | None = None) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(self.future), timeout)

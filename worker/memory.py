@@ -36,7 +36,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     name, so this never imports torch), anywhere in the exception's chain; or
     the RuntimeError older torch and cuBLAS raise with only words to go by."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        exc = link
         seen.add(id(exc))
         if isinstance(exc, MemoryError):
             return True
@@ -44,5 +46,5 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
         if isinstance(exc, RuntimeError) and any(words in str(exc) for words in _OOM_WORDS):
             return True
-        exc = exc.__cause__ or exc.__context__
+        link = exc.__cause__ or exc.__context__
     return False

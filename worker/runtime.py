@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import sys
 import threading
@@ -115,7 +116,7 @@ class _IoThread(threading.Thread):
                     exit_if_orphaned(self._parent_pid)
                     self._send(dealer, encode(Heartbeat(self.busy, torch_memory())))
                     next_beat = now + self._interval
-                events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+                events = dict(poller.poll(math.ceil(max(0.0, next_beat - time.monotonic()) * 1000)))
                 # Everything waiting, not one message per poll: a window of
                 # jobs (and a burst of results) crosses in one turn.
                 if dealer in events:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Literal, overload
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -90,6 +91,8 @@ class Client:
             if server_key is not None:
                 from zmq.auth import load_certificate
 
+                if client_cert is None:
+                    raise ValueError("a CURVE daemon's key needs this client's certificate (curve_client_cert)")
                 public, secret = load_certificate(client_cert)
                 sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
             sock.connect(self.endpoint)
@@ -99,6 +102,32 @@ class Client:
             raise
 
     # ------------------------------------------------------------ the API
+
+    @overload
+    def submit(
+        self,
+        task: str,
+        payload: Any = ...,
+        *,
+        mode: str | None = ...,
+        timeout: float | None = ...,
+        retries: int = ...,
+        stream: Literal[False] = ...,
+        on_chunk: Callable[[Any], None] | None = ...,
+    ) -> JobFuture: ...
+
+    @overload
+    def submit(
+        self,
+        task: str,
+        payload: Any = ...,
+        *,
+        mode: str | None = ...,
+        timeout: float | None = ...,
+        retries: int = ...,
+        stream: Literal[True],
+        on_chunk: None = ...,
+    ) -> JobStream: ...
 
     def submit(
         self,
@@ -130,7 +159,9 @@ class Client:
         fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
         if on_chunk is not None:
             fields["stream"] = True
-        return self._request(Request.SUBMIT, RemoteJobFuture(self, on_chunk), **fields)
+        future = RemoteJobFuture(self, on_chunk)
+        self._request(Request.SUBMIT, future, **fields)
+        return future
 
     def switch_mode(self, mode: str) -> Future[SwitchResult]:
         return self._request(Request.SWITCH, Future(), mode=mode)
@@ -223,7 +254,7 @@ class Client:
         poller.register(monitor, zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll(min(self.timeout, 1.0) * 1000))
+                events = dict(poller.poll(math.ceil(min(self.timeout, 1.0) * 1000)))
                 batch = self._outbox.take_all() if self._outbox.fd in events else []
                 if self._closing:  # every request gets an outcome, the unsent ones too
                     gone = DaemonUnavailable("the client was closed before the daemon answered")
@@ -356,14 +387,14 @@ class Client:
 
     @staticmethod
     def _chunk(reply: Any, future: Future, pending: dict[int, Future]) -> None:
-        sink = getattr(future, "on_chunk", None)
-        expected = getattr(future, "chunks", 0) + 1
-        if sink is None:
+        sink = future.on_chunk if isinstance(future, RemoteJobFuture) else None
+        if sink is None or not isinstance(future, RemoteJobFuture):
             del pending[reply.id]
             settle(
                 future, error=ProtocolError(f"the daemon sent a chunk for request {reply.id}, which does not stream")
             )
             return
+        expected = future.chunks + 1
         if reply.seq != expected:
             del pending[reply.id]
             lost = f"{reply.seq - expected:,} lost" if reply.seq > expected else "out of order"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 
 class Deadline(enum.StrEnum):
@@ -28,28 +28,32 @@ class Deadline(enum.StrEnum):
     STANDBY_REAP = "standby_reap"  # look again for stopped standbys to reap
 
 
+Key = Deadline | tuple[Deadline, int]
+"""A deadline's name: the engine's own (``DRAIN``), or a slot's (the name and the slot)."""
+
+
 class Deadlines:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self._at: dict[Hashable, float] = {}
+        self._at: dict[Key, float] = {}
 
-    def set(self, name: Hashable, when: float | None) -> None:
+    def set(self, name: Key, when: float | None) -> None:
         """Due at ``when`` (a ``clock()`` time); None clears it."""
         if when is None:
             self._at.pop(name, None)
         else:
             self._at[name] = when
 
-    def after(self, name: Hashable, seconds: float) -> None:
+    def after(self, name: Key, seconds: float) -> None:
         self._at[name] = self.clock() + seconds
 
-    def clear(self, name: Hashable) -> None:
+    def clear(self, name: Key) -> None:
         self._at.pop(name, None)
 
-    def get(self, name: Hashable) -> float | None:
+    def get(self, name: Key) -> float | None:
         return self._at.get(name)
 
-    def __contains__(self, name: Hashable) -> bool:
+    def __contains__(self, name: Key) -> bool:
         return name in self._at
 
     def next(self) -> float | None:
@@ -63,7 +67,7 @@ class Deadlines:
             return longest
         return max(0.0, min(longest, soonest - self.clock()))
 
-    def due(self) -> list[Hashable]:
+    def due(self) -> list[Key]:
         """The names whose time has come, earliest first. They stay set: the
         action for each clears or moves it."""
         now = self.clock()

@@ -43,12 +43,13 @@ def stop(slot: Slot, why: str, *, grace: float = 0.0, then: list | None = None) 
 def kill(slot: Slot, why: str, job_error: type[GpuvisorError] = WorkerCrashed) -> None:
     """End the worker now (SIGKILL): it hangs, ran past a timeout or broke
     the protocol. The job it runs gets ``job_error``, saying ``why``."""
-    head = slot.worker.in_flight[0] if slot.worker.in_flight else None
+    w = slot.current()
+    head = w.in_flight[0] if w.in_flight else None
     _end(slot, Ending(why, job_error, head.id if head is not None else None), signal.SIGKILL)
 
 
 def _end(slot: Slot, ending: Ending, sig: signal.Signals | None) -> None:
-    w = slot.worker
+    w = slot.current()
     if w.state is WorkerState.EXITED:
         return
     if w.state is not WorkerState.STOPPING:
@@ -95,7 +96,7 @@ def notice_exit(slot: Slot) -> None:
 
 def heard_last_words(slot: Slot) -> None:
     """A message from the dead worker: wait a little longer for the rest."""
-    w = slot.worker
+    w = slot.current()
     quiet = min(time.monotonic() + LAST_WORDS_QUIET_S, w.last_words_until)
     slot.engine.deadlines.set(slot.at(Deadline.LAST_WORDS), quiet)
 
@@ -112,7 +113,7 @@ def conclude(slot: Slot) -> None:
     slot.gone = Gone(w.pid, w.baseline_used, w.used_before, slot.memory.get("worker_rss_bytes"), w.stopping_since)
     slot.memory = {}
     w.close_fds()  # reads the last of its stderr
-    code, ending, ended_in = w.returncode, w.ending, w.ended_in
+    code, ending, ended_in = w.returncode, w.ending, w.ended_in or w.state
     for future, result, error in ending.then if ending is not None else ():
         slot.engine.decide(future, result=result, error=error)
     tail = w.stderr_tail()
@@ -136,7 +137,9 @@ def conclude(slot: Slot) -> None:
     slot.restarts += 1
     job = w.in_flight.popleft() if w.in_flight else None
     slot.engine.queue.put_back([*w.in_flight, *w.unsent])  # not started: they keep their place
-    job_error = ending.job_error if ending is not None else WorkerCrashed
+    job_error: type[GpuvisorError] = WorkerCrashed
+    if ending is not None and ending.job_error is not None:
+        job_error = ending.job_error
     if ending is not None and ending.job_id is not None and (job is None or job.id != ending.job_id):
         # The job the cause was about answered in its last words; this one
         # was merely running when it was killed.

@@ -57,7 +57,7 @@ def handle(slot: Slot, got: Received) -> None:
     w.last_seen = time.monotonic()
     msg = got.message
     try:
-        _HANDLERS[type(msg)](slot, w, msg)
+        _HANDLERS[type(msg)](slot, w, msg)  # type: ignore[operator]  # each handler takes its own kind
     except Exception as exc:  # noqa: BLE001 - the loop must outlive any one message
         log.exception("could not handle %s from worker gen %d", msg.kind.value, w.gen)
         if w.alive:
@@ -71,13 +71,12 @@ def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
     child broke the protocol: whatever it was answering is lost, so it is
     killed, and the job it ran gets the ProtocolError."""
     job = w.in_flight[0] if w.in_flight else None
+    problem = got.error.message if got.error is not None else "unreadable"
     if job is not None and got.kind in _OUTCOMES and got.job == job.id:
         w.last_seen = time.monotonic()
         log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id,
-                  got.error.message)  # fmt: skip
-        error = ProtocolError(
-            f"the worker's {got.kind} for job {job.id} ({job.task!r}) cannot be read: {got.error.message}"
-        )
+                  problem)  # fmt: skip
+        error = ProtocolError(f"the worker's {got.kind} for job {job.id} ({job.task!r}) cannot be read: {problem}")
         if got.kind == Kind.CHUNK:  # the stream is broken: it ends now; the job's own outcome is still to come
             job.on_chunk, job.stream_broken = None, True
             slot.engine.decide(job.future, error=error)
@@ -127,7 +126,7 @@ def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
         return
     error = error_from_wire(msg.error) if isinstance(msg, Failure) else None
     slot.finished(w)
-    outcome = (job.future, msg.value if error is None else None, error)
+    outcome = (job.future, msg.value if isinstance(msg, Result) else None, error)
     if isinstance(error, OutOfMemory) and slot.config.recycle_on_oom and w.alive:
         # The allocator keeps its fragments after an OOM, so the next job would
         # likely fail too: the worker is stopped once the jobs already handed

@@ -32,6 +32,7 @@ the same story.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -53,7 +54,7 @@ from supervisor.engine.link import WorkerLink
 from supervisor.engine.process import stop_and_reap
 from supervisor.engine.queue import JobQueue
 from supervisor.engine.slot import Slot
-from supervisor.engine.worker_handle import SERVING, WorkerState
+from supervisor.engine.worker_handle import SERVING, WorkerHandle, WorkerState
 from supervisor.futures import settle
 from supervisor.mailbox import Mailbox
 from supervisor.status import Status, already_loaded, not_started
@@ -77,8 +78,9 @@ class Engine:
         # Everything below belongs to the loop thread.
         self.queue = JobQueue()
         self.deadlines = Deadlines()
-        self.link: WorkerLink | None = None
-        self.slot: Slot | None = None
+        # Made by the loop thread as it starts (_main), before any other use.
+        self.link: WorkerLink
+        self.slot: Slot
         self._generation = 0
         self.tasks: dict[
             str, list[str]
@@ -158,11 +160,15 @@ class Engine:
     def _main(self) -> None:
         try:
             self.link = WorkerLink()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._boot_error = exc
+            self._ready.set()
+            return
+        try:
             self.slot = Slot(self, choose_device(self.config.device))
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._boot_error = exc
-            if self.link is not None:
-                self.link.close()
+            self.link.close()
             self._ready.set()
             return
         self._publish()
@@ -197,7 +203,7 @@ class Engine:
                 poller.register(fd, zmq.POLLIN)
             watched = wanted
             longest = _NO_PIDFD_POLL_S if w is not None and w.pidfd is None else _IDLE_POLL_S
-            events = dict(poller.poll(self.deadlines.wait(longest) * 1000))
+            events = dict(poller.poll(math.ceil(self.deadlines.wait(longest) * 1000)))
             # 1. news from the workers, before commands: a command must see the
             # worker as it is now (a switch to a mode whose worker just died is not a no-op).
             if w is not None and w.stderr_fd in events:
@@ -213,13 +219,12 @@ class Engine:
                 self._take_commands()
             # 4. deadlines
             for name in self.deadlines.due():
-                if name is Deadline.DRAIN:
+                if isinstance(name, tuple):  # a slot's
+                    slot.on_deadline(name[0])
+                else:
                     self.deadlines.clear(name)
                     log.warning("shutdown drain ran out of time; cancelling what is left")
                     self._cancel_everything(JobCancelled("shutdown's drain timeout passed before this job ran"))
-                else:
-                    kind, _slot = name
-                    slot.on_deadline(kind)
             # 5. a worker's end
             ending.conclude(slot)
             if self._after_standbys and not slot.standby.stopping:
@@ -277,16 +282,19 @@ class Engine:
             _refuse(command)
         elif slot.budget.failed is not None and isinstance(command, QueuedJob) and not self.queue.barrier_queued():
             self.decide(command.future, error=slot.failed_error())
-        elif isinstance(command, QueuedSwitch) and not command.force and self._switch_is_noop(command.mode):
-            self.decide(command.future, result=already_loaded(command.mode, slot.worker.pid))
+        elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
+            self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
             self.queue.append(command)
 
-    def _switch_is_noop(self, mode: str) -> bool:
-        """This switch, placed at the tail, would change nothing: the mode is
-        loaded and nothing queued or under way can change it first."""
+    def _switch_is_noop(self, switch: QueuedSwitch) -> WorkerHandle | None:
+        """The worker, if this switch, placed at the tail, would change
+        nothing: its mode is loaded and nothing queued or under way can
+        change it first. A restart always changes something."""
         w = self.slot.serving()
-        return w is not None and w.mode == mode and self.queue.all_in(mode)
+        if switch.force or w is None or w.mode != switch.mode or not self.queue.all_in(w.mode):
+            return None
+        return w
 
     def _reload(self, command: Reload) -> None:
         old, self.config = self.config, command.config
@@ -409,7 +417,7 @@ class Engine:
         outcome, wherever it was when the loop died. Outcomes already decided
         in the failed turn go out first, as decided."""
         self._hand_out()
-        w = self.slot.worker if self.slot is not None else None
+        w = self.slot.worker
         if w is not None:
             try:
                 stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
@@ -421,8 +429,6 @@ class Engine:
     def _end_standbys(self) -> None:
         """The loop is done: the spares, stopped without waiting so far, are
         reaped now (SIGKILLed processes: moments)."""
-        if self.slot is None:
-            return
         pool = self.slot.standby
         pool.stop()
         deadline = time.monotonic() + 5.0
@@ -435,8 +441,6 @@ class Engine:
     def _publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()  # read by Supervisor.healthy(): is the loop turning?
         slot = self.slot
-        if slot is None:
-            return
         w, sw = slot.worker, slot.switch
         if state is None:
             state = "draining" if self._shutdown is not None else "failed" if slot.budget.failed else "running"

@@ -119,7 +119,7 @@ def describe_exit(returncode: int | None, *, loading: bool = False) -> str:
         except ValueError:
             name = f"signal {-returncode}"
         return f"killed by {name}({returncode})"
-    meaning = EXIT_MEANINGS.get(returncode)
+    meaning = {int(code): text for code, text in EXIT_MEANINGS.items()}.get(returncode)
     if returncode == WorkerExit.LOAD_FAILED and not loading:
         meaning = None  # a handler's own exit(3) is not a failed load
     return f"exited with code {returncode}" + (f" ({meaning})" if meaning else "")

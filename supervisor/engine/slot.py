@@ -95,13 +95,14 @@ class Slot:
         """The deadlines that follow from the state as it is now, set anew
         each turn: heartbeat, load, the running job, respawn, idle unload."""
         d, w, now = self.engine.deadlines, self.worker, time.monotonic()
-        alive = w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED)
-        d.set(self.at(Deadline.HEARTBEAT), w.last_seen + self.config.heartbeat_timeout
-              if alive and w.state in HEARTBEATING else None)  # fmt: skip
-        d.set(
-            self.at(Deadline.LOAD), w.started_at + self.config.load_timeout if alive and w.state in STARTING else None
-        )
-        d.set(self.at(Deadline.JOB), w.in_flight[0].deadline if alive and w.in_flight else None)
+        heartbeat = load = job = None
+        if w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
+            heartbeat = w.last_seen + self.config.heartbeat_timeout if w.state in HEARTBEATING else None
+            load = w.started_at + self.config.load_timeout if w.state in STARTING else None
+            job = w.in_flight[0].deadline if w.in_flight else None
+        d.set(self.at(Deadline.HEARTBEAT), heartbeat)
+        d.set(self.at(Deadline.LOAD), load)
+        d.set(self.at(Deadline.JOB), job)
         backing_off = self.worker is None and self.engine.queue and self.budget.respawn_at > now
         d.set(self.at(Deadline.RESPAWN), self.budget.respawn_at if backing_off else None)
         d.set(self.at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
@@ -180,6 +181,8 @@ class Slot:
         and its memory is back, then spawn the new one."""
         if request.future is not None and not request.future.set_running_or_notify_cancel():
             return  # cancelled while queued
+        if request.mode is None:
+            raise RuntimeError("a switch begins with its mode known (restart() of no mode is answered before)")
         w = self.worker
         self.switch = Switch(request.mode, request, w.mode if w is not None else None)
         self.idle_unloaded = None
@@ -188,8 +191,20 @@ class Slot:
         elif w.state is not WorkerState.STOPPING:
             ending.stop(self, f"switching to mode {request.mode!r}")
 
+    def current(self) -> WorkerHandle:
+        """The worker: the paths that call this run only while there is one."""
+        if self.worker is None:
+            raise RuntimeError("no worker")
+        return self.worker
+
+    def under_way(self) -> Switch:
+        """The switch in progress: the phases that call this run only during one."""
+        if self.switch is None:
+            raise RuntimeError("no switch is under way")
+        return self.switch
+
     def after_stop(self, stopped_here: bool) -> None:
-        sw, gone, now = self.switch, self.gone, time.monotonic()
+        sw, gone, now = self.under_way(), self.gone, time.monotonic()
         self.gone = None  # also one that died or was unloaded earlier: its memory too
         sw.stopped(gone, stopped_here)
         if gone is not None and self.meter is not None and gone.baseline_used is not None:
@@ -205,7 +220,7 @@ class Slot:
         memory; the spawn follows once it is back or ``reclaim_timeout`` has
         passed (logged: another process may have taken memory meanwhile)."""
         sw, now = self.switch, time.monotonic()
-        if sw is None or sw.waiting_for is None:  # the switch was cancelled meanwhile
+        if sw is None or sw.waiting_for is None or self.meter is None:  # the switch was cancelled meanwhile
             self.engine.deadlines.clear(self.at(Deadline.RECLAIM))
             return
         gone = sw.waiting_for
@@ -215,12 +230,12 @@ class Slot:
             self.engine.deadlines.after(self.at(Deadline.RECLAIM), RECLAIM_POLL_S)
             return
         self.engine.deadlines.clear(self.at(Deadline.RECLAIM))
-        sw.reclaimed(got, now)
+        sw.reclaimed(got, gone, now)
         self.gpu = self.meter.snapshot()
         self.spawn()
 
     def spawn(self, standby: bool = True) -> None:
-        sw = self.switch
+        sw = self.under_way()
         sw.phase = SwitchPhase.STARTING
         spec = self.config.mode(sw.mode)
         if spec is None:  # validated at submit; only a config reload could get here
@@ -232,7 +247,7 @@ class Slot:
         spare = self.standby.take(sw.mode) if standby and self.standby_wanted() else None
         proc = spare.activate(gen, self.config.heartbeat_interval) if spare is not None else None
         sw.standby = proc is not None
-        if proc is not None:
+        if proc is not None and spare is not None:
             log.info("worker gen %d is the warm standby pid %d (%d modules preloaded)", gen, proc.pid,
                      len(spare.preload))  # fmt: skip
         try:
@@ -256,7 +271,7 @@ class Slot:
         return sw is not None and sw.request.future is None and sw.mode == self.mode and self.mode_served
 
     def switch_done(self, w: WorkerHandle) -> None:
-        sw, self.switch = self.switch, None
+        sw, self.switch = self.under_way(), None
         self.mode_served = True
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, time.monotonic() - sw.started,
                  w.load_seconds or 0, w.pid)  # fmt: skip
@@ -272,7 +287,7 @@ class Slot:
         """The loader raised. The switch fails once the worker is reaped (it
         exits 3 by itself; its own word goes in the log), so that a caller
         who sees the failure sees no worker in the status either."""
-        self.switch.failure = error
+        self.under_way().failure = error
         ending.stop(self, "its mode failed to load", grace=1.0)
 
     def switch_failed(self, error: GpuvisorError, *, forget: bool = False) -> None:
@@ -284,7 +299,7 @@ class Slot:
         names no mode tries it again; every failed load counts against the
         restart budget, so retrying a broken mode ends in ``failed``, never
         in a loop."""
-        sw, self.switch = self.switch, None
+        sw, self.switch = self.under_way(), None
         if sw.mode != self.mode:
             self.mode_served = False
         self.mode = None if forget else sw.mode

@@ -77,10 +77,11 @@ class Standby:
     def activate(self, gen: int, heartbeat_interval: float) -> subprocess.Popen | None:
         """Hand the standby its generation; it becomes that worker. None if it
         died meanwhile (it is reaped, and the caller spawns a fresh one)."""
-        if self.proc.poll() is None:
+        stdin = self.proc.stdin
+        if self.proc.poll() is None and stdin is not None:
             try:
-                self.proc.stdin.write(f"{gen} {heartbeat_interval!r}\n".encode())
-                self.proc.stdin.close()
+                stdin.write(f"{gen} {heartbeat_interval!r}\n".encode())
+                stdin.close()
                 self._close_ready()
                 return self.proc
             except (BrokenPipeError, OSError):
@@ -93,7 +94,8 @@ class Standby:
         """End it without waiting: closing stdin ends a waiting spare, SIGKILL
         one still importing; ``reaped()`` collects it later."""
         try:
-            self.proc.stdin.close()
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
         except OSError:
             pass
         self._close_ready()

@@ -22,6 +22,7 @@ from typing import Any
 
 from protocol import GpuvisorError
 from supervisor.engine.commands import QueuedSwitch
+from supervisor.engine.gpu import Reclaim
 from supervisor.status import SwitchResult
 
 log = logging.getLogger("gpuvisor")
@@ -70,9 +71,9 @@ class Switch:
         if gone is not None and stopped_here:
             self.figures = {"previous_pid": gone.pid, "previous_rss_bytes": gone.rss_bytes}
 
-    def reclaimed(self, reading: Any, now: float) -> None:
-        """The wait is over (``reading.complete``, or ``reclaim_until`` passed)."""
-        gone = self.waiting_for
+    def reclaimed(self, reading: Reclaim, gone: Gone, now: float) -> None:
+        """The wait for ``gone``'s memory is over (``reading.complete``, or
+        ``reclaim_until`` passed)."""
         if not reading.complete:
             log.warning(
                 "VRAM of worker pid %d not verified back in time (pid listed: %s, device used %s vs baseline %s)",

@@ -219,9 +219,9 @@ class WorkerHandle:
         return [*self._tail, *([partial] if partial else [])][-STDERR_TAIL_LINES:]
 
     def _close_stderr(self) -> None:
-        if self.stderr_fd is not None:
+        if self.stderr_fd is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
-            self.stderr_fd = None
+        self.stderr_fd = None
 
     def close_fds(self) -> None:
         """After the reap: keep the last words, release the descriptors. A

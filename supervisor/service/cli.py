@@ -18,7 +18,10 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protocol import GpuvisorError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_CONFIG = 0, 1, 2, 3, 6
 
@@ -332,12 +335,12 @@ def _human(value: Any) -> str:
     return text
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:g} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TiB"
 
 
 def _field(key: str, value: Any) -> str:
@@ -397,7 +400,7 @@ def _show(args: argparse.Namespace, value: Any) -> None:
         print(_human(value))
 
 
-def _fail(args: argparse.Namespace, exc: Exception) -> None:
+def _fail(args: argparse.Namespace, exc: GpuvisorError) -> None:
     if args.json:
         print(_json({"ok": False, "error": {"type": type(exc).__name__, **exc.to_wire()}}))
     else:

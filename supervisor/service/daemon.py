@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import signal
 import sys
@@ -89,7 +90,7 @@ class Daemon:
         # Replies and chunks the core loop finished, in the order it did: (client, request id, Future | chunk).
         self._replies: Mailbox[tuple[Route, Any, Future | _Chunk]] = Mailbox()
         self._stop_began = 0.0
-        self._flow: FlowControl | None = None
+        self._flow: FlowControl  # made in run(), with the front socket
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
@@ -200,9 +201,9 @@ class Daemon:
                 wait = min(wait, retry)
             paused = now < pause_until
             if paused:
-                events = dict(pausing.poll(min(wait, pause_until - now) * 1000))
+                events = dict(pausing.poll(math.ceil(min(wait, pause_until - now) * 1000)))
             else:
-                events = dict(poller.poll(wait * 1000))
+                events = dict(poller.poll(math.ceil(wait * 1000)))
             turn = time.monotonic()
             if sig_r in events:
                 empty_pipe(sig_r)

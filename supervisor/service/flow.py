@@ -157,6 +157,8 @@ class FlowControl:
         """A request on a cut-off connection: not handled. Once the client has
         its notice, each such request is answered ``client_cut_off``."""
         cut = peer.cut_off
+        if cut is None:
+            raise RuntimeError("refuse() is for a cut-off connection")
         cut.refused += 1
         self.counts.refused += 1
         if cut.notice is None:
@@ -264,6 +266,8 @@ class FlowControl:
 
     def _notify(self, peer: Peer, now: float) -> None:
         cut = peer.cut_off
+        if cut is None:
+            raise RuntimeError("_notify() is for a cut-off connection")
         if cut.notice is not None:
             outcome = self._try_send(peer, cut.notice)
             if outcome:

@@ -160,6 +160,8 @@ class RepeatFilter(logging.Filter):
     @staticmethod
     def _summary(w: _Window, seconds: float) -> logging.LogRecord:
         last = w.last
+        if last is None:
+            raise RuntimeError("a window that suppressed nothing has no summary")
         text = last.getMessage().split("\n", 1)[0]
         if len(text) > 200:
             text = text[:200] + "..."
@@ -174,16 +176,19 @@ class DroppingQueueHandler(QueueHandler):
 
     def __init__(self, q: queue.Queue) -> None:
         super().__init__(q)
-        self.dropped = 0  # changed under the handler's lock
+        self.records: queue.Queue = q
+        self.dropped = 0  # changed under _count_lock
+        self._count_lock = threading.Lock()
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
-            self.queue.put_nowait(record)
+            self.records.put_nowait(record)
         except queue.Full:
-            self.dropped += 1
+            with self._count_lock:
+                self.dropped += 1
 
     def take_dropped(self) -> int:
-        with self.lock:
+        with self._count_lock:
             n, self.dropped = self.dropped, 0
         return n
 
@@ -223,6 +228,9 @@ class _FdHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+_SENTINEL = QueueListener._sentinel  # type: ignore[attr-defined]  # what stop() puts on the queue: the end
+
+
 class _Listener(QueueListener):
     """The one writer. Between records, and at least once a ``_TICK_S``, it
     writes what was dropped and the summaries of finished repeat windows."""
@@ -230,6 +238,7 @@ class _Listener(QueueListener):
     def __init__(self, q: queue.Queue, writer: logging.Handler, source: DroppingQueueHandler,
                  repeats: RepeatFilter):  # fmt: skip
         super().__init__(q, writer)
+        self.records: queue.Queue = q
         self.writer = writer
         self.source = source
         self.repeats = repeats
@@ -238,11 +247,11 @@ class _Listener(QueueListener):
     def dequeue(self, block: bool) -> logging.LogRecord:
         while True:
             try:
-                record = self.queue.get(timeout=_TICK_S)
+                record = self.records.get(timeout=_TICK_S)
             except queue.Empty:
                 self._report(summaries=True)
                 continue
-            final = record is self._sentinel
+            final = record is _SENTINEL
             self._report(summaries=final or time.monotonic() >= self._next_summaries, final=final)
             return record
 
@@ -266,7 +275,7 @@ class _Listener(QueueListener):
             return
         deadline = time.monotonic() + _STOP_WAIT_S
         try:
-            self.queue.put(self._sentinel, timeout=_STOP_WAIT_S)
+            self.records.put(_SENTINEL, timeout=_STOP_WAIT_S)
         except queue.Full:
             return  # the writer is stuck
         thread.join(max(0.0, deadline - time.monotonic()))

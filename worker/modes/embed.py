@@ -132,13 +132,12 @@ def _lower_case(tokenizer: Any) -> None:
     from tokenizers.normalizers import Sequence as NormalizerSequence
 
     normalizer = tokenizer.backend_tokenizer.normalizer
-    if isinstance(normalizer, Lowercase) or (
-        isinstance(normalizer, NormalizerSequence) and any(isinstance(n, Lowercase) for n in normalizer)
-    ):
+    parts: list[Any] = list(normalizer) if isinstance(normalizer, NormalizerSequence) else []  # type: ignore[call-overload]
+    if isinstance(normalizer, Lowercase) or any(isinstance(n, Lowercase) for n in parts):
         return
-    chain = [Lowercase()]
+    chain: list[Any] = [Lowercase()]
     if isinstance(normalizer, NormalizerSequence):
-        chain += list(normalizer)
+        chain += parts
     elif normalizer is not None:
         chain.append(normalizer)
     tokenizer.backend_tokenizer.normalizer = NormalizerSequence(chain)

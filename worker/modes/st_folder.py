@@ -112,10 +112,12 @@ def _require(path: Path, config: dict, key: str, allowed: tuple) -> None:
         raise refuse(path, key, f"is {config[key]!r}; embed runs only {' or '.join(map(repr, allowed))}")
 
 
-def _positive_int(path: Path, config: dict, key: str, *, optional: bool = False) -> int | None:
+def _optional_positive_int(path: Path, config: dict, key: str) -> int | None:
+    return None if config.get(key) is None else _positive_int(path, config, key)
+
+
+def _positive_int(path: Path, config: dict, key: str) -> int:
     value = config.get(key)
-    if value is None and optional:
-        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise refuse(path, key, f"must be a positive whole number, got {value!r}")
     return value
@@ -158,14 +160,14 @@ def _read_transformer(path: Path) -> tuple[int | None, bool]:
     _require(path, config, "query_expansion", (None,))
     for key in _ARGS_KEYS:
         _require(path, config, key, (None, {}))
-    return _positive_int(path, config, "max_seq_length", optional=True), _bool(path, config, "do_lower_case", False)
+    return _optional_positive_int(path, config, "max_seq_length"), _bool(path, config, "do_lower_case", False)
 
 
 def _read_pooling(path: Path) -> tuple[tuple[str, ...], int | None]:
     keys = ("pooling_mode", "embedding_dimension", "word_embedding_dimension", "include_prompt", *LEGACY_POOLING_KEYS)
     config = _read_map(path, keys)
     key = "embedding_dimension" if "embedding_dimension" in config else "word_embedding_dimension"
-    width = _positive_int(path, config, key, optional=True)
+    width = _optional_positive_int(path, config, key)
     _bool(path, config, "include_prompt", True)
     if "pooling_mode" in config:
         value = config["pooling_mode"]
@@ -254,7 +256,7 @@ def read_folder(model_path: str | Path) -> Pipeline:
                 f"embed: model_path {str(model_path)!r} is not a model folder: it has neither modules.json "
                 "(sentence-transformers) nor config.json (transformers)"
             )
-        pooling = ("lasttoken",) if _is_causal_lm(root / "config.json") else ("mean",)
+        pooling: tuple[str, ...] = ("lasttoken",) if _is_causal_lm(root / "config.json") else ("mean",)
         return Pipeline(root, pooling, None, (), None, False, plain=True)
 
     st_config = root / "config_sentence_transformers.json"
