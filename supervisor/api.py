@@ -13,7 +13,6 @@ import asyncio
 import atexit
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any, Literal, overload
 
 from protocol import QueueFull, ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
+from supervisor.arguments import check_mode, check_seconds, check_submit
 from supervisor.config import Config
 from supervisor.engine.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.loop import Engine
@@ -68,43 +68,6 @@ def _failed(error: BaseException) -> JobFuture:
     future = JobFuture()
     future.set_exception(error)
     return future
-
-
-def _check_mode_type(mode: Any, optional: bool) -> None:
-    if (mode is None and optional) or isinstance(mode, str):
-        return
-    raise TypeError(f"mode must be a str{' or None' if optional else ''}, got {type(mode).__name__}")
-
-
-def _check_timeout(name: str, value: Any, zero_means_none: bool = False) -> float | None:
-    """Seconds as a float. A job's ``timeout=0`` means "no timeout", as
-    ``job_timeout = 0`` does in the config; a bound on a wait must be > 0."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
-    if zero_means_none and value == 0:
-        return 0.0
-    least = ">= 0 (0: none)" if zero_means_none else "> 0"
-    if not value > 0 or not math.isfinite(value):  # NaN compares False to everything
-        raise ValueError(f"{name} must be a finite number {least}, got {value!r}")
-    return float(value)
-
-
-def _check_submit(task: Any, mode: Any, timeout: Any, retries: Any, stream: Any, on_chunk: Any = None) -> float | None:
-    """Every check of submit()'s arguments; returns the timeout as a float."""
-    if not isinstance(task, str) or not task:
-        raise TypeError(f"task must be a non-empty str, got {task!r}")
-    _check_mode_type(mode, optional=True)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise TypeError(f"retries must be a whole number >= 0, got {retries!r}")
-    if not isinstance(stream, bool):
-        raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
-    if on_chunk is not None and (stream or not callable(on_chunk)):
-        raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
-    if (stream or on_chunk) and retries:
-        raise ValueError("a streamed job cannot be retried: its reader would see the chunks twice")
-    return _check_timeout("timeout", timeout, zero_means_none=True)
 
 
 class Supervisor:
@@ -155,7 +118,7 @@ class Supervisor:
         drain; what has not run by then gets ``JobCancelled``.
         ``drain=False``: queued work and the job in flight get ``JobCancelled``
         and the worker is stopped at once."""
-        timeout = _check_timeout("timeout", timeout)
+        timeout = check_seconds("timeout", timeout)
         if self._engine.on_loop_thread():
             raise RuntimeError(
                 "shutdown() called from a Future callback would wait on itself; call it from another thread"
@@ -233,7 +196,7 @@ class Supervisor:
         Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
         running. ``Future.cancel()`` succeeds while the job is queued and
         returns False once it is running."""
-        timeout = _check_submit(task, mode, timeout, retries, stream, on_chunk)
+        timeout = check_submit(task, mode, timeout, retries, stream, on_chunk)
         if stream:
             return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
         return self._submit(task, payload, mode, timeout, retries, on_chunk)
@@ -261,7 +224,7 @@ class Supervisor:
         call. The Future's result is ``{"mode", "status": "already_loaded"}``
         when it already is (the worker is untouched), else ``{"mode",
         "status": "loaded", "previous", "seconds", "load_seconds", "pid"}``."""
-        _check_mode_type(mode, optional=False)
+        check_mode(mode, optional=False)
         if (unknown := self._unknown(mode)) is not None:
             return unknown
         future: Future = Future()
@@ -275,7 +238,7 @@ class Supervisor:
         force, after every job queued before this call; also clears the
         ``failed`` state. Result: ``{"mode", "status": "restarted",
         "previous", "seconds", "load_seconds", "pid"}``."""
-        _check_mode_type(mode, optional=True)
+        check_mode(mode, optional=True)
         if (unknown := self._unknown(mode)) is not None:
             return unknown
         future: Future = Future()
@@ -376,7 +339,7 @@ class AsyncSupervisor:
             return await asyncio.wrap_future(
                 self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=on_chunk)
             )
-        _check_submit(task, mode, timeout, retries, stream, on_chunk)
+        check_submit(task, mode, timeout, retries, stream, on_chunk)
         job_stream = AsyncJobStream(asyncio.get_running_loop())
         return job_stream._feed(
             lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)

@@ -2,6 +2,7 @@
 (threads, Futures) and ``AsyncClient`` (asyncio). As light as pyzmq and
 msgpack: nothing of the engine, and never torch."""
 
-from supervisor.client.client import AsyncClient, Client
+from supervisor.client.aio import AsyncClient
+from supervisor.client.client import Client
 
 __all__ = ["AsyncClient", "Client"]

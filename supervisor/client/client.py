@@ -22,7 +22,6 @@ because it was not read) fails every outstanding request with
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
@@ -39,11 +38,12 @@ from zmq.utils.monitor import recv_monitor_message
 from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolError, StreamIncomplete, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
+from supervisor.arguments import check_submit
 from supervisor.client.endpoint import default_endpoint, unreachable
 from supervisor.futures import JobFuture, settle
 from supervisor.mailbox import Mailbox
 from supervisor.status import Status, SwitchResult
-from supervisor.stream import AsyncJobStream, JobStream
+from supervisor.stream import JobStream
 
 _LINGER_MS = 0
 log = logging.getLogger("gpuvisor")
@@ -145,10 +145,7 @@ class Client:
         outcome; ``on_chunk`` instead gets each chunk on this client's I/O
         thread (it must not block). The Future's ``cancel()`` asks the daemon
         and tells the truth: True only if the job will never run."""
-        if stream and on_chunk is not None:
-            raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
-        if (stream or on_chunk is not None) and retries:
-            raise ValueError("a streamed job cannot be retried: its reader would see the chunks twice")
+        timeout = check_submit(task, mode, timeout, retries, stream, on_chunk)
         if not stream:
             return self._submit(task, payload, mode, timeout, retries, on_chunk)
         return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
@@ -433,63 +430,3 @@ class RemoteJobFuture(JobFuture):
             return self.cancelled()
         client = self._client()
         return client is not None and client._cancel(self)
-
-
-class AsyncClient:
-    """``Client`` for asyncio: every call is awaitable. A Future's answer is
-    handed to this event loop by the client's I/O thread; the calls that
-    wait for a plain answer (``status``, ``modes``, ``shutdown``) wait in the
-    loop's executor."""
-
-    def __init__(self, endpoint: str | None = None, **kwargs: Any):
-        self._sync = Client(endpoint, **kwargs)
-
-    async def submit(
-        self,
-        task: str,
-        payload: Any = None,
-        *,
-        mode: str | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        stream: bool = False,
-        on_chunk: Callable[[Any], None] | None = None,
-    ) -> Any:
-        """The result; with ``stream=True`` an ``AsyncJobStream``."""
-        if not stream:
-            return await asyncio.wrap_future(
-                self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=on_chunk)
-            )
-        if on_chunk is not None:
-            raise TypeError("on_chunk must be a callable, and is instead of stream=True, not with it")
-        job_stream = AsyncJobStream(asyncio.get_running_loop())
-        return job_stream._feed(
-            lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)
-        )
-
-    async def switch_mode(self, mode: str) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.switch_mode(mode))
-
-    async def restart(self, mode: str | None = None) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.restart(mode))
-
-    async def status(self) -> Status:
-        return await asyncio.get_running_loop().run_in_executor(None, self._sync.status)
-
-    async def modes(self) -> dict[str, dict[str, Any]]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._sync.modes)
-
-    async def ping(self) -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._sync.ping)
-
-    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)
-
-    async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._sync.close)
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()

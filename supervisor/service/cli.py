@@ -18,10 +18,12 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from supervisor.service import output
 
 if TYPE_CHECKING:
-    from protocol import GpuvisorError
+    pass
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_CONFIG = 0, 1, 2, 3, 6
 
@@ -154,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpuvisor: cannot serve: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, EndpointInUse) else EXIT_CONFIG
     except DaemonUnavailable as exc:
-        _fail(args, exc)
+        output.fail(args, exc)
         return EXIT_NO_DAEMON
     except GpuvisorError as exc:
-        _fail(args, exc)
+        output.fail(args, exc)
         return EXIT_FAILED
 
 
@@ -223,7 +225,7 @@ def _client_command(args: argparse.Namespace) -> int:
             timeout = args.job_timeout  # None: the config's job_timeout; 0: none, as job_timeout = 0
             if args.stream:
                 stream = client.submit(args.task, payload, mode=args.mode, timeout=timeout, stream=True)
-                _show_stream(args, stream)
+                output.show_stream(args, stream)
                 value = stream.result()
             else:
                 value = client.submit(args.task, payload, mode=args.mode, timeout=timeout,
@@ -239,172 +241,8 @@ def _client_command(args: argparse.Namespace) -> int:
         else:  # stop
             client.shutdown(drain=not args.no_drain, timeout=args.drain_timeout)
             value = {"stopped": True}
-    _show(args, value)
+    output.show(args, value)
     return EXIT_OK
-
-
-# ---------------------------------------------------------------- output
-
-
-def _show_stream(args: argparse.Namespace, stream: Any) -> None:
-    """Chunks as they come: a JSON line each with --json; otherwise a
-    token's text (a map with a "text" string) as plain text, anything else
-    as a line of JSON. A text left without its newline gets one, so the
-    result starts on a line of its own, and nothing else adds one."""
-    open_line = False
-    for chunk in stream:
-        if args.json:
-            print(_json({"chunk": chunk}), flush=True)
-        elif isinstance(chunk, dict) and isinstance(chunk.get("text"), str):
-            if chunk["text"]:
-                print(chunk["text"], end="", flush=True)
-                open_line = not chunk["text"].endswith("\n")
-        else:
-            if open_line:
-                print()
-            print(_json(chunk), flush=True)
-            open_line = False
-    if open_line:
-        print()
-
-
-def _json(value: Any, **kwargs: Any) -> str:
-    return json.dumps(value, default=_plain, **kwargs)
-
-
-def _is_array(obj: Any) -> bool:
-    return hasattr(obj, "dtype") and hasattr(obj, "shape") and hasattr(obj, "tolist")
-
-
-def _plain(obj: Any) -> Any:
-    """JSON for what msgpack carries and JSON does not: bytes as hex, arrays as nested lists."""
-    if isinstance(obj, bytes):
-        return obj.hex()
-    if _is_array(obj):
-        return obj.tolist()
-    return repr(obj)
-
-
-def _number(x: Any) -> str:
-    if isinstance(x, float):
-        return f"{x:.4f}" if x == 0 or 1e-3 <= abs(x) < 1e6 else f"{x:.4g}"
-    return str(x)
-
-
-def _preview(a: Any) -> str:
-    """An array's first values: two and the last of the innermost axis, the
-    first entry of each outer one."""
-    if a.ndim == 0:
-        return _number(a.item())
-    if a.shape[0] == 0:
-        return "[]"
-    if a.ndim == 1:
-        values = a.tolist()
-        shown = (
-            [_number(x) for x in values]
-            if len(values) <= 4
-            else [*map(_number, values[:2]), "...", _number(values[-1])]
-        )
-        return "[" + ", ".join(shown) + "]"
-    return "[" + _preview(a[0]) + (", ...]" if a.shape[0] > 1 else "]")
-
-
-def _array_text(a: Any) -> str:
-    """``float32 array (2, 384): [[-0.0628, 0.0550, ..., 0.0301], ...]``:
-    a person wants the shape, not 768 lines of floats (--json has them all)."""
-    return f"{a.dtype} array {tuple(a.shape)}: {_preview(a)}"
-
-
-def _human(value: Any) -> str:
-    """A result for people: JSON, with each array as its summary in place."""
-    if _is_array(value):
-        return _array_text(value)
-    arrays: list[str] = []
-
-    def placeholder(obj: Any) -> Any:
-        if _is_array(obj):
-            arrays.append(_array_text(obj))
-            return f"\0{len(arrays) - 1}\0"
-        if isinstance(obj, bytes) and len(obj) > 32:
-            return f"{len(obj)} bytes: {obj[:32].hex()}..."
-        return _plain(obj)
-
-    text = json.dumps(value, default=placeholder, indent=2)
-    for i, summary in enumerate(arrays):
-        text = text.replace(json.dumps(f"\0{i}\0"), summary)
-    return text
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:g} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _field(key: str, value: Any) -> str:
-    """One status value, read by a person: sizes in KiB/MiB/GiB, seconds
-    rounded, lists joined, nothing as '-'."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)) and key.endswith("_bytes"):
-        return _size(value)
-    if isinstance(value, (int, float)) and (key.endswith(("seconds", "_s")) or isinstance(value, float)):
-        return f"{value:.3f}s" if key.endswith(("seconds", "_s")) else f"{value:.3f}"
-    if isinstance(value, list) and all(not isinstance(x, (dict, list)) for x in value):
-        return ", ".join(map(str, value)) or "-"
-    if isinstance(value, (dict, list)):
-        return _json(value)
-    return str(value)
-
-
-def _record(value: dict, indent: str = "") -> list[str]:
-    """A map as aligned ``key: value`` lines; a nested map as its own
-    block, indented under its key."""
-    width = max((len(str(key)) for key in value), default=0) + 1
-    lines = []
-    for key, item in value.items():
-        if isinstance(item, dict) and item:
-            lines.append(f"{indent}{key}:")
-            lines.extend(_record(item, indent + "  "))
-        else:
-            lines.append(f"{indent}{str(key) + ':':<{width}} {_field(str(key), item)}")
-    return lines
-
-
-def _modes_table(modes: dict) -> list[str]:
-    """One line per mode: name, loaded or not, loader, tasks (known once the
-    mode has loaded)."""
-    rows = [("MODE", "LOADED", "LOADER", "TASKS")]
-    for name, mode in modes.items():
-        tasks = mode.get("tasks")
-        rows.append((name, "yes" if mode.get("loaded") else "-", str(mode.get("loader")),
-                     ", ".join(tasks) if tasks is not None else "(known once loaded)"))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
-
-
-def _show(args: argparse.Namespace, value: Any) -> None:
-    if args.json:
-        print(_json({"ok": True, "value": value}))
-    elif args.command in ("status", "switch", "restart") and isinstance(value, dict):
-        print("\n".join(_record(value)))
-    elif args.command == "modes" and isinstance(value, dict):
-        print("\n".join(_modes_table(value)))
-    elif args.command == "stop":
-        print("stopped")
-    else:
-        print(_human(value))
-
-
-def _fail(args: argparse.Namespace, exc: GpuvisorError) -> None:
-    if args.json:
-        print(_json({"ok": False, "error": {"type": type(exc).__name__, **exc.to_wire()}}))
-    else:
-        print(f"gpuvisor: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":
