@@ -436,18 +436,18 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
     """Fault injection in the supervisor's own loop (a bug we do not know of
     yet): every accepted Future still ends, the worker is reaped, and later
     calls get ShuttingDown instead of hanging."""
-    from supervisor.engine.slot import Slot
+    from supervisor.engine import work
 
-    real = Slot.dispatch
+    real = work.dispatch
     calls = {"n": 0}
 
-    def exploding_dispatch(self, job, w):
+    def exploding_dispatch(slot, job, w):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected bug in the loop")
-        return real(self, job, w)
+        return real(slot, job, w)
 
-    monkeypatch.setattr(Slot, "dispatch", exploding_dispatch)
+    monkeypatch.setattr(work, "dispatch", exploding_dispatch)
     sup = Supervisor().start()
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)

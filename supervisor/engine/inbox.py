@@ -29,7 +29,7 @@ from protocol import (
     Result,
     error_from_wire,
 )
-from supervisor.engine import ending
+from supervisor.engine import ending, work
 from supervisor.engine.link import Received
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
 
@@ -93,7 +93,7 @@ def _on_hello(slot: Slot, w: WorkerHandle, msg: Hello) -> None:
         log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
         return
     w.hello_at = time.monotonic()
-    slot.send_load(w)
+    work.send_load(slot, w)
 
 
 def _on_ready(slot: Slot, w: WorkerHandle, msg: Ready) -> None:
@@ -116,7 +116,7 @@ def _on_load_failed(slot: Slot, w: WorkerHandle, msg: LoadFailed) -> None:
         log.warning("worker gen %d: unexpected LOAD_FAILED in state %s", w.gen, w.state.value)
         return
     remote = error_from_wire(msg.error)
-    slot.load_failed(ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **remote.details))
+    work.load_failed(slot, ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **remote.details))
 
 
 def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
@@ -136,7 +136,7 @@ def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
         slot.oom_recycles += 1
         log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
         slot.recycle = True
-        slot.recycle_if_due(outcome)
+        work.recycle_if_due(slot, outcome)
         return
     slot.engine.decide(outcome[0], result=outcome[1], error=outcome[2])
 

@@ -46,7 +46,7 @@ import zmq
 
 from protocol import GpuvisorError, JobCancelled, NoModeLoaded, ShuttingDown
 from supervisor.config import Config
-from supervisor.engine import ending, inbox
+from supervisor.engine import ending, inbox, work
 from supervisor.engine.commands import Command, QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import choose_device
@@ -220,7 +220,7 @@ class Engine:
             # 4. deadlines
             for name in self.deadlines.due():
                 if isinstance(name, tuple):  # a slot's
-                    slot.on_deadline(name[0])
+                    work.on_deadline(slot, name[0])
                 else:
                     self.deadlines.clear(name)
                     log.warning("shutdown drain ran out of time; cancelling what is left")
@@ -317,7 +317,7 @@ class Engine:
     def _pump(self) -> None:
         """Move queued work to the worker as far as its state allows."""
         slot = self.slot
-        slot.recycle_if_due()
+        work.recycle_if_due(slot)
         while True:
             w = slot.worker
             if slot.switch is not None or slot.recycle:
@@ -328,7 +328,7 @@ class Engine:
             item = self.queue.next()
             if item is None:
                 if self._shutdown is not None and (w is None or not w.in_flight):
-                    slot.drain()
+                    work.drain(slot)
                 return
             if w is not None and w.in_flight and (isinstance(item, QueuedSwitch) or item.mode not in (None, w.mode)):
                 return  # a barrier, or a job for another mode: after what is in flight
@@ -351,10 +351,10 @@ class Engine:
             if w is None or w.mode != needed:
                 if w is None and needed == slot.mode and slot.budget.backing_off():
                     return  # backing off before respawning the mode that just died
-                slot.begin_switch(QueuedSwitch(needed, None))
+                work.begin_switch(slot, QueuedSwitch(needed, None))
                 return
             self.queue.take(item)
-            if not slot.dispatch(item, w):
+            if not work.dispatch(slot, item, w):
                 return
 
     def _start_switch(self, item: QueuedSwitch) -> bool:
@@ -375,7 +375,7 @@ class Engine:
         if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:
             self.decide(item.future, result=already_loaded(item.mode, w.pid))
             return True
-        slot.begin_switch(item)
+        work.begin_switch(slot, item)
         return False
 
     # ------------------------------------------------------------ shutdown

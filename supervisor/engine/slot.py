@@ -1,50 +1,59 @@
 """One device's line of workers: the worker now serving it, the jobs handed
-to that worker, the switch under way, the restart budget and the spare.
+to that worker, the mode in force, the switch under way with its reclaim
+and spawn, the restart budget, the spare and the memory figures.
 
-Everything here runs on the loop thread, in the phases the loop calls it
-from. Nothing in a message handler or a deadline ends a worker: they
-``stop()`` it (SIGTERM, then SIGKILL at a deadline) or ``kill()`` it
-(SIGKILL now), recording why, and go on. The worker's pidfd then fires,
-``notice_exit()`` reaps it, its last messages are read until its socket is
-quiet, and ``conclude()`` handles its end, once, in its own phase: the job
-it was running gets its outcome, the jobs it had not started go back to the
-queue, and the restart budget counts the death.
+Everything here runs on the loop thread. This module holds the state and
+what follows from it without ending a worker; ``engine.work`` hands the
+slot work (which may find its worker must go) and ``engine.ending``
+handles a worker's end.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
 
-from protocol import (
-    Drain,
-    GpuvisorError,
-    JobTimeout,
-    Load,
-    ModeLoadError,
-    SupervisorFailed,
-    encode,
-)
-from supervisor.engine import ending
+from protocol import GpuvisorError, ModeLoadError, SupervisorFailed
+from supervisor.config import Config
 from supervisor.engine.budget import RestartBudget
-from supervisor.engine.commands import QueuedJob, QueuedSwitch
-from supervisor.engine.deadlines import Deadline
+from supervisor.engine.commands import QueuedJob
+from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import DeviceChoice
 from supervisor.engine.gpu import GpuMeter, process_rss
+from supervisor.engine.link import WorkerLink
 from supervisor.engine.process import spawn_worker, worker_argv
+from supervisor.engine.queue import JobQueue
 from supervisor.engine.standby import StandbyPool
 from supervisor.engine.switching import RECLAIM_POLL_S, Gone, Switch, SwitchPhase
 from supervisor.engine.worker_handle import HEARTBEATING, STARTING, WorkerHandle, WorkerState
 
-if TYPE_CHECKING:
-    from supervisor.engine.loop import Engine
-
 log = logging.getLogger("gpuvisor")
 
 
+class EngineView(Protocol):
+    """What a slot uses of the loop that owns it."""
+
+    config: Config
+    queue: JobQueue
+    deadlines: Deadlines
+    link: WorkerLink
+    tasks: dict[str, list[str]]
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def decide(self, future: Future | None, *, result: Any = None, error: BaseException | None = None) -> None: ...
+
+    def fail_before_barrier(self, error_for: Callable[[QueuedJob], GpuvisorError | None]) -> None: ...
+
+    def next_generation(self) -> int: ...
+
+
 class Slot:
-    def __init__(self, engine: Engine, device: DeviceChoice, key: int = 0):
+    def __init__(self, engine: EngineView, device: DeviceChoice, key: int = 0):
         self.engine = engine
         self.key = key
         self.device = device
@@ -120,24 +129,7 @@ class Slot:
 
     # ------------------------------------------------------------ jobs
 
-    def dispatch(self, job: QueuedJob, w: WorkerHandle) -> bool:
-        """Send ``job`` to ``w``; False if ``w`` turned out to be lost (the job
-        then goes back to the queue when its end is handled)."""
-        # RUNNING from here on, so cancel() says False for a job that may run.
-        if not job.future.running() and not job.future.set_running_or_notify_cancel():
-            return True
-        if not self.engine.link.send(w.identity, job.frames):
-            w.unsent.append(job)
-            ending.kill(self, "stopped taking messages")
-            return False
-        if w.state is WorkerState.READY:
-            w.transition(WorkerState.BUSY)
-        w.in_flight.append(job)
-        if len(w.in_flight) == 1:
-            self._start_clock(job)
-        return True
-
-    def _start_clock(self, job: QueuedJob) -> None:
+    def start_clock(self, job: QueuedJob) -> None:
         """A job's timeout counts from when it reaches the head of the jobs in
         flight: that is when the worker, which runs them in order, starts it."""
         timeout = job.timeout if job.timeout is not None else self.config.job_timeout
@@ -148,48 +140,12 @@ class Slot:
         job = w.in_flight.popleft()
         self.jobs_done += 1
         if w.in_flight:
-            self._start_clock(w.in_flight[0])
+            self.start_clock(w.in_flight[0])
         elif w.state is WorkerState.BUSY:
             w.transition(WorkerState.READY)
         return job
 
-    def drain(self) -> None:
-        """Shutdown: nothing is queued or in flight; DRAIN tells the worker to
-        finish and exit 0."""
-        w = self.worker
-        if w is not None and w.state is WorkerState.READY:
-            if not self.engine.link.send(w.identity, encode(Drain())):
-                ending.kill(self, "stopped taking messages")
-                return
-            w.transition(WorkerState.DRAINING)
-            self.engine.deadlines.after(self.at(Deadline.EXIT), self.config.stop_timeout)
-
-    def recycle_if_due(self, *then: tuple) -> None:
-        """After an OOM: stop the worker once the jobs handed to it are done
-        (``then``: outcomes to hand out once it is gone)."""
-        if self.recycle and self.worker is not None and not self.worker.in_flight:
-            self.recycle = False
-            ending.stop(self, "recycling after out of memory", then=list(then))  # the mode stays in force
-        else:
-            for future, result, error in then:
-                self.engine.decide(future, result=result, error=error)
-
     # ------------------------------------------------------------ switching
-
-    def begin_switch(self, request: QueuedSwitch) -> None:
-        """Stop the worker, wait (never blocking the loop) until it is reaped
-        and its memory is back, then spawn the new one."""
-        if request.future is not None and not request.future.set_running_or_notify_cancel():
-            return  # cancelled while queued
-        if request.mode is None:
-            raise RuntimeError("a switch begins with its mode known (restart() of no mode is answered before)")
-        w = self.worker
-        self.switch = Switch(request.mode, request, w.mode if w is not None else None)
-        self.idle_unloaded = None
-        if w is None:
-            self.after_stop(stopped_here=False)
-        elif w.state is not WorkerState.STOPPING:
-            ending.stop(self, f"switching to mode {request.mode!r}")
 
     def current(self) -> WorkerHandle:
         """The worker: the paths that call this run only while there is one."""
@@ -283,13 +239,6 @@ class Slot:
         if self.standby_wanted() and not self.engine.shutting_down:
             self.standby.prepare()
 
-    def load_failed(self, error: ModeLoadError) -> None:
-        """The loader raised. The switch fails once the worker is reaped (it
-        exits 3 by itself; its own word goes in the log), so that a caller
-        who sees the failure sees no worker in the status either."""
-        self.under_way().failure = error
-        ending.stop(self, "its mode failed to load", grace=1.0)
-
     def switch_failed(self, error: GpuvisorError, *, forget: bool = False) -> None:
         """The switch did not produce a READY worker. Its request fails, and
         so does every queued job before the next barrier that would run in
@@ -343,46 +292,3 @@ class Slot:
             "worker_torch": torch_figures,
         }
         self.gpu = self.meter.snapshot() if self.meter is not None else None
-
-    def on_deadline(self, name: Deadline) -> None:
-        """A deadline of this slot fired (the loop's deadline phase)."""
-        d, w, now = self.engine.deadlines, self.worker, time.monotonic()
-        if name is Deadline.RECLAIM:
-            self.poll_reclaim()
-        elif name is Deadline.STOP:
-            d.clear(self.at(name))
-            ending.escalate(self)
-        elif name is Deadline.LAST_WORDS:
-            d.clear(self.at(name))
-        elif name is Deadline.RESPAWN:
-            d.clear(self.at(name))  # the pump sees the backoff is over
-        elif name is Deadline.STANDBY_REAP:
-            d.clear(self.at(name))
-            self.standby.reap()
-        elif w is None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
-            d.clear(self.at(name))
-        elif name is Deadline.JOB:
-            job = w.in_flight[0]
-            limit = job.timeout or self.config.job_timeout
-            ending.kill(self, f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
-        elif name is Deadline.LOAD:
-            ending.kill(self, f"did not say READY within load_timeout={self.config.load_timeout:g}s")
-        elif name is Deadline.HEARTBEAT:
-            ending.kill(self, f"hung: no message for {now - w.last_seen:.1f}s "
-                      f"(heartbeat_timeout={self.config.heartbeat_timeout:g}s)")  # fmt: skip
-        elif name is Deadline.EXIT:
-            d.clear(self.at(name))
-            log.warning("worker pid %d did not exit within %gs of DRAIN", w.pid, self.config.stop_timeout)
-            ending.stop(self, "drain took too long")
-        elif name is Deadline.IDLE_UNLOAD:
-            mode = w.mode
-            ending.stop(self, f"idle for {self.config.idle_unload_for(w.spec):g}s (idle_unload_s)")
-            self.idle_unloaded = mode  # the mode stays in force: the next job loads it again
-
-    def send_load(self, w: WorkerHandle) -> None:
-        spec = w.spec
-        load = Load(spec.name, spec.loader, spec.args, spec.warmup, list(self.config.loader_path) or None)
-        if self.engine.link.send(w.identity, encode(load)):
-            w.transition(WorkerState.LOADING)
-        else:
-            ending.kill(self, "stopped taking messages")

@@ -1,0 +1,131 @@
+"""What the loop asks of a slot that may end its worker: hand it a job,
+send it its mode, switch it, recycle it, drain it, and act on its deadlines.
+Each of these may find the worker gone or decide it must go; that is
+recorded with ``ending.stop()`` or ``ending.kill()``, and the worker's end
+is handled in the loop's own phase (``ending.conclude()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from protocol import Drain, JobTimeout, Load, ModeLoadError, encode
+from supervisor.engine import ending
+from supervisor.engine.commands import QueuedJob, QueuedSwitch
+from supervisor.engine.deadlines import Deadline
+from supervisor.engine.slot import Slot
+from supervisor.engine.switching import Switch
+from supervisor.engine.worker_handle import WorkerHandle, WorkerState
+
+log = logging.getLogger("gpuvisor")
+
+
+def dispatch(slot: Slot, job: QueuedJob, w: WorkerHandle) -> bool:
+    """Send ``job`` to ``w``; False if ``w`` turned out to be lost (the job
+    then goes back to the queue when its end is handled)."""
+    # RUNNING from here on, so cancel() says False for a job that may run.
+    if not job.future.running() and not job.future.set_running_or_notify_cancel():
+        return True
+    if not slot.engine.link.send(w.identity, job.frames):
+        w.unsent.append(job)
+        ending.kill(slot, "stopped taking messages")
+        return False
+    if w.state is WorkerState.READY:
+        w.transition(WorkerState.BUSY)
+    w.in_flight.append(job)
+    if len(w.in_flight) == 1:
+        slot.start_clock(job)
+    return True
+
+
+def drain(slot: Slot) -> None:
+    """Shutdown: nothing is queued or in flight; DRAIN tells the worker to
+    finish and exit 0."""
+    w = slot.worker
+    if w is not None and w.state is WorkerState.READY:
+        if not slot.engine.link.send(w.identity, encode(Drain())):
+            ending.kill(slot, "stopped taking messages")
+            return
+        w.transition(WorkerState.DRAINING)
+        slot.engine.deadlines.after(slot.at(Deadline.EXIT), slot.config.stop_timeout)
+
+
+def recycle_if_due(slot: Slot, *then: tuple) -> None:
+    """After an OOM: stop the worker once the jobs handed to it are done
+    (``then``: outcomes to hand out once it is gone)."""
+    if slot.recycle and slot.worker is not None and not slot.worker.in_flight:
+        slot.recycle = False
+        ending.stop(slot, "recycling after out of memory", then=list(then))  # the mode stays in force
+    else:
+        for future, result, error in then:
+            slot.engine.decide(future, result=result, error=error)
+
+
+def begin_switch(slot: Slot, request: QueuedSwitch) -> None:
+    """Stop the worker, wait (never blocking the loop) until it is reaped
+    and its memory is back, then spawn the new one."""
+    if request.future is not None and not request.future.set_running_or_notify_cancel():
+        return  # cancelled while queued
+    if request.mode is None:
+        raise RuntimeError("a switch begins with its mode known (restart() of no mode is answered before)")
+    w = slot.worker
+    slot.switch = Switch(request.mode, request, w.mode if w is not None else None)
+    slot.idle_unloaded = None
+    if w is None:
+        slot.after_stop(stopped_here=False)
+    elif w.state is not WorkerState.STOPPING:
+        ending.stop(slot, f"switching to mode {request.mode!r}")
+
+
+def load_failed(slot: Slot, error: ModeLoadError) -> None:
+    """The loader raised. The switch fails once the worker is reaped (it
+    exits 3 by itself; its own word goes in the log), so that a caller
+    who sees the failure sees no worker in the status either."""
+    slot.under_way().failure = error
+    ending.stop(slot, "its mode failed to load", grace=1.0)
+
+
+def on_deadline(slot: Slot, name: Deadline) -> None:
+    """A deadline of this slot fired (the loop's deadline phase)."""
+    d, w, now = slot.engine.deadlines, slot.worker, time.monotonic()
+    if name is Deadline.RECLAIM:
+        slot.poll_reclaim()
+    elif name is Deadline.STOP:
+        d.clear(slot.at(name))
+        ending.escalate(slot)
+    elif name is Deadline.LAST_WORDS:
+        d.clear(slot.at(name))
+    elif name is Deadline.RESPAWN:
+        d.clear(slot.at(name))  # the pump sees the backoff is over
+    elif name is Deadline.STANDBY_REAP:
+        d.clear(slot.at(name))
+        slot.standby.reap()
+    elif w is None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
+        d.clear(slot.at(name))
+    elif name is Deadline.JOB:
+        job = w.in_flight[0]
+        limit = job.timeout or slot.config.job_timeout
+        ending.kill(slot, f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
+    elif name is Deadline.LOAD:
+        ending.kill(slot, f"did not say READY within load_timeout={slot.config.load_timeout:g}s")
+    elif name is Deadline.HEARTBEAT:
+        ending.kill(slot, f"hung: no message for {now - w.last_seen:.1f}s "
+                  f"(heartbeat_timeout={slot.config.heartbeat_timeout:g}s)")  # fmt: skip
+    elif name is Deadline.EXIT:
+        d.clear(slot.at(name))
+        log.warning("worker pid %d did not exit within %gs of DRAIN", w.pid, slot.config.stop_timeout)
+        ending.stop(slot, "drain took too long")
+    elif name is Deadline.IDLE_UNLOAD:
+        mode = w.mode
+        ending.stop(slot, f"idle for {slot.config.idle_unload_for(w.spec):g}s (idle_unload_s)")
+        slot.idle_unloaded = mode  # the mode stays in force: the next job loads it again
+
+
+def send_load(slot: Slot, w: WorkerHandle) -> None:
+    spec = w.spec
+    load = Load(spec.name, spec.loader, spec.args, spec.warmup, list(slot.config.loader_path) or None)
+    if slot.engine.link.send(w.identity, encode(load)):
+        w.transition(WorkerState.LOADING)
+    else:
+        ending.kill(slot, "stopped taking messages")
