@@ -8,6 +8,8 @@ after them is an array: kept in its frame, never copied.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import zmq
 
 
@@ -20,7 +22,7 @@ def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list:
     return parts
 
 
-def drain(sock: zmq.Socket, copied: int = 1):
+def read_all(sock: zmq.Socket, copied: int = 1) -> Iterator[list]:
     """Every message waiting on ``sock``, as ``recv_message`` gives them,
     without blocking."""
     while True:

@@ -49,7 +49,7 @@ from protocol import (
     decode_to_worker,
     encode,
 )
-from protocol.frames import drain, recv_message, small
+from protocol.frames import read_all, recv_message, small
 from protocol.messages import peek
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
@@ -120,10 +120,10 @@ class _IoThread(threading.Thread):
                 # Everything waiting, not one message per poll: a window of
                 # jobs (and a burst of results) crosses in one turn.
                 if dealer in events:
-                    for frames in drain(dealer):  # array frames pass through, never copied
+                    for frames in read_all(dealer):  # array frames pass through, never copied
                         pipe.send_multipart(frames, copy=small(frames))
                 if pipe in events:
-                    for frames in drain(pipe):
+                    for frames in read_all(pipe):
                         if frames == [_CLOSE]:
                             return
                         self._send(dealer, frames)

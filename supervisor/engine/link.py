@@ -20,8 +20,7 @@ from typing import Any
 import zmq
 
 from protocol import MAX_MESSAGE_BYTES, ProtocolError, decode_from_worker
-from protocol.frames import drain as read_all  # renamed when protocol/ is free
-from protocol.frames import small
+from protocol.frames import read_all, small
 from protocol.messages import peek
 
 
