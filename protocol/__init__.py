@@ -28,12 +28,14 @@ from protocol.messages import (
     EXIT_MEANINGS,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    Batch,
     Chunk,
     Drain,
     Failure,
     Heartbeat,
     Hello,
     Job,
+    JobBatch,
     Kind,
     Load,
     LoadFailed,
@@ -43,6 +45,7 @@ from protocol.messages import (
     decode_from_worker,
     decode_to_worker,
     encode,
+    encode_batch,
     encode_job,
     pack,
     pack_frames,
@@ -50,6 +53,9 @@ from protocol.messages import (
 )
 
 __all__ = [
+    "Batch",
+    "JobBatch",
+    "encode_batch",
     "ARRAY_EXT",
     "Chunk",
     "ClientCutOff",

@@ -48,6 +48,7 @@ class Kind(enum.StrEnum):
     # supervisor -> worker
     LOAD = "load"
     JOB = "job"
+    BATCH = "batch"
     DRAIN = "drain"
 
 
@@ -127,6 +128,7 @@ class Ready(_Message):
     warmup_seconds: float | None = None
     memory: dict | None = None  # torch's own figures, see worker.memory
     imported: list | None = None  # heavy libraries the mode imported: what a warm standby should preload
+    batch: dict | None = None  # task -> {"max_batch", "max_delay_ms"}: tasks whose handler takes a batch
 
 
 @_wire
@@ -201,8 +203,29 @@ class Drain(_Message):
     kind: ClassVar[Kind] = Kind.DRAIN
 
 
+@_wire
+@dataclass(frozen=True, slots=True)
+class Batch(_Message):
+    """Several JOB messages of one task, sent as one message: this header,
+    then each job's own frames (its header and its arrays), ``counts[i]``
+    frames for the i-th. A worker runs them as one call of a handler that
+    takes a batch, and answers each job on its own."""
+
+    kind: ClassVar[Kind] = Kind.BATCH
+    task: str
+    counts: list
+
+
+@dataclass(frozen=True, slots=True)
+class JobBatch:
+    """A decoded BATCH: its jobs, in order, each a ``Job`` of ``task``."""
+
+    task: str
+    jobs: list[Job]
+
+
 FromWorker = Hello | Ready | LoadFailed | Result | Chunk | Failure | Heartbeat
-ToWorker = Load | Job | Drain
+ToWorker = Load | Job | JobBatch | Drain
 
 _FROM_WORKER: dict[str, Any] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Chunk, Failure, Heartbeat)}
 _TO_WORKER: dict[str, Any] = {c.kind.value: c for c in (Load, Job, Drain)}
@@ -260,7 +283,7 @@ def pack_frames(header: dict, limit: int = MAX_MESSAGE_BYTES, what: str = "messa
     return [frame, *arrays]
 
 
-def encode(msg: FromWorker | ToWorker, limit: int = MAX_MESSAGE_BYTES) -> list:
+def encode(msg: _Message, limit: int = MAX_MESSAGE_BYTES) -> list:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": msg.kind.value}
     for name, _type, *optional in msg.fields:
         value = getattr(msg, name)
@@ -273,6 +296,13 @@ def encode_job(job_id: int, task: str, payload: Any, stream: bool = False, limit
     """A JOB message, encoded once by the submitting thread so that a payload
     msgpack cannot carry, or one over the limit, fails at ``submit()``."""
     return encode(Job(job_id, task, payload, stream), limit)
+
+
+def encode_batch(task: str, jobs: list[list]) -> list:
+    """A BATCH of ``jobs``, each the frames of an encoded JOB of ``task``:
+    put together, not encoded again (their arrays are not copied)."""
+    header = encode(Batch(task, [len(frames) for frames in jobs]))
+    return [*header, *(frame for frames in jobs for frame in frames)]
 
 
 def _type_ok(value: Any, expected: type) -> bool:
@@ -345,5 +375,22 @@ def decode_from_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> FromWork
     return _decode(frames, _FROM_WORKER, "from a worker", limit)
 
 
+def _decode_batch(frames: list, limit: int) -> JobBatch:
+    header = _decode(frames[:1], {Kind.BATCH.value: Batch}, "to a worker", limit)
+    counts = header.counts
+    if not counts or not all(type(n) is int and n >= 1 for n in counts) or sum(counts) != len(frames) - 1:
+        raise ProtocolError(f"batch.counts {counts!r} does not split the {len(frames) - 1} frames after the header")
+    jobs, start = [], 1
+    for n in counts:
+        job = _decode(frames[start : start + n], {Kind.JOB.value: Job}, "inside a batch", limit)
+        if job.task != header.task or job.stream:
+            raise ProtocolError(f"a batch of {header.task!r} holds job {job.job} of {job.task!r} (or a stream)")
+        jobs.append(job)
+        start += n
+    return JobBatch(header.task, jobs)
+
+
 def decode_to_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> ToWorker:
+    if frames and peek(frames, "k") == Kind.BATCH:
+        return _decode_batch(frames, limit)
     return _decode(frames, _TO_WORKER, "to a worker", limit)

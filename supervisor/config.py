@@ -21,6 +21,7 @@ from typing import Any
 from protocol import GpuvisorError, pack
 
 _LOADER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_MODULE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _MODE_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 _HEADER_RE = re.compile(r"^\[\s*([^\[\]]+?)\s*\]")
 _KEY_RE = re.compile(r"^[\w\"'.-]+\s*=")
@@ -47,6 +48,9 @@ class ModeSpec:
     args: dict[str, Any] = field(default_factory=dict)
     warmup: dict[str, Any] | None = None  # {"task": str, "payload": any}: run after load, before READY
     idle_unload_s: float | None = None  # None: the [supervisor] setting applies
+    max_wait_s: float | None = None  # the starvation bound of this mode's jobs; None: [supervisor] max_wait_s
+    batch: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {max_batch, max_delay_ms}
+    preload: tuple[str, ...] = ()  # libraries its worker imports: a warm standby imports them from the start
 
 
 _DEVICE_RE = re.compile(r"cuda:(0|[1-9][0-9]*)")
@@ -75,6 +79,8 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "device": (valid_device_setting, "'auto', 'cpu' or 'cuda:N'"),
     "recycle_on_oom": (lambda v: isinstance(v, bool), "true or false"),
     "idle_unload_s": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: never)"),
+    "max_wait_s": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: first come, first served)"),
+    "state_dir": (lambda v: isinstance(v, str), "a folder where the supervisor remembers what modes import ('': none)"),
     "reclaim_timeout": (lambda v: _number(v) and v > 0, "a number of seconds > 0"),
     "warm_standby": (lambda v: isinstance(v, bool), "true or false"),
     "reclaim_tolerance_mib": (lambda v: _number(v) and v >= 0, "a number of MiB >= 0"),
@@ -149,6 +155,8 @@ class Config:
     device: str = "auto"  # "auto": the first GPU NVML sees, else the CPU
     recycle_on_oom: bool = True
     idle_unload_s: float = 0.0  # 0: keep the worker loaded while idle
+    max_wait_s: float = 2.0  # the starvation bound: another mode's oldest job waits at most this long
+    state_dir: str = ""  # "" : $STATE_DIRECTORY under systemd, else nowhere
     reclaim_timeout: float = 10.0
     reclaim_tolerance_mib: float = 64.0
     warm_standby: bool = True  # keep a spare worker with torch & co. imported (host RAM, no VRAM)
@@ -162,6 +170,10 @@ class Config:
 
     def idle_unload_for(self, spec: ModeSpec) -> float:
         return self.idle_unload_s if spec.idle_unload_s is None else spec.idle_unload_s
+
+    def max_wait_for(self, mode: str) -> float:
+        spec = self.modes.get(mode)
+        return self.max_wait_s if spec is None or spec.max_wait_s is None else spec.max_wait_s
 
 
 class _Locator:
@@ -225,7 +237,7 @@ class _Locator:
         return ConfigError(f"{where}: {what}: {problem}")
 
 
-_MODE_KEYS = ("loader", "args", "warmup", "idle_unload_s")
+_MODE_KEYS = ("loader", "args", "warmup", "idle_unload_s", "max_wait_s", "batch", "preload")
 
 
 def _check_sendable(where: _Locator, table: str, key: str, value: Any) -> None:
@@ -251,6 +263,64 @@ def _folders(where: _Locator, entries: tuple[str, ...], base: Path) -> tuple[str
             raise where.error("supervisor", "loader_path", f"{entry!r} is {folder}, which is not a folder")
         out.append(str(folder))
     return tuple(out)
+
+
+def _seconds(where: _Locator, table: str, entry: dict, key: str, what: str) -> float | None:
+    value = entry.get(key)
+    if value is not None and not (_number(value) and value >= 0):
+        raise where.error(table, key, f"expected a number of seconds >= 0 ({what}), got {value!r}")
+    return None if value is None else float(value)
+
+
+def _batch(where: _Locator, table: str, batch: Any) -> dict[str, dict[str, float]]:
+    """``{ TASK = { max_batch = N, max_delay_ms = MS } }``: limits for tasks
+    whose handler takes a batch (``max_batch = 1`` turns batching off)."""
+    shape = "expected { TASK = { max_batch = N, max_delay_ms = MS } }"
+    if not isinstance(batch, dict):
+        raise where.error(table, "batch", f"{shape}, got {batch!r}")
+    out = {}
+    for task, limits in batch.items():
+        if not isinstance(limits, dict) or set(limits) - {"max_batch", "max_delay_ms"}:
+            raise where.error(table, "batch", f"{shape}; task {task!r} has {limits!r}")
+        size, delay = limits.get("max_batch", 64), limits.get("max_delay_ms", 2.0)
+        if not _whole(size) or not 1 <= size <= 4096:
+            raise where.error(table, "batch", f"task {task!r}: max_batch must be a whole number from 1 to 4096")
+        if not _number(delay) or delay < 0:
+            raise where.error(table, "batch", f"task {task!r}: max_delay_ms must be a number >= 0")
+        out[task] = {"max_batch": size, "max_delay_ms": float(delay)}
+    return out
+
+
+def _mode(where: _Locator, table: str, name: str, entry: dict) -> ModeSpec:
+    loader = entry.get("loader")
+    if not isinstance(loader, str) or not _LOADER_RE.match(loader):
+        raise where.error(table, "loader", f"expected 'package.module:function', got {loader!r}")
+    args = entry.get("args", {})
+    if not isinstance(args, dict):
+        raise where.error(table, "args", f"expected a table of keyword arguments, got {args!r}")
+    _check_sendable(where, table, "args", args)
+    warmup = entry.get("warmup")
+    if warmup is not None:
+        if not isinstance(warmup, dict) or not isinstance(warmup.get("task"), str) or set(warmup) - {"task", "payload"}:
+            raise where.error(
+                table, "warmup", f'expected {{ task = "TASK", payload = ... }} (payload optional), got {warmup!r}'
+            )
+        _check_sendable(where, table, "warmup", warmup)
+    preload = entry.get("preload", [])
+    if not isinstance(preload, list) or not all(isinstance(m, str) and _MODULE_RE.match(m) for m in preload):
+        raise where.error(
+            table, "preload", f'expected a list of module names, e.g. ["torch", "transformers"], got {preload!r}'
+        )
+    return ModeSpec(
+        name,
+        loader,
+        args,
+        warmup,
+        _seconds(where, table, entry, "idle_unload_s", "0: never"),
+        _seconds(where, table, entry, "max_wait_s", "0: first come, first served"),
+        _batch(where, table, entry.get("batch", {})),
+        tuple(preload),
+    )
 
 
 def parse(text: str, source: str = "<string>", base: Path | None = None) -> Config:
@@ -312,28 +382,7 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
                 raise where.error(
                     table, key, f"unknown key; a mode has 'loader' and optional {', '.join(_MODE_KEYS[1:])}"
                 )
-        loader = entry.get("loader")
-        if not isinstance(loader, str) or not _LOADER_RE.match(loader):
-            raise where.error(table, "loader", f"expected 'package.module:function', got {loader!r}")
-        args = entry.get("args", {})
-        if not isinstance(args, dict):
-            raise where.error(table, "args", f"expected a table of keyword arguments, got {args!r}")
-        _check_sendable(where, table, "args", args)
-        warmup = entry.get("warmup")
-        if warmup is not None:
-            if (
-                not isinstance(warmup, dict)
-                or not isinstance(warmup.get("task"), str)
-                or set(warmup) - {"task", "payload"}
-            ):
-                raise where.error(
-                    table, "warmup", f'expected {{ task = "TASK", payload = ... }} (payload optional), got {warmup!r}'
-                )
-            _check_sendable(where, table, "warmup", warmup)
-        idle = entry.get("idle_unload_s")
-        if idle is not None and not (_number(idle) and idle >= 0):
-            raise where.error(table, "idle_unload_s", f"expected a number of seconds >= 0 (0: never), got {idle!r}")
-        modes[name] = ModeSpec(name, loader, args, warmup, None if idle is None else float(idle))
+        modes[name] = _mode(where, table, name, entry)
 
     default_mode = settings.get("default_mode", "")
     if default_mode and default_mode not in modes:

@@ -26,6 +26,7 @@ class Deadline(enum.StrEnum):
     RECLAIM = "reclaim"  # read NVML again while a switch waits for memory to come back
     DRAIN = "drain"  # the shutdown's drain budget: what is left is cancelled
     STANDBY_REAP = "standby_reap"  # look again for stopped standbys to reap
+    STANDBY_PACE = "standby_pace"  # the spare may go on importing: the worker has been idle long enough
 
 
 Key = Deadline | tuple[Deadline, int]

@@ -43,6 +43,17 @@ _OUTCOMES = (Kind.RESULT, Kind.FAILURE, Kind.CHUNK)
 
 def handle(slot: Slot, got: Received) -> None:
     w = slot.worker
+    if w is not None and got.identity == w.heartbeat_identity:
+        # A worker may send its heartbeats on a socket of their own (routing
+        # id h<gen>), so a long handler on its main thread never delays them.
+        if not w.alive:
+            return
+        if isinstance(got.message, Heartbeat):
+            w.last_seen = time.monotonic()
+            _on_heartbeat(slot, w, got.message)
+        else:
+            log.warning("dropped a message on worker gen %d's heartbeat socket: only heartbeats go there", w.gen)
+        return
     if w is None or got.identity != w.identity:
         log.warning("dropped a message from %r: not the current worker (generation %s)",
                     got.identity, w.gen if w else None)  # fmt: skip

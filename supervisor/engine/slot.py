@@ -115,6 +115,8 @@ class Slot:
         backing_off = self.worker is None and self.engine.queue and self.budget.respawn_at > now
         d.set(self.at(Deadline.RESPAWN), self.budget.respawn_at if backing_off else None)
         d.set(self.at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
+        busy = w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.BUSY)
+        d.set(self.at(Deadline.STANDBY_PACE), self.standby.pace(worker_busy=busy, now=now))
         if self.standby.stopping and self.at(Deadline.STANDBY_REAP) not in d:
             d.after(self.at(Deadline.STANDBY_REAP), 0.05)  # stopped spares are reaped without waiting on them
 

@@ -176,6 +176,13 @@ class StandbyPool:
     def stopping(self) -> bool:
         return bool(self._stopping)
 
+    def pace(self, worker_busy: bool, now: float) -> float | None:
+        """Called every turn: whether the worker it stands behind is loading
+        or running jobs now (a spare must not slow that worker down).
+        Returns when it wants to be asked again, if it is waiting for a
+        moment (None: at the next turn is soon enough)."""
+        return None
+
     @property
     def pid(self) -> int | None:
         return self.spare.pid if self.spare is not None else None

@@ -96,8 +96,8 @@ def on_deadline(slot: Slot, name: Deadline) -> None:
         ending.escalate(slot)
     elif name is Deadline.LAST_WORDS:
         d.clear(slot.at(name))
-    elif name is Deadline.RESPAWN:
-        d.clear(slot.at(name))  # the pump sees the backoff is over
+    elif name in (Deadline.RESPAWN, Deadline.STANDBY_PACE):
+        d.clear(slot.at(name))  # the pump sees the backoff is over; refresh_deadlines asks the spare again
     elif name is Deadline.STANDBY_REAP:
         d.clear(slot.at(name))
         slot.standby.reap()

@@ -137,7 +137,8 @@ class WorkerHandle:
         self.proc = proc
         self.gen = gen
         self.spec = spec
-        self.identity = f"g{gen}".encode()
+        self.identity = f"g{gen}".encode()  # its main socket: everything but heartbeats
+        self.heartbeat_identity = f"h{gen}".encode()  # its heartbeat socket, if it has one
         self.state = WorkerState.SPAWNED
         self.started_at = time.monotonic()
         self.last_seen = self.started_at
