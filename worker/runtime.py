@@ -1,24 +1,31 @@
-"""The worker's two threads.
+"""The worker's two threads, each with a socket of its own.
 
 ::
 
-    supervisor ROUTER <==tcp/ipc==> DEALER  [I/O thread]  PAIR <==inproc==> PAIR  [main thread]
-                                    (routing id "g<gen>")  heartbeats,            LOAD -> loader
-                                                           parent-pid check       JOB  -> handler
-                                                                                  DRAIN -> exit 0
+    supervisor ROUTER <==tcp/ipc==> DEALER "g<gen>"  [main thread]       LOAD  -> loader, READY
+                                                                          JOB   -> handler, RESULT
+                                                                          BATCH -> handler once, RESULT per job
+                                                                          DRAIN -> exit 0
+                      <==tcp/ipc==  DEALER "h<gen>"  [heartbeat thread]  HEARTBEAT every interval,
+                                                                          parent-pid check,
+                                                                          g<gen>'s connection watched
 
-The main thread runs the loader and the handlers, one job at a time, so a
-handler may use whatever needs the main thread. The I/O thread owns the
-DEALER socket: it moves frames both ways, sends a heartbeat every interval
-even while a job runs, and kills the process if the supervisor is gone. ZeroMQ
-sockets are not thread-safe, so each socket has exactly one owning thread.
+The main thread owns the job socket and runs the loader and the handlers,
+one job at a time, so a handler may use whatever needs the main thread and
+a job crosses no thread inside the worker: a relay thread between the
+socket and the handlers cost about 95 µs of CPU per job. Heartbeats go
+from a thread of their own on a socket of their own, so they keep coming
+while a handler runs for minutes, and that thread also watches the job
+socket's connection: a dropped connection must end the worker even while
+its main thread is busy. ZeroMQ sockets are not thread-safe, so each socket
+has one owning thread (the job socket's monitor is made by the main thread
+and handed over before the heartbeat thread starts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
 import sys
 import threading
@@ -27,6 +34,7 @@ import traceback
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import (
     Chunk,
@@ -36,6 +44,7 @@ from protocol import (
     Heartbeat,
     Hello,
     Job,
+    JobBatch,
     JobFailed,
     Load,
     LoadFailed,
@@ -48,18 +57,19 @@ from protocol import (
     WorkerExit,
     decode_to_worker,
     encode,
+    unpack,
 )
-from protocol.frames import read_all, recv_message, small
+from protocol.frames import recv_message, small
 from protocol.messages import peek
+from worker.batching import batch_limits
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
 from worker.memory import is_out_of_memory, torch_memory
 
-_CLOSE = b""  # main -> I/O thread: flush and close. Never valid msgpack, so never a message.
 _LINGER_MS = 5000
 # A DEALER blocks a send for as long as it has no peer. Past this, the
-# supervisor is unreachable: waiting longer would also stop the heartbeat
-# thread from checking whether the supervisor is alive at all.
+# supervisor is unreachable: waiting longer would leave a job unanswered
+# (main thread) or stop the orphan check (heartbeat thread).
 _SEND_TIMEOUT_MS = 3000
 LOAD_FAILED_EXIT_CODE = WorkerExit.LOAD_FAILED
 
@@ -74,78 +84,63 @@ def _log(gen: int, text: str) -> None:
         pass
 
 
-class _IoThread(threading.Thread):
-    """Owns the DEALER socket; see the module docstring."""
+def _lost(gen: int, why: str) -> None:
+    _log(gen, f"{why}; exiting")
+    os._exit(WorkerExit.DISCONNECTED)
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, gen: int, parent_pid: int, interval: float, pipe: str):
-        super().__init__(name="gpuvisor-worker-io", daemon=True)
+
+def _send(sock: zmq.Socket, frames: list, gen: int, copy: bool | None = None) -> None:
+    try:
+        sock.send_multipart(frames, copy=small(frames) if copy is None else copy)
+    except zmq.Again:
+        _lost(gen, f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
+
+
+class _HeartbeatThread(threading.Thread):
+    """Owns the heartbeat socket and the job socket's monitor; see the module
+    docstring. It ends when the main thread stops the monitor (the monitor
+    socket then says MONITOR_STOPPED)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, gen: int, parent_pid: int, interval: float,
+                 monitor: zmq.Socket):  # fmt: skip
+        super().__init__(name="gpuvisor-worker-heartbeat", daemon=True)
         self._ctx, self._endpoint, self._gen = ctx, endpoint, gen
-        self._parent_pid, self._interval, self._pipe_addr = parent_pid, interval, pipe
+        self._parent_pid, self._interval, self._monitor = parent_pid, interval, monitor
         self.busy = False  # written by the main thread only; read here for heartbeats
 
     def run(self) -> None:
         try:
-            self._serve()
-        except BaseException as exc:  # noqa: BLE001 - without this thread the worker is deaf and blind
-            _log(self._gen, f"I/O thread failed ({type(exc).__name__}: {exc}); exiting")
+            self._beat()
+        except BaseException as exc:  # noqa: BLE001 - without this thread the worker is blind to its supervisor
+            _log(self._gen, f"heartbeat thread failed ({type(exc).__name__}: {exc}); exiting")
             os._exit(WorkerExit.DISCONNECTED)
 
-    def _serve(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        pipe = self._ctx.socket(zmq.PAIR)
-        monitor = None
+    def _beat(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
         try:
-            dealer.setsockopt(zmq.ROUTING_ID, f"g{self._gen}".encode())
-            dealer.setsockopt(zmq.LINGER, _LINGER_MS)
-            dealer.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-            # A dropped connection is fatal, never silently healed by a
-            # reconnect: the supervisor drops it when we send a frame over its
-            # limit, and whatever we were answering would be lost with it.
-            monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            dealer.connect(self._endpoint)
-            pipe.setsockopt(zmq.LINGER, 0)
-            pipe.connect(self._pipe_addr)
-            poller = zmq.Poller()
-            poller.register(dealer, zmq.POLLIN)
-            poller.register(pipe, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
+            sock.setsockopt(zmq.ROUTING_ID, f"h{self._gen}".encode())
+            sock.setsockopt(zmq.LINGER, 0)  # a heartbeat left unsent at exit means nothing
+            sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+            sock.connect(self._endpoint)
             next_beat = 0.0
             while True:
                 now = time.monotonic()
                 if now >= next_beat:
                     exit_if_orphaned(self._parent_pid)
-                    self._send(dealer, encode(Heartbeat(self.busy, torch_memory())))
+                    _send(sock, encode(Heartbeat(self.busy, torch_memory())), self._gen)
                     next_beat = now + self._interval
-                events = dict(poller.poll(math.ceil(max(0.0, next_beat - time.monotonic()) * 1000)))
-                # Everything waiting, not one message per poll: a window of
-                # jobs (and a burst of results) crosses in one turn.
-                if dealer in events:
-                    for frames in read_all(dealer):  # array frames pass through, never copied
-                        pipe.send_multipart(frames, copy=small(frames))
-                if pipe in events:
-                    for frames in read_all(pipe):
-                        if frames == [_CLOSE]:
-                            return
-                        self._send(dealer, frames)
-                if monitor in events:
-                    monitor.recv_multipart()
-                    self._lost("the supervisor dropped our connection")
+                wait_ms = max(0, round((next_beat - time.monotonic()) * 1000))
+                if self._monitor.poll(wait_ms):
+                    event = recv_monitor_message(self._monitor)["event"]
+                    if event == zmq.EVENT_MONITOR_STOPPED:
+                        return
+                    # A dropped connection is fatal, never silently healed by a
+                    # reconnect: the supervisor drops it when we send a frame
+                    # over its limit, and whatever we were answering is lost.
+                    _lost(self._gen, "the supervisor dropped our connection")
         finally:
-            if monitor is not None:
-                dealer.disable_monitor()
-                monitor.close(linger=0)
-            pipe.close()
-            dealer.close()  # lingers, so the last RESULT and LOAD_FAILED get out
-
-    def _send(self, dealer: zmq.Socket, frames: list) -> None:
-        try:
-            dealer.send_multipart(frames, copy=small(frames))
-        except zmq.Again:
-            self._lost(f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
-
-    def _lost(self, why: str) -> None:
-        _log(self._gen, f"{why}; exiting")
-        os._exit(WorkerExit.DISCONNECTED)
+            self._monitor.close(linger=0)
+            sock.close()
 
 
 def _error_map(exc: BaseException, fallback: type[GpuvisorError]) -> dict[str, Any]:
@@ -165,27 +160,25 @@ def _error_map(exc: BaseException, fallback: type[GpuvisorError]) -> dict[str, A
 
 
 class _Worker:
-    def __init__(self, gen: int, pipe: zmq.Socket, io: _IoThread):
-        self.gen, self._pipe, self._io = gen, pipe, io
+    def __init__(self, gen: int, sock: zmq.Socket, beat: _HeartbeatThread):
+        self.gen, self._sock, self._beat = gen, sock, beat
         self.mode: str | None = None
         self.handlers: dict[str, Handler] = {}
 
     def send(self, msg) -> None:
-        frames = encode(msg)
-        self._pipe.send_multipart(frames, copy=small(frames))
+        _send(self._sock, encode(msg), self.gen)
 
     def recv(self):
         while True:
-            frames = recv_message(self._pipe)  # arrays arrive as views of their frames
+            frames = recv_message(self._sock)  # arrays arrive as views of their frames
             try:
                 return decode_to_worker(frames)
             except ProtocolError as exc:
                 _log(self.gen, f"dropped a malformed message from the supervisor: {exc}")
-                job = peek(frames, "job") if peek(frames, "k") == "job" and self.mode is not None else None
-                if isinstance(job, int):  # a job we cannot read still gets its one answer
-                    self.send(
-                        Failure(job, ProtocolError(f"the job message could not be read: {exc.message}").to_wire())
-                    )
+                if self.mode is not None:  # a job we cannot read still gets its one answer
+                    error = ProtocolError(f"the {peek(frames, 'k')} message could not be read: {exc.message}")
+                    for job in _job_ids(frames):
+                        self.send(Failure(job, error.to_wire()))
 
     def load(self, msg: Load) -> bool:
         started = time.perf_counter()
@@ -202,8 +195,17 @@ class _Worker:
             return False
         self.mode = msg.mode
         load_seconds = (loaded - started) if warmup_seconds is not None else time.perf_counter() - started
+        batch = {task: limits for task, handler in self.handlers.items() if (limits := batch_limits(handler))}
         self.send(
-            Ready(msg.mode, load_seconds, sorted(self.handlers), warmup_seconds, torch_memory(), _heavy_imports())
+            Ready(
+                msg.mode,
+                load_seconds,
+                sorted(self.handlers),
+                warmup_seconds,
+                torch_memory(),
+                _heavy_imports(),
+                batch or None,
+            )  # fmt: skip
         )
         return True
 
@@ -216,17 +218,27 @@ class _Worker:
             raise ValueError(
                 f"warm-up task {task!r} is not one of this mode's tasks ({', '.join(sorted(self.handlers))})"
             )
+        payload = warmup.get("payload")
         try:
-            _exhaust(handler(warmup.get("payload")), lambda chunk: None)
+            _exhaust(handler([payload]) if batch_limits(handler) else handler(payload), lambda chunk: None)
         except Exception as exc:
             raise RuntimeError(f"warm-up job {task!r} failed: {type(exc).__name__}: {exc}") from exc
 
-    def run_job(self, msg: Job) -> None:
-        handler = self.handlers.get(msg.task)
+    def _handler(self, job: Job) -> Handler | None:
+        """The job's handler, or None once the job has its UnknownTask failure."""
+        handler = self.handlers.get(job.task)
         if handler is None:
             known = ", ".join(sorted(self.handlers)) or "none"
-            error = UnknownTask(f"mode {self.mode!r} has no task {msg.task!r} (it has: {known})").to_wire()
-            self.send(Failure(msg.job, error))
+            error = UnknownTask(f"mode {self.mode!r} has no task {job.task!r} (it has: {known})").to_wire()
+            self.send(Failure(job.job, error))
+        return handler
+
+    def run_job(self, msg: Job) -> None:
+        handler = self._handler(msg)
+        if handler is None:
+            return
+        if batch_limits(handler) is not None:  # a batch of one; a stream request gets the result alone
+            self._run_batch(handler, msg.task, [msg])
             return
         seq = 0
 
@@ -236,9 +248,9 @@ class _Worker:
                 seq += 1
                 # Copied (copy=True): the generator resumes as soon as this
                 # returns and may refill the very buffer it just yielded.
-                self._pipe.send_multipart(self._encode_outcome(Chunk(msg.job, seq, value), msg.task), copy=True)
+                _send(self._sock, self._encode_outcome(Chunk(msg.job, seq, value), msg.task), self.gen, copy=True)
 
-        self._io.busy = True
+        self._beat.busy = True
         try:
             value = _exhaust(handler(msg.payload), chunk)
         except _Unsendable as exc:
@@ -248,13 +260,52 @@ class _Worker:
             self.send(Failure(msg.job, _error_map(exc, JobFailed)))
             return
         finally:
-            self._io.busy = False
-        try:
-            frames = self._encode_outcome(Result(msg.job, value), msg.task)
-        except _Unsendable as exc:
-            self.send(Failure(msg.job, exc.error))
+            self._beat.busy = False
+        self._answer(msg, value)
+
+    def run_batch(self, msg: JobBatch) -> None:
+        """One call of a batch handler for the whole batch. A handler that
+        takes one payload (or a task the mode lacks) gets the jobs one by
+        one, in order, as if they had come as JOB messages."""
+        handler = self.handlers.get(msg.task)
+        if handler is None or batch_limits(handler) is None:
+            for job in msg.jobs:
+                self.run_job(job)
             return
-        self._pipe.send_multipart(frames, copy=small(frames))
+        self._run_batch(handler, msg.task, msg.jobs)
+
+    def _run_batch(self, handler: Handler, task: str, jobs: list[Job]) -> None:
+        """Each job answered on its own, in order. The handler's error (or a
+        return value that is not one result per payload) is every job's
+        failure; a result that cannot be sent fails its own job alone."""
+        error = None
+        self._beat.busy = True
+        try:
+            values = handler([job.payload for job in jobs])
+            if not isinstance(values, list) or len(values) != len(jobs):
+                got = f"a list of {len(values)}" if isinstance(values, list) else f"a {type(values).__name__}"
+                error = JobFailed(
+                    f"batch handler {task!r} returned {got}; it must return a list of {len(jobs)} results, "
+                    "one per payload, in order"
+                ).to_wire()
+        except Exception as exc:  # noqa: BLE001 - any handler error is the outcome of every job of the batch
+            error = _error_map(exc, JobFailed)
+        finally:
+            self._beat.busy = False
+        if error is not None:
+            for job in jobs:
+                self.send(Failure(job.job, error))
+            return
+        for job, value in zip(jobs, values, strict=True):
+            self._answer(job, value)
+
+    def _answer(self, job: Job, value: Any) -> None:
+        try:
+            frames = self._encode_outcome(Result(job.job, value), job.task)
+        except _Unsendable as exc:
+            self.send(Failure(job.job, exc.error))
+            return
+        _send(self._sock, frames, self.gen)
 
     @staticmethod
     def _encode_outcome(msg: Result | Chunk, task: str) -> list:
@@ -276,15 +327,48 @@ class _Worker:
                 if not self.load(msg):
                     return LOAD_FAILED_EXIT_CODE
             else:
-                _log(self.gen, f"ignored {msg.kind.value} before LOAD")
+                _log(self.gen, f"ignored {_kind(msg)} before LOAD")
         while True:
             msg = self.recv()
             if isinstance(msg, Job):
                 self.run_job(msg)
+            elif isinstance(msg, JobBatch):
+                self.run_batch(msg)
             elif isinstance(msg, Drain):
                 return 0
             else:
-                _log(self.gen, f"ignored {msg.kind.value}: mode {self.mode!r} is already loaded")
+                _log(self.gen, f"ignored {_kind(msg)}: mode {self.mode!r} is already loaded")
+
+
+def _kind(msg: Any) -> str:
+    return "batch" if isinstance(msg, JobBatch) else msg.kind.value
+
+
+def _job_ids(frames: list) -> list[int]:
+    """The job ids a message the decoder refused still names: a JOB's, or
+    those of each job of a BATCH (its header's ``counts`` say where each
+    job's header frame is; if they cannot be read, every frame is tried)."""
+    kind = peek(frames, "k")
+    if kind == "job":
+        headers = [frames[0]]
+    elif kind == "batch":
+        headers = list(frames[1:])
+        try:
+            counts = unpack(bytes(frames[0])).get("counts")
+        except (ProtocolError, AttributeError):
+            counts = None
+        if isinstance(counts, list) and all(type(n) is int and n >= 1 for n in counts):
+            starts = [1 + sum(counts[:i]) for i in range(len(counts))]
+            if sum(counts) == len(frames) - 1:
+                headers = [frames[i] for i in starts]
+    else:
+        return []
+    ids = []
+    for header in headers:
+        job = peek([header], "job") if peek([header], "k") == "job" else None
+        if isinstance(job, int) and job not in ids:
+            ids.append(job)
+    return ids
 
 
 # Libraries slow enough to import that a warm standby should have them ready,
@@ -327,22 +411,24 @@ def _exhaust(value: Any, on_chunk) -> Any:
 
 def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> int:
     ctx = zmq.Context()
-    pipe_addr = f"inproc://gpuvisor-worker-{gen}"
-    pipe = ctx.socket(zmq.PAIR)
-    pipe.setsockopt(zmq.LINGER, 0)
-    pipe.bind(pipe_addr)
-    io = _IoThread(ctx, endpoint, gen, parent_pid, heartbeat_interval, pipe_addr)
-    io.start()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, f"g{gen}".encode())
+    sock.setsockopt(zmq.LINGER, _LINGER_MS)
+    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
+    sock.connect(endpoint)
+    beat = _HeartbeatThread(ctx, endpoint, gen, parent_pid, heartbeat_interval, monitor)
+    beat.start()
     code = 1
     try:
-        worker = _Worker(gen, pipe, io)
+        worker = _Worker(gen, sock, beat)
         worker.send(Hello(os.getpid(), gen))
         code = worker.serve()
     finally:
-        pipe.send(_CLOSE)
-        io.join(timeout=_LINGER_MS / 1000 + 1)
-        pipe.close()
-        if io.is_alive():  # could not flush in time; ctx.term() would block on its socket
+        sock.disable_monitor()  # the heartbeat thread hears MONITOR_STOPPED and ends
+        beat.join(timeout=_SEND_TIMEOUT_MS / 1000 + 1)
+        sock.close()  # lingers, so the last RESULT and LOAD_FAILED get out
+        if beat.is_alive():  # stuck: ctx.term() would block on its socket
             os._exit(code)
         ctx.term()
     if code == LOAD_FAILED_EXIT_CODE:

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from worker.batching import batched
+
 
 def _payload_map(payload: Any, task: str) -> dict:
     if payload is None:
@@ -79,6 +81,18 @@ def fail(payload: Any) -> None:
     raise RuntimeError(message)
 
 
+@batched(max_batch=8, max_delay_ms=20)
+def batch_echo(payloads: list) -> list:
+    """A batch handler: each payload back with the size of the batch it ran
+    in, so a test sees which jobs were run together."""
+    return [{"payload": p, "batch": len(payloads)} for p in payloads]
+
+
+@batched(max_batch=8, max_delay_ms=20)
+def batch_fail(payloads: list) -> list:
+    raise RuntimeError("batch_fail on purpose")
+
+
 _WAYS = ("exit", "segfault", "kill")
 
 
@@ -133,4 +147,6 @@ def load(**args: Any) -> dict:
         "chatter": chatter,
         "count": count,
         "oom": oom,
+        "batch_echo": batch_echo,
+        "batch_fail": batch_fail,
     }
