@@ -1,17 +1,25 @@
-"""The warm standby: a spare worker that has imported what earlier workers
-imported, taken into service by the next switch. Real processes throughout;
-``tests.helpers.loaders:preloads`` stands in for a torch mode (it imports
-safetensors, which is on the preload list and light)."""
+"""The warm standby: a spare worker that has imported what the modes
+preload and what earlier workers imported, taken into service by the next
+switch, and stopped while the worker it stands behind is busy. Real
+processes throughout; ``tests.helpers.loaders:preloads`` stands in for a
+torch mode (it imports safetensors, which is on the preload list and light).
+A spare that must still be importing when a test looks imports a module
+that waits for a file the test creates (a gate): it is a spare mid-import
+for as long as the test needs, whatever the machine's speed."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 from supervisor import WorkerCrashed
-from tests.helpers import T, pid_gone, wait_until
+from supervisor.engine import standby
+from tests.helpers import T, pid_gone, repo_pythonpath, wait_until
 from tests.helpers.config import DIAG, config_text
 from tests.helpers.script import read_line, supervisor_script
 
@@ -140,3 +148,202 @@ def test_a_light_mode_never_takes_a_standby_and_stays_light(supervisor_from):
     with pytest.raises(WorkerCrashed) as info:
         sup.submit("crash", {"say": "the mode's own last words"}).result(T)
     assert "the mode's own last words" in str(info.value) and "standby" not in str(info.value)
+
+
+# ------------------------------------------------------------ stopped while the worker is busy
+
+_GATE = """
+import os, time
+deadline = time.monotonic() + {bound}
+while not os.path.exists({path!r}) and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+_HOLDING = """
+import os, sys, time
+
+
+def load():
+    preloaded = "standby_gate" in sys.modules
+
+    def hold(payload):
+        open(payload["started"], "w").close()
+        deadline = time.monotonic() + {bound}
+        while not os.path.exists(payload["until"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("nobody released the job")
+            time.sleep(0.01)
+        return True
+
+    return {{"hold": hold, "was_preloaded": lambda payload: preloaded, "pid": lambda payload: os.getpid()}}
+"""
+
+
+class Gated:
+    """Modes "light" (``standby_holding``: a ``hold`` job that runs until a
+    file exists) and "heavy" (the same, preloading ``standby_gate``, whose
+    import lasts until ``open()``)."""
+
+    def __init__(self, folder: Path, monkeypatch):
+        self.folder = folder
+        (folder / "standby_gate.py").write_text(_GATE.format(bound=2 * T, path=str(folder / "gate-open")))
+        (folder / "standby_holding.py").write_text(_HOLDING.format(bound=2 * T))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), repo_pythonpath()]))
+        self.modes = {"light": "standby_holding:load", "heavy": {"loader": "standby_holding:load",
+                                                                   "preload": ["standby_gate"]}}  # fmt: skip
+        self.jobs = 0
+
+    def open(self) -> None:
+        (self.folder / "gate-open").touch()
+
+    def hold(self, sup):
+        """A job that is running when this returns; ``release()`` ends it."""
+        self.jobs += 1
+        started, until = self.folder / f"started-{self.jobs}", self.folder / f"until-{self.jobs}"
+        job = sup.submit("hold", {"started": str(started), "until": str(until)})
+        wait_until(started.exists, T, "the hold job to start")
+        job.release = until.touch
+        return job
+
+
+@pytest.fixture
+def gated(tmp_path, monkeypatch) -> Gated:
+    return Gated(tmp_path, monkeypatch)
+
+
+def _state(pid: int) -> str:
+    """The process's state in /proc/PID/stat: T is stopped (SIGSTOP)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_a_spare_still_importing_is_stopped_while_a_job_runs_and_goes_on_once_the_worker_idles(supervisor_from, gated):
+    sup = supervisor_from(config_text(gated.modes))
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
+    sup.switch_mode("light").result(T)
+    job = gated.hold(sup)
+    wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
+    assert not sup.status()["standby_ready"]
+    job.release()
+    assert job.result(T) is True
+    wait_until(lambda: _state(spare) != "T", T, "the spare to go on once the worker is idle")
+    gated.open()
+    wait_until(lambda: sup.status()["standby_ready"], T, "the spare to finish its imports")
+    again = gated.hold(sup)  # the job's turn has passed: a spare done importing would have been stopped by now
+    assert _state(spare) != "T", "a spare done importing costs nothing, and is left alone"
+    again.release()
+    assert again.result(T) is True
+
+
+def test_a_stopped_spare_taken_by_a_switch_becomes_a_working_worker(supervisor_from, gated, monkeypatch):
+    # The spare stays stopped after the job, so the switch surely takes it
+    # stopped (the loop thread reads the module's setting at each turn).
+    monkeypatch.setattr(standby, "RESUME_AFTER_IDLE_S", 10 * T)
+    sup = supervisor_from(config_text(gated.modes))
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
+    sup.switch_mode("light").result(T)
+    job = gated.hold(sup)
+    wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
+    job.release()
+    assert job.result(T) is True
+    assert _state(spare) == "T"
+    gated.open()  # it cannot see this until it runs again
+    result = sup.switch_mode("heavy").result(T)
+    assert result["standby"] is True and result["pid"] == spare
+    assert sup.submit("was_preloaded").result(T) is True and sup.submit("pid").result(T) == spare
+    assert _state(spare) != "T"
+
+
+def test_a_stopped_spare_is_reaped_at_shutdown(supervisor_from, gated):
+    sup = supervisor_from(config_text(gated.modes))
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
+    sup.switch_mode("light").result(T)
+    job = gated.hold(sup)
+    wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
+    sup.shutdown(drain=False)
+    assert pid_gone(spare)
+    assert job.exception(T) is not None
+
+
+def test_a_stopped_spare_dies_with_its_supervisor(gated, tmp_path):
+    """A stopped process runs nothing, so it cannot notice it is orphaned:
+    the kernel's SIGKILL (PDEATHSIG, armed before the spare may be stopped)
+    is what ends it."""
+    config = tmp_path / "g.toml"
+    config.write_text(config_text(gated.modes))
+    started, until = tmp_path / "started", tmp_path / "until"
+    script = f"""
+sup = Supervisor({str(config)!r}).start()
+sup.switch_mode("light").result(60)
+sup.submit("hold", {{"started": {str(started)!r}, "until": {str(until)!r}}})
+while not sup.status()["standby_pid"]:
+    time.sleep(0.02)
+print(json.dumps(sup.status()["standby_pid"]), flush=True)
+time.sleep(600)
+"""
+    with supervisor_script(script) as proc:
+        spare = read_line(proc)
+        wait_until(started.exists, T, "the hold job to start")
+        wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(T)
+        wait_until(lambda: pid_gone(spare), T, "the stopped spare to die with its supervisor")
+
+
+# ------------------------------------------------------------ what to preload, from the start
+
+HEAVY_PRELOADS = {"heavy": {"loader": "tests.helpers.loaders:preloads", "preload": ["safetensors"]}, "light": DIAG}
+
+
+def test_a_preload_in_the_config_gives_a_spare_at_start_which_the_first_switch_takes(supervisor_from):
+    sup = supervisor_from(config_text(HEAVY_PRELOADS))
+    spare = _standby_ready(sup)
+    assert sup.status()["mode"] is None and sup.status()["worker_pid"] is None  # before any mode loaded
+    result = sup.switch_mode("heavy").result(T)
+    assert result["standby"] is True and result["pid"] == spare
+    assert sup.submit("was_preloaded").result(T) is True
+
+
+def test_no_preload_and_no_state_gives_no_spare_at_start(supervisor_from):
+    sup = supervisor_from(config_text(MODES))
+    assert sup.status()["standby_pid"] is None
+    assert sup.switch_mode("heavy").result(T)["standby"] is False  # not known to be heavy yet
+
+
+@pytest.mark.parametrize("where", ["state_dir", "STATE_DIRECTORY"])
+def test_the_state_directory_remembers_what_modes_import_for_the_next_supervisor(
+    supervisor_from, tmp_path, monkeypatch, where
+):
+    state = tmp_path / "state"
+    if where == "STATE_DIRECTORY":  # systemd's StateDirectory=
+        monkeypatch.setenv("STATE_DIRECTORY", str(state))
+        text = config_text(MODES)
+    else:
+        text = config_text(MODES, supervisor={"state_dir": str(state)})
+    first = supervisor_from(text)
+    first.switch_mode("light").result(T)
+    first.switch_mode("heavy").result(T)
+    saved = json.loads((state / "standby.json").read_text())  # written when READY was handled: before the result
+    assert "safetensors" in saved["preload"] and saved["heavy"] == {"light": False, "heavy": True}
+    first.shutdown(drain=False)
+
+    second = supervisor_from(text)
+    spare = _standby_ready(second)
+    assert second.status()["mode"] is None
+    result = second.switch_mode("heavy").result(T)
+    assert result["standby"] is True and result["pid"] == spare
+    assert second.submit("was_preloaded").result(T) is True
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 1, "preload": "safetensors", "heavy": {}}', "[]"])
+def test_a_corrupt_state_file_is_ignored_with_a_log_line_and_replaced(supervisor_from, tmp_path, caplog, text):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "standby.json").write_text(text)
+    sup = supervisor_from(config_text(MODES, supervisor={"state_dir": str(state)}))
+    assert any(
+        r.levelno == logging.WARNING and f"ignoring {state / 'standby.json'}" in r.getMessage() for r in caplog.records
+    )
+    assert sup.status()["standby_pid"] is None
+    assert sup.switch_mode("heavy").result(T)["standby"] is False
+    assert json.loads((state / "standby.json").read_text())["heavy"] == {"heavy": True}

@@ -11,11 +11,18 @@ import sys
 
 def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
     """Import what the supervisor names in ``preload_fd`` (comma-separated
-    modules, in the order an earlier worker imported them), touching no GPU:
-    importing torch does not initialise CUDA. Then wait for a line on stdin,
-    ``"GEN HEARTBEAT_INTERVAL"``, and become that worker. EOF: not needed,
-    exit 0. It writes nothing to stderr: what a worker writes there is quoted
-    in its crash reports, and a standby's history is the supervisor's to log."""
+    modules: the modes' ``preload`` lists, then what earlier workers
+    imported, in their order), touching no GPU: importing torch does not
+    initialise CUDA. Then wait for a line on stdin, ``"GEN
+    HEARTBEAT_INTERVAL"``, and become that worker. EOF: not needed, exit 0.
+
+    ``ready_fd`` gets one byte now, once this process dies with its
+    supervisor (PDEATHSIG is armed: the supervisor may stop it with SIGSTOP
+    from here on, as SIGKILL still reaches a stopped process), and one when
+    the imports are done. It writes nothing to stderr: what a worker writes
+    there is quoted in its crash reports, and a standby's history is the
+    supervisor's to log."""
+    _tell(ready_fd)
     preload = ""
     if preload_fd is not None:
         with os.fdopen(preload_fd, "rb") as names:
@@ -25,18 +32,25 @@ def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a failed preload only costs the speed-up
             pass
-    if ready_fd is not None:  # tell the supervisor the imports are done
-        try:
-            os.write(ready_fd, b"1")
-        except OSError:
-            pass  # taken into service before the imports were done: nobody is asking any more
-        finally:
-            os.close(ready_fd)
+    import worker.runtime  # noqa: F401 - what every worker imports next: ready before its generation comes
+
+    if ready_fd is not None:
+        _tell(ready_fd)
+        os.close(ready_fd)
     line = sys.stdin.readline()
     if not line:
         raise SystemExit(0)
     gen, interval = line.split()
     return int(gen), float(interval)
+
+
+def _tell(ready_fd: int | None) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, b"1")
+    except OSError:
+        pass  # taken into service before the imports were done: nobody is asking any more
 
 
 def main() -> None:

@@ -1,45 +1,69 @@
 """Warm standbys: a spare worker process that has already imported the
-heavy libraries (torch, transformers ...) but touched no GPU, ready to
-become the next worker; and the pool that decides when to keep one.
+heavy libraries (torch, transformers, the model classes ...) but touched no
+GPU, ready to become the next worker; and the pool that decides when to
+keep one and when it may run.
 
 A respawn pays for a fresh interpreter and ``import torch, transformers``
 (seconds) before the model even starts loading. With a standby, a switch
 pays only for the kill, the reclaim and the model load. The standby holds
-host RAM, never VRAM (importing torch does not initialise CUDA), and it is
-started only after a mode has shown it needs those libraries (its READY
-lists them), so a supervisor that only ever runs light modes never has one.
-Only a mode seen to import them takes it: a light worker made from a spare
-would carry hundreds of MB of imports it never uses.
+host RAM, never VRAM (importing torch does not initialise CUDA). What it
+imports: the modes' ``preload`` lists from the config, then what workers
+reported in READY, remembered across restarts in the state directory
+(``engine.learned``). With either, a spare starts with the supervisor;
+without, once a mode has shown it needs those libraries, so a supervisor
+that only ever runs light modes never has one. Only a mode with a preload
+or seen to import them takes it: a light worker made from a spare would
+carry hundreds of MB of imports it never uses.
 
-The standby reads the modules to import from a file descriptor (those an
-earlier worker imported, in its order), then blocks on stdin;
-``activate()`` writes it a generation and it connects like any worker.
-Closing stdin, or the supervisor's death (PR_SET_PDEATHSIG, set before the
-imports), ends it. Stopping one never waits: it is killed, and reaped by a
-later turn of the loop.
+A spare never competes with the worker it stands behind: while that worker
+loads or runs jobs, and for ``RESUME_AFTER_IDLE_S`` after, a spare still
+importing is stopped (SIGSTOP to its process group), and it goes on
+importing once the worker is idle (SIGCONT). Its imports are seconds of CPU;
+on a small machine they would slow every job that runs meanwhile several
+times over. A spare done importing waits on a read and costs nothing.
+
+The standby reads the modules to import from a file descriptor, then
+blocks on stdin; ``activate()`` writes it a generation and it connects like
+any worker. Closing stdin, or the supervisor's death (PR_SET_PDEATHSIG, set
+before the imports, and delivered to a stopped process too), ends it.
+Stopping one never waits: it is killed, and reaped by a later turn of the
+loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import tempfile
 
+from supervisor.config import Config
+from supervisor.engine import learned
 from supervisor.engine.process import describe_exit, signal_group, spawn_worker, standby_argv
 
 log = logging.getLogger("gpuvisor")
 
-_MODULE_NAME = re.compile(r"[A-Za-z_][\w.]{0,200}")  # what a standby may be asked to import
+# How long the worker must have been idle before a stopped spare goes on
+# importing. A caller that sends its next job when the last one answers
+# leaves the worker idle for about a round trip (under a millisecond), and
+# the pump hands a queued job over in the same turn, so such gaps never
+# wake the spare; a pause longer than this is the caller's own, and the
+# spare may use it. Short, so a spare loses little time to a worker that
+# has gone quiet.
+RESUME_AFTER_IDLE_S = 0.2
+# A spare is stopped only once it dies with the supervisor (PDEATHSIG armed,
+# some 50 ms after its start); until then it is looked at this often.
+ARMING_POLL_S = 0.01
 
 
 class Standby:
     def __init__(self, endpoint: str, preload: tuple[str, ...], device_env: dict[str, str]):
         self.preload = preload
-        # The standby writes one byte here once its imports are done: a spare
-        # still importing is no faster than a fresh process for a light mode.
+        # The standby writes one byte here once it dies with the supervisor
+        # (before that, a stopped spare would outlive it), and one once its
+        # imports are done (a spare still importing is no faster than a fresh
+        # process for a light mode).
         self._ready_r, ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
         # The module list (tens of KB) goes in an unlinked temporary file, not
@@ -57,7 +81,8 @@ class Standby:
                 raise
             finally:
                 os.close(ready_w)
-        self._ready = False
+        self._told = 0  # bytes read from it: 1 armed, 2 ready
+        self.paused = False  # stopped (SIGSTOP) so as not to slow the worker down
         tops = sorted({name.partition(".")[0] for name in preload})
         log.info("warm standby pid %d preloading %d modules of %s", self.proc.pid, len(preload), ", ".join(tops))
 
@@ -65,18 +90,42 @@ class Standby:
     def pid(self) -> int:
         return self.proc.pid
 
-    def ready(self) -> bool:
-        """Its preload is done (never blocks)."""
-        if not self._ready:
+    def _listen(self) -> int:
+        """What it has told so far (never blocks)."""
+        if self._told < 2 and self._ready_r >= 0:
             try:
-                self._ready = bool(os.read(self._ready_r, 1))
+                got = os.read(self._ready_r, 2)
             except BlockingIOError:
-                pass
-        return self._ready
+                return self._told
+            if got:
+                self._told += len(got)
+            else:  # it died (or closed the pipe): it tells nothing more
+                self._close_ready()
+        return self._told
+
+    def ready(self) -> bool:
+        """Its preload is done."""
+        return self._listen() >= 2
+
+    def stoppable(self) -> bool:
+        """It dies with the supervisor even while stopped (PDEATHSIG armed)."""
+        return self._listen() >= 1
+
+    def pause(self) -> None:
+        if not self.paused:
+            signal_group(self.proc, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            signal_group(self.proc, signal.SIGCONT)
+            self.paused = False
 
     def activate(self, gen: int, heartbeat_interval: float) -> subprocess.Popen | None:
-        """Hand the standby its generation; it becomes that worker. None if it
-        died meanwhile (it is reaped, and the caller spawns a fresh one)."""
+        """Hand the standby its generation; it becomes that worker (and runs:
+        one stopped mid-import goes on). None if it died meanwhile (it is
+        reaped, and the caller spawns a fresh one)."""
+        self.resume()
         stdin = self.proc.stdin
         if self.proc.poll() is None and stdin is not None:
             try:
@@ -100,6 +149,7 @@ class Standby:
             pass
         self._close_ready()
         signal_group(self.proc, signal.SIGKILL)
+        self.resume()  # SIGKILL ends a stopped process too; this only keeps the record true
 
     def reaped(self) -> bool:
         if self.proc.poll() is None:
@@ -116,42 +166,70 @@ class Standby:
 
 
 class StandbyPool:
-    """One slot's spare: what it should preload, which modes it suits, and
-    the spares being stopped until they are reaped."""
+    """One slot's spare: what it should preload, which modes it suits, when
+    it may run, and the spares being stopped until they are reaped.
 
-    def __init__(self, endpoint: str, device_env: dict[str, str]):
+    ``wanted``: start a spare now if there is anything to preload (the
+    configured lists, or what the state directory remembers)."""
+
+    def __init__(self, endpoint: str, device_env: dict[str, str], config: Config, *, wanted: bool):
         self._endpoint = endpoint
         self._device_env = device_env
         self.spare: Standby | None = None
-        self.preload: tuple[str, ...] = ()  # heavy libraries modes were seen to import, in import order
-        self._heavy: dict[str, bool] = {}  # mode -> it imported such libraries when it last loaded
+        self._folder = learned.state_directory(config.state_dir)
+        self._learned = learned.read(self._folder)
+        self._configured: tuple[str, ...] = ()
+        self._declared: frozenset[str] = frozenset()  # modes with a preload in the config: heavy from the start
+        self.reconfigure(config)
         self._stopping: list[Standby] = []
+        self._busy_at = float("-inf")  # when the worker was last known to be loading or running jobs
+        self._was_busy = False
+        if wanted:
+            self.prepare()
+
+    def reconfigure(self, config: Config) -> None:
+        """The modes' ``preload`` lists (at start, and after a reload)."""
+        self._configured = tuple(dict.fromkeys(m for spec in config.modes.values() for m in spec.preload))
+        self._declared = frozenset(name for name, spec in config.modes.items() if spec.preload)
+
+    @property
+    def preload(self) -> tuple[str, ...]:
+        """The configured modules first, in config order, then those workers
+        were seen to import, in their import order; no repeats."""
+        return tuple(dict.fromkeys([*self._configured, *self._learned.preload]))
+
+    def heavy(self, mode: str) -> bool:
+        return mode in self._declared or self._learned.heavy.get(mode, False)
 
     def learn(self, mode: str, imported: list | None) -> None:
         """A worker in ``mode`` said READY, listing what heavy libraries it
-        imported."""
-        self._heavy[mode] = bool(imported)
-        if imported:
-            names = (m for m in imported if isinstance(m, str) and _MODULE_NAME.fullmatch(m))
-            self.preload = tuple(dict.fromkeys([*self.preload, *names]))  # import order kept, no repeats
+        imported; remembered in the state directory when that is news."""
+        names = tuple(m for m in imported or () if isinstance(m, str) and learned.MODULE_NAME.fullmatch(m))
+        grown = tuple(dict.fromkeys([*self._learned.preload, *names]))  # import order kept, no repeats
+        if grown == self._learned.preload and self._learned.heavy.get(mode) == bool(names):
+            return
+        self._learned.preload = grown
+        self._learned.heavy[mode] = bool(names)
+        learned.write(self._folder, self._learned)
 
     def take(self, mode: str) -> Standby | None:
         """The spare, if ``mode`` is known to need what it preloads (ready or
-        still importing: it is ahead of a fresh process either way)."""
-        if self.spare is None or not self._heavy.get(mode):
+        still importing, stopped or not: it is ahead of a fresh process
+        either way, and ``activate()`` lets it run)."""
+        if self.spare is None or not self.heavy(mode):
             return None
         spare, self.spare = self.spare, None
         return spare
 
     def prepare(self) -> None:
-        """After a switch: a spare that preloads everything now known to be
-        needed, replacing one that died or preloads less."""
-        s = self.spare
-        if s is not None and (s.proc.poll() is not None or set(self.preload) - set(s.preload)):
+        """At start and after a switch: a spare that preloads everything now
+        known to be needed, replacing one that died or preloads less."""
+        s, preload = self.spare, self.preload
+        if s is not None and (s.proc.poll() is not None or set(preload) - set(s.preload)):
             self.stop()
-        if self.spare is None and self.preload:
+        if self.spare is None and preload:
             try:
-                self.spare = Standby(self._endpoint, self.preload, self._device_env)
+                self.spare = Standby(self._endpoint, preload, self._device_env)
             except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
                 log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
 
@@ -178,9 +256,27 @@ class StandbyPool:
 
     def pace(self, worker_busy: bool, now: float) -> float | None:
         """Called every turn: whether the worker it stands behind is loading
-        or running jobs now (a spare must not slow that worker down).
-        Returns when it wants to be asked again, if it is waiting for a
-        moment (None: at the next turn is soon enough)."""
+        or running jobs now. A spare still importing is stopped while it is,
+        and until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes
+        on. Returns when it wants to be asked again, if it is waiting for
+        that moment (None: at the next turn is soon enough). Cheap on the
+        busy path: once stopped, a spare is not looked at again until the
+        worker is idle. A spare is stopped only once it has said that it dies
+        with the supervisor: a process stopped before it armed PDEATHSIG
+        would outlive a supervisor killed meanwhile, stopped for good."""
+        if worker_busy or self._was_busy:  # busy until this turn at least: the loop may not turn for a second
+            self._busy_at = now
+        self._was_busy = worker_busy
+        s = self.spare
+        if s is None:
+            return None
+        resume_at = self._busy_at + RESUME_AFTER_IDLE_S
+        if now < resume_at and (s.paused or not s.ready()):
+            if not s.stoppable():  # its first moments, before it dies with the supervisor
+                return now + ARMING_POLL_S if s.proc.poll() is None else None
+            s.pause()
+            return None if worker_busy else resume_at
+        s.resume()
         return None
 
     @property
@@ -190,3 +286,7 @@ class StandbyPool:
     @property
     def ready(self) -> bool:
         return self.spare is not None and self.spare.ready()
+
+    @property
+    def paused(self) -> bool:
+        return self.spare is not None and self.spare.paused
