@@ -80,6 +80,36 @@ for seed in range(30):
 report["eos_ignored"] = drain(gen, {**long_sample, "stop_at_eos": False})
 report["long_prompt"] = drain(gen, {"prompt": "y" * 1100, "max_new_tokens": 4})
 
+# Stop strings: a piece of the greedy text from its middle, and a list where one never occurs.
+greedy_text = report["greedy_a"]["result"]["text"]
+stop = next((greedy_text[i : i + 2] for i in range(4, len(greedy_text) - 2) if greedy_text[i : i + 2].isprintable()
+             and "\ufffd" not in greedy_text[i : i + 2]), None)
+report["stop_string"] = stop
+report["stopped"] = drain(gen, {**greedy, "stop": [stop, "never-in-this-text"]}) if stop else None
+report["stop_only_unseen"] = drain(gen, {**greedy, "stop": "never-in-this-text"})
+
+TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+templated = mode.load(device="cpu", chat_template=TEMPLATE)
+messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+report["templated_info"] = templated["info"](None)
+report["chat"] = drain(templated["chat"], {"messages": messages, "max_new_tokens": 6})
+report["chat_rendered"] = drain(
+    templated["generate"], {"prompt": "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>", "max_new_tokens": 6}
+)
+report["chat_default_length"] = drain(templated["chat"], {"messages": messages, "stop_at_eos": False})
+report["chat_without_template"] = drain(tiny["chat"], {"messages": messages})
+report["chat_bad"] = {
+    "no_messages": drain(templated["chat"], {"max_new_tokens": 2}),
+    "empty": drain(templated["chat"], {"messages": []}),
+    "no_content": drain(templated["chat"], {"messages": [{"role": "user"}]}),
+    "bad_option": drain(templated["chat"], {"messages": messages, "temperature": -1}),
+}
+report["template_refuses"] = drain(
+    mode.load(device="cpu", chat_template="{{ raise_exception('no system role here') }}")["chat"],
+    {"messages": messages},
+)
+report["bad_template_arg"] = load_error(chat_template="")
+
 _, tokenizer = mode.build_tiny()
 report["eos_id"] = tokenizer.eos_token_id
 detok = mode._Detokenizer(tokenizer)
@@ -87,6 +117,15 @@ ids = list("a\u20acb\U0001f600".encode())
 report["detok_deltas"] = [detok.delta(ids[: i + 1], final=False) for i in range(len(ids))]
 detok = mode._Detokenizer(tokenizer)
 report["detok_flush"] = [detok.delta([97, 0xE2], final=False), detok.delta([97, 0xE2], final=True)]
+hello = list(b"hello world")
+for name, stops in (("detok_stop", ["o w"]), ("detok_false_start", ["lo!"])):
+    detok = mode._Detokenizer(tokenizer, stops)
+    deltas = []
+    for i in range(len(hello)):
+        deltas.append(detok.delta(hello[: i + 1], final=i == len(hello) - 1))
+        if detok.stopped:
+            break
+    report[name] = {"deltas": deltas, "stopped": detok.stopped, "sent": detok.sent}
 
 bad = {
     "not_a_map": "hello",
@@ -105,6 +144,9 @@ bad = {
     "top_p_big": {"prompt": "hi", "top_p": 1.5},
     "seed_str": {"prompt": "hi", "seed": "x"},
     "stop_at_eos_str": {"prompt": "hi", "stop_at_eos": "yes"},
+    "stop_empty": {"prompt": "hi", "stop": [""]},
+    "stop_number": {"prompt": "hi", "stop": 3},
+    "stop_too_many": {"prompt": "hi", "stop": [str(i) for i in range(17)]},
 }
 report["bad"] = {name: drain(gen, payload) for name, payload in bad.items()}
 
@@ -161,6 +203,7 @@ def test_generate_is_a_generator_handler_and_info_describes_the_tiny_model(seen)
         "parameters": info["parameters"],
         "vocab_size": 257,
         "max_positions": 1024,
+        "chat_template": False,
     }
     assert isinstance(info["parameters"], int) and 100_000 < info["parameters"] < 1_000_000
 
@@ -245,6 +288,9 @@ BAD = {
     "top_p_big": ("ValueError", "'top_p'"),
     "seed_str": ("TypeError", "'seed'"),
     "stop_at_eos_str": ("TypeError", "'stop_at_eos'"),
+    "stop_empty": ("TypeError", "'stop'"),
+    "stop_number": ("TypeError", "'stop'"),
+    "stop_too_many": ("ValueError", "'stop'"),
 }
 
 
@@ -281,3 +327,63 @@ def test_loader_errors_are_clear(seen):
     assert kind == "RuntimeError" and "cannot load" in message
     kind, message = seen["bad_dtype"]
     assert kind == "ValueError" and "float64" in message
+
+
+def test_stop_strings_end_the_text_before_them_and_no_chunk_shows_one(seen):
+    full = seen["greedy_a"]["result"]["text"]
+    stop = seen["stop_string"]
+    assert stop is not None, f"no printable pair in the greedy text {full!r}"
+    run = seen["stopped"]
+    result = run["result"]
+    assert result["finish_reason"] == "stop"
+    assert result["text"] == full[: full.index(stop)]
+    assert "".join(c["text"] for c in run["chunks"]) == result["text"]
+    assert result["tokens"] == tokens(seen["greedy_a"])[: len(result["tokens"])]
+    assert len(result["tokens"]) < 24
+    unseen = seen["stop_only_unseen"]["result"]
+    assert unseen["text"] == full and unseen["finish_reason"] == "length"
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back_until_it_does_not(seen):
+    assert seen["detok_stop"] == {"deltas": ["h", "e", "l", "l", "", "", ""], "stopped": True, "sent": "hell"}
+    false_start = seen["detok_false_start"]
+    assert false_start["stopped"] is False
+    assert false_start["deltas"][:6] == ["h", "e", "", "l", "", "lo "]
+    assert "".join(false_start["deltas"]) == "hello world"
+
+
+def test_chat_renders_the_messages_with_the_template_then_generates(seen):
+    assert seen["templated_info"]["chat_template"] is True
+    chat, rendered = seen["chat"], seen["chat_rendered"]
+    assert tokens(chat) == tokens(rendered) and len(tokens(chat)) == 6
+    assert chat["result"]["prompt_tokens"] == rendered["result"]["prompt_tokens"]
+    assert "".join(c["text"] for c in chat["chunks"]) == chat["result"]["text"]
+    # With no max_new_tokens, a chat reply may run to the loader's limit (512 by default).
+    assert len(tokens(seen["chat_default_length"])) == 512
+
+
+def test_chat_without_a_template_is_refused_before_any_chunk(seen):
+    run = seen["chat_without_template"]
+    assert run["chunks"] == []
+    kind, message = run["error"]
+    assert kind == "ValueError" and "no chat template" in message
+
+
+@pytest.mark.parametrize("case", ["no_messages", "empty", "no_content", "bad_option"])
+def test_a_bad_chat_payload_fails_before_any_chunk(seen, case):
+    run = seen["chat_bad"][case]
+    assert run["chunks"] == []
+    kind, message = run["error"]
+    if case == "bad_option":
+        assert kind == "ValueError" and "'temperature'" in message
+    else:
+        assert kind == "TypeError" and "'messages'" in message
+
+
+def test_a_template_that_refuses_the_messages_is_a_value_error(seen):
+    run = seen["template_refuses"]
+    assert run["chunks"] == []
+    kind, message = run["error"]
+    assert kind == "ValueError" and "no system role here" in message
+    kind, message = seen["bad_template_arg"]
+    assert kind == "TypeError" and "chat_template" in message

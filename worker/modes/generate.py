@@ -1,7 +1,11 @@
-"""``generate``: text generation from a causal language model, streamed a
-token at a time.
+"""``generate`` and ``chat``: text generation from a causal language model,
+streamed a token at a time.
 
-``generate`` is a generator handler: each token is yielded the moment it
+``generate`` continues a prompt; ``chat`` renders a list of messages with
+the tokenizer's chat template first (what an OpenAI-style chat endpoint
+needs), and refuses with a ``ValueError`` when the model has none, since
+guessing a format would make a chat model answer gibberish without saying
+why. Both are generator handlers: each token is yielded the moment it
 exists, so a caller that asked for a stream sees text while the model is still
 working, and one that did not gets the same final result. The decoding loop is
 our own (not ``model.generate``) because a streamer there runs the model in a
@@ -11,7 +15,8 @@ With no ``model_path`` the mode builds a tiny GPT-2 with RANDOM weights and a
 byte-level tokenizer, in memory: no files, no hub, loads in well under a
 second on CPU. Its output is gibberish by design; it exists so the whole
 streaming path can be tested anywhere. Give ``model_path`` (a local folder) for
-a real model.
+a real model, and ``chat_template`` (Jinja text) to give a model without a
+template one, or to replace its own.
 """
 
 from __future__ import annotations
@@ -100,29 +105,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _options(payload: Any, limit: int, max_positions: int | None) -> dict:
+MAX_STOPS = 16
+
+
+def _options(payload: Any, limit: int, max_positions: int | None, default_tokens: int | None) -> dict:
     """Check a payload in full before anything runs, so a bad job fails with
-    a message naming its key and never after a partial stream."""
+    a message naming its key and never after a partial stream.
+    ``default_tokens``: ``max_new_tokens`` when the payload gives none (None:
+    as many as the limit allows)."""
     if not isinstance(payload, dict):
         raise TypeError(f"generate: payload must be a map, got {type(payload).__name__}")
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str):
-        raise TypeError(f"generate: 'prompt' must be a string, got {type(prompt).__name__}")
-    if not prompt:
-        raise ValueError("generate: 'prompt' must not be empty")
+    ceiling = limit if max_positions is None else min(limit, max_positions - 1)
     opts = {
-        "prompt": prompt,
-        "max_new_tokens": payload.get("max_new_tokens", 32),
+        "max_new_tokens": payload.get("max_new_tokens", ceiling if default_tokens is None else default_tokens),
         "temperature": payload.get("temperature", 0),
         "top_k": payload.get("top_k", 0),
         "top_p": payload.get("top_p", 1.0),
         "seed": payload.get("seed"),
         "stop_at_eos": payload.get("stop_at_eos", True),
+        "stop": payload.get("stop", []),
     }
     n = opts["max_new_tokens"]
     if not _is_int(n):
         raise TypeError(f"generate: 'max_new_tokens' must be an int, got {type(n).__name__}")
-    ceiling = limit if max_positions is None else min(limit, max_positions - 1)
     if not 1 <= n <= ceiling:
         raise ValueError(f"generate: 'max_new_tokens' must be between 1 and {ceiling}, got {n}")
     for key, check, kind in (
@@ -140,7 +145,37 @@ def _options(payload: Any, limit: int, max_positions: int | None) -> dict:
         raise ValueError(f"generate: 'top_k' must be >= 0, got {opts['top_k']}")
     if not 0 < opts["top_p"] <= 1:
         raise ValueError(f"generate: 'top_p' must be in (0, 1], got {opts['top_p']}")
+    stop = [opts["stop"]] if isinstance(opts["stop"], str) else opts["stop"]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise TypeError("generate: 'stop' must be a non-empty string or a list of them")
+    if len(stop) > MAX_STOPS:
+        raise ValueError(f"generate: 'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
+    opts["stop"] = stop
     return opts
+
+
+def _prompt(payload: dict) -> str:
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str):
+        raise TypeError(f"generate: 'prompt' must be a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("generate: 'prompt' must not be empty")
+    return prompt
+
+
+def _messages(payload: Any) -> list[dict[str, str]]:
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    shape = "chat: 'messages' must be a non-empty list of {'role': str, 'content': str}"
+    if not isinstance(messages, list) or not messages:
+        raise TypeError(shape)
+    for index, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise TypeError(f"{shape}; message {index} is {message!r:.200}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _pick(logits: Any, opts: dict, rng: Any) -> int:
@@ -166,17 +201,33 @@ class _Detokenizer:
     """Turns a growing list of ids into text deltas. Decoding everything so
     far and emitting the new suffix keeps multi-token characters and word
     boundaries right; text ending in U+FFFD is held back, since it is most
-    likely a character whose remaining bytes are still to come."""
+    likely a character whose remaining bytes are still to come. With
+    ``stops``, the text ends before the first stop string (``stopped`` is
+    then set), and text that could be the start of one is held back until
+    it is known not to be: a reader never sees a stop string, not even a
+    part of one."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, stops: list[str] | tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stops = tuple(stops)
         self.sent = ""
+        self.stopped = False
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def _held(self, text: str) -> int:
+        """How many characters at the end of ``text`` begin a stop string."""
+        return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
     def delta(self, ids: list[int], final: bool) -> str:
         text = self.text(ids)
+        if self.stops:
+            cut = min((i for i in (text.find(s, len(self.sent)) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, final, self.stopped = text[:cut], True, True
+            elif not final:
+                text = text[: len(text) - self._held(text)]
         if not final:
             text = text.rstrip("\ufffd")
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
@@ -191,7 +242,11 @@ def load(
     dtype: str = "float32",
     max_new_tokens_limit: int = 512,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> dict:
+    """``chat_template``: Jinja text for the ``chat`` task, instead of the
+    tokenizer's own (the built-in tiny model has none: without this its
+    ``chat`` refuses every job)."""
     import inspect
 
     import torch
@@ -216,6 +271,10 @@ def load(
             model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch_dtype)
         except Exception as exc:
             raise RuntimeError(f"generate: cannot load a causal LM from {model_path!r}: {exc}") from exc
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise TypeError("generate: chat_template must be the template's Jinja text")
+        tokenizer.chat_template = chat_template
     model = model.to(device=target, dtype=torch_dtype).eval()
     max_positions = _max_positions(model)
     stop_ids = _eos_ids(model, tokenizer)
@@ -229,18 +288,17 @@ def load(
     # is deprecated there), ``past_key_values`` before; in and out alike.
     cache_arg = "cache" if "cache" in accepts else "past_key_values"
 
-    def generate(payload: Any):
-        opts = _options(payload, max_new_tokens_limit, max_positions)
+    def run(prompt_ids: list[int], opts: dict):
+        """The decoding loop both tasks share: a chunk per token, then the result."""
         n = opts["max_new_tokens"]
         rng = torch.Generator()
         if opts["seed"] is None:
             rng.seed()
         else:
             rng.manual_seed(opts["seed"])
-        prompt_ids = tokenizer(opts["prompt"])["input_ids"]
         if max_positions is not None:
             prompt_ids = prompt_ids[-(max_positions - n) :]
-        detok = _Detokenizer(tokenizer)
+        detok = _Detokenizer(tokenizer, opts["stop"])
         tokens: list[int] = []
         finish = "length"
         with torch.inference_mode():
@@ -254,11 +312,34 @@ def load(
                 tokens.append(token)
                 done = opts["stop_at_eos"] and token in stop_ids
                 finish = "eos" if done else "length"
-                yield {"token": token, "text": detok.delta(tokens, final=done or len(tokens) == n)}
+                text = detok.delta(tokens, final=done or len(tokens) == n)
+                if detok.stopped:
+                    finish, done = "stop", True
+                yield {"token": token, "text": text}
                 if done:
                     break
                 inputs = torch.tensor([[token]], device=target)
         return {"text": detok.sent, "tokens": tokens, "prompt_tokens": len(prompt_ids), "finish_reason": finish}
+
+    def generate(payload: Any):
+        opts = _options(payload, max_new_tokens_limit, max_positions, default_tokens=32)
+        prompt = _prompt(payload)
+        return (yield from run(tokenizer(prompt)["input_ids"], opts))
+
+    def chat(payload: Any):
+        messages = _messages(payload)
+        opts = _options(payload, max_new_tokens_limit, max_positions, default_tokens=None)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"chat: the model {model_path or TINY_NAME!r} has no chat template (tokenizer.chat_template); "
+                "send a plain prompt to 'generate' instead, or give the mode a chat_template"
+            )
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template's own refusal (a role it does not know ...) is bad input
+            raise ValueError(f"chat: the model's chat template refused the messages: {exc}") from exc
+        # The template writes the special tokens itself: the tokenizer must not add them again.
+        return (yield from run(tokenizer(text, add_special_tokens=False)["input_ids"], opts))
 
     def info(payload: Any = None) -> dict:
         return {
@@ -269,6 +350,7 @@ def load(
             "parameters": sum(p.numel() for p in model.parameters()),
             "vocab_size": vocab,
             "max_positions": max_positions,
+            "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         }
 
-    return {"generate": generate, "info": info}
+    return {"generate": generate, "chat": chat, "info": info}
