@@ -37,6 +37,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 
 from supervisor.config import Config
 from supervisor.engine import learned
@@ -180,10 +181,12 @@ class StandbyPool:
         self._learned = learned.read(self._folder)
         self._configured: tuple[str, ...] = ()
         self._declared: frozenset[str] = frozenset()  # modes with a preload in the config: heavy from the start
+        self.preload: tuple[str, ...] = ()
         self.reconfigure(config)
         self._stopping: list[Standby] = []
         self._busy_at = float("-inf")  # when the worker was last known to be loading or running jobs
         self._was_busy = False
+        self._wanted = False  # a spare is to be started (once the worker is idle): prepare() until stop()
         if wanted:
             self.prepare()
 
@@ -191,12 +194,13 @@ class StandbyPool:
         """The modes' ``preload`` lists (at start, and after a reload)."""
         self._configured = tuple(dict.fromkeys(m for spec in config.modes.values() for m in spec.preload))
         self._declared = frozenset(name for name, spec in config.modes.items() if spec.preload)
+        self._merge()
 
-    @property
-    def preload(self) -> tuple[str, ...]:
-        """The configured modules first, in config order, then those workers
-        were seen to import, in their import order; no repeats."""
-        return tuple(dict.fromkeys([*self._configured, *self._learned.preload]))
+    def _merge(self) -> None:
+        """What a spare preloads: the configured modules first, in config
+        order, then those workers were seen to import, in their import
+        order; no repeats."""
+        self.preload = tuple(dict.fromkeys([*self._configured, *self._learned.preload]))
 
     def heavy(self, mode: str) -> bool:
         return mode in self._declared or self._learned.heavy.get(mode, False)
@@ -210,6 +214,7 @@ class StandbyPool:
             return
         self._learned.preload = grown
         self._learned.heavy[mode] = bool(names)
+        self._merge()
         learned.write(self._folder, self._learned)
 
     def take(self, mode: str) -> Standby | None:
@@ -223,15 +228,26 @@ class StandbyPool:
 
     def prepare(self) -> None:
         """At start and after a switch: a spare that preloads everything now
-        known to be needed, replacing one that died or preloads less."""
-        s, preload = self.spare, self.preload
-        if s is not None and (s.proc.poll() is not None or set(preload) - set(s.preload)):
+        known to be needed, replacing one that died or preloads less. It
+        starts now if the worker has been idle for ``RESUME_AFTER_IDLE_S``
+        (at start: there is none), else once it has (``pace()``): even the
+        spare's interpreter start-up would slow the first jobs of a worker
+        that has just loaded."""
+        s = self.spare
+        if s is not None and (s.proc.poll() is not None or set(self.preload) - set(s.preload)):
             self.stop()
-        if self.spare is None and preload:
-            try:
-                self.spare = Standby(self._endpoint, preload, self._device_env)
-            except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
-                log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
+        self._wanted = bool(self.preload)
+        if not self._was_busy and time.monotonic() >= self._busy_at + RESUME_AFTER_IDLE_S:
+            self._start()
+
+    def _start(self) -> None:
+        self._wanted = False
+        if self.spare is not None or not self.preload:
+            return
+        try:
+            self.spare = Standby(self._endpoint, self.preload, self._device_env)
+        except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
+            log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
 
     def check(self) -> None:
         """Now and then (on heartbeats): a spare that died idle is let go."""
@@ -241,6 +257,8 @@ class StandbyPool:
             self.stop()
 
     def stop(self) -> None:
+        """No spare until the next ``prepare()``; one there is killed."""
+        self._wanted = False
         if self.spare is not None:
             self.spare.kill()
             self._stopping.append(self.spare)
@@ -258,7 +276,7 @@ class StandbyPool:
         """Called every turn: whether the worker it stands behind is loading
         or running jobs now. A spare still importing is stopped while it is,
         and until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes
-        on. Returns when it wants to be asked again, if it is waiting for
+        on (and a spare wanted but not yet started starts). Returns when it wants to be asked again, if it is waiting for
         that moment (None: at the next turn is soon enough). Cheap on the
         busy path: once stopped, a spare is not looked at again until the
         worker is idle. A spare is stopped only once it has said that it dies
@@ -267,10 +285,14 @@ class StandbyPool:
         if worker_busy or self._was_busy:  # busy until this turn at least: the loop may not turn for a second
             self._busy_at = now
         self._was_busy = worker_busy
-        s = self.spare
+        s, resume_at = self.spare, self._busy_at + RESUME_AFTER_IDLE_S
         if s is None:
+            if not self._wanted:
+                return None
+            if now < resume_at:
+                return None if worker_busy else resume_at
+            self._start()
             return None
-        resume_at = self._busy_at + RESUME_AFTER_IDLE_S
         if now < resume_at and (s.paused or not s.ready()):
             if not s.stoppable():  # its first moments, before it dies with the supervisor
                 return now + ARMING_POLL_S if s.proc.poll() is None else None
