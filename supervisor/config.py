@@ -11,6 +11,7 @@ found at 3 a.m. in a systemd journal has to be fixable from the message alone.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -138,6 +139,33 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class HttpModel:
+    """An OpenAI ``model`` name served over HTTP: the mode it runs in, and
+    the task each endpoint submits (None: the endpoint does not serve it)."""
+
+    name: str
+    mode: str
+    embeddings: str | None = None
+    chat: str | None = None
+    completions: str | None = None
+    timeout: float | None = None  # a job's timeout; None: [supervisor] job_timeout
+
+
+HTTP_UNIX_DEFAULT = "unix:http.sock"
+_MAX_BODY_CEILING = 64 * 1024 * 1024  # a job bigger than this could not travel to the worker anyway
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """``[http]``: present means served; ``listen = []`` turns it off."""
+
+    listen: tuple[str, ...] = (HTTP_UNIX_DEFAULT,)  # "unix:PATH" (relative: the runtime directory) or "HOST:PORT"
+    token_file: str = ""  # bearer tokens, one a line; absolute once parsed; "" none
+    max_body_bytes: int = 16 * 1024 * 1024
+    models: dict[str, HttpModel] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     modes: dict[str, ModeSpec]
     heartbeat_interval: float = 1.0
@@ -163,6 +191,7 @@ class Config:
     worker_command: tuple[str, ...] = ()  # empty: this interpreter, ``-m worker``
     loader_path: tuple[str, ...] = ()  # absolute folders the worker imports loaders from, before its sys.path
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    http: HttpSettings | None = None  # None: no [http] table, no HTTP listener
     source: str = "<built-in>"
 
     def mode(self, name: str) -> ModeSpec | None:
@@ -323,6 +352,101 @@ def _mode(where: _Locator, table: str, name: str, entry: dict) -> ModeSpec:
     )
 
 
+def loopback_host(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) is reachable from this machine alone."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_listen(entry: str) -> tuple[str, int] | str:
+    """``unix:PATH`` -> PATH; ``HOST:PORT`` / ``[V6]:PORT`` -> (host, port).
+    ValueError says what is wrong."""
+    if entry.startswith("unix:"):
+        path = entry[len("unix:") :]
+        if not path or path.startswith("@"):
+            raise ValueError("a unix socket needs a file path (unix:/run/gpuvisor/http.sock, or unix:NAME)")
+        return path
+    host, colon, port = entry.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected 'unix:PATH' or 'HOST:PORT' with a port from 1 to 65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"HOST must be an IP address or localhost, got {host!r}") from None
+    return host, int(port)
+
+
+_HTTP_KEYS = ("listen", "token_file", "max_body_bytes", "models")
+_HTTP_MODEL_KEYS = ("mode", "embeddings", "chat", "completions", "timeout")
+_MODEL_NAME_RE = re.compile(r"^[^\s\x00-\x1f]{1,128}$")
+
+
+def _http(where: _Locator, table: Any, modes: dict[str, ModeSpec], base: Path) -> HttpSettings:
+    """``[http]`` and its ``[http.models.NAME]`` tables. A listener off
+    loopback without tokens is refused here: a GPU open to the network by a
+    typo must not start."""
+    if not isinstance(table, dict):
+        raise where.error("http", None, "must be a table")
+    for key in table:
+        if key not in _HTTP_KEYS:
+            raise where.error("http", key, f"unknown key; known keys are {', '.join(_HTTP_KEYS)}")
+    listen = table.get("listen", list(HttpSettings.listen))
+    if not isinstance(listen, list) or not all(isinstance(e, str) for e in listen):
+        raise where.error(
+            "http", "listen", f'expected a list like ["unix:http.sock", "127.0.0.1:8080"], got {listen!r}'
+        )
+    token_file = table.get("token_file", "")
+    if not isinstance(token_file, str):
+        raise where.error("http", "token_file", f"expected the path of a file of bearer tokens, got {token_file!r}")
+    for entry in listen:
+        try:
+            address = split_listen(entry)
+        except ValueError as exc:
+            raise where.error("http", "listen", f"{entry!r}: {exc}") from None
+        if isinstance(address, tuple) and not loopback_host(address[0]) and not token_file:
+            raise where.error(
+                "http", "listen", f"{entry!r} is not a loopback address: anyone who can reach it could run jobs on "
+                "this GPU. Set token_file (a file of bearer tokens, one a line), or listen on loopback or a unix socket"
+            )  # fmt: skip
+    size = table.get("max_body_bytes", HttpSettings.max_body_bytes)
+    if not _whole(size) or not 1024 <= size <= _MAX_BODY_CEILING:
+        raise where.error(
+            "http", "max_body_bytes", f"expected a whole number from 1024 to {_MAX_BODY_CEILING}, got {size!r}"
+        )
+    models_table = table.get("models", {})
+    if not isinstance(models_table, dict):
+        raise where.error("http", "models", "must be a table of [http.models.NAME] tables")
+    models = {name: _http_model(where, name, entry, modes) for name, entry in models_table.items()}
+    if token_file:
+        token_file = str((base / token_file).resolve())
+    return HttpSettings(tuple(listen), token_file, size, models)
+
+
+def _http_model(where: _Locator, name: str, entry: Any, modes: dict[str, ModeSpec]) -> HttpModel:
+    table = f"http.models.{name}"
+    if not _MODEL_NAME_RE.match(name):
+        raise where.error(table, None, "a model name is 1-128 characters, no spaces or control characters")
+    if not isinstance(entry, dict):
+        raise where.error("http.models", name, 'must be a table: { mode = "MODE", embeddings = "TASK" ... }')
+    for key in entry:
+        if key not in _HTTP_MODEL_KEYS:
+            raise where.error(table, key, f"unknown key; a model has 'mode' and {', '.join(_HTTP_MODEL_KEYS[1:])}")
+    mode = entry.get("mode")
+    if not isinstance(mode, str) or mode not in modes:
+        raise where.error(table, "mode", f"expected one of the modes {sorted(modes)}, got {mode!r}")
+    tasks = {key: entry.get(key) for key in ("embeddings", "chat", "completions")}
+    for key, task in tasks.items():
+        if task is not None and (not isinstance(task, str) or not task):
+            raise where.error(table, key, f"expected the name of the task that serves /v1/{key}, got {task!r}")
+    if not any(tasks.values()):
+        raise where.error(table, None, "names no task: give at least one of embeddings, chat or completions")
+    return HttpModel(name, mode, **tasks, timeout=_seconds(where, table, entry, "timeout", "0: none"))
+
+
 def parse(text: str, source: str = "<string>", base: Path | None = None) -> Config:
     """``base``: the folder relative paths in the file start from (the
     file's own folder; the working directory for a string)."""
@@ -333,8 +457,8 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
     where = _Locator(text, source)
 
     for key in data:
-        if key not in ("supervisor", "modes", "daemon"):
-            raise where.error(key, None, "unknown table; expected [supervisor], [daemon] or [modes.NAME]")
+        if key not in ("supervisor", "modes", "daemon", "http"):
+            raise where.error(key, None, "unknown table; expected [supervisor], [daemon], [http] or [modes.NAME]")
 
     daemon_table = data.get("daemon", {})
     if not isinstance(daemon_table, dict):
@@ -396,7 +520,8 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
         )
     if "drain_timeout" in daemon_table:
         daemon_table = {**daemon_table, "drain_timeout": float(daemon_table["drain_timeout"])}
-    return Config(modes=modes, source=source, daemon=DaemonSettings(**daemon_table), **settings)
+    http = _http(where, data["http"], modes, base or Path.cwd()) if "http" in data else None
+    return Config(modes=modes, source=source, daemon=DaemonSettings(**daemon_table), http=http, **settings)
 
 
 def load(path: str | Path | None = None) -> Config:

@@ -150,3 +150,68 @@ def test_the_daemon_table(write_config):
 )  # fmt: skip
 def test_a_daemon_mistake_names_the_file_line_and_key(write_config, text, line, words):
     assert_config_error(write_config(text + '[modes.a]\nloader = "m:f"\n'), line, words)
+
+
+HTTP_MODES = '[modes.embed]\nloader = "m:f"\n[modes.gen]\nloader = "m:g"\n'
+
+
+def test_the_http_table(write_config, tmp_path):
+    config = load_config(
+        write_config(
+            '[http]\nlisten = ["unix:/run/g/http.sock", "127.0.0.1:8080", "[::1]:8081", "192.0.2.7:80"]\n'
+            'token_file = "tokens"\nmax_body_bytes = 4096\n'
+            '[http.models."all-minilm-l6-v2"]\nmode = "embed"\nembeddings = "embed"\n'
+            '[http.models.tiny]\nmode = "gen"\nchat = "chat"\ncompletions = "generate"\ntimeout = 30\n' + HTTP_MODES
+        )
+    )
+    http = config.http
+    assert http is not None and http.listen == ("unix:/run/g/http.sock", "127.0.0.1:8080", "[::1]:8081", "192.0.2.7:80")
+    assert http.token_file == str(tmp_path / "tokens"), "a relative token_file starts from the file's folder"
+    assert http.max_body_bytes == 4096
+    minilm, tiny = http.models["all-minilm-l6-v2"], http.models["tiny"]
+    assert (minilm.mode, minilm.embeddings, minilm.chat, minilm.completions, minilm.timeout) == (
+        "embed", "embed", None, None, None)  # fmt: skip
+    assert (tiny.mode, tiny.chat, tiny.completions, tiny.timeout) == ("gen", "chat", "generate", 30.0)
+
+
+def test_http_is_on_with_its_table_at_the_default_socket_and_off_without_it(write_config):
+    assert load_config(write_config(HTTP_MODES)).http is None
+    on = load_config(write_config('[http.models.e]\nmode = "embed"\nembeddings = "embed"\n' + HTTP_MODES)).http
+    assert on is not None and on.listen == ("unix:http.sock",) and on.token_file == ""
+    off = load_config(write_config("[http]\nlisten = []\n" + HTTP_MODES)).http
+    assert off is not None and off.listen == ()
+    built_in = load_config(None).http
+    assert built_in is not None and built_in.listen == ("unix:http.sock",), "only the private unix socket"
+    assert built_in.models["all-minilm-l6-v2"].embeddings == "embed"
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ('[http]\nlisten = "127.0.0.1:80"\n', 2, ["[http] key 'listen'", "expected a list"]),
+        ('[http]\nlisten = ["127.0.0.1"]\n', 2, ["key 'listen'", "'127.0.0.1'", "HOST:PORT"]),
+        ('[http]\nlisten = ["127.0.0.1:0"]\n', 2, ["key 'listen'", "port from 1 to 65535"]),
+        ('[http]\nlisten = ["example.com:80"]\n', 2, ["key 'listen'", "IP address or localhost"]),
+        ('[http]\nlisten = ["unix:"]\n', 2, ["key 'listen'", "file path"]),
+        ('[http]\nlisten = ["unix:@abstract"]\n', 2, ["key 'listen'", "file path"]),
+        ('[http]\nlisten = ["0.0.0.0:8080"]\n', 2, ["key 'listen'", "'0.0.0.0:8080' is not a loopback address", "token_file"]),
+        ('[http]\nlisten = ["[fd00::2]:8080"]\n', 2, ["key 'listen'", "not a loopback address"]),
+        ('[http]\ntoken_file = 3\n', 2, ["key 'token_file'", "bearer tokens"]),
+        ('[http]\nmax_body_bytes = 10\n', 2, ["key 'max_body_bytes'", "from 1024"]),
+        ('[http]\nport = 80\n', 2, ["[http] key 'port'", "unknown key", "listen"]),
+        ('[http.models.e]\nmode = "nope"\nembeddings = "embed"\n', 2, ["[http.models.e] key 'mode'", "'nope'", "['embed', 'gen']"]),
+        ('[http.models.e]\nmode = "embed"\n', 1, ["[http.models.e]", "names no task"]),
+        ('[http.models.e]\nmode = "embed"\nembedings = "embed"\n', 3, ["key 'embedings'", "unknown key"]),
+        ('[http.models.e]\nmode = "embed"\nchat = 5\n', 3, ["[http.models.e] key 'chat'", "/v1/chat"]),
+        ('[http.models.e]\nmode = "embed"\nchat = "chat"\ntimeout = -1\n', 4, ["key 'timeout'", ">= 0"]),
+        ('[http.models."a b"]\nmode = "embed"\nchat = "chat"\n', 1, ["model name"]),
+        ('[http]\nmodels = 3\n', 2, ["key 'models'", "[http.models.NAME]"]),
+    ],
+)  # fmt: skip
+def test_an_http_mistake_names_the_file_line_and_key(write_config, text, line, words):
+    assert_config_error(write_config(text + HTTP_MODES), line, words)
+
+
+def test_a_non_loopback_address_with_a_token_file_is_accepted(write_config):
+    http = load_config(write_config('[http]\nlisten = ["0.0.0.0:8080"]\ntoken_file = "/etc/t"\n' + HTTP_MODES)).http
+    assert http is not None and http.listen == ("0.0.0.0:8080",) and http.token_file == "/etc/t"

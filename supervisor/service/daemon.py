@@ -21,6 +21,13 @@ clients are served every turn whatever one client sends.
 
 Signals: SIGTERM or SIGINT drain and exit 0; a second SIGINT stops at once,
 cancelling what is queued; SIGHUP reloads the configuration file.
+
+With ``[http]`` in the configuration, an HTTP listener (OpenAI's API,
+health, metrics: ``supervisor.service.http``) runs on a thread of its own
+over the same ``Supervisor``. A stop drains both doors: from its first
+moment new HTTP requests get 503, requests already accepted finish with the
+queue, and the listener is closed before the daemon exits, all inside
+``[daemon] drain_timeout``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -49,7 +56,11 @@ from supervisor.client.endpoint import default_endpoint
 from supervisor.mailbox import Mailbox, empty_pipe
 from supervisor.service.flow import FlowControl, Peer, Route
 from supervisor.service.front import EndpointError, bind_front, release_ipc
+from supervisor.service.http import open_http
 from supervisor.service.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from supervisor.service.http.server import HttpFront
 
 log = logging.getLogger("gpuvisor")
 
@@ -94,6 +105,7 @@ class Daemon:
         self._signals: list[int] = []
         self._stopper: threading.Thread | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
+        self._http: HttpFront | None = None
 
     # ------------------------------------------------------------ running
 
@@ -116,11 +128,16 @@ class Daemon:
             settings = self.config.daemon
             self._bound = bind_front(front, self.endpoint, group=settings.socket_group, curve=auth is not None,
                                      allow_unauthenticated_tcp=settings.allow_unauthenticated_tcp)  # fmt: skip
+            self._http = open_http(
+                self.config, self.endpoint
+            )  # bound now: a bad address stops us before a worker starts
             old_wakeup = signal.set_wakeup_fd(sig_w)  # before the worker exists: a signal now is handled
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 old_handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
             sup = Supervisor(self.config).start()
+            if self._http is not None:
+                self._http.serve(sup)
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
             self._loop(sup, front, sig_r)
@@ -130,6 +147,8 @@ class Daemon:
                 sup.shutdown(drain=False)  # an error got us here: never leave the worker behind
             if self._stopper is not None:
                 self._stopper.join()
+            if self._http is not None:
+                self._http.stop(grace=0.0)  # already stopped after a drain; closed at once after an error
             self._flush_at_exit()
             self._replies.close()
             sys.setswitchinterval(old_interval)
@@ -272,6 +291,8 @@ class Daemon:
         budget = min(self.config.daemon.drain_timeout, timeout or float("inf"))
         if self._stopper is None:
             self.notifier.stopping()
+            if self._http is not None:
+                self._http.drain()
             self._stop_began = time.monotonic()
             self._stopper = threading.Thread(target=self._shutdown, args=(sup, drain, budget), name="gpuvisor-stop")
             self._stopper.start()
@@ -283,7 +304,11 @@ class Daemon:
         try:
             sup.shutdown(drain=drain, timeout=budget if drain else None)
         finally:
-            self._replies.wake()  # the loop exits now, not at its next tick
+            try:
+                if self._http is not None:  # every job has its outcome now: let the answers go out, then close
+                    self._http.stop(grace=max(1.0, self._stop_began + budget - time.monotonic()) if drain else 1.0)
+            finally:
+                self._replies.wake()  # the loop exits now, not at its next tick
 
     def _reload(self, sup: Supervisor) -> None:
         self.notifier.reloading()
@@ -294,6 +319,8 @@ class Daemon:
         else:
             sup.reload(new)
             self.config = new
+            if self._http is not None:
+                self._http.reload(new.http)
         self.notifier.ready()
 
     # ------------------------------------------------------------ requests

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import ipaddress
 import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from protocol import GpuvisorError
 from supervisor.client.endpoint import ipc_path
+from supervisor.config import loopback_host
 
 log = logging.getLogger("gpuvisor")
 
@@ -132,11 +132,7 @@ def claim_ipc(path: str) -> None:
 
 
 def _is_loopback(endpoint: str) -> bool:
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback_host(endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]"))
 
 
 def check_tcp(endpoint: str, curve: bool) -> None:
@@ -194,6 +190,15 @@ def bind_front(
     if not path.startswith("/"):
         # An abstract socket (@name) has no file permissions: anyone could connect.
         raise EndpointError(f"{endpoint}: an ipc:// endpoint must be an absolute file path (not @abstract or relative)")
+    return bind_unix(path, lambda: sock.bind(endpoint), group=group)
+
+
+def bind_unix(path: str, bind: Callable[[], None], *, group: str = "") -> tuple[int, int]:
+    """Make the socket file at ``path`` with ``bind()``, under the rules of
+    this module: a private directory, never over a live daemon's socket,
+    mode 0600 (0660 for ``group``) from the first moment. Shared by every
+    door the daemon opens on a file (ZeroMQ's ipc://, HTTP's unix socket).
+    Returns the file's identity for ``release_path``."""
     gid = None
     if group:
         try:
@@ -203,7 +208,7 @@ def bind_front(
     _private_dir(os.path.dirname(path), None if gid is None else (group, gid))
     claim_ipc(path)
     with _umask(0o177):
-        sock.bind(endpoint)
+        bind()
     if gid is not None:
         os.chown(path, -1, gid)
     os.chmod(path, 0o660 if gid is not None else 0o600)
@@ -215,7 +220,13 @@ def release_ipc(endpoint: str, bound: tuple[int, int] | None) -> None:
     """Remove our socket file, and only ours: a daemon that started after us
     on the same path (once we stopped answering) owns the file now."""
     path = ipc_path(endpoint)
-    if path is None or bound is None:
+    if path is not None:
+        release_path(path, bound)
+
+
+def release_path(path: str, bound: tuple[int, int] | None) -> None:
+    """``release_ipc`` for a socket file named by its path."""
+    if bound is None:
         return
     try:
         st = os.stat(path)

@@ -1,0 +1,155 @@
+"""The HTTP routes: OpenAI's embeddings, chat and completions, the models
+list, a health probe and Prometheus metrics, all over the daemon's one
+``Supervisor`` (one queue, one scheduler: an HTTP job waits its turn like
+any other, and a model in another mode switches as a job naming its mode
+does).
+
+A request's ``model`` is a name in ``[http.models]``, which says the mode
+and the task each endpoint runs. Streams are server-sent events, one per
+chunk the worker yields, ending in ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from supervisor.api import Supervisor
+from supervisor.config import HttpModel
+from supervisor.service.http import errors, jobs, openai
+from supervisor.service.http.admission import Door
+from supervisor.service.http.errors import ApiError
+
+ENDPOINTS = {"embeddings": "/v1/embeddings", "chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def create_app(sup: Supervisor, door: Door) -> FastAPI:
+    app = FastAPI(title="gpuvisor", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(ApiError, errors.on_api_error)
+    app.add_exception_handler(RequestValidationError, errors.on_validation_error)
+    app.add_exception_handler(HTTPException, errors.on_http_error)
+
+    def served(name: str, endpoint: str) -> tuple[HttpModel, str]:
+        model = door.models.get(name)
+        if model is None:
+            raise ApiError(404, f"the model {name!r} does not exist; GET /v1/models lists them", "model_not_found",
+                           "model")  # fmt: skip
+        task = getattr(model, endpoint)
+        if task is None:
+            offered = ", ".join(ENDPOINTS[e] for e in ENDPOINTS if getattr(model, e)) or "nothing"
+            raise ApiError(400, f"the model {name!r} is not served at {ENDPOINTS[endpoint]} (it is at {offered})",
+                           "model_not_supported", "model")  # fmt: skip
+        return model, task
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: openai.EmbeddingRequest, request: Request) -> Response:
+        body.refuse_unsupported()
+        model, task = served(body.model, "embeddings")
+        texts = body.texts()
+        result = await jobs.run(sup, request, task, {"texts": texts, "details": True}, model.mode, model.timeout)
+        return JSONResponse(openai.embeddings(model.name, result, body.encoding_format, body.dimensions))
+
+    async def generation(body: openai.ChatRequest | openai.CompletionRequest, request: Request,
+                         endpoint: str) -> Response:  # fmt: skip
+        body.refuse_unsupported()
+        model, task = served(body.model, endpoint)
+        payload = body.payload()
+        reply = openai.Reply(model.name, chat=endpoint == "chat")
+        if not body.stream:
+            result = await jobs.run(sup, request, task, payload, model.mode, model.timeout)
+            return JSONResponse(reply.whole(result))
+        stream = jobs.Stream(sup, task, payload, model.mode, model.timeout)
+        first = await stream.first(request)
+        return jobs.JobStreamResponse(_events(stream, first, reply, body.include_usage), stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: openai.ChatRequest, request: Request) -> Response:
+        return await generation(body, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: openai.CompletionRequest, request: Request) -> Response:
+        return await generation(body, request, "completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        loaded = sup.status()["mode"]
+        data = [
+            {"id": m.name, "object": "model", "created": int(door.started), "owned_by": "gpuvisor", "mode": m.mode,
+             "loaded": m.mode == loaded, "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(m, e)]}
+            for m in door.models.values()
+        ]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _health(sup, door)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            module = importlib.import_module("supervisor.metrics")
+        except ModuleNotFoundError as exc:
+            if exc.name != "supervisor.metrics":
+                raise
+            raise ApiError(404, "this gpuvisor has no metrics yet", "not_found") from None
+        text = module.exposition(sup)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(text if isinstance(text, bytes) else text.encode(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_usage: bool) -> AsyncIterator[str]:
+    """One event per chunk of text, the finish reason, the usage if asked
+    for, ``[DONE]``. An error after the first event can only travel inside
+    the stream: the status is already sent."""
+    started = False
+    async for chunk in stream.rest(first):
+        text = chunk.get("text") if isinstance(chunk, dict) else None
+        if text or (reply.chat and not started):
+            yield _sse(reply.chunk(text or "", first=not started))
+            started = True
+    future = stream.future
+    error = None if future.cancelled() else future.exception()
+    if future.cancelled() or error is not None:
+        failure = errors.from_job(error) if error is not None else ApiError(503, "the job was cancelled")
+        yield _sse(errors.body(failure.status, failure.message, failure.code))
+    else:
+        result = future.result()
+        yield _sse(reply.chunk(None, openai.finish_reason(result), first=not started))
+        if include_usage:
+            yield _sse(reply.usage_chunk(result))
+    yield _sse("[DONE]")
+
+
+def _health(sup: Supervisor, door: Door) -> JSONResponse:
+    """200 while the daemon serves; 503, with the reason, while it drains,
+    is loading its first mode (nothing ever loaded, a switch under way), or
+    has failed. A later switch is still serving: jobs wait in the queue."""
+    status = sup.status()
+    state = status["state"]
+    fields = {"mode": status["mode"], "switching_to": status["switching_to"], "queued": status["queued"],
+              "in_flight": status["in_flight"]}  # fmt: skip
+    if door.draining or state in ("draining", "stopped"):
+        return JSONResponse({"status": "draining", "reason": "the daemon is stopping", **fields}, status_code=503)
+    if state == "failed":
+        return JSONResponse({"status": "failed", "reason": status["failed_reason"], **fields}, status_code=503)
+    if state != "running":
+        return JSONResponse({"status": "starting", "reason": f"supervisor {state}", **fields}, status_code=503)
+    if status["mode"] is None and status["switching_to"] is not None:
+        if all(mode["tasks"] is None for mode in sup.modes().values()):
+            reason = f"loading {status['switching_to']}, the first mode since the daemon started"
+            return JSONResponse({"status": "loading", "reason": reason, **fields}, status_code=503)
+    return JSONResponse({"status": "ok", **fields})

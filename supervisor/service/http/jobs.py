@@ -1,0 +1,135 @@
+"""Jobs of the daemon's one ``Supervisor``, awaited on the HTTP thread's
+event loop, and given up when their caller leaves.
+
+The supervisor settles a job's ``concurrent.futures.Future`` on its own loop
+thread; this side only waits for it (``asyncio.wrap_future``) or, for a
+stream, has the chunks and the end handed to the event loop in order
+(``call_soon_threadsafe``), with no thread per request. While it waits, it
+also listens for the client's disconnect (ASGI's ``http.disconnect``): a
+caller that left gets its job cancelled, so a job still queued never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from supervisor.api import Supervisor
+from supervisor.service.http.errors import from_job
+
+T = TypeVar("T")
+_END = object()
+
+
+class ClientGone(Exception):
+    """The client disconnected while its job waited or ran."""
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(awaitable: Awaitable[T], request: Request) -> T:
+    """``awaitable``'s value, or ``ClientGone`` (``awaitable`` cancelled) if
+    the client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()  # a wrapped Future passes this on: the job, if still queued, never runs
+    if work.cancelled():
+        raise ClientGone
+    return work.result()
+
+
+def submit(sup: Supervisor, task: str, payload: Any, mode: str, timeout: float | None,
+           on_chunk: Callable[[Any], None] | None = None) -> Future:  # fmt: skip
+    """``sup.submit``, with what it raises at once (``QueueFull``, a payload
+    msgpack cannot carry) as the HTTP answer it maps to."""
+    try:
+        return sup.submit(task, payload, mode=mode, timeout=timeout, on_chunk=on_chunk)
+    except Exception as exc:  # noqa: BLE001 - every refusal has its status
+        raise from_job(exc) from exc
+
+
+async def run(sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None) -> Any:
+    """The job's result, or its error as an ``ApiError``."""
+    future = submit(sup, task, payload, mode, timeout)
+    try:
+        return await unless_gone(asyncio.wrap_future(future), request)
+    except ClientGone:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the job's typed error
+        raise from_job(exc) from exc
+
+
+class Stream:
+    """A streamed job's chunks on this event loop, then ``_END``. The first
+    item is awaited before the response starts, so a job refused before its
+    first chunk (bad input, a full queue, a timeout) still gets its own
+    status rather than a 200 with an error inside."""
+
+    def __init__(self, sup: Supervisor, task: str, payload: Any, mode: str, timeout: float | None):
+        loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue = asyncio.Queue()
+
+        def hand_over(item: Any) -> None:  # on the supervisor's loop thread: hand over, nothing more
+            try:
+                loop.call_soon_threadsafe(self._items.put_nowait, item)
+            except RuntimeError:  # this event loop is closed: nobody is left to read
+                pass
+
+        self.future = submit(sup, task, payload, mode, timeout, on_chunk=hand_over)
+        self.future.add_done_callback(lambda _: hand_over(_END))
+
+    async def first(self, request: Request) -> Any:
+        try:
+            item = await unless_gone(self._items.get(), request)
+        except ClientGone:
+            self.cancel()
+            raise
+        if item is _END and self.future.cancelled():
+            raise ClientGone
+        error = self.future.exception() if item is _END else None
+        if error is not None:
+            raise from_job(error)
+        return item
+
+    async def rest(self, first: Any) -> AsyncIterator[Any]:
+        """The chunks from ``first`` on; then the job's outcome is ``future``'s."""
+        item = first
+        while item is not _END:
+            yield item
+            item = await self._items.get()
+
+    def cancel(self) -> None:
+        """The reader left: a job still queued never runs. (One already
+        running goes on to its end; its chunks are dropped.)"""
+        self.future.cancel()
+
+
+class JobStreamResponse(StreamingResponse):
+    """Server-sent events from a job; however the response ends (finished,
+    the client gone, the server stopping), the job is given up if it has
+    not ended."""
+
+    def __init__(self, events: AsyncIterator[str], stream: Stream):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.stream.future.done():
+                self.stream.cancel()

@@ -1,0 +1,167 @@
+"""The HTTP listener: its sockets, and uvicorn on a thread of its own.
+
+::
+
+    main thread (daemon)            HTTP thread (its own asyncio loop)
+    ────────────────────            ──────────────────────────────────
+    bind the sockets (exit 6 on a   uvicorn.Server.serve(sockets): routes
+      bad address, before the         call the Supervisor (thread-safe) and
+      worker starts)                  await its Futures
+    serve(sup) ─ start ───────────▶ (no signal handlers: off the main
+    drain() ─ door.draining ──────▶   thread, uvicorn installs none; the
+                                      daemon's main thread owns the signals)
+    stop(grace) ─ should_exit ────▶ close the listeners, let answers in
+                                      progress finish (at most ``grace``)
+
+The sockets are made here rather than by uvicorn: uvicorn would make a
+unix socket world-writable (0666), and the daemon's rule for a socket file
+(``supervisor.service.front``) is 0600, or 0660 for its group, in a private
+directory, never over a live daemon's socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+
+import uvicorn
+
+from supervisor.api import Supervisor
+from supervisor.config import HttpSettings, loopback_host, split_listen
+from supervisor.service.front import EndpointError, bind_unix, release_path
+from supervisor.service.http.admission import Admission, Door, read_tokens
+from supervisor.service.http.app import create_app
+
+log = logging.getLogger("gpuvisor")
+
+_START_S = 30.0  # the listener must be up within this long (it only imports and opens sockets)
+_BACKLOG = 2048
+
+
+class HttpFront:
+    def __init__(self, settings: HttpSettings, folder: str, group: str = ""):
+        """Bind every address in ``settings.listen`` now (on the daemon's
+        main thread, before the worker starts): an address in use or unsafe
+        stops the daemon here, with the reason. A relative unix socket path
+        starts from ``folder``: where the daemon's own socket is."""
+        tokens = read_tokens(settings.token_file) if settings.token_file else ()
+        self.door = Door(models=dict(settings.models), tokens=tokens, max_body_bytes=settings.max_body_bytes)
+        self.settings = settings
+        self.listening: list[str] = []
+        self._sockets: list[socket.socket] = []
+        self._files: list[tuple[str, tuple[int, int]]] = []
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        try:
+            for entry in settings.listen:
+                self._bind(entry, folder, group)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self, entry: str, folder: str, group: str) -> None:
+        address = split_listen(entry)
+        if isinstance(address, str):
+            path = os.path.join(folder, address)  # an absolute address stays as it is
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sockets.append(sock)
+            self._files.append((path, bind_unix(path, lambda: sock.bind(path), group=group)))
+            shown = f"unix:{path}"
+        else:
+            host, port = address
+            host = "127.0.0.1" if host == "localhost" else host
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            shown = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
+            if loopback_host(host) and not self.door.tokens:
+                log.warning("HTTP on %s without tokens: every local user can run jobs on this GPU", shown)
+        sock.listen(_BACKLOG)  # at once: a second daemon probing a unix socket must find it alive
+        self.listening.append(shown)
+
+    # ------------------------------------------------------------ running
+
+    def serve(self, sup: Supervisor) -> None:
+        """Start answering on the bound sockets; returns once uvicorn listens."""
+        self.door.started = time.time()
+        config = uvicorn.Config(
+            Admission(create_app(sup, self.door), self.door),
+            lifespan="off",  # nothing to set up, and a failing lifespan would sys.exit() this thread
+            log_config=None,  # the daemon's logging stays as it is
+            access_log=False,
+            proxy_headers=False,
+            ws="none",
+            timeout_graceful_shutdown=1,
+        )
+        for name in ("uvicorn", "uvicorn.error"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._server = server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, args=(server,), name="gpuvisor-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + _START_S
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise EndpointError(f"the HTTP listener did not start: {self._error or 'it took too long'}")
+            time.sleep(0.01)
+        log.info("HTTP serving %s", ", ".join(self.listening))
+
+    def _run(self, server: uvicorn.Server) -> None:
+        try:
+            asyncio.run(server.serve(sockets=self._sockets))
+        except BaseException as exc:  # noqa: BLE001 - said by serve() or logged; the daemon goes on without HTTP
+            self._error = exc
+            log.error("the HTTP listener stopped: %s: %s", type(exc).__name__, exc)
+
+    def drain(self) -> None:
+        """New requests get 503 from now on, and /health says draining;
+        those already accepted go on."""
+        self.door.draining = True
+
+    def stop(self, grace: float) -> None:
+        """Close the listeners; answers still being written get ``grace``
+        seconds, then are cut. Returns once the HTTP thread has ended."""
+        self.door.draining = True
+        server, thread = self._server, self._thread
+        if server is not None and thread is not None:
+            server.config.timeout_graceful_shutdown = max(1, math.ceil(grace))  # whole seconds, as uvicorn types it
+            server.should_exit = True
+            thread.join(grace + 5.0)
+            if thread.is_alive():
+                server.force_exit = True
+                thread.join(5.0)
+        self.close()
+
+    def close(self) -> None:
+        """The sockets and our socket files (never another daemon's)."""
+        for sock in self._sockets:
+            sock.close()
+        for path, bound in self._files:
+            release_path(path, bound)
+        self._sockets, self._files = [], []
+
+    def reload(self, settings: HttpSettings | None) -> None:
+        """SIGHUP: the model table, the tokens (read again: a token is
+        revoked by deleting its line) and the body limit change now. New
+        addresses need a restart; until then everything stays as it was, so
+        the tokens never fall off an address that was bound needing them."""
+        if settings is None or settings.listen != self.settings.listen:
+            log.warning("SIGHUP: [http] listen changed; the HTTP listener keeps its settings until a restart")
+            return
+        try:
+            tokens = read_tokens(settings.token_file) if settings.token_file else ()
+        except EndpointError as exc:
+            log.error("SIGHUP: keeping the HTTP listener's settings: %s", exc)
+            return
+        self.settings = settings
+        self.door.models, self.door.tokens = dict(settings.models), tokens
+        self.door.max_body_bytes = settings.max_body_bytes
