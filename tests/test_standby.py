@@ -254,6 +254,16 @@ def test_a_stopped_spare_taken_by_a_switch_becomes_a_working_worker(supervisor_f
     assert _state(spare) != "T"
 
 
+def test_the_next_spare_starts_only_once_the_worker_is_idle(supervisor_from, monkeypatch):
+    monkeypatch.setattr(standby, "RESUME_AFTER_IDLE_S", 10 * T)  # idle for long enough: not in this test's time
+    sup = supervisor_from(config_text(HEAVY_PRELOADS))
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
+    assert sup.switch_mode("heavy").result(T)["pid"] == spare
+    assert sup.status()["standby_pid"] is None, "a new spare started while the worker had just loaded"
+    monkeypatch.setattr(standby, "RESUME_AFTER_IDLE_S", 0.0)
+    assert wait_until(lambda: sup.status()["standby_pid"], T, "the next spare, now that the worker is idle") != spare
+
+
 def test_a_stopped_spare_is_reaped_at_shutdown(supervisor_from, gated):
     sup = supervisor_from(config_text(gated.modes))
     spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")

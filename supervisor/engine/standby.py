@@ -15,12 +15,14 @@ that only ever runs light modes never has one. Only a mode with a preload
 or seen to import them takes it: a light worker made from a spare would
 carry hundreds of MB of imports it never uses.
 
-A spare never competes with the worker it stands behind: while that worker
-loads or runs jobs, and for ``RESUME_AFTER_IDLE_S`` after, a spare still
-importing is stopped (SIGSTOP to its process group), and it goes on
-importing once the worker is idle (SIGCONT). Its imports are seconds of CPU;
-on a small machine they would slow every job that runs meanwhile several
-times over. A spare done importing waits on a read and costs nothing.
+A spare never competes with the worker it stands behind. Its imports are
+seconds of CPU, and on a small machine they would slow every job that runs
+meanwhile several times over (torch's threads wait for each other when one
+loses its core). So the next spare starts only once the worker has been
+idle for ``RESUME_AFTER_IDLE_S``, and while that worker loads or runs jobs
+(and for ``RESUME_AFTER_IDLE_S`` after), a spare still importing is stopped
+(SIGSTOP to its process group); it goes on importing once the worker is
+idle (SIGCONT). A spare done importing waits on a read and costs nothing.
 
 The standby reads the modules to import from a file descriptor, then
 blocks on stdin; ``activate()`` writes it a generation and it connects like
