@@ -109,7 +109,7 @@ def switches() -> tuple[list[float], list[dict], list[float], list[dict], float,
         sup.switch_mode("diag").result(60)
         first_diag = time.perf_counter() - t
         for cycle in range(CYCLES):
-            if cycle and sup.status()["standby_pid"]:
+            if cycle:  # the next spare starts once the worker is idle: it may not be there yet
                 waits.append(wait_ready(sup))
                 progress(f"lifecycle: waited {waits[-1]:.1f}s for the standby to finish its imports")
             t = time.perf_counter()
