@@ -70,7 +70,7 @@ class Slot:
         self.switch: Switch | None = None
         self.gone: Gone | None = None  # the last worker, until its memory is verified back
         self.budget = RestartBudget(engine.config)
-        self.standby = StandbyPool(engine.link.endpoint, device.env)
+        self.standby = StandbyPool(engine.link.endpoint, device.env, engine.config, wanted=self.standby_wanted())
         self.restarts = 0
         self.jobs_done = 0
         self.memory: dict[str, Any] = {}  # the worker's memory at the last heartbeat
