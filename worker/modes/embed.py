@@ -14,6 +14,9 @@ import importlib
 import sys
 from typing import Any
 
+import numpy as np
+
+from worker.batching import batched
 from worker.modes.st_folder import Dense, Pipeline, read_folder, refuse
 
 PAYLOAD_KEYS = ("texts", "details")
@@ -189,6 +192,23 @@ def _parse(payload: Any) -> tuple[list[str], bool]:
     return texts, details
 
 
+def parse_all(payloads: list) -> list[tuple[list[str], bool]]:
+    """Every payload of a batch checked before any text is embedded. One bad
+    payload fails its whole batch (a batch handler answers for all its jobs
+    or raises), so the error names which one it was."""
+    parsed = []
+    for index, payload in enumerate(payloads):
+        try:
+            parsed.append(_parse(payload))
+        except TypeError as exc:
+            if len(payloads) == 1:
+                raise
+            raise TypeError(
+                f"{exc} (payload {index} of a batch of {len(payloads)}; it fails the whole batch)"
+            ) from None
+    return parsed
+
+
 def load(
     device: str = "auto",
     model_path: str | None = None,
@@ -246,17 +266,15 @@ def load(
                 counts[i] = len(tokenizer(texts[i], truncation=False, verbose=False)["input_ids"])
         return counts
 
-    def embed(payload: Any):
-        """A float32 array of shape (len(texts), width): it travels as one raw
-        frame (1.5 KiB per text for the default model) instead of one msgpack
-        float per value. With ``details``, a map that also says which texts
-        were cut to ``max_length`` and how many tokens each had."""
-        nonlocal told
-        texts, details = _parse(payload)
+    def run(texts: list[str]) -> tuple[Any, list[int]]:
+        """All ``texts`` in forward passes of ``batch_size``, longest first
+        as sentence-transformers orders them (less padding), back in their
+        own order: the vectors and each text's length in tokens."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         parts, counts = [], []
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                chunk = texts[start : start + batch_size]
+            for start in range(0, len(order), batch_size):
+                chunk = [texts[i] for i in order[start : start + batch_size]]
                 batch = tokenizer(chunk, padding=True, truncation=True, max_length=length, return_tensors="pt").to(
                     target
                 )
@@ -265,16 +283,42 @@ def load(
                     vectors = step(vectors)
                 parts.append(vectors.float().cpu())
                 counts += token_counts(chunk, batch["attention_mask"])
-        array = torch.cat(parts).numpy() if parts else torch.zeros((0, width), dtype=torch.float32).numpy()
-        truncated = [count > length for count in counts]
-        if any(truncated) and not told:
+        if not parts:
+            return np.zeros((0, width), dtype=np.float32), []
+        back = np.empty(len(order), dtype=np.int64)
+        back[order] = np.arange(len(order))
+        return torch.cat(parts).numpy()[back], [counts[i] for i in back]
+
+    @batched(max_batch=64, max_delay_ms=2)
+    def embed(payloads: list) -> list:
+        """Per payload, a float32 array of shape (len(texts), width): it
+        travels as one raw frame (1.5 KiB per text for the default model)
+        instead of one msgpack float per value. With ``details``, a map that
+        also says which texts were cut to ``max_length`` and how many tokens
+        each had. The texts of all the batch's payloads share forward
+        passes; each payload gets its own vectors, equal to what it gets
+        alone up to the rounding of a different padding (the texts it is
+        padded with change the shapes of the matrix products, not what the
+        attention mask lets through)."""
+        nonlocal told
+        parsed = parse_all(payloads)
+        vectors, counts = run([text for texts, _ in parsed for text in texts])
+        if any(count > length for count in counts) and not told:
             told = True
             _say(
                 f"texts longer than {length} tokens are cut to {length} (one here had {max(counts)}); "
                 "send 'details': true to learn which, told once per worker"
             )
-        if not details:
-            return array
-        return {"embeddings": array, "tokens": counts, "truncated": truncated, "max_length": length}
+        results, start = [], 0
+        for texts, details in parsed:
+            end = start + len(texts)
+            array, tokens = vectors[start:end], counts[start:end]
+            start = end
+            if not details:
+                results.append(array)
+                continue
+            truncated = [count > length for count in tokens]
+            results.append({"embeddings": array, "tokens": tokens, "truncated": truncated, "max_length": length})
+        return results
 
     return {"embed": embed}
