@@ -39,6 +39,7 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
     app.add_exception_handler(ApiError, errors.on_api_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_error)
+    app.add_exception_handler(jobs.ClientGone, _nobody_listens)
 
     def served(name: str, endpoint: str) -> tuple[HttpModel, str]:
         model = door.models.get(name)
@@ -71,7 +72,7 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
             return JSONResponse(reply.whole(result))
         stream = jobs.Stream(sup, task, payload, model.mode, model.timeout)
         first = await stream.first(request)
-        return jobs.JobStreamResponse(_events(stream, first, reply, body.include_usage), stream)
+        return jobs.JobStreamResponse(_events(stream, first, reply, body.include_usage), stream, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: openai.ChatRequest, request: Request) -> Response:
@@ -132,6 +133,10 @@ async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_
         if include_usage:
             yield _sse(reply.usage_chunk(result))
     yield _sse("[DONE]")
+
+
+async def _nobody_listens(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
 
 def _health(sup: Supervisor, door: Door) -> JSONResponse:

@@ -12,6 +12,7 @@ caller that left gets its job cancelled, so a job still queued never runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -25,6 +26,13 @@ from supervisor.service.http.errors import from_job
 
 T = TypeVar("T")
 _END = object()
+log = logging.getLogger("gpuvisor")
+
+
+def _gone(request: Request, future: Future) -> None:
+    """Said once per caller that left: an operator sees clients giving up."""
+    fate = "its job was cancelled before it ran" if future.cancelled() else "its running job goes on to its end"
+    log.info("HTTP client left %s %s before its answer: %s", request.method, request.url.path, fate)
 
 
 class ClientGone(Exception):
@@ -68,6 +76,8 @@ async def run(sup: Supervisor, request: Request, task: str, payload: Any, mode: 
     try:
         return await unless_gone(asyncio.wrap_future(future), request)
     except ClientGone:
+        future.cancel()  # now, not when the wrapper's callback gets round to it: the log says which it was
+        _gone(request, future)
         raise
     except Exception as exc:  # noqa: BLE001 - the job's typed error
         raise from_job(exc) from exc
@@ -97,6 +107,7 @@ class Stream:
             item = await unless_gone(self._items.get(), request)
         except ClientGone:
             self.cancel()
+            _gone(request, self.future)
             raise
         if item is _END and self.future.cancelled():
             raise ClientGone
@@ -123,9 +134,9 @@ class JobStreamResponse(StreamingResponse):
     the client gone, the server stopping), the job is given up if it has
     not ended."""
 
-    def __init__(self, events: AsyncIterator[str], stream: Stream):
+    def __init__(self, events: AsyncIterator[str], stream: Stream, request: Request):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.stream = stream
+        self.stream, self.request = stream, request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -133,3 +144,4 @@ class JobStreamResponse(StreamingResponse):
         finally:
             if not self.stream.future.done():
                 self.stream.cancel()
+                _gone(self.request, self.stream.future)
