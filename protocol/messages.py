@@ -391,6 +391,8 @@ def _decode_batch(frames: list, limit: int) -> JobBatch:
 
 
 def decode_to_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> ToWorker:
-    if frames and peek(frames, "k") == Kind.BATCH:
+    # A batch holds at least one job after its header, so a lone frame (most
+    # jobs) skips the peek, which costs a third of decoding a small job.
+    if len(frames) > 1 and peek(frames, "k") == Kind.BATCH:
         return _decode_batch(frames, limit)
     return _decode(frames, _TO_WORKER, "to a worker", limit)
