@@ -1,0 +1,155 @@
+"""The HTTP door against the ZeroMQ one: 50 clients at once, each sending
+40 embedding requests of one short text, one after the other, through
+``POST /v1/embeddings`` on the daemon's unix socket, against the same 50 x
+40 jobs through the ZeroMQ ``Client`` (50 threads, a client each), on the
+same ``gpuvisor serve`` (built-in configuration, the real embedding model),
+the two interleaved in ROUNDS rounds. Every request must be answered with
+one 384-value vector, or the run fails.
+
+What is measured is the wall time of the whole burst: the HTTP figure pays
+for JSON, HTTP parsing and the event loop on top of the same queue and
+worker (whose batching serves both the same way). ``python -m bench.http``
+runs it alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import httpx2
+
+from bench.common import reap, scratch_dir
+from bench.report import Row, median, print_table, progress
+from protocol import DaemonUnavailable
+from supervisor.client import Client
+
+CLIENTS = 50
+REQUESTS = 40
+ROUNDS = 3
+MODEL = "all-minilm-l6-v2"  # the built-in configuration's name for the embed mode
+START_TIMEOUT = 120.0
+
+
+def _burst(one_client: Callable[[int], int]) -> tuple[float, int]:
+    """(wall seconds, answers) for CLIENTS threads running ``one_client(n)`` at once."""
+    answered = [0] * CLIENTS
+    errors: list[BaseException] = []
+    start = threading.Barrier(CLIENTS + 1)
+
+    def run(n: int) -> None:
+        start.wait()
+        try:
+            answered[n] = one_client(n)
+        except BaseException as exc:  # noqa: BLE001 - reported below: every request must be answered
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed, the first with {errors[0]!r}") from errors[0]
+    return seconds, sum(answered)
+
+
+def _zmq(endpoint: str) -> Callable[[int], int]:
+    def one_client(n: int) -> int:
+        with Client(endpoint, timeout=60) as client:
+            for i in range(REQUESTS):
+                vectors = client.submit("embed", {"texts": [f"client {n} asks {i}"]}, mode="embed").result(120)
+                assert vectors.shape == (1, 384), vectors.shape
+        return REQUESTS
+
+    return one_client
+
+
+def _http(socket_path: str) -> Callable[[int], int]:
+    def one_client(n: int) -> int:
+        transport = httpx2.HTTPTransport(uds=socket_path)
+        with httpx2.Client(transport=transport, base_url="http://gpuvisor", timeout=120) as http:
+            for i in range(REQUESTS):
+                answer = http.post("/v1/embeddings", json={"model": MODEL, "input": f"client {n} asks {i}"})
+                assert answer.status_code == 200, answer.text
+                data = answer.json()["data"]
+                assert len(data) == 1 and len(data[0]["embedding"]) == 384
+        return REQUESTS
+
+    return one_client
+
+
+def _start(endpoint: str, log) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {proc.returncode} before answering")
+        try:
+            with Client(endpoint, timeout=2.0) as client:
+                client.ping()
+                client.switch_mode("embed").result(START_TIMEOUT)
+                return proc
+        except DaemonUnavailable:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not answer within {START_TIMEOUT:g}s") from None
+            time.sleep(0.1)
+
+
+def run() -> list[Row]:
+    tmp = scratch_dir()
+    endpoint = f"ipc://{tmp}/run/g.sock"
+    socket_path = os.path.join(tmp, "run", "http.sock")  # the built-in [http]: unix:http.sock, beside the daemon's
+    log = open(os.path.join(tmp, "daemon.log"), "w+")  # a file: a pipe nobody reads could block it
+    proc = None
+    http_s: list[float] = []
+    zmq_s: list[float] = []
+    try:
+        proc = _start(endpoint, log)
+        if not os.path.exists(socket_path):
+            raise RuntimeError(f"the daemon serves no HTTP at {socket_path}: is the http extra installed?")
+        _http(socket_path)(0), _zmq(endpoint)(0)  # warm both paths (imports, first connections)
+        for r in range(ROUNDS):
+            for name, phase, out in (("ZeroMQ", _zmq(endpoint), zmq_s), ("HTTP", _http(socket_path), http_s)):
+                seconds, answered = _burst(phase)
+                if answered != CLIENTS * REQUESTS:
+                    raise RuntimeError(f"{name}: {answered} of {CLIENTS * REQUESTS} requests answered")
+                out.append(seconds)
+            progress(f"http, round {r + 1}/{ROUNDS}: {CLIENTS} x {REQUESTS} embeddings in {http_s[-1]:.2f}s over "
+                     f"HTTP, {zmq_s[-1]:.2f}s over ZeroMQ")  # fmt: skip
+        with Client(endpoint, timeout=10) as client:
+            client.shutdown()
+        proc.wait(60)
+    except BaseException:
+        log.seek(0)
+        print("".join(log.readlines()[-20:]), file=sys.stderr)
+        raise
+    finally:
+        if proc is not None:
+            reap(proc, grace=10)
+        log.close()
+    total = CLIENTS * REQUESTS
+    return [
+        Row(
+            f"{CLIENTS} HTTP clients x {REQUESTS} embeddings, wall time",
+            median(http_s),
+            f"the same through {CLIENTS} ZeroMQ Clients",
+            median(zmq_s),
+            "s",
+            note=f"median of {ROUNDS} interleaved rounds; every one of the {total} requests answered each time "
+            f"({total / median(http_s):.0f} vs {total / median(zmq_s):.0f} requests/s); one short text each, "
+            "the built-in embed model, the daemon's unix sockets",
+            extra={"http_s": http_s, "zmq_s": zmq_s},
+        )
+    ]
+
+
+if __name__ == "__main__":
+    print_table(run())
