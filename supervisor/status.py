@@ -31,6 +31,7 @@ class Status(TypedDict):
     worker_pid: int | None
     generation: int  # workers started so far; a worker's messages carry its generation
     queued: int  # jobs and switches waiting
+    waiting: dict[str, dict[str, float]]  # per mode: "jobs" waiting and "oldest_s", the oldest one's wait
     in_flight: int  # jobs handed to the worker (the first runs, the rest wait in its socket)
     window: int
     restarts: int  # workers respawned after an unexpected death
@@ -43,6 +44,7 @@ class Status(TypedDict):
     failed_reason: str | None  # set while state is "failed"
     idle_unloaded: str | None  # the mode idle_unload_s stopped, until it loads again
     oom_recycles: int
+    batches: dict[str, int]  # batches of more than one job sent: "count", "jobs", "largest", "last"
     device: str  # "cpu" or "cuda:N"
     gpu_unavailable: str | None  # why VRAM is not measured
     worker_rss_bytes: int | None  # host memory, never VRAM

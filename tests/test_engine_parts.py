@@ -36,37 +36,145 @@ def switch(mode: str, explicit: bool = True) -> QueuedSwitch:
 # ---------------------------------------------------------------- the queue
 
 
-def test_the_queue_is_first_in_first_out_and_drops_cancelled_items_as_they_surface():
-    q = JobQueue()
-    a, b, c = job(1), job(2), job(3)
+def queue(clock: Clock, max_wait: float = 2.0) -> JobQueue:
+    return JobQueue(max_wait=lambda mode: max_wait, clock=clock)
+
+
+def test_one_mode_is_first_in_first_out_and_cancelled_jobs_are_dropped_as_they_surface():
+    q = queue(Clock())
+    a, b, c = job(1, "x"), job(2, "x"), job(3, "x")
     for item in (a, b, c):
         q.append(item)
-    assert q.next() is a
+    assert q.next("x") is a
     q.take(a)
     assert b.future.cancel()
-    assert q.next() is c and len(q) == 1
+    assert q.next("x") is c and len(q) == 1
 
 
-def test_put_back_keeps_the_order_at_the_head():
-    q = JobQueue()
-    later = job(9)
-    q.append(later)
-    first, second = job(1), job(2)
-    q.put_back([first, second])
-    assert [item.id for item in q] == [1, 2, 9]
+def test_the_loaded_modes_jobs_go_first_and_each_mode_keeps_its_order():
+    clock = Clock()
+    q = queue(clock)
+    order = [job(1, "x"), job(2, "y"), job(3, "x"), job(4, "y"), job(5, "x")]
+    for item in order:
+        q.append(item)
+        clock.now += 0.01
+    taken = []
+    while (item := q.next("y")) is not None:
+        q.take(item)
+        taken.append(item.id)
+    assert taken == [2, 4, 1, 3, 5]  # y is loaded: its jobs, then x's, each in the order they came
 
 
-def test_take_removes_an_item_from_anywhere():
-    q = JobQueue()
-    a, b = job(1), job(2)
+def test_another_modes_oldest_job_gets_its_turn_once_it_has_waited_max_wait():
+    clock = Clock()
+    q = queue(clock, max_wait=2.0)
+    old_x = job(1, "x")
+    q.append(old_x)
+    for n in range(2, 5):
+        q.append(job(n, "y"))
+    assert q.next("y").id == 2  # x has waited 0 s
+    clock.now += 2.0
+    assert q.next("y") is old_x  # the starvation bound: x's turn, though y's jobs wait
+
+
+def test_a_mode_that_gets_its_turn_keeps_it_for_max_wait_while_it_has_work():
+    """Both modes' jobs have waited past the bound: counting from when the
+    loaded mode's turn began keeps the two from taking the worker from each
+    other before either runs a job."""
+    clock = Clock()
+    q = queue(clock, max_wait=2.0)
+    q.append(job(1, "a"))
+    q.append(job(2, "b"))
+    clock.now += 10
+    assert q.next("b", float("inf")).mode == "b"  # b just became loaded: its first job runs
+    turn = clock.now  # ... now
+    clock.now += 1.9
+    assert q.next("b", turn).mode == "b"
+    clock.now += 0.2
+    assert q.next("b", turn).mode == "a"  # b has had its turn
+
+
+def test_modes_waiting_take_their_turn_oldest_first():
+    clock = Clock()
+    q = queue(clock)
+    for n, mode in enumerate(["b", "c", "a"], 1):
+        q.append(job(n, mode))
+        clock.now += 1
+    assert q.next("z").mode == "b"  # the loaded mode has nothing: the oldest waiting goes first
+    clock.now += 10  # every mode past max_wait: still the oldest first
+    assert q.next("c").mode == "b"
+
+
+def test_max_wait_0_is_first_come_first_served_between_modes():
+    clock = Clock()
+    q = queue(clock, max_wait=0.0)
+    a, b = job(1, "x"), job(2, "y")
     q.append(a)
+    clock.now += 0.001
     q.append(b)
-    q.take(b)
-    assert list(q) == [a]
+    assert q.next("y") is a
+
+
+def test_a_switch_is_a_barrier_the_policy_never_crosses():
+    clock = Clock()
+    q = queue(clock)
+    before, barrier, after = job(1, "x"), switch("y"), job(2, "y")
+    for item in (before, barrier, after):
+        q.append(item)
+    assert q.next("y") is before  # y is loaded, but the y job came after the barrier
+    q.take(before)
+    assert q.next("y") is barrier
+    q.take(barrier)
+    assert q.next("y") is after
+
+
+def test_a_job_that_names_no_mode_takes_the_mode_that_would_be_in_force():
+    q = queue(Clock())
+    a = job(1)
+    q.append(a, mode_in_force="x")
+    named, after_named = job(2, "y"), job(3)
+    q.append(named)
+    q.append(after_named, mode_in_force="x")
+    barrier, after_switch = switch("z"), job(4)
+    q.append(barrier)
+    q.append(after_switch, mode_in_force="x")
+    assert (a.mode, after_named.mode, after_switch.mode) == ("x", "y", "z")
+    empty = queue(Clock())
+    nothing = job(5)
+    empty.append(nothing, mode_in_force=None)
+    assert nothing.mode is None and empty.next("x") is nothing  # NoModeLoaded, at once
+
+
+def test_put_back_keeps_the_order_and_the_age():
+    clock = Clock()
+    q = queue(clock)
+    first, second = job(1, "x"), job(2, "x")
+    q.append(first)
+    q.append(second)
+    q.take(first)
+    q.take(second)
+    clock.now += 5
+    q.append(job(9, "x"))
+    q.put_back([first, second])
+    assert [item.id for item in q] == [1, 2, 9] and q.waiting()["x"] == {"jobs": 3, "oldest_s": 5.0}
+
+
+def test_a_run_for_a_batch_takes_the_same_task_behind_the_head_in_order():
+    q = queue(Clock())
+    jobs = [job(n, "x") for n in range(1, 6)]
+    jobs[3].task = "other"
+    for item in jobs:
+        q.append(item)
+    jobs[1].future.cancel()
+    assert [j.id for j in q.run_of(jobs[0], "echo", 8, 1000)] == [1, 3]  # stops at another task: order kept
+    assert [j.id for j in q.run_of(jobs[0], "echo", 1, 1000)] == [1]
+    for taken in q.run_of(jobs[0], "echo", 8, 1000):
+        q.take(taken)
+    assert q.next("x").id == 4
 
 
 def test_failing_stops_at_the_first_barrier():
-    q = JobQueue()
+    q = queue(Clock())
     before, barrier, after = job(1, "x"), switch("y"), job(2, "x")
     for item in (before, barrier, after):
         q.append(item)
@@ -77,8 +185,8 @@ def test_failing_stops_at_the_first_barrier():
 
 
 def test_a_barrier_is_an_explicit_switch_and_all_in_reads_modes():
-    q = JobQueue()
-    q.append(job(1))
+    q = queue(Clock())
+    q.append(job(1, "x"))
     q.append(switch("x", explicit=False))
     assert not q.barrier_queued()
     q.append(switch("x"))
@@ -89,8 +197,8 @@ def test_a_barrier_is_an_explicit_switch_and_all_in_reads_modes():
 
 
 def test_drop_cancelled_and_take_all():
-    q = JobQueue()
-    a, b = job(1), job(2)
+    q = queue(Clock())
+    a, b = job(1, "x"), job(2, "x")
     q.append(a)
     q.append(b)
     a.future.cancel()
@@ -176,7 +284,7 @@ def test_setting_a_name_again_moves_it():
 
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_put_back_of_any_length_keeps_order(n):
-    q = JobQueue()
-    q.append(job(100))
-    q.put_back([job(i) for i in range(n)])
+    q = queue(Clock())
+    q.append(job(100, "x"))
+    q.put_back([job(i, "x") for i in range(n)])
     assert [item.id for item in q] == [*range(n), 100]

@@ -21,6 +21,8 @@ class QueuedJob:
     future: JobFuture
     retries: int = 0  # the caller's word that the job is idempotent: runs again after a crash
     deadline: float | None = None  # when it must be done; set when it starts running
+    started: bool = False  # the worker has begun it (the head, or one of the head's batch)
+    queued_at: float = 0.0  # when it was queued: its age decides a mode's turn (the starvation bound)
     on_chunk: Callable[[Any], None] | None = None  # a streamed job's sink, called on the loop thread
     chunks: int = 0  # CHUNKs received so far; the next must carry seq chunks + 1
     stream_broken: bool = False  # a chunk could not be read: the stream has ended with an error

@@ -17,7 +17,8 @@ from collections.abc import Callable
 class Deadline(enum.StrEnum):
     HEARTBEAT = "heartbeat"  # no message from the worker for heartbeat_timeout: it hangs
     LOAD = "load"  # the worker has not said READY within load_timeout
-    JOB = "job"  # the running job's timeout
+    JOB = "job"  # the running job's timeout (the earliest of a running batch's)
+    BATCH = "batch"  # a short batch has waited max_delay_ms for more jobs: it goes as it is
     STOP = "stop"  # a worker asked to stop (SIGTERM) is killed (SIGKILL) if still there
     EXIT = "exit"  # a worker sent DRAIN must have exited by now
     LAST_WORDS = "last_words"  # a dead worker's socket has been quiet long enough to judge its jobs

@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from protocol import GpuvisorError, ModeLoadError, WorkerCrashed
+from supervisor.engine.commands import QueuedJob
 from supervisor.engine.deadlines import Deadline
 from supervisor.engine.process import describe_exit, signal_group
 from supervisor.engine.switching import Gone, SwitchPhase
@@ -40,12 +41,14 @@ def stop(slot: Slot, why: str, *, grace: float = 0.0, then: list | None = None) 
     slot.engine.deadlines.after(slot.at(Deadline.STOP), grace or slot.config.stop_timeout)
 
 
-def kill(slot: Slot, why: str, job_error: type[GpuvisorError] = WorkerCrashed) -> None:
+def kill(slot: Slot, why: str, job_error: type[GpuvisorError] = WorkerCrashed, job_id: int | None = None) -> None:
     """End the worker now (SIGKILL): it hangs, ran past a timeout or broke
-    the protocol. The job it runs gets ``job_error``, saying ``why``."""
+    the protocol. The job it runs (``job_id``, by default the head) gets
+    ``job_error``, saying ``why``; others running with it, ``WorkerCrashed``."""
     w = slot.current()
-    head = w.in_flight[0] if w.in_flight else None
-    _end(slot, Ending(why, job_error, head.id if head is not None else None), signal.SIGKILL)
+    if job_id is None and w.in_flight:
+        job_id = w.in_flight[0].id
+    _end(slot, Ending(why, job_error, job_id), signal.SIGKILL)
 
 
 def _end(slot: Slot, ending: Ending, sig: signal.Signals | None) -> None:
@@ -135,20 +138,28 @@ def conclude(slot: Slot) -> None:
         _died_loading(slot, w, f"worker pid {w.pid} {how} while loading mode {w.mode!r}", said, tail)
         return
     slot.restarts += 1
-    job = w.in_flight.popleft() if w.in_flight else None
-    slot.engine.queue.put_back([*w.in_flight, *w.unsent])  # not started: they keep their place
-    job_error: type[GpuvisorError] = WorkerCrashed
-    if ending is not None and ending.job_error is not None:
-        job_error = ending.job_error
-    if ending is not None and ending.job_id is not None and (job is None or job.id != ending.job_id):
-        # The job the cause was about answered in its last words; this one
-        # was merely running when it was killed.
-        how, job_error = f"was killed while running the next job ({ending.why})", WorkerCrashed
+    running = slot.running(w)  # the head, or the head's batch: started, so they get the error (or run again)
+    slot.engine.queue.put_back([*(j for j in w.in_flight if not j.started), *w.unsent])  # they keep their place
     slot.count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")  # may enter the failed state
-    if job is None:
-        return
+    for job in running:
+        _judge(slot, w, job, ending, how, said, tail)
+
+
+def _judge(slot: Slot, w: WorkerHandle, job: QueuedJob, ending: Ending | None, how: str, said: str,
+           tail: list[str]) -> None:  # fmt: skip
+    """One job the dead worker was running: its error, or another run."""
+    job_error: type[GpuvisorError] = WorkerCrashed
+    if ending is not None and ending.job_id == job.id:
+        job_error = ending.job_error or WorkerCrashed
+    elif ending is not None and ending.job_id is not None:
+        # The cause was about another job: one that answered in its last
+        # words (this one was merely running next), or one of its batch.
+        how = f"was killed while running the next job ({ending.why})"
+        if len(w.in_flight) > 1 and any(j.id == ending.job_id for j in w.in_flight):
+            how = f"was killed while running a batch with job {ending.job_id} ({ending.why})"
     if job_error is WorkerCrashed and job.retries > 0 and slot.budget.failed is None:
         job.retries -= 1
+        job.started = False
         log.warning("job %d (%r) will run again (%d retries left)", job.id, job.task, job.retries)
         slot.engine.queue.put_back([job])  # first in line, as it was
         return

@@ -112,12 +112,26 @@ def _on_ready(slot: Slot, w: WorkerHandle, msg: Ready) -> None:
         log.warning("worker gen %d: unexpected READY for %r in state %s", w.gen, msg.mode, w.state.value)
         return
     w.load_seconds = float(msg.load_seconds)
+    w.batch = _batch_limits(msg.batch)
     w.warmup_seconds = msg.warmup_seconds
     slot.standby.learn(msg.mode, msg.imported)
     slot.engine.tasks[msg.mode] = sorted(t for t in msg.tasks if isinstance(t, str))
     w.transition(WorkerState.READY)
     slot.sample_memory(w, msg.memory)
     slot.switch_done(w)
+
+
+def _batch_limits(declared: dict | None) -> dict[str, dict[str, float]]:
+    """READY's ``batch``, the well-formed entries: task -> max_batch, max_delay_ms."""
+    out = {}
+    for task, limits in (declared or {}).items():
+        size = limits.get("max_batch") if isinstance(limits, dict) else None
+        delay = limits.get("max_delay_ms", 0.0) if isinstance(limits, dict) else None
+        if isinstance(task, str) and type(size) is int and size >= 1 and isinstance(delay, (int, float)) and delay >= 0:
+            out[task] = {"max_batch": size, "max_delay_ms": float(delay)}
+        else:
+            log.warning("ignored READY's batch entry for %r: %r", task, limits)
+    return out
 
 
 def _on_load_failed(slot: Slot, w: WorkerHandle, msg: LoadFailed) -> None:

@@ -45,6 +45,7 @@ from typing import Any
 import zmq
 
 from protocol import GpuvisorError, JobCancelled, NoModeLoaded, ShuttingDown
+from protocol.messages import MAX_FRAMES
 from supervisor.config import Config
 from supervisor.engine import ending, inbox, work
 from supervisor.engine.commands import Command, QueuedJob, QueuedSwitch, Reload, Shutdown
@@ -76,7 +77,7 @@ class Engine:
         self._status: MappingProxyType = MappingProxyType(not_started())
         self.published_at = 0.0
         # Everything below belongs to the loop thread.
-        self.queue = JobQueue()
+        self.queue = JobQueue(max_wait=lambda mode: self.config.max_wait_for(mode))
         self.deadlines = Deadlines()
         # Made by the loop thread as it starts (_main), before any other use.
         self.link: WorkerLink
@@ -285,7 +286,7 @@ class Engine:
         elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
-            self.queue.append(command)
+            self.queue.append(command, mode_in_force=slot.mode_ahead)
 
     def _switch_is_noop(self, switch: QueuedSwitch) -> WorkerHandle | None:
         """The worker, if this switch, placed at the tail, would change
@@ -325,7 +326,7 @@ class Engine:
             if w is not None and (w.state not in (WorkerState.READY, WorkerState.BUSY)
                                   or len(w.in_flight) >= self.config.window):  # fmt: skip
                 return
-            item = self.queue.next()
+            item = self.queue.next(slot.mode, slot.turn_since)
             if item is None:
                 if self._shutdown is not None and (w is None or not w.in_flight):
                     work.drain(slot)
@@ -353,9 +354,33 @@ class Engine:
                     return  # backing off before respawning the mode that just died
                 work.begin_switch(slot, QueuedSwitch(needed, None))
                 return
-            self.queue.take(item)
-            if not work.dispatch(slot, item, w):
+            jobs = self._batch(item, w)
+            if not jobs:
+                return  # a batch waits a moment for more jobs, or for the worker to be idle
+            for job in jobs:
+                self.queue.take(job)
+            if not work.dispatch(slot, jobs, w):
                 return
+
+    def _batch(self, job: QueuedJob, w: WorkerHandle) -> list[QueuedJob]:
+        """What to hand ``w`` with ``job``: ``job`` alone, or, for a task whose
+        handler takes a batch, the jobs right behind it for that task, up to
+        ``max_batch``, once the worker is idle. A short batch waits up to
+        ``max_delay_ms`` after its oldest job came, for more; [] means wait."""
+        slot, key = self.slot, (Deadline.BATCH, self.slot.key)
+        limits = slot.batch_limits(w, job)
+        if limits is None:
+            return [job]
+        if w.in_flight:
+            return []  # the jobs gather while the worker runs: the next batch is fuller
+        size = int(limits["max_batch"])
+        run = self.queue.run_of(job, job.task, size, MAX_FRAMES - 1)
+        due = job.queued_at + limits["max_delay_ms"] / 1000
+        if len(run) < size and self._shutdown is None and time.monotonic() < due:
+            self.deadlines.set(key, due)
+            return []
+        self.deadlines.clear(key)
+        return run
 
     def _start_switch(self, item: QueuedSwitch) -> bool:
         """An explicit switch or restart at the head. False: it must wait (the
@@ -451,6 +476,7 @@ class Engine:
             "worker_pid": w.pid if w is not None else None,
             "generation": self._generation,
             "queued": len(self.queue),
+            "waiting": self.queue.waiting(),
             "in_flight": len(w.in_flight) if w is not None else 0,
             "window": self.config.window,
             "restarts": slot.restarts,
@@ -463,6 +489,7 @@ class Engine:
             "failed_reason": slot.budget.failed,
             "idle_unloaded": slot.idle_unloaded,
             "oom_recycles": slot.oom_recycles,
+            "batches": dict(slot.batches),
             "device": slot.device.kind if slot.device.index is None else f"cuda:{slot.device.index}",
             "gpu_unavailable": slot.gpu_unavailable,
             "worker_rss_bytes": slot.memory.get("worker_rss_bytes"),

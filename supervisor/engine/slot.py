@@ -66,6 +66,9 @@ class Slot:
         # worker died or its last load failed. Only a switch changes it.
         self.mode: str | None = None
         self.mode_served = False  # the mode in force has been READY: a death while reloading it is a respawn's
+        # When the loaded mode's turn at the worker began: its first job since
+        # its READY (infinity until then: a mode runs at least one job a turn).
+        self.turn_since = 0.0
         self.mode_error: str | None = None  # why the mode in force is not loaded, after a failed switch
         self.switch: Switch | None = None
         self.gone: Gone | None = None  # the last worker, until its memory is verified back
@@ -76,6 +79,7 @@ class Slot:
         self.memory: dict[str, Any] = {}  # the worker's memory at the last heartbeat
         self.idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
         self.oom_recycles = 0
+        self.batches = {"count": 0, "jobs": 0, "largest": 0, "last": 0}  # batches sent (of more than one job)
         self.recycle = False  # an OOM asked for a fresh worker once the jobs in flight are done
 
     # ------------------------------------------------------------ what the loop asks
@@ -86,6 +90,12 @@ class Slot:
     @property
     def config(self):
         return self.engine.config
+
+    @property
+    def mode_ahead(self) -> str | None:
+        """The mode the next job will find: the switch under way's, else the
+        mode in force."""
+        return self.switch.mode if self.switch is not None else self.mode
 
     def serving(self) -> WorkerHandle | None:
         """The worker, if it can be handed jobs now."""
@@ -108,7 +118,7 @@ class Slot:
         if w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
             heartbeat = w.last_seen + self.config.heartbeat_timeout if w.state in HEARTBEATING else None
             load = w.started_at + self.config.load_timeout if w.state in STARTING else None
-            job = w.in_flight[0].deadline if w.in_flight else None
+            job = min((j.deadline for j in self.running(w) if j.deadline is not None), default=None)
         d.set(self.at(Deadline.HEARTBEAT), heartbeat)
         d.set(self.at(Deadline.LOAD), load)
         d.set(self.at(Deadline.JOB), job)
@@ -132,17 +142,41 @@ class Slot:
     # ------------------------------------------------------------ jobs
 
     def start_clock(self, job: QueuedJob) -> None:
-        """A job's timeout counts from when it reaches the head of the jobs in
-        flight: that is when the worker, which runs them in order, starts it."""
+        """A job's timeout counts from when it starts: when it reaches the head
+        of the jobs in flight (the worker runs them in order), or when its
+        batch is sent (the jobs of a batch run as one call)."""
         timeout = job.timeout if job.timeout is not None else self.config.job_timeout
+        job.started = True
         job.deadline = time.monotonic() + timeout if timeout else None
 
+    def batch_limits(self, w: WorkerHandle, job: QueuedJob) -> dict[str, float] | None:
+        """The batch limits of ``job``'s task, if its handler takes a batch (the
+        worker said so in READY) and the config does not turn it off; None
+        for a streamed job."""
+        declared = w.batch.get(job.task)
+        if declared is None or job.on_chunk is not None:
+            return None
+        limits = {**declared, **w.spec.batch.get(job.task, {})}
+        return limits if limits.get("max_batch", 1) > 1 else None
+
+    def batched(self, jobs: list[QueuedJob]) -> None:
+        self.batches["count"] += 1
+        self.batches["jobs"] += len(jobs)
+        self.batches["largest"] = max(self.batches["largest"], len(jobs))
+        self.batches["last"] = len(jobs)
+
+    def running(self, w: WorkerHandle) -> list[QueuedJob]:
+        """The jobs the worker has started: the head, or the head's batch."""
+        return [job for job in w.in_flight if job.started]
+
     def finished(self, w: WorkerHandle) -> QueuedJob:
-        """The head job answered: the next one starts."""
+        """The head job answered: the next one starts (unless it has: the
+        rest of its batch)."""
         job = w.in_flight.popleft()
         self.jobs_done += 1
         if w.in_flight:
-            self.start_clock(w.in_flight[0])
+            if not w.in_flight[0].started:
+                self.start_clock(w.in_flight[0])
         elif w.state is WorkerState.BUSY:
             w.transition(WorkerState.READY)
         return job
@@ -230,7 +264,7 @@ class Slot:
 
     def switch_done(self, w: WorkerHandle) -> None:
         sw, self.switch = self.under_way(), None
-        self.mode_served = True
+        self.mode_served, self.turn_since = True, float("inf")
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, time.monotonic() - sw.started,
                  w.load_seconds or 0, w.pid)  # fmt: skip
         if sw.request.future is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from protocol import Drain, JobTimeout, Load, ModeLoadError, encode
+from protocol import Drain, JobTimeout, Load, ModeLoadError, encode, encode_batch
 from supervisor.engine import ending
 from supervisor.engine.commands import QueuedJob, QueuedSwitch
 from supervisor.engine.deadlines import Deadline
@@ -21,21 +21,30 @@ from supervisor.engine.worker_handle import WorkerHandle, WorkerState
 log = logging.getLogger("gpuvisor")
 
 
-def dispatch(slot: Slot, job: QueuedJob, w: WorkerHandle) -> bool:
-    """Send ``job`` to ``w``; False if ``w`` turned out to be lost (the job
-    then goes back to the queue when its end is handled)."""
+def dispatch(slot: Slot, jobs: list[QueuedJob], w: WorkerHandle) -> bool:
+    """Send ``jobs`` to ``w``: one job, or a batch for a handler that takes
+    one (one BATCH message, started at once, each job timed from now).
+    False if ``w`` turned out to be lost (the jobs then go back to the queue
+    when its end is handled)."""
     # RUNNING from here on, so cancel() says False for a job that may run.
-    if not job.future.running() and not job.future.set_running_or_notify_cancel():
+    jobs = [j for j in jobs if j.future.running() or j.future.set_running_or_notify_cancel()]
+    if not jobs:
         return True
-    if not slot.engine.link.send(w.identity, job.frames):
-        w.unsent.append(job)
+    frames = jobs[0].frames if len(jobs) == 1 else encode_batch(jobs[0].task, [j.frames for j in jobs])
+    if not slot.engine.link.send(w.identity, frames):
+        w.unsent.extend(jobs)
         ending.kill(slot, "stopped taking messages")
         return False
     if w.state is WorkerState.READY:
         w.transition(WorkerState.BUSY)
-    w.in_flight.append(job)
-    if len(w.in_flight) == 1:
-        slot.start_clock(job)
+    if slot.turn_since == float("inf"):
+        slot.turn_since = time.monotonic()  # the loaded mode's turn runs from its first job
+    if len(jobs) > 1:
+        slot.batched(jobs)
+    w.in_flight.extend(jobs)
+    if len(jobs) > 1 or len(w.in_flight) == 1:
+        for job in jobs:
+            slot.start_clock(job)
     return True
 
 
@@ -96,7 +105,7 @@ def on_deadline(slot: Slot, name: Deadline) -> None:
         ending.escalate(slot)
     elif name is Deadline.LAST_WORDS:
         d.clear(slot.at(name))
-    elif name in (Deadline.RESPAWN, Deadline.STANDBY_PACE):
+    elif name in (Deadline.RESPAWN, Deadline.STANDBY_PACE, Deadline.BATCH):
         d.clear(slot.at(name))  # the pump sees the backoff is over; refresh_deadlines asks the spare again
     elif name is Deadline.STANDBY_REAP:
         d.clear(slot.at(name))
@@ -104,9 +113,9 @@ def on_deadline(slot: Slot, name: Deadline) -> None:
     elif w is None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
         d.clear(slot.at(name))
     elif name is Deadline.JOB:
-        job = w.in_flight[0]
+        job = min((j for j in slot.running(w) if j.deadline is not None), key=lambda j: j.deadline or 0.0)
         limit = job.timeout or slot.config.job_timeout
-        ending.kill(slot, f"was killed: the job ran past its {limit:g}s timeout", JobTimeout)
+        ending.kill(slot, f"was killed: job {job.id} ran past its {limit:g}s timeout", JobTimeout, job.id)
     elif name is Deadline.LOAD:
         ending.kill(slot, f"did not say READY within load_timeout={slot.config.load_timeout:g}s")
     elif name is Deadline.HEARTBEAT:

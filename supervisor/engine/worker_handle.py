@@ -143,6 +143,7 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.last_seen = self.started_at
         self.load_seconds: float | None = None
+        self.batch: dict[str, dict[str, float]] = {}  # task -> limits, for handlers that take a batch (READY)
         self.warmup_seconds: float | None = None
         self.idle_since = self.started_at  # when it last became READY: idle_unload_s counts from here
         self.baseline_used: int | None = None  # device memory used before it started (NVML), for the reclaim
