@@ -165,6 +165,13 @@ def test_a_client_that_leaves_a_stream_stops_the_worker_producing(served, unix, 
     assert after <= 2, f"the worker produced {after} chunks after its reader left (it had made {at_leaving})"
 
 
+def test_a_task_that_does_not_stream_still_answers_a_stream_with_its_text(served, unix, folder):
+    release(folder, "whole")
+    chunks = list(sdk(unix=unix, token=TOKEN).completions.create(model="held", prompt="whole", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "whole"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_concurrent_requests_are_each_answered_once(served, unix):
     client = sdk(unix=unix, token=TOKEN)
     results: list[str] = []

@@ -116,12 +116,12 @@ async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_
     """One event per chunk of text, the finish reason, the usage if asked
     for, ``[DONE]``. An error after the first event can only travel inside
     the stream: the status is already sent."""
-    started = False
+    started, sent = False, ""
     async for chunk in stream.rest(first):
         text = chunk.get("text") if isinstance(chunk, dict) else None
         if text or (reply.chat and not started):
             yield _sse(reply.chunk(text or "", first=not started))
-            started = True
+            started, sent = True, sent + (text or "")
     future = stream.future
     error = None if future.cancelled() else future.exception()
     if future.cancelled() or error is not None:
@@ -129,6 +129,11 @@ async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_
         yield _sse(errors.body(failure.status, failure.message, failure.code))
     else:
         result = future.result()
+        text = result.get("text", "") if isinstance(result, dict) else ""
+        if isinstance(text, str) and len(text) > len(sent) and text.startswith(sent):
+            # A task that does not stream (or held text back) still gives the reader all of its text.
+            yield _sse(reply.chunk(text[len(sent) :], first=not started))
+            started = True
         yield _sse(reply.chunk(None, openai.finish_reason(result), first=not started))
         if include_usage:
             yield _sse(reply.usage_chunk(result))
