@@ -18,6 +18,7 @@ from typing import Any
 import httpx2
 import numpy as np
 import openai
+import psutil
 import pytest
 
 from tests.helpers import T, wait_until
@@ -229,6 +230,20 @@ def test_models_lists_the_configured_names_and_what_is_loaded(served, unix):
     assert listed["minilm"].model_extra["mode"] == "assistant" and listed["minilm"].model_extra["loaded"] is True
     assert listed["diag-echo"].model_extra["loaded"] is False
     assert listed["tiny-chat"].model_extra["endpoints"] == ["/v1/chat/completions", "/v1/completions"]
+
+
+def test_the_daemon_serving_http_never_loads_torch(served, unix):
+    """The HTTP door runs in the daemon's process, which must hold no CUDA
+    context: after embeddings and chat have gone through it, no torch."""
+    sdk(unix=unix).embeddings.create(model="minilm", input="hello")
+
+    def torch_in(pid: int) -> list[str]:
+        return [m.path for m in psutil.Process(pid).memory_maps() if "libtorch" in m.path or "libcuda" in m.path]
+
+    with served.client() as c:
+        worker = c.status()["worker_pid"]
+    assert torch_in(worker), "the worker runs torch (this proves the check can see it)"
+    assert torch_in(served.proc.pid) == []
 
 
 def test_health_is_200_with_the_mode_while_serving(served, unix):
