@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[models,http,dev]'
+	$(PY) -m pip install --quiet -e '.[models,http,dev,ray]'
 	touch $(STAMP)
 
 run: install
