@@ -33,6 +33,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from gpuvisor_ray.logs import forward_gpuvisor_log
 from supervisor import AsyncSupervisor, Config, SupervisorFailed, load_config
 from supervisor.config import parse as parse_config
 
@@ -71,6 +72,7 @@ class GpuvisorDeployment:
         mode: str | None = None,
         drain_timeout: float = 10.0,
     ) -> None:
+        forward_gpuvisor_log()
         loaded = read_config(config, config_text)
         initial = mode or loaded.default_mode or None
         self._drain_timeout = drain_timeout
