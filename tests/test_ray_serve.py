@@ -91,7 +91,9 @@ def test_two_replicas_each_run_their_own_worker_through_a_serve_handle(local_ray
     first = on_each_replica(lambda: handle.status.remote(), lambda s: s["replica"]["id"])
     for status in first.values():
         assert status["state"] == "running" and status["mode"] == "diag", status
-        assert status["device"] == "cpu", status
+        # Given no GPU by Ray, the replica's worker is on the CPU (by its
+        # config's "auto", which otherwise takes the first GPU NVML sees).
+        assert status["device"] == "cpu" and status["gpu_unavailable"].startswith("cpu:"), status
         note(status)
     diag_workers = {replica: status["worker_pid"] for replica, status in first.items()}
     replica_pids = {status["replica"]["pid"] for status in first.values()}

@@ -2,7 +2,8 @@
 
 Ray gives each replica its GPU (``num_gpus=1``: Ray sets the replica's
 ``CUDA_VISIBLE_DEVICES``, and the config's ``device = "auto"`` hands that
-very GPU on to the worker). The replica process is the supervisor: it never
+very GPU on to the worker; a replica given no GPU runs its worker on the
+CPU). The replica process is the supervisor: it never
 imports torch; the worker it starts does, and a mode change kills that
 worker, so every byte of the replica's VRAM comes back.
 
@@ -26,6 +27,7 @@ gpuvisor error itself, with its ``code``; see contrib/ray/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,17 @@ def read_config(config: str | Path | None, config_text: str | None) -> Config:
     if config_text is not None:
         return parse_config(config_text, "<config_text given to GpuvisorDeployment>")
     return load_config(config)
+
+
+def on_ray_gpus(config: Config) -> Config:
+    """The worker gets the GPUs Ray gave this replica, and no other. Ray sets
+    ``CUDA_VISIBLE_DEVICES`` for a replica it gives GPUs, which ``device =
+    "auto"`` honours; for a replica it gives none it now leaves the variable
+    alone, and "auto" would take the first GPU NVML sees, perhaps another
+    replica's. Such a replica runs its worker on the CPU."""
+    if config.device == "auto" and not ray.get_gpu_ids():
+        return dataclasses.replace(config, device="cpu")
+    return config
 
 
 # max_ongoing_requests: jobs waiting inside a replica are what its scheduler
@@ -73,7 +86,7 @@ class GpuvisorDeployment:
         drain_timeout: float = 10.0,
     ) -> None:
         forward_gpuvisor_log()
-        loaded = read_config(config, config_text)
+        loaded = on_ray_gpus(read_config(config, config_text))
         initial = mode or loaded.default_mode or None
         self._drain_timeout = drain_timeout
         self._replica = {
