@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,6 +304,7 @@ def served():
         yield here, running, config
     finally:
         running.close()
+        shutil.rmtree(here.root, ignore_errors=True)
 
 
 def token(key: str) -> str:
@@ -323,7 +325,7 @@ def test_health_answers_the_probe_without_a_token(served):
 
 @pytest.mark.slow
 def test_metrics_need_the_token_prometheus_is_given(served):
-    here, _, _ = served
+    here, _, config = served
     url = f"http://127.0.0.1:{here.port}/metrics"
     status, body = curl(url)
     assert_error(body, 401, "invalid_api_key")
@@ -337,7 +339,7 @@ def test_metrics_need_the_token_prometheus_is_given(served):
     assert status == 200, body
     assert list(text_string_to_metric_families(body)), body
     status, body = curl(f"http://127.0.0.1:{here.port}/v1/models", token=token("tokens"))
-    assert status == 200 and {m["id"] for m in body["data"]} == set(served[2].http.models)
+    assert status == 200 and {m["id"] for m in body["data"]} == set(config.http.models)
 
 
 @pytest.mark.slow
@@ -365,6 +367,7 @@ def test_sigterm_drains_what_was_queued_then_exits_and_removes_its_sockets(serve
         c.ping()  # answered once the daemon has read every request sent before it: the 30 jobs are queued
         assert running.stop() == 0  # SIGTERM, as the kubelet sends it after preStop
         assert [job.result(T).shape for job in jobs] == [(8, 384)] * 30
+    assert "draining" in running.output()
     sockets = [config.daemon.endpoint.removeprefix("ipc://")]
     sockets += [e[len("unix:") :] for e in config.http.listen if e.startswith("unix:")]
     assert not any(Path(path).exists() for path in sockets)
