@@ -45,3 +45,13 @@ def test_a_loader_path_that_is_not_a_folder_is_a_config_error_naming_the_line(tm
         ConfigError, match=rf"gpuvisor.toml:2: \[supervisor\] key 'loader_path': 'nope' is {tmp_path}/nope"
     ):
         load_config(config)
+
+
+def test_a_relative_state_dir_starts_from_the_config_files_folder(tmp_path, monkeypatch):
+    """Like loader_path: a daemon under systemd runs in /, so a relative
+    state_dir must not land there."""
+    config = tmp_path / "etc" / "gpuvisor.toml"
+    config.parent.mkdir()
+    config.write_text('[supervisor]\nstate_dir = "state"\n[modes.diag]\nloader = "worker.modes.diag:load"\n')
+    monkeypatch.chdir("/")
+    assert load_config(config).state_dir == str(tmp_path / "etc" / "state")

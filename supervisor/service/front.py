@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 from protocol import GpuvisorError
 from supervisor.client.endpoint import ipc_path
-from supervisor.config import loopback_host
+from supervisor.config_http import loopback_host
 
 log = logging.getLogger("gpuvisor")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from supervisor.config import HttpModel
+from supervisor.config_http import HttpModel
 from supervisor.service.front import EndpointError
 from supervisor.service.http.errors import body
 

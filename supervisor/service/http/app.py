@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from supervisor.api import Supervisor
-from supervisor.config import HttpModel
+from supervisor.config_http import HttpModel
 from supervisor.service.http import errors, jobs, openai
 from supervisor.service.http.admission import Door
 from supervisor.service.http.errors import ApiError

@@ -32,7 +32,7 @@ import time
 import uvicorn
 
 from supervisor.api import Supervisor
-from supervisor.config import HttpSettings, loopback_host, split_listen
+from supervisor.config_http import HttpSettings, loopback_host, split_listen
 from supervisor.service.front import EndpointError, bind_unix, release_path
 from supervisor.service.http.admission import Admission, Door, read_tokens
 from supervisor.service.http.app import create_app
