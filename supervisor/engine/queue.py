@@ -219,6 +219,16 @@ class JobQueue:
             for item in self
         )
 
+    def modes_ahead(self) -> Iterator[str]:
+        """The modes jobs wait for before the first barrier, and the
+        barrier's: the switches that may come next. Cheap: a few keys."""
+        head = self._segments[0]
+        for mode, line in head.modes.items():
+            if line and mode is not None:
+                yield mode
+        if len(self._segments) > 1 and (barrier := self._segments[1].barrier) is not None and barrier.mode:
+            yield barrier.mode
+
     def waiting(self) -> dict[str, dict[str, float]]:
         """Per mode: how many jobs wait and how long the oldest has."""
         now = self.clock()

@@ -107,6 +107,12 @@ class Slot:
     def idle(self) -> bool:
         return self.worker is None and self.switch is None
 
+    def _heavy_switch_ahead(self) -> bool:
+        """Jobs (or a switch) wait for a mode other than this slot's that
+        would take the spare."""
+        here = self.mode_ahead
+        return any(mode != here and self.standby.heavy(mode) for mode in self.engine.queue.modes_ahead())
+
     def standby_wanted(self) -> bool:
         return self.config.warm_standby and not self.config.worker_command
 
@@ -126,7 +132,8 @@ class Slot:
         d.set(self.at(Deadline.RESPAWN), self.budget.respawn_at if backing_off else None)
         d.set(self.at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
         busy = w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.BUSY)
-        d.set(self.at(Deadline.STANDBY_PACE), self.standby.pace(worker_busy=busy, now=now))
+        needed = busy and self.standby.pending and self._heavy_switch_ahead()
+        d.set(self.at(Deadline.STANDBY_PACE), self.standby.pace(worker_busy=busy, now=now, needed=needed))
         if self.standby.stopping and self.at(Deadline.STANDBY_REAP) not in d:
             d.after(self.at(Deadline.STANDBY_REAP), 0.05)  # stopped spares are reaped without waiting on them
 

@@ -274,12 +274,18 @@ class StandbyPool:
     def stopping(self) -> bool:
         return bool(self._stopping)
 
-    def pace(self, worker_busy: bool, now: float) -> float | None:
+    @property
+    def pending(self) -> bool:
+        """A spare is wanted and not yet done importing."""
+        return self._wanted or (self.spare is not None and not self.spare.ready())
+
+    def pace(self, worker_busy: bool, now: float, needed: bool = False) -> float | None:
         """Called every turn: whether the worker it stands behind is loading
         or running jobs now. A spare still importing is stopped while it is,
         and until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes
-        on (and a spare wanted but not yet started starts). Returns when it wants to be asked again, if it is waiting for
-        that moment (None: at the next turn is soon enough). Cheap on the
+        on (and a spare wanted but not yet started starts); unless it is
+        ``needed``: a switch that takes it is coming. Returns when it wants
+        to be asked again, if it is waiting for that moment (None: at the next turn is soon enough). Cheap on the
         busy path: once stopped, a spare is not looked at again until the
         worker is idle. A spare is stopped only once it has said that it dies
         with the supervisor: a process stopped before it armed PDEATHSIG
@@ -288,6 +294,18 @@ class StandbyPool:
             self._busy_at = now
         self._was_busy = worker_busy
         s, resume_at = self.spare, self._busy_at + RESUME_AFTER_IDLE_S
+        if needed:
+            # Jobs wait for a mode that will take the spare: the switch is
+            # coming (at the starvation bound at the latest), and a spare
+            # ready by then saves seconds of cold imports, more than it
+            # costs the worker meanwhile. Under steady load the worker is
+            # never idle, so without this every such switch would be cold.
+            if s is None:
+                if self._wanted:
+                    self._start()
+            elif s.paused:
+                s.resume()
+            return None
         if s is None:
             if not self._wanted:
                 return None

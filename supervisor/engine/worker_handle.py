@@ -48,7 +48,7 @@ class WorkerState(enum.Enum):
 
 SERVING = frozenset({WorkerState.READY, WorkerState.BUSY, WorkerState.DRAINING})
 STARTING = frozenset({WorkerState.SPAWNED, WorkerState.LOADING})
-# Before HELLO the worker's I/O thread may not exist yet (load_timeout covers
+# Before HELLO the worker's heartbeat thread may not exist yet (load_timeout covers
 # that); while DRAINING the exit deadline does.
 HEARTBEATING = frozenset({WorkerState.LOADING, WorkerState.READY, WorkerState.BUSY})
 
