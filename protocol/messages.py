@@ -50,6 +50,7 @@ class Kind(enum.StrEnum):
     JOB = "job"
     BATCH = "batch"
     DRAIN = "drain"
+    CANCEL = "cancel"
 
 
 class WorkerExit(enum.IntEnum):
@@ -205,6 +206,18 @@ class Drain(_Message):
 
 @_wire
 @dataclass(frozen=True, slots=True)
+class Cancel(_Message):
+    """Stop the streamed job ``job`` at its next chunk: its caller left. A
+    worker that is not running that job (it has answered it, or not begun
+    it) ignores this; one that does closes the generator and answers
+    ``job_cancelled``."""
+
+    kind: ClassVar[Kind] = Kind.CANCEL
+    job: int
+
+
+@_wire
+@dataclass(frozen=True, slots=True)
 class Batch(_Message):
     """Several JOB messages of one task, sent as one message: this header,
     then each job's own frames (its header and its arrays), ``counts[i]``
@@ -225,10 +238,10 @@ class JobBatch:
 
 
 FromWorker = Hello | Ready | LoadFailed | Result | Chunk | Failure | Heartbeat
-ToWorker = Load | Job | JobBatch | Drain
+ToWorker = Load | Job | JobBatch | Drain | Cancel
 
 _FROM_WORKER: dict[str, Any] = {c.kind.value: c for c in (Hello, Ready, LoadFailed, Result, Chunk, Failure, Heartbeat)}
-_TO_WORKER: dict[str, Any] = {c.kind.value: c for c in (Load, Job, Drain)}
+_TO_WORKER: dict[str, Any] = {c.kind.value: c for c in (Load, Job, Drain, Cancel)}
 
 
 def pack(obj: Any) -> bytes:

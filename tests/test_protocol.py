@@ -30,6 +30,7 @@ from protocol import (
     encode_job,
     error_from_wire,
 )
+from protocol.messages import Cancel
 from tests.helpers import run_python
 from tests.helpers.config import DIAG
 
@@ -41,7 +42,7 @@ FROM_WORKER = [
     Failure(job=8, error={"code": "job_failed", "message": "x", "traceback": "tb"}),
     Heartbeat(busy=True),
 ]
-TO_WORKER = [Load(mode="diag", loader=DIAG, args={"a": 1}), Job(9, "echo", [1, 2]), Drain()]
+TO_WORKER = [Load(mode="diag", loader=DIAG, args={"a": 1}), Job(9, "echo", [1, 2]), Drain(), Cancel(9)]
 
 
 @pytest.mark.parametrize("msg", FROM_WORKER, ids=lambda m: m.kind.value)
@@ -63,6 +64,16 @@ def test_a_message_in_the_wrong_direction_is_refused():
         decode_from_worker(encode(Job(1, "echo", None)))
     with pytest.raises(ProtocolError, match="unknown message kind 'hello' to a worker"):
         decode_to_worker(encode(Hello(1, 1)))
+    with pytest.raises(ProtocolError, match="unknown message kind 'cancel' from a worker"):
+        decode_from_worker(encode(Cancel(1)))
+
+
+def test_cancel_is_the_bytes_the_protocol_document_shows():
+    frame = encode(Cancel(7))[0]
+    assert frame == bytes.fromhex("83a17601a16ba663616e63656ca36a6f6207")  # docs/protocol.md, section 6
+    for bad in ({"v": 1, "k": "cancel"}, {"v": 1, "k": "cancel", "job": True}, {"v": 1, "k": "cancel", "job": "7"}):
+        with pytest.raises(ProtocolError, match="cancel"):
+            decode_to_worker(_frame(bad))
 
 
 def _frame(obj) -> list[bytes]:
