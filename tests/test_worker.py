@@ -15,6 +15,7 @@ import pytest
 
 from protocol import (
     PROTOCOL_VERSION,
+    Chunk,
     Drain,
     Failure,
     Hello,
@@ -26,6 +27,7 @@ from protocol import (
     encode_batch,
     encode_job,
 )
+from protocol.messages import Cancel
 from tests.helpers import T
 from tests.helpers.config import DIAG
 from tests.helpers.harness import Harness
@@ -211,6 +213,30 @@ def test_a_streamed_chunk_is_sent_as_it_was_yielded_even_if_its_buffer_is_reused
     while not isinstance(msg := harness.recv(), Result):
         chunks.append(msg.value)
     assert [int(c[0]) for c in chunks] == list(range(20)) and all((c == c[0]).all() for c in chunks)
+
+
+def test_a_cancel_stops_the_running_stream_at_its_next_chunk_and_what_came_with_it_keeps_its_turn(harness, tmp_path):
+    handshake(harness)
+    record = tmp_path / "produced"
+    harness.send(Job(1, "count", {"n": 100_000, "delay": 0.01, "record": str(record)}, stream=True))
+    assert harness.recv() == Chunk(1, 1, 0)
+    harness.send(Job(2, "echo", "kept"))  # the next job of a window, read while job 1 streams
+    harness.send(Cancel(2))  # not running: ignored
+    harness.send(Cancel(1))
+    seqs = []
+    while isinstance(msg := harness.recv(), Chunk):
+        seqs.append(msg.seq)
+    assert seqs == list(range(2, len(seqs) + 2)), "every chunk before the answer, in order"
+    assert isinstance(msg, Failure) and msg.job == 1 and msg.error["code"] == "job_cancelled", msg
+    lines = record.read_text().split()
+    assert lines[-1] == "closed", "the generator's finally ran"
+    assert len(lines) - 1 == len(seqs) + 1, "it stopped at the chunk it had sent: none made and not sent"
+    assert harness.recv() == Result(2, "kept")
+    harness.send(Cancel(1))  # answered already: ignored
+    harness.send(Job(3, "count", {"n": 2}, stream=True))
+    assert [harness.recv() for _ in range(3)] == [Chunk(3, 1, 0), Chunk(3, 2, 1), Result(3, {"count": 2})]
+    harness.send(Drain())
+    assert harness.proc.wait(T) == 0
 
 
 # ------------------------------------------------------------------ batches

@@ -3,7 +3,8 @@
 ::
 
     supervisor ROUTER <==tcp/ipc==> DEALER "g<gen>"  [main thread]       LOAD  -> loader, READY
-                                                                          JOB   -> handler, RESULT
+                                                                          JOB   -> handler, RESULT (or CHUNKs,
+                                                                                   a CANCEL looked for after each)
                                                                           BATCH -> handler once, RESULT per job
                                                                           DRAIN -> exit 0
                       <==tcp/ipc==  DEALER "h<gen>"  [heartbeat thread]  HEARTBEAT every interval,
@@ -20,10 +21,19 @@ socket's connection: a dropped connection must end the worker even while
 its main thread is busy. ZeroMQ sockets are not thread-safe, so each socket
 has one owning thread (the job socket's monitor is made by the main thread
 and handed over before the heartbeat thread starts).
+
+A streamed job can be stopped: after each chunk it sends, the main thread
+looks at the job socket without blocking (a poll with a zero timeout:
+1.6 µs a chunk, measured) for a CANCEL naming that job, closes the generator (its
+``finally`` blocks run) and answers ``job_cancelled``. What else it reads
+meanwhile (the next JOB of a window) is kept, in order, for the main loop.
+A job that does not stream is never interrupted: only killing the worker
+could stop it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import os
@@ -45,7 +55,9 @@ from protocol import (
     Hello,
     Job,
     JobBatch,
+    JobCancelled,
     JobFailed,
+    Kind,
     Load,
     LoadFailed,
     ModeLoadError,
@@ -59,8 +71,8 @@ from protocol import (
     encode,
     unpack,
 )
-from protocol.frames import recv_message, small
-from protocol.messages import peek
+from protocol.frames import read_all, recv_message, small
+from protocol.messages import Cancel, peek
 from worker.batching import batch_limits
 from worker.lifeline import exit_if_orphaned
 from worker.loader import Handler, load_mode
@@ -164,13 +176,18 @@ class _Worker:
         self.gen, self._sock, self._beat = gen, sock, beat
         self.mode: str | None = None
         self.handlers: dict[str, Handler] = {}
+        # Messages read while a stream ran, for the main loop, in order.
+        self._kept: collections.deque[list] = collections.deque()
+        self._incoming = zmq.Poller()  # the job socket, polled without blocking after each chunk
+        self._incoming.register(sock, zmq.POLLIN)
 
     def send(self, msg) -> None:
         _send(self._sock, encode(msg), self.gen)
 
     def recv(self):
         while True:
-            frames = recv_message(self._sock)  # arrays arrive as views of their frames
+            # Arrays arrive as views of their frames.
+            frames = self._kept.popleft() if self._kept else recv_message(self._sock)
             try:
                 return decode_to_worker(frames)
             except ProtocolError as exc:
@@ -240,15 +257,18 @@ class _Worker:
         if batch_limits(handler) is not None:  # a batch of one; a stream request gets the result alone
             self._run_batch(handler, msg.task, [msg])
             return
-        seq = 0
+        seq, stopped = 0, False
 
         def chunk(value: Any) -> None:
-            nonlocal seq
+            nonlocal seq, stopped
             if msg.stream:
                 seq += 1
                 # Copied (copy=True): the generator resumes as soon as this
                 # returns and may refill the very buffer it just yielded.
                 _send(self._sock, self._encode_outcome(Chunk(msg.job, seq, value), msg.task), self.gen, copy=True)
+                if self._incoming.poll(0) and self._cancel_asked(msg.job):
+                    stopped = True
+                    raise _Cancelled
 
         self._beat.busy = True
         try:
@@ -257,11 +277,33 @@ class _Worker:
             self.send(Failure(msg.job, exc.error))
             return
         except Exception as exc:  # noqa: BLE001 - any handler error is the job's outcome
-            self.send(Failure(msg.job, _error_map(exc, JobFailed)))
+            if stopped:  # even if the generator's own clean-up raised on the way out
+                error = JobCancelled(f"job {msg.job} ({msg.task!r}) was stopped after chunk {seq}: its caller "
+                                     "cancelled it")  # fmt: skip
+                self.send(Failure(msg.job, error.to_wire()))
+            else:
+                self.send(Failure(msg.job, _error_map(exc, JobFailed)))
             return
         finally:
             self._beat.busy = False
         self._answer(msg, value)
+
+    def _cancel_asked(self, job: int) -> bool:
+        """Read what waits on the job socket: True if it holds a CANCEL for
+        ``job``. A CANCEL for another job (one already answered) is ignored;
+        anything else is kept for the main loop, undecoded (a message that
+        cannot be read is answered there, in its turn)."""
+        asked = False
+        for frames in read_all(self._sock):
+            try:
+                msg = decode_to_worker(frames) if len(frames) == 1 and peek(frames, "k") == Kind.CANCEL else None
+            except ProtocolError:
+                msg = None
+            if isinstance(msg, Cancel):
+                asked = asked or msg.job == job
+            else:
+                self._kept.append(frames)
+        return asked
 
     def run_batch(self, msg: JobBatch) -> None:
         """One call of a batch handler for the whole batch. A handler that
@@ -336,6 +378,8 @@ class _Worker:
                 self.run_batch(msg)
             elif isinstance(msg, Drain):
                 return 0
+            elif isinstance(msg, Cancel):
+                pass  # its job has been answered (or never came): nothing is running to stop
             else:
                 _log(self.gen, f"ignored {_kind(msg)}: mode {self.mode!r} is already loaded")
 
@@ -383,6 +427,11 @@ _PRELOADABLE = frozenset({"torch", "transformers", "tokenizers", "safetensors", 
 def _heavy_imports() -> list[str]:
     """In import order (sys.modules keeps it), so a standby can repeat it."""
     return [name for name in list(sys.modules) if name.partition(".")[0] in _PRELOADABLE]
+
+
+class _Cancelled(Exception):
+    """The supervisor asked to stop the stream that runs: raised from the
+    chunk callback, so that ``_exhaust`` closes the generator."""
 
 
 class _Unsendable(Exception):

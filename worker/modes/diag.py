@@ -55,18 +55,34 @@ def chatter(payload: Any) -> dict:
 def count(payload: Any):
     """Stream ``0 .. n-1`` (a generator handler), ``delay`` seconds apart,
     and return ``{"count": n}``. ``die_after``: SIGKILL itself after that
-    many chunks, to end a stream with a crash."""
+    many chunks, to end a stream with a crash. ``record``: a file that gets
+    a line per chunk as it is made, then ``closed`` when the generator ends
+    however it ends (its ``finally``), so a test counts what the worker
+    produced after its caller left."""
     args = _payload_map(payload, "count")
-    n, delay, die_after = args.get("n", 3), args.get("delay", 0), args.get("die_after")
+    n, delay, die_after, record = args.get("n", 3), args.get("delay", 0), args.get("die_after"), args.get("record")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"count: 'n' must be a whole number >= 0, got {n!r}")
-    for i in range(n):
-        if i == die_after:
-            _die("kill", 0)
-        yield i
-        if delay:
-            time.sleep(delay)
+    if record is not None and not isinstance(record, str):
+        raise ValueError(f"count: 'record' must be a file path, got {record!r}")
+    try:
+        for i in range(n):
+            if i == die_after:
+                _die("kill", 0)
+            if record is not None:
+                _note(record, str(i))
+            yield i
+            if delay:
+                time.sleep(delay)
+    finally:
+        if record is not None:
+            _note(record, "closed")
     return {"count": n}
+
+
+def _note(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def oom(payload: Any) -> None:
