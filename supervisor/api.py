@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import itertools
 import logging
 import os
@@ -22,11 +23,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from protocol import QueueFull, ShuttingDown, UnknownMode, encode_job
+from protocol import GpuvisorError, QueueFull, ShuttingDown, UnknownMode, encode_job
 from supervisor import config as config_mod
 from supervisor.arguments import check_mode, check_seconds, check_submit
 from supervisor.config import Config
-from supervisor.engine.commands import QueuedJob, QueuedSwitch, Reload, Shutdown
+from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.loop import Engine
 from supervisor.futures import JobFuture
 from supervisor.status import Status, SwitchResult
@@ -62,6 +63,27 @@ atexit.register(_stop_all_at_exit)
 # A forked child has a copy of the parent's Supervisors but not their loop
 # threads: it must neither use nor stop them (Engine.post refuses).
 os.register_at_fork(after_in_child=_LIVE_ENGINES.clear)
+
+
+def _stop_stream(engine: Engine, future: JobFuture, wait: bool) -> bool:
+    """Ask the loop to stop ``future``'s stream while it runs (see
+    ``JobFuture.cancel``); with ``wait``, its answer."""
+    if wait and engine.on_loop_thread():
+        raise RuntimeError(
+            "cancel() of a running stream from a chunk sink or a Future callback would wait on itself; "
+            "use give_up(), which does not wait"
+        )
+    command = CancelJob(future, Future() if wait else None)
+    try:
+        engine.post(command)
+    except RuntimeError:  # a Supervisor from before a fork: not ours to stop
+        return False
+    if command.future is None:
+        return False
+    try:
+        return bool(command.future.result())
+    except GpuvisorError:  # the supervisor has stopped: the job has its outcome already
+        return future.cancelled()
 
 
 def _failed(error: BaseException) -> JobFuture:
@@ -194,8 +216,10 @@ class Supervisor:
         fails with ``WorkerCrashed``.
 
         Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
-        running. ``Future.cancel()`` succeeds while the job is queued and
-        returns False once it is running."""
+        running. ``Future.cancel()`` succeeds while the job is queued, and
+        for a streamed job while it runs too (the worker stops it at its
+        next chunk); it returns False for any other job once it runs.
+        Either way a cancelled Future raises ``CancelledError``."""
         timeout = check_submit(task, mode, timeout, retries, stream, on_chunk)
         if stream:
             return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
@@ -207,7 +231,8 @@ class Supervisor:
             return unknown
         job_id = next(self._ids)
         frames = encode_job(job_id, task, payload, on_chunk is not None)  # TypeError / ProtocolError here
-        future = JobFuture(on_chunk)
+        # A stream can be stopped while it runs; the stopper holds the engine, not the Supervisor.
+        future = JobFuture(on_chunk, functools.partial(_stop_stream, self._engine) if on_chunk is not None else None)
         if not self._running_or_fail(future):
             return future
         if not self._slots.acquire(blocking=False):
@@ -307,7 +332,8 @@ class Supervisor:
 
 class AsyncSupervisor:
     """The same supervisor for asyncio code: every call is awaitable, and
-    cancelling the awaiting task cancels a job that is still queued."""
+    cancelling the awaiting task cancels a job that is still queued (and
+    stops a streamed one that runs)."""
 
     def __init__(self, config: str | Path | Config | None = None, *, mode: str | None = None):
         self._sync = Supervisor(config, mode=mode)

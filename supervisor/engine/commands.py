@@ -26,6 +26,8 @@ class QueuedJob:
     on_chunk: Callable[[Any], None] | None = None  # a streamed job's sink, called on the loop thread
     chunks: int = 0  # CHUNKs received so far; the next must carry seq chunks + 1
     stream_broken: bool = False  # a chunk could not be read: the stream has ended with an error
+    stopped: bool = False  # a stream its caller cancelled while it ran: its Future is cancelled, its chunks dropped
+    cancel_sent: bool = False  # the worker was told (CANCEL) to stop it
 
 
 @dataclass(eq=False)
@@ -51,4 +53,14 @@ class Reload:
     future: Future = field(default_factory=Future)
 
 
-Command = QueuedJob | QueuedSwitch | Shutdown | Reload
+@dataclass(eq=False)
+class CancelJob:
+    """A caller gave up on the job whose Future is ``target``: a queued one
+    never runs; a stream that runs is stopped at its next chunk.
+    ``future``, when given, gets True if either happened."""
+
+    target: JobFuture
+    future: Future | None = None
+
+
+Command = QueuedJob | QueuedSwitch | Shutdown | Reload | CancelJob

@@ -151,6 +151,8 @@ def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
         return
     error = error_from_wire(msg.error) if isinstance(msg, Failure) else None
     slot.finished(w)
+    if w.in_flight and w.in_flight[0].stopped:  # its caller left while it waited in the window: it starts now
+        work.send_cancel(slot, w.in_flight[0])
     outcome = (job.future, msg.value if isinstance(msg, Result) else None, error)
     if isinstance(error, OutOfMemory) and slot.config.recycle_on_oom and w.alive:
         # The allocator keeps its fragments after an OOM, so the next job would
@@ -168,8 +170,8 @@ def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
 
 def _on_chunk(slot: Slot, w: WorkerHandle, msg: Chunk) -> None:
     job = w.in_flight[0] if w.in_flight else None
-    if job is not None and job.id == msg.job and job.stream_broken:
-        return  # its reader already has its error
+    if job is not None and job.id == msg.job and (job.stream_broken or job.stopped):
+        return  # its reader already has its error, or has left
     if job is None or job.id != msg.job or job.on_chunk is None:
         log.warning("worker gen %d: dropped a chunk for job %d, which is not a stream in flight", w.gen, msg.job)
         return

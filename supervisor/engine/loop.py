@@ -9,7 +9,7 @@
     |  poll([mailbox, worker socket, worker pidfd + stderr], next deadline)   |
     |   1. news    worker stderr; messages (inbox): HELLO READY RESULT ...    |
     |   2. exits   a pidfd fired: reap the worker (its last words may follow) |
-    |   3. commands  submit, switch, restart, reload, shutdown                |
+    |   3. commands  submit, switch, restart, reload, cancel, shutdown        |
     |   4. deadlines heartbeat, load, job, stop, drain, reclaim ... (one table)|
     |   5. ends    a reaped worker whose last words are in: its end, once     |
     |   6. pump    hand queued work to the worker, or begin a switch          |
@@ -48,7 +48,7 @@ from protocol import GpuvisorError, JobCancelled, NoModeLoaded, ShuttingDown
 from protocol.messages import MAX_FRAMES
 from supervisor.config import Config
 from supervisor.engine import ending, inbox, work
-from supervisor.engine.commands import Command, QueuedJob, QueuedSwitch, Reload, Shutdown
+from supervisor.engine.commands import CancelJob, Command, QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import choose_device
 from supervisor.engine.link import WorkerLink
@@ -279,6 +279,8 @@ class Engine:
             self._begin_shutdown(command)
         elif isinstance(command, Reload):
             self._reload(command)
+        elif isinstance(command, CancelJob):  # taken while shutting down too: a caller may still leave
+            work.cancel(slot, command)
         elif self._shutdown is not None:
             _refuse(command)
         elif slot.budget.failed is not None and isinstance(command, QueuedJob) and not self.queue.barrier_queued():

@@ -1,5 +1,6 @@
 """What the loop asks of a slot that may end its worker: hand it a job,
-send it its mode, switch it, recycle it, drain it, and act on its deadlines.
+stop a stream it runs, send it its mode, switch it, recycle it, drain it,
+and act on its deadlines.
 Each of these may find the worker gone or decide it must go; that is
 recorded with ``ending.stop()`` or ``ending.kill()``, and the worker's end
 is handled in the loop's own phase (``ending.conclude()``).
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import CancelledError, Future
 
 from protocol import Drain, JobTimeout, Load, ModeLoadError, encode, encode_batch
+from protocol.messages import Cancel
 from supervisor.engine import ending
-from supervisor.engine.commands import QueuedJob, QueuedSwitch
+from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch
 from supervisor.engine.deadlines import Deadline
 from supervisor.engine.slot import Slot
 from supervisor.engine.switching import Switch
@@ -46,6 +49,42 @@ def dispatch(slot: Slot, jobs: list[QueuedJob], w: WorkerHandle) -> bool:
         for job in jobs:
             slot.start_clock(job)
     return True
+
+
+def cancel(slot: Slot, command: CancelJob) -> None:
+    """A caller gave up on a job. One still queued is cancelled, as by
+    ``Future.cancel()``. A stream the worker runs (or holds in its window)
+    is stopped: its Future is cancelled now, its chunks from here on are
+    dropped, and the worker is told to stop it at its next chunk (at once,
+    or when it starts, for one still waiting in the window); its own answer
+    is dropped when it comes, and until then it counts as running, under
+    its timeout. Any other running job cannot be stopped."""
+    target, w = command.target, slot.worker
+    job = next((j for j in w.in_flight if j.future is target), None) if w is not None else None
+    if job is None:
+        stopped = Future.cancel(target)  # queued: it never runs; running or done: False
+    elif job.stopped:
+        stopped = True
+    elif job.on_chunk is None or job.stream_broken:
+        stopped = False  # not a stream, or one that already ended with its error
+    else:
+        job.stopped, job.on_chunk = True, None
+        slot.engine.decide(target, error=CancelledError())  # handed out before the caller's answer
+        if job.started:
+            send_cancel(slot, job)
+        stopped = True
+    slot.engine.decide(command.future, result=stopped)
+
+
+def send_cancel(slot: Slot, job: QueuedJob) -> None:
+    """Tell the worker to stop ``job``, a stream it runs, at its next chunk."""
+    w = slot.current()
+    if job.cancel_sent or w.state is not WorkerState.BUSY:
+        return  # told already, or ending anyway
+    job.cancel_sent = True
+    log.info("job %d (%r): its caller cancelled the stream; telling worker gen %d to stop it", job.id, job.task, w.gen)
+    if not slot.engine.link.send(w.identity, encode(Cancel(job.id))):
+        ending.kill(slot, "stopped taking messages")
 
 
 def drain(slot: Slot) -> None:
