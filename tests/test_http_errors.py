@@ -140,11 +140,6 @@ def test_a_client_that_leaves_cancels_its_queued_job(served, unix, folder):
     assert not (folder / "ran-c2").exists(), "the job of a client that left ran anyway"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a running stream goes on after its reader leaves: the worker does not yet stop a generator "
-    "when the job is cancelled (issue 14, point 3)",
-)
 def test_a_client_that_leaves_a_stream_stops_the_worker_producing(served, unix, folder):
     chunks = folder / "chunks-s1"
     transport = httpx2.HTTPTransport(uds=unix)

@@ -69,6 +69,8 @@ class Client:
         self._outbox: Mailbox[tuple[list, int, Future]] = Mailbox()  # requests for the I/O thread to send
         self._closing = False
         self._cancelling: set[int] = set()  # submits this client asked the daemon to cancel
+        # Cancels of readers that left, not waited for: sent even while the client closes.
+        self._parting: set[int] = set()
         self._lost = threading.Event()  # set by the I/O thread while the connection is down
         # Made and connected here, so a bad endpoint or certificate is the
         # caller's error now; then handed to the I/O thread, its only user.
@@ -206,26 +208,46 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _request(self, kind: Request, future: Future, **fields: Any) -> Future:
+    def _request(self, kind: Request, future: Future, parting: bool = False, **fields: Any) -> Future:
+        """``parting``: a request nobody waits for that must still reach the
+        daemon if the client closes right after (a reader that left)."""
         request_id = next(self._ids)
         frames = encode_request(kind, request_id, **fields)  # TypeError here, in the caller
         if isinstance(future, RemoteJobFuture):
             future.request_id = request_id
+        if parting:
+            self._parting.add(request_id)
         if self._closing or not self._outbox.put((frames, request_id, future)):
             raise DaemonUnavailable("this client is closed")
         return future
 
-    def _cancel(self, future: RemoteJobFuture) -> bool:
-        """Ask the daemon to cancel ``future``'s job; True once it has."""
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("cancel() from a Future callback of this client would wait on itself")
-        self._cancelling.add(future.request_id)
-        answer = self._request(Request.CANCEL, Future(), target=future.request_id)
+    def _cancel(self, future: RemoteJobFuture, wait: bool = True) -> bool:
+        """Ask the daemon to cancel ``future``'s job (a queued one, or a
+        stream that runs); with ``wait``, True once it has. Without, the
+        Future is cancelled when the daemon's yes comes."""
+        if wait and threading.current_thread() is self._thread:
+            raise RuntimeError("cancel() from a Future callback of this client would wait on itself; use give_up()")
+        request_id = future.request_id
+        self._cancelling.add(request_id)
         try:
-            cancelled = bool(answer.result()["cancelled"])
-        except DaemonUnavailable:
+            answer = self._request(Request.CANCEL, Future(), parting=not wait, target=request_id)
+        except DaemonUnavailable:  # closed: its requests have all ended
             return False
-        return cancelled and (Future.cancel(future) or future.cancelled())
+
+        def answered(answer: Future) -> bool:
+            cancelled = answer.exception() is None and bool(answer.result()["cancelled"])
+            if not cancelled:
+                self._cancelling.discard(request_id)  # an error reply it gets later is its own, not this cancel's
+            return cancelled and (Future.cancel(future) or future.cancelled())
+
+        if not wait:
+            answer.add_done_callback(answered)
+            return False
+        try:
+            answer.result()
+        except DaemonUnavailable:
+            pass
+        return answered(answer)
 
     def _io(self) -> None:
         pending: dict[int, Future] = {}
@@ -254,8 +276,10 @@ class Client:
                 events = dict(poller.poll(math.ceil(min(self.timeout, 1.0) * 1000)))
                 batch = self._outbox.take_all() if self._outbox.fd in events else []
                 if self._closing:  # every request gets an outcome, the unsent ones too
+                    unsent = [*batch, *self._outbox.close()]
+                    self._part(sock, [frames for frames, request_id, _ in unsent if request_id in self._parting])
                     gone = DaemonUnavailable("the client was closed before the daemon answered")
-                    for future in [*pending.values(), *(f for _, _, f in [*batch, *self._outbox.close()])]:
+                    for future in [*pending.values(), *(f for _, _, f in unsent)]:
                         settle(future, error=gone)
                     return
                 if batch and not connected:
@@ -323,8 +347,18 @@ class Client:
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
-            sock.close(linger=0)
+            # Cancels of readers that left get out before the socket goes, if the daemon takes them soon.
+            sock.close(linger=round(min(self.timeout, 1.0) * 1000) if self._parting else 0)
             self._ctx.term()
+
+    @staticmethod
+    def _part(sock: zmq.Socket, requests: list[list]) -> None:
+        """Send the parting requests still unsent as the client closes."""
+        for frames in requests:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
 
     def _reconnect(self, sock: zmq.Socket, monitor: zmq.Socket) -> tuple[zmq.Socket, zmq.Socket]:
         """A new connection (a new routing id) in place of one the daemon cut off."""
@@ -371,6 +405,7 @@ class Client:
                 self._chunk(reply, future, pending)
                 continue
             del pending[reply.id]
+            self._parting.discard(reply.id)
             asked_to_cancel = reply.id in self._cancelling
             self._cancelling.discard(reply.id)
             if reply.ok:
@@ -384,6 +419,8 @@ class Client:
 
     @staticmethod
     def _chunk(reply: Any, future: Future, pending: dict[int, Future]) -> None:
+        if future.cancelled():
+            return  # cancelled at its caller's word: the chunks still on their way are dropped
         sink = future.on_chunk if isinstance(future, RemoteJobFuture) else None
         if sink is None or not isinstance(future, RemoteJobFuture):
             del pending[reply.id]
@@ -416,8 +453,9 @@ class Client:
 
 class RemoteJobFuture(JobFuture):
     """A job a daemon runs. ``cancel()`` asks the daemon and answers with
-    its word: True only if the job was still queued there and will never
-    run (the Future is then cancelled, as in-process); False once it runs."""
+    its word: True if the job was still queued there and will never run, or
+    is a stream it stopped (the Future is then cancelled, as in-process);
+    False for any other job once it runs."""
 
     def __init__(self, client: Client, on_chunk: Callable[[Any], None] | None = None):
         super().__init__(on_chunk)
@@ -430,3 +468,9 @@ class RemoteJobFuture(JobFuture):
             return self.cancelled()
         client = self._client()
         return client is not None and client._cancel(self)
+
+    def give_up(self) -> None:
+        """``cancel()`` without waiting for the daemon's answer."""
+        client = self._client()
+        if not self.done() and client is not None:
+            client._cancel(self, wait=False)

@@ -3,7 +3,9 @@
 Exit codes: 0 ok; 1 the job or switch failed, or another daemon already
 serves the endpoint; 2 usage; 3 the daemon is not running (nothing
 answered); 6 bad configuration: the file (the message names the file, the
-line and the key) or an endpoint that is unsafe or unusable.
+line and the key) or an endpoint that is unsafe or unusable; 130 a
+``submit`` interrupted (Ctrl-C), its job cancelled on the daemon (a queued
+one never runs, a stream stops at its next chunk).
 
 The options every command shares may stand before or after the command
 (``gpuvisor serve --config F`` and ``gpuvisor --config F serve``), because
@@ -18,14 +20,14 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from supervisor.service import output
 
 if TYPE_CHECKING:
-    pass
+    from supervisor.client import Client
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_CONFIG = 0, 1, 2, 3, 6
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 6, 130
 
 # The shared options' values when given on neither side of the command.
 _SHARED_DEFAULTS = {"verbose": False, "endpoint": None, "config": None, "daemon_timeout": 10.0, "json": False}
@@ -222,14 +224,9 @@ def _client_command(args: argparse.Namespace) -> int:
         raise DaemonUnavailable(f"no daemon at {endpoint}: {why}; is `gpuvisor serve` running?")
     with Client(endpoint, timeout=args.daemon_timeout) as client:
         if args.command == "submit":
-            timeout = args.job_timeout  # None: the config's job_timeout; 0: none, as job_timeout = 0
-            if args.stream:
-                stream = client.submit(args.task, payload, mode=args.mode, timeout=timeout, stream=True)
-                output.show_stream(args, stream)
-                value = stream.result()
-            else:
-                value = client.submit(args.task, payload, mode=args.mode, timeout=timeout,
-                                      retries=args.retries).result()  # fmt: skip
+            value = _submit(args, client, payload)
+            if value is _INTERRUPTED:
+                return EXIT_INTERRUPTED
         elif args.command == "switch":
             value = client.switch_mode(args.mode).result()
         elif args.command == "restart":
@@ -243,6 +240,44 @@ def _client_command(args: argparse.Namespace) -> int:
             value = {"stopped": True}
     output.show(args, value)
     return EXIT_OK
+
+
+_INTERRUPTED = object()
+
+
+def _submit(args: argparse.Namespace, client: Client, payload: Any) -> Any:
+    """The job's result, its chunks shown as they come with ``--stream``.
+    Ctrl-C cancels the job on the daemon, waiting for its word, before the
+    client closes: a queued job never runs, a stream stops at its next
+    chunk (one that runs and does not stream goes on)."""
+    timeout = args.job_timeout  # None: the config's job_timeout; 0: none, as job_timeout = 0
+    job: Any = None  # the job's Future, or its JobStream
+    try:
+        if args.stream:
+            job = client.submit(args.task, payload, mode=args.mode, timeout=timeout, stream=True)
+            output.show_stream(args, job)
+            return job.result()
+        job = client.submit(args.task, payload, mode=args.mode, timeout=timeout, retries=args.retries)
+        return job.result()
+    except KeyboardInterrupt:
+        cancelled = False
+        if job is not None:
+            try:
+                cancelled = job.cancel()
+            except KeyboardInterrupt:  # a second Ctrl-C: leave now
+                pass
+            except Exception as exc:  # noqa: BLE001 - the daemon went away meanwhile: say so, exit all the same
+                print(f"gpuvisor: could not cancel the job: {exc}", file=sys.stderr)
+        if cancelled:
+            fate = "the job was cancelled"
+        elif job is None:
+            fate = "the job was not sent"
+        elif getattr(job, "future", job).done():
+            fate = "the job had already ended"
+        else:
+            fate = "the job runs on (a job that does not stream cannot be stopped once it runs)"
+        print(f"gpuvisor: interrupted; {fate}", file=sys.stderr)
+        return _INTERRUPTED
 
 
 if __name__ == "__main__":

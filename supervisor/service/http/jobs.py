@@ -6,7 +6,9 @@ thread; this side only waits for it (``asyncio.wrap_future``) or, for a
 stream, has the chunks and the end handed to the event loop in order
 (``call_soon_threadsafe``), with no thread per request. While it waits, it
 also listens for the client's disconnect (ASGI's ``http.disconnect``): a
-caller that left gets its job cancelled, so a job still queued never runs.
+caller that left gets its job cancelled, so a job still queued never runs
+and a stream that runs stops at its next chunk (the worker closes its
+generator).
 """
 
 from __future__ import annotations
@@ -29,9 +31,15 @@ _END = object()
 log = logging.getLogger("gpuvisor")
 
 
-def _gone(request: Request, future: Future) -> None:
-    """Said once per caller that left: an operator sees clients giving up."""
-    fate = "its job was cancelled before it ran" if future.cancelled() else "its running job goes on to its end"
+def _give_up(request: Request, future: Future) -> None:
+    """Cancel the job of a caller that left, and say so once: an operator
+    sees clients giving up. ``cancel()`` waits for the supervisor's word
+    (one turn of its loop), so the line says what really happened."""
+    running = future.running()
+    if future.cancel():
+        fate = "its stream was stopped at its next chunk" if running else "its job was cancelled before it ran"
+    else:
+        fate = "its running job goes on to its end"
     log.info("HTTP client left %s %s before its answer: %s", request.method, request.url.path, fate)
 
 
@@ -76,8 +84,7 @@ async def run(sup: Supervisor, request: Request, task: str, payload: Any, mode: 
     try:
         return await unless_gone(asyncio.wrap_future(future), request)
     except ClientGone:
-        future.cancel()  # now, not when the wrapper's callback gets round to it: the log says which it was
-        _gone(request, future)
+        _give_up(request, future)  # now, not when the wrapper's callback gets round to it: the log says which it was
         raise
     except Exception as exc:  # noqa: BLE001 - the job's typed error
         raise from_job(exc) from exc
@@ -106,8 +113,7 @@ class Stream:
         try:
             item = await unless_gone(self._items.get(), request)
         except ClientGone:
-            self.cancel()
-            _gone(request, self.future)
+            _give_up(request, self.future)
             raise
         if item is _END and self.future.cancelled():
             raise ClientGone
@@ -122,11 +128,6 @@ class Stream:
         while item is not _END:
             yield item
             item = await self._items.get()
-
-    def cancel(self) -> None:
-        """The reader left: a job still queued never runs. (One already
-        running goes on to its end; its chunks are dropped.)"""
-        self.future.cancel()
 
 
 class JobStreamResponse(StreamingResponse):
@@ -143,5 +144,4 @@ class JobStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             if not self.stream.future.done():
-                self.stream.cancel()
-                _gone(self.request, self.stream.future)
+                _give_up(self.request, self.stream.future)
