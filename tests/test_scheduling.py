@@ -269,3 +269,76 @@ def test_batches_take_only_their_own_task_and_keep_the_order_with_other_tasks(su
     assert [r["payload"] if isinstance(r, dict) else r for r in results] == list(range(len(plan)))
     # a batch never jumps over a job of another task queued before its jobs
     assert [r["batch"] for r in results if isinstance(r, dict)] == [2, 2, 2, 2, 1]
+
+
+def test_a_job_whose_timeout_passes_in_a_batch_times_out_and_the_rest_get_one_outcome_each(supervisor_from):
+    """A batch runs as one call: when one job's timeout passes, the worker is
+    killed (the only way to stop a call). That job gets JobTimeout; the
+    others of the batch, which the worker was running too, get
+    WorkerCrashed, or run again on the next worker if their caller allowed a
+    retry."""
+    from protocol import JobTimeout, WorkerCrashed
+
+    sup = supervisor_from(_batching())
+    sup.switch_mode("diag").result(T)
+    hold = sup.submit("sleep", {"seconds": 0.3})
+    short = sup.submit("batch_sleep", {"seconds": 5}, timeout=0.5)
+    plain = sup.submit("batch_sleep", {"seconds": 0})
+    retried = sup.submit("batch_sleep", {"seconds": 0}, retries=1)
+    hold.result(T)
+    with pytest.raises(JobTimeout):
+        short.result(T)
+    with pytest.raises(WorkerCrashed):
+        plain.result(T)
+    assert retried.result(T) == {"payload": {"seconds": 0}, "batch": 1}  # alone on the next worker
+    assert sup.submit("batch_echo", "after").result(T)["payload"] == "after"
+
+
+def test_kills_mid_batch_give_every_job_exactly_one_outcome(supervisor_from):
+    """Workers killed from outside while batches run: every job ends once,
+    with its result (first time, or on a retry) or WorkerCrashed."""
+    import os
+    import signal
+
+    from protocol import WorkerCrashed
+
+    text = config_text({"diag": DIAG}, supervisor={"warm_standby": False, "max_restarts": 100, "restart_backoff": 0.0})
+    sup = supervisor_from(text)
+    sup.switch_mode("diag").result(T)
+    settled: list[int] = []
+    lock = threading.Lock()
+
+    def note(n: int):
+        def done(_):
+            with lock:
+                settled.append(n)
+
+        return done
+
+    futures = []
+    for n in range(120):
+        future = sup.submit("batch_sleep", {"seconds": 0.02, "n": n}, retries=n % 2)
+        future.add_done_callback(note(n))
+        futures.append(future)
+    kills = 0
+    while kills < 6 and not all(f.done() for f in futures):
+        status = sup.status()
+        if status["worker_state"] == "busy" and status["worker_pid"]:
+            try:
+                os.kill(status["worker_pid"], signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+        threading.Event().wait(0.03)
+    results = crashed = 0
+    for n, future in enumerate(futures):
+        error = future.exception(T)
+        if error is None:
+            assert future.result()["payload"]["n"] == n
+            results += 1
+        else:
+            assert isinstance(error, WorkerCrashed), error
+            crashed += 1
+    with lock:
+        assert sorted(settled) == list(range(120))  # each job's Future settled exactly once
+    assert results + crashed == 120 and kills >= 1 and crashed >= 1

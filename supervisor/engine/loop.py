@@ -302,6 +302,7 @@ class Engine:
     def _reload(self, command: Reload) -> None:
         old, self.config = self.config, command.config
         self.slot.budget.config = command.config
+        self.slot.standby.reconfigure(command.config)
         log.info("configuration reloaded from %s: modes %s", command.config.source, sorted(command.config.modes))
         if not self.slot.standby_wanted():
             self.slot.standby.stop()  # the reload is answered once the spare is reaped
@@ -487,6 +488,7 @@ class Engine:
             "reclaiming": sw is not None and sw.waiting_for is not None,
             "standby_pid": slot.standby.pid,
             "standby_ready": slot.standby.ready,
+            "standby_paused": slot.standby.paused,
             "last_error": slot.mode_error,
             "failed_reason": slot.budget.failed,
             "idle_unloaded": slot.idle_unloaded,

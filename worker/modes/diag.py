@@ -105,6 +105,18 @@ def batch_echo(payloads: list) -> list:
 
 
 @batched(max_batch=8, max_delay_ms=20)
+def batch_sleep(payloads: list) -> list:
+    """A batch that takes time: sleeps the longest ``seconds`` of its
+    payloads, once, then answers like ``batch_echo``; so a batch can time
+    out or be killed while it runs."""
+    longest = max((_payload_map(p, "batch_sleep").get("seconds", 0) for p in payloads), default=0)
+    if not isinstance(longest, (int, float)) or isinstance(longest, bool) or longest < 0:
+        raise ValueError(f"batch_sleep: 'seconds' must be a number >= 0, got {longest!r}")
+    time.sleep(longest)
+    return [{"payload": p, "batch": len(payloads)} for p in payloads]
+
+
+@batched(max_batch=8, max_delay_ms=20)
 def batch_fail(payloads: list) -> list:
     raise RuntimeError("batch_fail on purpose")
 
@@ -165,4 +177,5 @@ def load(**args: Any) -> dict:
         "oom": oom,
         "batch_echo": batch_echo,
         "batch_fail": batch_fail,
+        "batch_sleep": batch_sleep,
     }
