@@ -1,8 +1,8 @@
 """The HTTP door through a daemon's life, one daemon per case: /health while
-the first mode loads and during a later switch, a stop that drains both
-doors, a failed supervisor, a job past its timeout, a model without a chat
-template, and the addresses and installs that must stop the daemon before
-it starts."""
+the first mode loads, after the default mode failed to load, during a later
+switch, a stop that drains both doors, a failed supervisor, a job past its
+timeout, a model without a chat template, and the addresses and installs
+that must stop the daemon before it starts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from supervisor import ShuttingDown
+from supervisor import ModeLoadError, ShuttingDown, WorkerCrashed
 from tests.helpers import T, repo_pythonpath, wait_until
 from tests.helpers.config import DIAG
 from tests.helpers.daemon import free_port
@@ -53,6 +53,33 @@ def test_health_is_503_while_the_first_mode_loads_and_200_during_a_later_switch(
         assert code == 200 and body["status"] == "ok", "a later switch still serves: jobs wait in the queue"
         (tmp_path / "open-2").touch()
         assert switch.result(T)["status"] == "loaded"
+
+
+def test_health_is_503_when_the_default_mode_fails_to_load_and_200_once_a_mode_loads(daemon, tmp_path):
+    modes = {"broken": {"loader": DIAG, "args": {"x": 1}}, "diag": {"loader": DIAG, "idle_unload_s": 0.5}}
+    d = daemon(config_text=http_config(modes, {}, supervisor={"default_mode": "broken", "warm_standby": False,
+                                                              "max_restarts": 10}))  # fmt: skip
+    unix = http_socket(d)
+    wait_until(lambda: health(unix)[1]["status"] == "load_failed", T, "/health to say the default mode failed")
+    code, body = health(unix)
+    assert code == 503 and body["mode"] is None and body["switching_to"] is None, body
+    assert "'broken'" in body["reason"] and "diag takes no arguments" in body["reason"], body
+    with d.client() as c:
+        assert c.switch_mode("diag").result(T)["status"] == "loaded"
+        code, body = health(unix)
+        assert code == 200 and body["status"] == "ok" and body["mode"] == "diag", body
+        wait_until(lambda: c.status()["idle_unloaded"] == "diag", T, "idle_unload_s to stop the worker")
+        code, body = health(unix)
+        assert code == 200 and body["mode"] is None, "a mode stopped while idle still serves: the next job loads it"
+        with pytest.raises(WorkerCrashed):
+            c.submit("crash", {"how": "kill"}, mode="diag").result(T)
+        assert health(unix)[0] == 200, "a crash is respawned: jobs wait in the queue"
+        with pytest.raises(ModeLoadError, match="diag takes no arguments"):
+            c.switch_mode("broken").result(T)
+        assert c.status()["last_error"] is not None and c.status()["mode"] is None
+        code, body = health(unix)
+        assert code == 200 and body["status"] == "ok", "a later switch that fails is the caller's answer, not the pod's"
+        assert c.submit("echo", 7, mode="diag").result(T) == 7
 
 
 def test_a_stop_drains_both_doors_and_the_http_socket_goes(daemon, tmp_path):

@@ -146,8 +146,14 @@ async def _nobody_listens(request: Request, exc: Exception) -> Response:
 
 def _health(sup: Supervisor, door: Door) -> JSONResponse:
     """200 while the daemon serves; 503, with the reason, while it drains,
-    is loading its first mode (nothing ever loaded, a switch under way), or
-    has failed. A later switch is still serving: jobs wait in the queue."""
+    is loading its first mode (nothing ever loaded, a switch under way), has
+    failed, or could not load its default mode at start: a pod that never
+    loaded anything and whose configured mode is broken should leave the
+    Service, as one that is still loading does. Once any mode has loaded
+    the daemon serves again. A later switch, a mode stopped by
+    ``idle_unload_s`` and a respawn after a crash are still serving: jobs
+    wait in the queue; a later switch that fails is answered to the job or
+    caller that asked (other modes serve on), so it keeps 200 too."""
     status = sup.status()
     state = status["state"]
     fields = {"mode": status["mode"], "switching_to": status["switching_to"], "queued": status["queued"],
@@ -158,8 +164,10 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
         return JSONResponse({"status": "failed", "reason": status["failed_reason"], **fields}, status_code=503)
     if state != "running":
         return JSONResponse({"status": "starting", "reason": f"supervisor {state}", **fields}, status_code=503)
-    if status["mode"] is None and status["switching_to"] is not None:
-        if all(mode["tasks"] is None for mode in sup.modes().values()):
+    if status["mode"] is None and all(mode["tasks"] is None for mode in sup.modes().values()):
+        if status["switching_to"] is not None:
             reason = f"loading {status['switching_to']}, the first mode since the daemon started"
             return JSONResponse({"status": "loading", "reason": reason, **fields}, status_code=503)
+        if status["last_error"] is not None and sup.config.default_mode:
+            return JSONResponse({"status": "load_failed", "reason": status["last_error"], **fields}, status_code=503)
     return JSONResponse({"status": "ok", **fields})
