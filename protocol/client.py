@@ -30,6 +30,7 @@ class Request(enum.StrEnum):
     PING = "ping"
     SHUTDOWN = "shutdown"
     MODES = "modes"
+    METRICS = "metrics"
 
 
 REPLY = "reply"
@@ -55,6 +56,7 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
     Request.PING: {},
     Request.SHUTDOWN: {"drain": ((bool,), True), "timeout": ((*_NUMBER, _NONE), None)},
     Request.MODES: {},
+    Request.METRICS: {},
 }
 
 

@@ -304,6 +304,12 @@ class Supervisor:
         ``standby_pid`` ...): the same map the daemon answers with."""
         return self._engine.status
 
+    def metrics(self) -> str:
+        """Counters, histograms and the status's gauges in the Prometheus text
+        format (docs/operations.md lists them): what ``GET /metrics`` and
+        ``gpuvisor metrics`` serve."""
+        return self._engine.metrics.exposition().decode()
+
     def healthy(self, max_age: float) -> bool:
         """The core loop is alive and has turned within ``max_age`` seconds
         (it turns at least once a second when idle). For watchdogs."""
@@ -382,6 +388,9 @@ class AsyncSupervisor:
 
     async def modes(self) -> dict[str, dict[str, Any]]:
         return self._sync.modes()
+
+    async def metrics(self) -> str:
+        return self._sync.metrics()
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)

@@ -52,6 +52,10 @@ class SupervisorAPI(Protocol):
         tasks (known once it has loaded)."""
         ...
 
+    def metrics(self) -> str:
+        """The Prometheus text exposition of the supervisor's metrics."""
+        ...
+
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop, after running what is queued (``drain``, bounded by
         ``timeout``), and return once the worker is gone."""
@@ -80,7 +84,9 @@ class AsyncSupervisorAPI(Protocol):
 
     async def modes(self) -> dict[str, dict[str, Any]]: ...
 
+    async def metrics(self) -> str: ...
+
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None: ...
 
 
-SYNC_METHODS = ("submit", "switch_mode", "restart", "status", "modes", "shutdown")
+SYNC_METHODS = ("submit", "switch_mode", "restart", "status", "modes", "metrics", "shutdown")

@@ -57,6 +57,9 @@ class AsyncClient:
     async def modes(self) -> dict[str, dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(None, self._sync.modes)
 
+    async def metrics(self) -> str:
+        return await asyncio.get_running_loop().run_in_executor(None, self._sync.metrics)
+
     async def ping(self) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(None, self._sync.ping)
 

@@ -176,6 +176,10 @@ class Client:
     def modes(self) -> dict[str, dict[str, Any]]:
         return self._request(Request.MODES, Future()).result()
 
+    def metrics(self) -> str:
+        """The daemon's metrics, in the Prometheus text format."""
+        return self._request(Request.METRICS, Future()).result()
+
     def ping(self) -> dict[str, Any]:
         return self._request(Request.PING, Future()).result()
 

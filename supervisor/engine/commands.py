@@ -28,6 +28,7 @@ class QueuedJob:
     stream_broken: bool = False  # a chunk could not be read: the stream has ended with an error
     stopped: bool = False  # a stream its caller cancelled while it ran: its Future is cancelled, its chunks dropped
     cancel_sent: bool = False  # the worker was told (CANCEL) to stop it
+    ran_in: str | None = None  # the mode of the worker it was handed to (its metrics' label)
 
 
 @dataclass(eq=False)

@@ -31,6 +31,7 @@ the same story.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from supervisor.engine.slot import Slot
 from supervisor.engine.worker_handle import SERVING, WorkerHandle, WorkerState
 from supervisor.futures import settle
 from supervisor.mailbox import Mailbox
+from supervisor.metrics import Metrics, outcome_of
 from supervisor.status import Status, already_loaded, not_started
 
 log = logging.getLogger("gpuvisor")
@@ -76,6 +78,9 @@ class Engine:
         self._boot_error: BaseException | None = None
         self._status: MappingProxyType = MappingProxyType(not_started())
         self.published_at = 0.0
+        # Counted on the loop thread (and by job Futures' callbacks wherever they
+        # settle); read by any thread that scrapes.
+        self.metrics = Metrics(lambda: self._status)
         # Everything below belongs to the loop thread.
         self.queue = JobQueue(max_wait=lambda mode: self.config.max_wait_for(mode))
         self.deadlines = Deadlines()
@@ -250,12 +255,19 @@ class Engine:
         for command in commands:
             if command.future is not None:
                 self._accepted.add(command.future)
+            if isinstance(command, QueuedJob):
+                command.future.add_done_callback(functools.partial(self._job_ended, command, time.monotonic()))
         for command in commands:
             self._on_command(command)
         if len(self.queue) > self.config.max_queue:
             # Only cancelled jobs can push it past max_queue (their slots are
             # back); drop them now rather than when they reach the head.
             self.queue.drop_cancelled()
+
+    def _job_ended(self, job: QueuedJob, since: float, future: Future) -> None:
+        """Counted wherever the job's Future settles: on this thread, or on a
+        caller's that cancelled it while queued."""
+        self.metrics.job_ended(job.ran_in or job.mode, job.task, outcome_of(future), time.monotonic() - since)
 
     def _hand_out(self) -> None:
         outcomes, self._outcomes = self._outcomes, []

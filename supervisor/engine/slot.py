@@ -29,6 +29,7 @@ from supervisor.engine.queue import JobQueue
 from supervisor.engine.standby import StandbyPool
 from supervisor.engine.switching import RECLAIM_POLL_S, Gone, Switch, SwitchPhase
 from supervisor.engine.worker_handle import HEARTBEATING, STARTING, WorkerHandle, WorkerState
+from supervisor.metrics import Metrics
 
 log = logging.getLogger("gpuvisor")
 
@@ -41,6 +42,7 @@ class EngineView(Protocol):
     deadlines: Deadlines
     link: WorkerLink
     tasks: dict[str, list[str]]
+    metrics: Metrics
 
     @property
     def shutting_down(self) -> bool: ...
@@ -274,11 +276,10 @@ class Slot:
         self.mode_served, self.turn_since = True, float("inf")
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, time.monotonic() - sw.started,
                  w.load_seconds or 0, w.pid)  # fmt: skip
-        if sw.request.future is not None:
-            spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
-            self.engine.decide(
-                sw.request.future, result=sw.result(w.pid, w.load_seconds, w.warmup_seconds, spawn_seconds)
-            )
+        spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
+        result = sw.result(w.pid, w.load_seconds, w.warmup_seconds, spawn_seconds)
+        self.engine.metrics.switched(sw.mode, result)
+        self.engine.decide(sw.request.future, result=result)
         if self.standby_wanted() and not self.engine.shutting_down:
             self.standby.prepare()
 
@@ -297,6 +298,7 @@ class Slot:
         self.mode = None if forget else sw.mode
         self.mode_error = f"switch to {sw.mode!r} failed: {error.message}"
         log.error("mode %r failed to load: %s", sw.mode, error.message)
+        self.engine.metrics.switch_failed(sw.mode)
         if sw.request.future is not None:
             self.engine.decide(sw.request.future, error=error)
         self.engine.fail_before_barrier(

@@ -44,6 +44,12 @@ def dispatch(slot: Slot, jobs: list[QueuedJob], w: WorkerHandle) -> bool:
         slot.turn_since = time.monotonic()  # the loaded mode's turn runs from its first job
     if len(jobs) > 1:
         slot.batched(jobs)
+    now, metrics = time.monotonic(), slot.engine.metrics
+    for job in jobs:
+        job.ran_in = w.mode
+        metrics.job_started(w.mode, now - job.queued_at)
+    if slot.batch_limits(w, jobs[0]) is not None:
+        metrics.batch(w.mode, jobs[0].task, len(jobs))
     w.in_flight.extend(jobs)
     if len(jobs) > 1 or len(w.in_flight) == 1:
         for job in jobs:

@@ -113,6 +113,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     restart.add_argument("mode", nargs="?")
     add("status", help="what the daemon is doing")
     add("modes", help="the modes the daemon serves: loader, whether loaded, tasks")
+    add("metrics", help="the daemon's metrics in the Prometheus text format (for a textfile collector)")
     stop = add("stop", help="stop the daemon (after draining its queue); returns once it has stopped")
     stop.add_argument("--no-drain", action="store_true", help="cancel queued jobs instead of running them")
     stop.add_argument("--drain-timeout", type=_positive_seconds, metavar="SECONDS",
@@ -235,6 +236,9 @@ def _client_command(args: argparse.Namespace) -> int:
             value = client.status()
         elif args.command == "modes":
             value = client.modes()
+        elif args.command == "metrics":
+            sys.stdout.write(client.metrics())  # the exposition as it is, with or without --json
+            return EXIT_OK
         else:  # stop
             client.shutdown(drain=not args.no_drain, timeout=args.drain_timeout)
             value = {"stopped": True}

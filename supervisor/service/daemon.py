@@ -373,6 +373,8 @@ class Daemon:
             self._reply_now(peer, request.id, value=status)
         elif kind is Request.MODES:
             self._reply_now(peer, request.id, value=sup.modes())
+        elif kind is Request.METRICS:
+            self._reply_now(peer, request.id, value=sup.metrics())
         elif kind is Request.CANCEL:  # a queued job never runs; a stream that runs is stopped at its next chunk
             future = peer.jobs.get(args["target"])
             self._reply_now(peer, request.id, value={"cancelled": bool(future is not None and future.cancel())})

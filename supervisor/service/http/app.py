@@ -11,13 +11,13 @@ chunk the worker yields, ending in ``data: [DONE]``.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -98,16 +98,7 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        try:
-            module = importlib.import_module("supervisor.metrics")
-        except ModuleNotFoundError as exc:
-            if exc.name != "supervisor.metrics":
-                raise
-            raise ApiError(404, "this gpuvisor has no metrics yet", "not_found") from None
-        text = module.exposition(sup)
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(text if isinstance(text, bytes) else text.encode(), media_type=CONTENT_TYPE_LATEST)
+        return Response(sup.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -1,0 +1,163 @@
+"""One supervisor's Prometheus metrics, in a registry of its own.
+
+An operator sees a restart loop or a thrashing queue here, not only in the
+log. Two kinds of figures, kept apart on purpose:
+
+* **Events** (a job ended, a job started after waiting, a switch, a batch)
+  are counted and timed where they happen, on the core loop thread, into
+  ``prometheus_client`` counters and histograms: a figure sampled at scrape
+  time would miss what happened between scrapes.
+* **State** (queue depth per mode, the worker's memory, restarts so far) is
+  read from the published status when scraped: the status already owns
+  those numbers, and a second copy could disagree with it.
+
+Each supervisor has its own ``CollectorRegistry`` (not the global one), so
+two in one process, as in tests, never collide. The exposition is the same
+text through HTTP (``GET /metrics``) and through the ZeroMQ protocol
+(``gpuvisor metrics``, for a node-exporter textfile collector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Jobs range from a no-op (~0.3 ms) to a long generation (minutes).
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# A switch: a warm one ~0.1 s, a cold import seconds, a large model's load minutes.
+_SWITCH_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# The phases of a switch, as its result names them: ``seconds`` is the whole.
+SWITCH_PHASES = {
+    "total": "seconds",
+    "stop": "stop_seconds",
+    "reclaim": "reclaim_seconds",
+    "spawn": "spawn_seconds",
+    "load": "load_seconds",
+    "warmup": "warmup_seconds",
+}
+
+
+def outcome_of(future: Any) -> str:
+    """A job's outcome label: ``ok``, ``cancelled``, or its error's code."""
+    if future.cancelled():
+        return "cancelled"
+    error = future.exception()
+    if error is None:
+        return "ok"
+    return str(getattr(error, "code", None) or type(error).__name__)
+
+
+class Metrics:
+    """The event figures of one supervisor (called on its loop thread), and
+    its registry, which also reads the status at scrape time."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Counter("gpuvisor_jobs", "Jobs ended, by mode, task and outcome (ok, cancelled or the error's code)",
+                            ["mode", "task", "outcome"], registry=r)  # fmt: skip
+        self.job_seconds = Histogram("gpuvisor_job_duration_seconds", "From submit to the job's outcome",
+                                     ["mode", "task"], buckets=_SECONDS, registry=r)  # fmt: skip
+        self.queue_wait = Histogram("gpuvisor_queue_wait_seconds", "From being queued to starting on a worker",
+                                    ["mode"], buckets=_SECONDS, registry=r)  # fmt: skip
+        self.switches = Counter("gpuvisor_switches", "Mode switches (a worker started for a mode), by outcome",
+                                ["mode", "outcome"], registry=r)  # fmt: skip
+        self.switch_seconds = Histogram("gpuvisor_switch_duration_seconds", "Switches that loaded, by phase "
+                                        "(total, stop, reclaim, spawn, load, warmup)", ["phase"],
+                                        buckets=_SWITCH_SECONDS, registry=r)  # fmt: skip
+        self.reclaimed = Counter("gpuvisor_reclaimed_bytes", "Device memory verified back after a worker was stopped",
+                                 registry=r)  # fmt: skip
+        self.batch_size = Histogram("gpuvisor_batch_size", "Jobs per call of a batch handler", ["mode", "task"],
+                                    buckets=_BATCH_SIZES, registry=r)  # fmt: skip
+        r.register(_StatusCollector(status))
+
+    # ------------------------------------------------------------ events
+
+    def job_ended(self, mode: str | None, task: str, outcome: str, seconds: float) -> None:
+        label = mode or ""
+        self.jobs.labels(label, task, outcome).inc()
+        self.job_seconds.labels(label, task).observe(seconds)
+
+    def job_started(self, mode: str | None, waited: float) -> None:
+        self.queue_wait.labels(mode or "").observe(max(0.0, waited))
+
+    def switched(self, mode: str, result: Mapping[str, Any]) -> None:
+        self.switches.labels(mode, "loaded").inc()
+        for phase, key in SWITCH_PHASES.items():
+            value = result.get(key)
+            if isinstance(value, (int, float)):
+                self.switch_seconds.labels(phase).observe(value)
+        reclaimed = result.get("reclaimed_bytes")
+        if isinstance(reclaimed, int) and reclaimed > 0:
+            self.reclaimed.inc(reclaimed)
+
+    def switch_failed(self, mode: str) -> None:
+        self.switches.labels(mode, "failed").inc()
+
+    def batch(self, mode: str | None, task: str, size: int) -> None:
+        self.batch_size.labels(mode or "", task).observe(size)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StatusCollector(Collector):
+    """What the status owns, read when scraped."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]):
+        self._status = status
+
+    def describe(self):
+        return []  # read at scrape time only: nothing to check at registration
+
+    def collect(self):
+        s = self._status()
+        device = str(s.get("device") or "")
+        state = GaugeMetricFamily("gpuvisor_state", "1 for the supervisor's state", labels=["state"])
+        for name in ("not_started", "running", "draining", "failed", "stopped"):
+            state.add_metric([name], 1.0 if s.get("state") == name else 0.0)
+        yield state
+        loaded = GaugeMetricFamily("gpuvisor_mode_loaded", "1 for the mode the worker has loaded",
+                                   labels=["device", "mode"])  # fmt: skip
+        if s.get("mode"):
+            loaded.add_metric([device, s["mode"]], 1.0)
+        yield loaded
+        depth = GaugeMetricFamily("gpuvisor_queue_depth", "Jobs waiting, by the mode they need", labels=["mode"])
+        oldest = GaugeMetricFamily("gpuvisor_queue_oldest_seconds", "How long the oldest job waiting for each mode "
+                                   "has waited", labels=["mode"])  # fmt: skip
+        for mode, waiting in (s.get("waiting") or {}).items():
+            depth.add_metric([mode or ""], float(waiting.get("jobs", 0)))
+            oldest.add_metric([mode or ""], float(waiting.get("oldest_s", 0.0)))
+        yield depth
+        yield oldest
+        yield _gauge("gpuvisor_queued", "Jobs and switches queued", s.get("queued"))
+        yield _gauge("gpuvisor_in_flight", "Jobs handed to the worker", s.get("in_flight"), device)
+        yield _counter("gpuvisor_worker_restarts", "Workers respawned after an unexpected death", s.get("restarts"),
+                       device)  # fmt: skip
+        yield _counter("gpuvisor_oom_recycles", "Workers replaced after a job ran out of memory",
+                       s.get("oom_recycles"), device)  # fmt: skip
+        yield _counter("gpuvisor_worker_generations", "Workers started so far", s.get("generation"), device)
+        yield _gauge("gpuvisor_worker_rss_bytes", "The worker's host memory (RSS)", s.get("worker_rss_bytes"), device)
+        yield _gauge("gpuvisor_worker_vram_bytes", "The worker's device memory, through NVML",
+                     s.get("worker_vram_bytes"), device)  # fmt: skip
+        yield _gauge("gpuvisor_standby_ready", "1 while a warm standby has finished its imports",
+                     1.0 if s.get("standby_ready") else 0.0, device)  # fmt: skip
+
+
+def _gauge(name: str, text: str, value: Any, device: str | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, text, labels=["device"] if device is not None else [])
+    if isinstance(value, (int, float)):
+        family.add_metric([device] if device is not None else [], float(value))
+    return family
+
+
+def _counter(name: str, text: str, value: Any, device: str) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, text, labels=["device"])
+    if isinstance(value, (int, float)):
+        family.add_metric([device], float(value))
+    return family
