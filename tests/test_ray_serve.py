@@ -140,6 +140,22 @@ def test_two_replicas_each_run_their_own_worker_through_a_serve_handle(local_ray
         assert maps_torch(status["worker_pid"]), "the embed worker runs torch (this proves the check can see it)"
         assert not maps_torch(status["replica"]["pid"]), f"replica {replica} (the supervisor) maps torch"
 
+    # A mode whose loader raises fails a replica's start: Serve gives up on
+    # the application and says why (the replicas above serve on). No CPU
+    # asked for: the two replicas above hold the local Ray's two, and a
+    # replica Ray cannot place would wait, never fail.
+    broken = CONFIG + '[modes.broken]\nloader = "worker.modes.diag:load"\nargs = { x = 1 }\n'
+    no_resources = {"num_cpus": 0, "num_gpus": 0}
+    with pytest.raises(RuntimeError, match="Deploying application broken failed"):
+        serve.run(
+            GpuvisorDeployment.options(ray_actor_options=no_resources).bind(config_text=broken, mode="broken"),
+            name="broken",
+            route_prefix=None,
+        )
+    said = serve.status().applications["broken"].deployments["GpuvisorDeployment"].message
+    assert "ModeLoadError" in said and "diag takes no arguments" in said, said
+    assert handle.remote("embed", {"texts": ["still here"]}).result(timeout_s=T).shape == (1, 384)
+
     # Serve stops the replicas; each one's worker (and spare) goes with it.
     serve.shutdown()
     for pid in sorted(spawned | replica_pids):
