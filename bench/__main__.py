@@ -13,7 +13,20 @@ import traceback
 from bench.report import failed_row, print_table, progress, write
 
 # name -> module in bench/ with a ``run() -> list[Row]``; the order of a full run.
-SUITES = ["roundtrip", "throughput", "arrays", "traffic", "lifecycle", "standby", "footprint", "drain", "daemon", "flood", "http"]
+SUITES = [
+    "roundtrip",
+    "throughput",
+    "arrays",
+    "traffic",
+    "placement",
+    "lifecycle",
+    "standby",
+    "footprint",
+    "drain",
+    "daemon",
+    "flood",
+    "http",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -151,3 +151,30 @@ def raw_echo(name: str) -> Iterator[tuple[zmq.Socket, bytes]]:
     finally:
         router.close()
         ctx.term()
+
+
+def run_callers(callers: list, timeout: float = 600) -> tuple[float, list]:
+    """Each of ``callers`` (a function returning the Futures it submitted)
+    on a thread of its own, released at once; the seconds until every
+    Future has its result, and the results."""
+    import threading
+
+    gate = threading.Barrier(len(callers) + 1)
+    futures: list = []
+    lock = threading.Lock()
+
+    def call(submit) -> None:
+        gate.wait()
+        mine = submit()
+        with lock:
+            futures.extend(mine)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in callers]
+    for th in threads:
+        th.start()
+    t0 = time.perf_counter()
+    gate.wait()
+    for th in threads:
+        th.join()
+    results = [f.result(timeout) for f in futures]
+    return time.perf_counter() - t0, results

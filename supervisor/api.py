@@ -244,33 +244,55 @@ class Supervisor:
         self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
         return future
 
-    def switch_mode(self, mode: str) -> Future[SwitchResult]:
-        """Make ``mode`` the loaded mode, after every job queued before this
-        call. The Future's result is ``{"mode", "status": "already_loaded"}``
+    def switch_mode(self, mode: str, *, device: str | None = None) -> Future[SwitchResult]:
+        """Make ``mode`` loaded, after every job queued before this call. The
+        Future's result is ``{"mode", "status": "already_loaded", "pid"}``
         when it already is (the worker is untouched), else ``{"mode",
-        "status": "loaded", "previous", "seconds", "load_seconds", "pid"}``."""
+        "status": "loaded", "previous", "seconds", "load_seconds", "pid"}``
+        and the reclaim figures. With several devices, ``device`` names the
+        one to switch; None: a device that holds ``mode`` (a no-op), else
+        one the mode may use, the longest free (the jobs' own placement
+        would choose it too)."""
         check_mode(mode, optional=False)
         if (unknown := self._unknown(mode)) is not None:
             return unknown
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        self._engine.post(QueuedSwitch(mode, future))
+        self._check_device(device, mode)
+        self._engine.post(QueuedSwitch(mode, future, device=device))
         return future
 
-    def restart(self, mode: str | None = None) -> Future[SwitchResult]:
-        """Replace the worker with a fresh one, in ``mode`` or the mode in
-        force, after every job queued before this call; also clears the
-        ``failed`` state. Result: ``{"mode", "status": "restarted",
-        "previous", "seconds", "load_seconds", "pid"}``."""
+    def restart(self, mode: str | None = None, *, device: str | None = None) -> Future[SwitchResult]:
+        """Replace a worker with a fresh one, in ``mode`` or the mode in force
+        on its device, after every job queued before this call; also clears
+        that device's ``failed`` state. With several devices, ``device``
+        names it; None: a failed device first, else one holding ``mode``.
+        Result: ``{"mode", "status": "restarted", "previous", "seconds",
+        "load_seconds", "pid"}``."""
         check_mode(mode, optional=True)
         if (unknown := self._unknown(mode)) is not None:
             return unknown
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        self._engine.post(QueuedSwitch(mode, future, force=True))
+        self._check_device(device, mode)
+        self._engine.post(QueuedSwitch(mode, future, force=True, device=device))
         return future
+
+    def _check_device(self, device: str | None, mode: str | None) -> None:
+        """``ValueError`` for a device this supervisor does not drive, or one
+        ``mode``'s ``devices`` leaves out; the names are known once started."""
+        if device is None:
+            return
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a str or None, got {type(device).__name__}")
+        names = self._engine.device_names
+        if device not in names:
+            raise ValueError(f"unknown device {device!r}; this supervisor drives {', '.join(names)}")
+        spec = self.config.mode(mode) if mode is not None else None
+        if spec is not None and spec.devices and device not in spec.devices:
+            raise ValueError(f"mode {mode!r} may not run on {device!r}: its devices are {', '.join(spec.devices)}")
 
     def reload(self, config: str | Path | Config | None = None) -> Future:
         """Swap in a new mode table and settings (a daemon does this on SIGHUP).
@@ -377,11 +399,11 @@ class AsyncSupervisor:
             lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)
         )
 
-    async def switch_mode(self, mode: str) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.switch_mode(mode))
+    async def switch_mode(self, mode: str, *, device: str | None = None) -> SwitchResult:
+        return await asyncio.wrap_future(self._sync.switch_mode(mode, device=device))
 
-    async def restart(self, mode: str | None = None) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.restart(mode))
+    async def restart(self, mode: str | None = None, *, device: str | None = None) -> SwitchResult:
+        return await asyncio.wrap_future(self._sync.restart(mode, device=device))
 
     async def status(self) -> Status:
         return self._sync.status()

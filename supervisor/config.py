@@ -39,6 +39,8 @@ class ModeSpec:
     max_wait_s: float | None = None  # the starvation bound of this mode's jobs; None: [supervisor] max_wait_s
     batch: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {max_batch, max_delay_ms}
     preload: tuple[str, ...] = ()  # libraries its worker imports: a warm standby imports them from the start
+    devices: tuple[str, ...] = ()  # the devices (by name) its workers may run on; empty: any
+    replicas: int = 1  # how many devices may hold it loaded at once
 
 
 _DEVICE_RE = re.compile(r"cuda:(0|[1-9][0-9]*)")
@@ -48,6 +50,33 @@ BAD_DEVICE_SETTING = "device must be 'auto', 'cpu' or 'cuda:N' (N = the GPU's NV
 def valid_device_setting(value: Any) -> bool:
     """Syntax only, no NVML: ``"auto"``, ``"cpu"`` or ``"cuda:N"``."""
     return isinstance(value, str) and (value in ("auto", "cpu") or _DEVICE_RE.fullmatch(value) is not None)
+
+
+def _valid_devices(value: Any) -> bool:
+    """``"auto"``, or a list of ``"cpu"`` and ``"cuda:N"``: each GPU once, the
+    CPU as often as wanted (each is a worker of its own)."""
+    if value == "auto":
+        return True
+    if not isinstance(value, list) or not value or len(value) > 64:
+        return False
+    gpus = [v for v in value if v != "cpu"]
+    return all(v == "cpu" or (isinstance(v, str) and _DEVICE_RE.fullmatch(v)) for v in value) and len(set(gpus)) == len(
+        gpus
+    )
+
+
+def device_names(settings: list[str] | tuple[str, ...]) -> list[str]:
+    """What each device of a ``devices`` list is called (in status, metrics,
+    a mode's ``devices`` and ``switch_mode(device=...)``): ``cuda:N`` as
+    it is, ``cpu`` alone as ``cpu``, and several ``cpu`` as ``cpu:0``,
+    ``cpu:1`` ... in their order."""
+    cpus = sum(1 for s in settings if s == "cpu")
+    names, k = [], 0
+    for s in settings:
+        if s == "cpu" and cpus > 1:
+            s, k = f"cpu:{k}", k + 1
+        names.append(s)
+    return names
 
 
 # name -> (check, what is expected); the defaults live in Config alone.
@@ -65,6 +94,11 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "window": (lambda v: whole(v) and 1 <= v <= 1024, "a whole number from 1 to 1024"),
     "default_mode": (lambda v: isinstance(v, str), "a mode name"),
     "device": (valid_device_setting, "'auto', 'cpu' or 'cuda:N'"),
+    "devices": (
+        _valid_devices,
+        '\'auto\' (every GPU NVML sees) or a list of devices, e.g. ["cuda:0", "cuda:1"] or ["cpu", "cpu"] '
+        "(each GPU at most once)",
+    ),
     "recycle_on_oom": (lambda v: isinstance(v, bool), "true or false"),
     "idle_unload_s": (lambda v: number(v) and v >= 0, "a number of seconds >= 0 (0: never)"),
     "max_wait_s": (lambda v: number(v) and v >= 0, "a number of seconds >= 0 (0: first come, first served)"),
@@ -133,6 +167,7 @@ class Config:
     window: int = 1  # jobs handed to the worker at once; >1 trades exactness for throughput (docs/configuration.md)
     default_mode: str = ""
     device: str = "auto"  # "auto": the first GPU NVML sees, else the CPU
+    devices: tuple[str, ...] | str = ()  # several devices, a worker each; "auto": every GPU. Empty: ``device``
     recycle_on_oom: bool = True
     idle_unload_s: float = 0.0  # 0: keep the worker loaded while idle
     max_wait_s: float = 2.0  # the starvation bound: another mode's oldest job waits at most this long
@@ -152,12 +187,16 @@ class Config:
     def idle_unload_for(self, spec: ModeSpec) -> float:
         return self.idle_unload_s if spec.idle_unload_s is None else spec.idle_unload_s
 
+    def device_settings(self) -> tuple[str, ...] | str:
+        """What the supervisor drives: ``devices``, or the one ``device``."""
+        return self.devices or (self.device,)
+
     def max_wait_for(self, mode: str) -> float:
         spec = self.modes.get(mode)
         return self.max_wait_s if spec is None or spec.max_wait_s is None else spec.max_wait_s
 
 
-_MODE_KEYS = ("loader", "args", "warmup", "idle_unload_s", "max_wait_s", "batch", "preload")
+_MODE_KEYS = ("loader", "args", "warmup", "idle_unload_s", "max_wait_s", "batch", "preload", "devices", "replicas")
 
 
 def _check_sendable(where: Locator, table: str, key: str, value: Any) -> None:
@@ -224,6 +263,16 @@ def _mode(where: Locator, table: str, name: str, entry: dict) -> ModeSpec:
         raise where.error(
             table, "preload", f'expected a list of module names, e.g. ["torch", "transformers"], got {preload!r}'
         )
+    devices = entry.get("devices", [])
+    if (
+        not isinstance(devices, list)
+        or not all(isinstance(d, str) and d for d in devices)
+        or len(set(devices)) < len(devices)
+    ):
+        raise where.error(table, "devices", f'expected a list of device names, e.g. ["cuda:1"], got {devices!r}')
+    replicas = entry.get("replicas", 1)
+    if not whole(replicas) or replicas < 1:
+        raise where.error(table, "replicas", f"expected a whole number >= 1, got {replicas!r}")
     return ModeSpec(
         name,
         loader,
@@ -233,6 +282,8 @@ def _mode(where: Locator, table: str, name: str, entry: dict) -> ModeSpec:
         seconds(where, table, entry, "max_wait_s", "0: first come, first served"),
         _batch(where, table, entry.get("batch", {})),
         tuple(preload),
+        tuple(devices),
+        replicas,
     )
 
 
@@ -274,6 +325,8 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
             raise where.error("supervisor", key, f"expected {expected}, got {value!r}")
         if isinstance(value, list):
             value = tuple(value)
+        if key == "devices" and "device" in section:
+            raise where.error("supervisor", key, "set device (one) or devices (several), not both")
         if key == "loader_path":
             value = _folders(where, value, base or Path.cwd())
         elif key == "state_dir" and value:
@@ -309,6 +362,15 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
         raise where.error(
             "supervisor", key, "heartbeat_timeout must be longer than heartbeat_interval (default 10 and 1)"
         )
+    known = settings.get("devices")
+    for mode in modes.values():
+        if isinstance(known, tuple):  # "auto" is known once NVML has been asked: checked as the supervisor starts
+            unknown = [d for d in mode.devices if d not in device_names(known)]
+            if unknown:
+                raise where.error(f"modes.{mode.name}", "devices", f"{unknown[0]!r} is not one of [supervisor] devices "
+                                  f"{device_names(known)}")  # fmt: skip
+        elif known is None and mode.devices:
+            raise where.error(f"modes.{mode.name}", "devices", "names devices, but [supervisor] devices is not set")
     if "drain_timeout" in daemon_table:
         daemon_table = {**daemon_table, "drain_timeout": float(daemon_table["drain_timeout"])}
     http = parse_http(where, data["http"], modes, base or Path.cwd()) if "http" in data else None

@@ -117,15 +117,16 @@ class _StatusCollector(Collector):
 
     def collect(self):
         s = self._status()
-        device = str(s.get("device") or "")
+        devices = s.get("devices") or []
         state = GaugeMetricFamily("gpuvisor_state", "1 for the supervisor's state", labels=["state"])
         for name in ("not_started", "running", "draining", "failed", "stopped"):
             state.add_metric([name], 1.0 if s.get("state") == name else 0.0)
         yield state
-        loaded = GaugeMetricFamily("gpuvisor_mode_loaded", "1 for the mode the worker has loaded",
+        loaded = GaugeMetricFamily("gpuvisor_mode_loaded", "1 for the mode each device's worker has loaded",
                                    labels=["device", "mode"])  # fmt: skip
-        if s.get("mode"):
-            loaded.add_metric([device, s["mode"]], 1.0)
+        for d in devices:
+            if d.get("mode"):
+                loaded.add_metric([d["name"], d["mode"]], 1.0)
         yield loaded
         depth = GaugeMetricFamily("gpuvisor_queue_depth", "Jobs waiting, by the mode they need", labels=["mode"])
         oldest = GaugeMetricFamily("gpuvisor_queue_oldest_seconds", "How long the oldest job waiting for each mode "
@@ -135,29 +136,35 @@ class _StatusCollector(Collector):
             oldest.add_metric([mode or ""], float(waiting.get("oldest_s", 0.0)))
         yield depth
         yield oldest
-        yield _gauge("gpuvisor_queued", "Jobs and switches queued", s.get("queued"))
-        yield _gauge("gpuvisor_in_flight", "Jobs handed to the worker", s.get("in_flight"), device)
-        yield _counter("gpuvisor_worker_restarts", "Workers respawned after an unexpected death", s.get("restarts"),
-                       device)  # fmt: skip
-        yield _counter("gpuvisor_oom_recycles", "Workers replaced after a job ran out of memory",
-                       s.get("oom_recycles"), device)  # fmt: skip
-        yield _counter("gpuvisor_worker_generations", "Workers started so far", s.get("generation"), device)
-        yield _gauge("gpuvisor_worker_rss_bytes", "The worker's host memory (RSS)", s.get("worker_rss_bytes"), device)
-        yield _gauge("gpuvisor_worker_vram_bytes", "The worker's device memory, through NVML",
-                     s.get("worker_vram_bytes"), device)  # fmt: skip
-        yield _gauge("gpuvisor_standby_ready", "1 while a warm standby has finished its imports",
-                     1.0 if s.get("standby_ready") else 0.0, device)  # fmt: skip
+        yield _gauge("gpuvisor_queued", "Jobs and switches queued", [([], s.get("queued"))])
+        yield _gauge("gpuvisor_worker_generations", "Workers started so far, on every device",
+                     [([], s.get("generation"))], counter=True)  # fmt: skip
+        per_device = (
+            ("gpuvisor_in_flight", "Jobs handed to the device's worker", "in_flight", False),
+            ("gpuvisor_worker_restarts", "Workers respawned after an unexpected death", "restarts", True),
+            ("gpuvisor_oom_recycles", "Workers replaced after a job ran out of memory", "oom_recycles", True),
+            ("gpuvisor_worker_rss_bytes", "The worker's host memory (RSS)", "worker_rss_bytes", False),
+            ("gpuvisor_worker_vram_bytes", "The worker's device memory, through NVML", "worker_vram_bytes", False),
+            ("gpuvisor_standby_ready", "1 while a warm standby has finished its imports", "standby_ready", False),
+            ("gpuvisor_device_failed", "1 while the device's restart budget is spent", "failed_reason", False),
+        )
+        for name, text, key, counter in per_device:
+            values = [([d["name"]], _number(d.get(key), key)) for d in devices]
+            yield _gauge(name, text, values, labels=["device"], counter=counter)
 
 
-def _gauge(name: str, text: str, value: Any, device: str | None = None) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, text, labels=["device"] if device is not None else [])
-    if isinstance(value, (int, float)):
-        family.add_metric([device] if device is not None else [], float(value))
-    return family
+def _number(value: Any, key: str) -> float | None:
+    if key in ("standby_ready", "failed_reason"):
+        return 1.0 if value else 0.0
+    return float(value) if isinstance(value, (int, float)) else None
 
 
-def _counter(name: str, text: str, value: Any, device: str) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, text, labels=["device"])
-    if isinstance(value, (int, float)):
-        family.add_metric([device], float(value))
+def _gauge(name: str, text: str, values: list[tuple[list[str], Any]], labels: list[str] | None = None,
+           counter: bool = False) -> GaugeMetricFamily | CounterMetricFamily:  # fmt: skip
+    """One family; samples whose value is unknown (None) are left out."""
+    family_type = CounterMetricFamily if counter else GaugeMetricFamily
+    family = family_type(name, text, labels=labels or [])
+    for label_values, value in values:
+        if isinstance(value, (int, float)):
+            family.add_metric(label_values, float(value))
     return family

@@ -52,6 +52,7 @@ class Status(TypedDict):
     worker_vram_bytes: int | None  # what NVML attributes to the worker
     worker_torch: TorchMemory | None  # torch's own figures, from the worker
     gpu: GpuMemory | None
+    devices: list[dict[str, Any]]  # every device: "name", and the worker fields above (the first is at the top)
     config: str  # where the configuration came from
 
 

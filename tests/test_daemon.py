@@ -481,7 +481,7 @@ def test_modes_lists_each_mode_its_loader_and_its_tasks_once_loaded(daemon):
     d = daemon(config_text=TWO_MODES)
     with d.client() as c:
         before = c.modes()
-        assert before["diag"] == {"loader": "worker.modes.diag:load", "loaded": False, "tasks": None}
+        assert before["diag"] == {"loader": "worker.modes.diag:load", "loaded": False, "devices": [], "tasks": None}
         c.switch_mode("diag").result(T)
         after = c.modes()
         assert after["diag"]["loaded"] is True and "echo" in after["diag"]["tasks"]

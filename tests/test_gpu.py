@@ -26,8 +26,8 @@ import time
 import pytest
 
 from supervisor import Supervisor
-from supervisor.config import valid_device_setting
-from supervisor.engine.devices import DeviceChoice, choose_device
+from supervisor.config import parse, valid_device_setting
+from supervisor.engine.devices import DeviceChoice, choose_device, choose_devices
 from supervisor.engine.gpu import GpuMeter, Reclaim, process_rss
 from tests.helpers import ROOT, T, run_python
 from tests.helpers.config import DIAG, config_text
@@ -550,3 +550,49 @@ def test_an_in_process_del_and_empty_cache_is_measured_beside_it(gpu_meter, reco
         print(f"{label:34}{mib(device):>24}{gone:>24}{mib(reserved):>16}")
     if not switch:
         print("(the switch figure is missing: run test_a_switch_gives_back_the_embed_workers_vram first)")
+
+
+def test_fake_devices_auto_is_every_gpu_each_pinned_by_its_uuid(fake_nvml):
+    fake_nvml(FakeNvml([{}, {}]))
+    chosen = choose_devices("auto", environ={})
+    assert [name for name, _ in chosen] == ["cuda:0", "cuda:1"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for _, c in chosen] == ["GPU-000-fake", "GPU-111-fake"]
+    assert [c.index for _, c in chosen] == [0, 1]
+    fake_nvml(FakeNvml([]))
+    assert [(name, c.kind) for name, c in choose_devices("auto", environ={})] == [("cpu", "cpu")]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(GPU_T * 3)
+def test_two_gpus_each_worker_on_its_own_and_a_switch_frees_only_its_own(gpu_meter, record_property):
+    """Two real GPUs under one supervisor: the embed mode on both (replicas =
+    2), each worker's memory on its own GPU; switching one device to diag
+    gives that GPU's memory back and leaves the other's worker alone."""
+    second = GpuMeter.open(1)
+    if isinstance(second, str):
+        pytest.skip(f"one GPU only: {second}")
+    embed = {"loader": "worker.modes.embed:load", "args": {"device": "cuda"}, "replicas": 2}
+    text = config_text({"embed": embed, "diag": DIAG}, supervisor={"devices": ["cuda:0", "cuda:1"]})
+    sup = Supervisor(parse(text, "two-gpus.toml")).start()
+    meters = {"cuda:0": gpu_meter, "cuda:1": second}
+    try:
+        baseline = {name: used_now(m) for name, m in meters.items()}
+        for name in meters:
+            sup.switch_mode("embed", device=name).result(GPU_T)
+        devices = {d["name"]: d for d in sup.status()["devices"]}
+        loaded = {name: used_now(m) for name, m in meters.items()}
+        for name in meters:
+            assert devices[name]["mode"] == "embed"
+            assert loaded[name] > baseline[name] + WITHIN, f"nothing of the embed worker on {name}"
+        keep = devices["cuda:0"]["worker_pid"]
+        switched = sup.switch_mode("diag", device="cuda:1").result(2 * T)
+        assert switched["reclaim_complete"] is True and switched["reclaimed_bytes"] > 0
+        assert used_now(second) <= baseline["cuda:1"] + WITHIN
+        assert {d["name"]: d["worker_pid"] for d in sup.status()["devices"]}["cuda:0"] == keep
+        assert used_now(gpu_meter) > baseline["cuda:0"] + WITHIN, "cuda:0's worker kept its model"
+    finally:
+        sup.shutdown()
+    for name in meters:
+        record_property(f"two_gpus_{name}_loaded_minus_baseline", loaded[name] - baseline[name])
+    print(f"\ntwo GPUs: loaded - baseline MiB {[mib(loaded[n] - baseline[n]) for n in meters]}")

@@ -250,7 +250,7 @@ def send_batch(h: Harness, task: str, jobs: list[tuple[int, object]]) -> None:
 def test_ready_lists_the_batch_tasks_and_a_batch_is_one_call_answered_job_by_job_in_order(harness):
     ready = handshake(harness)
     limits = {"max_batch": 8, "max_delay_ms": 20.0}
-    assert ready.batch == {"batch_echo": limits, "batch_fail": limits}
+    assert ready.batch == {"batch_echo": limits, "batch_fail": limits, "batch_sleep": limits}
     send_batch(harness, "batch_echo", [(10 + i, {"i": i}) for i in range(5)])
     answers = [harness.recv() for _ in range(5)]
     assert answers == [Result(10 + i, {"payload": {"i": i}, "batch": 5}) for i in range(5)]

@@ -45,11 +45,11 @@ class AsyncClient:
             lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)
         )
 
-    async def switch_mode(self, mode: str) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.switch_mode(mode))
+    async def switch_mode(self, mode: str, *, device: str | None = None) -> SwitchResult:
+        return await asyncio.wrap_future(self._sync.switch_mode(mode, device=device))
 
-    async def restart(self, mode: str | None = None) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.restart(mode))
+    async def restart(self, mode: str | None = None, *, device: str | None = None) -> SwitchResult:
+        return await asyncio.wrap_future(self._sync.restart(mode, device=device))
 
     async def status(self) -> Status:
         return await asyncio.get_running_loop().run_in_executor(None, self._sync.status)

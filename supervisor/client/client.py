@@ -162,11 +162,11 @@ class Client:
         self._request(Request.SUBMIT, future, **fields)
         return future
 
-    def switch_mode(self, mode: str) -> Future[SwitchResult]:
-        return self._request(Request.SWITCH, Future(), mode=mode)
+    def switch_mode(self, mode: str, *, device: str | None = None) -> Future[SwitchResult]:
+        return self._request(Request.SWITCH, Future(), **_with_device({"mode": mode}, device))
 
-    def restart(self, mode: str | None = None) -> Future[SwitchResult]:
-        return self._request(Request.RESTART, Future(), mode=mode)
+    def restart(self, mode: str | None = None, *, device: str | None = None) -> Future[SwitchResult]:
+        return self._request(Request.RESTART, Future(), **_with_device({"mode": mode}, device))
 
     def status(self) -> Status:
         """The daemon's status: the supervisor's ``Status`` plus ``daemon_pid``,
@@ -478,3 +478,9 @@ class RemoteJobFuture(JobFuture):
         client = self._client()
         if not self.done() and client is not None:
             client._cancel(self, wait=False)
+
+
+def _with_device(fields: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """``device`` goes on the wire only when named, so a daemon from before
+    several devices still takes the request."""
+    return {**fields, "device": device} if device is not None else fields

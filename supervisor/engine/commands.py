@@ -36,6 +36,7 @@ class QueuedSwitch:
     mode: str | None  # None only with ``force``: restart the mode in force
     future: Future | None  # None: implicit, for jobs that need its mode
     force: bool = False  # restart(): a fresh worker even if the mode is loaded
+    device: str | None = None  # the device it applies to; None: the engine decides (and records it here)
 
 
 @dataclass(eq=False)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor.config import BAD_DEVICE_SETTING, valid_device_setting
+from supervisor.config import BAD_DEVICE_SETTING, device_names, valid_device_setting
 from supervisor.engine.gpu import device_count, identity, nvml
 
 
@@ -128,3 +128,25 @@ def choose_device(setting: str, environ: Mapping[str, str] | None = None) -> Dev
     if "CUDA_VISIBLE_DEVICES" in environ:
         why += f" (over CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r} in the supervisor's environment)"
     return _pinned(setting, nv, index, why)
+
+
+def choose_devices(
+    settings: tuple[str, ...] | str, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, DeviceChoice]]:
+    """Every device the supervisor drives, named (see ``device_names``):
+    ``"auto"`` is every GPU NVML sees (``cuda:0`` ...), or the CPU when it
+    sees none; a list is each of its entries, as ``choose_device`` decides
+    it. With several devices each worker is pinned to its own, so a GPU's
+    worker sees that GPU alone."""
+    if settings == "auto":
+        nv, problem = nvml()
+        count = device_count(nv)[0] if nv is not None else None
+        if not count:
+            return [("cpu", _cpu("auto", f"devices = auto: NVML sees no GPU ({problem or '0 devices'})"))]
+        return [(f"cuda:{i}", _pinned(f"cuda:{i}", nv, i, f"devices = auto: GPU {i} of {count}")) for i in range(count)]
+    if isinstance(settings, str):
+        raise ValueError(f"devices must be 'auto' or a list, got {settings!r}")
+    if len(settings) == 1:
+        choice = choose_device(settings[0], environ)  # "auto" is named for what it chose
+        return [(choice.kind if choice.index is None else f"cuda:{choice.index}", choice)]
+    return [(name, choose_device(s, environ)) for name, s in zip(device_names(settings), settings, strict=True)]

@@ -51,12 +51,12 @@ from supervisor.config import Config
 from supervisor.engine import ending, inbox, work
 from supervisor.engine.commands import CancelJob, Command, QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.deadlines import Deadline, Deadlines
-from supervisor.engine.devices import choose_device
+from supervisor.engine.devices import choose_devices
 from supervisor.engine.link import WorkerLink
 from supervisor.engine.process import stop_and_reap
 from supervisor.engine.queue import JobQueue
 from supervisor.engine.slot import Slot
-from supervisor.engine.worker_handle import SERVING, WorkerHandle, WorkerState
+from supervisor.engine.worker_handle import WorkerHandle, WorkerState
 from supervisor.futures import settle
 from supervisor.mailbox import Mailbox
 from supervisor.metrics import Metrics, outcome_of
@@ -84,9 +84,12 @@ class Engine:
         # Everything below belongs to the loop thread.
         self.queue = JobQueue(max_wait=lambda mode: self.config.max_wait_for(mode))
         self.deadlines = Deadlines()
-        # Made by the loop thread as it starts (_main), before any other use.
+        # Made by the loop thread as it starts (_main), before any other use:
+        # a slot per device, in the configuration's order (the first is the
+        # status's top-level worker).
         self.link: WorkerLink
-        self.slot: Slot
+        self.slots: list[Slot] = []
+        self.device_names: list[str] = []
         self._generation = 0
         self.tasks: dict[
             str, list[str]
@@ -123,13 +126,16 @@ class Engine:
         return dict(self._status)  # type: ignore[return-value]
 
     def modes(self) -> dict[str, dict[str, Any]]:
-        """Each configured mode: its loader, whether it is loaded now, and its
-        tasks (None until a worker of that mode has said READY)."""
-        config, loaded, tasks = self.config, self._status.get("mode"), dict(self.tasks)
-        return {
-            name: {"loader": spec.loader, "loaded": name == loaded, "tasks": tasks.get(name)}
-            for name, spec in sorted(config.modes.items())
-        }
+        """Each configured mode: its loader, whether it is loaded now (and
+        on which devices), and its tasks (None until a worker of that mode
+        has said READY)."""
+        config, tasks = self.config, dict(self.tasks)
+        devices = self._status.get("devices") or []
+        out = {}
+        for name, spec in sorted(config.modes.items()):
+            on = [d["name"] for d in devices if d["mode"] == name]
+            out[name] = {"loader": spec.loader, "loaded": bool(on), "devices": on, "tasks": tasks.get(name)}
+        return out
 
     def join(self, timeout: float | None) -> bool:
         self._thread.join(timeout)
@@ -171,8 +177,16 @@ class Engine:
             self._ready.set()
             return
         try:
-            self.slot = Slot(self, choose_device(self.config.device))
+            chosen = choose_devices(self.config.device_settings())
+            names = [name for name, _ in chosen]
+            for spec in self.config.modes.values():
+                if unknown := [d for d in spec.devices if d not in names]:
+                    raise ValueError(f"mode {spec.name!r} names device {unknown[0]!r}; the devices are {names}")
+            self.slots = [Slot(self, choice, key, name) for key, (name, choice) in enumerate(chosen)]
+            self.device_names = names
         except BaseException as exc:  # noqa: BLE001 - reported to start()
+            for slot in self.slots:
+                slot.standby.stop()
             self._boot_error = exc
             self.link.close()
             self._ready.set()
@@ -199,56 +213,75 @@ class Engine:
         poller.register(self.mailbox.fd, zmq.POLLIN)
         poller.register(self.link.socket, zmq.POLLIN)
         watched: set[int] = set()
-        slot = self.slot
+        slots = self.slots
         while not self._finished():
-            w = slot.worker
-            wanted = {fd for fd in (w.pidfd, w.stderr_fd) if fd is not None} if w is not None else set()
+            wanted: set[int] = set()
+            longest = _IDLE_POLL_S
+            for slot in slots:
+                w = slot.worker
+                if w is not None:
+                    wanted |= {fd for fd in (w.pidfd, w.stderr_fd) if fd is not None}
+                    if w.pidfd is None:
+                        longest = _NO_PIDFD_POLL_S
             for fd in watched - wanted:
                 poller.unregister(fd)
             for fd in wanted - watched:
                 poller.register(fd, zmq.POLLIN)
             watched = wanted
-            longest = _NO_PIDFD_POLL_S if w is not None and w.pidfd is None else _IDLE_POLL_S
             events = dict(poller.poll(math.ceil(self.deadlines.wait(longest) * 1000)))
             # 1. news from the workers, before commands: a command must see the
             # worker as it is now (a switch to a mode whose worker just died is not a no-op).
-            if w is not None and w.stderr_fd in events:
-                w.pump_stderr()
+            for slot in slots:
+                w = slot.worker
+                if w is not None and w.stderr_fd in events:
+                    w.pump_stderr()
             if self.link.socket in events:
                 for got in self.link.receive():
-                    inbox.handle(slot, got)
+                    inbox.handle(self._sender(got.identity), got)
             # 2. exits. Without a pidfd, look every turn.
-            if w is not None and (w.pidfd is None or w.pidfd in events):
-                ending.notice_exit(slot)
+            for slot in slots:
+                w = slot.worker
+                if w is not None and (w.pidfd is None or w.pidfd in events):
+                    ending.notice_exit(slot)
             # 3. commands
             if self.mailbox.fd in events:
                 self._take_commands()
             # 4. deadlines
             for name in self.deadlines.due():
                 if isinstance(name, tuple):  # a slot's
-                    work.on_deadline(slot, name[0])
+                    work.on_deadline(slots[name[1]], name[0])
                 else:
                     self.deadlines.clear(name)
                     log.warning("shutdown drain ran out of time; cancelling what is left")
                     self._cancel_everything(JobCancelled("shutdown's drain timeout passed before this job ran"))
             # 5. a worker's end
-            ending.conclude(slot)
-            if self._after_standbys and not slot.standby.stopping:
+            for slot in slots:
+                ending.conclude(slot)
+            if self._after_standbys and not any(slot.standby.stopping for slot in slots):
                 self._outcomes.extend(self._after_standbys)
                 self._after_standbys.clear()
             # 6. the pump
             self._pump()
-            slot.refresh_deadlines()
+            for slot in slots:
+                slot.refresh_deadlines()
             # 7. publish, then hand out
             self._publish()
             self._hand_out()
         for fd in watched:
             poller.unregister(fd)
 
+    def _sender(self, identity: bytes) -> Slot:
+        """The slot whose worker (of any generation: each has its own) sent
+        from ``identity``; the first slot for a stranger, which drops it."""
+        for slot in self.slots:
+            w = slot.worker
+            if w is not None and identity in (w.identity, w.heartbeat_identity):
+                return slot
+        return self.slots[0]
+
     def _finished(self) -> bool:
         """Shut down, and nothing is left: no worker alive, nothing queued."""
-        slot = self.slot
-        return self._shutdown is not None and slot.worker is None and slot.switch is None and not self.queue
+        return self._shutdown is not None and all(s.idle() for s in self.slots) and not self.queue
 
     def _take_commands(self) -> None:
         commands = self.mailbox.take_all()
@@ -283,57 +316,118 @@ class Engine:
                 self._outcomes[:0] = outcomes[n + 1 :]  # a callback raised past Future's guard: keep the rest
                 raise
 
+    # ------------------------------------------------------------ placement
+
+    def mode_in_force(self) -> str | None:
+        """The mode a job that names none runs in, when nothing queued names
+        one: the mode most recently put in force on any device."""
+        latest = max(self.slots, key=lambda s: s.mode_since)
+        return latest.mode_ahead
+
+    def may_run(self, slot: Slot, mode: str | None) -> bool:
+        """``slot`` may run jobs of ``mode`` now: the mode allows the device,
+        the device is not failed, and it holds the mode already or the mode
+        holds fewer devices than its ``replicas``."""
+        if slot.budget.failed is not None:
+            return False
+        spec = self.config.mode(mode) if mode is not None else None
+        if spec is None or mode == slot.mode_ahead:
+            return spec is None or not spec.devices or slot.name in spec.devices
+        if spec.devices and slot.name not in spec.devices:
+            return False
+        holders = sum(1 for s in self.slots if s is not slot and s.mode_ahead == mode and s.budget.failed is None)
+        return holders < spec.replicas
+
+    def can_serve(self, mode: str | None) -> bool:
+        """Some device that is not failed may run ``mode``'s jobs (now or once
+        another mode's turn ends)."""
+        spec = self.config.mode(mode) if mode is not None else None
+        return any(
+            s.budget.failed is None and (spec is None or not spec.devices or s.name in spec.devices) for s in self.slots
+        )
+
+    def _free_first(self) -> list[Slot]:
+        """The order slots are offered work: the one free the longest first,
+        so a job whose mode no device holds goes to the longest-idle one."""
+        return sorted(self.slots, key=_free_longest)
+
     # ------------------------------------------------------------ commands
 
     def _on_command(self, command: Command) -> None:
-        slot = self.slot
         if isinstance(command, Shutdown):
             self._begin_shutdown(command)
         elif isinstance(command, Reload):
             self._reload(command)
         elif isinstance(command, CancelJob):  # taken while shutting down too: a caller may still leave
-            work.cancel(slot, command)
+            work.cancel(self._holder(command.target), command)
         elif self._shutdown is not None:
             _refuse(command)
-        elif slot.budget.failed is not None and isinstance(command, QueuedJob) and not self.queue.barrier_queued():
-            self.decide(command.future, error=slot.failed_error())
+        elif (isinstance(command, QueuedJob) and not self.queue.barrier_queued()
+              and not self.can_serve(command.mode or self.mode_in_force())):  # fmt: skip
+            self.decide(command.future, error=self._failed_error())
         elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
-            self.queue.append(command, mode_in_force=slot.mode_ahead)
+            self.queue.append(command, mode_in_force=self.mode_in_force())
+
+    def _holder(self, future: Future) -> Slot:
+        """The slot whose worker holds the job of ``future``, else the first
+        (a queued job is cancelled in the queue, whichever slot asks)."""
+        for slot in self.slots:
+            w = slot.worker
+            if w is not None and any(j.future is future for j in w.in_flight):
+                return slot
+        return self.slots[0]
+
+    def _failed_error(self) -> GpuvisorError:
+        failed = [s for s in self.slots if s.budget.failed is not None]
+        return failed[0].failed_error() if failed else GpuvisorError("no device may run this job")
 
     def _switch_is_noop(self, switch: QueuedSwitch) -> WorkerHandle | None:
         """The worker, if this switch, placed at the tail, would change
-        nothing: its mode is loaded and nothing queued or under way can
-        change it first. A restart always changes something."""
-        w = self.slot.serving()
-        if switch.force or w is None or w.mode != switch.mode or not self.queue.all_in(w.mode):
+        nothing: its mode is loaded (on the device it names, if it names
+        one) and nothing queued or under way can change it first. A restart
+        always changes something."""
+        if switch.force or switch.mode is None or not self.queue.all_in(switch.mode):
             return None
-        return w
+        for slot in self.slots:
+            w = slot.serving()
+            if w is not None and w.mode == switch.mode and switch.device in (None, slot.name):
+                return w
+        return None
 
     def _reload(self, command: Reload) -> None:
         old, self.config = self.config, command.config
-        self.slot.budget.config = command.config
-        self.slot.standby.reconfigure(command.config)
         log.info("configuration reloaded from %s: modes %s", command.config.source, sorted(command.config.modes))
-        if not self.slot.standby_wanted():
-            self.slot.standby.stop()  # the reload is answered once the spare is reaped
-        if command.config.device != old.device:
-            log.warning("device changes take effect when the supervisor restarts; keeping %r", old.device)
-        w = self.slot.worker
-        if w is not None and old.mode(w.mode) != command.config.mode(w.mode):
-            log.warning(
-                "mode %r is loaded with its old entry; the new one applies when it is next loaded (restart() does it now)",
-                w.mode,
-            )
+        if command.config.device_settings() != old.device_settings():
+            log.warning("device changes take effect when the supervisor restarts; keeping %r", old.device_settings())
+        for slot in self.slots:
+            slot.budget.config = command.config
+            slot.standby.reconfigure(command.config)
+            if not slot.standby_wanted():
+                slot.standby.stop()  # the reload is answered once the spare is reaped
+            w = slot.worker
+            if w is not None and old.mode(w.mode) != command.config.mode(w.mode):
+                log.warning("mode %r is loaded with its old entry on %s; the new one applies when it is next loaded "
+                            "(restart() does it now)", w.mode, slot.name)  # fmt: skip
         self._after_standbys.append((command.future, None, None))
 
     # ------------------------------------------------------------ the pump
 
     def _pump(self) -> None:
-        """Move queued work to the worker as far as its state allows."""
-        slot = self.slot
-        work.recycle_if_due(slot)
+        """Move queued work to the workers as far as their states allow, the
+        device free the longest first."""
+        for slot in self.slots:
+            work.recycle_if_due(slot)
+        for slot in self._free_first():
+            self._pump_slot(slot)
+        if self._shutdown is not None and not self.queue:
+            for slot in self.slots:
+                w = slot.worker
+                if slot.switch is None and (w is None or not w.in_flight):
+                    work.drain(slot)
+
+    def _pump_slot(self, slot: Slot) -> None:
         while True:
             w = slot.worker
             if slot.switch is not None or slot.recycle:
@@ -341,21 +435,19 @@ class Engine:
             if w is not None and (w.state not in (WorkerState.READY, WorkerState.BUSY)
                                   or len(w.in_flight) >= self.config.window):  # fmt: skip
                 return
-            item = self.queue.next(slot.mode, slot.turn_since)
+            item = self.queue.next(slot.mode, slot.turn_since, lambda mode: self.may_run(slot, mode))
             if item is None:
-                if self._shutdown is not None and (w is None or not w.in_flight):
-                    work.drain(slot)
                 return
-            if w is not None and w.in_flight and (isinstance(item, QueuedSwitch) or item.mode not in (None, w.mode)):
-                return  # a barrier, or a job for another mode: after what is in flight
             if isinstance(item, QueuedSwitch):
-                if not self._start_switch(item):
+                if self._switch_target(item) is not slot:
+                    return  # a barrier for another device: nothing behind it runs before it
+                if w is not None and w.in_flight:
+                    return  # after what is in flight
+                if not self._start_switch(item, slot):
                     return
                 continue
-            if slot.budget.failed is not None:
-                self.queue.take(item)
-                self.decide(item.future, error=slot.failed_error())
-                continue
+            if w is not None and w.in_flight and item.mode not in (None, w.mode):
+                return  # a job for another mode: after what is in flight
             needed = item.mode or slot.mode
             if needed is None:
                 self.queue.take(item)
@@ -369,7 +461,7 @@ class Engine:
                     return  # backing off before respawning the mode that just died
                 work.begin_switch(slot, QueuedSwitch(needed, None))
                 return
-            jobs = self._batch(item, w)
+            jobs = self._batch(item, w, slot)
             if not jobs:
                 return  # a batch waits a moment for more jobs, or for the worker to be idle
             for job in jobs:
@@ -377,12 +469,12 @@ class Engine:
             if not work.dispatch(slot, jobs, w):
                 return
 
-    def _batch(self, job: QueuedJob, w: WorkerHandle) -> list[QueuedJob]:
+    def _batch(self, job: QueuedJob, w: WorkerHandle, slot: Slot) -> list[QueuedJob]:
         """What to hand ``w`` with ``job``: ``job`` alone, or, for a task whose
         handler takes a batch, the jobs right behind it for that task, up to
         ``max_batch``, once the worker is idle. A short batch waits up to
         ``max_delay_ms`` after its oldest job came, for more; [] means wait."""
-        slot, key = self.slot, (Deadline.BATCH, self.slot.key)
+        key = slot.at(Deadline.BATCH)
         limits = slot.batch_limits(w, job)
         if limits is None:
             return [job]
@@ -397,10 +489,26 @@ class Engine:
         self.deadlines.clear(key)
         return run
 
-    def _start_switch(self, item: QueuedSwitch) -> bool:
-        """An explicit switch or restart at the head. False: it must wait (the
-        pump stops for now); True: it was answered or begun."""
-        slot, w = self.slot, self.slot.worker
+    def _switch_target(self, item: QueuedSwitch) -> Slot:
+        """The device an explicit switch or restart applies to, decided once:
+        the one it names; else, for a switch, a device that holds its mode
+        (the switch is then a no-op) or the mode may use, the least busy
+        and longest free; for a restart of no mode, a failed device first."""
+        if item.device is None:
+            if not item.force and (holder := next((s for s in self.slots if s.mode_ahead == item.mode), None)):
+                item.device = holder.name
+            else:
+                spec = self.config.mode(item.mode) if item.mode is not None else None
+                allowed = [s for s in self.slots if spec is None or not spec.devices or s.name in spec.devices]
+                if item.force and item.mode is None and (failed := [s for s in allowed if s.budget.failed]):
+                    allowed = failed
+                item.device = min(allowed or self.slots, key=_free_longest).name
+        return next(s for s in self.slots if s.name == item.device)
+
+    def _start_switch(self, item: QueuedSwitch, slot: Slot) -> bool:
+        """An explicit switch or restart at the head, for ``slot``. False: it
+        must wait (the pump stops for now); True: it was answered or begun."""
+        w = slot.worker
         same_mode = item.mode in (None, slot.mode)
         if slot.budget.failed is None and not item.force and same_mode and w is None and slot.budget.backing_off():
             return False  # a same-mode switch is a respawn: it waits out the backoff like one
@@ -422,7 +530,8 @@ class Engine:
 
     def _begin_shutdown(self, command: Shutdown) -> None:
         self._shutdown_waiters.append(command.future)
-        self.slot.standby.stop()
+        for slot in self.slots:
+            slot.standby.stop()
         if self._shutdown is None:
             self._shutdown = command
             log.info("shutting down (%s)", "drain" if command.drain else "no drain")
@@ -435,86 +544,83 @@ class Engine:
             self._cancel_everything(JobCancelled("cancelled by shutdown(drain=False)"))
 
     def _cancel_everything(self, error: GpuvisorError) -> None:
-        """Fail queued work, the switch under way and the jobs in flight with
-        ``error``, and stop the worker."""
-        slot = self.slot
+        """Fail queued work, the switches under way and the jobs in flight
+        with ``error``, and stop the workers."""
         for item in self.queue.take_all():
             self.decide(item.future, error=error)
-        if slot.switch is not None:
-            self.decide(slot.switch.request.future, error=error)
-            slot.switch = None
-        w = slot.worker
-        if w is not None:
-            for job in w.in_flight:
-                self.decide(job.future, error=error)
-            w.in_flight.clear()
-            if w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
-                ending.stop(slot, "shutdown without drain")
+        for slot in self.slots:
+            if slot.switch is not None:
+                self.decide(slot.switch.request.future, error=error)
+                slot.switch = None
+            w = slot.worker
+            if w is not None:
+                for job in w.in_flight:
+                    self.decide(job.future, error=error)
+                w.in_flight.clear()
+                if w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
+                    ending.stop(slot, "shutdown without drain")
 
     def _abort(self, error: GpuvisorError) -> None:
-        """The loop itself failed: stop the worker, waiting (no loop is left to
-        wait for its pidfd), and give every Future the loop ever accepted an
-        outcome, wherever it was when the loop died. Outcomes already decided
-        in the failed turn go out first, as decided."""
+        """The loop itself failed: stop the workers, waiting (no loop is left
+        to wait for their pidfds), and give every Future the loop ever
+        accepted an outcome, wherever it was when the loop died. Outcomes
+        already decided in the failed turn go out first, as decided."""
         self._hand_out()
-        w = self.slot.worker
-        if w is not None:
-            try:
-                stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
-            except BaseException:  # noqa: BLE001 - last resort
-                log.exception("could not stop worker pid %d", w.pid)
+        for slot in self.slots:
+            w = slot.worker
+            if w is not None:
+                try:
+                    stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
+                except BaseException:  # noqa: BLE001 - last resort
+                    log.exception("could not stop worker pid %d", w.pid)
         for future in list(self._accepted):
             settle(future, error=error)
 
     def _end_standbys(self) -> None:
         """The loop is done: the spares, stopped without waiting so far, are
         reaped now (SIGKILLed processes: moments)."""
-        pool = self.slot.standby
-        pool.stop()
+        pools = [slot.standby for slot in self.slots]
+        for pool in pools:
+            pool.stop()
         deadline = time.monotonic() + 5.0
-        while pool.stopping and time.monotonic() < deadline:
-            pool.reap()
+        while any(pool.stopping for pool in pools) and time.monotonic() < deadline:
+            for pool in pools:
+                pool.reap()
             time.sleep(0.005)
 
     # ------------------------------------------------------------ status
 
     def _publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()  # read by Supervisor.healthy(): is the loop turning?
-        slot = self.slot
-        w, sw = slot.worker, slot.switch
+        slots = self.slots
         if state is None:
-            state = "draining" if self._shutdown is not None else "failed" if slot.budget.failed else "running"
+            failed = all(s.budget.failed for s in slots)
+            state = "draining" if self._shutdown is not None else "failed" if failed else "running"
+        devices = [slot.describe() for slot in slots]
+        first = devices[0]
         status: Status = {
             "state": state,
-            "mode": w.mode if w is not None and w.state in SERVING else None,
-            "worker_state": w.state.value if w is not None else "none",
-            "worker_pid": w.pid if w is not None else None,
+            **{k: v for k, v in first.items() if k != "name"},  # type: ignore[typeddict-item]  # the first device's
             "generation": self._generation,
             "queued": len(self.queue),
             "waiting": self.queue.waiting(),
-            "in_flight": len(w.in_flight) if w is not None else 0,
             "window": self.config.window,
-            "restarts": slot.restarts,
-            "jobs_done": slot.jobs_done,
-            "switching_to": sw.mode if sw is not None else None,
-            "reclaiming": sw is not None and sw.waiting_for is not None,
-            "standby_pid": slot.standby.pid,
-            "standby_ready": slot.standby.ready,
-            "standby_paused": slot.standby.paused,
-            "last_error": slot.mode_error,
-            "failed_reason": slot.budget.failed,
-            "idle_unloaded": slot.idle_unloaded,
-            "oom_recycles": slot.oom_recycles,
-            "batches": dict(slot.batches),
-            "device": slot.device.kind if slot.device.index is None else f"cuda:{slot.device.index}",
-            "gpu_unavailable": slot.gpu_unavailable,
-            "worker_rss_bytes": slot.memory.get("worker_rss_bytes"),
-            "worker_vram_bytes": slot.memory.get("worker_vram_bytes"),
-            "worker_torch": slot.memory.get("worker_torch"),
-            "gpu": slot.gpu,  # type: ignore[typeddict-item]
+            "restarts": sum(d["restarts"] for d in devices),
+            "jobs_done": sum(d["jobs_done"] for d in devices),
+            "oom_recycles": sum(d["oom_recycles"] for d in devices),
+            "failed_reason": "; ".join(f"{d['name']}: {d['failed_reason']}" for d in devices if d["failed_reason"])
+            if state == "failed" and len(devices) > 1
+            else first["failed_reason"],
+            "devices": devices,
             "config": self.config.source,
         }
         self._status = MappingProxyType(status)
+
+
+def _free_longest(slot: Slot) -> tuple[bool, bool, float]:
+    """Placement's order: free devices before busy ones, a device holding no
+    mode before one whose mode would be evicted, then the longest free."""
+    return (slot.busy(), slot.mode_ahead is not None, slot.free_since)
 
 
 def _refuse(command: Command) -> None:

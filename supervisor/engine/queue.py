@@ -131,9 +131,13 @@ class JobQueue:
 
     # ------------------------------------------------------------ out
 
-    def next(self, loaded: str | None, turn_since: float = 0.0) -> Item | None:
-        """The item the loop should run next, with ``loaded`` the mode in
-        force since ``turn_since``; None when nothing waits."""
+    def next(self, loaded: str | None, turn_since: float = 0.0,
+             eligible: Callable[[str | None], bool] | None = None) -> Item | None:  # fmt: skip
+        """The item a device should run next, with ``loaded`` its mode in
+        force since ``turn_since``, among the modes it is ``eligible`` for
+        (all, by default); None when nothing waits that it may run. Jobs of
+        the head segment it may not run hold back what is behind a barrier,
+        as for a device that has only one job to do."""
         while True:
             head = self._segments[0]
             if head.barrier is not None:
@@ -142,7 +146,9 @@ class JobQueue:
                 head.barrier = None
             heads = head.heads()
             if heads:
-                return self._choose(heads, loaded, turn_since)
+                if eligible is not None:
+                    heads = {m: j for m, j in heads.items() if m is None or eligible(m)}
+                return self._choose(heads, loaded, turn_since) if heads else None
             if len(self._segments) == 1:
                 return None
             self._segments.popleft()

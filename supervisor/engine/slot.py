@@ -28,7 +28,7 @@ from supervisor.engine.process import spawn_worker, worker_argv
 from supervisor.engine.queue import JobQueue
 from supervisor.engine.standby import StandbyPool
 from supervisor.engine.switching import RECLAIM_POLL_S, Gone, Switch, SwitchPhase
-from supervisor.engine.worker_handle import HEARTBEATING, STARTING, WorkerHandle, WorkerState
+from supervisor.engine.worker_handle import HEARTBEATING, SERVING, STARTING, WorkerHandle, WorkerState
 from supervisor.metrics import Metrics
 
 log = logging.getLogger("gpuvisor")
@@ -44,6 +44,8 @@ class EngineView(Protocol):
     tasks: dict[str, list[str]]
     metrics: Metrics
 
+    def can_serve(self, mode: str | None) -> bool: ...
+
     @property
     def shutting_down(self) -> bool: ...
 
@@ -55,9 +57,10 @@ class EngineView(Protocol):
 
 
 class Slot:
-    def __init__(self, engine: EngineView, device: DeviceChoice, key: int = 0):
+    def __init__(self, engine: EngineView, device: DeviceChoice, key: int = 0, name: str = ""):
         self.engine = engine
-        self.key = key
+        self.key = key  # its place in the engine's list: its deadlines carry it
+        self.name = name or device.setting  # what status, metrics and switch_mode(device=) call it
         self.device = device
         meter = GpuMeter.open(device.index) if device.index is not None else device.reason
         self.meter: GpuMeter | None = meter if isinstance(meter, GpuMeter) else None
@@ -68,6 +71,8 @@ class Slot:
         # worker died or its last load failed. Only a switch changes it.
         self.mode: str | None = None
         self.mode_served = False  # the mode in force has been READY: a death while reloading it is a respawn's
+        self.mode_since = 0.0  # when the mode ahead was last changed (a switch began)
+        self.free_since = 0.0  # when it last had nothing to do: the longest free gets a mode no device holds
         # When the loaded mode's turn at the worker began: its first job since
         # its READY (infinity until then: a mode runs at least one job a turn).
         self.turn_since = 0.0
@@ -108,6 +113,10 @@ class Slot:
 
     def idle(self) -> bool:
         return self.worker is None and self.switch is None
+
+    def busy(self) -> bool:
+        """Running jobs or switching: not free for a job of another mode now."""
+        return self.switch is not None or (self.worker is not None and bool(self.worker.in_flight))
 
     def _heavy_switch_ahead(self) -> bool:
         """Jobs (or a switch) wait for a mode other than this slot's that
@@ -186,8 +195,10 @@ class Slot:
         if w.in_flight:
             if not w.in_flight[0].started:
                 self.start_clock(w.in_flight[0])
-        elif w.state is WorkerState.BUSY:
-            w.transition(WorkerState.READY)
+        else:
+            self.free_since = time.monotonic()
+            if w.state is WorkerState.BUSY:
+                w.transition(WorkerState.READY)
         return job
 
     # ------------------------------------------------------------ switching
@@ -274,6 +285,7 @@ class Slot:
     def switch_done(self, w: WorkerHandle) -> None:
         sw, self.switch = self.under_way(), None
         self.mode_served, self.turn_since = True, float("inf")
+        self.free_since = time.monotonic()
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, time.monotonic() - sw.started,
                  w.load_seconds or 0, w.pid)  # fmt: skip
         spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
@@ -314,11 +326,46 @@ class Slot:
             self.count_death(f"mode {sw.mode!r} failed to load: {error.message}")
 
     def count_death(self, what: str) -> None:
+        """A death against this device's budget; when it is spent, the jobs
+        no other device may run fail (with one device: every job)."""
         if self.budget.count(what):
-            self.engine.fail_before_barrier(lambda job: self.failed_error())
+            self.engine.fail_before_barrier(
+                lambda job: None if self.engine.can_serve(job.mode) else self.failed_error()
+            )
 
     def failed_error(self) -> SupervisorFailed:
         return SupervisorFailed(f"the supervisor is failed: {self.budget.failed}")
+
+    # ------------------------------------------------------------ status
+
+    def describe(self) -> dict[str, Any]:
+        """This device in the status: its worker, its counters, its memory."""
+        w, sw = self.worker, self.switch
+        return {
+            "name": self.name,
+            "mode": w.mode if w is not None and w.state in SERVING else None,
+            "worker_state": w.state.value if w is not None else "none",
+            "worker_pid": w.pid if w is not None else None,
+            "in_flight": len(w.in_flight) if w is not None else 0,
+            "restarts": self.restarts,
+            "jobs_done": self.jobs_done,
+            "switching_to": sw.mode if sw is not None else None,
+            "reclaiming": sw is not None and sw.waiting_for is not None,
+            "standby_pid": self.standby.pid,
+            "standby_ready": self.standby.ready,
+            "standby_paused": self.standby.paused,
+            "last_error": self.mode_error,
+            "failed_reason": self.budget.failed,
+            "idle_unloaded": self.idle_unloaded,
+            "oom_recycles": self.oom_recycles,
+            "batches": dict(self.batches),
+            "device": self.device.kind if self.device.index is None else f"cuda:{self.device.index}",
+            "gpu_unavailable": self.gpu_unavailable,
+            "worker_rss_bytes": self.memory.get("worker_rss_bytes"),
+            "worker_vram_bytes": self.memory.get("worker_vram_bytes"),
+            "worker_torch": self.memory.get("worker_torch"),
+            "gpu": self.gpu,
+        }
 
     # ------------------------------------------------------------ memory
 

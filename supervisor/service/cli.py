@@ -109,8 +109,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     switch = add("switch", help="switch the daemon to a mode")
     switch.add_argument("mode")
+    switch.add_argument("--device", help="with several devices: the one to switch (default: the daemon chooses)")
     restart = add("restart", help="replace the worker with a fresh one (clears 'failed')")
     restart.add_argument("mode", nargs="?")
+    restart.add_argument("--device", help="with several devices: the one to restart (default: a failed one first)")
     add("status", help="what the daemon is doing")
     add("modes", help="the modes the daemon serves: loader, whether loaded, tasks")
     add("metrics", help="the daemon's metrics in the Prometheus text format (for a textfile collector)")
@@ -229,9 +231,9 @@ def _client_command(args: argparse.Namespace) -> int:
             if value is _INTERRUPTED:
                 return EXIT_INTERRUPTED
         elif args.command == "switch":
-            value = client.switch_mode(args.mode).result()
+            value = client.switch_mode(args.mode, device=args.device).result()
         elif args.command == "restart":
-            value = client.restart(args.mode).result()
+            value = client.restart(args.mode, device=args.device).result()
         elif args.command == "status":
             value = client.status()
         elif args.command == "modes":

@@ -390,11 +390,11 @@ class Daemon:
             peer.jobs[request.id] = future
             self._when_done(peer.route, request.id, future)
         elif kind is Request.SWITCH:
-            self._when_done(peer.route, request.id, sup.switch_mode(args["mode"]))
+            self._when_done(peer.route, request.id, sup.switch_mode(args["mode"], device=args["device"]))
         elif kind is Request.RESTART:
             if args["mode"] is not None and sup.config.mode(args["mode"]) is None:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
-            self._when_done(peer.route, request.id, sup.restart(args["mode"]))
+            self._when_done(peer.route, request.id, sup.restart(args["mode"], device=args["device"]))
 
     def _clients_status(self) -> dict[str, int]:
         flow = self._flow

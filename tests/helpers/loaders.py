@@ -49,6 +49,17 @@ def tagged(tag: str = "x") -> dict:
     return {"tag": lambda payload: {"tag": tag, "pid": os.getpid()}}
 
 
+def placed(tag: str) -> dict:
+    """A mode for the placement tests: ``work`` sleeps ``payload`` seconds,
+    then says which mode ran it, in which process, seeing which GPUs."""
+
+    def work(payload: float) -> dict:
+        time.sleep(payload or 0)
+        return {"tag": tag, "pid": os.getpid(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    return {"work": work}
+
+
 def tensors() -> dict:
     """Handlers that return torch tensors (contiguous, transposed, needing
     grad) and one whose dtype has no numpy twin."""

@@ -84,10 +84,11 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        loaded = sup.status()["mode"]
+        modes = sup.modes()
         data = [
             {"id": m.name, "object": "model", "created": int(door.started), "owned_by": "gpuvisor", "mode": m.mode,
-             "loaded": m.mode == loaded, "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(m, e)]}
+             "loaded": modes[m.mode]["loaded"], "devices": modes[m.mode]["devices"],
+             "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(m, e)]}
             for m in door.models.values()
         ]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
