@@ -195,3 +195,28 @@ def test_a_daemon_shows_every_device_through_its_doors():
         assert loaded == {("cpu:0", "a"), ("cpu:1", "b")}
     finally:
         d.close()
+
+
+def test_a_device_whose_budget_is_spent_fails_alone_and_its_mode_moves_on(supervisor_from):
+    """``max_restarts = 0``: the first death fails that device. The mode's
+    jobs go to another device; the supervisor is not failed while one is
+    left; ``restart(device=)`` brings the failed one back."""
+    sup: Supervisor = supervisor_from(config_text({"a": mode("a")}, supervisor={
+        "devices": ["cpu", "cpu"], "warm_standby": False, "max_restarts": 0}))  # fmt: skip
+    first = sup.submit("work", 0, mode="a").result(T)
+    holder = next(d for d in sup.status()["devices"] if d["worker_pid"] == first["pid"])
+    running = sup.submit("work", 30, mode="a", timeout=0)
+    wait_until(lambda: by_device(sup)[holder["name"]]["in_flight"] == 1, T, "the long job to run")
+    os.kill(first["pid"], signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        running.result(T)
+    wait_until(lambda: by_device(sup)[holder["name"]]["failed_reason"], T, "the device to fail")
+    assert sup.status()["state"] == "running", "one device is left"
+    other = next(n for n in ("cpu:0", "cpu:1") if n != holder["name"])
+    moved = sup.submit("work", 0, mode="a").result(T)
+    assert moved["tag"] == "a" and moved["pid"] == by_device(sup)[other]["worker_pid"]
+    scraped = {(s.name, s.labels.get("device")): s.value for f in text_string_to_metric_families(sup.metrics())
+               for s in f.samples if s.name == "gpuvisor_device_failed"}  # fmt: skip
+    assert scraped == {("gpuvisor_device_failed", holder["name"]): 1.0, ("gpuvisor_device_failed", other): 0.0}
+    back = sup.restart("a", device=holder["name"]).result(T)
+    assert back["status"] == "restarted" and by_device(sup)[holder["name"]]["failed_reason"] is None
