@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from supervisor.config_where import Locator, seconds, whole
-
-if TYPE_CHECKING:
-    from supervisor.config import ModeSpec
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ _HTTP_MODEL_KEYS = ("mode", "embeddings", "chat", "completions", "timeout")
 _MODEL_NAME_RE = re.compile(r"^[^\s\x00-\x1f]{1,128}$")
 
 
-def parse_http(where: Locator, table: Any, modes: dict[str, ModeSpec], base: Path) -> HttpSettings:
+def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -> HttpSettings:
     """``[http]`` and its ``[http.models.NAME]`` tables. A listener off
     loopback without tokens is refused here: a GPU open to the network by a
     typo must not start."""
@@ -120,7 +118,7 @@ def parse_http(where: Locator, table: Any, modes: dict[str, ModeSpec], base: Pat
     return HttpSettings(tuple(listen), token_file, size, models)
 
 
-def _http_model(where: Locator, name: str, entry: Any, modes: dict[str, ModeSpec]) -> HttpModel:
+def _http_model(where: Locator, name: str, entry: Any, modes: Collection[str]) -> HttpModel:
     table = f"http.models.{name}"
     if not _MODEL_NAME_RE.match(name):
         raise where.error(table, None, "a model name is 1-128 characters, no spaces or control characters")
