@@ -91,10 +91,6 @@ def all_reaped(pids) -> bool:
 # ------------------------------------------------------------------ restart()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine._switch_target sends an unnamed restart() of no mode to the longest-free device, one holding no mode: NoModeLoaded",
-)
 def test_restart_of_no_mode_restarts_the_mode_in_force_where_it_is_held(supervisor_from):
     """``restart()`` names neither mode nor device: no device is failed, so
     it restarts the mode in force on the device that holds it (docs/
@@ -109,10 +105,6 @@ def test_restart_of_no_mode_restarts_the_mode_in_force_where_it_is_held(supervis
     assert [n for n, d in devices.items() if d["mode"] == "a"] == [holder]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine._switch_target skips the holder for a restart (force): restart('a') loads a second replica elsewhere",
-)
 def test_restart_of_a_held_mode_restarts_it_on_its_device_not_on_another(supervisor_from):
     """``restart("a")`` with ``a`` held by one device (``replicas = 1``):
     that device's worker is replaced; no second device loads ``a``."""
@@ -129,10 +121,6 @@ def test_restart_of_a_held_mode_restarts_it_on_its_device_not_on_another(supervi
 # ------------------------------------------------------------------ jobs that name no mode
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a switch answered already_loaded at once (Engine._on_command) leaves mode_in_force() on the other device",
-)
 def test_a_job_naming_no_mode_after_switch_mode_to_a_mode_already_held_runs_in_it(supervisor_from):
     """``switch_mode("a")`` answered ``already_loaded`` (``a`` is held on
     one device, ``b`` was put in force later on another): a job submitted
@@ -148,9 +136,6 @@ def test_a_job_naming_no_mode_after_switch_mode_to_a_mode_already_held_runs_in_i
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="work.begin_switch sets mode_since on a respawn too, so a respawn takes over mode_in_force()"
-)
 def test_a_crash_on_another_device_does_not_change_the_mode_of_jobs_naming_none(supervisor_from):
     """``b`` is the mode most recently put in force; the worker of ``a`` on
     another device dies and is respawned. That respawn puts nothing new in
@@ -426,10 +411,6 @@ def test_idle_unload_stops_each_idle_device_and_the_next_job_reloads_its_mode(su
     assert sum(d["restarts"] for d in by_device(sup).values()) == 0, "an idle unload is not a death"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Slot._idle_unload_at waits for the whole shared queue to empty, even jobs this device may not run",
-)
 def test_an_idle_device_unloads_while_another_devices_mode_has_a_backlog(supervisor_from):
     """``idle_unload_s`` frees an idle device's memory. cpu:0 holds ``a``
     and has nothing to do; ``diag`` (one replica, on cpu:1) runs a stream
@@ -694,9 +675,6 @@ def test_the_replicas_limit_holds_under_sustained_load(supervisor_from, window):
     assert sum(d["jobs_done"] for d in devices.values()) == 160 == sup.status()["jobs_done"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Slot.switch_failed fails every queued job of the mode although another device serves it"
-)
 def test_a_second_replica_that_fails_to_load_leaves_the_jobs_the_first_can_run(supervisor_from, tmp_path):
     """``m`` may hold two devices and serves on cpu:0. A backlog makes a
     second device load it, which fails there (the flag: that device cannot
@@ -717,9 +695,6 @@ def test_a_second_replica_that_fails_to_load_leaves_the_jobs_the_first_can_run(s
     assert all(len(s) == 1 for s in seen)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="JobQueue.put_back puts a retried job behind a switch barrier waiting at the head"
-)
 def test_a_job_retried_after_a_kill_runs_before_the_switch_queued_after_it(supervisor_from):
     """``a`` runs only on cpu:0. A job with a retry runs there; a switch of
     cpu:0 to ``b`` is queued after it; the worker is killed. The job was
@@ -875,10 +850,6 @@ def test_the_metrics_agree_with_the_jobs_and_the_devices(supervisor_from, tmp_pa
 # ------------------------------------------------------------------ reload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine.may_run counts a holder its new devices exclude as a replica: the mode's jobs wait for ever",
-)
 def test_a_reload_that_moves_a_held_mode_to_another_device_still_runs_its_jobs(supervisor_from, write_config):
     """``a`` is loaded on cpu:0; a reload pins it to cpu:1. cpu:0 may no
     longer run it, so its jobs must go to cpu:1, not wait for ever: the

@@ -335,7 +335,16 @@ class Engine:
             return spec is None or not spec.devices or slot.name in spec.devices
         if spec.devices and slot.name not in spec.devices:
             return False
-        holders = sum(1 for s in self.slots if s is not slot and s.mode_ahead == mode and s.budget.failed is None)
+        if mode is not None and slot.refused.get(mode, 0.0) > time.monotonic():
+            return False
+        holders = sum(
+            1
+            for s in self.slots
+            if s is not slot
+            and s.mode_ahead == mode
+            and s.budget.failed is None
+            and (not spec.devices or s.name in spec.devices)
+        )
         return holders < spec.replicas
 
     def can_serve(self, mode: str | None) -> bool:
@@ -366,6 +375,7 @@ class Engine:
               and not self.can_serve(command.mode or self.mode_in_force())):  # fmt: skip
             self.decide(command.future, error=self._failed_error())
         elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
+            next(s for s in self.slots if s.worker is w).mode_since = time.monotonic()  # the caller's word: in force
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
             self.queue.append(command, mode_in_force=self.mode_in_force())
@@ -495,14 +505,20 @@ class Engine:
         (the switch is then a no-op) or the mode may use, the least busy
         and longest free; for a restart of no mode, a failed device first."""
         if item.device is None:
-            if not item.force and (holder := next((s for s in self.slots if s.mode_ahead == item.mode), None)):
-                item.device = holder.name
-            else:
-                spec = self.config.mode(item.mode) if item.mode is not None else None
-                allowed = [s for s in self.slots if spec is None or not spec.devices or s.name in spec.devices]
-                if item.force and item.mode is None and (failed := [s for s in allowed if s.budget.failed]):
-                    allowed = failed
-                item.device = min(allowed or self.slots, key=_free_longest).name
+            spec = self.config.mode(item.mode) if item.mode is not None else None
+            allowed = [s for s in self.slots if spec is None or not spec.devices or s.name in spec.devices]
+            failed = [s for s in allowed if s.budget.failed] if item.force else []
+            wanted = item.mode if item.mode is not None or not item.force else self.mode_in_force()
+            holders = [
+                s
+                for s in allowed
+                if s.mode_ahead is not None
+                and s.budget.failed is None
+                and (s.mode_ahead == wanted or (item.force and item.mode is None))
+            ]
+            holders.sort(key=lambda s: (s.mode_ahead != wanted, _free_longest(s)))
+            target = min(failed, key=_free_longest) if failed else holders[0] if holders else None
+            item.device = (target or min(allowed or self.slots, key=_free_longest)).name
         return next(s for s in self.slots if s.name == item.device)
 
     def _start_switch(self, item: QueuedSwitch, slot: Slot) -> bool:
@@ -521,6 +537,7 @@ class Engine:
                 return True
             item.mode = slot.mode
         if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:
+            slot.mode_since = time.monotonic()
             self.decide(item.future, result=already_loaded(item.mode, w.pid))
             return True
         work.begin_switch(slot, item)

@@ -126,6 +126,8 @@ class JobQueue:
     def put_back(self, jobs: list[QueuedJob]) -> None:
         """``jobs`` go back to the head, in their order and with their age: a
         job to retry, or jobs a dead worker had not started."""
+        if jobs and self._segments[0].barrier is not None:
+            self._segments.appendleft(_Segment())  # they came before the switch waiting at the head
         for job in reversed(jobs):
             self._segments[0].add(job, front=True)
 

@@ -44,7 +44,11 @@ class EngineView(Protocol):
     tasks: dict[str, list[str]]
     metrics: Metrics
 
+    slots: list[Slot]
+
     def can_serve(self, mode: str | None) -> bool: ...
+
+    def may_run(self, slot: Slot, mode: str | None) -> bool: ...
 
     @property
     def shutting_down(self) -> bool: ...
@@ -72,6 +76,9 @@ class Slot:
         self.mode: str | None = None
         self.mode_served = False  # the mode in force has been READY: a death while reloading it is a respawn's
         self.mode_since = 0.0  # when the mode ahead was last changed (a switch began)
+        # Modes that failed to load here while another device held them: not
+        # placed here again until then (the other device serves them).
+        self.refused: dict[str, float] = {}
         self.free_since = 0.0  # when it last had nothing to do: the longest free gets a mode no device holds
         # When the loaded mode's turn at the worker began: its first job since
         # its READY (infinity until then: a mode runs at least one job a turn).
@@ -152,10 +159,15 @@ class Slot:
         """When the idle worker is due to be stopped: only an idle worker with
         nothing queued, never while a job runs or waits."""
         w, e = self.worker, self.engine
-        if w is None or w.state is not WorkerState.READY or e.queue or self.switch or e.shutting_down:
+        if w is None or w.state is not WorkerState.READY or self.switch or e.shutting_down or self._work_ahead():
             return None
         idle = self.config.idle_unload_for(w.spec)
         return w.idle_since + idle if idle > 0 else None
+
+    def _work_ahead(self) -> bool:
+        """Something queued this device may run next, or a switch waits."""
+        q = self.engine.queue
+        return bool(q) and (q.barrier_queued() or any(self.engine.may_run(self, m) for m in q.modes_ahead()))
 
     # ------------------------------------------------------------ jobs
 
@@ -313,15 +325,20 @@ class Slot:
         self.engine.metrics.switch_failed(sw.mode)
         if sw.request.future is not None:
             self.engine.decide(sw.request.future, error=error)
-        self.engine.fail_before_barrier(
-            lambda job: (
-                ModeLoadError(
-                    f"job {job.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
+        held = any(s is not self and s.mode_ahead == sw.mode and s.budget.failed is None for s in self.engine.slots)
+        if held:  # another device holds the mode: its jobs go there; this device does not keep it
+            self.mode = None
+            self.refused[sw.mode] = time.monotonic() + self.config.restart_window  # nor tries it again at once
+        else:
+            self.engine.fail_before_barrier(
+                lambda job: (
+                    ModeLoadError(
+                        f"job {job.id} needs mode {sw.mode!r}, which failed to load: {error.message}", **error.details
+                    )
+                    if (job.mode or sw.mode) == sw.mode
+                    else None
                 )
-                if (job.mode or sw.mode) == sw.mode
-                else None
             )
-        )
         if not forget:
             self.count_death(f"mode {sw.mode!r} failed to load: {error.message}")
 

@@ -125,7 +125,8 @@ def begin_switch(slot: Slot, request: QueuedSwitch) -> None:
         raise RuntimeError("a switch begins with its mode known (restart() of no mode is answered before)")
     w = slot.worker
     slot.switch = Switch(request.mode, request, w.mode if w is not None else None)
-    slot.mode_since = time.monotonic()
+    if request.future is not None or request.mode != slot.mode:  # a respawn or a reload puts nothing new in force
+        slot.mode_since = time.monotonic()
     slot.idle_unloaded = None
     if w is None:
         slot.after_stop(stopped_here=False)
