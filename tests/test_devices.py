@@ -220,3 +220,21 @@ def test_a_device_whose_budget_is_spent_fails_alone_and_its_mode_moves_on(superv
     assert scraped == {("gpuvisor_device_failed", holder["name"]): 1.0, ("gpuvisor_device_failed", other): 0.0}
     back = sup.restart("a", device=holder["name"]).result(T)
     assert back["status"] == "restarted" and by_device(sup)[holder["name"]]["failed_reason"] is None
+
+
+@pytest.mark.slow
+def test_health_with_several_devices_lists_each_and_serves_while_any_does():
+    text = http_config({"a": mode("a"), "b": mode("b")}, {"model-a": {"mode": "a", "completions": "work"}},
+                       supervisor={"devices": ["cpu", "cpu"], "warm_standby": False, "default_mode": "a"})  # fmt: skip
+    d = RunningDaemon(config_text=text)
+    try:
+        with d.client() as c:
+            wait_until(lambda: any(x["mode"] == "a" for x in c.status()["devices"]), T, "a to load")
+            busy = c.submit("work", 1.0, mode="b")
+            wait_until(lambda: c.status()["in_flight"] == 1, T, "b's job to run on its device")
+            code, body = curl("http://gpuvisor/health", unix=http_socket(d))
+            assert code == 200 and body["status"] == "ok" and body["in_flight"] == 1, body
+            assert sorted((x["mode"], x["in_flight"]) for x in body["devices"]) == [("a", 0), ("b", 1)], body
+            assert busy.result(T)["tag"] == "b"
+    finally:
+        d.close()

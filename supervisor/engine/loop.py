@@ -622,6 +622,7 @@ class Engine:
             "queued": len(self.queue),
             "waiting": self.queue.waiting(),
             "window": self.config.window,
+            "in_flight": sum(d["in_flight"] for d in devices),
             "restarts": sum(d["restarts"] for d in devices),
             "jobs_done": sum(d["jobs_done"] for d in devices),
             "oom_recycles": sum(d["oom_recycles"] for d in devices),

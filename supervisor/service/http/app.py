@@ -148,18 +148,24 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
     caller that asked (other modes serve on), so it keeps 200 too."""
     status = sup.status()
     state = status["state"]
-    fields = {"mode": status["mode"], "switching_to": status["switching_to"], "queued": status["queued"],
-              "in_flight": status["in_flight"]}  # fmt: skip
+    fields: dict[str, Any] = {"mode": status["mode"], "switching_to": status["switching_to"],
+                              "queued": status["queued"], "in_flight": status["in_flight"]}  # fmt: skip
+    devices = status["devices"]
+    if len(devices) > 1:  # several: each one's, and the top-level mode is any one's that serves
+        fields["devices"] = [{k: d[k] for k in ("name", "mode", "switching_to", "in_flight")} for d in devices]
+        fields["mode"] = next((d["mode"] for d in devices if d["mode"]), None)
+        fields["switching_to"] = next((d["switching_to"] for d in devices if d["switching_to"]), None)
     if door.draining or state in ("draining", "stopped"):
         return JSONResponse({"status": "draining", "reason": "the daemon is stopping", **fields}, status_code=503)
     if state == "failed":
         return JSONResponse({"status": "failed", "reason": status["failed_reason"], **fields}, status_code=503)
     if state != "running":
         return JSONResponse({"status": "starting", "reason": f"supervisor {state}", **fields}, status_code=503)
-    if status["mode"] is None and all(mode["tasks"] is None for mode in sup.modes().values()):
-        if status["switching_to"] is not None:
-            reason = f"loading {status['switching_to']}, the first mode since the daemon started"
+    if fields["mode"] is None and all(mode["tasks"] is None for mode in sup.modes().values()):
+        if fields["switching_to"] is not None:
+            reason = f"loading {fields['switching_to']}, the first mode since the daemon started"
             return JSONResponse({"status": "loading", "reason": reason, **fields}, status_code=503)
-        if status["last_error"] is not None and sup.config.default_mode:
-            return JSONResponse({"status": "load_failed", "reason": status["last_error"], **fields}, status_code=503)
+        error = next((d["last_error"] for d in devices if d["last_error"]), None)
+        if error is not None and sup.config.default_mode:
+            return JSONResponse({"status": "load_failed", "reason": error, **fields}, status_code=503)
     return JSONResponse({"status": "ok", **fields})
