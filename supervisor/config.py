@@ -170,7 +170,7 @@ class Config:
     devices: tuple[str, ...] | str = ()  # several devices, a worker each; "auto": every GPU. Empty: ``device``
     recycle_on_oom: bool = True
     idle_unload_s: float = 0.0  # 0: keep the worker loaded while idle
-    max_wait_s: float = 2.0  # the starvation bound: another mode's oldest job waits at most this long
+    max_wait_s: float = 3.0  # the starvation bound: another mode's oldest job waits at most this long
     state_dir: str = ""  # "" : $STATE_DIRECTORY under systemd, else nowhere
     reclaim_timeout: float = 10.0
     reclaim_tolerance_mib: float = 64.0
