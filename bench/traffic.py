@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import subprocess
@@ -43,7 +44,7 @@ import time
 from concurrent.futures import Future
 
 from bench import lifecycle
-from bench.common import child, config
+from bench.common import child, config, run_callers
 from bench.report import Row, progress
 from supervisor import Supervisor
 
@@ -77,27 +78,12 @@ def alternating() -> tuple[float, int]:
     with Supervisor(config(max_queue=100_000)) as sup:
         _ready(sup)
         gen = sup.status()["generation"]
-        futures: list[Future] = []
-        lock = threading.Lock()
-        gate = threading.Barrier(3)
 
-        def caller() -> None:
-            gate.wait()
-            mine = [sup.submit(task, payload, mode=mode) for task, payload, mode in map(_job, range(ALTERNATING_JOBS))]
-            with lock:
-                futures.extend(mine)
+        def caller() -> list[Future]:
+            return [sup.submit(task, payload, mode=mode) for task, payload, mode in map(_job, range(ALTERNATING_JOBS))]
 
-        threads = [threading.Thread(target=caller) for _ in range(2)]
-        for t in threads:
-            t.start()
-        t0 = time.perf_counter()
-        gate.wait()
-        for t in threads:
-            t.join()
-        for f in futures:
-            f.result(600)
-        seconds = time.perf_counter() - t0
-        assert len(futures) == 2 * ALTERNATING_JOBS
+        seconds, results = run_callers([caller, caller])
+        assert len(results) == 2 * ALTERNATING_JOBS
         return seconds, sup.status()["generation"] - gen
 
 
@@ -129,25 +115,11 @@ def embedding(batching: bool) -> tuple[float, dict]:
     with Supervisor(_embed_config(batching)) as sup:
         sup.switch_mode("embed").result(600)
         sup.submit("embed", {"texts": ["warm"]}).result(60)
-        futures: list[Future] = []
-        lock = threading.Lock()
-        gate = threading.Barrier(CALLERS + 1)
 
-        def caller(c: int) -> None:
-            gate.wait()
-            mine = [sup.submit("embed", {"texts": [f"{SENTENCE} ({c}, {n})"]}) for n in range(EMBED_JOBS)]
-            with lock:
-                futures.extend(mine)
+        def caller(c: int) -> list[Future]:
+            return [sup.submit("embed", {"texts": [f"{SENTENCE} ({c}, {n})"]}) for n in range(EMBED_JOBS)]
 
-        threads = [threading.Thread(target=caller, args=(c,)) for c in range(CALLERS)]
-        for t in threads:
-            t.start()
-        t0 = time.perf_counter()
-        gate.wait()
-        for t in threads:
-            t.join()
-        vectors = [f.result(600) for f in futures]
-        seconds = time.perf_counter() - t0
+        seconds, vectors = run_callers([functools.partial(caller, c) for c in range(CALLERS)])
         assert len(vectors) == CALLERS * EMBED_JOBS
         return len(vectors) / seconds, dict(sup.status()["batches"])
 
