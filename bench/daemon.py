@@ -7,16 +7,12 @@ interleaved in ROUNDS rounds). The daemon is stopped with
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 
-from bench.common import reap, scratch_dir
+from bench.common import reap, scratch_dir, serve_daemon
 from bench.report import Row, median, percentile, progress
 from bench.roundtrip import gpuvisor_sync
-from protocol import DaemonUnavailable
-from supervisor.client import Client
 
 ROUNDS = 3
 N = 2000
@@ -24,36 +20,11 @@ WARMUP = 200
 START_TIMEOUT = 60.0
 
 
-def _wait_ready(endpoint: str, proc: subprocess.Popen) -> Client:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.returncode} before answering a ping")
-        client = Client(endpoint, timeout=2.0)
-        try:
-            client.ping()
-            return client
-        except DaemonUnavailable:
-            client.close()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not answer a ping within {START_TIMEOUT:g}s") from None
-            time.sleep(0.1)
-
-
 def through_daemon(n: int) -> tuple[list[float], float]:
     """(round trip samples, seconds from Popen to the first ping answered)."""
-    tmp = scratch_dir()
-    endpoint = f"ipc://{tmp}/run/g.sock"
-    log = open(os.path.join(tmp, "daemon.log"), "w+")  # a file: a pipe nobody reads could block it
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    client = None
+    proc, _, log, client = serve_daemon(scratch_dir(), START_TIMEOUT)
     try:
-        client = _wait_ready(endpoint, proc)
         started = time.perf_counter() - t0
         client.switch_mode("diag").result(60)
         samples = []
@@ -70,8 +41,7 @@ def through_daemon(n: int) -> tuple[list[float], float]:
         print("".join(log.readlines()[-20:]), file=sys.stderr)
         raise
     finally:
-        if client is not None:
-            client.close()
+        client.close()
         reap(proc, grace=10)  # SIGTERM (the daemon drains and stops its worker), then SIGKILL
         log.close()
     return samples[WARMUP:], started

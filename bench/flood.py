@@ -17,7 +17,6 @@ chunks sent by the worker and received.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,9 +24,8 @@ import time
 
 import psutil
 
-from bench.common import child, reap, scratch_dir
+from bench.common import child, reap, scratch_dir, serve_daemon
 from bench.report import Row, percentile, progress
-from protocol import DaemonUnavailable
 from supervisor.client import Client
 
 N = 400  # echo round trips each way, in ROUNDS rounds
@@ -79,25 +77,9 @@ s.close(); ctx.term()
 
 
 def _start(tmp: str) -> tuple[subprocess.Popen, str, object]:
-    endpoint = f"ipc://{tmp}/run/g.sock"
-    log = open(os.path.join(tmp, "daemon.log"), "w+")  # a file: a pipe nobody reads could block it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.returncode} before answering a ping")
-        try:
-            with Client(endpoint, timeout=2.0) as c:
-                c.ping()
-            return proc, endpoint, log
-        except DaemonUnavailable:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not answer a ping within {START_TIMEOUT:g}s") from None
-            time.sleep(0.1)
+    proc, endpoint, log, client = serve_daemon(tmp, START_TIMEOUT)
+    client.close()
+    return proc, endpoint, log
 
 
 def _echoes(client: Client, n: int) -> list[float]:

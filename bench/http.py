@@ -14,7 +14,6 @@ runs it alone."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -22,9 +21,8 @@ from collections.abc import Callable
 
 import httpx2
 
-from bench.common import reap, scratch_dir
+from bench.common import reap, scratch_dir, serve_daemon
 from bench.report import Row, median, print_table, progress
-from protocol import DaemonUnavailable
 from supervisor.client import Client
 
 CLIENTS = 50
@@ -85,34 +83,15 @@ def _http(socket_path: str) -> Callable[[int], int]:
     return one_client
 
 
-def _start(endpoint: str, log) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.returncode} before answering")
-        try:
-            with Client(endpoint, timeout=2.0) as client:
-                client.ping()
-                client.switch_mode("embed").result(START_TIMEOUT)
-                return proc
-        except DaemonUnavailable:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not answer within {START_TIMEOUT:g}s") from None
-            time.sleep(0.1)
-
-
 def run() -> list[Row]:
     tmp = scratch_dir()
-    endpoint = f"ipc://{tmp}/run/g.sock"
     socket_path = os.path.join(tmp, "run", "http.sock")  # the built-in [http]: unix:http.sock, beside the daemon's
-    log = open(os.path.join(tmp, "daemon.log"), "w+")  # a file: a pipe nobody reads could block it
-    proc = None
+    proc, endpoint, log, client = serve_daemon(tmp, START_TIMEOUT)
     http_s: list[float] = []
     zmq_s: list[float] = []
     try:
-        proc = _start(endpoint, log)
+        with client:
+            client.switch_mode("embed").result(START_TIMEOUT)
         if not os.path.exists(socket_path):
             raise RuntimeError(f"the daemon serves no HTTP at {socket_path}: is the http extra installed?")
         _http(socket_path)(0), _zmq(endpoint)(0)  # warm both paths (imports, first connections)
@@ -132,8 +111,7 @@ def run() -> list[Row]:
         print("".join(log.readlines()[-20:]), file=sys.stderr)
         raise
     finally:
-        if proc is not None:
-            reap(proc, grace=10)
+        reap(proc, grace=10)
         log.close()
     total = CLIENTS * REQUESTS
     return [
