@@ -21,9 +21,9 @@ import openai
 import psutil
 import pytest
 
-from tests.helpers import T, wait_until
+from tests.helpers import T
 from tests.helpers.config import config_text
-from tests.helpers.daemon import RunningDaemon, free_port
+from tests.helpers.daemon import RunningDaemon, free_port, serving
 
 pytestmark = pytest.mark.slow
 MODEL_T = 3 * T  # a wait that may include loading torch and a model on a shared CPU
@@ -126,14 +126,8 @@ def served():
         http={"listen": ["unix:http.sock", f"127.0.0.1:{PORT}"], "max_body_bytes": 65536},
         supervisor={"default_mode": "assistant", "warm_standby": False},
     )
-    d = RunningDaemon(config_text=text)
-    try:
-        with d.client() as c:
-            wait_until(lambda: c.status()["mode"] == "assistant", MODEL_T, "the assistant mode to load")
+    with serving(text, "assistant", MODEL_T) as d:
         yield d
-        assert "Traceback" not in d.output(), d.output()[-4000:]  # every refusal was an answer, not a crash
-    finally:
-        d.close()
 
 
 @pytest.fixture(scope="module")

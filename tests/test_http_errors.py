@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.helpers import T, wait_until
-from tests.helpers.daemon import RunningDaemon, free_port
+from tests.helpers.daemon import RunningDaemon, free_port, serving
 from tests.test_http import GATE_MODELS, assert_error, curl, gates, http_config, http_socket, sdk
 
 TOKEN = "s3cret-token-for-the-http-tests"
@@ -55,14 +55,8 @@ def served(folder):
         supervisor={"loader_path": [str(folder / "modes")], "default_mode": "gates", "max_queue": 2,
                     "warm_standby": False},
     )  # fmt: skip
-    d = RunningDaemon(config_text=text)
-    try:
-        with d.client() as c:
-            wait_until(lambda: c.status()["mode"] == "gates", T, "the gates mode to load")
+    with serving(text, "gates") as d:
         yield d
-        assert "Traceback" not in d.output(), d.output()[-4000:]  # every refusal was an answer, not a crash
-    finally:
-        d.close()
 
 
 @pytest.fixture(scope="module")

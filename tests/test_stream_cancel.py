@@ -28,7 +28,7 @@ from supervisor.config import Config
 from supervisor.config import load as load_config
 from tests.helpers import T, wait_until
 from tests.helpers.config import config_text
-from tests.helpers.daemon import GPUVISOR, RunningDaemon
+from tests.helpers.daemon import GPUVISOR, serving
 
 SETTINGS = {"default_mode": "diag", "warm_standby": False}
 AFTER_LEAVING = 4
@@ -241,12 +241,8 @@ def test_async_for_left_early_and_a_cancelled_reading_task_stop_the_stream(tmp_p
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = RunningDaemon(config_text=config_text(supervisor=SETTINGS))
-    try:
+    with serving(config_text(supervisor=SETTINGS)) as d:
         yield d
-        assert "Traceback" not in d.output(), d.output()[-4000:]
-    finally:
-        d.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ project package for it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from tests.helpers import T, repo_pythonpath, wait_until
@@ -177,3 +178,19 @@ class RunningDaemon:
             self.notify.close()
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving(config_text: str, mode: str | None = None, timeout: float = T) -> Iterator[RunningDaemon]:
+    """A daemon over ``config_text`` for a module's cases, with ``mode``
+    loaded before the first (so nothing starts during a case); after them,
+    its output holds no traceback: every refusal was an answer, not a crash."""
+    d = RunningDaemon(config_text=config_text)
+    try:
+        if mode is not None:
+            with d.client() as c:
+                wait_until(lambda: c.status()["mode"] == mode, timeout, f"the {mode} mode to load")
+        yield d
+        assert "Traceback" not in d.output(), d.output()[-4000:]
+    finally:
+        d.close()
