@@ -291,7 +291,7 @@ class Supervisor:
         if device not in names:
             raise ValueError(f"unknown device {device!r}; this supervisor drives {', '.join(names)}")
         spec = self.config.mode(mode) if mode is not None else None
-        if spec is not None and spec.devices and device not in spec.devices:
+        if spec is not None and not spec.allows(device):
             raise ValueError(f"mode {mode!r} may not run on {device!r}: its devices are {', '.join(spec.devices)}")
 
     def reload(self, config: str | Path | Config | None = None) -> Future:

@@ -42,6 +42,10 @@ class ModeSpec:
     devices: tuple[str, ...] = ()  # the devices (by name) its workers may run on; empty: any
     replicas: int = 1  # how many devices may hold it loaded at once
 
+    def allows(self, device: str) -> bool:
+        """Its workers may run on ``device`` (by name)."""
+        return not self.devices or device in self.devices
+
 
 _DEVICE_RE = re.compile(r"cuda:(0|[1-9][0-9]*)")
 BAD_DEVICE_SETTING = "device must be 'auto', 'cpu' or 'cuda:N' (N = the GPU's NVML index: 0, 1, ...), got {!r}"

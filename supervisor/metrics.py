@@ -139,24 +139,21 @@ class _StatusCollector(Collector):
         yield _gauge("gpuvisor_queued", "Jobs and switches queued", [([], s.get("queued"))])
         yield _gauge("gpuvisor_worker_generations", "Workers started so far, on every device",
                      [([], s.get("generation"))], counter=True)  # fmt: skip
-        per_device = (
-            ("gpuvisor_in_flight", "Jobs handed to the device's worker", "in_flight", False),
-            ("gpuvisor_worker_restarts", "Workers respawned after an unexpected death", "restarts", True),
-            ("gpuvisor_oom_recycles", "Workers replaced after a job ran out of memory", "oom_recycles", True),
-            ("gpuvisor_worker_rss_bytes", "The worker's host memory (RSS)", "worker_rss_bytes", False),
-            ("gpuvisor_worker_vram_bytes", "The worker's device memory, through NVML", "worker_vram_bytes", False),
-            ("gpuvisor_standby_ready", "1 while a warm standby has finished its imports", "standby_ready", False),
-            ("gpuvisor_device_failed", "1 while the device's restart budget is spent", "failed_reason", False),
-        )
-        for name, text, key, counter in per_device:
-            values = [([d["name"]], _number(d.get(key), key)) for d in devices]
+        for name, text, key, counter, flag in _PER_DEVICE:
+            values = [([d["name"]], (1.0 if d.get(key) else 0.0) if flag else d.get(key)) for d in devices]
             yield _gauge(name, text, values, labels=["device"], counter=counter)
 
 
-def _number(value: Any, key: str) -> float | None:
-    if key in ("standby_ready", "failed_reason"):
-        return 1.0 if value else 0.0
-    return float(value) if isinstance(value, (int, float)) else None
+# name, help, the device's status key, a counter (else a gauge), 1/0 for whether the key is set
+_PER_DEVICE = (
+    ("gpuvisor_in_flight", "Jobs handed to the device's worker", "in_flight", False, False),
+    ("gpuvisor_worker_restarts", "Workers respawned after an unexpected death", "restarts", True, False),
+    ("gpuvisor_oom_recycles", "Workers replaced after a job ran out of memory", "oom_recycles", True, False),
+    ("gpuvisor_worker_rss_bytes", "The worker's host memory (RSS)", "worker_rss_bytes", False, False),
+    ("gpuvisor_worker_vram_bytes", "The worker's device memory, through NVML", "worker_vram_bytes", False, False),
+    ("gpuvisor_standby_ready", "1 while a warm standby has finished its imports", "standby_ready", False, True),
+    ("gpuvisor_device_failed", "1 while the device's restart budget is spent", "failed_reason", False, True),
+)
 
 
 def _gauge(name: str, text: str, values: list[tuple[list[str], Any]], labels: list[str] | None = None,

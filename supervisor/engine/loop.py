@@ -328,32 +328,26 @@ class Engine:
         """``slot`` may run jobs of ``mode`` now: the mode allows the device,
         the device is not failed, and it holds the mode already or the mode
         holds fewer devices than its ``replicas``."""
-        if slot.budget.failed is not None:
+        if slot.budget.failed is not None or not self._allows(mode, slot):
             return False
         spec = self.config.mode(mode) if mode is not None else None
         if spec is None or mode == slot.mode_ahead:
-            return spec is None or not spec.devices or slot.name in spec.devices
-        if spec.devices and slot.name not in spec.devices:
+            return True
+        if slot.refused.get(spec.name, 0.0) > time.monotonic():
             return False
-        if mode is not None and slot.refused.get(mode, 0.0) > time.monotonic():
-            return False
-        holders = sum(
-            1
-            for s in self.slots
-            if s is not slot
-            and s.mode_ahead == mode
-            and s.budget.failed is None
-            and (not spec.devices or s.name in spec.devices)
-        )
+        holders = sum(1 for s in self.slots
+                      if s is not slot and s.mode_ahead == mode and s.budget.failed is None and spec.allows(s.name))  # fmt: skip
         return holders < spec.replicas
 
     def can_serve(self, mode: str | None) -> bool:
         """Some device that is not failed may run ``mode``'s jobs (now or once
         another mode's turn ends)."""
+        return any(s.budget.failed is None and self._allows(mode, s) for s in self.slots)
+
+    def _allows(self, mode: str | None, slot: Slot) -> bool:
+        """``mode``'s ``devices`` include ``slot`` (a mode not configured: any)."""
         spec = self.config.mode(mode) if mode is not None else None
-        return any(
-            s.budget.failed is None and (spec is None or not spec.devices or s.name in spec.devices) for s in self.slots
-        )
+        return spec is None or spec.allows(slot.name)
 
     def _free_first(self) -> list[Slot]:
         """The order slots are offered work: the one free the longest first,
@@ -505,8 +499,7 @@ class Engine:
         (the switch is then a no-op) or the mode may use, the least busy
         and longest free; for a restart of no mode, a failed device first."""
         if item.device is None:
-            spec = self.config.mode(item.mode) if item.mode is not None else None
-            allowed = [s for s in self.slots if spec is None or not spec.devices or s.name in spec.devices]
+            allowed = [s for s in self.slots if self._allows(item.mode, s)]
             failed = [s for s in allowed if s.budget.failed] if item.force else []
             wanted = item.mode if item.mode is not None or not item.force else self.mode_in_force()
             holders = [
@@ -615,9 +608,10 @@ class Engine:
             state = "draining" if self._shutdown is not None else "failed" if failed else "running"
         devices = [slot.describe() for slot in slots]
         first = devices[0]
+        reasons = [f"{d['name']}: {d['failed_reason']}" for d in devices if d["failed_reason"]]
         status: Status = {
             "state": state,
-            **{k: v for k, v in first.items() if k != "name"},  # type: ignore[typeddict-item]  # the first device's
+            **first,  # type: ignore[typeddict-item]  # the first device's worker, at the top as with one device
             "generation": self._generation,
             "queued": len(self.queue),
             "waiting": self.queue.waiting(),
@@ -626,12 +620,11 @@ class Engine:
             "restarts": sum(d["restarts"] for d in devices),
             "jobs_done": sum(d["jobs_done"] for d in devices),
             "oom_recycles": sum(d["oom_recycles"] for d in devices),
-            "failed_reason": "; ".join(f"{d['name']}: {d['failed_reason']}" for d in devices if d["failed_reason"])
-            if state == "failed" and len(devices) > 1
-            else first["failed_reason"],
+            "failed_reason": "; ".join(reasons) if state == "failed" and len(devices) > 1 else first["failed_reason"],
             "devices": devices,
             "config": self.config.source,
         }
+        del status["name"]  # type: ignore[typeddict-item]  # the device's own key, not the status's
         self._status = MappingProxyType(status)
 
 
