@@ -140,6 +140,40 @@ class QueueFull(GpuvisorError):
     code = "queue_full"
 
 
+class ModeBroken(GpuvisorError):
+    """The mode failed to load, or its worker died, too often in a short
+    time (``max_restarts`` in ``restart_window``), so its breaker is open:
+    its jobs fail at once instead of costing another load. Other modes serve
+    on. ``retry_in`` (seconds) says when it will be tried again by itself;
+    an operator's ``restart()`` or ``switch_mode()`` tries it now. Fix the
+    mode (the log has each failure); retrying sooner cannot help."""
+
+    code = "mode_broken"
+
+    @property
+    def retry_in(self) -> float:
+        value = self.details.get("retry_in")
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+class Forbidden(GpuvisorError):
+    """The request is an operator's (shutdown, switch, restart, reload) and
+    the caller is not one: not the daemon's own user, root, a member of its
+    ``admin_group``, nor an admin CURVE key. The caller's side; retrying
+    cannot help."""
+
+    code = "forbidden"
+
+
+class RequestTooLarge(GpuvisorError):
+    """The request can never be served as sent: more than a door allows
+    (bytes, inputs, stop strings, tokens), or an answer that would be over
+    the frame limit. Refused before any work. The caller's fault; send less
+    or split it."""
+
+    code = "request_too_large"
+
+
 class DaemonUnavailable(GpuvisorError):
     """Nothing answered at the daemon's endpoint within the timeout: it is not
     running, is not reachable by this user, or is stuck. Start the daemon
@@ -194,6 +228,9 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         ShuttingDown,
         SupervisorFailed,
         QueueFull,
+        ModeBroken,
+        Forbidden,
+        RequestTooLarge,
         DaemonUnavailable,
         ClientCutOff,
         StreamIncomplete,
