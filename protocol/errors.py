@@ -125,10 +125,13 @@ class JobCancelled(GpuvisorError):
 
 
 class SupervisorFailed(GpuvisorError):
-    """The worker died more than ``max_restarts`` times in ``restart_window``
-    seconds, so the supervisor stopped respawning it rather than loop.
-    ``status()["failed_reason"]`` says why. Retrying is useless until an
-    operator calls ``switch_mode()`` or ``restart()``, which clear it."""
+    """No mode can serve: each one failed to load or crashed its worker
+    more than ``max_restarts`` times in ``restart_window`` seconds, so the
+    supervisor stopped respawning them rather than loop. A job of one such
+    mode gets the narrower ``ModeBroken``. ``status()["failed_reason"]``
+    says why. Retrying helps once a broken mode is tried again by itself
+    (``broken_retry_s``) or an operator calls ``switch_mode()`` or
+    ``restart()``."""
 
     code = "supervisor_failed"
 
@@ -140,11 +143,11 @@ class QueueFull(GpuvisorError):
     code = "queue_full"
 
 
-class ModeBroken(GpuvisorError):
+class ModeBroken(SupervisorFailed):
     """The mode failed to load, or its worker died, too often in a short
     time (``max_restarts`` in ``restart_window``), so its breaker is open:
     its jobs fail at once instead of costing another load. Other modes serve
-    on. ``retry_in`` (seconds) says when it will be tried again by itself;
+    on (a ``SupervisorFailed`` limited to one mode). ``retry_in`` (seconds) says when it will be tried again by itself;
     an operator's ``restart()`` or ``switch_mode()`` tries it now. Fix the
     mode (the log has each failure); retrying sooner cannot help."""
 

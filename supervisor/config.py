@@ -94,7 +94,12 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "restart_window": (lambda v: number(v) and v > 0, "a number of seconds > 0"),
     "restart_backoff": (lambda v: number(v) and v >= 0, "a number of seconds >= 0"),
     "restart_backoff_max": (lambda v: number(v) and v >= 0, "a number of seconds >= 0"),
+    "broken_retry_s": (lambda v: number(v) and v >= 0, "a number of seconds >= 0 (0: only an operator's word)"),
+    "broken_retry_max_s": (lambda v: number(v) and v >= 0, "a number of seconds >= 0"),
     "max_queue": (lambda v: whole(v) and v > 0, "a whole number > 0"),
+    "max_queue_bytes": (lambda v: whole(v) and v >= 1024, "a whole number of bytes >= 1024"),
+    "max_queue_per_client": (lambda v: whole(v) and v > 0, "a whole number > 0"),
+    "max_queue_bytes_per_client": (lambda v: whole(v) and v >= 1024, "a whole number of bytes >= 1024"),
     "window": (lambda v: whole(v) and 1 <= v <= 1024, "a whole number from 1 to 1024"),
     "default_mode": (lambda v: isinstance(v, str), "a mode name"),
     "device": (valid_device_setting, "'auto', 'cpu' or 'cuda:N'"),
@@ -134,6 +139,15 @@ _DAEMON: dict[str, tuple[Any, str]] = {
         "a directory of the allowed clients' zmq.auth public certificates",
     ),
     "allow_unauthenticated_tcp": (lambda v: isinstance(v, bool), "true or false"),
+    "admin_group": (
+        lambda v: isinstance(v, str),
+        "a group name: its members may stop the daemon and switch or restart modes ('': none)",
+    ),
+    "curve_admins_dir": (
+        lambda v: isinstance(v, str),
+        "a directory of the public certificates of the CURVE clients that may stop the daemon and switch or "
+        "restart modes",
+    ),
     "drain_timeout": (
         lambda v: number(v) and v > 0,
         "a number of seconds > 0: how long a stop may drain (keep it inside the unit's TimeoutStopSec)",
@@ -149,6 +163,10 @@ class DaemonSettings:
     curve_clients_dir: str = ""
     # Plain TCP (loopback, no CURVE) lets every local user run jobs: only when the file says so.
     allow_unauthenticated_tcp: bool = False
+    # Operators (shutdown, switch, restart) beyond the daemon's own user and root: a group's members
+    # on the unix socket, CURVE keys on TCP. Other callers may only run jobs.
+    admin_group: str = ""
+    curve_admins_dir: str = ""
     # On SIGTERM (or `gpuvisor stop`), queued work runs for at most this long;
     # what is left is cancelled and the worker stopped. Well inside the shipped
     # unit's TimeoutStopSec=120, with room for the worker's stop_timeout.
@@ -167,7 +185,14 @@ class Config:
     restart_window: float = 60.0
     restart_backoff: float = 0.5
     restart_backoff_max: float = 10.0
-    max_queue: int = 10_000
+    broken_retry_s: float = 30.0  # a broken mode is tried again by itself this long after it broke ...
+    broken_retry_max_s: float = 600.0  # ... the wait doubling each time it breaks again, up to this
+    max_queue: int = 10_000  # jobs and switches waiting or running, from every client
+    max_queue_bytes: int = 1024**3  # the bytes of their payloads
+    # One client's share of both (a ZeroMQ connection, an HTTP token or connection; not this process's own
+    # calls): None is a quarter of the whole, so one client can never fill the queue for the others.
+    max_queue_per_client: int | None = None
+    max_queue_bytes_per_client: int | None = None
     window: int = 1  # jobs handed to the worker at once; >1 trades exactness for throughput (docs/configuration.md)
     default_mode: str = ""
     device: str = "auto"  # "auto": the first GPU NVML sees, else the CPU
@@ -194,6 +219,12 @@ class Config:
     def device_settings(self) -> tuple[str, ...] | str:
         """What the supervisor drives: ``devices``, or the one ``device``."""
         return self.devices or (self.device,)
+
+    def client_share(self) -> tuple[int, int]:
+        """One client's share of the queue: (jobs, bytes)."""
+        jobs = self.max_queue_per_client or max(1, self.max_queue // 4)
+        return min(jobs, self.max_queue), min(self.max_queue_bytes_per_client or self.max_queue_bytes // 4,
+                                              self.max_queue_bytes)  # fmt: skip
 
     def max_wait_for(self, mode: str) -> float:
         spec = self.modes.get(mode)
@@ -313,6 +344,9 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
         check, expected = _DAEMON[key]
         if not check(value):
             raise where.error("daemon", key, f"expected {expected}, got {value!r}")
+    if daemon_table.get("curve_admins_dir") and not daemon_table.get("curve_secret_key"):
+        raise where.error("daemon", "curve_admins_dir", "admin keys need CURVE: set curve_secret_key and "
+                          "curve_clients_dir too")  # fmt: skip
     if bool(daemon_table.get("curve_secret_key")) != bool(daemon_table.get("curve_clients_dir")):
         key = "curve_clients_dir" if daemon_table.get("curve_secret_key") else "curve_secret_key"
         raise where.error("daemon", key, "CURVE needs both curve_secret_key and curve_clients_dir")

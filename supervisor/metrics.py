@@ -11,6 +11,12 @@ log. Two kinds of figures, kept apart on purpose:
   read from the published status when scraped: the status already owns
   those numbers, and a second copy could disagree with it.
 
+Labels come from the configuration, never from what a caller sends: a
+``mode`` is a configured mode, a ``task`` one its worker listed in READY,
+and anything else is counted as ``other``. Five hundred made-up task names
+sent by one client would otherwise add twelve thousand series to every
+scrape.
+
 Each supervisor has its own ``CollectorRegistry`` (not the global one), so
 two in one process, as in tests, never collide. The exposition is the same
 text through HTTP (``GET /metrics``) and through the ZeroMQ protocol
@@ -19,13 +25,14 @@ text through HTTP (``GET /metrics``) and through the ZeroMQ protocol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+OTHER = "other"  # the label of a mode or task that is not known from the configuration and READY
 # Jobs range from a no-op (~0.3 ms) to a long generation (minutes).
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # A switch: a warm one ~0.1 s, a cold import seconds, a large model's load minutes.
@@ -56,7 +63,11 @@ class Metrics:
     """The event figures of one supervisor (called on its loop thread), and
     its registry, which also reads the status at scrape time."""
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]]):
+    def __init__(self, status: Callable[[], Mapping[str, Any]],
+                 known: Callable[[], tuple[Collection[str], Mapping[str, Collection[str]]]] = lambda: ((), {})):  # fmt: skip
+        """``known()``: the configured modes, and each mode's tasks as its
+        worker listed them: the only label values there are."""
+        self._known = known
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Counter("gpuvisor_jobs", "Jobs ended, by mode, task and outcome (ok, cancelled or the error's code)",
@@ -78,13 +89,21 @@ class Metrics:
 
     # ------------------------------------------------------------ events
 
+    def _labels(self, mode: str | None, task: str) -> tuple[str, str]:
+        modes, tasks = self._known()
+        if mode is None:
+            return "", OTHER
+        if mode not in modes:
+            return OTHER, OTHER
+        return mode, task if task in tasks.get(mode, ()) else OTHER
+
     def job_ended(self, mode: str | None, task: str, outcome: str, seconds: float) -> None:
-        label = mode or ""
-        self.jobs.labels(label, task, outcome).inc()
-        self.job_seconds.labels(label, task).observe(seconds)
+        mode_label, task_label = self._labels(mode, task)
+        self.jobs.labels(mode_label, task_label, outcome).inc()
+        self.job_seconds.labels(mode_label, task_label).observe(seconds)
 
     def job_started(self, mode: str | None, waited: float) -> None:
-        self.queue_wait.labels(mode or "").observe(max(0.0, waited))
+        self.queue_wait.labels(self._labels(mode, "")[0]).observe(max(0.0, waited))
 
     def switched(self, mode: str, result: Mapping[str, Any]) -> None:
         self.switches.labels(mode, "loaded").inc()
@@ -100,7 +119,7 @@ class Metrics:
         self.switches.labels(mode, "failed").inc()
 
     def batch(self, mode: str | None, task: str, size: int) -> None:
-        self.batch_size.labels(mode or "", task).observe(size)
+        self.batch_size.labels(*self._labels(mode, task)).observe(size)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -136,6 +155,11 @@ class _StatusCollector(Collector):
             oldest.add_metric([mode or ""], float(waiting.get("oldest_s", 0.0)))
         yield depth
         yield oldest
+        broken = GaugeMetricFamily("gpuvisor_mode_broken", "1 for each mode no device may run now (its breaker is "
+                                   "open: it failed too often)", labels=["mode"])  # fmt: skip
+        for mode in s.get("broken_modes") or {}:
+            broken.add_metric([mode], 1.0)
+        yield broken
         yield _gauge("gpuvisor_queued", "Jobs and switches queued", [([], s.get("queued"))])
         yield _gauge("gpuvisor_worker_generations", "Workers started so far, on every device",
                      [([], s.get("generation"))], counter=True)  # fmt: skip
@@ -152,7 +176,7 @@ _PER_DEVICE = (
     ("gpuvisor_worker_rss_bytes", "The worker's host memory (RSS)", "worker_rss_bytes", False, False),
     ("gpuvisor_worker_vram_bytes", "The worker's device memory, through NVML", "worker_vram_bytes", False, False),
     ("gpuvisor_standby_ready", "1 while a warm standby has finished its imports", "standby_ready", False, True),
-    ("gpuvisor_device_failed", "1 while the device's restart budget is spent", "failed_reason", False, True),
+    ("gpuvisor_device_failed", "1 while the mode in force on the device is broken there", "failed_reason", False, True),
 )
 
 

@@ -42,7 +42,8 @@ class Status(TypedDict):
     standby_ready: bool
     standby_paused: bool  # the spare is stopped (SIGSTOP) while the worker loads or runs jobs
     last_error: str | None  # why the mode in force is not loaded, after a failed switch
-    failed_reason: str | None  # set while state is "failed"
+    failed_reason: str | None  # set while state is "failed": every mode is broken
+    broken_modes: dict[str, dict[str, Any]]  # modes no device may run now: "reason", "retry_in_s" (None: an operator's)
     idle_unloaded: str | None  # the mode idle_unload_s stopped, until it loads again
     oom_recycles: int
     batches: dict[str, int]  # batches of more than one job sent: "count", "jobs", "largest", "last"
@@ -52,7 +53,7 @@ class Status(TypedDict):
     worker_vram_bytes: int | None  # what NVML attributes to the worker
     worker_torch: TorchMemory | None  # torch's own figures, from the worker
     gpu: GpuMemory | None
-    devices: list[dict[str, Any]]  # every device: "name", and the worker fields above (the first is at the top)
+    devices: list[dict[str, Any]]  # every device: "name", "broken" (its broken modes), and the fields above
     config: str  # where the configuration came from
 
 

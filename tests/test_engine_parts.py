@@ -211,9 +211,10 @@ def test_drop_cancelled_and_take_all():
 
 
 def budget(clock: Clock, **settings) -> RestartBudget:
-    config = SimpleNamespace(max_restarts=3, restart_window=60.0, restart_backoff=0.5, restart_backoff_max=2.0)
+    config = SimpleNamespace(max_restarts=3, restart_window=60.0, restart_backoff=0.5, restart_backoff_max=2.0,
+                             broken_retry_s=30.0, broken_retry_max_s=100.0)  # fmt: skip
     config.__dict__.update(settings)
-    return RestartBudget(config, clock)
+    return RestartBudget(config, clock, mode="m")
 
 
 def test_the_first_death_respawns_at_once_then_the_wait_doubles_up_to_its_cap():
@@ -234,7 +235,8 @@ def test_one_death_too_many_in_the_window_fails_and_says_why():
     b = budget(clock, max_restarts=2)
     assert not b.count("one") and not b.count("two")
     assert b.count("three")
-    assert "3 worker deaths in 60s (max_restarts=2); the last: three" in b.failed
+    assert b.failed == "3 failures in 60s (max_restarts=2); the last: three; tried again in 30s"
+    assert b.broken() and b.retry_in() == 30.0
 
 
 def test_deaths_older_than_the_window_are_forgotten():
@@ -243,6 +245,48 @@ def test_deaths_older_than_the_window_are_forgotten():
     assert not b.count("old")
     clock.now += 61
     assert not b.count("new")  # the old one left the window
+
+
+def test_a_broken_mode_is_due_for_a_retry_and_a_failed_trial_breaks_it_again_for_longer():
+    clock = Clock()
+    b = budget(clock, max_restarts=0)
+    assert b.count("first")
+    clock.now += 29.9
+    assert b.broken()
+    clock.now += 0.1
+    assert not b.broken() and b.failed is not None  # half-open: the next job tries it once
+    assert b.count("the trial failed")
+    assert b.failed.startswith("it failed again when tried: the trial failed; tried again in 60s")
+    clock.now += 60
+    assert b.count("again") and b.retry_in() == 100.0  # doubled, up to broken_retry_max_s
+    clock.now += 100
+    assert b.count("and again") and b.retry_in() == 100.0
+
+
+def test_a_trial_that_loads_closes_the_breaker_and_a_quiet_window_forgives():
+    clock = Clock()
+    b = budget(clock, max_restarts=0)
+    assert b.count("first")
+    clock.now += 30
+    b.served()
+    assert b.failed is None and not b.broken()
+    clock.now += 1
+    assert b.count("soon after") and b.retry_in() == 60.0, "broken again soon after it came back: longer"
+    clock.now += 60
+    b.served()
+    clock.now += 60 + 60 + 1  # a whole window past the last wait, with no failure
+    assert b.count("much later") and b.retry_in() == 30.0, "forgiven: the first wait again"
+
+
+def test_broken_retry_s_zero_waits_for_an_operator():
+    clock = Clock()
+    b = budget(clock, max_restarts=0, broken_retry_s=0.0)
+    assert b.count("died")
+    assert b.failed.endswith("broken until restart() or switch_mode()") and b.retry_in() is None
+    clock.now += 10_000
+    assert b.broken()
+    b.reset()
+    assert not b.broken()
 
 
 def test_reset_is_a_fresh_budget():

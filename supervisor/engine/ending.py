@@ -7,7 +7,7 @@ gone: ``notice_exit()`` reaps it, and with jobs in flight its socket is
 read a moment longer for its last words. Then ``conclude()``, called in the
 loop's own phase, settles what it held: the job it was running gets its
 outcome (or runs again, if it may), the jobs it had not started go back to
-the queue in order, and the restart budget counts the death.
+the queue in order, and the mode's breaker counts the death.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def conclude(slot: Slot) -> None:
     slot.restarts += 1
     running = slot.running(w)  # the head, or the head's batch: started, so they get the error (or run again)
     slot.engine.queue.put_back([*(j for j in w.in_flight if not j.started), *w.unsent])  # they keep their place
-    slot.count_death(f"worker pid {w.pid} (mode {w.mode!r}) {how}")  # may enter the failed state
+    slot.count_death(w.mode, f"worker pid {w.pid} {how}")  # may break the mode here
     for job in running:
         _judge(slot, w, job, ending, how, said, tail)
 
@@ -157,15 +157,16 @@ def _judge(slot: Slot, w: WorkerHandle, job: QueuedJob, ending: Ending | None, h
         how = f"was killed while running the next job ({ending.why})"
         if len(w.in_flight) > 1 and any(j.id == ending.job_id for j in w.in_flight):
             how = f"was killed while running a batch with job {ending.job_id} ({ending.why})"
-    if job_error is WorkerCrashed and job.retries > 0 and slot.budget.failed is None:
+    broken = slot.breakers.of(w.mode).failed is not None
+    if job_error is WorkerCrashed and job.retries > 0 and not broken:
         job.retries -= 1
         job.started = False
         log.warning("job %d (%r) will run again (%d retries left)", job.id, job.task, job.retries)
         slot.engine.queue.put_back([job])  # first in line, as it was
         return
     message = f"worker pid {w.pid} (mode {w.mode!r}) {how} while running job {job.id} ({job.task!r}){said}"
-    if slot.budget.failed is not None:
-        message += "; the restart budget is exhausted, so it was not retried"
+    if broken:
+        message += f"; mode {w.mode!r} is broken now (its restart budget is spent), so it was not retried"
     slot.engine.decide(job.future, error=job_error(message, stderr_tail=tail))
 
 
@@ -184,6 +185,6 @@ def _died_loading(slot: Slot, w: WorkerHandle, what: str, said: str, tail: list[
         # jobs wait for the next respawn, after the backoff.
         slot.switch = None
         slot.restarts += 1
-        slot.count_death(what)  # may enter the failed state, which fails them
+        slot.count_death(w.mode, what)  # may break the mode, which fails them
         return
     slot.switch_failed(ModeLoadError(f"{what}{said}", stderr_tail=tail))

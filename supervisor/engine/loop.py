@@ -80,7 +80,7 @@ class Engine:
         self.published_at = 0.0
         # Counted on the loop thread (and by job Futures' callbacks wherever they
         # settle); read by any thread that scrapes.
-        self.metrics = Metrics(lambda: self._status)
+        self.metrics = Metrics(lambda: self._status, lambda: (self.config.modes, self.tasks))
         # Everything below belongs to the loop thread.
         self.queue = JobQueue(max_wait=lambda mode: self.config.max_wait_for(mode))
         self.deadlines = Deadlines()
@@ -326,9 +326,9 @@ class Engine:
 
     def may_run(self, slot: Slot, mode: str | None) -> bool:
         """``slot`` may run jobs of ``mode`` now: the mode allows the device,
-        the device is not failed, and it holds the mode already or the mode
+        it is not broken there, and the device holds it already or the mode
         holds fewer devices than its ``replicas``."""
-        if slot.budget.failed is not None or not self._allows(mode, slot):
+        if slot.breakers.broken(mode) or not self._allows(mode, slot):
             return False
         spec = self.config.mode(mode) if mode is not None else None
         if spec is None or mode == slot.mode_ahead:
@@ -336,18 +336,32 @@ class Engine:
         if slot.refused.get(spec.name, 0.0) > time.monotonic():
             return False
         holders = sum(1 for s in self.slots
-                      if s is not slot and s.mode_ahead == mode and s.budget.failed is None and spec.allows(s.name))  # fmt: skip
+                      if s is not slot and s.mode_ahead == mode and not s.breakers.broken(mode)
+                      and spec.allows(s.name))  # fmt: skip
         return holders < spec.replicas
 
     def can_serve(self, mode: str | None) -> bool:
-        """Some device that is not failed may run ``mode``'s jobs (now or once
-        another mode's turn ends)."""
-        return any(s.budget.failed is None and self._allows(mode, s) for s in self.slots)
+        """Some device where ``mode`` is not broken may run its jobs (now or
+        once another mode's turn ends)."""
+        return any(not s.breakers.broken(mode) and self._allows(mode, s) for s in self.slots)
 
     def _allows(self, mode: str | None, slot: Slot) -> bool:
         """``mode``'s ``devices`` include ``slot`` (a mode not configured: any)."""
         spec = self.config.mode(mode) if mode is not None else None
         return spec is None or spec.allows(slot.name)
+
+    def _broken_modes(self, devices: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The modes no device may run now, each with the reason and retry
+        time of the device where it is tried again soonest."""
+        out: dict[str, dict[str, Any]] = {}
+        for device in devices:
+            for mode, entry in device["broken"].items():
+                if mode in self.config.modes and not self.can_serve(mode):
+                    kept = out.get(mode)
+                    soon = entry["retry_in_s"] if entry["retry_in_s"] is not None else float("inf")
+                    if kept is None or soon < (kept["retry_in_s"] if kept["retry_in_s"] is not None else float("inf")):
+                        out[mode] = entry
+        return out
 
     def _free_first(self) -> list[Slot]:
         """The order slots are offered work: the one free the longest first,
@@ -366,8 +380,8 @@ class Engine:
         elif self._shutdown is not None:
             _refuse(command)
         elif (isinstance(command, QueuedJob) and not self.queue.barrier_queued()
-              and not self.can_serve(command.mode or self.mode_in_force())):  # fmt: skip
-            self.decide(command.future, error=self._failed_error())
+              and not self.can_serve(mode := command.mode or self.mode_in_force())):  # fmt: skip
+            self.decide(command.future, error=self._broken_error(mode))
         elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
             next(s for s in self.slots if s.worker is w).mode_since = time.monotonic()  # the caller's word: in force
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
@@ -383,9 +397,15 @@ class Engine:
                 return slot
         return self.slots[0]
 
-    def _failed_error(self) -> GpuvisorError:
-        failed = [s for s in self.slots if s.budget.failed is not None]
-        return failed[0].failed_error() if failed else GpuvisorError("no device may run this job")
+    def _broken_error(self, mode: str | None) -> GpuvisorError:
+        """Why no device may run ``mode``'s jobs: it is broken on each that
+        could (the one tried again soonest speaks)."""
+        broken = [s for s in self.slots if mode is not None and s.breakers.broken(mode)]
+        if not broken or mode is None:
+            return GpuvisorError("no device may run this job")
+        return min(
+            (s.broken_error(mode) for s in broken), key=lambda e: float("inf") if e.retry_in is None else e.retry_in
+        )
 
     def _switch_is_noop(self, switch: QueuedSwitch) -> WorkerHandle | None:
         """The worker, if this switch, placed at the tail, would change
@@ -406,7 +426,7 @@ class Engine:
         if command.config.device_settings() != old.device_settings():
             log.warning("device changes take effect when the supervisor restarts; keeping %r", old.device_settings())
         for slot in self.slots:
-            slot.budget.config = command.config
+            slot.breakers.reconfigure(command.config)
             slot.standby.reconfigure(command.config)
             if not slot.standby_wanted():
                 slot.standby.stop()  # the reload is answered once the spare is reaped
@@ -461,7 +481,7 @@ class Engine:
                 ))  # fmt: skip
                 continue
             if w is None or w.mode != needed:
-                if w is None and needed == slot.mode and slot.budget.backing_off():
+                if w is None and needed == slot.mode and slot.breakers.of(needed).backing_off():
                     return  # backing off before respawning the mode that just died
                 work.begin_switch(slot, QueuedSwitch(needed, None))
                 return
@@ -500,13 +520,13 @@ class Engine:
         and longest free; for a restart of no mode, a failed device first."""
         if item.device is None:
             allowed = [s for s in self.slots if self._allows(item.mode, s)]
-            failed = [s for s in allowed if s.budget.failed] if item.force else []
+            failed = [s for s in allowed if s.failed_reason()] if item.force else []
             wanted = item.mode if item.mode is not None or not item.force else self.mode_in_force()
             holders = [
                 s
                 for s in allowed
                 if s.mode_ahead is not None
-                and s.budget.failed is None
+                and not s.breakers.broken(s.mode_ahead)
                 and (s.mode_ahead == wanted or (item.force and item.mode is None))
             ]
             holders.sort(key=lambda s: (s.mode_ahead != wanted, _free_longest(s)))
@@ -519,11 +539,20 @@ class Engine:
         must wait (the pump stops for now); True: it was answered or begun."""
         w = slot.worker
         same_mode = item.mode in (None, slot.mode)
-        if slot.budget.failed is None and not item.force and same_mode and w is None and slot.budget.backing_off():
+        target = item.mode or slot.mode
+        budget = slot.breakers.of(target) if target is not None else None
+        if (
+            budget is not None
+            and budget.failed is None
+            and not item.force
+            and same_mode
+            and w is None
+            and budget.backing_off()
+        ):
             return False  # a same-mode switch is a respawn: it waits out the backoff like one
         self.queue.take(item)
-        if slot.budget.failed is not None or item.force or not same_mode:
-            slot.budget.reset()  # an operator's word (leaving failed, restart()) or a new mode: a fresh budget
+        if budget is not None and (budget.failed is not None or item.force or not same_mode):
+            budget.reset()  # an operator's word (a broken mode tried now, restart()) or a new mode: a fresh budget
         if item.mode is None:  # restart() of whatever mode is in force
             if slot.mode is None:
                 self.decide(item.future, error=NoModeLoaded("restart(): no mode is loaded; call switch_mode()"))
@@ -603,12 +632,13 @@ class Engine:
     def _publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()  # read by Supervisor.healthy(): is the loop turning?
         slots = self.slots
-        if state is None:
-            failed = all(s.budget.failed for s in slots)
-            state = "draining" if self._shutdown is not None else "failed" if failed else "running"
         devices = [slot.describe() for slot in slots]
+        broken = self._broken_modes(devices)
+        if state is None:
+            failed = bool(broken) and len(broken) == len(self.config.modes)  # no mode can serve
+            state = "draining" if self._shutdown is not None else "failed" if failed else "running"
         first = devices[0]
-        reasons = [f"{d['name']}: {d['failed_reason']}" for d in devices if d["failed_reason"]]
+        reasons = [f"{mode}: {entry['reason']}" for mode, entry in broken.items()]
         status: Status = {
             "state": state,
             **first,  # type: ignore[typeddict-item]  # the first device's worker, at the top as with one device
@@ -620,11 +650,12 @@ class Engine:
             "restarts": sum(d["restarts"] for d in devices),
             "jobs_done": sum(d["jobs_done"] for d in devices),
             "oom_recycles": sum(d["oom_recycles"] for d in devices),
-            "failed_reason": "; ".join(reasons) if state == "failed" and len(devices) > 1 else first["failed_reason"],
+            "failed_reason": f"every mode is broken ({'; '.join(reasons)})" if state == "failed" else None,
+            "broken_modes": broken,
             "devices": devices,
             "config": self.config.source,
         }
-        del status["name"]  # type: ignore[typeddict-item]  # the device's own key, not the status's
+        del status["name"], status["broken"]  # type: ignore[typeddict-item]  # the device's own keys
         self._status = MappingProxyType(status)
 
 

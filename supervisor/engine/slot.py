@@ -1,6 +1,6 @@
 """One device's line of workers: the worker now serving it, the jobs handed
 to that worker, the mode in force, the switch under way with its reclaim
-and spawn, the restart budget, the spare and the memory figures.
+and spawn, a breaker per mode, the spare and the memory figures.
 
 Everything here runs on the loop thread. This module holds the state and
 what follows from it without ending a worker; ``engine.work`` hands the
@@ -16,10 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from protocol import GpuvisorError, ModeLoadError, SupervisorFailed
+from protocol import GpuvisorError, ModeBroken, ModeLoadError
 from supervisor.config import Config
-from supervisor.engine.budget import RestartBudget
-from supervisor.engine.commands import QueuedJob
+from supervisor.engine.budget import Breakers
+from supervisor.engine.commands import QueuedJob, QueuedSwitch
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import DeviceChoice
 from supervisor.engine.gpu import GpuMeter, process_rss
@@ -46,7 +46,7 @@ class EngineView(Protocol):
 
     slots: list[Slot]
 
-    def can_serve(self, mode: str | None) -> bool: ...
+    def can_serve(self, mode: str) -> bool: ...
 
     def may_run(self, slot: Slot, mode: str | None) -> bool: ...
 
@@ -86,7 +86,7 @@ class Slot:
         self.mode_error: str | None = None  # why the mode in force is not loaded, after a failed switch
         self.switch: Switch | None = None
         self.gone: Gone | None = None  # the last worker, until its memory is verified back
-        self.budget = RestartBudget(engine.config)
+        self.breakers = Breakers(engine.config)  # a mode that keeps failing here is broken here, alone
         self.standby = StandbyPool(engine.link.endpoint, device.env, engine.config, wanted=self.standby_wanted())
         self.restarts = 0
         self.jobs_done = 0
@@ -146,8 +146,9 @@ class Slot:
         d.set(self.at(Deadline.HEARTBEAT), heartbeat)
         d.set(self.at(Deadline.LOAD), load)
         d.set(self.at(Deadline.JOB), job)
-        backing_off = self.worker is None and self.engine.queue and self.budget.respawn_at > now
-        d.set(self.at(Deadline.RESPAWN), self.budget.respawn_at if backing_off else None)
+        respawn_at = self.breakers.of(self.mode).respawn_at if self.mode is not None else 0.0
+        backing_off = self.worker is None and self.engine.queue and respawn_at > now
+        d.set(self.at(Deadline.RESPAWN), respawn_at if backing_off else None)
         d.set(self.at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
         busy = w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.BUSY)
         needed = busy and self.standby.pending and self._heavy_switch_ahead()
@@ -298,6 +299,7 @@ class Slot:
         sw, self.switch = self.under_way(), None
         self.mode_served, self.turn_since = True, float("inf")
         self.free_since = time.monotonic()
+        self.breakers.of(sw.mode).served()
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, time.monotonic() - sw.started,
                  w.load_seconds or 0, w.pid)  # fmt: skip
         spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
@@ -314,8 +316,8 @@ class Slot:
         failure is paid once per burst, not once per job. The mode stays in
         force (unless ``forget``: it no longer exists), so a later job that
         names no mode tries it again; every failed load counts against the
-        restart budget, so retrying a broken mode ends in ``failed``, never
-        in a loop."""
+        mode's breaker, so retrying a broken mode ends with the mode broken
+        (its jobs failing at once), never in a loop."""
         sw, self.switch = self.under_way(), None
         if sw.mode != self.mode:
             self.mode_served = False
@@ -325,7 +327,8 @@ class Slot:
         self.engine.metrics.switch_failed(sw.mode)
         if sw.request.future is not None:
             self.engine.decide(sw.request.future, error=error)
-        held = any(s is not self and s.mode_ahead == sw.mode and s.budget.failed is None for s in self.engine.slots)
+        held = any(s is not self and s.mode_ahead == sw.mode and not s.breakers.broken(sw.mode)
+                   for s in self.engine.slots)  # fmt: skip
         if held:  # another device holds the mode: its jobs go there; this device does not keep it
             self.mode = None
             self.refused[sw.mode] = time.monotonic() + self.config.restart_window  # nor tries it again at once
@@ -340,18 +343,59 @@ class Slot:
                 )
             )
         if not forget:
-            self.count_death(f"mode {sw.mode!r} failed to load: {error.message}")
+            self.count_death(sw.mode, f"it failed to load: {error.message}")
 
-    def count_death(self, what: str) -> None:
-        """A death against this device's budget; when it is spent, the jobs
-        no other device may run fail (with one device: every job)."""
-        if self.budget.count(what):
+    def refuse_switch(self, request: QueuedSwitch, error: ModeLoadError) -> None:
+        """A switch to a mode whose loader cannot be imported, found before
+        anything was stopped: it fails, and so do the queued jobs that
+        would run in that mode, as for a failed load; the worker that
+        serves, and the mode in force, stay as they are. It counts against
+        the mode's breaker like any failed load."""
+        mode = request.mode
+        if mode is None:
+            raise RuntimeError("a refused switch names its mode")
+        log.error("mode %r cannot be loaded (its worker was not stopped): %s", mode, error.message)
+        self.engine.metrics.switch_failed(mode)
+        if request.future is not None:
+            self.engine.decide(request.future, error=error)
+        self.engine.fail_before_barrier(
+            lambda job: (
+                ModeLoadError(f"job {job.id} needs mode {mode!r}, which cannot be loaded: {error.message}")
+                if job.mode == mode
+                else None
+            )
+        )
+        self.count_death(mode, f"it cannot be loaded: {error.message}")
+
+    def count_death(self, mode: str, what: str) -> None:
+        """A death (or a failed load) against ``mode``'s breaker here; when
+        it breaks, the queued jobs of ``mode`` that no other device may run
+        fail at once. Other modes are not touched."""
+        if self.breakers.of(mode).count(what):
             self.engine.fail_before_barrier(
-                lambda job: None if self.engine.can_serve(job.mode) else self.failed_error()
+                lambda job: self.broken_error(mode) if job.mode == mode and not self.engine.can_serve(mode) else None
             )
 
-    def failed_error(self) -> SupervisorFailed:
-        return SupervisorFailed(f"the supervisor is failed: {self.budget.failed}")
+    def broken_error(self, mode: str) -> ModeBroken:
+        """What a job of ``mode`` gets while the mode is broken here."""
+        budget = self.breakers.of(mode)
+        retry_in = budget.retry_in()
+        return ModeBroken(f"mode {mode!r} is broken: {budget.failed}", mode=mode,
+                          retry_in=None if retry_in is None else round(retry_in, 1))  # fmt: skip
+
+    def failed_reason(self) -> str | None:
+        """Why this device cannot serve its mode in force: the mode is broken here."""
+        mode = self.mode
+        return self.breakers.of(mode).failed if mode is not None and self.breakers.broken(mode) else None
+
+    def broken_modes(self) -> dict[str, dict[str, Any]]:
+        """The modes broken on this device: why, and when each is tried
+        again (seconds from the snapshot; None: only an operator's word)."""
+        out = {}
+        for budget in self.breakers.tripped():
+            retry_in = budget.retry_in()
+            out[budget.mode] = {"reason": budget.failed, "retry_in_s": None if retry_in is None else round(retry_in, 1)}
+        return out
 
     # ------------------------------------------------------------ status
 
@@ -372,7 +416,8 @@ class Slot:
             "standby_ready": self.standby.ready,
             "standby_paused": self.standby.paused,
             "last_error": self.mode_error,
-            "failed_reason": self.budget.failed,
+            "failed_reason": self.failed_reason(),
+            "broken": self.broken_modes(),
             "idle_unloaded": self.idle_unloaded,
             "oom_recycles": self.oom_recycles,
             "batches": dict(self.batches),

@@ -17,6 +17,7 @@ from protocol.messages import Cancel
 from supervisor.engine import ending
 from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch
 from supervisor.engine.deadlines import Deadline
+from supervisor.engine.preflight import loader_problem
 from supervisor.engine.slot import Slot
 from supervisor.engine.switching import Switch
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
@@ -124,6 +125,13 @@ def begin_switch(slot: Slot, request: QueuedSwitch) -> None:
     if request.mode is None:
         raise RuntimeError("a switch begins with its mode known (restart() of no mode is answered before)")
     w = slot.worker
+    spec = slot.config.mode(request.mode)
+    respawn = request.future is None and request.mode == slot.mode and slot.mode_served
+    if spec is not None and not respawn and not slot.config.worker_command:
+        problem = loader_problem(spec.loader, slot.config.loader_path)
+        if problem is not None:  # the worker that serves is left as it is
+            slot.refuse_switch(request, ModeLoadError(f"mode {request.mode!r}: {problem}"))
+            return
     slot.switch = Switch(request.mode, request, w.mode if w is not None else None)
     if request.future is not None or request.mode != slot.mode:  # a respawn or a reload puts nothing new in force
         slot.mode_since = time.monotonic()
