@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import GpuvisorError, ProtocolError
-from protocol.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version, pack, pack_frames, peek, unpack_map
+from protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Container,
+    check_version,
+    pack,
+    pack_frames,
+    peek,
+    unpack_map,
+    unpack_map_packed,
+)
 
 
 class Request(enum.StrEnum):
@@ -77,14 +87,23 @@ class BadRequest(ProtocolError):
 
 
 def _ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, Container):
+        return False
     if isinstance(value, bool) and bool not in types and object not in types:
         return False  # True is not a number of seconds, nor a retry count
     return isinstance(value, types)
 
 
-def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> ClientRequest:
+def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES, packed_payload: bool = False) -> ClientRequest:
+    """``packed_payload``: a submit's payload stays the msgpack it came as
+    (a ``PackedPayload``), for a daemon that forwards it to a worker
+    without decoding it."""
     try:
-        msg = unpack_map(frames, limit, "request")
+        msg = (
+            unpack_map_packed(frames, limit, "payload", "request")
+            if packed_payload
+            else unpack_map(frames, limit, "request")
+        )
     except ProtocolError as exc:  # answered under its id when the header still shows one
         raise BadRequest(exc.message, peek(frames, "id") if frames else None) from None
     rid = msg.get("id")
@@ -108,7 +127,8 @@ def decode_request(frames: list[bytes], limit: int = MAX_MESSAGE_BYTES) -> Clien
             continue
         if not _ok(msg[name], types):
             want = " or ".join("nil" if t is _NONE else t.__name__ for t in types)
-            raise BadRequest(f"{kind.value}.{name} is {type(msg[name]).__name__}, expected {want}", rid)
+            got = "an array or map" if isinstance(msg[name], Container) else type(msg[name]).__name__
+            raise BadRequest(f"{kind.value}.{name} is {got}, expected {want}", rid)
         args[name] = msg[name]
     return ClientRequest(kind, rid, args)
 

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import zmq
 
 
-def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1) -> list:
+def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1, first_frame: bool = False) -> list:
     """The next message: its first ``copied`` parts as bytes, the rest as
-    ``zmq.Frame``. Raises ``zmq.Again`` like ``recv`` with NOBLOCK."""
-    parts: list = [sock.recv(flags)]
+    ``zmq.Frame``. Raises ``zmq.Again`` like ``recv`` with NOBLOCK.
+    ``first_frame``: the first part as a ``zmq.Frame`` whatever ``copied``
+    says, for the properties of the connection it came on."""
+    parts: list = [sock.recv(flags, copy=not first_frame)]
     while sock.getsockopt(zmq.RCVMORE):
         parts.append(sock.recv(copy=len(parts) < copied))
     return parts

@@ -305,10 +305,40 @@ def encode(msg: _Message, limit: int = MAX_MESSAGE_BYTES) -> list:
     return pack_frames(header, limit, f"{msg.kind.value} message")
 
 
+@dataclass(frozen=True, slots=True)
+class PackedPayload:
+    """A payload still in msgpack as a client sent it, ``data``, with the
+    array frames its references name, in their order: forwarded to the
+    worker without being decoded. A daemon that decoded every payload held
+    what the bytes decode to, up to some 70 times their size (3.8 MB of
+    empty arrays is 282 MB of Python lists); forwarded, it holds the bytes
+    it received, which its queue counts. The worker decodes it with the one
+    decoder, and a payload it cannot read fails that job, under its id."""
+
+    data: bytes | memoryview
+    frames: list
+
+
 def encode_job(job_id: int, task: str, payload: Any, stream: bool = False, limit: int = MAX_MESSAGE_BYTES) -> list:
     """A JOB message, encoded once by the submitting thread so that a payload
-    msgpack cannot carry, or one over the limit, fails at ``submit()``."""
-    return encode(Job(job_id, task, payload, stream), limit)
+    msgpack cannot carry, or one over the limit, fails at ``submit()``. A
+    ``PackedPayload`` goes in as the bytes it is."""
+    if not isinstance(payload, PackedPayload):
+        return encode(Job(job_id, task, payload, stream), limit)
+    head = {"v": PROTOCOL_VERSION, "k": Kind.JOB.value, "job": job_id, "task": task}
+    if stream:
+        head["stream"] = True
+    pk = msgpack.Packer(use_bin_type=True, datetime=False)
+    parts = [pk.pack_map_header(len(head) + 1), *(pk.pack(k) + pk.pack(v) for k, v in head.items()),
+             pk.pack("payload"), bytes(payload.data)]  # fmt: skip
+    frame = b"".join(parts)
+    for n, buf in enumerate([frame, *payload.frames]):
+        if nbytes(buf) > limit:
+            part = "header" if n == 0 else f"array in frame {n}"
+            raise ProtocolError(f"job message: {part} of {nbytes(buf)} bytes is over the {limit}-byte frame limit")
+    if len(payload.frames) > MAX_ARRAYS:
+        raise ProtocolError(f"job message has {len(payload.frames)} arrays; at most {MAX_ARRAYS}")
+    return [frame, *payload.frames]
 
 
 def encode_batch(task: str, jobs: list[list]) -> list:
@@ -352,6 +382,62 @@ def unpack_map(frames: list, limit: int, what: str = "message") -> dict:
     if not isinstance(header, dict):
         raise ProtocolError(f"{what} is a msgpack {type(header).__name__}, expected a map")
     refs.check_all_used()
+    return header
+
+
+_CONTAINERS = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])  # the first byte of a msgpack map or array
+
+
+class Container:
+    """A field that held an array or a map where a plain value was
+    expected: skipped, not built, and refused by the field's type check."""
+
+
+def unpack_map_packed(frames: list, limit: int, packed: str, what: str = "message") -> dict:
+    """``unpack_map``, except that the value of the field ``packed`` is left
+    as the msgpack bytes it is (a ``PackedPayload`` with the frames after
+    the header), and any other field holding a container is skipped, not
+    built (a ``Container``): the fields around a payload are plain values,
+    so nothing a request carries is decoded into objects here. msgpack's
+    own parser checks the payload is well-formed as it skips it."""
+    if not frames:
+        raise ProtocolError(f"empty {what}")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{what} has {len(frames)} frames; at most {MAX_FRAMES} (a header and 1024 arrays)")
+    data = as_bytes(frames[0])
+    if len(data) > limit:
+        raise ProtocolError(f"frame of {len(data)} bytes is over the {limit}-byte limit")
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **values.DECODER, ext_hook=_refuse_ext)
+    unpacker.feed(data)
+    header: dict[Any, Any] = {}
+    try:
+        try:
+            size = unpacker.read_map_header()
+        except msgpack.UnpackValueError:
+            raise ProtocolError(f"{what} is not a msgpack map") from None
+        for _ in range(size):
+            key = unpacker.unpack() if data[unpacker.tell()] not in _CONTAINERS else None
+            if key is None:
+                raise ProtocolError(f"{what} has a key that is not a plain value")
+            start = unpacker.tell()
+            if key == packed:
+                unpacker.skip()
+                header[key] = PackedPayload(memoryview(data)[start : unpacker.tell()], list(frames[1:]))
+            elif data[start] in _CONTAINERS:
+                unpacker.skip()
+                header[key] = Container()
+            else:
+                header[key] = unpacker.unpack()
+        if unpacker.tell() != len(data):
+            raise ProtocolError(f"malformed msgpack: {len(data) - unpacker.tell()} bytes after the {what}")
+    except ProtocolError:
+        raise
+    except IndexError:
+        raise ProtocolError(f"malformed msgpack: the {what} ends too soon") from None
+    except Exception as exc:  # noqa: BLE001 - msgpack raises ValueError, OutOfData, StackError ...
+        raise ProtocolError(f"malformed msgpack: {values.describe(exc)}") from None
+    if packed not in header and len(frames) > 1:
+        raise ProtocolError(f"{what} has {len(frames) - 1} frames after its header and no {packed!r} to use them")
     return header
 
 

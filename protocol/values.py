@@ -23,6 +23,11 @@ from protocol.arrays import ARRAY_EXT, FrameRefs, is_array
 MAX_DEPTH = 1024
 """Containers nested in one frame, the message's own map included: the
 depth of msgpack's decoder stack. A message field may nest 1,023 levels."""
+MAX_CONTAINER_LEN = 1 << 20
+"""Items in one array or map (1,048,576). Past it a frame is refused before
+anything is built: a long list of small values costs some 70 bytes of Python
+objects per byte on the wire, so bulk data belongs in an array frame."""
+MAX_EXT_LEN = 4096  # an array reference: [frame, dtype, shape] is a few dozen bytes
 
 KEY_TYPES = "str, int, float, bool, bytes or None"
 _KEY_TYPES = (str, bytes, memoryview, int, float, type(None), msgpack.Timestamp)  # bool is an int
@@ -33,8 +38,14 @@ _PATH_SHOWN = 12  # path segments shown before eliding the middle of a long path
 
 def unpackb(data: Any, ext_hook) -> Any:
     """The one decoder configuration every receiver uses: bin and str kept
-    apart, arrays as lists, keys of any hashable type."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True, ext_hook=ext_hook)
+    apart, arrays as lists, keys of any hashable type, each container at
+    most ``MAX_CONTAINER_LEN`` items."""
+    return msgpack.unpackb(data, **DECODER, ext_hook=ext_hook)
+
+
+DECODER = {"raw": False, "strict_map_key": False, "use_list": True, "max_array_len": MAX_CONTAINER_LEN,
+           "max_map_len": MAX_CONTAINER_LEN, "max_ext_len": MAX_EXT_LEN}  # fmt: skip
+"""The decoder's settings, for a streaming ``Unpacker`` too."""
 
 
 def _no_arrays(code: int, data: bytes) -> Any:
@@ -45,6 +56,9 @@ def describe(exc: BaseException) -> str:
     """A decoder failure in words a sender can act on."""
     if isinstance(exc, msgpack.StackError):
         return f"nested deeper than {MAX_DEPTH:,} levels (the message's own map counts as one)"
+    if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+        return (f"{exc}: an array or map holds at most {MAX_CONTAINER_LEN:,} items "
+                "(send bulk data as a numpy array, which travels as a frame of its own)")  # fmt: skip
     if isinstance(exc, TypeError) and "unhashable" in str(exc):
         return (
             f"a map key is an array, a map or an array reference ({exc}); "

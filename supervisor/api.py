@@ -23,13 +23,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from protocol import GpuvisorError, QueueFull, ShuttingDown, UnknownMode, encode_job
+from protocol import GpuvisorError, ShuttingDown, UnknownMode, encode_job
+from protocol.arrays import nbytes
 from supervisor import config as config_mod
 from supervisor.arguments import check_mode, check_seconds, check_submit
 from supervisor.config import Config
 from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch, Reload, Shutdown
 from supervisor.engine.loop import Engine
 from supervisor.futures import JobFuture
+from supervisor.quota import Limits, QueueQuota
 from supervisor.status import Status, SwitchResult
 from supervisor.stream import AsyncJobStream, JobStream
 
@@ -110,9 +112,11 @@ class Supervisor:
         self._start_lock = threading.Lock()
         self._started = False
         self._closed = False
-        # Jobs accepted and not yet ended; a job gives its slot back in a done
-        # callback, so the count is exact whatever way the job ends.
-        self._slots = threading.BoundedSemaphore(self.config.max_queue)
+        # Jobs (and switches) accepted and not yet ended, in all and per
+        # client; each gives its share back in a done callback, so the count
+        # is exact whatever way it ends.
+        client_jobs, client_bytes = self.config.client_share()
+        self._quota = QueueQuota(Limits(self.config.max_queue, self.config.max_queue_bytes, client_jobs, client_bytes))
 
     # -------------------------------------------------------------- lifecycle
 
@@ -216,16 +220,31 @@ class Supervisor:
         fails with ``WorkerCrashed``.
 
         Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
-        running. ``Future.cancel()`` succeeds while the job is queued, and
+        running (or their payloads hold ``max_queue_bytes``). ``Future.cancel()`` succeeds while the job is queued, and
         for a streamed job while it runs too (the worker stops it at its
         next chunk); it returns False for any other job once it runs.
         Either way a cancelled Future raises ``CancelledError``."""
         timeout = check_submit(task, mode, timeout, retries, stream, on_chunk)
         if stream:
-            return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
-        return self._submit(task, payload, mode, timeout, retries, on_chunk)
+            return JobStream()._feed(lambda sink: self._submit(None, task, payload, mode, timeout, retries, sink))
+        return self._submit(None, task, payload, mode, timeout, retries, on_chunk)
 
-    def _submit(self, task, payload, mode, timeout, retries, on_chunk) -> JobFuture:
+    def submit_for(self, client: str, task: str, payload: Any = None, *, mode: str | None = None,
+                   timeout: float | None = None, retries: int = 0,
+                   on_chunk: Callable[[Any], None] | None = None) -> JobFuture:  # fmt: skip
+        """``submit()`` on behalf of ``client``, one of many callers a front
+        door serves (a ZeroMQ connection, an HTTP token): the job counts
+        against that client's share of the queue (``max_queue_per_client``,
+        ``max_queue_bytes_per_client``), so one client cannot fill the
+        queue for the others. ``payload`` may be a ``PackedPayload``: a
+        client's msgpack forwarded to the worker without being decoded
+        here."""
+        if not isinstance(client, str) or not client:
+            raise TypeError(f"client must be a non-empty str, got {client!r}")
+        timeout = check_submit(task, mode, timeout, retries, False, on_chunk)
+        return self._submit(client, task, payload, mode, timeout, retries, on_chunk)
+
+    def _submit(self, client, task, payload, mode, timeout, retries, on_chunk) -> JobFuture:
         """``submit`` after its checks. With ``on_chunk``, the job streams."""
         if (unknown := self._unknown(mode)) is not None:
             return unknown
@@ -235,12 +254,10 @@ class Supervisor:
         future = JobFuture(on_chunk, functools.partial(_stop_stream, self._engine) if on_chunk is not None else None)
         if not self._running_or_fail(future):
             return future
-        if not self._slots.acquire(blocking=False):
-            raise QueueFull(f"{self.config.max_queue} jobs are already queued or running (max_queue)")
         # Given back exactly once: by the loop just before it settles the job
         # (so a caller woken by the result finds it free), or on cancel().
         # Neither holds a reference to the Supervisor.
-        future.hold_slot(self._slots.release)
+        future.hold_slot(self._quota.take(client, sum(nbytes(f) for f in frames)))  # QueueFull here
         self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
         return future
 
@@ -260,8 +277,15 @@ class Supervisor:
         if not self._running_or_fail(future):
             return future
         self._check_device(device, mode)
+        self._hold_place(future)
         self._engine.post(QueuedSwitch(mode, future, device=device))
         return future
+
+    def _hold_place(self, future: Future) -> None:
+        """A switch or restart waits in the queue like a job: it takes a
+        place under ``max_queue`` (``QueueFull`` here) until it ends."""
+        release = self._quota.take(None, 0)
+        future.add_done_callback(lambda _: release())
 
     def restart(self, mode: str | None = None, *, device: str | None = None) -> Future[SwitchResult]:
         """Replace a worker with a fresh one, in ``mode`` or the mode in force
@@ -277,6 +301,7 @@ class Supervisor:
         if not self._running_or_fail(future):
             return future
         self._check_device(device, mode)
+        self._hold_place(future)
         self._engine.post(QueuedSwitch(mode, future, force=True, device=device))
         return future
 

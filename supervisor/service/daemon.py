@@ -48,8 +48,17 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, GpuvisorError, JobCancelled, ShuttingDown, UnknownMode
+from protocol import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Forbidden,
+    GpuvisorError,
+    JobCancelled,
+    ShuttingDown,
+    UnknownMode,
+)
 from protocol.client import BadRequest, ClientRequest, Request, decode_request, encode_chunk, encode_reply
+from protocol.frames import recv_message
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.client.endpoint import default_endpoint
@@ -57,6 +66,7 @@ from supervisor.mailbox import Mailbox, empty_pipe
 from supervisor.service.flow import FlowControl, Peer, Route
 from supervisor.service.front import EndpointError, bind_front, release_ipc
 from supervisor.service.http import open_http
+from supervisor.service.operators import Operators
 from supervisor.service.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -85,6 +95,31 @@ _EXIT_FLUSH_S = 5.0  # at exit, send what clients still read for at most this lo
 _EXIT_STALL_S = 0.25  # ... and stop when nothing went out for this long
 
 
+_OPERATORS_ONLY = frozenset({Request.SHUTDOWN, Request.SWITCH, Request.RESTART})
+
+
+def _admin_keys(folder: str) -> frozenset[str]:
+    """The z85 public keys of the certificates (``*.key``) in ``folder``."""
+    if not folder:
+        return frozenset()
+    from zmq.auth import load_certificates
+
+    try:
+        return frozenset(key.decode() for key in load_certificates(folder))
+    except (OSError, ValueError) as exc:
+        raise EndpointError(f"cannot read the certificates in {folder}: {exc}") from None
+
+
+class _Keys:
+    """The CURVE keys let in: the clients' and the admins'."""
+
+    def __init__(self, keys: frozenset[str]):
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:  # pyzmq's authenticator gives the key in z85
+        return key.decode() in self.keys
+
+
 @dataclass(frozen=True)
 class _Chunk:
     seq: int
@@ -106,6 +141,7 @@ class Daemon:
         self._stopper: threading.Thread | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
         self._http: HttpFront | None = None
+        self._operators = Operators()  # set in run(), with the CURVE keys
 
     # ------------------------------------------------------------ running
 
@@ -124,8 +160,12 @@ class Daemon:
         old_handlers = {}
         old_interval = sys.getswitchinterval()
         try:
-            auth = self._curve(ctx, front)
             settings = self.config.daemon
+            try:
+                self._operators = Operators(settings.admin_group, _admin_keys(settings.curve_admins_dir))
+            except ValueError as exc:
+                raise EndpointError(str(exc)) from None
+            auth = self._curve(ctx, front)
             self._bound = bind_front(front, self.endpoint, group=settings.socket_group, curve=auth is not None,
                                      allow_unauthenticated_tcp=settings.allow_unauthenticated_tcp)  # fmt: skip
             self._http = open_http(
@@ -180,6 +220,7 @@ class Daemon:
                 f"curve_clients_dir {clients!r} must be a directory holding the allowed clients' public "
                 "certificates (*.key); '*' (any key) would authenticate nobody"
             )
+        allowed = _admin_keys(clients) | self._operators.admin_keys  # an admin key may connect, as a client
         try:
             public, secret = load_certificate(settings.curve_secret_key)
         except (OSError, ValueError) as exc:
@@ -189,7 +230,7 @@ class Daemon:
         auth = ThreadAuthenticator(ctx)
         auth.start()
         try:
-            auth.configure_curve(domain="*", location=clients)
+            auth.configure_curve_callback(domain="*", credentials_provider=_Keys(allowed))
             front.curve_secretkey = secret
             front.curve_publickey = public
             front.curve_server = True
@@ -332,9 +373,12 @@ class Daemon:
         now = time.monotonic()
         for n in range(READ_BUDGET):
             try:
-                identity, *frames = front.recv_multipart(zmq.NOBLOCK)
+                # The routing id as a Frame: its connection's properties say
+                # who the caller is. The header copied, arrays kept as frames.
+                identity_frame, *frames = recv_message(front, zmq.NOBLOCK, copied=2, first_frame=True)
             except zmq.Again:
                 return n
+            identity = identity_frame.bytes
             # The route back: the routing id, plus the empty delimiter a REQ
             # client puts first (and expects back), so REQ clients work too.
             route: Route = (identity,)
@@ -342,6 +386,8 @@ class Daemon:
                 route, frames = (identity, b""), frames[1:]
             peer = flow.peer(route, now)
             peer.heard = now
+            if peer.caller is None:
+                peer.caller = self._operators.caller(identity_frame)
             if peer.cut_off is not None:
                 flow.refuse(peer, frames)
             elif peer.admits():
@@ -352,7 +398,7 @@ class Daemon:
 
     def _serve(self, sup: Supervisor, peer: Peer, frames: list) -> None:
         try:
-            request = decode_request(frames)
+            request = decode_request(frames, packed_payload=True)  # a payload is forwarded as it came
         except GpuvisorError as exc:  # BadRequest, or a ProtocolError from unpacking
             log.warning("bad request from client %s: %s", peer.route[0].hex(), exc.message)
             self._reply_now(peer, getattr(exc, "request_id", None), error=exc)
@@ -378,15 +424,23 @@ class Daemon:
         elif kind is Request.CANCEL:  # a queued job never runs; a stream that runs is stopped at its next chunk
             future = peer.jobs.get(args["target"])
             self._reply_now(peer, request.id, value={"cancelled": bool(future is not None and future.cancel())})
+        elif kind in _OPERATORS_ONLY and not (peer.caller is not None and peer.caller.operator):
+            who = peer.caller.who if peer.caller is not None else "an unknown caller"
+            log.warning("refused %s from %s: not an operator", kind.value, who)
+            raise Forbidden(f"{kind.value} is for operators: the daemon's own user, root, a member of [daemon] "
+                            "admin_group or an admin CURVE key; this caller may only run jobs")  # fmt: skip
         elif kind is Request.SHUTDOWN:
+            log.info("%s asked to stop (%s)", peer.caller.who if peer.caller else "?", "drain" if args["drain"]
+                     else "no drain")  # fmt: skip
             self._reply_now(peer, request.id, value={"stopping": True, "drain": args["drain"]})
             self._stop(sup, drain=args["drain"], timeout=args["timeout"])
         elif self._stopper is not None:
             self._reply_now(peer, request.id, error=ShuttingDown("the daemon is shutting down"))
         elif kind is Request.SUBMIT:
             on_chunk = self._chunk_sink(peer.route, request.id) if args["stream"] else None
-            future = sup.submit(args["task"], args["payload"], mode=args["mode"], timeout=args["timeout"],
-                                retries=args["retries"], on_chunk=on_chunk)  # fmt: skip
+            future = sup.submit_for(peer.client, args["task"], args["payload"], mode=args["mode"],
+                                    timeout=self._ceiling(args["timeout"]), retries=args["retries"],
+                                    on_chunk=on_chunk)  # fmt: skip
             peer.jobs[request.id] = future
             self._when_done(peer.route, request.id, future)
         elif kind is Request.SWITCH:
@@ -395,6 +449,15 @@ class Daemon:
             if args["mode"] is not None and sup.config.mode(args["mode"]) is None:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
             self._when_done(peer.route, request.id, sup.restart(args["mode"], device=args["device"]))
+
+    def _ceiling(self, timeout: float | None) -> float | None:
+        """A client's ``timeout`` under the operator's ``job_timeout``, which
+        is a ceiling: a client may ask for less, never for more (nor for
+        none, ``0``)."""
+        limit = self.config.job_timeout
+        if not limit or timeout is None:
+            return timeout
+        return limit if timeout == 0 or timeout > limit else timeout
 
     def _clients_status(self) -> dict[str, int]:
         flow = self._flow

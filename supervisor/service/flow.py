@@ -51,6 +51,7 @@ from protocol.arrays import nbytes
 from protocol.client import encode_reply
 from protocol.frames import small
 from protocol.messages import peek
+from supervisor.service.operators import Caller
 
 log = logging.getLogger("gpuvisor")
 
@@ -100,6 +101,12 @@ class Peer:
     held_bytes: int = 0
     jobs: dict[Any, Future] = field(default_factory=dict)  # request id -> its submit's Future
     cut_off: CutOff | None = None
+    caller: Caller | None = None  # who it is, read from its first message's connection
+
+    @property
+    def client(self) -> str:
+        """Its name for its share of the queue: the connection."""
+        return "zmq:" + self.route[0].hex()
 
     @property
     def idle(self) -> bool:

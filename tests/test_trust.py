@@ -1,0 +1,283 @@
+"""No caller can hurt another, through the daemon's ZeroMQ door: each case
+is a careless or hostile caller from the issue, tried against a real
+``gpuvisor serve`` with real clients. One client cannot fill the queue for
+the others, nor swell the daemon with a payload that decodes to far more
+than it weighs, nor stop or switch the service, nor run past the
+operator's ``job_timeout``, nor add metric series by making up task names.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+
+import msgpack
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor import Forbidden, JobTimeout, QueueFull, RequestTooLarge, Supervisor, UnknownTask
+from tests.helpers import T, repo_pythonpath, wait_until
+from tests.helpers.config import DIAG, config_text
+from tests.helpers.raw_client import RawClient
+
+MODES = {"diag": DIAG, "other": DIAG}
+
+
+# ---------------------------------------------------------------- a fair share of the queue
+
+
+def test_a_client_that_fills_its_share_does_not_keep_another_clients_job_out(daemon):
+    """On main, 3,000 jobs from one client made another client's single job
+    fail with QueueFull. Now each client has a quarter of max_queue."""
+    d = daemon(config_text=config_text(MODES, supervisor={"max_queue": 40, "default_mode": "diag"}))
+    with d.client() as hog, d.client() as polite:
+        wait_until(lambda: hog.status()["mode"] == "diag", T, "diag to load")
+        blocker = hog.submit("sleep", {"seconds": 30}, timeout=0)
+        held = [hog.submit("echo", i) for i in range(9)]  # its share: 10 jobs in all
+        with pytest.raises(QueueFull, match="this client already has 10 jobs.*max_queue_per_client"):
+            hog.submit("echo", "one too many").result(T)
+        mine = polite.submit("echo", "still served")
+        assert not mine.done(), "queued behind the long job, not refused"
+        assert blocker.cancel() is False  # running: it cannot be taken back; the share comes back when it ends
+        with d.client() as operator:
+            operator.restart("diag").result(T)  # ends the long job (the worker is replaced)
+        assert mine.result(T) == "still served"
+        assert [f.result(T) for f in held] == list(range(9))
+
+
+def test_a_job_larger_than_a_clients_byte_share_is_refused_before_it_is_queued(daemon):
+    d = daemon(config_text=config_text(MODES, supervisor={"max_queue_bytes_per_client": 1 << 20}))
+    with d.client() as c:
+        with pytest.raises(RequestTooLarge, match="over max_queue_bytes_per_client"):
+            c.submit("echo", b"x" * (2 << 20), mode="diag").result(T)
+        assert c.submit("echo", b"y" * 1000, mode="diag").result(T) == b"y" * 1000
+
+
+def test_switches_and_restarts_take_a_place_in_the_queue(write_config):
+    with Supervisor(write_config(config_text(MODES, supervisor={"max_queue": 3}))) as sup:
+        sup.switch_mode("diag").result(T)
+        sup.submit("sleep", {"seconds": 0.5})
+        switches = [sup.switch_mode("other"), sup.restart()]
+        with pytest.raises(QueueFull, match="max_queue"):
+            sup.switch_mode("diag")
+        for f in switches:
+            f.result(T)
+        assert sup.switch_mode("diag").result(T)["status"] == "loaded", "their places came back"
+
+
+# ---------------------------------------------------------------- payloads stay bytes in the daemon
+
+
+def test_a_payload_that_decodes_to_far_more_than_it_weighs_does_not_swell_the_daemon(daemon):
+    """3.8 MB of empty arrays decoded to 282 MB in the daemon on main. The
+    daemon now forwards a payload as the bytes it came as; the worker's
+    decoder refuses an array of more than 1,048,576 items, and the job
+    fails with its own error, under its own id."""
+    d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
+    raw = RawClient(d.endpoint, timeout=T)
+    try:
+        wait_until(lambda: raw.call("status")["value"]["mode"] == "diag", T, "diag to load")
+        daemon_proc = psutil.Process(d.proc.pid)
+        before = daemon_proc.memory_info().rss
+        payload = msgpack.packb([[]] * 3_800_000)
+        raw._sock.send(_with_raw_payload({"v": 1, "k": "submit", "id": "big", "task": "echo"}, payload))
+        answer = raw.wait_for("big")
+        grown = daemon_proc.memory_info().rss - before
+        assert not answer["ok"] and answer["error"]["code"] == "protocol_error", answer
+        assert "exceeds max_array_len" in answer["error"]["message"], answer
+        assert grown < 64 * 1024 * 1024, (
+            f"the daemon grew by {grown / 2**20:.0f} MiB for a {len(payload) / 2**20:.1f} MiB payload"
+        )
+        assert raw.call("submit", task="echo", payload=[1, 2])["value"] == [1, 2], "the worker serves on"
+    finally:
+        raw.close()
+
+
+def _with_raw_payload(fields: dict, payload: bytes) -> bytes:
+    """A request map whose ``payload`` is ``payload``, already msgpack."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return b"".join([packer.pack_map_header(len(fields) + 1), *(packer.pack(k) + packer.pack(v) for k, v in fields.items()),
+                     packer.pack("payload"), payload])  # fmt: skip
+
+
+def test_a_field_that_should_be_plain_but_holds_a_container_is_refused_without_building_it(daemon):
+    d = daemon(config_text=config_text(MODES))
+    raw = RawClient(d.endpoint, timeout=T)
+    try:
+        raw._sock.send(_with_raw_payload({"v": 1, "k": "submit", "id": 7, "task": [[]] * 1000}, msgpack.packb(1)))
+        answer = raw.wait_for(7)
+        assert not answer["ok"] and answer["error"]["code"] == "protocol_error"
+        assert "submit.task is an array or map, expected str" in answer["error"]["message"]
+    finally:
+        raw.close()
+
+
+# ---------------------------------------------------------------- operators apart from callers
+
+OTHER_USER = 65534  # nobody, in the group nogroup
+
+
+def _as_another_user(endpoint: str, code: str) -> subprocess.CompletedProcess:
+    """``code`` in a client process that drops to uid/gid 65534 before it
+    connects: the kernel then tells the daemon that uid (SO_PEERCRED)."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        from supervisor.client import Client
+        from supervisor import Forbidden
+        os.setgroups([]); os.setgid({OTHER_USER}); os.setuid({OTHER_USER})
+        c = Client({endpoint!r}, timeout=30)
+    """) + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=T,
+                          env={**os.environ, "PYTHONPATH": repo_pythonpath()})  # fmt: skip
+
+
+@pytest.fixture
+def shared_daemon(daemon):
+    """A daemon whose socket the group nogroup may reach (socket_group), in
+    a folder another user may pass through."""
+
+    def start(**settings) -> object:
+        folder = tempfile.mkdtemp(prefix="gv-shared-")
+        os.chmod(folder, 0o711)
+        text = config_text(MODES, supervisor={"default_mode": "diag"},
+                           daemon={"socket_group": "nogroup", **settings})  # fmt: skip
+        d = daemon(config_text=text, endpoint=f"ipc://{folder}/run/g.sock")
+        with d.client() as c:
+            wait_until(lambda: c.status()["mode"] == "diag", T, "diag to load")
+        return d
+
+    return start
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
+def test_a_caller_of_another_user_may_run_jobs_but_not_stop_switch_or_restart(shared_daemon):
+    d = shared_daemon()
+    out = _as_another_user(
+        d.endpoint,
+        """
+        print(c.submit("echo", "a job").result(30))
+        for call in (lambda: c.shutdown(drain=False), lambda: c.switch_mode("other").result(30),
+                     lambda: c.restart().result(30)):
+            try:
+                call()
+                print("allowed")
+            except Forbidden as e:
+                print("forbidden:", e)
+    """,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "a job"
+    assert len(lines) == 4 and all(line.startswith("forbidden: ") for line in lines[1:]), out.stdout
+    assert "admin_group" in lines[1]
+    assert d.running(), "the daemon still serves"
+    with d.client() as c:
+        assert c.status()["mode"] == "diag" and c.status()["generation"] == 1, "nothing was switched or restarted"
+    assert "refused shutdown from uid 65534 (nobody)" in d.output()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
+def test_a_member_of_admin_group_is_an_operator(shared_daemon):
+    d = shared_daemon(admin_group="nogroup")
+    out = _as_another_user(
+        d.endpoint,
+        """
+        print(c.switch_mode("other").result(30)["status"])
+        c.shutdown(drain=True)
+    """,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["loaded"]
+    assert d.wait() == 0
+
+
+def test_an_unknown_admin_group_stops_the_daemon_before_it_starts(daemon):
+    d = daemon(config_text=config_text(MODES, daemon={"admin_group": "no-such-group-here"}), wait_ready=False)
+    assert d.wait() == 6
+    assert "admin_group 'no-such-group-here' is not a group" in d.output()
+
+
+def test_only_admin_curve_keys_may_stop_the_daemon(daemon, tmp_path):
+    from zmq.auth import create_certificates
+
+    from supervisor.client import Client
+    from tests.helpers.daemon import free_port
+
+    for folder in ("server", "clients", "admins", "secrets"):
+        (tmp_path / folder).mkdir()
+    server_public, server_secret = create_certificates(tmp_path / "server", "server")
+    client_public, client_secret = create_certificates(tmp_path / "secrets", "client")
+    admin_public, admin_secret = create_certificates(tmp_path / "secrets", "admin")
+    os.rename(client_public, tmp_path / "clients" / "client.key")
+    os.rename(admin_public, tmp_path / "admins" / "admin.key")  # only there: an admin may connect too
+    from zmq.auth import load_certificate
+
+    server_key, _ = load_certificate(server_public)
+    port = free_port()
+    d = daemon(config_text=config_text(MODES, daemon={"curve_secret_key": str(server_secret),
+                                                      "curve_clients_dir": str(tmp_path / "clients"),
+                                                      "curve_admins_dir": str(tmp_path / "admins")}),
+               endpoint=f"tcp://127.0.0.1:{port}")  # fmt: skip
+    endpoint = f"tcp://127.0.0.1:{port}"
+    with Client(endpoint, curve_server_key=server_key, curve_client_cert=client_secret) as c:
+        assert c.submit("echo", 1, mode="diag").result(T) == 1
+        with pytest.raises(Forbidden):
+            c.shutdown()
+        with pytest.raises(Forbidden):
+            c.switch_mode("other").result(T)
+    with Client(endpoint, curve_server_key=server_key, curve_client_cert=admin_secret) as admin:
+        assert admin.switch_mode("other").result(T)["status"] == "loaded"
+        admin.shutdown()
+    assert d.wait() == 0
+
+
+# ---------------------------------------------------------------- the operator's limits are ceilings
+
+
+def test_a_clients_timeout_cannot_run_a_job_past_the_operators_job_timeout(daemon):
+    """On main a client's timeout=0 ran an 8 s job past job_timeout = 2."""
+    d = daemon(config_text=config_text(MODES, supervisor={"job_timeout": 1.0, "default_mode": "diag"}))
+    with d.client() as c:
+        for asked in (0, 30):
+            with pytest.raises(JobTimeout, match="ran past its 1s timeout"):
+                c.submit("sleep", {"seconds": 8}, timeout=asked).result(T)
+        assert c.submit("sleep", {"seconds": 0.1}, timeout=0.5).result(T) == {"slept": 0.1}, "less is allowed"
+
+
+# ---------------------------------------------------------------- metrics labels
+
+
+def test_made_up_task_names_add_no_metric_series(daemon):
+    """On main 500 random task names added 12,000 series to /metrics."""
+    d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
+    with d.client() as c:
+        wait_until(lambda: c.status()["mode"] == "diag", T, "diag to load")
+        assert c.submit("echo", 1).result(T) == 1
+        futures = [c.submit(f"made-up-{uuid.uuid4().hex}") for _ in range(500)]
+        for f in futures:
+            with pytest.raises(UnknownTask):
+                f.result(T)
+        families = list(text_string_to_metric_families(c.metrics()))
+    jobs = next(f for f in families if f.name == "gpuvisor_jobs")
+    tasks = {s.labels["task"] for s in jobs.samples}
+    assert tasks == {"echo", "other"}, tasks
+    series = sum(len(f.samples) for f in families)
+    assert series < 400, f"{series} series"
+
+
+def test_a_payload_the_worker_cannot_read_fails_its_job_under_its_id(daemon):
+    d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
+    raw = RawClient(d.endpoint, timeout=T)
+    try:
+        raw._sock.send(_with_raw_payload({"v": 1, "k": "submit", "id": "ext", "task": "echo"},
+                                         msgpack.packb(msgpack.ExtType(42, b"zz"))))  # fmt: skip
+        answer = raw.wait_for("ext")
+        assert not answer["ok"] and answer["error"]["code"] in ("job_failed", "protocol_error"), answer
+        assert "ext type 42" in answer["error"]["message"]
+    finally:
+        raw.close()
