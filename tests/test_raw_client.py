@@ -259,7 +259,10 @@ def test_a_request_whose_arrays_cannot_be_read_is_answered_under_its_id(daemon):
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(daemon.endpoint)
         sock.send_multipart(
-            [msgpack.packb({"v": 1, "k": "submit", "id": 77, "task": "echo", "mode": "diag", "payload": bad}), b"\0" * 4]
+            [
+                msgpack.packb({"v": 1, "k": "submit", "id": 77, "task": "echo", "mode": "diag", "payload": bad}),
+                b"\0" * 4,
+            ]
         )
         assert sock.poll(30_000), "no reply"
         reply = msgpack.unpackb(sock.recv_multipart()[0])
