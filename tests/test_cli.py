@@ -193,17 +193,19 @@ def test_human_output_arrays_status_and_streams(served, short_dir):
     assert fields["reclaiming"] == "no" and fields["last_error"] == "-"
 
 
-def test_timeout_0_means_no_limit_even_over_the_configs_job_timeout(served, short_dir):
+def test_the_configs_job_timeout_is_a_ceiling_a_client_cannot_lift(served, short_dir):
+    """On main ``--timeout 0`` ran a job past the operator's job_timeout."""
     endpoint = f"ipc://{short_dir}/g.sock"
     config = short_dir / "g.toml"
-    config.write_text(config_text(supervisor={"job_timeout": 0.3}))
+    config.write_text(config_text(supervisor={"job_timeout": 0.5}))
     daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
     assert daemon.ready(), daemon.output()
     ep = ["--endpoint", endpoint, "--mode", "diag"]
-    unlimited = gpuvisor("submit", "sleep", '{"seconds": 1.5}', "--timeout", "0", *ep)
-    assert unlimited.returncode == 0 and json.loads(unlimited.stdout) == {"slept": 1.5}, unlimited.stderr
-    limited = gpuvisor("submit", "sleep", '{"seconds": 1.5}', *ep)
-    assert limited.returncode == 1 and "JobTimeout" in limited.stderr, limited
+    for asked in (["--timeout", "0"], ["--timeout", "30"], []):
+        limited = gpuvisor("submit", "sleep", '{"seconds": 3}', *asked, *ep)
+        assert limited.returncode == 1 and "JobTimeout" in limited.stderr and "0.5s timeout" in limited.stderr, limited
+    shorter = gpuvisor("submit", "sleep", '{"seconds": 0.2}', "--timeout", "0.4", *ep)
+    assert shorter.returncode == 0 and json.loads(shorter.stdout) == {"slept": 0.2}, shorter.stderr
 
 
 def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
