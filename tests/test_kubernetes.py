@@ -196,6 +196,19 @@ def test_probes_and_the_scrape_point_at_what_the_config_serves():
     assert resource("Service")["spec"]["selector"] == resource("Deployment")["spec"]["selector"]["matchLabels"]
 
 
+def test_the_network_policy_lets_in_only_clients_and_prometheus_on_the_http_port_and_nothing_out():
+    policy = resource("NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == resource("Deployment")["spec"]["selector"]["matchLabels"]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"] and policy["egress"] == []
+    (rule,) = policy["ingress"]
+    (allowed,) = rule["ports"]
+    daemon = container("gpuvisor")
+    assert port_number(allowed["port"], daemon) == tcp_port(parse(config_text()).http.listen)
+    sources = [(set(src.get("podSelector", {}).get("matchLabels", {}).items()), "namespaceSelector" in src)
+               for src in rule["from"]]  # fmt: skip
+    assert sources == [({("gpuvisor.io/client", "true")}, False), ({("app.kubernetes.io/name", "prometheus")}, True)]
+
+
 def test_the_grace_period_covers_prestop_drain_and_the_workers_stop():
     config = parse(config_text())
     daemon = container("gpuvisor")
