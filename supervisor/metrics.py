@@ -91,8 +91,8 @@ class Metrics:
 
     def _labels(self, mode: str | None, task: str) -> tuple[str, str]:
         modes, tasks = self._known()
-        if mode is None:
-            return "", OTHER
+        if mode is None:  # a job that named none and never reached a worker: a task some mode has
+            return "", task if any(task in listed for listed in tasks.values()) else OTHER
         if mode not in modes:
             return OTHER, OTHER
         return mode, task if task in tasks.get(mode, ()) else OTHER

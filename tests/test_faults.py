@@ -278,7 +278,7 @@ def test_a_switch_to_a_mode_that_cannot_be_imported_keeps_the_serving_mode(super
     pid = sup.submit("pid", mode="diag").result(T)
     with pytest.raises(ModeLoadError, match=why):
         sup.switch_mode("typo").result(T)
-    with pytest.raises(ModeLoadError, match="needs mode 'typo', which cannot be loaded"):
+    with pytest.raises(ModeLoadError, match="needs mode 'typo', which failed to load: mode 'typo': cannot import"):
         sup.submit("x", mode="typo").result(T)
     status = sup.status()
     assert status["mode"] == "diag" and status["worker_pid"] == pid and status["generation"] == 1

@@ -261,7 +261,7 @@ def test_a_frozen_worker_is_detected_by_its_missing_heartbeats(modes):
     "mode, words",
     [
         ("raises", ["RuntimeError", "fails on purpose", "tests/helpers/loaders.py"]),
-        ("missing", ["ImportError", "cannot import 'no.such.module'"]),
+        ("missing", ["cannot import 'no.such.module': no such module"]),  # found before the worker is stopped
         ("segfaults", ["SIGSEGV(-11)", "while loading mode 'segfaults'"]),
     ],
 )
@@ -283,8 +283,11 @@ def test_a_mode_that_fails_to_load_fails_the_switch_and_the_jobs_waiting_for_it(
     with pytest.raises(ModeLoadError, match=f"needs mode '{mode}', which failed to load"):
         plain.result(T)
     status = sup.status()
-    assert status["worker_pid"] is None and status["restarts"] == 0, "no restart loop"
-    assert f"switch to '{mode}' failed" in status["last_error"]
+    if mode == "missing":  # found before anything was stopped: "a" still serves, in the same worker
+        assert status["mode"] == "a" and status["generation"] == 1 and status["restarts"] == 0
+    else:
+        assert status["worker_pid"] is None and status["restarts"] == 0, "no restart loop"
+        assert f"switch to '{mode}' failed" in status["last_error"]
     assert sup.switch_mode("b").result(T)["status"] == "loaded"
     assert sup.submit("tag").result(T)["tag"] == "b"
 

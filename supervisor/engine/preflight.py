@@ -38,7 +38,10 @@ def _find(name: str, folders: Sequence[str]) -> importlib.machinery.ModuleSpec |
     top = parts[0]
     if top in sys.builtin_module_names:
         return importlib.machinery.ModuleSpec(top, None)
-    paths = [*folders, *(p if p else os.getcwd() for p in sys.path)]
+    # The worker's path: this interpreter's, and PYTHONPATH as it is now (a
+    # worker inherits the environment, which may have changed since we started).
+    pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [*folders, *pythonpath, *(p if p else os.getcwd() for p in sys.path)]
     spec = importlib.machinery.PathFinder.find_spec(top, paths)
     if spec is None:
         for finder in sys.meta_path:  # an editable install's finder, say

@@ -360,7 +360,7 @@ class Slot:
             self.engine.decide(request.future, error=error)
         self.engine.fail_before_barrier(
             lambda job: (
-                ModeLoadError(f"job {job.id} needs mode {mode!r}, which cannot be loaded: {error.message}")
+                ModeLoadError(f"job {job.id} needs mode {mode!r}, which failed to load: {error.message}")
                 if job.mode == mode
                 else None
             )
