@@ -1,11 +1,13 @@
 """Stop strings in the ``generate`` mode: the text ends before the first
-one, nothing of one (not even a part) is ever streamed, and the check costs
-time linear in the stops' length per token, never quadratic.
+one, nothing of one (not even a part) is ever streamed, and each new
+character is read once per stop, never every prefix of every stop at every
+token.
 
 The matcher is pure Python over text (importing the mode module imports no
 torch), so it is driven here with the texts a tokenizer would give token by
-token; ``test_generate_model.py`` runs it under the real model and tokenizer,
-and checks the mode's bounds on how many stops a job may give."""
+token; ``test_generate_model.py`` runs it under the real model and
+tokenizer and checks the mode's bounds on the stops a job may give, which
+the last test here meets through the HTTP door."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import random
 
 import pytest
 
+from tests.test_http import MODEL_T, curl, http_config, http_socket
 from worker.modes.generate import _Detokenizer, _Stops
 
 
@@ -198,3 +201,36 @@ def test_every_prefix_of_a_stop_is_held_and_the_whole_is_cut(stop):
         assert held([stop], "zz" + stop[:k]) == k
     _, detok = stream([stop], ["zz", *stop])
     assert detok.stopped and detok.sent == "zz"
+
+
+@pytest.mark.slow
+def test_through_the_http_door_past_the_bounds_is_a_400_and_a_mode_may_allow_more(daemon):
+    """The mode's bounds as a caller of the OpenAI door meets them: the
+    mode refuses, and the door answers 400 before any text. The tiny model
+    loads in each mode's worker (seconds each)."""
+    tiny = {"device": "cpu"}
+    modes = {
+        "strict": {"loader": "worker.modes.generate:load", "args": tiny},
+        "wide": {"loader": "worker.modes.generate:load", "args": {**tiny, "max_stops": 6, "max_stop_chars": 1000}},
+    }
+    models = {
+        "strict": {"mode": "strict", "completions": "generate"},
+        "wide": {"mode": "wide", "completions": "generate"},
+    }
+    d = daemon(config_text=http_config(modes, models))
+    unix = http_socket(d)
+
+    def complete(model: str, stop: list[str]) -> tuple[int, dict]:
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 4, "stop": stop}
+        return curl("http://gpuvisor/v1/completions", body, unix=unix, args=("--max-time", str(MODEL_T)))
+
+    status, answer = complete("strict", [f"never-{i}" for i in range(5)])
+    assert status == 400 and "at most 4 strings (the mode's max_stops), got 5" in answer["error"]["message"], answer
+    status, answer = complete("strict", ["x" * 257])
+    assert status == 400 and "at most 256 characters (the mode's max_stop_chars)" in answer["error"]["message"]
+    status, answer = complete("strict", [f"never-{i}" for i in range(3)] + ["x" * 256])
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length", answer
+    status, answer = complete("wide", [f"never-{i}" for i in range(5)] + ["x" * 1000])
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length", answer
+    status, answer = complete("wide", [f"never-{i}" for i in range(7)])
+    assert status == 400 and "at most 6 strings" in answer["error"]["message"], answer
