@@ -146,9 +146,20 @@ bad = {
     "stop_at_eos_str": {"prompt": "hi", "stop_at_eos": "yes"},
     "stop_empty": {"prompt": "hi", "stop": [""]},
     "stop_number": {"prompt": "hi", "stop": 3},
-    "stop_too_many": {"prompt": "hi", "stop": [str(i) for i in range(17)]},
+    "stop_too_many": {"prompt": "hi", "stop": [str(i) for i in range(5)]},
+    "stop_too_long": {"prompt": "hi", "stop": ["ok", "x" * 257]},
 }
 report["bad"] = {name: drain(gen, payload) for name, payload in bad.items()}
+report["four_stops"] = drain(gen, {**greedy, "stop": ["never-1", "never-2", "never-3", "x" * 256]})
+wide = mode.load(device="cpu", max_stops=6, max_stop_chars=100_000)
+report["wide_info"] = wide["info"](None)
+report["wide_six"] = drain(wide["generate"], {**greedy, "stop": [f"never-{i}" for i in range(6)]})
+report["wide_seven"] = drain(wide["generate"], {**greedy, "stop": [f"never-{i}" for i in range(7)]})
+# Checked at every token, a stop this long once cost seconds a token.
+report["wide_long"] = drain(wide["generate"], {**greedy, "stop": ["\u00e9" * 99_999 + "!", "\u00e9" * 100_000]})
+report["wide_longer"] = drain(wide["generate"], {**greedy, "stop": "\u00e9" * 100_001})
+report["bad_max_stops"] = load_error(max_stops=0)
+report["bad_max_stop_chars"] = load_error(max_stop_chars="256")
 
 model, tokenizer = mode.build_tiny(seed=0)
 model.save_pretrained(folder)
@@ -204,6 +215,8 @@ def test_generate_is_a_generator_handler_and_info_describes_the_tiny_model(seen)
         "vocab_size": 257,
         "max_positions": 1024,
         "chat_template": False,
+        "max_stops": 4,
+        "max_stop_chars": 256,
     }
     assert isinstance(info["parameters"], int) and 100_000 < info["parameters"] < 1_000_000
 
@@ -290,7 +303,8 @@ BAD = {
     "stop_at_eos_str": ("TypeError", "'stop_at_eos'"),
     "stop_empty": ("TypeError", "'stop'"),
     "stop_number": ("TypeError", "'stop'"),
-    "stop_too_many": ("ValueError", "'stop'"),
+    "stop_too_many": ("ValueError", "at most 4 strings (the mode's max_stops), got 5"),
+    "stop_too_long": ("ValueError", "at most 256 characters (the mode's max_stop_chars), got one of 257"),
 }
 
 
@@ -342,6 +356,25 @@ def test_stop_strings_end_the_text_before_them_and_no_chunk_shows_one(seen):
     assert len(result["tokens"]) < 24
     unseen = seen["stop_only_unseen"]["result"]
     assert unseen["text"] == full and unseen["finish_reason"] == "length"
+
+
+def test_a_job_gives_at_most_4_stops_of_256_characters_unless_the_mode_allows_more(seen):
+    assert seen["four_stops"]["result"]["text"] == seen["greedy_a"]["result"]["text"]
+    assert {k: seen["wide_info"][k] for k in ("max_stops", "max_stop_chars")} == {
+        "max_stops": 6,
+        "max_stop_chars": 100_000,
+    }
+    assert seen["wide_six"]["result"]["finish_reason"] == "length"
+    assert seen["wide_seven"]["chunks"] == [] and seen["wide_seven"]["error"] == [
+        "ValueError",
+        "generate: 'stop' takes at most 6 strings (the mode's max_stops), got 7",
+    ]
+    long = seen["wide_long"]
+    assert long["result"]["text"] == seen["greedy_a"]["result"]["text"] and len(long["chunks"]) == 24
+    assert seen["wide_longer"]["chunks"] == [] and "max_stop_chars" in seen["wide_longer"]["error"][1]
+    for key, name in (("bad_max_stops", "max_stops"), ("bad_max_stop_chars", "max_stop_chars")):
+        kind, message = seen[key]
+        assert kind == "ValueError" and name in message
 
 
 def test_text_that_may_begin_a_stop_string_is_held_back_until_it_does_not(seen):

@@ -54,6 +54,11 @@ def _tell(ready_fd: int | None) -> None:
 
 
 def main() -> None:
+    from gpuvisor.packages import foreign_package
+
+    problem = foreign_package(("worker", "protocol"))  # what a worker imports: not supervisor
+    if problem is not None:
+        raise SystemExit(f"gpuvisor worker: cannot start: {problem}")
     parser = argparse.ArgumentParser(prog="python -m worker", description="gpuvisor worker process")
     parser.add_argument("--endpoint", required=True, help="the supervisor's ZeroMQ endpoint")
     parser.add_argument("--gen", type=int, help="generation number of this worker (not with --standby)")

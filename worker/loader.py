@@ -10,7 +10,6 @@ imports a loader, so it never pulls torch in by accident.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,8 +19,8 @@ Handler = Callable[[Any], Any]
 
 def resolve(path: str, folders: Sequence[str] = ()) -> Callable[..., Any]:
     """``folders`` (the config's ``loader_path``) go ahead of ``sys.path``,
-    so a loader module beside the config file is found whatever the working
-    directory is (under systemd, it is /)."""
+    so a loader module beside the config file is found: the worker never
+    looks in a working directory (it runs in /, with ``-P``)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"loader {path!r} is not of the form 'package.module:function'")
@@ -32,8 +31,8 @@ def resolve(path: str, folders: Sequence[str] = ()) -> Callable[..., Any]:
         where = f"the loader_path folders {', '.join(folders)} and " if folders else ""
         raise ImportError(
             f"loader {path!r}: cannot import {module_name!r}: {exc}. The worker looked in {where}its sys.path "
-            f"(the working directory is {os.getcwd()}); name the folder that holds it in [supervisor] loader_path, "
-            "relative to the config file's folder"
+            "(the installed packages and PYTHONPATH; never the working directory); name the folder that holds it "
+            "in [supervisor] loader_path, relative to the config file's folder"
         ) from exc
     target: Any = module
     for part in attr.split("."):

@@ -39,7 +39,7 @@ from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolErro
 from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
 from supervisor.arguments import check_submit
-from supervisor.client.endpoint import default_endpoint, unreachable
+from supervisor.client.endpoint import client_default_endpoint, unreachable
 from supervisor.futures import JobFuture, settle
 from supervisor.mailbox import Mailbox
 from supervisor.status import Status, SwitchResult
@@ -59,11 +59,12 @@ class Client:
         curve_client_cert: str | None = None,
     ):
         """``endpoint`` defaults to the daemon's default (``ipc://`` in the
-        runtime directory). ``timeout``: seconds of silence from the daemon,
+        runtime directory, which must be this user's alone, or
+        ``UnsafeRuntimeDir``). ``timeout``: seconds of silence from the daemon,
         while requests wait, before it is declared unavailable. For a CURVE
         daemon give its public key and this client's secret certificate file
         (``zmq.auth``)."""
-        self.endpoint = endpoint or default_endpoint()
+        self.endpoint = endpoint or client_default_endpoint()
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._outbox: Mailbox[tuple[list, int, Future]] = Mailbox()  # requests for the I/O thread to send

@@ -24,6 +24,18 @@ log = logging.getLogger("gpuvisor")
 # make the worker think it is the service (systemd would get its notifications).
 _PRIVATE_ENV_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
 
+WORKER_CWD = "/"
+"""Where every worker runs, whatever the daemon's working directory: a
+``worker.py`` or ``protocol.py`` left there must not replace ours, nor a
+folder named like a model make ``from_pretrained("name")`` read it. ``/``
+is where systemd starts services, so a setup tried in a shell behaves as
+it will in production."""
+
+BUILT_IN_WORKER = (sys.executable, "-P", "-m", "worker")
+"""This interpreter as the worker. ``-P``: no working directory on its
+``sys.path``; ``PYTHONSAFEPATH=1`` in every worker's environment says the
+same to an interpreter a ``worker_command`` wrapper starts."""
+
 
 class UnkillableWorker(RuntimeError):
     """The worker survived SIGKILL past the wait (a process stuck in the
@@ -32,16 +44,17 @@ class UnkillableWorker(RuntimeError):
 
 def worker_env(device_env: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment without the service manager's variables, plus the
-    device pinning (CUDA_VISIBLE_DEVICES): the worker sees only its GPU."""
+    device pinning (CUDA_VISIBLE_DEVICES): the worker sees only its GPU.
+    ``PYTHONSAFEPATH``: see ``BUILT_IN_WORKER``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
-    return {**env, **(device_env or {})}
+    return {**env, "PYTHONSAFEPATH": "1", **(device_env or {})}
 
 
 def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_interval: float) -> list[str]:
-    """``command`` (default: this interpreter with ``-m worker``) plus the
+    """``command`` (default: this interpreter with ``-P -m worker``) plus the
     four arguments every worker takes; docs/protocol.md has the contract."""
     return [
-        *(command or (sys.executable, "-m", "worker")),
+        *(command or BUILT_IN_WORKER),
         "--endpoint",
         endpoint,
         "--gen",
@@ -55,7 +68,7 @@ def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_int
 
 def standby_argv(endpoint: str) -> list[str]:
     """The built-in worker as a warm standby (``supervisor/standby.py``)."""
-    return [sys.executable, "-m", "worker", "--endpoint", endpoint, "--parent-pid", str(os.getpid()), "--standby"]
+    return [*BUILT_IN_WORKER, "--endpoint", endpoint, "--parent-pid", str(os.getpid()), "--standby"]
 
 
 def spawn_worker(
@@ -65,9 +78,11 @@ def spawn_worker(
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
     supervisor decides how it stops). Its stdout goes to our stderr: a worker
     must never write into a CLI's machine-readable output. Its stderr comes
-    to the loop through a pipe (see WorkerHandle.pump_stderr)."""
+    to the loop through a pipe (see WorkerHandle.pump_stderr). It runs in
+    ``WORKER_CWD``."""
     return subprocess.Popen(
         argv,
+        cwd=WORKER_CWD,
         stdin=stdin,
         stdout=2,
         stderr=subprocess.PIPE,  # the loop passes it on and keeps the tail for crash reports

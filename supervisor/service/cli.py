@@ -3,7 +3,9 @@
 Exit codes: 0 ok; 1 the job or switch failed, or another daemon already
 serves the endpoint; 2 usage; 3 the daemon is not running (nothing
 answered); 6 bad configuration: the file (the message names the file, the
-line and the key) or an endpoint that is unsafe or unusable; 130 a
+line and the key), an endpoint that is unsafe or unusable (a client's
+runtime folder another user made, say), or a secret file others could
+change; 130 a
 ``submit`` interrupted (Ctrl-C), its job cancelled on the daemon (a queued
 one never runs, a stream stops at its next chunk).
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(verbose=args.verbose)
     from protocol import DaemonUnavailable, GpuvisorError
+    from supervisor.client.endpoint import UnsafeRuntimeDir
     from supervisor.config import ConfigError
     from supervisor.service.front import EndpointError, EndpointInUse
 
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except EndpointError as exc:  # in use: 1; unsafe or unusable as configured: 6
         print(f"gpuvisor: cannot serve: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, EndpointInUse) else EXIT_CONFIG
+    except UnsafeRuntimeDir as exc:  # before DaemonUnavailable, its base: a daemon may even answer there
+        print(f"gpuvisor: cannot connect: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except DaemonUnavailable as exc:
         output.fail(args, exc)
         return EXIT_NO_DAEMON
@@ -205,9 +211,9 @@ def _endpoint(args: argparse.Namespace) -> str:
         configured = load(args.config).daemon.endpoint
         if configured:
             return configured
-    from supervisor.client.endpoint import default_endpoint
+    from supervisor.client.endpoint import client_default_endpoint
 
-    return default_endpoint()
+    return client_default_endpoint()
 
 
 def _client_command(args: argparse.Namespace) -> int:

@@ -105,10 +105,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-MAX_STOPS = 16
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+"""The stop strings a job may give, and the longest each may be, unless the
+mode's args say otherwise (``max_stops``, ``max_stop_chars``): OpenAI's own
+figures. Every token is checked against every stop, so the caller must not be
+the one to choose what that costs."""
 
 
-def _options(payload: Any, limit: int, max_positions: int | None, default_tokens: int | None) -> dict:
+def _options(
+    payload: Any,
+    limit: int,
+    max_positions: int | None,
+    default_tokens: int | None,
+    max_stops: int = MAX_STOPS,
+    max_stop_chars: int = MAX_STOP_CHARS,
+) -> dict:
     """Check a payload in full before anything runs, so a bad job fails with
     a message naming its key and never after a partial stream.
     ``default_tokens``: ``max_new_tokens`` when the payload gives none (None:
@@ -148,8 +159,14 @@ def _options(payload: Any, limit: int, max_positions: int | None, default_tokens
     stop = [opts["stop"]] if isinstance(opts["stop"], str) else opts["stop"]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise TypeError("generate: 'stop' must be a non-empty string or a list of them")
-    if len(stop) > MAX_STOPS:
-        raise ValueError(f"generate: 'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
+    if len(stop) > max_stops:
+        raise ValueError(f"generate: 'stop' takes at most {max_stops} strings (the mode's max_stops), got {len(stop)}")
+    longest = max(map(len, stop), default=0)
+    if longest > max_stop_chars:
+        raise ValueError(
+            f"generate: a 'stop' string may be at most {max_stop_chars} characters (the mode's max_stop_chars), "
+            f"got one of {longest}"
+        )
     opts["stop"] = stop
     return opts
 
@@ -197,6 +214,94 @@ def _pick(logits: Any, opts: dict, rng: Any) -> int:
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng))
 
 
+class _Stops:
+    """Finds stop strings in a text that grows a token at a time, reading
+    each new character once per stop: one KMP automaton per stop, built
+    once, whose state after the text so far is the longest prefix of that
+    stop the text ends with. A token's check so costs what the token added,
+    never the stop's length times itself (slicing every prefix of every stop
+    at every token cost seconds per token for a 100,000-character stop).
+    When the text changed behind what was read (a decoder may rewrite its
+    last characters), it is searched whole once, and each automaton restarts
+    on its last ``len(stop) - 1`` characters: no longer suffix can be a
+    proper prefix of the stop."""
+
+    def __init__(self, stops: list[str] | tuple[str, ...]):
+        self.stops = tuple(stops)
+        self._borders = [_borders(stop) for stop in self.stops]
+        self._states = [0] * len(self.stops)
+        self._read: str | None = ""  # the text the automata have read; None: start again
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def scan(self, text: str, start: int) -> int:
+        """Read ``text`` (all the text so far): where the earliest stop in
+        ``text[start:]`` begins, or -1. ``start`` is where the text not yet
+        shown begins: an earlier stop would have been shown in part."""
+        read, self._read = self._read, text
+        if read is None or not text.startswith(read):
+            self._states = [_suffix_in_prefix(text, stop, b) for stop, b in zip(self.stops, self._borders, strict=True)]
+            return min((i for i in (text.find(stop, start) for stop in self.stops) if i >= 0), default=-1)
+        found = []
+        for n, (stop, borders) in enumerate(zip(self.stops, self._borders, strict=True)):
+            k, whole = self._states[n], len(stop)
+            for at in range(len(read), len(text)):
+                char = text[at]
+                if k == whole:
+                    k = borders[k - 1]
+                while k and char != stop[k]:
+                    k = borders[k - 1]
+                if char == stop[k]:
+                    k += 1
+                if k == whole and at + 1 - whole >= start:
+                    found.append(at + 1 - whole)  # this stop's first: any later one of it begins later
+                    break
+            self._states[n] = k
+        if found:
+            self._read = None  # the automata stopped reading where their stop was
+        return min(found, default=-1)
+
+    def held(self) -> int:
+        """How many characters at the end of the text read last could be
+        the start of a stop (the longest proper prefix of a stop it ends
+        with)."""
+        return max(
+            (
+                k if k < len(stop) else b[k - 1]
+                for stop, b, k in zip(self.stops, self._borders, self._states, strict=True)
+            ),
+            default=0,
+        )
+
+
+def _borders(stop: str) -> list[int]:
+    """KMP's prefix function: ``out[i]``, the length of the longest proper
+    prefix of ``stop[: i + 1]`` that is also its suffix."""
+    out = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = out[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        out[i] = k
+    return out
+
+
+def _suffix_in_prefix(text: str, stop: str, borders: list[int]) -> int:
+    """The longest proper prefix of ``stop`` that ``text`` ends with."""
+    if len(stop) < 2:
+        return 0
+    k = 0
+    for char in text[-(len(stop) - 1) :]:  # shorter than the stop: k never reaches a whole match
+        while k and char != stop[k]:
+            k = borders[k - 1]
+        if char == stop[k]:
+            k += 1
+    return k
+
+
 class _Detokenizer:
     """Turns a growing list of ids into text deltas. Decoding everything so
     far and emitting the new suffix keeps multi-token characters and word
@@ -205,31 +310,32 @@ class _Detokenizer:
     ``stops``, the text ends before the first stop string (``stopped`` is
     then set), and text that could be the start of one is held back until
     it is known not to be: a reader never sees a stop string, not even a
-    part of one."""
+    part of one (which is why a trailing U+FFFD goes before the stops are
+    looked for: the character it stands for may be the rest of a stop)."""
 
     def __init__(self, tokenizer: Any, stops: list[str] | tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.stops = tuple(stops)
+        self.stops = _Stops(stops)
         self.sent = ""
         self.stopped = False
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _held(self, text: str) -> int:
-        """How many characters at the end of ``text`` begin a stop string."""
-        return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
     def delta(self, ids: list[int], final: bool) -> str:
-        text = self.text(ids)
-        if self.stops:
-            cut = min((i for i in (text.find(s, len(self.sent)) for s in self.stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text, final, self.stopped = text[:cut], True, True
-            elif not final:
-                text = text[: len(text) - self._held(text)]
+        return self.step(self.text(ids), final)
+
+    def step(self, text: str, final: bool) -> str:
+        """What of ``text`` (all the text so far) may be shown now that was
+        not before."""
         if not final:
             text = text.rstrip("\ufffd")
+        if self.stops:
+            cut = self.stops.scan(text, len(self.sent))
+            if cut >= 0:
+                text, self.stopped = text[:cut], True
+            elif not final:
+                text = text[: len(text) - self.stops.held()]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
         new, self.sent = text[len(self.sent) :], text
@@ -243,12 +349,18 @@ def load(
     max_new_tokens_limit: int = 512,
     seed: int = 0,
     chat_template: str | None = None,
+    max_stops: int = MAX_STOPS,
+    max_stop_chars: int = MAX_STOP_CHARS,
 ) -> dict:
     """``chat_template``: Jinja text for the ``chat`` task, instead of the
     tokenizer's own (the built-in tiny model has none: without this its
-    ``chat`` refuses every job)."""
+    ``chat`` refuses every job). ``max_stops``, ``max_stop_chars``: the most
+    stop strings a job may give, and their longest length."""
     import inspect
 
+    for name, value in (("max_stops", max_stops), ("max_stop_chars", max_stop_chars)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"generate: {name} must be a whole number >= 1, got {value!r}")
     import torch
 
     if dtype not in _DTYPES:
@@ -322,13 +434,13 @@ def load(
         return {"text": detok.sent, "tokens": tokens, "prompt_tokens": len(prompt_ids), "finish_reason": finish}
 
     def generate(payload: Any):
-        opts = _options(payload, max_new_tokens_limit, max_positions, default_tokens=32)
+        opts = _options(payload, max_new_tokens_limit, max_positions, 32, max_stops, max_stop_chars)
         prompt = _prompt(payload)
         return (yield from run(tokenizer(prompt)["input_ids"], opts))
 
     def chat(payload: Any):
         messages = _messages(payload)
-        opts = _options(payload, max_new_tokens_limit, max_positions, default_tokens=None)
+        opts = _options(payload, max_new_tokens_limit, max_positions, None, max_stops, max_stop_chars)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"chat: the model {model_path or TINY_NAME!r} has no chat template (tokenizer.chat_template); "
@@ -351,6 +463,8 @@ def load(
             "vocab_size": vocab,
             "max_positions": max_positions,
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "max_stops": max_stops,
+            "max_stop_chars": max_stop_chars,
         }
 
     return {"generate": generate, "chat": chat, "info": info}

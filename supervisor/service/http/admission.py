@@ -17,8 +17,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
-import stat
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from supervisor.config_http import HttpModel
 from supervisor.service.front import EndpointError
 from supervisor.service.http.errors import body
+from supervisor.service.secret_files import check_secret_file
 
 log = logging.getLogger("gpuvisor")
 
@@ -36,9 +35,10 @@ ALWAYS_PATHS = ("/health", "/metrics")  # served while draining too
 def read_tokens(path: str) -> tuple[str, ...]:
     """The bearer tokens in ``path``; a file that cannot be read, or holds
     none, stops the daemon from starting (a door with no key would lock
-    everyone out, or be mistaken for one with no lock)."""
+    everyone out, or be mistaken for one with no lock), and so does one that
+    someone else could add a token to (``check_secret_file``)."""
+    check_secret_file(path, "[http] token_file")
     try:
-        st = os.stat(path)
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -48,8 +48,6 @@ def read_tokens(path: str) -> tuple[str, ...]:
         raise EndpointError(f"[http] token_file {path} holds no token (one a line)")
     if any(len(t) < 16 or any(c.isspace() for c in t) for t in tokens):
         raise EndpointError(f"[http] token_file {path}: a token must be at least 16 characters, without spaces")
-    if st.st_mode & stat.S_IROTH:
-        log.warning("[http] token_file %s is readable by every user (mode %04o)", path, stat.S_IMODE(st.st_mode))
     return tokens
 
 

@@ -1,0 +1,150 @@
+"""Files that decide who gets in: the rule every one of them passes before
+the daemon trusts it.
+
+Whoever can change such a file can let themselves in (a bearer token
+added, a CURVE client key dropped into the folder of allowed ones, the
+daemon's own secret key replaced). So a file is refused when anyone but the
+daemon's user and root could change it: it is writable by its group or by
+every user, it belongs to another user, or a folder on its way from ``/``
+could be changed by someone else (writable by others without the sticky
+bit, or owned by another user), who could then put another file in its
+place. That is OpenSSH's rule for what it trusts (``StrictModes``), checked
+on the path with its links resolved. A secret that others can only read is
+said in the log, not refused: a leak to fix, but no way in for a stranger.
+
+A refusal is an ``EndpointError``, which stops the daemon (exit 6) before
+any worker starts; its message names the file and the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import logging
+import os
+import pwd
+import stat
+
+from supervisor.service.front import EndpointError
+
+log = logging.getLogger("gpuvisor")
+
+
+def check_secret_file(path: str, setting: str) -> None:
+    """Refuse the file at ``path`` when anyone but this daemon's user or root
+    could change it or a folder above it; log a warning when others can read
+    it. For a file whose content is a secret: ``[http] token_file``,
+    ``[daemon] curve_secret_key``. ``setting`` names it in the messages.
+    Call it before the file is read, so a refused file is never used."""
+    real = os.path.realpath(path)
+    st = _stat(real, path, setting)
+    if not stat.S_ISREG(st.st_mode):
+        raise EndpointError(f"{setting} {path} is not a regular file")
+    _refuse_if_others_can_change(real, st, path, setting)
+    _refuse_if_a_folder_above_is_open(real, path, setting)
+    _warn_if_others_can_read(st, path, setting)
+
+
+def check_trusted_folder(path: str, setting: str, pattern: str = "*.key") -> None:
+    """Refuse the folder at ``path`` when anyone but this daemon's user or
+    root could change it, a folder above it, or a file in it that matches
+    ``pattern``. For a folder whose files say who may come in:
+    ``[daemon] curve_clients_dir`` (the allowed clients' public keys, which
+    anyone may read: only writing them is refused)."""
+    real = os.path.realpath(path)
+    st = _stat(real, path, setting)
+    if not stat.S_ISDIR(st.st_mode):
+        raise EndpointError(f"{setting} {path} is not a folder")
+    _refuse_if_others_can_change(real, st, path, setting)
+    _refuse_if_a_folder_above_is_open(real, path, setting)
+    for name in sorted(os.listdir(real)):
+        if fnmatch.fnmatch(name, pattern):
+            inner = os.path.join(real, name)
+            _refuse_if_others_can_change(inner, _stat(inner, inner, setting), inner, f"{setting}: the file")
+
+
+def _stat(real: str, path: str, setting: str) -> os.stat_result:
+    try:
+        return os.stat(real)
+    except OSError as exc:
+        raise EndpointError(f"{setting} {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _trusted() -> str:
+    return "root" if os.geteuid() == 0 else f"this daemon's user ({_user(os.geteuid())}) or root"
+
+
+def _refuse_if_others_can_change(real: str, st: os.stat_result, path: str, setting: str) -> None:
+    mode = stat.S_IMODE(st.st_mode)
+    if not _trusted_owner(st.st_uid):
+        raise EndpointError(
+            f"{setting} {path} belongs to {_user(st.st_uid)}, not to {_trusted()}: its owner could change it. "
+            f"Make it this daemon's: chown {_name(os.geteuid())} {real}"
+        )
+    if mode & 0o022:
+        who = "every user" if mode & 0o002 else f"the group {_group(st.st_gid)}"
+        raise EndpointError(
+            f"{setting} {path} can be changed by {who} (mode {mode:04o}), so they could let themselves in. "
+            f"Make it writable by its owner alone: chmod go-w {real}"
+        )
+
+
+def _refuse_if_a_folder_above_is_open(real: str, path: str, setting: str) -> None:
+    """Whoever may change a folder on the way may put another file, or
+    another folder, in place of ours; the sticky bit (``/tmp``) stops that
+    for names they do not own."""
+    folder = os.path.dirname(real)
+    while True:
+        st = os.stat(folder)
+        mode = stat.S_IMODE(st.st_mode)
+        if not _trusted_owner(st.st_uid):
+            raise EndpointError(
+                f"{setting} {path} lies in {folder}, which belongs to {_user(st.st_uid)}: its owner could put "
+                f"another file in its place. Keep it in a folder of {_trusted()}"
+            )
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            who = "every user" if mode & 0o002 else f"the group {_group(st.st_gid)}"
+            raise EndpointError(
+                f"{setting} {path} lies in {folder}, which {who} can change (mode {mode:04o}, no sticky bit): "
+                f"they could put another file in its place. chmod go-w {folder}, or keep the file elsewhere"
+            )
+        if folder == os.path.dirname(folder):
+            return
+        folder = os.path.dirname(folder)
+
+
+def _warn_if_others_can_read(st: os.stat_result, path: str, setting: str) -> None:
+    """Group read is no leak when it is how this daemon itself reads a file
+    that root owns (mode 0640, the daemon's group: what a Kubernetes Secret
+    mounted with ``fsGroup`` looks like)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IROTH:
+        who = "every user"
+    elif mode & stat.S_IRGRP and not (st.st_uid != os.geteuid() and st.st_gid in {os.getegid(), *os.getgroups()}):
+        who = f"the group {_group(st.st_gid)}"
+    else:
+        return
+    log.warning("%s %s can be read by %s (mode %04o); chmod go-r %s", setting, path, who, mode, path)
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _user(uid: int) -> str:
+    name = _name(uid)
+    return f"uid {uid}" if name == str(uid) else f"{name} (uid {uid})"
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
