@@ -215,3 +215,44 @@ def test_a_daemon_that_is_not_root_reads_roots_file_through_its_group_without_a_
         for name in os.listdir(place):
             os.unlink(os.path.join(place, name))
         os.rmdir(place)
+
+
+def _curve_files(tmp_path):
+    from zmq.auth import create_certificates
+
+    for name in ("server", "clients", "admins"):
+        (tmp_path / name).mkdir(mode=0o700)
+    _, server_secret = create_certificates(tmp_path / "server", "server")
+    client_public, _ = create_certificates(tmp_path / "clients", "client")
+    os.chmod(server_secret, 0o600)
+    return server_secret, tmp_path / "clients", client_public
+
+
+@pytest.mark.parametrize("what", ["secret_key_world_writable", "clients_dir_group_writable", "client_key_of_nobody",
+                                  "admins_dir_world_writable"])  # fmt: skip
+def test_curve_files_others_could_change_stop_the_daemon(daemon, tmp_path, what):
+    """Whoever may change the CURVE files decides who gets in: such a file
+    stops the daemon (exit 6) before it serves, naming the setting."""
+    from tests.helpers.config import config_text
+    from tests.helpers.daemon import free_port
+
+    server_secret, clients, client_public = _curve_files(tmp_path)
+    settings = {"curve_secret_key": str(server_secret), "curve_clients_dir": str(clients)}
+    if what == "secret_key_world_writable":
+        os.chmod(server_secret, 0o602)
+        setting = "[daemon] curve_secret_key"
+    elif what == "clients_dir_group_writable":
+        os.chmod(clients, 0o770)
+        setting = "[daemon] curve_clients_dir"
+    elif what == "client_key_of_nobody":
+        os.chown(client_public, NOBODY, NOBODY)
+        setting = "[daemon] curve_clients_dir"
+    else:
+        admins = tmp_path / "admins"
+        os.chmod(admins, 0o777)
+        settings["curve_admins_dir"] = str(admins)
+        setting = "[daemon] curve_admins_dir"
+    d = daemon(config_text=config_text({"diag": DIAG}, daemon=settings), endpoint=f"tcp://127.0.0.1:{free_port()}",
+               wait_ready=False)  # fmt: skip
+    assert d.wait() == 6
+    assert setting in d.output(), d.output()

@@ -4,5 +4,6 @@ msgpack: nothing of the engine, and never torch."""
 
 from supervisor.client.aio import AsyncClient
 from supervisor.client.client import Client
+from supervisor.client.endpoint import UnsafeRuntimeDir
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Client", "UnsafeRuntimeDir"]

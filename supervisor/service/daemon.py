@@ -68,6 +68,7 @@ from supervisor.service.front import EndpointError, bind_front, release_ipc
 from supervisor.service.http import open_http
 from supervisor.service.operators import Operators
 from supervisor.service.sdnotify import Notifier
+from supervisor.service.secret_files import check_secret_file, check_trusted_folder
 
 if TYPE_CHECKING:
     from supervisor.service.http.server import HttpFront
@@ -161,6 +162,8 @@ class Daemon:
         old_interval = sys.getswitchinterval()
         try:
             settings = self.config.daemon
+            if settings.curve_admins_dir:
+                check_trusted_folder(settings.curve_admins_dir, "[daemon] curve_admins_dir")
             try:
                 self._operators = Operators(settings.admin_group, _admin_keys(settings.curve_admins_dir))
             except ValueError as exc:
@@ -220,6 +223,8 @@ class Daemon:
                 f"curve_clients_dir {clients!r} must be a directory holding the allowed clients' public "
                 "certificates (*.key); '*' (any key) would authenticate nobody"
             )
+        check_trusted_folder(clients, "[daemon] curve_clients_dir")  # whoever may change it decides who gets in
+        check_secret_file(settings.curve_secret_key, "[daemon] curve_secret_key")
         allowed = _admin_keys(clients) | self._operators.admin_keys  # an admin key may connect, as a client
         try:
             public, secret = load_certificate(settings.curve_secret_key)
