@@ -70,8 +70,8 @@ def loader_problem(loader: str, folders: Sequence[str]) -> str | None:
     spec = _find(module, folders)
     if spec is None:
         where = f"[supervisor] loader_path ({', '.join(folders)}) or " if folders else ""
-        return (f"cannot import {module!r}: no such module in {where}the installed packages or PYTHONPATH; name the "
-                "folder that holds it in [supervisor] loader_path")  # fmt: skip
+        return (f"cannot import {module!r}: no such module in {where}the installed packages or PYTHONPATH (never the "
+                "working directory); name the folder that holds it in [supervisor] loader_path")  # fmt: skip
     origin = spec.origin
     if not isinstance(origin, str) or not origin.endswith(".py") or not os.path.isfile(origin):
         return None  # an extension, a namespace package, a zip: nothing more to read without running it
