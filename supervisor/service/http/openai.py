@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protocol import MAX_MESSAGE_BYTES
 from supervisor.config_http import HttpSettings
-from supervisor.service.http.errors import ApiError
+from supervisor.service.http.errors import ApiError, short
 
 FRAME_MARGIN = 64 * 1024  # room in a frame for what travels beside an answer's array
+GREEDY_BELOW = 1e-3  # a temperature under this samples as 0 does: dividing logits by less can overflow to inf
 
 # field -> the values that mean "not used"; anything else is refused.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -59,7 +60,7 @@ class _Request(BaseModel):
         for key, neutral in _NEUTRAL.items():
             value = (self.model_extra or {}).get(key)
             if value not in neutral:
-                raise ApiError(400, f"{key}={value!r} is not supported by this server", "unsupported", key)
+                raise ApiError(400, short(f"{key}={value!r} is not supported by this server"), "unsupported", key)
 
 
 class EmbeddingRequest(_Request):
@@ -123,6 +124,8 @@ class _Generation(_Request):
         for key in ("temperature", "top_p", "seed"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if 0 < out.get("temperature", 0) < GREEDY_BELOW:
+            out["temperature"] = 0.0  # the same tokens, near enough, without a division that ends in inf and nan
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop:
             if not all(stop):
