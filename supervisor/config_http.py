@@ -1,5 +1,6 @@
 """``[http]`` and its ``[http.models.NAME]`` tables: where the HTTP listener
-listens, its tokens, and which OpenAI ``model`` runs in which mode and task.
+listens, its tokens, the limits every request is held to, and which OpenAI
+``model`` runs in which mode and task.
 
 Read here, not in the listener, so that a mistake stops ``gpuvisor serve``
 before anything starts, with file, line and key, like every other key; and
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.config_where import Locator, seconds, whole
+from supervisor.config_where import Locator, number, seconds, whole
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class HttpModel:
     embeddings: str | None = None
     chat: str | None = None
     completions: str | None = None
-    timeout: float | None = None  # a job's timeout; None: [supervisor] job_timeout
+    timeout: float | None = None  # a job's timeout (0: none); None: [http] timeout
+    max_tokens: int | None = None  # the most tokens a request may ask for; None: [http] max_tokens
 
 
 HTTP_UNIX_DEFAULT = "unix:http.sock"
@@ -36,12 +38,35 @@ MAX_BODY_CEILING = 64 * 1024 * 1024  # a job bigger than this could not travel t
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """``[http]``: present means served; ``listen = []`` turns it off."""
+    """``[http]``: present means served; ``listen = []`` turns it off. Every
+    limit has a default a single user never meets and a stranger cannot
+    abuse; docs/http.md ("Limits") says why each is what it is."""
 
     listen: tuple[str, ...] = (HTTP_UNIX_DEFAULT,)  # "unix:PATH" (relative: the runtime directory) or "HOST:PORT"
     token_file: str = ""  # bearer tokens, one a line; absolute once parsed; "" none
     max_body_bytes: int = 16 * 1024 * 1024
     models: dict[str, HttpModel] = field(default_factory=dict)
+    allow_unauthenticated_tcp: bool = False  # loopback TCP without tokens: every local user gets in
+    allowed_origins: tuple[str, ...] = ()  # browser origins let in besides the listener's own ("*": any)
+    # The connection: how many at once, how big and how slow a request's head and body may be.
+    max_connections: int = 512
+    max_header_bytes: int = 16 * 1024
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    body_timeout: float = 60.0
+    # The request: what one may ask for.
+    max_inputs: int = 2048
+    max_input_chars: int = 1_000_000
+    max_stop: int = 4
+    max_stop_chars: int = 256
+    max_tokens: int = 4096
+    timeout: float = 300.0  # a job's seconds of running time (0: none), unless its model says otherwise
+
+    def max_tokens_of(self, model: HttpModel) -> int:
+        return self.max_tokens if model.max_tokens is None else model.max_tokens
+
+    def timeout_of(self, model: HttpModel) -> float:
+        return self.timeout if model.timeout is None else model.timeout
 
 
 def loopback_host(host: str) -> bool:
@@ -72,15 +97,52 @@ def split_listen(entry: str) -> tuple[str, int] | str:
     return host, int(port)
 
 
-_HTTP_KEYS = ("listen", "token_file", "max_body_bytes", "models")
-_HTTP_MODEL_KEYS = ("mode", "embeddings", "chat", "completions", "timeout")
+# key -> (lowest, highest, what it counts); each a whole number unless its range has a float in it.
+_LIMITS: dict[str, tuple[float, float, str]] = {
+    "max_body_bytes": (1024, MAX_BODY_CEILING, "bytes"),
+    "max_connections": (1, 65536, "connections"),
+    "max_header_bytes": (1024, 1024 * 1024, "bytes"),
+    "header_timeout": (0.1, 3600.0, "seconds"),
+    "keep_alive_timeout": (0.1, 3600.0, "seconds"),
+    "body_timeout": (0.1, 3600.0, "seconds"),
+    "max_inputs": (1, 1_000_000, "inputs"),
+    "max_input_chars": (1, MAX_BODY_CEILING, "characters"),
+    "max_stop": (0, 64, "stop strings"),
+    "max_stop_chars": (1, 65536, "characters"),
+    "max_tokens": (1, 10_000_000, "tokens"),
+    "timeout": (0.0, 86400.0, "seconds (0: none)"),
+}
+_HTTP_KEYS = ("listen", "token_file", "allow_unauthenticated_tcp", "allowed_origins", *_LIMITS, "models")
+_HTTP_MODEL_KEYS = ("mode", "embeddings", "chat", "completions", "timeout", "max_tokens")
 _MODEL_NAME_RE = re.compile(r"^[^\s\x00-\x1f]{1,128}$")
+_ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?$")
+
+
+def _limit(where: Locator, table: str, entry: dict, key: str, default: float) -> Any:
+    low, high, unit = _LIMITS[key]
+    value = entry.get(key, default)
+    fits = whole(value) if isinstance(low, int) else number(value)
+    if not fits or not low <= value <= high:
+        kind = "a whole number" if isinstance(low, int) else "a number"
+        raise where.error(table, key, f"expected {kind} of {unit} from {low} to {high}, got {value!r}")
+    return value if isinstance(low, int) else float(value)
+
+
+def _origins(where: Locator, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+        raise where.error("http", "allowed_origins", f'expected a list like ["https://ui.example"], got {value!r}')
+    for origin in value:
+        if origin != "*" and not _ORIGIN_RE.match(origin.lower()):
+            raise where.error("http", "allowed_origins", f"{origin!r}: expected SCHEME://HOST[:PORT] as a browser "
+                              'sends it (no path, no trailing slash), or "*" for any')  # fmt: skip
+    return tuple(o.lower() for o in value)
 
 
 def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -> HttpSettings:
     """``[http]`` and its ``[http.models.NAME]`` tables. A listener off
     loopback without tokens is refused here: a GPU open to the network by a
-    typo must not start."""
+    typo must not start; loopback TCP without tokens needs
+    ``allow_unauthenticated_tcp``, as the daemon's own TCP endpoint does."""
     if not isinstance(table, dict):
         raise where.error("http", None, "must be a table")
     for key in table:
@@ -94,6 +156,9 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
     token_file = table.get("token_file", "")
     if not isinstance(token_file, str):
         raise where.error("http", "token_file", f"expected the path of a file of bearer tokens, got {token_file!r}")
+    unauthenticated = table.get("allow_unauthenticated_tcp", False)
+    if not isinstance(unauthenticated, bool):
+        raise where.error("http", "allow_unauthenticated_tcp", f"expected true or false, got {unauthenticated!r}")
     for entry in listen:
         try:
             address = split_listen(entry)
@@ -104,18 +169,22 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
                 "http", "listen", f"{entry!r} is not a loopback address: anyone who can reach it could run jobs on "
                 "this GPU. Set token_file (a file of bearer tokens, one a line), or listen on loopback or a unix socket"
             )  # fmt: skip
-    size = table.get("max_body_bytes", HttpSettings.max_body_bytes)
-    if not whole(size) or not 1024 <= size <= MAX_BODY_CEILING:
-        raise where.error(
-            "http", "max_body_bytes", f"expected a whole number from 1024 to {MAX_BODY_CEILING}, got {size!r}"
-        )
+        if isinstance(address, tuple) and not token_file and not unauthenticated:
+            raise where.error(
+                "http", "listen", f"{entry!r} has no authentication: every local user could run jobs on this GPU "
+                "(a unix socket's file permissions do not apply to TCP). Listen on a unix socket, set token_file, "
+                "or accept it with [http] allow_unauthenticated_tcp = true"
+            )  # fmt: skip
+    origins = _origins(where, table.get("allowed_origins", []))
+    limits = {key: _limit(where, "http", table, key, getattr(HttpSettings, key)) for key in _LIMITS}
     models_table = table.get("models", {})
     if not isinstance(models_table, dict):
         raise where.error("http", "models", "must be a table of [http.models.NAME] tables")
     models = {name: _http_model(where, name, entry, modes) for name, entry in models_table.items()}
     if token_file:
         token_file = str((base / token_file).resolve())
-    return HttpSettings(tuple(listen), token_file, size, models)
+    return HttpSettings(tuple(listen), token_file, models=models, allow_unauthenticated_tcp=unauthenticated,
+                        allowed_origins=origins, **limits)  # fmt: skip
 
 
 def _http_model(where: Locator, name: str, entry: Any, modes: Collection[str]) -> HttpModel:
@@ -136,4 +205,6 @@ def _http_model(where: Locator, name: str, entry: Any, modes: Collection[str]) -
             raise where.error(table, key, f"expected the name of the task that serves /v1/{key}, got {task!r}")
     if not any(tasks.values()):
         raise where.error(table, None, "names no task: give at least one of embeddings, chat or completions")
-    return HttpModel(name, mode, **tasks, timeout=seconds(where, table, entry, "timeout", "0: none"))
+    max_tokens = _limit(where, table, entry, "max_tokens", 0) if "max_tokens" in entry else None
+    return HttpModel(name, mode, **tasks, timeout=seconds(where, table, entry, "timeout", "0: none"),
+                     max_tokens=max_tokens)  # fmt: skip

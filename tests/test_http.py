@@ -66,14 +66,18 @@ def sdk(*, unix: str | None = None, base: str = "http://gpuvisor", token: str = 
 
 def curl(url: str, body: Any = None, *, unix: str | None = None, token: str | None = None,
          args: tuple[str, ...] = ()) -> tuple[int, Any]:  # fmt: skip
-    """``curl`` as a user types it (``-d`` with no content type): the status
-    and the body, parsed as JSON when it is."""
+    """``curl`` as a user types it (``--json``, which says the body is JSON;
+    a large body from standard input, ``--json @-``): the status and the
+    body, parsed as JSON when it is."""
     argv = ["curl", "-sS", "-w", "\n%{http_code}", *(["--unix-socket", unix] if unix else [])]
     if token is not None:
         argv += ["-H", f"Authorization: Bearer {token}"]
-    if body is not None:
-        argv += ["-d", body if isinstance(body, str) else json.dumps(body)]
-    done = subprocess.run([*argv, *args, url], capture_output=True, text=True, timeout=MODEL_T)
+    text = None if body is None else body if isinstance(body, str) else json.dumps(body)
+    large = text is not None and len(text) > 65536  # past what one argument may hold
+    if text is not None:
+        argv += ["--json", "@-" if large else text]
+    done = subprocess.run([*argv, *args, url], input=text if large else None, capture_output=True, text=True,
+                          timeout=MODEL_T)  # fmt: skip
     assert done.returncode == 0, done.stderr
     text, _, status = done.stdout.rpartition("\n")
     try:
@@ -104,7 +108,7 @@ def assert_error(body: Any, status: int, code: str | None = None, words: str = "
 PORT = free_port()
 MODELS = {
     "minilm": {"mode": "assistant", "embeddings": "embed"},
-    "tiny-chat": {"mode": "assistant", "chat": "chat", "completions": "generate"},
+    "tiny-chat": {"mode": "assistant", "chat": "chat", "completions": "generate", "max_tokens": 1000},
     "diag-echo": {"mode": "diag", "completions": "echo"},
 }
 ASSISTANT = {
@@ -123,7 +127,11 @@ def served():
     text = http_config(
         {"assistant": ASSISTANT, "diag": "worker.modes.diag:load"},
         MODELS,
-        http={"listen": ["unix:http.sock", f"127.0.0.1:{PORT}"], "max_body_bytes": 65536},
+        http={
+            "listen": ["unix:http.sock", f"127.0.0.1:{PORT}"],
+            "allow_unauthenticated_tcp": True,
+            "max_body_bytes": 65536,
+        },
         supervisor={"default_mode": "assistant", "warm_standby": False},
     )
     with serving(text, "assistant", MODEL_T) as d:
@@ -266,8 +274,9 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}],
                               "temperature": "hot"}, "temperature", None),
     ("/v1/completions", {"model": "tiny-chat", "prompt": [1, 2]}, "one string", "unsupported"),
-    # Input only the worker can judge: the task refuses it, and that is the caller's fault too.
-    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 100000}, "max_new_tokens", "job_failed"),
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 100000}, "limit of 1000", None),
+    # Input only the worker can judge (the mode's own limit is 512): the task refuses it, the caller's fault too.
+    ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 600}, "max_new_tokens", "job_failed"),
     ("/v1/completions", "{not json", "not JSON", None),
 ]  # fmt: skip
 
@@ -297,8 +306,13 @@ def test_a_body_over_max_body_bytes_is_a_413(served, unix):
 
 GATES = '''
 """Tasks that wait for the test: each answers in the generate task's shape
-(a prompt in, text out) so the completions endpoint can drive it."""
-import os, time
+(a prompt in, text out) so the completions endpoint can drive it; and tasks
+that answer or fail as the door's limits and error answers need."""
+import json, os, sys, time
+
+import numpy as np
+
+from protocol import Forbidden, ModeBroken, RequestTooLarge
 
 def _wait(path, seconds=60.0):
     deadline = time.monotonic() + seconds
@@ -333,9 +347,42 @@ def load(folder, opens=None):
         time.sleep(60)
 
     def crash(payload):
+        sys.stderr.write("SECRET in /srv/private/customers.csv\\n")  # what must never leave the machine
+        sys.stderr.flush()
         os._exit(3)
 
-    return {"hold": hold, "trickle": trickle, "sleep": sleep, "crash": crash}
+    def say(payload):
+        """The payload the door sent, as the text: the keys it set, the limits it kept."""
+        keys = {k: v for k, v in payload.items() if k not in ("prompt", "messages")}
+        return {"text": json.dumps(keys, sort_keys=True), "tokens": [1], "prompt_tokens": 1, "finish_reason": "stop"}
+
+    def vectors(width):
+        def embed(payload):
+            with open(os.path.join(folder, f"calls-{width}"), "a") as f:
+                f.write("1\\n")
+            n = len(payload["texts"])
+            rows = np.random.default_rng(n).standard_normal((n, width)).astype(np.float32)
+            return {"embeddings": rows, "tokens": [len(t) for t in payload["texts"]]}
+        return embed
+
+    def refuse(payload):
+        raise ValueError("refuse: the input is no good, see\\n" + "x" * 500 + "\\n  File /srv/private/handler.py")
+
+    def explode(payload):
+        raise RuntimeError("cannot open /srv/private/weights.bin")
+
+    def broken(payload):
+        raise ModeBroken("the mode failed 3 times in 60 s: /srv/private/loader.py", retry_in=7.2)
+
+    def forbidden(payload):
+        raise Forbidden("not yours")
+
+    def too_large(payload):
+        raise RequestTooLarge("too many jobs of yours are queued")
+
+    return {"hold": hold, "trickle": trickle, "sleep": sleep, "crash": crash, "say": say, "vectors": vectors(384),
+            "wide": vectors(16384), "refuse": refuse, "explode": explode, "broken": broken, "forbidden": forbidden,
+            "too_large": too_large}
 '''
 GATE_MODELS = {
     "held": {"mode": "gates", "completions": "hold"},

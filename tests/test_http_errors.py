@@ -119,7 +119,7 @@ def test_a_client_that_leaves_cancels_its_queued_job(served, unix, folder):
         running = pool.submit(client.completions.create, model="held", prompt="c1")
         wait_until(lambda: (folder / "ran-c1").exists(), T, "the first job to run")
         leaver = subprocess.Popen(["curl", "-sS", "--unix-socket", unix, "-H", f"Authorization: Bearer {TOKEN}",
-                                   "-d", '{"model": "held", "prompt": "c2"}', "http://gpuvisor/v1/completions"],
+                                   "--json", '{"model": "held", "prompt": "c2"}', "http://gpuvisor/v1/completions"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             wait_until(lambda: status(served)["queued"] == 1, T, "the leaver's job to wait in the queue")

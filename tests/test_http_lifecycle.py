@@ -6,6 +6,7 @@ that must stop the daemon before it starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -63,7 +64,9 @@ def test_health_is_503_when_the_default_mode_fails_to_load_and_200_once_a_mode_l
     wait_until(lambda: health(unix)[1]["status"] == "load_failed", T, "/health to say the default mode failed")
     code, body = health(unix)
     assert code == 503 and body["mode"] is None and body["switching_to"] is None, body
-    assert "'broken'" in body["reason"] and "diag takes no arguments" in body["reason"], body
+    assert "'broken'" in body["reason"] and "diag takes no arguments" not in body["reason"], body
+    error_id = body["reason"].rpartition("error id ")[2].rstrip(")")
+    assert f"HTTP error {error_id}" in d.output() and "diag takes no arguments" in d.output(), "the details: the log"
     with d.client() as c:
         assert c.switch_mode("diag").result(T)["status"] == "loaded"
         code, body = health(unix)
@@ -117,14 +120,18 @@ def test_a_failed_supervisor_is_503_and_health_says_why(daemon, tmp_path):
         wait_until(lambda: c.status()["mode"] == "gates", T, "the mode to load")
     code, body = curl("http://gpuvisor/v1/completions", {"model": "crash", "prompt": "x"}, unix=unix)
     assert code == 500
-    assert_error(body, 500, "worker_crashed", "exit")
+    assert_error(body, 500, "worker_crashed", "the worker died while running this job (error id ")
+    assert "SECRET" not in json.dumps(body) and "/srv" not in json.dumps(body), "the worker's stderr stays home"
+    crash_id = body["error"]["message"].rpartition("(error id ")[2].rstrip(")")
+    assert f"HTTP error {crash_id}: worker_crashed" in d.output(), "the details are in the log, under the id"
     with d.client() as c:
         wait_until(lambda: c.status()["state"] == "failed", T, "the supervisor to give up")
     code, body = curl("http://gpuvisor/v1/completions", {"model": "held", "prompt": "x"}, unix=unix)
     assert code == 503
     assert_error(body, 503, "supervisor_failed")
     code, body = health(unix)
-    assert code == 503 and body["status"] == "failed" and body["reason"]
+    assert code == 503 and body["status"] == "failed" and "gpuvisor restart" in body["reason"], body
+    assert "SECRET" not in body["reason"] and "/srv" not in body["reason"], body
 
 
 def test_a_job_past_its_timeout_is_a_504(daemon, tmp_path):
@@ -167,7 +174,8 @@ def test_a_bad_token_file_or_a_port_in_use_stops_the_daemon_before_it_starts(dae
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        d = daemon(config_text=http_config({"diag": DIAG}, {}, http={"listen": [f"127.0.0.1:{port}"]}),
+        d = daemon(config_text=http_config({"diag": DIAG}, {}, http={"listen": [f"127.0.0.1:{port}"],
+                                                                      "allow_unauthenticated_tcp": True}),
                    wait_ready=False)  # fmt: skip
         assert d.wait() == 6 and "cannot serve" in d.output()
 

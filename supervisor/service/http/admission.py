@@ -1,6 +1,8 @@
 """Who and what may come in through the HTTP door, decided before a route
-runs: a bearer token when the configuration names a token file, a body no
-larger than ``max_body_bytes``, and nothing new once the daemon drains.
+runs: no browser the operator did not allow, a bearer token when the
+configuration names a token file, a JSON body no larger than
+``max_body_bytes`` and sent within ``body_timeout``, and nothing new once the
+daemon drains.
 
 A plain ASGI middleware, not Starlette's ``BaseHTTPMiddleware``: that one
 runs the route in a task of its own, which hides a client's disconnect from
@@ -10,19 +12,31 @@ Tokens: one a line in the file (blank lines and ``#`` comments ignored),
 compared in constant time with every token there, so the time an answer
 takes says nothing about how much of a guess was right. ``/health`` needs
 none: a load balancer's probe seldom carries one, and it tells no secrets.
+
+Browsers: a web page the user visits can send requests to any address,
+loopback included, so what a browser sends on a page's behalf is refused
+unless the operator allowed the page's origin (``allowed_origins``, which
+also answers the CORS preflight): a cross-site ``Origin`` or ``Sec-Fetch-Site:
+cross-site`` is a 403, and every POST must say ``Content-Type:
+application/json``, which no page can send without asking first. On TCP
+without tokens only loopback ``Host`` names are served, so a name an
+attacker points at 127.0.0.1 (DNS rebinding) reaches nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from supervisor.config_http import HttpModel
+from supervisor.config_http import HttpModel, HttpSettings
 from supervisor.service.front import EndpointError
+from supervisor.service.http.clients import TOKEN_KEY, fingerprint
 from supervisor.service.http.errors import body
 from supervisor.service.secret_files import check_secret_file
 
@@ -54,21 +68,46 @@ def read_tokens(path: str) -> tuple[str, ...]:
 @dataclass
 class Door:
     """What the HTTP side reads on every request, set by the daemon's thread
-    (each a single assignment, so no lock is needed)."""
+    (each a single assignment, so no lock is needed): the settings as a
+    whole, so a reload swaps every limit at once."""
 
-    models: dict[str, HttpModel]
+    settings: HttpSettings
     tokens: tuple[str, ...] = ()
-    max_body_bytes: int = 16 * 1024 * 1024
     draining: bool = False
     started: float = field(default=0.0)
+    widths: dict[tuple[str, str], int] = field(default_factory=dict)  # (mode, task) -> its vectors' width
 
-    def token_ok(self, header: str | None) -> bool:
+    @property
+    def models(self) -> dict[str, HttpModel]:
+        return self.settings.models
+
+    def token_of(self, header: str | None) -> str | None:
+        """The configured token ``header`` carries (``Bearer TOKEN``), or None."""
         scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
-            return False
+            return None
         given_bytes = given.strip().encode()
         matches = [hmac.compare_digest(given_bytes, t.encode()) for t in self.tokens]  # every one, always
-        return any(matches)
+        return self.tokens[matches.index(True)] if any(matches) else None
+
+    def token_ok(self, header: str | None) -> bool:
+        return self.token_of(header) is not None
+
+
+def loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: ``localhost``
+    or a loopback address, with or without a port."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class Admission:
@@ -79,31 +118,89 @@ class Admission:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, door = scope.get("path", ""), self.door
+        path, door, limits = scope.get("path", ""), self.door, self.door.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if door.tokens and path not in OPEN_PATHS and not door.token_ok(headers.get("authorization")):
-            await _answer(send, 401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
-                          "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
+        refused = self._stranger(scope, headers)
+        if refused is not None:
+            await _answer(send, 403, refused, "forbidden")
             return
+        origin = headers.get("origin")
+        if origin is not None and _listed(origin, limits.allowed_origins):
+            send = _with_cors(send, origin)
+            if scope.get("method") == "OPTIONS" and "access-control-request-method" in headers:
+                await send({"type": "http.response.start", "status": 204, "headers": _PREFLIGHT})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        if door.tokens and path not in OPEN_PATHS:
+            token = door.token_of(headers.get("authorization"))
+            if token is None:
+                await _answer(send, 401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
+                              "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
+                return
+            scope = {**scope, TOKEN_KEY: fingerprint(token)}
         if door.draining and path not in ALWAYS_PATHS:
             await _answer(send, 503, "the daemon is draining: it takes no new requests", "shutting_down")
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                await _answer(send, 415, "the body must be JSON, sent with Content-Type: application/json "
+                              "(curl --json)", "unsupported_media_type")  # fmt: skip
+                return
             declared = headers.get("content-length", "")
-            too_large = declared.isdigit() and int(declared) > door.max_body_bytes
-            body_message = None if too_large else await _read_body(receive, door.max_body_bytes)
+            too_large = declared.isdigit() and int(declared) > limits.max_body_bytes
+            try:
+                async with asyncio.timeout(limits.body_timeout):
+                    body_message = None if too_large else await _read_body(receive, limits.max_body_bytes)
+            except TimeoutError:
+                await _answer(send, 408, f"the body did not arrive within body_timeout ({limits.body_timeout:g} s)",
+                              "request_timeout", extra=[(b"connection", b"close")])  # fmt: skip
+                return
             if body_message is None:
-                await _answer(send, 413, f"the request body is over max_body_bytes ({door.max_body_bytes})",
+                await _answer(send, 413, f"the request body is over max_body_bytes ({limits.max_body_bytes})",
                               "request_too_large")  # fmt: skip
                 return
             receive = _replay(body_message, receive)
-            # Every body here is JSON, whatever the header says (curl -d sends a form's type).
-            scope = {**scope, "headers": [*_without(scope, b"content-type"), (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
 
+    def _stranger(self, scope: Scope, headers: dict[str, str]) -> str | None:
+        """Why a browser (or a name that is not ours) may not come in, or None."""
+        server = scope.get("server")
+        host = headers.get("host")
+        if not self.door.tokens and server is not None and server[1] is not None and host is not None:
+            if not loopback_name(host):  # TCP without tokens: only this machine's names (no DNS rebinding)
+                return (f"Host {host[:100]!r} is not served here: without tokens this listener answers to "
+                        "localhost, 127.0.0.1 and [::1] only")  # fmt: skip
+        origin = headers.get("origin")
+        if origin is not None:
+            own = host is not None and origin.lower() == f"http://{host.lower()}"
+            if not own and not _listed(origin, self.door.settings.allowed_origins):
+                return (f"requests from web pages of another origin ({origin[:100]!r}) are refused; "
+                        "[http] allowed_origins lets one in")  # fmt: skip
+        elif headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return "requests from web pages of another site are refused; [http] allowed_origins lets one in"
+        return None
 
-def _without(scope: Scope, name: bytes) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in scope.get("headers", []) if k.lower() != name]
+
+def _listed(origin: str, allowed: tuple[str, ...]) -> bool:
+    return "*" in allowed or origin.lower() in allowed
+
+
+_PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST"),
+              (b"access-control-allow-headers", b"authorization, content-type"),
+              (b"access-control-max-age", b"600"), (b"content-length", b"0")]  # fmt: skip
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """``send``, its answer readable by the page at ``origin`` (one the operator allowed)."""
+    extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+    async def cors(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return cors
 
 
 async def _read_body(receive: Receive, limit: int) -> Message | None:

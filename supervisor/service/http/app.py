@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -40,6 +41,7 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_error)
     app.add_exception_handler(jobs.ClientGone, _nobody_listens)
+    app.add_exception_handler(Exception, errors.on_unexpected)
 
     def served(name: str, endpoint: str) -> tuple[HttpModel, str]:
         model = door.models.get(name)
@@ -56,21 +58,35 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: openai.EmbeddingRequest, request: Request) -> Response:
         body.refuse_unsupported()
+        limits = door.settings
         model, task = served(body.model, "embeddings")
-        texts = body.texts()
-        result = await jobs.run(sup, request, task, {"texts": texts, "details": True}, model.mode, model.timeout)
-        return JSONResponse(openai.embeddings(model.name, result, body.encoding_format, body.dimensions))
+        texts = body.texts(limits)
+        width = door.widths.get((model.mode, task))  # known from this task's first answer
+        if width is not None:
+            check_width(body.dimensions, width)
+            if not openai.answer_fits(len(texts), width):
+                raise ApiError(413, f"{len(texts)} vectors of {width} values would be over the frame limit of one "
+                               "answer: send fewer inputs", "request_too_large", "input")  # fmt: skip
+        payload = {"texts": texts, "details": True}
+        result = await jobs.run(sup, request, task, payload, model.mode, limits.timeout_of(model))
+        array, tokens = await run_in_threadpool(openai.vectors, result, len(texts))
+        door.widths[(model.mode, task)] = array.shape[1]
+        check_width(body.dimensions, array.shape[1])
+        content = await run_in_threadpool(openai.embeddings, model.name, array, tokens, body.encoding_format)
+        return Response(content, media_type="application/json")
 
     async def generation(body: openai.ChatRequest | openai.CompletionRequest, request: Request,
                          endpoint: str) -> Response:  # fmt: skip
         body.refuse_unsupported()
+        limits = door.settings
         model, task = served(body.model, endpoint)
-        payload = body.payload()
+        payload = body.payload(limits, limits.max_tokens_of(model))
         reply = openai.Reply(model.name, chat=endpoint == "chat")
+        timeout = limits.timeout_of(model)
         if not body.stream:
-            result = await jobs.run(sup, request, task, payload, model.mode, model.timeout)
+            result = await jobs.run(sup, request, task, payload, model.mode, timeout)
             return JSONResponse(reply.whole(result))
-        stream = jobs.Stream(sup, task, payload, model.mode, model.timeout)
+        stream = jobs.Stream(sup, task, payload, model.mode, timeout)
         first = await stream.first(request)
         return jobs.JobStreamResponse(_events(stream, first, reply, body.include_usage), stream, request)
 
@@ -102,6 +118,14 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
         return Response(sup.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def check_width(dimensions: int | None, width: int) -> None:
+    """``dimensions`` is only accepted when it is the width the model has:
+    cutting vectors short is right for a few models only."""
+    if dimensions is not None and dimensions != width:
+        raise ApiError(400, f"dimensions={dimensions}: this model's vectors have {width} values", "unsupported",
+                       "dimensions")  # fmt: skip
 
 
 async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_usage: bool) -> AsyncIterator[str]:
@@ -141,7 +165,9 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
     is loading its first mode (nothing ever loaded, a switch under way), has
     failed, or could not load its default mode at start: a pod that never
     loaded anything and whose configured mode is broken should leave the
-    Service, as one that is still loading does. Once any mode has loaded
+    Service, as one that is still loading does. A reason carries no
+    worker output and no path: those are in the log, under its error id.
+    Once any mode has loaded
     the daemon serves again. A later switch, a mode stopped by
     ``idle_unload_s`` and a respawn after a crash are still serving: jobs
     wait in the queue; a later switch that fails is answered to the job or
@@ -158,7 +184,9 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
     if door.draining or state in ("draining", "stopped"):
         return JSONResponse({"status": "draining", "reason": "the daemon is stopping", **fields}, status_code=503)
     if state == "failed":
-        return JSONResponse({"status": "failed", "reason": status["failed_reason"], **fields}, status_code=503)
+        error_id = errors.incident("the supervisor failed", str(status["failed_reason"]), once=True)
+        reason = f"the worker failed too often (max_restarts); gpuvisor restart clears it (error id {error_id})"
+        return JSONResponse({"status": "failed", "reason": reason, **fields}, status_code=503)
     if state != "running":
         return JSONResponse({"status": "starting", "reason": f"supervisor {state}", **fields}, status_code=503)
     if fields["mode"] is None and all(mode["tasks"] is None for mode in sup.modes().values()):
@@ -167,5 +195,7 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
             return JSONResponse({"status": "loading", "reason": reason, **fields}, status_code=503)
         error = next((d["last_error"] for d in devices if d["last_error"]), None)
         if error is not None and sup.config.default_mode:
-            return JSONResponse({"status": "load_failed", "reason": error, **fields}, status_code=503)
+            error_id = errors.incident("the default mode failed to load", str(error), once=True)
+            reason = f"the default mode {sup.config.default_mode!r} failed to load (error id {error_id})"
+            return JSONResponse({"status": "load_failed", "reason": reason, **fields}, status_code=503)
     return JSONResponse({"status": "ok", **fields})

@@ -6,10 +6,20 @@ The OpenAI SDKs pick their exception class by status (400 ``BadRequestError``,
 ``InternalServerError``...) and show ``message``; ``code`` carries gpuvisor's
 own error code, so a caller can still tell a ``job_timeout`` from a
 ``worker_crashed`` without parsing text.
+
+What leaves the machine is a code, a short message and, for a 5xx, an error
+id: a worker's stderr, a traceback, a path or a loader's complaint stays in
+the daemon's log, under that id (``incident``). A handler that refused its
+input (a 400) keeps the first line of its message, cut short: the caller
+needs it to mend the request.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import secrets
+from collections import OrderedDict
 from typing import Any
 
 from fastapi import Request
@@ -18,48 +28,115 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from protocol import (
+    Forbidden,
     GpuvisorError,
     JobCancelled,
     JobFailed,
     JobTimeout,
+    ModeBroken,
     OutOfMemory,
+    ProtocolError,
     QueueFull,
+    RequestTooLarge,
     ShuttingDown,
     SupervisorFailed,
 )
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}  # fmt: skip
+log = logging.getLogger("gpuvisor")
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+          404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 504: "timeout"}  # fmt: skip
 
 REFUSED_INPUT = ("TypeError", "ValueError")
 """A handler that raises one of these refused its payload: the caller's
 input, so a 400 (the built-in modes check their payloads this way)."""
+
+SHORT = 200  # the most characters of a handler's own message a 4xx repeats
+
+# What a 5xx says, by code; the details are in the log under the error id.
+_GENERIC = {
+    "worker_crashed": "the worker died while running this job",
+    "out_of_memory": "the worker ran out of memory running this job",
+    "job_failed": "the task failed",
+    "mode_load_error": "the model's mode could not be loaded",
+    "mode_broken": "the model's mode keeps failing, so it is not tried again for now",
+    "job_timeout": "the job ran past its timeout and was stopped",
+    "supervisor_failed": "the supervisor has failed: no job runs until an operator restarts it",
+    "shutting_down": "the daemon is shutting down: it takes no new jobs",
+    "job_cancelled": "the job was cancelled by a stop before it ended",
+}
 
 
 def body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
+def short(text: str) -> str:
+    """The first line of ``text``, at most ``SHORT`` characters: never a traceback."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= SHORT else line[: SHORT - 1] + "…"
+
+
 class ApiError(Exception):
     """An answer other than 200, raised anywhere in a route."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(body(self.status, self.message, self.code, self.param), status_code=self.status)
+        return JSONResponse(body(self.status, self.message, self.code, self.param), status_code=self.status,
+                            headers=self.headers)  # fmt: skip
+
+
+_SEEN: OrderedDict[str, str] = OrderedDict()  # details -> its error id, for what is asked about again and again
+_SEEN_MAX = 64
+
+
+def incident(what: str, details: str, *, once: bool = False) -> str:
+    """Log ``details`` under a new error id and return the id, which the
+    answer carries instead of them. ``once``: the same details keep their
+    first id and are logged once (a probe asking every few seconds about the
+    same failure must not fill the log)."""
+    if once and details in _SEEN:
+        _SEEN.move_to_end(details)
+        return _SEEN[details]
+    error_id = secrets.token_hex(6)
+    log.error("HTTP error %s: %s: %s", error_id, what, details)
+    if once:
+        _SEEN[details] = error_id
+        while len(_SEEN) > _SEEN_MAX:
+            _SEEN.popitem(last=False)
+    return error_id
+
+
+def _details(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, GpuvisorError) else f"{type(exc).__name__}: {exc}"
+    trace = getattr(exc, "traceback", "")
+    return f"{text}\n{trace}" if isinstance(trace, str) and trace else text
 
 
 def status_of(exc: BaseException) -> int:
-    """Where a job's typed error maps to: 400 input the handler refused, 429
-    the queue is full, 503 shutting down or failed (or cancelled by a stop),
-    504 past its timeout, else 500."""
-    if isinstance(exc, JobFailed) and not isinstance(exc, OutOfMemory) and exc.remote_type in REFUSED_INPUT:
-        return 400
+    """Where a job's typed error maps to: 400 input the handler refused, 403
+    not this caller's to ask, 413 more than the door or a frame can carry,
+    429 the queue is full, 503 shutting down, failed, broken (or cancelled
+    by a stop), 504 past its timeout, else 500."""
+    if isinstance(exc, JobFailed) and not isinstance(exc, OutOfMemory):
+        if exc.remote_type in REFUSED_INPUT:
+            return 400
+        if exc.remote_type in ("ProtocolError", "RequestTooLarge"):  # an answer over the frame limit
+            return 413
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, RequestTooLarge | ProtocolError):  # ProtocolError: only submit() raises it here
+        return 413
     if isinstance(exc, QueueFull):
         return 429
-    if isinstance(exc, ShuttingDown | SupervisorFailed | JobCancelled):
+    if isinstance(exc, ShuttingDown | SupervisorFailed | JobCancelled | ModeBroken):
         return 503
     if isinstance(exc, JobTimeout):
         return 504
@@ -68,16 +145,33 @@ def status_of(exc: BaseException) -> int:
 
 def from_job(exc: BaseException) -> ApiError:
     """The answer for a job that ended in ``exc`` (or a submit that raised it)."""
-    if isinstance(exc, GpuvisorError):
-        return ApiError(status_of(exc), exc.message, exc.code)
     if isinstance(exc, TypeError | ValueError):  # submit() refused the arguments (a payload msgpack cannot carry)
-        return ApiError(400, str(exc))
-    return ApiError(500, f"{type(exc).__name__}: {exc}")
+        return ApiError(400, short(str(exc)) or "the request cannot be sent to the worker")
+    status = status_of(exc)
+    code = exc.code if isinstance(exc, GpuvisorError) else None
+    if status == 413:
+        return ApiError(413, "the request or its answer is over what one job may carry (the frame limit): "
+                        "send fewer or shorter inputs", "request_too_large")  # fmt: skip
+    if status < 500:
+        return ApiError(status, short(exc.message if isinstance(exc, GpuvisorError) else str(exc)), code)
+    generic = _GENERIC.get(code or "", "the server could not answer this request")
+    error_id = incident(code or type(exc).__name__, _details(exc))
+    headers = {}
+    if isinstance(exc, ModeBroken):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_in)))
+    return ApiError(status, f"{generic} (error id {error_id})", code, headers=headers)
 
 
 async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return exc.response()
+
+
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug on this side: a 500 with an error id, the traceback in the log."""
+    error_id = secrets.token_hex(6)
+    log.error("HTTP error %s: %s %s raised", error_id, request.method, request.url.path, exc_info=exc)
+    return ApiError(500, f"the server could not answer this request (error id {error_id})").response()
 
 
 async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -92,10 +186,12 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg', 'invalid')}"
         for e in errors[:5]
     )
-    return ApiError(400, message or "the request body is not valid", param=".".join(where) or None).response()
+    return ApiError(
+        400, short(message) or "the request body is not valid", param=".".join(where)[:SHORT] or None
+    ).response()
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own (no such path, wrong method, a body that is not JSON)."""
     assert isinstance(exc, HTTPException)
-    return ApiError(exc.status_code, str(exc.detail)).response()
+    return ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()

@@ -1,14 +1,19 @@
 """OpenAI's request and response shapes, as far as gpuvisor serves them.
 
 Requests are pydantic models, so a wrong type or a missing field is a 400
-naming the field before anything is queued. Fields a client may send that
+naming the field before anything is queued; what is too much for the door
+(inputs, characters, stop strings, tokens: ``[http]``'s limits) is refused
+here too, before any work. Fields a client may send that
 gpuvisor does not implement (``n`` > 1, tools, logprobs, penalties...) are
 refused with a 400 when set to anything but their neutral value, rather than
 ignored: an answer computed without them would be silently wrong. Unknown
 fields are let through, as OpenAI's own API lets new SDKs send them.
 
 Responses are plain dicts: the embeddings of a large batch would take
-longer to pass through a response model than to compute.
+longer to pass through a response model than to compute. The embeddings
+answer is encoded by orjson straight from the float32 array (each value as
+the shortest text that reads back to the same float32), on a thread of its
+own, so a large one never holds up the event loop.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from supervisor.service.http.errors import ApiError
+from protocol import MAX_MESSAGE_BYTES
+from supervisor.config_http import HttpSettings
+from supervisor.service.http.errors import ApiError, short
+
+FRAME_MARGIN = 64 * 1024  # room in a frame for what travels beside an answer's array
+GREEDY_BELOW = 1e-3  # a temperature under this samples as 0 does: dividing logits by less can overflow to inf
 
 # field -> the values that mean "not used"; anything else is refused.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -49,7 +60,7 @@ class _Request(BaseModel):
         for key, neutral in _NEUTRAL.items():
             value = (self.model_extra or {}).get(key)
             if value not in neutral:
-                raise ApiError(400, f"{key}={value!r} is not supported by this server", "unsupported", key)
+                raise ApiError(400, short(f"{key}={value!r} is not supported by this server"), "unsupported", key)
 
 
 class EmbeddingRequest(_Request):
@@ -57,13 +68,29 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
 
-    def texts(self) -> list[str]:
+    def texts(self, limits: HttpSettings) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else self.input
         if not texts:
             raise ApiError(400, "input must not be empty", param="input")
         if not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "input as token ids is not supported here: send the text", "unsupported", "input")
-        return texts  # type: ignore[return-value]  # every item is a str, checked above
+        strings: list[str] = texts  # type: ignore[assignment]  # every item is a str, checked above
+        if len(strings) > limits.max_inputs:
+            raise ApiError(413, f"input has {len(strings)} items; at most {limits.max_inputs} (max_inputs) in one "
+                           "request: split it", "request_too_large", "input")  # fmt: skip
+        too_long(sum(len(t) for t in strings), limits)
+        return strings
+
+
+def too_long(chars: int, limits: HttpSettings, param: str = "input") -> None:
+    if chars > limits.max_input_chars:
+        raise ApiError(413, f"the {param} has {chars} characters; at most {limits.max_input_chars} "
+                       "(max_input_chars) in one request", "request_too_large", param)  # fmt: skip
+
+
+def answer_fits(inputs: int, width: int) -> bool:
+    """Whether ``inputs`` float32 vectors of ``width`` values fit in one frame from the worker."""
+    return inputs * width * 4 <= MAX_MESSAGE_BYTES - FRAME_MARGIN
 
 
 class StreamOptions(BaseModel):
@@ -80,20 +107,35 @@ class _Generation(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
+    def sampling(self, max_tokens: int | None, limits: HttpSettings, ceiling: int,
+                 param: str = "max_tokens") -> dict[str, Any]:  # fmt: skip
         """The generate task's payload keys. Sampling is greedy unless the
         request sets a temperature (OpenAI's default is 1; a local service
-        answers the same question the same way unless asked otherwise)."""
+        answers the same question the same way unless asked otherwise).
+        ``ceiling``: the most tokens the model's table allows; a request
+        that asks for none leaves the count to the mode (whose own limit
+        bounds it)."""
         out: dict[str, Any] = {}
         if max_tokens is not None:
+            if max_tokens > ceiling:
+                raise ApiError(400, f"{param}={max_tokens} is over this model's limit of {ceiling} tokens",
+                               param=param)  # fmt: skip
             out["max_new_tokens"] = max_tokens
         for key in ("temperature", "top_p", "seed"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if 0 < out.get("temperature", 0) < GREEDY_BELOW:
+            out["temperature"] = 0.0  # the same tokens, near enough, without a division that ends in inf and nan
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop:
             if not all(stop):
                 raise ApiError(400, "stop strings must not be empty", param="stop")
+            if len(stop) > limits.max_stop:
+                raise ApiError(400, f"stop has {len(stop)} strings; at most {limits.max_stop} (max_stop)",
+                               param="stop")  # fmt: skip
+            if max(len(s) for s in stop) > limits.max_stop_chars:
+                raise ApiError(400, f"a stop string is over {limits.max_stop_chars} characters (max_stop_chars)",
+                               param="stop")  # fmt: skip
             out["stop"] = stop
         return out
 
@@ -125,50 +167,68 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self, limits: HttpSettings, ceiling: int) -> dict[str, Any]:
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
-        return {"messages": messages, **self.sampling(self.max_completion_tokens or self.max_tokens)}
+        too_long(sum(len(m["role"]) + len(m["content"]) for m in messages), limits, "messages")
+        asked, param = ((self.max_completion_tokens, "max_completion_tokens") if self.max_completion_tokens
+                        else (self.max_tokens, "max_tokens"))  # fmt: skip
+        return {"messages": messages, **self.sampling(asked, limits, ceiling, param)}
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self, limits: HttpSettings, ceiling: int) -> dict[str, Any]:
         prompt = self.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt must be one string (a batch or token ids is not supported)", "unsupported",
                            "prompt")  # fmt: skip
-        return {"prompt": prompt, **self.sampling(self.max_tokens)}
+        too_long(len(prompt), limits, "prompt")
+        return {"prompt": prompt, **self.sampling(self.max_tokens, limits, ceiling)}
 
 
 # ------------------------------------------------------------ responses
 
 
-def embeddings(model: str, result: Any, encoding: str, dimensions: int | None) -> dict[str, Any]:
-    """The embed task's answer (the details map, or just the array) as
-    OpenAI's list. ``dimensions`` is only accepted when it is the width the
-    model has: cutting vectors short is right for a few models only."""
+def vectors(result: Any, inputs: int) -> tuple[np.ndarray, list]:
+    """The embed task's answer (the details map, or just the array) as a
+    C-ordered little-endian float32 array of one row an input, and its token
+    counts. Anything else is the task's fault: a 500."""
     tokens = result.get("tokens", []) if isinstance(result, dict) else []
-    array = np.asarray(result["embeddings"] if isinstance(result, dict) else result, dtype="<f4")
-    if array.ndim != 2:
-        raise ApiError(500, f"the embeddings task answered with an array of shape {array.shape}, not (texts, width)")
-    if dimensions is not None and dimensions != array.shape[1]:
-        raise ApiError(400, f"dimensions={dimensions}: this model's vectors have {array.shape[1]} values",
-                       "unsupported", "dimensions")  # fmt: skip
-    if encoding == "base64":
-        data = [base64.b64encode(row.tobytes()).decode("ascii") for row in array]
-    else:
-        data = array.tolist()
+    try:
+        array = np.ascontiguousarray(result["embeddings"] if isinstance(result, dict) else result, dtype="<f4")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApiError(500, "the embeddings task did not answer with an array") from exc
+    if array.ndim != 2 or array.shape[0] != inputs:
+        raise ApiError(500, f"the embeddings task answered with an array of shape {array.shape}, not ({inputs}, width)")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        tokens = []
+    return array, tokens
+
+
+ROWS_AT_ONCE = 128  # vectors encoded in one orjson call: it holds the GIL throughout, the event loop waits that long
+
+
+def embeddings(model: str, array: np.ndarray, tokens: list, encoding: str) -> bytes:
+    """OpenAI's list, as JSON bytes. Run it off the event loop: a large
+    batch takes a while; and it is written ROWS_AT_ONCE vectors at a time,
+    so the loop's thread gets the GIL back between them."""
     used = int(sum(tokens))
-    return {
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(data)],
-        "model": model,
-        "usage": {"prompt_tokens": used, "total_tokens": used},
-    }
+    parts = [b'{"object":"list","data":[']
+    for start in range(0, len(array), ROWS_AT_ONCE):
+        rows = array[start : start + ROWS_AT_ONCE]
+        if encoding == "base64":
+            vectors: Any = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+        else:
+            vectors = rows  # orjson writes each float32 as the shortest text that reads back to it
+        data = [{"object": "embedding", "index": start + i, "embedding": v} for i, v in enumerate(vectors)]
+        parts += [b"," if start else b"", orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]]
+    tail = {"model": model, "usage": {"prompt_tokens": used, "total_tokens": used}}
+    parts += [b"],", orjson.dumps(tail)[1:]]
+    return b"".join(parts)
 
 
 def finish_reason(result: dict[str, Any]) -> str:

@@ -16,7 +16,13 @@
 The sockets are made here rather than by uvicorn: uvicorn would make a
 unix socket world-writable (0666), and the daemon's rule for a socket file
 (``supervisor.service.front``) is 0600, or 0660 for its group, in a private
-directory, never over a live daemon's socket.
+directory, never over a live daemon's socket. A TCP socket is made with
+``IPPROTO_TCP`` named, so asyncio sets ``TCP_NODELAY`` on each connection it
+accepts (it looks at the listener's protocol number, which is 0 unless
+named): a small answer is not held back waiting for the client's ACK.
+
+uvicorn runs each connection with ``DoorProtocol`` (its h11 protocol, held to
+the door's connection limits: ``connection.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import socket
 import threading
 import time
@@ -36,11 +43,13 @@ from supervisor.config_http import HttpSettings, loopback_host, split_listen
 from supervisor.service.front import EndpointError, bind_unix, release_path
 from supervisor.service.http.admission import Admission, Door, read_tokens
 from supervisor.service.http.app import create_app
+from supervisor.service.http.connection import DoorProtocol
 
 log = logging.getLogger("gpuvisor")
 
 _START_S = 30.0  # the listener must be up within this long (it only imports and opens sockets)
 _BACKLOG = 2048
+_OWN_FILES = 256  # descriptors the daemon needs besides its HTTP connections (sockets, pipes, logs, libraries)
 
 
 class HttpFront:
@@ -50,7 +59,7 @@ class HttpFront:
         stops the daemon here, with the reason. A relative unix socket path
         starts from ``folder``: where the daemon's own socket is."""
         tokens = read_tokens(settings.token_file) if settings.token_file else ()
-        self.door = Door(models=dict(settings.models), tokens=tokens, max_body_bytes=settings.max_body_bytes)
+        self.door = Door(settings, tokens=tokens)
         self.settings = settings
         self.listening: list[str] = []
         self._sockets: list[socket.socket] = []
@@ -77,7 +86,7 @@ class HttpFront:
             host, port = address
             host = "127.0.0.1" if host == "localhost" else host
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
             self._sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -85,7 +94,8 @@ class HttpFront:
             sock.bind((host, port))
             shown = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
             if loopback_host(host) and not self.door.tokens:
-                log.warning("HTTP on %s without tokens: every local user can run jobs on this GPU", shown)
+                log.warning("HTTP on %s without tokens (allow_unauthenticated_tcp = true): every local user can "
+                            "run jobs on this GPU", shown)  # fmt: skip
         sock.listen(_BACKLOG)  # at once: a second daemon probing a unix socket must find it alive
         self.listening.append(shown)
 
@@ -94,13 +104,16 @@ class HttpFront:
     def serve(self, sup: Supervisor) -> None:
         """Start answering on the bound sockets; returns once uvicorn listens."""
         self.door.started = time.time()
+        _check_files(self.settings.max_connections)
         config = uvicorn.Config(
             Admission(create_app(sup, self.door), self.door),
+            http=DoorProtocol.for_door(self.door),  # h11, held to the door's limits; never httptools by default
             lifespan="off",  # nothing to set up, and a failing lifespan would sys.exit() this thread
             log_config=None,  # the daemon's logging stays as it is
             access_log=False,
             proxy_headers=False,
             ws="none",
+            backlog=_BACKLOG,
             timeout_graceful_shutdown=1,
         )
         for name in ("uvicorn", "uvicorn.error"):
@@ -151,11 +164,16 @@ class HttpFront:
 
     def reload(self, settings: HttpSettings | None) -> None:
         """SIGHUP: the model table, the tokens (read again: a token is
-        revoked by deleting its line) and the body limit change now. New
-        addresses need a restart; until then everything stays as it was, so
-        the tokens never fall off an address that was bound needing them."""
+        revoked by deleting its line), the allowed origins and every limit
+        change now (a connection's limits apply to connections that open
+        after). New addresses need a restart; until then everything stays
+        as it was, so the tokens never fall off an address that was bound
+        needing them, nor does a tokenless one lose its opt-in."""
         if settings is None or settings.listen != self.settings.listen:
             log.warning("SIGHUP: [http] listen changed; the HTTP listener keeps its settings until a restart")
+            return
+        if not settings.token_file and self.settings.token_file:
+            log.warning("SIGHUP: [http] token_file removed; the HTTP listener keeps its settings until a restart")
             return
         try:
             tokens = read_tokens(settings.token_file) if settings.token_file else ()
@@ -163,5 +181,16 @@ class HttpFront:
             log.error("SIGHUP: keeping the HTTP listener's settings: %s", exc)
             return
         self.settings = settings
-        self.door.models, self.door.tokens = dict(settings.models), tokens
-        self.door.max_body_bytes = settings.max_body_bytes
+        self.door.settings, self.door.tokens = settings, tokens
+        _check_files(settings.max_connections)
+
+
+def _check_files(connections: int) -> None:
+    """Say so when the process may open fewer files than ``max_connections``
+    needs: past that limit an accept fails, and a new connection waits in
+    the backlog instead of being closed at once."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < connections + _OWN_FILES:
+        log.warning("[http] max_connections = %d needs about %d open files, but this process may open %d "
+                    "(LimitNOFILE= under systemd, ulimit -n in a shell)", connections, connections + _OWN_FILES,
+                    soft)  # fmt: skip

@@ -1,0 +1,143 @@
+"""One HTTP connection, held to the door's limits: uvicorn's h11 protocol
+(chosen by name, never ``httptools`` because it happens to be installed),
+with a cap on connections, on a request head's size and on the time it may
+take to arrive.
+
+::
+
+    connection_made ── over max_connections? ── close it at once
+          │
+          ▼
+    head timer armed ──(a whole head arrives)──▶ disarmed while the request runs
+          ▲                                              │
+          └──────────── re-armed when its response ends ◀┘
+    the timer fires: the connection is closed
+
+uvicorn's own keep-alive timer is cancelled by any byte, so a client that
+sends its head one byte every few seconds (slowloris) would hold a
+connection, and its buffer, for ever; this timer is not: a head must be
+whole within ``header_timeout`` of the connection opening or of the last
+response. A head over ``max_header_bytes`` is answered 431 and closed. The
+body's own deadline (``body_timeout``, a 408) is kept by the admission
+middleware, which reads it.
+
+Limits are read from the door when a connection opens, so a reload applies
+to the connections that open after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from typing import Any, ClassVar
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from supervisor.service.http.admission import Door
+from supervisor.service.http.clients import CONNECTION_KEY
+from supervisor.service.http.errors import body
+
+log = logging.getLogger("gpuvisor")
+
+_WARN_EVERY_S = 10.0  # at most one "refused: too many connections" line this often
+
+
+class DoorProtocol(H11Protocol):
+    """Made by uvicorn, one per connection; ``for_door`` binds it to a door."""
+
+    door: ClassVar[Door]
+    numbers: ClassVar[itertools.count]
+    last_warning: ClassVar[float] = 0.0
+
+    @classmethod
+    def for_door(cls, door: Door) -> type[DoorProtocol]:
+        return type("DoorProtocol", (cls,), {"door": door, "numbers": itertools.count(1)})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = self.door.settings
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.timeout_keep_alive = limits.keep_alive_timeout  # type: ignore[assignment]  # a float does for call_later
+        self.header_timeout = limits.header_timeout
+        self.max_header_bytes = limits.max_header_bytes
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.refused = False
+        self.number = next(self.numbers)
+        app = self.app
+
+        async def numbered(scope: Any, receive: Any, send: Any) -> None:
+            scope[CONNECTION_KEY] = self.number
+            await app(scope, receive, send)
+
+        self.app = numbered
+
+    # ------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        limit = self.door.settings.max_connections
+        if len(self.connections) >= limit:
+            self.refused = True
+            transport.close()
+            now = time.monotonic()
+            if now - DoorProtocol.last_warning > _WARN_EVERY_S:
+                DoorProtocol.last_warning = now
+                log.warning("HTTP: %d connections are open (max_connections): closing new ones at once", limit)
+            return
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._serving():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._serving():
+            self._arm()  # the next head must come within header_timeout of this answer's end
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 could not read: 431 when it was
+        a head over ``max_header_bytes``, else uvicorn's 400."""
+        if len(self.conn.trailing_data[0]) <= self.max_header_bytes:
+            super().send_400_response(msg)
+            return
+        content = json.dumps(body(431, f"the request's head is over max_header_bytes ({self.max_header_bytes})",
+                                  "request_too_large")).encode()  # fmt: skip
+        head = f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n" \
+               f"content-length: {len(content)}\r\nconnection: close\r\n\r\n"  # fmt: skip
+        self.transport.write(head.encode("ascii") + content)  # h11 is in its error state: written by hand
+        self.transport.close()
+
+    # ------------------------------------------------------------ the head timer
+
+    def _serving(self) -> bool:
+        """Whether a request's head has arrived and its response is not over."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self.head_timer = None
+        if not self._serving() and not self.transport.is_closing():
+            log.debug("HTTP: no whole request within header_timeout (%s s): closing the connection",
+                      self.header_timeout)  # fmt: skip
+            self.transport.close()
