@@ -68,6 +68,7 @@ report["sample_seed_1_again"] = drain(gen, {**hot, "seed": 1})
 report["sample_seed_2"] = drain(gen, {**hot, "seed": 2})
 report["top_k_1"] = drain(gen, {**greedy, "temperature": 5.0, "top_k": 1, "seed": 3})
 report["top_p_tiny"] = drain(gen, {**greedy, "temperature": 5.0, "top_p": 1e-6, "seed": 3})
+report["subnormal_temperature"] = drain(gen, {**greedy, "temperature": 9e-307, "seed": 3})
 
 # Random bytes: most are not valid UTF-8 on their own, which exercises the hold-back.
 # Near-uniform draws over 257 ids meet the end token within 300 steps for most
@@ -272,6 +273,12 @@ def test_top_k_1_and_a_tiny_top_p_reduce_sampling_to_greedy(seen):
     greedy = tokens(seen["greedy_a"])
     assert tokens(seen["top_k_1"]) == greedy
     assert tokens(seen["top_p_tiny"]) == greedy
+
+
+def test_a_temperature_too_small_to_divide_by_draws_as_greedy(seen):
+    """9e-307 overflowed the logits to inf and NaN, and the draw raised (a
+    500 through the HTTP door, found by its fuzzer): under 0.001 is greedy."""
+    assert tokens(seen["subnormal_temperature"]) == tokens(seen["greedy_a"])
 
 
 def test_eos_ends_the_reply_unless_told_otherwise(seen):

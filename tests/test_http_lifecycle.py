@@ -114,6 +114,9 @@ def test_a_stop_drains_both_doors_and_the_http_socket_goes(daemon, tmp_path):
 
 
 def test_a_failed_supervisor_is_503_and_health_says_why(daemon, tmp_path):
+    """Its one mode broken (max_restarts = 0), no mode can serve: the
+    supervisor is failed, the mode's requests get 503 mode_broken with a
+    Retry-After, and /health says so without the worker's words."""
     d = daemon(config_text=gates_config(tmp_path, default_mode="gates", max_restarts=0))
     unix = http_socket(d)
     with d.client() as c:
@@ -126,12 +129,37 @@ def test_a_failed_supervisor_is_503_and_health_says_why(daemon, tmp_path):
     assert f"HTTP error {crash_id}: worker_crashed" in d.output(), "the details are in the log, under the id"
     with d.client() as c:
         wait_until(lambda: c.status()["state"] == "failed", T, "the supervisor to give up")
-    code, body = curl("http://gpuvisor/v1/completions", {"model": "held", "prompt": "x"}, unix=unix)
+    code, body = curl("http://gpuvisor/v1/completions", {"model": "held", "prompt": "x"}, unix=unix,
+                      args=("-D", str(tmp_path / "headers")))  # fmt: skip
     assert code == 503
-    assert_error(body, 503, "supervisor_failed")
+    assert_error(body, 503, "mode_broken")
+    assert "retry-after:" in (tmp_path / "headers").read_text().lower()
     code, body = health(unix)
     assert code == 503 and body["status"] == "failed" and "gpuvisor restart" in body["reason"], body
-    assert "SECRET" not in body["reason"] and "/srv" not in body["reason"], body
+    assert list(body["broken"]) == ["gates"] and 0 < body["broken"]["gates"]["retry_in_s"] <= 30, body
+    assert "SECRET" not in json.dumps(body) and "/srv" not in json.dumps(body), body
+
+
+def test_a_model_whose_loader_raises_breaks_alone_and_the_others_serve_on(daemon, tmp_path):
+    """The issue's case: six requests for a model whose loader raises spent
+    the global restart budget at its defaults, and every other model then
+    answered 503 supervisor_failed, /health 503, until an operator ran
+    gpuvisor restart. Now that model's mode is broken alone."""
+    modes = {"gates": gates(tmp_path), "broken": {"loader": DIAG, "args": {"x": 1}}}  # diag takes no args: it raises
+    models = {**GATE_MODELS, "bad": {"mode": "broken", "completions": "echo"}}
+    d = daemon(config_text=gates_config(tmp_path, modes=modes, models=models))  # the defaults: max_restarts = 5
+    unix = http_socket(d)
+    codes = [curl("http://gpuvisor/v1/completions", {"model": "bad", "prompt": "x"}, unix=unix)[0] for _ in range(7)]
+    assert codes == [500] * 6 + [503], codes  # six loads fail (mode_load_error), then the mode is broken
+    code, body = curl("http://gpuvisor/v1/completions", {"model": "bad", "prompt": "x"}, unix=unix)
+    assert_error(body, 503, "mode_broken")
+    (tmp_path / "release-ok").touch()
+    code, body = curl("http://gpuvisor/v1/completions", {"model": "held", "prompt": "ok"}, unix=unix)
+    assert code == 200 and body["choices"][0]["text"] == "ok", body
+    code, body = health(unix)
+    assert code == 200 and body["status"] == "ok" and list(body["broken"]) == ["broken"], body
+    assert "unexpected keyword" not in json.dumps(body), "why is in the log, under the error id"
+    assert f"HTTP error {body['broken']['broken']['error_id']}: mode 'broken' is broken" in d.output()
 
 
 def test_a_job_past_its_timeout_is_a_504(daemon, tmp_path):

@@ -105,6 +105,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+GREEDY_BELOW = 1e-3
+"""A temperature under this draws as greedy: logits divided by a subnormal
+one overflow to inf and NaN (torch.multinomial then raises), and a softmax
+that sharp is the argmax anyway."""
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 """The stop strings a job may give, and the longest each may be, unless the
 mode's args say otherwise (``max_stops``, ``max_stop_chars``): OpenAI's own
@@ -201,7 +205,7 @@ def _pick(logits: Any, opts: dict, rng: Any) -> int:
     same tokens on any device and no other job's randomness can disturb it."""
     import torch
 
-    if opts["temperature"] == 0:
+    if opts["temperature"] < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits.float().cpu() / opts["temperature"]
     if 0 < opts["top_k"] < logits.numel():

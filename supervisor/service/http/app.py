@@ -86,7 +86,7 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
         if not body.stream:
             result = await jobs.run(sup, request, task, payload, model.mode, timeout)
             return JSONResponse(reply.whole(result))
-        stream = jobs.Stream(sup, task, payload, model.mode, timeout)
+        stream = jobs.Stream(sup, request, task, payload, model.mode, timeout)
         first = await stream.first(request)
         return jobs.JobStreamResponse(_events(stream, first, reply, body.include_usage), stream, request)
 
@@ -183,9 +183,16 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
         fields["switching_to"] = next((d["switching_to"] for d in devices if d["switching_to"]), None)
     if door.draining or state in ("draining", "stopped"):
         return JSONResponse({"status": "draining", "reason": "the daemon is stopping", **fields}, status_code=503)
+    broken = status.get("broken_modes") or {}
+    if broken:  # named, with when each is tried again; why is in the log (a loader's error may quote paths)
+        fields["broken"] = {mode: {"retry_in_s": entry["retry_in_s"],
+                                   "error_id": errors.incident(f"mode {mode!r} is broken", str(entry["reason"]),
+                                                               once=True)}
+                            for mode, entry in broken.items()}  # fmt: skip
     if state == "failed":
         error_id = errors.incident("the supervisor failed", str(status["failed_reason"]), once=True)
-        reason = f"the worker failed too often (max_restarts); gpuvisor restart clears it (error id {error_id})"
+        reason = (f"every mode failed too often (max_restarts) and is broken; each is tried again by itself, or "
+                  f"gpuvisor restart tries one now (error id {error_id})")  # fmt: skip
         return JSONResponse({"status": "failed", "reason": reason, **fields}, status_code=503)
     if state != "running":
         return JSONResponse({"status": "starting", "reason": f"supervisor {state}", **fields}, status_code=503)

@@ -24,6 +24,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from supervisor.api import Supervisor
+from supervisor.service.http.clients import client_of
 from supervisor.service.http.errors import from_job
 
 T = TypeVar("T")
@@ -68,19 +69,21 @@ async def unless_gone(awaitable: Awaitable[T], request: Request) -> T:
     return work.result()
 
 
-def submit(sup: Supervisor, task: str, payload: Any, mode: str, timeout: float | None,
+def submit(sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None,
            on_chunk: Callable[[Any], None] | None = None) -> Future:  # fmt: skip
-    """``sup.submit``, with what it raises at once (``QueueFull``, a payload
-    msgpack cannot carry) as the HTTP answer it maps to."""
+    """``sup.submit_for`` the request's client (its token, else its
+    connection: its share of the queue), with what it raises at once
+    (``QueueFull``, a payload msgpack cannot carry) as the HTTP answer it
+    maps to."""
     try:
-        return sup.submit(task, payload, mode=mode, timeout=timeout, on_chunk=on_chunk)
+        return sup.submit_for(client_of(request.scope), task, payload, mode=mode, timeout=timeout, on_chunk=on_chunk)
     except Exception as exc:  # noqa: BLE001 - every refusal has its status
         raise from_job(exc) from exc
 
 
 async def run(sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None) -> Any:
     """The job's result, or its error as an ``ApiError``."""
-    future = submit(sup, task, payload, mode, timeout)
+    future = submit(sup, request, task, payload, mode, timeout)
     try:
         return await unless_gone(asyncio.wrap_future(future), request)
     except ClientGone:
@@ -96,7 +99,7 @@ class Stream:
     first chunk (bad input, a full queue, a timeout) still gets its own
     status rather than a 200 with an error inside."""
 
-    def __init__(self, sup: Supervisor, task: str, payload: Any, mode: str, timeout: float | None):
+    def __init__(self, sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None):
         loop = asyncio.get_running_loop()
         self._items: asyncio.Queue = asyncio.Queue()
 
@@ -106,7 +109,7 @@ class Stream:
             except RuntimeError:  # this event loop is closed: nobody is left to read
                 pass
 
-        self.future = submit(sup, task, payload, mode, timeout, on_chunk=hand_over)
+        self.future = submit(sup, request, task, payload, mode, timeout, on_chunk=hand_over)
         self.future.add_done_callback(lambda _: hand_over(_END))
 
     async def first(self, request: Request) -> Any:
