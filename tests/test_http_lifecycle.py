@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import openai
 import pytest
@@ -256,3 +257,36 @@ def test_sighup_takes_new_models_and_tokens_without_a_restart(daemon, tmp_path):
     d.wait_note("READY=1", after=after)
     assert curl("http://gpuvisor/v1/models", unix=unix, token="first-token-0123456789")[0] == 401
     assert [m.id for m in sdk(unix=unix, token="second-token-0123456789").models.list()] == ["b"]
+
+
+def test_a_token_over_its_share_of_the_queue_gets_429_while_another_token_is_served(daemon, tmp_path):
+    """Each token is a client with its share of the queue (a quarter of
+    max_queue here: 2 of 8): the one that floods gets 429 queue_full, the
+    other's request is still admitted and answered."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("token-of-the-flooder-0001\ntoken-of-the-polite-one-02\n")
+    os.chmod(tokens, 0o600)
+    d = daemon(config_text=gates_config(tmp_path, default_mode="gates", max_queue=8,
+                                        http={"token_file": str(tokens)}))  # fmt: skip
+    unix = http_socket(d)
+    with d.client() as c:
+        wait_until(lambda: c.status()["mode"] == "gates", T, "the mode to load")
+
+    def ask(token: str, prompt: str) -> tuple[int, Any]:
+        return curl("http://gpuvisor/v1/completions", {"model": "held", "prompt": prompt}, unix=unix, token=token)
+
+    flooder, polite = "token-of-the-flooder-0001", "token-of-the-polite-one-02"
+    with ThreadPoolExecutor(4) as pool:
+        held = [pool.submit(ask, flooder, f"f{i}") for i in range(2)]
+        with d.client() as c:
+            wait_until(lambda: c.status()["queued"] + c.status()["in_flight"] == 2, T, "its two jobs to be taken")
+        code, body = ask(flooder, "f2")
+        assert code == 429, body
+        assert_error(body, 429, "queue_full", "max_queue_per_client")
+        answer = pool.submit(ask, polite, "p0")
+        with d.client() as c:
+            wait_until(lambda: c.status()["queued"] + c.status()["in_flight"] == 3, T, "the other token's job")
+        for name in ("f0", "f1", "p0"):
+            (tmp_path / f"release-{name}").touch()
+        assert [f.result(T)[0] for f in held] == [200, 200]
+        assert answer.result(T)[0] == 200
