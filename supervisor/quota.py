@@ -55,7 +55,7 @@ class QueueQuota:
         with self._lock:
             held = self._by_client.get(client, [0, 0]) if client is not None else [0, 0]
             if client is not None and held[0] >= lim.client_jobs:
-                raise QueueFull(f"this client already has {held[0]:,} jobs queued or running "
+                raise QueueFull(f"this client already has {held[0]:,} job{'s' if held[0] > 1 else ''} queued or running "
                                 f"(max_queue_per_client); other clients are still served")  # fmt: skip
             if client is not None and held[1] + nbytes > lim.client_bytes:
                 raise QueueFull(f"this client's queued jobs hold {held[1]:,} bytes; {nbytes:,} more is over "

@@ -65,7 +65,11 @@ class Flooder(threading.Thread):
 
 def test_every_future_settles_when_20000_jobs_fail_at_once(daemon):
     broken = {"loader": "tests.helpers.loaders:sleeps_then_raises", "args": {"seconds": 2.0}}
-    d = daemon(config_text=config_text({"broken": broken, "diag": DIAG}, supervisor={"max_queue": 50000}))
+    d = daemon(
+        config_text=config_text(
+            {"broken": broken, "diag": DIAG}, supervisor={"max_queue": 50000, "max_queue_per_client": 50000}
+        )
+    )
     with d.client() as c:
         futures = [c.submit("echo", i, mode="broken") for i in range(20_000)]
         wait_until(lambda: all(f.done() for f in futures), T * 2, "every one of 20,000 futures to settle")

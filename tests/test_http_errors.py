@@ -52,7 +52,7 @@ def served(folder):
         {"gates": gates(folder)},
         GATE_MODELS,
         http={"listen": listen, "token_file": str(tokens)},
-        supervisor={"loader_path": [str(folder / "modes")], "default_mode": "gates", "max_queue": 2,
+        supervisor={"loader_path": [str(folder / "modes")], "default_mode": "gates", "max_queue": 2, "max_queue_per_client": 2,
                     "warm_standby": False},
     )  # fmt: skip
     with serving(text, "gates") as d:

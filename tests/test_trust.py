@@ -20,7 +20,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor import Forbidden, JobTimeout, QueueFull, RequestTooLarge, Supervisor, UnknownTask
+from supervisor import Forbidden, JobTimeout, ModeLoadError, QueueFull, RequestTooLarge, Supervisor, UnknownTask
 from tests.helpers import T, repo_pythonpath, wait_until
 from tests.helpers.config import DIAG, config_text
 from tests.helpers.raw_client import RawClient
@@ -281,3 +281,21 @@ def test_a_payload_the_worker_cannot_read_fails_its_job_under_its_id(daemon):
         assert "ext type 42" in answer["error"]["message"]
     finally:
         raw.close()
+
+
+# ---------------------------------------------------------------- a typo never costs the loaded mode
+
+
+def test_a_switch_to_a_mode_whose_module_cannot_be_imported_leaves_the_serving_worker_alone(daemon):
+    """On main, a switch to such a mode first killed the mode that served
+    (``mode: -`` afterwards). Now it is refused before anything is stopped."""
+    d = daemon(config_text=config_text({"diag": DIAG, "typo": "worker.modes.daig:load"},
+                                       supervisor={"default_mode": "diag"}))  # fmt: skip
+    with d.client() as c:
+        wait_until(lambda: c.status()["mode"] == "diag", T, "diag to load")
+        pid = c.submit("pid").result(T)
+        with pytest.raises(ModeLoadError, match="cannot import 'worker.modes.daig': no such module"):
+            c.switch_mode("typo").result(T)
+        status = c.status()
+        assert status["mode"] == "diag" and status["worker_pid"] == pid, status
+        assert c.submit("pid").result(T) == pid
