@@ -244,12 +244,28 @@ def test_the_config_can_make_a_batch_smaller(supervisor_from):
     assert max(sizes) == 3
 
 
-def test_a_lone_job_for_a_batch_handler_runs_after_the_delay(supervisor_from):
-    """One job with nothing behind it: the batch waits max_delay_ms for more,
-    then runs alone; the job is answered."""
+def test_a_lone_job_for_a_batch_handler_runs_alone(supervisor_from):
     sup = supervisor_from(_batching())
     sup.switch_mode("diag").result(T)
     assert sup.submit("batch_echo", "alone").result(T) == {"payload": "alone", "batch": 1}
+
+
+def test_a_caller_one_job_at_a_time_waits_for_no_batch_but_a_burst_still_batches(supervisor_from):
+    """max_delay_ms is 60 s here: a job waiting for others to fill its batch
+    would not be answered within the 20 s each job is given. A caller that
+    sends its next job when the last one answers never waits (after a batch
+    of one, the next job goes at once); jobs that came together are batched
+    whatever the delay, and after such a batch the next job does wait for
+    company (the delay is that long here, so it goes with the burst after it)."""
+    sup = supervisor_from(_batching({"batch_echo": {"max_batch": 8, "max_delay_ms": 60_000}}))
+    sup.switch_mode("diag").result(T)
+    for n in range(5):
+        assert sup.submit("batch_echo", n).result(20) == {"payload": n, "batch": 1}
+    futures = _queued_behind_a_sleep(sup, "batch_echo", 4)
+    assert [f.result(20)["batch"] for f in futures] == [4] * 4
+    waiting = sup.submit("batch_echo", "waits")
+    burst = [sup.submit("batch_echo", n) for n in range(7)]
+    assert waiting.result(20)["batch"] == 8 and [f.result(20)["batch"] for f in burst] == [8] * 7
 
 
 def test_batches_take_only_their_own_task_and_keep_the_order_with_other_tasks(supervisor_from):

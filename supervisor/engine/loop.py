@@ -497,7 +497,11 @@ class Engine:
         """What to hand ``w`` with ``job``: ``job`` alone, or, for a task whose
         handler takes a batch, the jobs right behind it for that task, up to
         ``max_batch``, once the worker is idle. A short batch waits up to
-        ``max_delay_ms`` after its oldest job came, for more; [] means wait."""
+        ``max_delay_ms`` after its oldest job came, for more, when the last
+        batch of its task held more than one job (callers send at once: the
+        wait fills the batch); after a batch of one it goes at once (a
+        caller that sends its next job when the last one answers would wait
+        for nothing on every job). [] means wait."""
         key = slot.at(Deadline.BATCH)
         limits = slot.batch_limits(w, job)
         if limits is None:
@@ -507,7 +511,8 @@ class Engine:
         size = int(limits["max_batch"])
         run = self.queue.run_of(job, job.task, size, MAX_FRAMES - 1)
         due = job.queued_at + limits["max_delay_ms"] / 1000
-        if len(run) < size and self._shutdown is None and time.monotonic() < due:
+        alone = slot.last_batch.get((w.mode, job.task), 1) == 1
+        if len(run) < size and self._shutdown is None and not alone and time.monotonic() < due:
             self.deadlines.set(key, due)
             return []
         self.deadlines.clear(key)

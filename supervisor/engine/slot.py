@@ -94,6 +94,9 @@ class Slot:
         self.idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
         self.oom_recycles = 0
         self.batches = {"count": 0, "jobs": 0, "largest": 0, "last": 0}  # batches sent (of more than one job)
+        # (mode, task) of a batch handler -> how many jobs its last batch held: after a batch of one, the
+        # next job waits for no others (max_delay_ms). Keys: the batch tasks workers listed in READY.
+        self.last_batch: dict[tuple[str, str], int] = {}
         self.recycle = False  # an OOM asked for a fresh worker once the jobs in flight are done
 
     # ------------------------------------------------------------ what the loop asks

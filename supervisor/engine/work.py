@@ -51,6 +51,7 @@ def dispatch(slot: Slot, jobs: list[QueuedJob], w: WorkerHandle) -> bool:
         metrics.job_started(w.mode, now - job.queued_at)
     if slot.batch_limits(w, jobs[0]) is not None:
         metrics.batch(w.mode, jobs[0].task, len(jobs))
+        slot.last_batch[(w.mode, jobs[0].task)] = len(jobs)
     w.in_flight.extend(jobs)
     if len(jobs) > 1 or len(w.in_flight) == 1:
         for job in jobs:
