@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import psutil
 import pytest
 import zmq
@@ -147,6 +148,31 @@ def test_a_job_past_its_timeout_kills_the_worker_and_gets_job_timeout(write_conf
         with pytest.raises(JobTimeout, match="ran past its 0.3s timeout"):
             stuck.result(T)
         assert pid_gone(worker.pid)
+
+
+def test_an_answer_that_comes_in_the_turn_its_deadline_passes_is_the_jobs_outcome(write_config, peer):
+    """The answer arrives a little before the job's deadline but takes the
+    loop past it to read (4 million empty arrays: most of a second). The
+    deadline phase of that same turn then finds nothing running: on main it
+    took the minimum of nothing and the loop crashed, which any caller could
+    do on purpose (an echo of nested arrays, a timeout just after it)."""
+    with Supervisor(config(write_config)) as sup:
+        sup.switch_mode("m")
+        worker = peer(1)
+        worker.load("m")
+        future = sup.submit("echo", "x", timeout=1.0)
+        job = worker.recv()
+        received = time.monotonic()
+        # Packed by hand, before the clock runs down (encode() would also check it by decoding it).
+        answer = [msgpack.packb({"v": 1, "k": "result", "job": job.job, "value": [[[]] * 1_000_000] * 4})]
+        time.sleep(max(0.0, received + 0.8 - time.monotonic()))
+        worker.sock.send_multipart(answer)  # 0.2 s before the deadline; read past it
+        assert len(future.result(T)) == 4, "the answer, not a timeout"
+        assert sup.status()["state"] == "running" and sup.status()["worker_pid"] == worker.pid
+        after = sup.submit("echo", "after")  # the same worker, the loop turning
+        job = worker.recv()
+        worker.send(Result(job.job, "after"))
+        assert after.result(T) == "after"
 
 
 def test_the_loop_keeps_serving_while_a_worker_ignores_sigterm(write_config, peer):

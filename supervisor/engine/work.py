@@ -169,7 +169,13 @@ def on_deadline(slot: Slot, name: Deadline) -> None:
     elif w is None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
         d.clear(slot.at(name))
     elif name is Deadline.JOB:
-        job = min((j for j in slot.running(w) if j.deadline is not None), key=lambda j: j.deadline or 0.0)
+        # Its answer may have come in this very turn (a long turn: a large
+        # result to decode): then nothing runs past a deadline any more.
+        timed = [j for j in slot.running(w) if j.deadline is not None]
+        job = min(timed, key=lambda j: j.deadline or 0.0) if timed else None
+        if job is None or job.deadline is None or job.deadline > now:
+            d.set(slot.at(name), job.deadline if job is not None else None)
+            return
         limit = job.timeout or slot.config.job_timeout
         ending.kill(slot, f"was killed: job {job.id} ran past its {limit:g}s timeout", JobTimeout, job.id)
     elif name is Deadline.LOAD:
