@@ -230,21 +230,25 @@ class Supervisor:
         return self._submit(None, task, payload, mode, timeout, retries, on_chunk)
 
     def submit_for(self, client: str, task: str, payload: Any = None, *, mode: str | None = None,
-                   timeout: float | None = None, retries: int = 0,
-                   on_chunk: Callable[[Any], None] | None = None) -> JobFuture:  # fmt: skip
+                   timeout: float | None = None, retries: int = 0, on_chunk: Callable[[Any], None] | None = None,
+                   give_up_after: float | None = None) -> JobFuture:  # fmt: skip
         """``submit()`` on behalf of ``client``, one of many callers a front
         door serves (a ZeroMQ connection, an HTTP token): the job counts
         against that client's share of the queue (``max_queue_per_client``,
         ``max_queue_bytes_per_client``), so one client cannot fill the
         queue for the others. ``payload`` may be a ``PackedPayload``: a
         client's msgpack forwarded to the worker without being decoded
-        here."""
+        here. ``timeout`` is the operator's (past it the worker is killed);
+        ``give_up_after`` the client's own, shorter: past it the client gets
+        ``JobTimeout`` and the worker finishes the job, its answer dropped,
+        so a client's timeout never costs the others a worker."""
         if not isinstance(client, str) or not client:
             raise TypeError(f"client must be a non-empty str, got {client!r}")
         timeout = check_submit(task, mode, timeout, retries, False, on_chunk)
-        return self._submit(client, task, payload, mode, timeout, retries, on_chunk)
+        give_up = check_seconds("give_up_after", give_up_after)
+        return self._submit(client, task, payload, mode, timeout, retries, on_chunk, give_up)
 
-    def _submit(self, client, task, payload, mode, timeout, retries, on_chunk) -> JobFuture:
+    def _submit(self, client, task, payload, mode, timeout, retries, on_chunk, give_up=None) -> JobFuture:
         """``submit`` after its checks. With ``on_chunk``, the job streams."""
         if (unknown := self._unknown(mode)) is not None:
             return unknown
@@ -258,7 +262,8 @@ class Supervisor:
         # (so a caller woken by the result finds it free), or on cancel().
         # Neither holds a reference to the Supervisor.
         future.hold_slot(self._quota.take(client, sum(nbytes(f) for f in frames)))  # QueueFull here
-        self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk))
+        self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk,
+                                    give_up=give_up))  # fmt: skip
         return future
 
     def switch_mode(self, mode: str, *, device: str | None = None) -> Future[SwitchResult]:

@@ -296,3 +296,21 @@ def test_a_switch_to_a_mode_whose_module_cannot_be_imported_leaves_the_serving_w
         status = c.status()
         assert status["mode"] == "diag" and status["worker_pid"] == pid, status
         assert c.submit("pid").result(T) == pid
+
+
+def test_a_clients_short_timeout_gives_up_without_killing_the_worker_or_breaking_the_mode(daemon):
+    """A client's timeout under the operator's (none here) killed the worker
+    on main: four jobs with timeout=0.001 forced four reloads and broke the
+    mode for everyone. Now the client gets JobTimeout and the worker
+    finishes the job: same worker, no restart, nothing broken."""
+    d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag", "max_restarts": 0}))
+    with d.client() as c:
+        wait_until(lambda: c.status()["mode"] == "diag", T, "diag to load")
+        pid = c.submit("pid").result(T)
+        for _ in range(4):
+            with pytest.raises(JobTimeout, match="given up .*only the operator's job_timeout stops a worker"):
+                c.submit("sleep", {"seconds": 0.3}, timeout=0.001).result(T)
+        assert c.submit("pid").result(T) == pid, "the same worker serves"
+        status = c.status()
+        assert status["restarts"] == 0 and status["broken_modes"] == {}, status
+    assert "given up; the worker finishes it" in d.output()

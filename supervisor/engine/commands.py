@@ -29,6 +29,17 @@ class QueuedJob:
     stopped: bool = False  # a stream its caller cancelled while it ran: its Future is cancelled, its chunks dropped
     cancel_sent: bool = False  # the worker was told (CANCEL) to stop it
     ran_in: str | None = None  # the mode of the worker it was handed to (its metrics' label)
+    # A client's own timeout, under the operator's: past it the job fails for its caller (JobTimeout) and
+    # the worker goes on with it (its answer dropped), up to ``timeout``. None: ``timeout`` alone.
+    give_up: float | None = None
+    give_up_at: float | None = None  # when, once it runs
+    given_up: bool = False
+
+    def deadlines(self) -> list[float]:
+        """When something must happen to it while it runs: its caller gives
+        up on it, its worker is killed."""
+        when = [] if self.given_up or self.give_up_at is None else [self.give_up_at]
+        return when if self.deadline is None else [*when, self.deadline]
 
 
 @dataclass(eq=False)

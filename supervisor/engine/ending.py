@@ -148,6 +148,8 @@ def conclude(slot: Slot) -> None:
 def _judge(slot: Slot, w: WorkerHandle, job: QueuedJob, ending: Ending | None, how: str, said: str,
            tail: list[str]) -> None:  # fmt: skip
     """One job the dead worker was running: its error, or another run."""
+    if job.given_up:
+        return  # its caller has its outcome already: nobody waits for another run
     job_error: type[GpuvisorError] = WorkerCrashed
     if ending is not None and ending.job_id == job.id:
         job_error = ending.job_error or WorkerCrashed

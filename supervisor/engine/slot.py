@@ -145,7 +145,7 @@ class Slot:
         if w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
             heartbeat = w.last_seen + self.config.heartbeat_timeout if w.state in HEARTBEATING else None
             load = w.started_at + self.config.load_timeout if w.state in STARTING else None
-            job = min((j.deadline for j in self.running(w) if j.deadline is not None), default=None)
+            job = min((t for j in self.running(w) for t in j.deadlines()), default=None)
         d.set(self.at(Deadline.HEARTBEAT), heartbeat)
         d.set(self.at(Deadline.LOAD), load)
         d.set(self.at(Deadline.JOB), job)
@@ -180,8 +180,10 @@ class Slot:
         of the jobs in flight (the worker runs them in order), or when its
         batch is sent (the jobs of a batch run as one call)."""
         timeout = job.timeout if job.timeout is not None else self.config.job_timeout
-        job.started = True
-        job.deadline = time.monotonic() + timeout if timeout else None
+        job.started, now = True, time.monotonic()
+        job.deadline = now + timeout if timeout else None
+        if job.give_up is not None and (not timeout or job.give_up < timeout):
+            job.give_up_at = now + job.give_up
 
     def batch_limits(self, w: WorkerHandle, job: QueuedJob) -> dict[str, float] | None:
         """The batch limits of ``job``'s task, if its handler takes a batch (the

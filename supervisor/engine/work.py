@@ -169,12 +169,15 @@ def on_deadline(slot: Slot, name: Deadline) -> None:
     elif w is None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
         d.clear(slot.at(name))
     elif name is Deadline.JOB:
+        for running in slot.running(w):
+            if not running.given_up and running.give_up_at is not None and running.give_up_at <= now:
+                give_up(slot, running)
         # Its answer may have come in this very turn (a long turn: a large
         # result to decode): then nothing runs past a deadline any more.
         timed = [j for j in slot.running(w) if j.deadline is not None]
         job = min(timed, key=lambda j: j.deadline or 0.0) if timed else None
         if job is None or job.deadline is None or job.deadline > now:
-            d.set(slot.at(name), job.deadline if job is not None else None)
+            d.set(slot.at(name), min((t for j in slot.running(w) for t in j.deadlines()), default=None))
             return
         limit = job.timeout or slot.config.job_timeout
         ending.kill(slot, f"was killed: job {job.id} ran past its {limit:g}s timeout", JobTimeout, job.id)
@@ -191,6 +194,24 @@ def on_deadline(slot: Slot, name: Deadline) -> None:
         mode = w.mode
         ending.stop(slot, f"idle for {slot.config.idle_unload_for(w.spec):g}s (idle_unload_s)")
         slot.idle_unloaded = mode  # the mode stays in force: the next job loads it again
+
+
+def give_up(slot: Slot, job: QueuedJob) -> None:
+    """A client's own timeout passed while its job runs: the client gets
+    ``JobTimeout`` now, and the worker is left to finish (its answer is
+    dropped), so a client's short timeout never costs the others a worker
+    and a reload, nor the mode its budget. Only the operator's limit
+    (``job_timeout``, an HTTP model's ``timeout``) kills. A stream is told
+    to stop at its next chunk, as when its caller cancels it."""
+    job.given_up = True
+    log.info("job %d (%r) ran past its caller's %gs timeout: given up; the worker finishes it", job.id, job.task,
+             job.give_up or 0.0)  # fmt: skip
+    slot.engine.decide(job.future, error=JobTimeout(
+        f"job {job.id} ran past its {job.give_up:g}s timeout; it was given up (its worker finishes it and its answer "
+        "is dropped: only the operator's job_timeout stops a worker)"))  # fmt: skip
+    if job.on_chunk is not None:
+        job.stopped, job.on_chunk = True, None
+        send_cancel(slot, job)
 
 
 def send_load(slot: Slot, w: WorkerHandle) -> None:

@@ -443,9 +443,8 @@ class Daemon:
             self._reply_now(peer, request.id, error=ShuttingDown("the daemon is shutting down"))
         elif kind is Request.SUBMIT:
             on_chunk = self._chunk_sink(peer.route, request.id) if args["stream"] else None
-            future = sup.submit_for(peer.client, args["task"], args["payload"], mode=args["mode"],
-                                    timeout=self._ceiling(args["timeout"]), retries=args["retries"],
-                                    on_chunk=on_chunk)  # fmt: skip
+            future = sup.submit_for(peer.client, args["task"], args["payload"], mode=args["mode"], retries=args["retries"],
+                                    on_chunk=on_chunk, give_up_after=self._patience(args["timeout"]))  # fmt: skip
             peer.jobs[request.id] = future
             self._when_done(peer.route, request.id, future)
         elif kind is Request.SWITCH:
@@ -455,14 +454,17 @@ class Daemon:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
             self._when_done(peer.route, request.id, sup.restart(args["mode"], device=args["device"]))
 
-    def _ceiling(self, timeout: float | None) -> float | None:
-        """A client's ``timeout`` under the operator's ``job_timeout``, which
-        is a ceiling: a client may ask for less, never for more (nor for
-        none, ``0``)."""
+    def _patience(self, timeout: float | None) -> float | None:
+        """What a client's ``timeout`` may do. Only the operator's
+        ``job_timeout`` stops a worker, and it is a ceiling: a client may
+        not ask for more, nor for none (``0``). A client that asks for less
+        gives up on its job then (``JobTimeout``), and the worker finishes
+        it: a client's short timeout must not cost everyone a worker, a
+        reload and the mode's budget."""
         limit = self.config.job_timeout
-        if not limit or timeout is None:
-            return timeout
-        return limit if timeout == 0 or timeout > limit else timeout
+        if not timeout or (limit and timeout >= limit):
+            return None
+        return timeout
 
     def _clients_status(self) -> dict[str, int]:
         flow = self._flow
