@@ -148,6 +148,8 @@ _DAEMON: dict[str, tuple[Any, str]] = {
         "a directory of the public certificates of the CURVE clients that may stop the daemon and switch or "
         "restart modes",
     ),
+    "max_connections": (lambda v: whole(v) and v >= 16, "a whole number >= 16"),
+    "max_connections_per_user": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
     "drain_timeout": (
         lambda v: number(v) and v > 0,
         "a number of seconds > 0: how long a stop may drain (keep it inside the unit's TimeoutStopSec)",
@@ -167,6 +169,10 @@ class DaemonSettings:
     # on the unix socket, CURVE keys on TCP. Other callers may only run jobs.
     admin_group: str = ""
     curve_admins_dir: str = ""
+    # Connections to the ZeroMQ socket, in all and per user other than the daemon's own and root (on the
+    # unix socket): libzmq has no bound of its own, and aborts the daemon when its descriptors run out.
+    max_connections: int = 1024
+    max_connections_per_user: int = 64
     # On SIGTERM (or `gpuvisor stop`), queued work runs for at most this long;
     # what is left is cancelled and the worker stopped. Well inside the shipped
     # unit's TimeoutStopSec=120, with room for the worker's stop_timeout.

@@ -127,7 +127,8 @@ def _as_another_user(endpoint: str, code: str) -> subprocess.CompletedProcess:
         from supervisor.client import Client
         from supervisor import Forbidden
         os.setgroups([]); os.setgid({OTHER_USER}); os.setuid({OTHER_USER})
-        c = Client({endpoint!r}, timeout=30)
+        ENDPOINT = {endpoint!r}
+        c = Client(ENDPOINT, timeout=30)
     """) + textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=T,
                           env={**os.environ, "PYTHONPATH": repo_pythonpath()})  # fmt: skip
@@ -314,3 +315,74 @@ def test_a_clients_short_timeout_gives_up_without_killing_the_worker_or_breaking
         status = c.status()
         assert status["restarts"] == 0 and status["broken_modes"] == {}, status
     assert "given up; the worker finishes it" in d.output()
+
+
+# ---------------------------------------------------------------- connections to the ZeroMQ socket
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
+def test_a_user_who_opens_many_zeromq_connections_holds_only_a_few_and_the_daemon_serves_on(shared_daemon):
+    """libzmq bounds nothing, and aborts the daemon when its descriptors run
+    out: a socket_group member's few thousand connections stopped the
+    service on main. Now each user other than the daemon's own and root
+    holds at most max_connections_per_user; the rest are closed at once."""
+    d = shared_daemon(max_connections_per_user=8)
+    out = _as_another_user(
+        d.endpoint,
+        """
+        import zmq, time
+        ctx = zmq.Context()
+        socks = []
+        for _ in range(200):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ENDPOINT)
+            socks.append(s)
+        time.sleep(2)
+        print(c.submit("echo", "still served").result(30))
+        for s in socks:
+            s.close()
+        ctx.term()
+    """,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["still", "served"]
+    with d.client() as c:
+        clients = c.status()["clients"]
+        assert clients["refused_connections"] > 0, clients
+        assert c.submit("echo", "the operator too").result(T) == "the operator too"
+    assert "past max_connections_per_user (8)" in d.output()
+    assert d.running()
+
+
+def test_a_daemon_started_with_a_low_soft_limit_on_files_raises_it_and_survives_a_burst_of_connections(
+    daemon, tmp_path
+):
+    """At a soft limit of 400 open files, 450 connections made libzmq abort
+    the daemon (an assertion on EMFILE in its ipc listener). The daemon now
+    raises its soft limit to the hard one at start."""
+    import sys
+
+    import zmq
+
+    config = tmp_path / "g.toml"
+    config.write_text(config_text(MODES))
+    endpoint = f"ipc://{tmp_path}/run/g.sock"
+    command = f"ulimit -Sn 400 && exec {sys.executable} -m supervisor.service.cli --endpoint {endpoint} " \
+              f"--config {config} serve"  # fmt: skip
+    d = daemon(argv=["sh", "-c", command], endpoint=endpoint)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for _ in range(450):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            socks.append(s)
+        with d.client() as c:
+            assert c.submit("echo", "served", mode="diag").result(T) == "served"
+        assert d.running()
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()

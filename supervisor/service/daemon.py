@@ -63,6 +63,7 @@ from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.client.endpoint import default_endpoint
 from supervisor.mailbox import Mailbox, empty_pipe
+from supervisor.service.connections import ConnectionCap
 from supervisor.service.flow import FlowControl, Peer, Route
 from supervisor.service.front import EndpointError, bind_front, release_ipc
 from supervisor.service.http import open_http
@@ -143,6 +144,7 @@ class Daemon:
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
         self._http: HttpFront | None = None
         self._operators = Operators()  # set in run(), with the CURVE keys
+        self._connections: ConnectionCap | None = None  # made in run(), once the front socket is bound
 
     # ------------------------------------------------------------ running
 
@@ -171,6 +173,9 @@ class Daemon:
             auth = self._curve(ctx, front)
             self._bound = bind_front(front, self.endpoint, group=settings.socket_group, curve=auth is not None,
                                      allow_unauthenticated_tcp=settings.allow_unauthenticated_tcp)  # fmt: skip
+            http = self.config.http
+            self._connections = ConnectionCap(front, settings.max_connections, settings.max_connections_per_user,
+                                              reserved=http.max_connections if http is not None else 0)  # fmt: skip
             self._http = open_http(
                 self.config, self.endpoint
             )  # bound now: a bad address stops us before a worker starts
@@ -195,6 +200,9 @@ class Daemon:
             self._flush_at_exit()
             self._replies.close()
             sys.setswitchinterval(old_interval)
+            if self._connections is not None:
+                front.disable_monitor()
+                self._connections.close()
             front.close(linger=500)  # what libzmq still holds for clients that read
             if auth is not None:
                 auth.stop()
@@ -253,6 +261,10 @@ class Daemon:
         pausing = zmq.Poller()  # the same without the front socket: replies and signals, no new requests
         pausing.register(wake_r, zmq.POLLIN)
         pausing.register(sig_r, zmq.POLLIN)
+        connections = self._connections
+        if connections is not None:  # connections are counted (and cut past the bounds) while paused too
+            poller.register(connections.monitor, zmq.POLLIN)
+            pausing.register(connections.monitor, zmq.POLLIN)
         flow = self._flow
         watchdog = self.notifier.watchdog_interval
         next_beat = time.monotonic()
@@ -270,6 +282,8 @@ class Daemon:
             else:
                 events = dict(poller.poll(math.ceil(wait * 1000)))
             turn = time.monotonic()
+            if connections is not None and connections.monitor in events:
+                connections.handle()
             if sig_r in events:
                 empty_pipe(sig_r)
             while self._signals:
@@ -476,6 +490,8 @@ class Daemon:
             "cut_off": flow.counts.cut_off,
             "dropped": flow.counts.dropped,
             "refused": flow.counts.refused,
+            "open_connections": self._connections.open if self._connections is not None else 0,
+            "refused_connections": self._connections.refused if self._connections is not None else 0,
         }
 
     # ------------------------------------------------------------ replies
