@@ -139,10 +139,10 @@ def shared_daemon(daemon):
     """A daemon whose socket the group nogroup may reach (socket_group), in
     a folder another user may pass through."""
 
-    def start(**settings) -> object:
+    def start(supervisor: dict | None = None, **settings) -> object:
         folder = tempfile.mkdtemp(prefix="gv-shared-")
         os.chmod(folder, 0o711)
-        text = config_text(MODES, supervisor={"default_mode": "diag"},
+        text = config_text(MODES, supervisor={"default_mode": "diag", **(supervisor or {})},
                            daemon={"socket_group": "nogroup", **settings})  # fmt: skip
         d = daemon(config_text=text, endpoint=f"ipc://{folder}/run/g.sock")
         with d.client() as c:
@@ -386,3 +386,34 @@ def test_a_daemon_started_with_a_low_soft_limit_on_files_raises_it_and_survives_
         for s in socks:
             s.close()
         ctx.term()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
+def test_many_connections_of_one_user_share_one_share_of_the_queue(shared_daemon):
+    """With a share per connection, four connections of one process held
+    four shares and filled the queue (adversarial review). A user other
+    than the daemon's own and root has one share (here 10 of max_queue 40),
+    however many connections it opens."""
+    d = shared_daemon(supervisor={"max_queue": 40})
+    out = _as_another_user(
+        d.endpoint,
+        """
+        from supervisor import QueueFull
+        clients = [c, *(Client(ENDPOINT, timeout=30) for _ in range(3))]
+        futures = [clients[0].submit("sleep", {"seconds": 2})]
+        import time
+        while c.status()["in_flight"] < 1:  # the blocker runs: the echoes wait behind it
+            time.sleep(0.01)
+        futures += [clients[n % 4].submit("echo", n) for n in range(19)]
+        outcomes = []
+        for f in futures:
+            try:
+                f.result(30)
+                outcomes.append("ok")
+            except QueueFull:
+                outcomes.append("full")
+        print(outcomes.count("ok"), outcomes.count("full"))
+    """,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10", "10"], out.stdout

@@ -105,8 +105,10 @@ class Peer:
 
     @property
     def client(self) -> str:
-        """Its name for its share of the queue: the connection."""
-        return "zmq:" + self.route[0].hex()
+        """Whose share of the queue its jobs take: its user's (other than the
+        daemon's own and root) or its CURVE key's, else the connection's."""
+        share = self.caller.share if self.caller is not None else None
+        return share or "zmq:" + self.route[0].hex()
 
     @property
     def idle(self) -> bool:

@@ -33,6 +33,9 @@ log = logging.getLogger("gpuvisor")
 class Caller:
     operator: bool
     who: str  # for the log: "uid 1000 (alice) pid 4242", "CURVE key rq:rM...", "127.0.0.1"
+    # Whose share of the queue its jobs take: a user other than the daemon's own and root ("uid:1001"), a
+    # CURVE key; None: its connection's own (the daemon's user may run many services, each its share).
+    share: str | None = None
 
 
 class Operators:
@@ -53,12 +56,13 @@ class Operators:
         """Who sent ``frame`` (any part of a message just received)."""
         key = _property(frame, "User-Id")
         if key:  # CURVE, through the authenticator
-            return Caller(key in self.admin_keys, f"CURVE key {key[:12]}...")
+            return Caller(key in self.admin_keys, f"CURVE key {key[:12]}...", f"curve:{key}")
         address = _property(frame, "Peer-Address") or ""
         parts = address.rsplit(":", 3)
         if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):  # a unix socket: host:uid:gid:pid
             uid, gid, pid = (int(p) for p in parts[1:])
-            return Caller(self._allows(uid, gid), f"uid {uid} ({_user(uid)}) pid {pid}")
+            share = None if uid in (0, os.getuid()) else f"uid:{uid}"  # all of a user's connections: one share
+            return Caller(self._allows(uid, gid), f"uid {uid} ({_user(uid)}) pid {pid}", share)
         return Caller(False, address or "an unknown peer")
 
     def _allows(self, uid: int, gid: int) -> bool:
