@@ -97,6 +97,8 @@ _EXIT_FLUSH_S = 5.0  # at exit, send what clients still read for at most this lo
 _EXIT_STALL_S = 0.25  # ... and stop when nothing went out for this long
 
 
+SNDHWM_FRONT = 64
+"""Replies libzmq queues for one client before a send says EAGAIN."""
 _OPERATORS_ONLY = frozenset({Request.SHUTDOWN, Request.SWITCH, Request.RESTART})
 
 
@@ -153,6 +155,10 @@ class Daemon:
         front = ctx.socket(zmq.ROUTER)
         front.setsockopt(zmq.LINGER, 0)
         front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says EAGAIN: flow.py keeps the message
+        # What libzmq keeps for a client that does not read, out of flow.py's sight (and never freed while
+        # the connection lasts): 1,000 messages by default, up to 64 MiB each. Past SNDHWM_FRONT the
+        # replies wait in flow.py's backlog, where a client that reads nothing is cut off.
+        front.setsockopt(zmq.SNDHWM, SNDHWM_FRONT)
         front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
         self._flow = FlowControl(front, self._encode, lambda future: future.cancel())
         sig_r, sig_w = os.pipe()
