@@ -20,9 +20,11 @@ from protocol.messages import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Container,
+    PackedPayload,
     check_version,
     pack,
     pack_frames,
+    pack_packed,
     peek,
     unpack_map,
     unpack_map_packed,
@@ -142,6 +144,11 @@ def encode_reply(request_id: int | str | None, *, value: Any = None, error: Gpuv
     """The one reply to a request. A value msgpack cannot carry, or one over
     the limit, becomes an error reply instead of no reply."""
     head = {"v": PROTOCOL_VERSION, "k": REPLY, "id": request_id}
+    if error is None and isinstance(value, PackedPayload):  # a worker's answer, forwarded as it came
+        try:
+            return pack_packed({**head, "ok": True}, "value", value, MAX_MESSAGE_BYTES, "the reply")
+        except ProtocolError as exc:
+            error = exc
     if error is None:
         try:
             return pack_frames({**head, "ok": True, "value": value}, MAX_MESSAGE_BYTES, "the reply")
@@ -159,7 +166,10 @@ def encode_reply(request_id: int | str | None, *, value: Any = None, error: Gpuv
 def encode_chunk(request_id: int | str, seq: int, value: Any) -> list:
     """One piece of a streamed submit. Not a reply: the request still gets
     exactly one reply, after its last chunk."""
-    return pack_frames({"v": PROTOCOL_VERSION, "k": CHUNK, "id": request_id, "seq": seq, "value": value}, what="chunk")
+    head = {"v": PROTOCOL_VERSION, "k": CHUNK, "id": request_id, "seq": seq}
+    if isinstance(value, PackedPayload):  # a worker's chunk, forwarded as it came
+        return pack_packed(head, "value", value, MAX_MESSAGE_BYTES, "chunk")
+    return pack_frames({**head, "value": value}, what="chunk")
 
 
 @dataclass(frozen=True, slots=True)

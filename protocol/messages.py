@@ -328,17 +328,24 @@ def encode_job(job_id: int, task: str, payload: Any, stream: bool = False, limit
     head = {"v": PROTOCOL_VERSION, "k": Kind.JOB.value, "job": job_id, "task": task}
     if stream:
         head["stream"] = True
+    return pack_packed(head, "payload", payload, limit, "job message")
+
+
+def pack_packed(head: dict, key: str, packed: PackedPayload, limit: int = MAX_MESSAGE_BYTES,
+                what: str = "message") -> list:  # fmt: skip
+    """The frames of ``head`` with ``key`` set to ``packed``'s msgpack as it
+    is (not decoded, not packed again), then its array frames."""
     pk = msgpack.Packer(use_bin_type=True, datetime=False)
     parts = [pk.pack_map_header(len(head) + 1), *(pk.pack(k) + pk.pack(v) for k, v in head.items()),
-             pk.pack("payload"), bytes(payload.data)]  # fmt: skip
+             pk.pack(key), bytes(packed.data)]  # fmt: skip
     frame = b"".join(parts)
-    for n, buf in enumerate([frame, *payload.frames]):
+    for n, buf in enumerate([frame, *packed.frames]):
         if nbytes(buf) > limit:
             part = "header" if n == 0 else f"array in frame {n}"
-            raise ProtocolError(f"job message: {part} of {nbytes(buf)} bytes is over the {limit}-byte frame limit")
-    if len(payload.frames) > MAX_ARRAYS:
-        raise ProtocolError(f"job message has {len(payload.frames)} arrays; at most {MAX_ARRAYS}")
-    return [frame, *payload.frames]
+            raise ProtocolError(f"{what}: {part} of {nbytes(buf)} bytes is over the {limit}-byte frame limit")
+    if len(packed.frames) > MAX_ARRAYS:
+        raise ProtocolError(f"{what} has {len(packed.frames)} arrays; at most {MAX_ARRAYS}")
+    return [frame, *packed.frames]
 
 
 def encode_batch(task: str, jobs: list[list]) -> list:
@@ -349,6 +356,8 @@ def encode_batch(task: str, jobs: list[list]) -> list:
 
 
 def _type_ok(value: Any, expected: type) -> bool:
+    if isinstance(value, Container):
+        return False
     if expected is _Any:
         return True
     if expected is int:
@@ -447,8 +456,8 @@ def check_version(header: dict) -> None:
         raise ProtocolError(f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
 
 
-def _decode(frames: list, table: dict[str, Any], direction: str, limit: int) -> Any:
-    header = unpack_map(frames, limit)
+def _decode(frames: list, table: dict[str, Any], direction: str, limit: int, packed: str | None = None) -> Any:
+    header = unpack_map(frames, limit) if packed is None else unpack_map_packed(frames, limit, packed)
     check_version(header)
     kind = header.get("k")
     cls = table.get(kind) if isinstance(kind, str) else None
@@ -470,8 +479,11 @@ def _decode(frames: list, table: dict[str, Any], direction: str, limit: int) -> 
     return cls(*values)
 
 
-def decode_from_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> FromWorker:
-    return _decode(frames, _FROM_WORKER, "from a worker", limit)
+def decode_from_worker(frames: list, limit: int = MAX_MESSAGE_BYTES, packed_value: bool = False) -> FromWorker:
+    """``packed_value``: a RESULT's or CHUNK's ``value`` stays the msgpack it
+    came as (a ``PackedPayload``), for a daemon that forwards it to its
+    client without decoding it."""
+    return _decode(frames, _FROM_WORKER, "from a worker", limit, "value" if packed_value else None)
 
 
 def _decode_batch(frames: list, limit: int) -> JobBatch:

@@ -231,7 +231,7 @@ class Supervisor:
 
     def submit_for(self, client: str, task: str, payload: Any = None, *, mode: str | None = None,
                    timeout: float | None = None, retries: int = 0, on_chunk: Callable[[Any], None] | None = None,
-                   give_up_after: float | None = None) -> JobFuture:  # fmt: skip
+                   give_up_after: float | None = None, packed: bool = False) -> JobFuture:  # fmt: skip
         """``submit()`` on behalf of ``client``, one of many callers a front
         door serves (a ZeroMQ connection, an HTTP token): the job counts
         against that client's share of the queue (``max_queue_per_client``,
@@ -241,14 +241,17 @@ class Supervisor:
         here. ``timeout`` is the operator's (past it the worker is killed);
         ``give_up_after`` the client's own, shorter: past it the client gets
         ``JobTimeout`` and the worker finishes the job, its answer dropped,
-        so a client's timeout never costs the others a worker."""
+        so a client's timeout never costs the others a worker. ``packed``:
+        the result and chunks come as ``PackedPayload``s, the msgpack the
+        worker sent, for a door that forwards them undecoded (what a caller's
+        job returns is then never built into objects in this process)."""
         if not isinstance(client, str) or not client:
             raise TypeError(f"client must be a non-empty str, got {client!r}")
         timeout = check_submit(task, mode, timeout, retries, False, on_chunk)
         give_up = check_seconds("give_up_after", give_up_after)
-        return self._submit(client, task, payload, mode, timeout, retries, on_chunk, give_up)
+        return self._submit(client, task, payload, mode, timeout, retries, on_chunk, give_up, packed)
 
-    def _submit(self, client, task, payload, mode, timeout, retries, on_chunk, give_up=None) -> JobFuture:
+    def _submit(self, client, task, payload, mode, timeout, retries, on_chunk, give_up=None, packed=False) -> JobFuture:
         """``submit`` after its checks. With ``on_chunk``, the job streams."""
         if (unknown := self._unknown(mode)) is not None:
             return unknown
@@ -263,7 +266,7 @@ class Supervisor:
         # Neither holds a reference to the Supervisor.
         future.hold_slot(self._quota.take(client, sum(nbytes(f) for f in frames)))  # QueueFull here
         self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk,
-                                    give_up=give_up))  # fmt: skip
+                                    give_up=give_up, packed=packed))  # fmt: skip
         return future
 
     def switch_mode(self, mode: str, *, device: str | None = None) -> Future[SwitchResult]:

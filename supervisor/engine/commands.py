@@ -34,6 +34,7 @@ class QueuedJob:
     give_up: float | None = None
     give_up_at: float | None = None  # when, once it runs
     given_up: bool = False
+    packed: bool = False  # its answers stay the msgpack the worker sent (a door forwards them to its client)
 
     def deadlines(self) -> list[float]:
         """When something must happen to it while it runs: its caller gives

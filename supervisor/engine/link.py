@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from protocol import MAX_MESSAGE_BYTES, ProtocolError, decode_from_worker
+from protocol import MAX_MESSAGE_BYTES, Kind, ProtocolError, decode_from_worker
 from protocol.frames import read_all, small
 from protocol.messages import peek
+
+_ANSWERS = frozenset({Kind.RESULT.value, Kind.CHUNK.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +65,15 @@ class WorkerLink:
         except zmq.ZMQError:
             return False
 
-    def receive(self) -> Iterator[Received]:
-        """Every message waiting, decoded, without blocking."""
+    def receive(self, packed: Callable[[Any], bool] | None = None) -> Iterator[Received]:
+        """Every message waiting, decoded, without blocking. ``packed(job)``:
+        whether that job's answers are forwarded as the bytes they came as
+        (a RESULT's or CHUNK's value left packed), for a door's client."""
         for frames in read_all(self.socket, copied=2):  # identity and header as bytes; arrays stay in frames
             identity, body = frames[0], frames[1:]
             try:
-                yield Received(identity, decode_from_worker(body))
+                raw = packed is not None and peek(body, "k") in _ANSWERS and packed(peek(body, "job"))
+                yield Received(identity, decode_from_worker(body, packed_value=raw))
             except ProtocolError as exc:
                 yield Received(identity, None, exc, peek(body, "k"), peek(body, "job"))
 

@@ -236,7 +236,7 @@ class Engine:
                 if w is not None and w.stderr_fd in events:
                     w.pump_stderr()
             if self.link.socket in events:
-                for got in self.link.receive():
+                for got in self.link.receive(self._packed if self._forwarding() else None):
                     inbox.handle(self._sender(got.identity), got)
             # 2. exits. Without a pidfd, look every turn.
             for slot in slots:
@@ -269,6 +269,14 @@ class Engine:
             self._hand_out()
         for fd in watched:
             poller.unregister(fd)
+
+    def _forwarding(self) -> bool:
+        """A job in flight wants its answers as they came (a door's)."""
+        return any(job.packed for slot in self.slots if slot.worker is not None for job in slot.worker.in_flight)
+
+    def _packed(self, job_id: Any) -> bool:
+        return any(job.id == job_id and job.packed
+                   for slot in self.slots if slot.worker is not None for job in slot.worker.in_flight)  # fmt: skip
 
     def _sender(self, identity: bytes) -> Slot:
         """The slot whose worker (of any generation: each has its own) sent

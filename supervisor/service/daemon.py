@@ -464,7 +464,8 @@ class Daemon:
         elif kind is Request.SUBMIT:
             on_chunk = self._chunk_sink(peer.route, request.id) if args["stream"] else None
             future = sup.submit_for(peer.client, args["task"], args["payload"], mode=args["mode"], retries=args["retries"],
-                                    on_chunk=on_chunk, give_up_after=self._patience(args["timeout"]))  # fmt: skip
+                                    on_chunk=on_chunk, give_up_after=self._patience(args["timeout"]),
+                                    packed=True)  # fmt: skip
             peer.jobs[request.id] = future
             self._when_done(peer.route, request.id, future)
         elif kind is Request.SWITCH:
