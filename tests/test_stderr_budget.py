@@ -71,9 +71,12 @@ def test_a_handler_printing_in_a_loop_is_passed_on_within_the_budget_and_the_res
     said = wait_until(lambda: re.findall(r"dropped ([\d,]+) bytes of the stderr of worker gen 1 pid \d+ in", d.output()),
                       T, "the line that says how much was dropped")  # fmt: skip
     dropped = sum(int(n.replace(",", "")) for n in said)
+    # Within the budget but not written: our stderr did not keep up (never on a file, unless the machine crawls).
+    behind = sum(int(n) for n in re.findall(r"\[gpuvisor: (\d+) bytes of worker stderr dropped", d.output()))
     lines = [line for line in d.output().splitlines() if "flood " in line]
     passed = sum(len(line) + 1 for line in lines)
     assert passed <= STDERR_BURST + STDERR_RATE * took + PIPE, f"{passed:,} bytes passed on in {took:.1f} s"
-    assert passed + dropped >= total, "every byte not passed on is counted"
-    assert dropped <= total - passed + 4096, "and only those (give or take the worker's own lines, a cut line)"
+    # Give or take a few lines: the worker's own, a line cut by the budget or split by a log line between writes.
+    assert passed + behind + dropped >= total - 4096, "every byte not passed on is counted"
+    assert dropped <= total - passed + 4096, "and only those"
     assert all(line.count("flood ") == 1 for line in lines), "never the start of one line glued to another's end"

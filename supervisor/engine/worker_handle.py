@@ -23,7 +23,6 @@ import collections
 import enum
 import logging
 import os
-import queue
 import subprocess
 import threading
 import time
@@ -114,35 +113,47 @@ class StderrBudget:
         self._tokens = min(float(self.burst), self._tokens + unused)
 
 
+_FORWARD_BUFFER = 16 << 20  # bytes waiting for our stderr; past it, dropped and counted
+
+
 class _StderrForwarder(threading.Thread):
     """Writes workers' stderr to ours, off the loop thread: if whoever reads
     our stderr is slow or gone, a blocking write in the loop would stop job
-    timeouts and hang checks. The queue is bounded; past it, bytes are
-    dropped and counted, and a line says so."""
+    timeouts and hang checks. What waits is bounded in bytes (not in reads:
+    a worker writing a line at a time makes a read of every line); past it,
+    bytes are dropped and counted, and a line says so. What has piled up
+    goes out in one write."""
 
     def __init__(self) -> None:
         super().__init__(name="gpuvisor-stderr", daemon=True)
-        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=1024)
-        self._dropped = 0  # written by the loop thread, read and reset here; a lost count is harmless
+        self._ready = threading.Condition(threading.Lock())
+        self._chunks: list[bytes] = []  # these three under _ready
+        self._size = 0
+        self._dropped = 0
 
     def forward(self, chunk: bytes) -> None:
-        try:
-            self._chunks.put_nowait(chunk)
-        except queue.Full:
-            self._dropped += len(chunk)
+        with self._ready:
+            if self._size + len(chunk) > _FORWARD_BUFFER:
+                self._dropped += len(chunk)
+                return
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+            self._ready.notify()
 
     def run(self) -> None:
         while True:
-            chunk = self._chunks.get()
-            dropped, self._dropped = self._dropped, 0
+            with self._ready:
+                while not self._chunks:
+                    self._ready.wait()
+                chunks, self._chunks, self._size = self._chunks, [], 0
+                dropped, self._dropped = self._dropped, 0
             if dropped:
-                chunk = (
-                    f"[gpuvisor: {dropped} bytes of worker stderr dropped: our stderr is not keeping up]\n".encode()
-                    + chunk
-                )
+                chunks.insert(0, f"[gpuvisor: {dropped} bytes of worker stderr dropped: our stderr is not keeping up]\n"
+                              .encode())  # fmt: skip
+            data = memoryview(b"".join(chunks))
             try:
-                while chunk:
-                    chunk = chunk[os.write(2, chunk) :]
+                while data:
+                    data = data[os.write(2, data) :]
             except OSError:
                 pass  # our stderr is gone; the tail for crash reports is kept by the handle
 
