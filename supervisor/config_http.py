@@ -182,7 +182,10 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
         raise where.error("http", "models", "must be a table of [http.models.NAME] tables")
     models = {name: _http_model(where, name, entry, modes) for name, entry in models_table.items()}
     if token_file:
-        token_file = str((base / token_file).resolve())
+        # Absolute, its links kept: check_secret_file judges each link on the
+        # way, at start and at every SIGHUP (resolved here, someone else's link
+        # was followed and its target trusted).
+        token_file = str(base / token_file)
     return HttpSettings(tuple(listen), token_file, models=models, allow_unauthenticated_tcp=unauthenticated,
                         allowed_origins=origins, **limits)  # fmt: skip
 

@@ -25,7 +25,7 @@ import pytest
 from protocol import JobCancelled, JobTimeout, ModeLoadError, OutOfMemory, WorkerCrashed
 from supervisor import Supervisor
 from tests.helpers import T, pid_gone, wait_until
-from tests.helpers.config import DIAG, config_text
+from tests.helpers.config import DIAG, DIAG_HOOKS, config_text
 
 THREE = ["cpu", "cpu", "cpu"]
 NAMES = ["cpu:0", "cpu:1", "cpu:2"]
@@ -285,7 +285,7 @@ def test_streams_on_the_third_device_cancel_running_and_queued(supervisor_from, 
     running stream cancelled there stops in its worker, which serves on; a
     queued stream cancelled never runs; a stream left by its reader stops
     too; the other devices' workers never notice."""
-    sup: Supervisor = supervisor_from(three({"diag": DIAG, "a": mode("a"), "b": mode("b")}))
+    sup: Supervisor = supervisor_from(three({"diag": DIAG_HOOKS, "a": mode("a"), "b": mode("b")}))
     sup.switch_mode("a", device="cpu:0").result(T)
     sup.switch_mode("b", device="cpu:1").result(T)
     pid = sup.switch_mode("diag", device="cpu:2").result(T)["pid"]
@@ -319,7 +319,7 @@ def test_a_stream_waiting_in_the_window_of_the_second_device_is_stopped_when_it_
     """``window = 4``: a stream handed to cpu:1's worker behind a running job
     and cancelled there stops at its first chunk; its Future is cancelled
     at once, the job ahead of it is answered, the worker serves on."""
-    sup: Supervisor = supervisor_from(three({"diag": DIAG, "a": mode("a")}, window=4))
+    sup: Supervisor = supervisor_from(three({"diag": DIAG_HOOKS, "a": mode("a")}, window=4))
     sup.switch_mode("a", device="cpu:0").result(T)
     pid = sup.switch_mode("diag", device="cpu:1").result(T)["pid"]
     record = tmp_path / "r"
@@ -871,7 +871,7 @@ def test_two_streams_on_two_devices_a_cancel_stops_only_its_own(supervisor_from,
     each, one read through ``on_chunk`` and a ``JobFuture``. Cancelling the
     one on cpu:2 (``JobFuture.cancel()``) stops it alone; the other keeps
     streaming until it is cancelled in turn."""
-    sup: Supervisor = supervisor_from(three({"diag": {"loader": DIAG, "replicas": 2}, "a": mode("a")}))
+    sup: Supervisor = supervisor_from(three({"diag": {**DIAG_HOOKS, "replicas": 2}, "a": mode("a")}))
     sup.switch_mode("a", device="cpu:0").result(T)
     sup.switch_mode("diag", device="cpu:1").result(T)
     sup.switch_mode("diag", device="cpu:2").result(T)

@@ -22,10 +22,10 @@ from supervisor import (
     WorkerCrashed,
 )
 from tests.helpers import T, pid_gone, wait_until
-from tests.helpers.config import DIAG, config_text
+from tests.helpers.config import DIAG, DIAG_HOOKS, config_text
 
 MODES = {
-    "diag": DIAG,
+    "diag": DIAG_HOOKS,  # crash's say and once_file
     "other": {"loader": "tests.helpers.loaders:tagged", "args": {"tag": "other"}},
     "load_exit7": {"loader": "tests.helpers.loaders:exits", "args": {"code": 7}},
     "load_exit0": {"loader": "tests.helpers.loaders:exits", "args": {"code": 0}},
@@ -456,12 +456,14 @@ def test_a_worker_flooding_stderr_cannot_stall_the_loop_even_if_nobody_reads_our
     import subprocess
     import sys
 
+    config = tmp_path / "g.toml"
+    config.write_text(config_text({"diag": DIAG_HOOKS}))  # chatter: a test hook
     script = tmp_path / "flood.py"
     script.write_text(
         "import json, logging, sys\n"
         f"logging.basicConfig(filename={str(tmp_path / 'flood.log')!r})\n"
         "from supervisor import Supervisor, JobTimeout\n"
-        "sup = Supervisor().start()\n"
+        f"sup = Supervisor({str(config)!r}).start()\n"
         "sup.switch_mode('diag').result(60)\n"
         "try:\n"
         "    sup.submit('chatter', {'seconds': 30}, timeout=1.5).result(60)\n"

@@ -27,10 +27,11 @@ from supervisor.client import AsyncClient
 from supervisor.config import Config
 from supervisor.config import load as load_config
 from tests.helpers import T, wait_until
-from tests.helpers.config import config_text
+from tests.helpers.config import DIAG_HOOKS, config_text
 from tests.helpers.daemon import GPUVISOR, serving
 
 SETTINGS = {"default_mode": "diag", "warm_standby": False}
+MODES = {"diag": DIAG_HOOKS}  # count's record: a test hook
 AFTER_LEAVING = 4
 """Chunks a worker may make after its reader left: the one under way when
 the word came, and those made while it travelled (chunks are 50 ms apart)."""
@@ -68,7 +69,7 @@ def outcomes(future) -> list[bool]:
 
 def config(tmp_path_factory) -> Config:
     path = tmp_path_factory.mktemp("cancel") / "g.toml"
-    path.write_text(config_text(supervisor=SETTINGS))
+    path.write_text(config_text(MODES, supervisor=SETTINGS))
     return load_config(path)
 
 
@@ -188,7 +189,7 @@ def test_a_chunk_sink_can_give_its_stream_up_from_the_loop_thread(sup, tmp_path)
 
 def test_a_stream_cancelled_while_it_waits_in_the_window_is_stopped_when_it_starts(tmp_path_factory, tmp_path):
     path = tmp_path_factory.mktemp("window") / "g.toml"
-    path.write_text(config_text(supervisor={**SETTINGS, "window": 2}))
+    path.write_text(config_text(MODES, supervisor={**SETTINGS, "window": 2}))
     record = tmp_path / "r"
     with Supervisor(path) as s:
         pid = worker_pid(s)
@@ -241,7 +242,7 @@ def test_async_for_left_early_and_a_cancelled_reading_task_stop_the_stream(tmp_p
 
 @pytest.fixture(scope="module")
 def daemon():
-    with serving(config_text(supervisor=SETTINGS)) as d:
+    with serving(config_text(MODES, supervisor=SETTINGS)) as d:
         yield d
 
 

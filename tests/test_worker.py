@@ -29,7 +29,7 @@ from protocol import (
 )
 from protocol.messages import Cancel
 from tests.helpers import T
-from tests.helpers.config import DIAG
+from tests.helpers.config import DIAG, DIAG_HOOKS
 from tests.helpers.harness import Harness
 from worker.batching import batched
 from worker.lifeline import ORPHAN_EXIT_CODE
@@ -216,7 +216,7 @@ def test_a_streamed_chunk_is_sent_as_it_was_yielded_even_if_its_buffer_is_reused
 
 
 def test_a_cancel_stops_the_running_stream_at_its_next_chunk_and_what_came_with_it_keeps_its_turn(harness, tmp_path):
-    handshake(harness)
+    handshake(harness, args=DIAG_HOOKS["args"])
     record = tmp_path / "produced"
     harness.send(Job(1, "count", {"n": 100_000, "delay": 0.01, "record": str(record)}, stream=True))
     assert harness.recv() == Chunk(1, 1, 0)

@@ -53,7 +53,19 @@ def _tell(ready_fd: int | None) -> None:
         pass  # taken into service before the imports were done: nobody is asking any more
 
 
+def _stdout_into_stderr() -> None:
+    """What the worker prints goes into its stderr pipe, line by line: the
+    supervisor passes that on within a budget and keeps its last lines for
+    crash reports. Its stdout is the supervisor's stderr itself, where a
+    handler printing in a loop would go unbounded, and a line printed just
+    before a crash would die in the buffer."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+
 def main() -> None:
+    _stdout_into_stderr()
     from gpuvisor.packages import foreign_package
 
     problem = foreign_package(("worker", "protocol"))  # what a worker imports: not supervisor

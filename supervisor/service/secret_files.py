@@ -8,9 +8,13 @@ daemon's user and root could change it: it is writable by its group or by
 every user, it belongs to another user, or a folder on its way from ``/``
 could be changed by someone else (writable by others without the sticky
 bit, or owned by another user), who could then put another file in its
-place. That is OpenSSH's rule for what it trusts (``StrictModes``), checked
-on the path with its links resolved. A secret that others can only read is
-said in the log, not refused: a leak to fix, but no way in for a stranger.
+place, or a symbolic link on its way belongs to another user, who could
+point it elsewhere (a link in ``/tmp``, whose sticky bit stops others from
+replacing the link but not its owner from re-pointing it). That is
+OpenSSH's rule for what it trusts (``StrictModes``), applied to every link
+and every folder the path goes through, as the kernel resolves it. A
+secret that others can only read is said in the log, not refused: a leak to
+fix, but no way in for a stranger.
 
 A refusal is an ``EndpointError``, which stops the daemon (exit 6) before
 any worker starts; its message names the file and the command that fixes it.
@@ -36,12 +40,12 @@ def check_secret_file(path: str, setting: str) -> None:
     it. For a file whose content is a secret: ``[http] token_file``,
     ``[daemon] curve_secret_key``. ``setting`` names it in the messages.
     Call it before the file is read, so a refused file is never used."""
-    real = os.path.realpath(path)
+    real, folders = _resolve(path, setting)
     st = _stat(real, path, setting)
     if not stat.S_ISREG(st.st_mode):
         raise EndpointError(f"{setting} {path} is not a regular file")
     _refuse_if_others_can_change(real, st, path, setting)
-    _refuse_if_a_folder_above_is_open(real, path, setting)
+    _refuse_if_a_folder_is_open(folders, path, setting)
     _warn_if_others_can_read(st, path, setting)
 
 
@@ -51,16 +55,18 @@ def check_trusted_folder(path: str, setting: str, pattern: str = "*.key") -> Non
     ``pattern``. For a folder whose files say who may come in:
     ``[daemon] curve_clients_dir`` (the allowed clients' public keys, which
     anyone may read: only writing them is refused)."""
-    real = os.path.realpath(path)
+    real, folders = _resolve(path, setting)
     st = _stat(real, path, setting)
     if not stat.S_ISDIR(st.st_mode):
         raise EndpointError(f"{setting} {path} is not a folder")
     _refuse_if_others_can_change(real, st, path, setting)
-    _refuse_if_a_folder_above_is_open(real, path, setting)
+    _refuse_if_a_folder_is_open(folders, path, setting)
     for name in sorted(os.listdir(real)):
         if fnmatch.fnmatch(name, pattern):
             inner = os.path.join(real, name)
-            _refuse_if_others_can_change(inner, _stat(inner, inner, setting), inner, f"{setting}: the file")
+            inner_real, inner_folders = _resolve(inner, f"{setting}: the file")  # a key may be a link too
+            _refuse_if_others_can_change(inner_real, _stat(inner_real, inner, setting), inner, f"{setting}: the file")
+            _refuse_if_a_folder_is_open(inner_folders, inner, f"{setting}: the file")
 
 
 def _stat(real: str, path: str, setting: str) -> os.stat_result:
@@ -93,12 +99,67 @@ def _refuse_if_others_can_change(real: str, st: os.stat_result, path: str, setti
         )
 
 
-def _refuse_if_a_folder_above_is_open(real: str, path: str, setting: str) -> None:
-    """Whoever may change a folder on the way may put another file, or
-    another folder, in place of ours; the sticky bit (``/tmp``) stops that
-    for names they do not own."""
-    folder = os.path.dirname(real)
-    while True:
+_MAX_LINKS = 40  # as the kernel's ELOOP
+
+
+def _resolve(path: str, setting: str) -> tuple[str, list[str]]:
+    """``path`` with its links resolved, as the kernel resolves it, one name
+    at a time from ``/`` (a relative path from the working folder), and the
+    folders it went through, links' folders included. A link that someone
+    else owns is refused here: they could point it at another file. A name
+    that is not there ends the walk: the caller's stat says so."""
+    pending = [name for name in reversed(_absolute(path).split("/")) if name]
+    here, links, folders = "/", 0, ["/"]
+    while pending:
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            here = os.path.dirname(here)
+            continue
+        step = os.path.join(here, name)
+        try:
+            st = os.lstat(step)
+        except OSError:
+            return os.path.join(step, *reversed(pending)), folders
+        if stat.S_ISLNK(st.st_mode):
+            _refuse_if_others_own_the_link(step, st, path, setting)
+            links += 1
+            if links > _MAX_LINKS:
+                raise EndpointError(f"{setting} {path}: cannot read: more than {_MAX_LINKS} links on its way")
+            target = os.readlink(step)
+            if target.startswith("/"):
+                here = "/"
+            pending.extend(name for name in reversed(target.split("/")) if name)
+            continue
+        here = step
+        if pending and stat.S_ISDIR(st.st_mode) and here not in folders:
+            folders.append(here)
+    return here, folders
+
+
+def _refuse_if_others_own_the_link(link: str, st: os.stat_result, path: str, setting: str) -> None:
+    """Whoever owns a link may point it anywhere, whatever the folder it
+    lies in; the sticky bit only stops them from replacing ours."""
+    if _trusted_owner(st.st_uid):
+        return
+    where = "is a link" if link == os.path.normpath(_absolute(path)) else f"goes through the link {link},"
+    raise EndpointError(
+        f"{setting} {path} {where} which belongs to {_user(st.st_uid)}, not to {_trusted()}: its owner could "
+        f"point it at another file. Name the file by a path without that link, or replace the link with one of "
+        f"{_name(os.geteuid())}'s"
+    )
+
+
+def _absolute(path: str) -> str:
+    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
+
+
+def _refuse_if_a_folder_is_open(folders: list[str], path: str, setting: str) -> None:
+    """Whoever may change a folder on the way may put another file, another
+    folder or another link in place of ours; the sticky bit (``/tmp``) stops
+    that for names they do not own. The folders nearest the file first."""
+    for folder in reversed(folders):
         st = os.stat(folder)
         mode = stat.S_IMODE(st.st_mode)
         if not _trusted_owner(st.st_uid):
@@ -112,9 +173,6 @@ def _refuse_if_a_folder_above_is_open(real: str, path: str, setting: str) -> Non
                 f"{setting} {path} lies in {folder}, which {who} can change (mode {mode:04o}, no sticky bit): "
                 f"they could put another file in its place. chmod go-w {folder}, or keep the file elsewhere"
             )
-        if folder == os.path.dirname(folder):
-            return
-        folder = os.path.dirname(folder)
 
 
 def _warn_if_others_can_read(st: os.stat_result, path: str, setting: str) -> None:

@@ -15,6 +15,11 @@ from typing import Any
 DIAG = "worker.modes.diag:load"
 """The loader of the built-in diagnostic mode, which most tests serve."""
 
+DIAG_HOOKS = {"loader": DIAG, "args": {"test_hooks": True}}
+"""The diagnostic mode with its test hooks on (``count``'s ``record``,
+``crash``'s ``once_file`` and ``say``, ``chatter``), for the tests that use
+them: off in ``DIAG``, as in the built-in config."""
+
 Mode = str | Mapping[str, Any]
 """A mode: its loader, or its whole table (``loader``, ``args``, ``warmup``...)."""
 

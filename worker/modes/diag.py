@@ -1,6 +1,14 @@
 """``diag``: tasks for tests and operators. Imports no torch, loads in
 milliseconds, and can fail or die on request so every fault path can be
-driven for real."""
+driven for real.
+
+Its test hooks write where the caller says: a file (``count``'s
+``record``, ``crash``'s ``once_file``), or the supervisor's log (``crash``'s
+``say``, ``chatter``). The worker writes as the daemon's user, and a daemon
+may serve this mode to every member of its ``socket_group``, so the hooks
+are off unless the mode is loaded with ``args = { test_hooks = true }``;
+without it a payload that asks for one is refused with a ``ValueError``
+naming that argument, before anything is written."""
 
 from __future__ import annotations
 
@@ -41,7 +49,8 @@ def pid(payload: Any) -> int:
 
 def chatter(payload: Any) -> dict:
     """Write to stderr without pause for ``seconds``: a noisy library, for
-    the tests that the supervisor's loop never stalls on a worker's stderr."""
+    the tests that the supervisor's loop never stalls on a worker's stderr
+    and forwards no more of it than its budget. A test hook."""
     seconds = _payload_map(payload, "chatter").get("seconds", 1.0)
     line = b"chatter " * 16 + b"\n"
     end = time.monotonic() + seconds
@@ -58,7 +67,7 @@ def count(payload: Any):
     many chunks, to end a stream with a crash. ``record``: a file that gets
     a line per chunk as it is made, then ``closed`` when the generator ends
     however it ends (its ``finally``), so a test counts what the worker
-    produced after its caller left."""
+    produced after its caller left. ``record`` is a test hook."""
     args = _payload_map(payload, "count")
     n, delay, die_after, record = args.get("n", 3), args.get("delay", 0), args.get("die_after"), args.get("record")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -139,7 +148,8 @@ def crash(payload: Any) -> Any:
     crash report). ``after``: die that many seconds from now, from another
     thread, and answer at once (so the worker dies idle, or while draining,
     or while a switch waits). ``once_file``: die only if that file does not
-    exist yet, creating it (a crash that a retry gets past)."""
+    exist yet, creating it (a crash that a retry gets past). ``say`` and
+    ``once_file`` are test hooks."""
     args = _payload_map(payload, "crash")
     how, code, after = args.get("how", "exit"), args.get("code", 3), args.get("after", 0)
     if how not in _WAYS:
@@ -163,10 +173,41 @@ def crash(payload: Any) -> Any:
     return None
 
 
-def load(**args: Any) -> dict:
+TEST_HOOKS: dict[str, dict[str | None, str]] = {
+    "count": {"record": "appends to any file the worker's user may write"},
+    "crash": {"once_file": "creates any file the worker's user may create",
+              "say": "writes any text into the supervisor's log"},
+    "chatter": {None: "floods the supervisor's log"},
+}  # fmt: skip
+"""The test hooks, by task: the payload key (None: the whole task) and what
+it does that a caller must not be free to do."""
+
+
+def _hooks_off(task: str, handler: Any, hooks: dict[str | None, str]) -> Any:
+    """``handler``, refusing every payload that uses one of ``hooks``."""
+
+    def refuse_test_hooks(payload: Any) -> Any:
+        given = _payload_map(payload, task)
+        for key, does in hooks.items():
+            if key is None or key in given:
+                what = task if key is None else f"{task}'s {key!r}"
+                raise ValueError(
+                    f"diag: {what} is a test hook (it {does}), and this diag mode was loaded without "
+                    "test hooks: load it with args = { test_hooks = true } to use them"
+                )
+        return handler(payload)
+
+    return refuse_test_hooks
+
+
+def load(test_hooks: bool = False, **args: Any) -> dict:
+    """The tasks. ``test_hooks``: let payloads use the test hooks (see the
+    module's docstring); off by default, and so in the built-in config."""
     if args:
-        raise TypeError(f"diag takes no arguments, got {sorted(args)}")
-    return {
+        raise TypeError(f"diag takes no arguments but 'test_hooks', got {sorted(args)}")
+    if not isinstance(test_hooks, bool):
+        raise TypeError(f"diag: 'test_hooks' must be true or false, got {test_hooks!r}")
+    handlers = {
         "echo": echo,
         "sleep": sleep,
         "pid": pid,
@@ -179,3 +220,7 @@ def load(**args: Any) -> dict:
         "batch_fail": batch_fail,
         "batch_sleep": batch_sleep,
     }
+    if not test_hooks:
+        for task, hooks in TEST_HOOKS.items():
+            handlers[task] = _hooks_off(task, handlers[task], hooks)
+    return handlers
