@@ -56,6 +56,7 @@ class HttpSettings:
     body_timeout: float = 60.0
     # The request: what one may ask for.
     max_inputs: int = 2048
+    max_messages: int = 2048
     max_input_chars: int = 1_000_000
     max_stop: int = 4
     max_stop_chars: int = 256
@@ -106,6 +107,7 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "keep_alive_timeout": (0.1, 3600.0, "seconds"),
     "body_timeout": (0.1, 3600.0, "seconds"),
     "max_inputs": (1, 1_000_000, "inputs"),
+    "max_messages": (1, 1_000_000, "messages"),
     "max_input_chars": (1, MAX_BODY_CEILING, "characters"),
     "max_stop": (0, 64, "stop strings"),
     "max_stop_chars": (1, 65536, "characters"),

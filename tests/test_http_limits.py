@@ -335,6 +335,65 @@ def test_embeddings_over_max_inputs_or_max_input_chars_are_413_before_anything_i
     assert curl("http://gpuvisor/v1/embeddings", {"model": "vectors", "input": ["x"] * 2048}, unix=unix)[0] == 200
 
 
+def rss(d: RunningDaemon) -> int:
+    return psutil.Process(d.proc.pid).memory_info().rss
+
+
+def test_unknown_fields_are_dropped_as_the_body_is_read_not_kept_while_the_job_waits(served, unix, folder):
+    """Four requests, each with an unknown field of two million empty
+    objects (6 MB of JSON, some 160 MB once parsed), wait in the queue: the
+    daemon keeps their prompts only. Kept, they held 26 times their size."""
+    swell = b",".join([b"{}"] * 2_000_000)
+    before = rss(served)
+    held = []
+    try:
+        for n in range(4):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(T)
+            s.connect(unix)
+            s.sendall(request("POST", "/v1/completions", b'{"model":"held","prompt":"sw%d","z":[%s]}' % (n, swell)))
+            held.append(s)
+        with served.client() as c:
+            wait_until(lambda: c.status()["queued"] + c.status()["in_flight"] == 4, T, "four swollen jobs waiting")
+        grown = rss(served) - before
+        assert grown < 200 * 2**20, f"the daemon grew by {grown / 2**20:.0f} MB holding four queued requests"
+        for n in range(4):
+            (folder / f"release-sw{n}").touch()
+        for n, s in enumerate(held):
+            status, _, content = read_response(s)
+            assert status == 200 and json.loads(content)["choices"][0]["text"] == f"sw{n}"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_refused_field_is_refused_whatever_its_size_and_said_in_a_few_words(served, unix):
+    many = {"logit_bias": {str(i): 1 for i in range(200_000)}, "tools": [{}] * 200_000, "n": 2}
+    for key, value in many.items():
+        status, answer = curl("http://gpuvisor/v1/completions", {"model": "say", "prompt": "x", key: value}, unix=unix)
+        assert status == 400, key
+        assert_error(answer, 400, "unsupported", f"{key}=")
+        assert answer["error"]["param"] == key and len(answer["error"]["message"]) <= 200
+    status, answer = curl("http://gpuvisor/v1/completions", {"model": "say", "prompt": "x", "user": [{}] * 200_000,
+                                                             "n": 1, "tools": []}, unix=unix)  # fmt: skip
+    assert status == 200, answer
+
+
+def test_chat_messages_past_max_messages_are_a_413_however_short(served, unix):
+    url = "http://gpuvisor/v1/chat/completions"
+    empty = {"role": "", "content": ""}
+    for messages, words in (([empty] * 2049, "messages has 2049 items; at most 2048 (max_messages)"),
+                            ([empty] * 300_000, "messages has 300000 items"),
+                            ([{"role": "user", "content": [{"type": "text", "text": ""}] * 2049}],
+                             "2049 content parts; at most 2048 (max_messages)")):  # fmt: skip
+        status, answer = curl(url, {"model": "say", "messages": messages}, unix=unix)
+        assert status == 413, words
+        assert_error(answer, 413, "request_too_large", words)
+        assert answer["error"]["param"] == "messages"
+    status, answer = curl(url, {"model": "say", "messages": [{"role": "user", "content": "x"}] * 2048}, unix=unix)
+    assert status == 200, answer
+
+
 def test_an_embeddings_answer_over_the_frame_limit_is_a_413_from_the_worker_then_up_front(served, unix, folder):
     too_many = {"model": "wide", "input": ["x"] * 1100}  # 1100 x 16384 float32: 72 MB, over the 64 MiB frame
     status, answer = curl("http://gpuvisor/v1/embeddings", too_many, unix=unix)
@@ -490,6 +549,7 @@ def test_the_engines_refusals_are_403_413_and_a_503_with_retry_after(served, uni
         ('keep_alive_timeout = "5"', ["key 'keep_alive_timeout'", "a number of seconds"]),
         ("body_timeout = -1", ["key 'body_timeout'", "from 0.1"]),
         ("max_inputs = 2.5", ["key 'max_inputs'", "a whole number of inputs"]),
+        ("max_messages = 0", ["key 'max_messages'", "messages from 1"]),
         ("max_input_chars = 0", ["key 'max_input_chars'", "characters from 1"]),
         ("max_stop = 65", ["key 'max_stop'", "from 0 to 64"]),
         ("max_stop_chars = 0", ["key 'max_stop_chars'", "from 1"]),
@@ -512,7 +572,7 @@ def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
     docs = {name: [line.split("|") for line in (ROOT / "docs" / name).read_text().splitlines() if line.startswith("| `")]
             for name in ("http.md", "configuration.md")}  # fmt: skip
     for key in ("max_connections", "max_header_bytes", "header_timeout", "keep_alive_timeout", "body_timeout",
-                "max_body_bytes", "max_inputs", "max_input_chars", "max_stop", "max_stop_chars", "max_tokens",
+                "max_body_bytes", "max_inputs", "max_messages", "max_input_chars", "max_stop", "max_stop_chars", "max_tokens",
                 "timeout", "allowed_origins", "allow_unauthenticated_tcp"):  # fmt: skip
         default = getattr(HttpSettings, key)
         shown = {float: lambda v: f"{v:g}", bool: lambda v: str(v).lower(), tuple: lambda v: "[]"}.get(
