@@ -149,6 +149,66 @@ def test_a_head_over_max_header_bytes_is_a_431_and_not_read_whole(served):
     assert_error(json.loads(content), 431, "request_too_large", "max_header_bytes (8192)")
 
 
+def answers(s: socket.socket) -> list[tuple[int, bytes]]:
+    """Every response on ``s`` until the server closes it: (status, body) each."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    out = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        size = next(int(v) for k, _, v in (line.partition(":") for line in lines[1:]) if k.lower() == "content-length")
+        out.append((int(lines[0].split()[1]), data[:size]))
+        data = data[size:]
+    return out
+
+
+def head_of(size: int, path: str = "/health", extra: str = "") -> bytes:
+    """A GET whose head (its line, headers and the blank line) is ``size`` bytes."""
+    start = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}X-Pad: ".encode()
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_a_head_over_max_header_bytes_is_a_431_however_it_arrives(served):
+    """h11 bounds only a head still incomplete: one that arrived whole in
+    one read was parsed, whatever its size (65,000 bytes were served)."""
+    many = b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"Xy: a\r\n" * 5000 + b"\r\n"  # 35 KB of small headers
+    for head in (head_of(8193), head_of(60_000), head_of(200_000), many):
+        with connect() as s:
+            s.sendall(head)  # all of it: the answer comes once it is in
+            status, headers, content = read_response(s)
+            assert status == 431 and headers["connection"] == "close", len(head)
+            assert_error(json.loads(content), 431, "request_too_large", "max_header_bytes (8192)")
+    with connect() as s:
+        s.sendall(head_of(8192, extra="Connection: close\r\n"))
+        assert [status for status, _ in answers(s)] == [200], "a head of max_header_bytes exactly is served"
+
+
+def test_pipelined_requests_are_each_held_to_max_header_bytes_not_their_sum(served):
+    with connect() as s:
+        s.sendall(head_of(5000) + head_of(5000, extra="Connection: close\r\n"))  # 10,000 bytes in one write
+        assert [status for status, _ in answers(s)] == [200, 200]
+    with connect() as s:
+        s.sendall(head_of(5000) + head_of(9000))
+        assert [status for status, _ in answers(s)] == [200, 431]
+
+
+def test_a_flood_of_bad_requests_is_one_log_line_in_ten_seconds(served):
+    """uvicorn logs a warning for every request h11 cannot read, and two for
+    every upgrade it does not serve: a flood filled the log."""
+    mark = len(served.output())
+    for n in range(30):
+        with connect() as s:
+            s.sendall(b"NONSENSE\r\n\r\n" if n % 2 else request("GET", "/health", extra="Connection: upgrade\r\n"
+                                                                   "Upgrade: websocket\r\n"))  # fmt: skip
+            assert read_response(s)[0] == (400 if n % 2 else 200)
+    said = served.output()[mark:]
+    for line in ("Invalid HTTP request received.", "Unsupported upgrade request.", "No supported WebSocket library"):
+        assert said.count(line) <= 1, said
+    assert "Invalid HTTP request received." in served.output(), "the first of them is logged"
+
+
 def trickle_until_closed(s: socket.socket) -> bool:
     """Send a header one byte at a time, 5 a second, until the server closes
     the connection (True) or the hang guard runs out (False)."""

@@ -17,9 +17,17 @@ uvicorn's own keep-alive timer is cancelled by any byte, so a client that
 sends its head one byte every few seconds (slowloris) would hold a
 connection, and its buffer, for ever; this timer is not: a head must be
 whole within ``header_timeout`` of the connection opening or of the last
-response. A head over ``max_header_bytes`` is answered 431 and closed. The
-body's own deadline (``body_timeout``, a 408) is kept by the admission
-middleware, which reads it.
+response. A head over ``max_header_bytes`` is answered 431 and closed,
+however it arrives: h11 bounds only a head still incomplete, so one that
+came whole in a single read, of any size, would be parsed (``BoundedH11``
+looks for its end in what is buffered first). The body's own deadline
+(``body_timeout``, a 408) is kept by the admission middleware, which reads
+it.
+
+uvicorn warns of every request h11 cannot read ("Invalid HTTP request
+received.") and of every upgrade it does not serve; ``QUIET`` lets one such
+line through every ten seconds, with the count of those it held back, as
+this module's own warnings are.
 
 Limits are read from the door when a connection opens, so a reload applies
 to the connections that open after it.
@@ -31,6 +39,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import time
 from typing import Any, ClassVar
 
@@ -43,7 +52,74 @@ from supervisor.service.http.errors import body
 
 log = logging.getLogger("gpuvisor")
 
-_WARN_EVERY_S = 10.0  # at most one "refused: too many connections" line this often
+_WARN_EVERY_S = 10.0  # at most one line of each kind of warning a client can cause, this often
+_BLANK_LINE = re.compile(b"\n\r?\n")  # the end of a head, as h11 finds it
+
+
+class Throttled:
+    """A warning clients can cause as often as they like, logged at most
+    once every ``_WARN_EVERY_S`` seconds; the next line says how many were
+    held back."""
+
+    def __init__(self) -> None:
+        self.last = -_WARN_EVERY_S
+        self.held = 0
+
+    def allow(self) -> str | None:
+        """None to hold this one back, else what to add to its line ("" or the count)."""
+        now = time.monotonic()
+        if now - self.last < _WARN_EVERY_S:
+            self.held += 1
+            return None
+        held, self.last, self.held = self.held, now, 0
+        return f" ({held} more like it in the last {_WARN_EVERY_S:g} s were not logged)" if held else ""
+
+    def warn(self, message: str, *args: Any) -> None:
+        more = self.allow()
+        if more is not None:
+            log.warning(message + "%s", *args, more)
+
+
+class QuietWarnings(logging.Filter):
+    """uvicorn's warnings (``uvicorn.error``), each text ``Throttled``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: dict[str, Throttled] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not isinstance(record.msg, str):
+            return True
+        kind = self.kinds.setdefault(record.msg, Throttled()) if len(self.kinds) < 64 else Throttled()
+        more = kind.allow()
+        if more:
+            record.msg += more.replace("%", "%%")
+        return more is not None
+
+
+QUIET = QuietWarnings()
+_REFUSED = Throttled()
+
+
+class BoundedH11(h11.Connection):
+    """h11's server side, with a request's whole head (its line, headers and
+    the blank line after them) held to ``max_head`` bytes however it
+    arrives: once more than that is buffered, the head must have ended
+    within it."""
+
+    def __init__(self, max_head: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
+        self.max_head = max_head
+        self.head_too_large = False
+
+    def next_event(self) -> Any:
+        if self.their_state is h11.IDLE and not self.head_too_large:
+            buffered, _ = self.trailing_data  # only ever more than max_head once per request: then it is decided
+            if len(buffered) > self.max_head and _BLANK_LINE.search(buffered, 0, self.max_head) is None:
+                self.head_too_large = True
+        if self.head_too_large:  # (h11's own bound on a head cut short can no longer be the first to see it)
+            raise h11.RemoteProtocolError("the request's head is over max_header_bytes", error_status_hint=431)
+        return super().next_event()
 
 
 class DoorProtocol(H11Protocol):
@@ -51,7 +127,6 @@ class DoorProtocol(H11Protocol):
 
     door: ClassVar[Door]
     numbers: ClassVar[itertools.count]
-    last_warning: ClassVar[float] = 0.0
 
     @classmethod
     def for_door(cls, door: Door) -> type[DoorProtocol]:
@@ -60,7 +135,7 @@ class DoorProtocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         limits = self.door.settings
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.conn: BoundedH11 = BoundedH11(limits.max_header_bytes)
         self.timeout_keep_alive = limits.keep_alive_timeout  # type: ignore[assignment]  # a float does for call_later
         self.header_timeout = limits.header_timeout
         self.max_header_bytes = limits.max_header_bytes
@@ -82,10 +157,7 @@ class DoorProtocol(H11Protocol):
         if len(self.connections) >= limit:
             self.refused = True
             transport.close()
-            now = time.monotonic()
-            if now - DoorProtocol.last_warning > _WARN_EVERY_S:
-                DoorProtocol.last_warning = now
-                log.warning("HTTP: %d connections are open (max_connections): closing new ones at once", limit)
+            _REFUSED.warn("HTTP: %d connections are open (max_connections): closing new ones at once", limit)
             return
         super().connection_made(transport)
         self._arm()
@@ -109,7 +181,7 @@ class DoorProtocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 could not read: 431 when it was
         a head over ``max_header_bytes``, else uvicorn's 400."""
-        if len(self.conn.trailing_data[0]) <= self.max_header_bytes:
+        if not self.conn.head_too_large:
             super().send_400_response(msg)
             return
         content = json.dumps(body(431, f"the request's head is over max_header_bytes ({self.max_header_bytes})",
