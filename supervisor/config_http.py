@@ -48,12 +48,14 @@ class HttpSettings:
     models: dict[str, HttpModel] = field(default_factory=dict)
     allow_unauthenticated_tcp: bool = False  # loopback TCP without tokens: every local user gets in
     allowed_origins: tuple[str, ...] = ()  # browser origins let in besides the listener's own ("*": any)
-    # The connection: how many at once, how big and how slow a request's head and body may be.
+    # The connection: how many at once, how big and how slow a request's head and body may be, how slowly
+    # its answers may be read.
     max_connections: int = 512
     max_header_bytes: int = 16 * 1024
     header_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     body_timeout: float = 60.0
+    send_timeout: float = 60.0  # an answer's bytes waiting for a client that reads none of them
     # The request: what one may ask for.
     max_inputs: int = 2048
     max_messages: int = 2048
@@ -106,6 +108,7 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "header_timeout": (0.1, 3600.0, "seconds"),
     "keep_alive_timeout": (0.1, 3600.0, "seconds"),
     "body_timeout": (0.1, 3600.0, "seconds"),
+    "send_timeout": (0.1, 3600.0, "seconds"),
     "max_inputs": (1, 1_000_000, "inputs"),
     "max_messages": (1, 1_000_000, "messages"),
     "max_input_chars": (1, MAX_BODY_CEILING, "characters"),

@@ -51,7 +51,8 @@ MODELS = {
     "too-large": {"mode": "gates", "completions": "too_large"},
 }
 DOOR = {"listen": ["unix:http.sock", f"127.0.0.1:{PORT}"], "allow_unauthenticated_tcp": True,
-        "max_header_bytes": 8192, "header_timeout": 2, "body_timeout": 2, "allowed_origins": [ALLOWED]}  # fmt: skip
+        "max_header_bytes": 8192, "header_timeout": 2, "body_timeout": 2, "send_timeout": 2,
+        "allowed_origins": [ALLOWED]}  # fmt: skip
 
 
 def limits_config(folder: Path, http: dict | None = None, models: dict | None = None, **supervisor) -> str:
@@ -251,6 +252,46 @@ def test_a_body_sent_slowly_is_a_408_after_body_timeout(served):
         assert status == 408 and headers["connection"] == "close"
         assert_error(json.loads(content), 408, "request_timeout", "body_timeout (2 s)")
         assert closed_by_server(s)
+
+
+def daemons_end(pid: int, client: socket.socket) -> bool:
+    """Whether the daemon ``pid`` holds the other end of ``client``'s TCP connection."""
+    local = client.getsockname()
+    return any(c.raddr and tuple(c.raddr) == local for c in psutil.Process(pid).net_connections("tcp"))
+
+
+def embeddings_request(inputs: int, extra: str = "") -> bytes:
+    body = json.dumps({"model": "vectors", "input": [f"text {i}" for i in range(inputs)]}).encode()
+    return request("POST", "/v1/embeddings", body, extra=extra)
+
+
+def test_a_client_that_reads_none_of_its_answer_is_cut_off_after_send_timeout(served):
+    """The answer (2048 vectors: 9 MB of JSON) waits in the daemon's buffer
+    for a reader; one that reads none of it for send_timeout is let go."""
+    mark = len(served.output())
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", PORT))
+        s.sendall(embeddings_request(2048))
+        wait_until(lambda: daemons_end(served.proc.pid, s), T, "the daemon to take the connection")
+        wait_until(lambda: not daemons_end(served.proc.pid, s), T, "the daemon to let the non-reader go")
+    assert "a client read none of its answer for send_timeout (2 s): closing its connection" in served.output()[mark:]
+    assert curl(f"http://127.0.0.1:{PORT}/health")[0] == 200
+
+
+def test_a_client_that_reads_slowly_gets_its_whole_answer_however_long_it_takes(served, unix):
+    """200 vectors (870 KB of JSON) read 16 KB every 50 ms: longer than
+    send_timeout, but never a send_timeout without reading."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(unix)
+        s.settimeout(T)
+        s.sendall(embeddings_request(200, "Connection: close\r\n"))
+        data = b""
+        while chunk := s.recv(16384):
+            data += chunk
+            time.sleep(0.05)
+    head, _, content = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(json.loads(content)["data"]) == 200
 
 
 def test_connections_past_max_connections_are_closed_at_once(daemon, tmp_path):
@@ -608,6 +649,7 @@ def test_the_engines_refusals_are_403_413_and_a_503_with_retry_after(served, uni
         ("header_timeout = 0", ["key 'header_timeout'", "seconds from 0.1"]),
         ('keep_alive_timeout = "5"', ["key 'keep_alive_timeout'", "a number of seconds"]),
         ("body_timeout = -1", ["key 'body_timeout'", "from 0.1"]),
+        ("send_timeout = 0", ["key 'send_timeout'", "seconds from 0.1"]),
         ("max_inputs = 2.5", ["key 'max_inputs'", "a whole number of inputs"]),
         ("max_messages = 0", ["key 'max_messages'", "messages from 1"]),
         ("max_input_chars = 0", ["key 'max_input_chars'", "characters from 1"]),
@@ -632,7 +674,7 @@ def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
     docs = {name: [line.split("|") for line in (ROOT / "docs" / name).read_text().splitlines() if line.startswith("| `")]
             for name in ("http.md", "configuration.md")}  # fmt: skip
     for key in ("max_connections", "max_header_bytes", "header_timeout", "keep_alive_timeout", "body_timeout",
-                "max_body_bytes", "max_inputs", "max_messages", "max_input_chars", "max_stop", "max_stop_chars", "max_tokens",
+                "send_timeout", "max_body_bytes", "max_inputs", "max_messages", "max_input_chars", "max_stop", "max_stop_chars", "max_tokens",
                 "timeout", "allowed_origins", "allow_unauthenticated_tcp"):  # fmt: skip
         default = getattr(HttpSettings, key)
         shown = {float: lambda v: f"{v:g}", bool: lambda v: str(v).lower(), tuple: lambda v: "[]"}.get(

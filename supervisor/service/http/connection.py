@@ -1,7 +1,7 @@
 """One HTTP connection, held to the door's limits: uvicorn's h11 protocol
 (chosen by name, never ``httptools`` because it happens to be installed),
 with a cap on connections, on a request head's size and on the time it may
-take to arrive.
+take to arrive, and on the time an answer may wait for its reader.
 
 ::
 
@@ -28,6 +28,16 @@ uvicorn warns of every request h11 cannot read ("Invalid HTTP request
 received.") and of every upgrade it does not serve; ``QUIET`` lets one such
 line through every ten seconds, with the count of those it held back, as
 this module's own warnings are.
+
+An answer is written into the transport's buffer, which holds what the
+kernel would not take yet: a client that reads nothing would keep it there,
+and the connection open, for ever (12 such held 122 MB). uvicorn only stops
+writing more (``pause_writing``); here a watch starts then, and when an
+answer ends with bytes still buffered, and every ``send_timeout`` it looks
+whether the client took any: none taken, the connection is aborted (what
+was left of the answer is dropped, and a job still running for it is given
+up, as for a client that left). A client that reads slowly but steadily is
+never cut, however long its answer takes, as nginx's ``send_timeout``.
 
 Limits are read from the door when a connection opens, so a reload applies
 to the connections that open after it.
@@ -99,6 +109,7 @@ class QuietWarnings(logging.Filter):
 
 QUIET = QuietWarnings()
 _REFUSED = Throttled()
+_UNREAD = Throttled()
 
 
 class BoundedH11(h11.Connection):
@@ -111,6 +122,12 @@ class BoundedH11(h11.Connection):
         super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
         self.max_head = max_head
         self.head_too_large = False
+        self.written = 0  # bytes of answers made so far, for the send watch
+
+    def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:
+        data = super().send_with_data_passthrough(event)
+        self.written += sum(len(part) for part in data or ())
+        return data
 
     def next_event(self) -> Any:
         if self.their_state is h11.IDLE and not self.head_too_large:
@@ -139,7 +156,10 @@ class DoorProtocol(H11Protocol):
         self.timeout_keep_alive = limits.keep_alive_timeout  # type: ignore[assignment]  # a float does for call_later
         self.header_timeout = limits.header_timeout
         self.max_header_bytes = limits.max_header_bytes
+        self.send_timeout = limits.send_timeout
         self.head_timer: asyncio.TimerHandle | None = None
+        self.send_timer: asyncio.TimerHandle | None = None
+        self.taken = 0  # bytes of answers the kernel had taken at the send watch's last look
         self.refused = False
         self.number = next(self.numbers)
         app = self.app
@@ -166,7 +186,14 @@ class DoorProtocol(H11Protocol):
         if self.refused:
             return
         self._disarm()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_sending()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -175,6 +202,8 @@ class DoorProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.transport.get_write_buffer_size():
+            self._watch_sending()  # a close, by keep-alive or a timer, would wait for these bytes for ever
         if not self._serving():
             self._arm()  # the next head must come within header_timeout of this answer's end
 
@@ -188,8 +217,11 @@ class DoorProtocol(H11Protocol):
                                   "request_too_large")).encode()  # fmt: skip
         head = f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n" \
                f"content-length: {len(content)}\r\nconnection: close\r\n\r\n"  # fmt: skip
-        self.transport.write(head.encode("ascii") + content)  # h11 is in its error state: written by hand
+        answer = head.encode("ascii") + content
+        self.conn.written += len(answer)
+        self.transport.write(answer)  # h11 is in its error state: written by hand
         self.transport.close()
+        self._watch_sending()
 
     # ------------------------------------------------------------ the head timer
 
@@ -213,3 +245,25 @@ class DoorProtocol(H11Protocol):
             log.debug("HTTP: no whole request within header_timeout (%s s): closing the connection",
                       self.header_timeout)  # fmt: skip
             self.transport.close()
+
+    # ------------------------------------------------------------ the send watch
+
+    def _taken(self) -> int:
+        """Bytes of answers the kernel has taken from this connection's buffer."""
+        return self.conn.written - self.transport.get_write_buffer_size()
+
+    def _watch_sending(self) -> None:
+        if self.send_timer is None and self.transport.get_write_buffer_size():
+            self.taken = self._taken()
+            self.send_timer = self.loop.call_later(self.send_timeout, self._look_at_sending)
+
+    def _look_at_sending(self) -> None:
+        self.send_timer = None
+        if not self.transport.get_write_buffer_size():
+            return  # all of it is with the kernel: nothing held here
+        if self._taken() > self.taken:
+            self._watch_sending()  # read, however slowly
+            return
+        _UNREAD.warn("HTTP: a client read none of its answer for send_timeout (%g s): closing its connection, "
+                     "%d bytes unsent", self.send_timeout, self.transport.get_write_buffer_size())  # fmt: skip
+        self.transport.abort()
