@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import grp
 import json
 import os
 import select
@@ -55,10 +56,11 @@ DOOR = {"listen": ["unix:http.sock", f"127.0.0.1:{PORT}"], "allow_unauthenticate
         "allowed_origins": [ALLOWED]}  # fmt: skip
 
 
-def limits_config(folder: Path, http: dict | None = None, models: dict | None = None, **supervisor) -> str:
+def limits_config(folder: Path, http: dict | None = None, models: dict | None = None, daemon: dict | None = None,
+                  **supervisor) -> str:  # fmt: skip
     return http_config({"gates": gates(folder)}, models or MODELS, http={**DOOR, **(http or {})},
                        supervisor={"loader_path": [str(folder / "modes")], "default_mode": "gates",
-                                   "warm_standby": False, "max_queue": 16, **supervisor})  # fmt: skip
+                                   "warm_standby": False, "max_queue": 16, **supervisor}, daemon=daemon)  # fmt: skip
 
 
 def started(d: RunningDaemon) -> RunningDaemon:
@@ -320,6 +322,112 @@ def test_connections_past_max_connections_are_closed_at_once(daemon, tmp_path):
     finally:
         for s in held:
             s.close()
+
+
+HALF = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"  # a head that has not ended: it holds its connection
+
+
+def served_or_refused(s: socket.socket) -> int | None:
+    """A GET /health on ``s``: its status, or None when the server closes
+    the connection without a word (a cap refused it)."""
+    try:
+        s.sendall(request("GET", "/health"))
+        return read_response(s)[0]
+    except (EOFError, ConnectionResetError, BrokenPipeError):
+        return None
+
+
+def as_user(uid: int, gid: int, path: str, holds: int) -> tuple[int | None, socket.socket]:
+    """In a child process running as ``uid`` (in the group ``gid`` only):
+    open ``holds`` connections to the unix socket ``path`` whose heads never
+    end, then GET /health on one more. Returns that answer's status (None:
+    refused) and a socket that ends the child, its connections closing,
+    once it is closed."""
+    result, control = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but sockets, then _exit
+        status = 1
+        try:
+            result.close()
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            held = []
+            for _ in range(holds):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(T)
+                s.connect(path)
+                s.sendall(HALF)
+                held.append(s)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(T)
+                s.connect(path)
+                answer = served_or_refused(s)
+            control.sendall(json.dumps(answer).encode() + b"\n")
+            control.recv(1)  # until the test closes its end
+            status = 0
+        finally:
+            os._exit(status)
+    control.close()
+    reaped = threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True)
+    reaped.start()
+    try:
+        result.settimeout(T)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = result.recv(64)
+            assert chunk, "the child ended without an answer"
+            line += chunk
+    except BaseException:
+        result.close()  # the child ends
+        raise
+    return json.loads(line), result
+
+
+def test_each_unix_user_is_held_to_a_share_of_the_connections_and_tcp_leaves_the_unix_socket_some(daemon, tmp_path):
+    """Connections are counted before a byte of a head, so one peer could
+    hold them all, tokens or none. On the unix socket each uid gets its
+    share (root and the daemon's own uid are not held to it); TCP knows
+    nobody, but may not take the unix socket's eighth."""
+    if os.getuid() != 0:
+        pytest.skip("connecting as other users needs root")
+    port = free_port()
+    text = limits_config(tmp_path, {"listen": ["unix:http.sock", f"127.0.0.1:{port}"], "max_connections": 8,
+                                    "max_connections_per_user": 2, "header_timeout": 60},
+                         daemon={"socket_group": grp.getgrgid(65534).gr_name})  # fmt: skip
+    d = started(daemon(config_text=text))
+    unix = http_socket(d)
+    os.chmod(d.dir, 0o711)  # the test's own folder: let the other users through to the socket's
+    held: list[socket.socket] = []
+    try:
+        for _ in range(7):  # TCP: all but an eighth of 8
+            held.append(connect(port))
+            held[-1].sendall(HALF)
+        with connect(port) as eighth:
+            assert served_or_refused(eighth) is None, "TCP took the unix socket's share"
+        assert curl("http://gpuvisor/health", unix=unix)[0] == 200
+        for s in held:
+            s.close()
+        held = []
+        wait_until(lambda: not [c for c in psutil.Process(d.proc.pid).net_connections("tcp") if c.raddr], T,
+                   "the daemon to let the TCP connections go")  # fmt: skip
+        third, nobody = as_user(65534, 65534, unix, holds=2)
+        held.append(nobody)
+        assert third is None, "a third connection of one user was served"
+        other, daemon_user = as_user(1, 65534, unix, holds=0)
+        held.append(daemon_user)
+        assert other == 200, "another user was refused for the first one's connections"
+        for _ in range(3):  # root: over the share, not held to it
+            s = socket.socket(socket.AF_UNIX)
+            held.append(s)
+            s.connect(unix)
+            s.sendall(HALF)
+        assert curl("http://gpuvisor/health", unix=unix)[0] == 200
+    finally:
+        for s in held:
+            s.close()
+    assert "uid 65534 holds 2 connections (max_connections_per_user): closing new ones at once" in d.output()
+    assert "TCP holds 7 connections" in d.output()
 
 
 SYS_PIDFD_GETFD = 438  # the same number on x86_64 and arm64
@@ -645,6 +753,7 @@ def test_the_engines_refusals_are_403_413_and_a_503_with_retry_after(served, uni
         ('allowed_origins = ["http://ui.example/"]', ["key 'allowed_origins'", "no trailing slash"]),
         ('allowed_origins = ["ui.example"]', ["key 'allowed_origins'", "SCHEME://HOST[:PORT]"]),
         ("max_connections = 0", ["key 'max_connections'", "from 1 to 65536"]),
+        ("max_connections_per_user = -1", ["key 'max_connections_per_user'", "0: a quarter of max_connections"]),
         ("max_header_bytes = 100", ["key 'max_header_bytes'", "from 1024"]),
         ("header_timeout = 0", ["key 'header_timeout'", "seconds from 0.1"]),
         ('keep_alive_timeout = "5"', ["key 'keep_alive_timeout'", "a number of seconds"]),
@@ -673,9 +782,10 @@ def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
         parse('[modes.a]\nloader = "m:f"\n[http.models.m]\nmode = "a"\nmax_tokens = 0\nchat = "c"\n', "f")
     docs = {name: [line.split("|") for line in (ROOT / "docs" / name).read_text().splitlines() if line.startswith("| `")]
             for name in ("http.md", "configuration.md")}  # fmt: skip
-    for key in ("max_connections", "max_header_bytes", "header_timeout", "keep_alive_timeout", "body_timeout",
-                "send_timeout", "max_body_bytes", "max_inputs", "max_messages", "max_input_chars", "max_stop", "max_stop_chars", "max_tokens",
-                "timeout", "allowed_origins", "allow_unauthenticated_tcp"):  # fmt: skip
+    for key in ("max_connections", "max_connections_per_user", "max_header_bytes", "header_timeout",
+                "keep_alive_timeout", "body_timeout", "send_timeout", "max_body_bytes", "max_inputs", "max_messages",
+                "max_input_chars", "max_stop", "max_stop_chars", "max_tokens", "timeout", "allowed_origins",
+                "allow_unauthenticated_tcp"):  # fmt: skip
         default = getattr(HttpSettings, key)
         shown = {float: lambda v: f"{v:g}", bool: lambda v: str(v).lower(), tuple: lambda v: "[]"}.get(
             type(default), str

@@ -1,17 +1,24 @@
 """One HTTP connection, held to the door's limits: uvicorn's h11 protocol
 (chosen by name, never ``httptools`` because it happens to be installed),
-with a cap on connections, on a request head's size and on the time it may
+with caps on connections, on a request head's size and on the time it may
 take to arrive, and on the time an answer may wait for its reader.
 
 ::
 
-    connection_made ── over max_connections? ── close it at once
+    connection_made ── over a cap? ── close it at once
           │
           ▼
     head timer armed ──(a whole head arrives)──▶ disarmed while the request runs
           ▲                                              │
           └──────────── re-armed when its response ends ◀┘
     the timer fires: the connection is closed
+
+The caps, counted in ``Census``: ``max_connections`` in all; on a unix
+socket, each peer's uid (known from ``SO_PEERCRED`` before a byte is read)
+at most ``max_connections_per_user``, but for the daemon's own uid and
+root, who can stop the daemon anyway; on TCP, where nobody is known before
+the head, all but an eighth of ``max_connections`` when a unix socket
+listens too, so a flood on loopback TCP cannot shut the unix socket out.
 
 uvicorn's own keep-alive timer is cancelled by any byte, so a client that
 sends its head one byte every few seconds (slowloris) would hold a
@@ -49,8 +56,13 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import re
+import socket
+import struct
 import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import h11
@@ -108,8 +120,27 @@ class QuietWarnings(logging.Filter):
 
 
 QUIET = QuietWarnings()
-_REFUSED = Throttled()
+_REFUSED: defaultdict[str, Throttled] = defaultdict(Throttled)  # by the cap that refused
 _UNREAD = Throttled()
+_EXEMPT = frozenset({0, os.getuid()})  # root and the daemon's own uid: not held to max_connections_per_user
+_UNKNOWN = -1  # the uid of a unix peer whose credentials could not be read: held to the cap like anyone
+
+
+@dataclass
+class Census:
+    """A door's open connections, as its caps count them."""
+
+    tcp: int = 0
+    users: Counter[int] = field(default_factory=Counter)  # unix socket peers, by uid
+
+
+def peer_uid(sock: Any) -> int:
+    """The uid of the process at the other end of the unix socket ``sock``."""
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED on this system
+        return _UNKNOWN
+    return int(uid)
 
 
 class BoundedH11(h11.Connection):
@@ -144,10 +175,11 @@ class DoorProtocol(H11Protocol):
 
     door: ClassVar[Door]
     numbers: ClassVar[itertools.count]
+    census: ClassVar[Census]
 
     @classmethod
     def for_door(cls, door: Door) -> type[DoorProtocol]:
-        return type("DoorProtocol", (cls,), {"door": door, "numbers": itertools.count(1)})
+        return type("DoorProtocol", (cls,), {"door": door, "numbers": itertools.count(1), "census": Census()})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,6 +193,7 @@ class DoorProtocol(H11Protocol):
         self.send_timer: asyncio.TimerHandle | None = None
         self.taken = 0  # bytes of answers the kernel had taken at the send watch's last look
         self.refused = False
+        self.counted: int | str | None = None  # "tcp", or the unix peer's uid, once counted in the census
         self.number = next(self.numbers)
         app = self.app
 
@@ -173,11 +206,12 @@ class DoorProtocol(H11Protocol):
     # ------------------------------------------------------------ asyncio
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        limit = self.door.settings.max_connections
-        if len(self.connections) >= limit:
+        refused = self._count_in(transport)
+        if refused is not None:
             self.refused = True
             transport.close()
-            _REFUSED.warn("HTTP: %d connections are open (max_connections): closing new ones at once", limit)
+            cap, why = refused
+            _REFUSED[cap].warn("HTTP: %s: closing new ones at once", why)
             return
         super().connection_made(transport)
         self._arm()
@@ -185,6 +219,7 @@ class DoorProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refused:
             return
+        self._count_out()
         self._disarm()
         if self.send_timer is not None:
             self.send_timer.cancel()
@@ -222,6 +257,37 @@ class DoorProtocol(H11Protocol):
         self.transport.write(answer)  # h11 is in its error state: written by hand
         self.transport.close()
         self._watch_sending()
+
+    # ------------------------------------------------------------ the caps
+
+    def _count_in(self, transport: asyncio.Transport) -> tuple[str, str] | None:
+        """Count this connection in the census, or say which cap refuses it, and why."""
+        limits, census = self.door.settings, self.census
+        if len(self.connections) >= limits.max_connections:
+            return "all", f"{limits.max_connections} connections are open (max_connections)"
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            if census.tcp >= limits.tcp_connections():
+                return "tcp", (f"TCP holds {census.tcp} connections, all it may of max_connections "
+                               f"({limits.max_connections}: the rest are kept for the unix socket)")  # fmt: skip
+            census.tcp += 1
+            self.counted = "tcp"
+            return None
+        uid = peer_uid(sock)
+        if uid not in _EXEMPT and census.users[uid] >= limits.per_user():
+            return "user", f"uid {uid} holds {census.users[uid]} connections (max_connections_per_user)"
+        census.users[uid] += 1
+        self.counted = uid
+        return None
+
+    def _count_out(self) -> None:
+        census, counted, self.counted = self.census, self.counted, None
+        if counted == "tcp":
+            census.tcp -= 1
+        elif isinstance(counted, int):
+            census.users[counted] -= 1
+            if census.users[counted] <= 0:
+                del census.users[counted]
 
     # ------------------------------------------------------------ the head timer
 
