@@ -48,19 +48,34 @@ class HttpSettings:
     models: dict[str, HttpModel] = field(default_factory=dict)
     allow_unauthenticated_tcp: bool = False  # loopback TCP without tokens: every local user gets in
     allowed_origins: tuple[str, ...] = ()  # browser origins let in besides the listener's own ("*": any)
-    # The connection: how many at once, how big and how slow a request's head and body may be.
+    # The connection: how many at once, how big and how slow a request's head and body may be, how slowly
+    # its answers may be read.
     max_connections: int = 512
+    max_connections_per_user: int = 0  # on a unix socket, by the peer's uid; 0: a quarter of max_connections
     max_header_bytes: int = 16 * 1024
     header_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     body_timeout: float = 60.0
+    send_timeout: float = 60.0  # an answer's bytes waiting for a client that reads none of them
     # The request: what one may ask for.
     max_inputs: int = 2048
+    max_messages: int = 2048
     max_input_chars: int = 1_000_000
     max_stop: int = 4
     max_stop_chars: int = 256
     max_tokens: int = 4096
     timeout: float = 300.0  # a job's seconds of running time (0: none), unless its model says otherwise
+
+    def per_user(self) -> int:
+        """The most connections one user (a unix socket peer's uid) may hold."""
+        return self.max_connections_per_user or max(1, self.max_connections // 4)
+
+    def tcp_connections(self) -> int:
+        """The most connections TCP may hold: an eighth of ``max_connections``
+        is kept for the unix socket when there is one, so a flood on TCP,
+        where nobody is known before the head, cannot shut it out."""
+        unix = any(entry.startswith("unix:") for entry in self.listen)
+        return self.max_connections - (self.max_connections // 8 if unix else 0)
 
     def max_tokens_of(self, model: HttpModel) -> int:
         return self.max_tokens if model.max_tokens is None else model.max_tokens
@@ -101,11 +116,14 @@ def split_listen(entry: str) -> tuple[str, int] | str:
 _LIMITS: dict[str, tuple[float, float, str]] = {
     "max_body_bytes": (1024, MAX_BODY_CEILING, "bytes"),
     "max_connections": (1, 65536, "connections"),
+    "max_connections_per_user": (0, 65536, "connections (0: a quarter of max_connections)"),
     "max_header_bytes": (1024, 1024 * 1024, "bytes"),
     "header_timeout": (0.1, 3600.0, "seconds"),
     "keep_alive_timeout": (0.1, 3600.0, "seconds"),
     "body_timeout": (0.1, 3600.0, "seconds"),
+    "send_timeout": (0.1, 3600.0, "seconds"),
     "max_inputs": (1, 1_000_000, "inputs"),
+    "max_messages": (1, 1_000_000, "messages"),
     "max_input_chars": (1, MAX_BODY_CEILING, "characters"),
     "max_stop": (0, 64, "stop strings"),
     "max_stop_chars": (1, 65536, "characters"),

@@ -37,11 +37,11 @@ TEMPLATE = (
 
 
 def http_config(modes: dict[str, Any], models: dict[str, dict[str, Any]], *, http: dict[str, Any] | None = None,
-                supervisor: dict[str, Any] | None = None) -> str:  # fmt: skip
+                supervisor: dict[str, Any] | None = None, daemon: dict[str, Any] | None = None) -> str:  # fmt: skip
     """``config_text`` plus ``[http]`` (``http``, listening on ``http.sock``
     beside the daemon's socket unless it says otherwise) and a
     ``[http.models."NAME"]`` table per model."""
-    text = config_text(modes, supervisor=supervisor)
+    text = config_text(modes, supervisor=supervisor, daemon=daemon)
     text += "[http]\n" + "".join(
         f"{k} = {json.dumps(v)}\n" for k, v in {"listen": ["unix:http.sock"], **(http or {})}.items()
     )

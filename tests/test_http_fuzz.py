@@ -1,6 +1,7 @@
 """The HTTP door fuzzed from its own OpenAPI schema: hypothesis draws request
 bodies from the schema FastAPI makes of the routes (``app.openapi()``, which
-the door does not serve), sends them with httpx to a real ``gpuvisor serve``
+the door does not serve; each body's schema is its request model's, with its
+``$defs``), sends them with httpx to a real ``gpuvisor serve``
 holding the embedding model, the tiny generator and the diag mode's tasks in
 one mode (nothing starts during a case), and every answer must be
 an answer: never a 5xx, never a hang, and every refusal OpenAI's error body.
@@ -42,7 +43,9 @@ SENT: Counter[str] = Counter()  # requests by path
 STATUSES: Counter[int] = Counter()  # answers by status
 
 SPEC = create_app(None, Door(HttpSettings())).openapi()  # type: ignore[arg-type]  # the schema needs no Supervisor
-DEFS = SPEC["components"]["schemas"]
+BODIES = {path: SPEC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+          for path in ENDPOINTS}  # fmt: skip
+DEFS = {name: schema for body in BODIES.values() for name, schema in body.get("$defs", {}).items()}
 
 JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
@@ -100,7 +103,7 @@ def strategy(schema: dict[str, Any], strict: bool, name: str = "", served: tuple
 
 def body_strategy(path: str) -> st.SearchStrategy[Any]:
     """Half the bodies strict (to reach the worker), half wild, now and then not even an object."""
-    schema = SPEC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = BODIES[path]
     served = tuple(name for name, table in MODELS.items() if ENDPOINTS[path] in table)
     return st.one_of(strategy(schema, True, served=served), strategy(schema, False), JSON)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import grp
 import json
 import os
 import select
@@ -51,13 +52,15 @@ MODELS = {
     "too-large": {"mode": "gates", "completions": "too_large"},
 }
 DOOR = {"listen": ["unix:http.sock", f"127.0.0.1:{PORT}"], "allow_unauthenticated_tcp": True,
-        "max_header_bytes": 8192, "header_timeout": 2, "body_timeout": 2, "allowed_origins": [ALLOWED]}  # fmt: skip
+        "max_header_bytes": 8192, "header_timeout": 2, "body_timeout": 2, "send_timeout": 2,
+        "allowed_origins": [ALLOWED]}  # fmt: skip
 
 
-def limits_config(folder: Path, http: dict | None = None, models: dict | None = None, **supervisor) -> str:
+def limits_config(folder: Path, http: dict | None = None, models: dict | None = None, daemon: dict | None = None,
+                  **supervisor) -> str:  # fmt: skip
     return http_config({"gates": gates(folder)}, models or MODELS, http={**DOOR, **(http or {})},
                        supervisor={"loader_path": [str(folder / "modes")], "default_mode": "gates",
-                                   "warm_standby": False, "max_queue": 16, **supervisor})  # fmt: skip
+                                   "warm_standby": False, "max_queue": 16, **supervisor}, daemon=daemon)  # fmt: skip
 
 
 def started(d: RunningDaemon) -> RunningDaemon:
@@ -149,6 +152,66 @@ def test_a_head_over_max_header_bytes_is_a_431_and_not_read_whole(served):
     assert_error(json.loads(content), 431, "request_too_large", "max_header_bytes (8192)")
 
 
+def answers(s: socket.socket) -> list[tuple[int, bytes]]:
+    """Every response on ``s`` until the server closes it: (status, body) each."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    out = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        size = next(int(v) for k, _, v in (line.partition(":") for line in lines[1:]) if k.lower() == "content-length")
+        out.append((int(lines[0].split()[1]), data[:size]))
+        data = data[size:]
+    return out
+
+
+def head_of(size: int, path: str = "/health", extra: str = "") -> bytes:
+    """A GET whose head (its line, headers and the blank line) is ``size`` bytes."""
+    start = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}X-Pad: ".encode()
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_a_head_over_max_header_bytes_is_a_431_however_it_arrives(served):
+    """h11 bounds only a head still incomplete: one that arrived whole in
+    one read was parsed, whatever its size (65,000 bytes were served)."""
+    many = b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"Xy: a\r\n" * 5000 + b"\r\n"  # 35 KB of small headers
+    for head in (head_of(8193), head_of(60_000), head_of(200_000), many):
+        with connect() as s:
+            s.sendall(head)  # all of it: the answer comes once it is in
+            status, headers, content = read_response(s)
+            assert status == 431 and headers["connection"] == "close", len(head)
+            assert_error(json.loads(content), 431, "request_too_large", "max_header_bytes (8192)")
+    with connect() as s:
+        s.sendall(head_of(8192, extra="Connection: close\r\n"))
+        assert [status for status, _ in answers(s)] == [200], "a head of max_header_bytes exactly is served"
+
+
+def test_pipelined_requests_are_each_held_to_max_header_bytes_not_their_sum(served):
+    with connect() as s:
+        s.sendall(head_of(5000) + head_of(5000, extra="Connection: close\r\n"))  # 10,000 bytes in one write
+        assert [status for status, _ in answers(s)] == [200, 200]
+    with connect() as s:
+        s.sendall(head_of(5000) + head_of(9000))
+        assert [status for status, _ in answers(s)] == [200, 431]
+
+
+def test_a_flood_of_bad_requests_is_one_log_line_in_ten_seconds(served):
+    """uvicorn logs a warning for every request h11 cannot read, and two for
+    every upgrade it does not serve: a flood filled the log."""
+    mark = len(served.output())
+    for n in range(30):
+        with connect() as s:
+            s.sendall(b"NONSENSE\r\n\r\n" if n % 2 else request("GET", "/health", extra="Connection: upgrade\r\n"
+                                                                   "Upgrade: websocket\r\n"))  # fmt: skip
+            assert read_response(s)[0] == (400 if n % 2 else 200)
+    said = served.output()[mark:]
+    for line in ("Invalid HTTP request received.", "Unsupported upgrade request.", "No supported WebSocket library"):
+        assert said.count(line) <= 1, said
+    assert "Invalid HTTP request received." in served.output(), "the first of them is logged"
+
+
 def trickle_until_closed(s: socket.socket) -> bool:
     """Send a header one byte at a time, 5 a second, until the server closes
     the connection (True) or the hang guard runs out (False)."""
@@ -193,6 +256,46 @@ def test_a_body_sent_slowly_is_a_408_after_body_timeout(served):
         assert closed_by_server(s)
 
 
+def daemons_end(pid: int, client: socket.socket) -> bool:
+    """Whether the daemon ``pid`` holds the other end of ``client``'s TCP connection."""
+    local = client.getsockname()
+    return any(c.raddr and tuple(c.raddr) == local for c in psutil.Process(pid).net_connections("tcp"))
+
+
+def embeddings_request(inputs: int, extra: str = "") -> bytes:
+    body = json.dumps({"model": "vectors", "input": [f"text {i}" for i in range(inputs)]}).encode()
+    return request("POST", "/v1/embeddings", body, extra=extra)
+
+
+def test_a_client_that_reads_none_of_its_answer_is_cut_off_after_send_timeout(served):
+    """The answer (2048 vectors: 9 MB of JSON) waits in the daemon's buffer
+    for a reader; one that reads none of it for send_timeout is let go."""
+    mark = len(served.output())
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", PORT))
+        s.sendall(embeddings_request(2048))
+        wait_until(lambda: daemons_end(served.proc.pid, s), T, "the daemon to take the connection")
+        wait_until(lambda: not daemons_end(served.proc.pid, s), T, "the daemon to let the non-reader go")
+    assert "a client read none of its answer for send_timeout (2 s): closing its connection" in served.output()[mark:]
+    assert curl(f"http://127.0.0.1:{PORT}/health")[0] == 200
+
+
+def test_a_client_that_reads_slowly_gets_its_whole_answer_however_long_it_takes(served, unix):
+    """200 vectors (870 KB of JSON) read 16 KB every 50 ms: longer than
+    send_timeout, but never a send_timeout without reading."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(unix)
+        s.settimeout(T)
+        s.sendall(embeddings_request(200, "Connection: close\r\n"))
+        data = b""
+        while chunk := s.recv(16384):
+            data += chunk
+            time.sleep(0.05)
+    head, _, content = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(json.loads(content)["data"]) == 200
+
+
 def test_connections_past_max_connections_are_closed_at_once(daemon, tmp_path):
     port = free_port()
     d = started(daemon(config_text=limits_config(tmp_path, {"listen": [f"127.0.0.1:{port}"], "max_connections": 3})))
@@ -219,6 +322,112 @@ def test_connections_past_max_connections_are_closed_at_once(daemon, tmp_path):
     finally:
         for s in held:
             s.close()
+
+
+HALF = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"  # a head that has not ended: it holds its connection
+
+
+def served_or_refused(s: socket.socket) -> int | None:
+    """A GET /health on ``s``: its status, or None when the server closes
+    the connection without a word (a cap refused it)."""
+    try:
+        s.sendall(request("GET", "/health"))
+        return read_response(s)[0]
+    except (EOFError, ConnectionResetError, BrokenPipeError):
+        return None
+
+
+def as_user(uid: int, gid: int, path: str, holds: int) -> tuple[int | None, socket.socket]:
+    """In a child process running as ``uid`` (in the group ``gid`` only):
+    open ``holds`` connections to the unix socket ``path`` whose heads never
+    end, then GET /health on one more. Returns that answer's status (None:
+    refused) and a socket that ends the child, its connections closing,
+    once it is closed."""
+    result, control = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but sockets, then _exit
+        status = 1
+        try:
+            result.close()
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            held = []
+            for _ in range(holds):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(T)
+                s.connect(path)
+                s.sendall(HALF)
+                held.append(s)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(T)
+                s.connect(path)
+                answer = served_or_refused(s)
+            control.sendall(json.dumps(answer).encode() + b"\n")
+            control.recv(1)  # until the test closes its end
+            status = 0
+        finally:
+            os._exit(status)
+    control.close()
+    reaped = threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True)
+    reaped.start()
+    try:
+        result.settimeout(T)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = result.recv(64)
+            assert chunk, "the child ended without an answer"
+            line += chunk
+    except BaseException:
+        result.close()  # the child ends
+        raise
+    return json.loads(line), result
+
+
+def test_each_unix_user_is_held_to_a_share_of_the_connections_and_tcp_leaves_the_unix_socket_some(daemon, tmp_path):
+    """Connections are counted before a byte of a head, so one peer could
+    hold them all, tokens or none. On the unix socket each uid gets its
+    share (root and the daemon's own uid are not held to it); TCP knows
+    nobody, but may not take the unix socket's eighth."""
+    if os.getuid() != 0:
+        pytest.skip("connecting as other users needs root")
+    port = free_port()
+    text = limits_config(tmp_path, {"listen": ["unix:http.sock", f"127.0.0.1:{port}"], "max_connections": 8,
+                                    "max_connections_per_user": 2, "header_timeout": 60},
+                         daemon={"socket_group": grp.getgrgid(65534).gr_name})  # fmt: skip
+    d = started(daemon(config_text=text))
+    unix = http_socket(d)
+    os.chmod(d.dir, 0o711)  # the test's own folder: let the other users through to the socket's
+    held: list[socket.socket] = []
+    try:
+        for _ in range(7):  # TCP: all but an eighth of 8
+            held.append(connect(port))
+            held[-1].sendall(HALF)
+        with connect(port) as eighth:
+            assert served_or_refused(eighth) is None, "TCP took the unix socket's share"
+        assert curl("http://gpuvisor/health", unix=unix)[0] == 200
+        for s in held:
+            s.close()
+        held = []
+        wait_until(lambda: not [c for c in psutil.Process(d.proc.pid).net_connections("tcp") if c.raddr], T,
+                   "the daemon to let the TCP connections go")  # fmt: skip
+        third, nobody = as_user(65534, 65534, unix, holds=2)
+        held.append(nobody)
+        assert third is None, "a third connection of one user was served"
+        other, daemon_user = as_user(1, 65534, unix, holds=0)
+        held.append(daemon_user)
+        assert other == 200, "another user was refused for the first one's connections"
+        for _ in range(3):  # root: over the share, not held to it
+            s = socket.socket(socket.AF_UNIX)
+            held.append(s)
+            s.connect(unix)
+            s.sendall(HALF)
+        assert curl("http://gpuvisor/health", unix=unix)[0] == 200
+    finally:
+        for s in held:
+            s.close()
+    assert "uid 65534 holds 2 connections (max_connections_per_user): closing new ones at once" in d.output()
+    assert "TCP holds 7 connections" in d.output()
 
 
 SYS_PIDFD_GETFD = 438  # the same number on x86_64 and arm64
@@ -333,6 +542,65 @@ def test_embeddings_over_max_inputs_or_max_input_chars_are_413_before_anything_i
     assert refused.value.status_code == 413
     assert calls(folder, 384) == before, "a refused request reached the worker"
     assert curl("http://gpuvisor/v1/embeddings", {"model": "vectors", "input": ["x"] * 2048}, unix=unix)[0] == 200
+
+
+def rss(d: RunningDaemon) -> int:
+    return psutil.Process(d.proc.pid).memory_info().rss
+
+
+def test_unknown_fields_are_dropped_as_the_body_is_read_not_kept_while_the_job_waits(served, unix, folder):
+    """Four requests, each with an unknown field of two million empty
+    objects (6 MB of JSON, some 160 MB once parsed), wait in the queue: the
+    daemon keeps their prompts only. Kept, they held 26 times their size."""
+    swell = b",".join([b"{}"] * 2_000_000)
+    before = rss(served)
+    held = []
+    try:
+        for n in range(4):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(T)
+            s.connect(unix)
+            s.sendall(request("POST", "/v1/completions", b'{"model":"held","prompt":"sw%d","z":[%s]}' % (n, swell)))
+            held.append(s)
+        with served.client() as c:
+            wait_until(lambda: c.status()["queued"] + c.status()["in_flight"] == 4, T, "four swollen jobs waiting")
+        grown = rss(served) - before
+        assert grown < 200 * 2**20, f"the daemon grew by {grown / 2**20:.0f} MB holding four queued requests"
+        for n in range(4):
+            (folder / f"release-sw{n}").touch()
+        for n, s in enumerate(held):
+            status, _, content = read_response(s)
+            assert status == 200 and json.loads(content)["choices"][0]["text"] == f"sw{n}"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_refused_field_is_refused_whatever_its_size_and_said_in_a_few_words(served, unix):
+    many = {"logit_bias": {str(i): 1 for i in range(200_000)}, "tools": [{}] * 200_000, "n": 2}
+    for key, value in many.items():
+        status, answer = curl("http://gpuvisor/v1/completions", {"model": "say", "prompt": "x", key: value}, unix=unix)
+        assert status == 400, key
+        assert_error(answer, 400, "unsupported", f"{key}=")
+        assert answer["error"]["param"] == key and len(answer["error"]["message"]) <= 200
+    status, answer = curl("http://gpuvisor/v1/completions", {"model": "say", "prompt": "x", "user": [{}] * 200_000,
+                                                             "n": 1, "tools": []}, unix=unix)  # fmt: skip
+    assert status == 200, answer
+
+
+def test_chat_messages_past_max_messages_are_a_413_however_short(served, unix):
+    url = "http://gpuvisor/v1/chat/completions"
+    empty = {"role": "", "content": ""}
+    for messages, words in (([empty] * 2049, "messages has 2049 items; at most 2048 (max_messages)"),
+                            ([empty] * 300_000, "messages has 300000 items"),
+                            ([{"role": "user", "content": [{"type": "text", "text": ""}] * 2049}],
+                             "2049 content parts; at most 2048 (max_messages)")):  # fmt: skip
+        status, answer = curl(url, {"model": "say", "messages": messages}, unix=unix)
+        assert status == 413, words
+        assert_error(answer, 413, "request_too_large", words)
+        assert answer["error"]["param"] == "messages"
+    status, answer = curl(url, {"model": "say", "messages": [{"role": "user", "content": "x"}] * 2048}, unix=unix)
+    assert status == 200, answer
 
 
 def test_an_embeddings_answer_over_the_frame_limit_is_a_413_from_the_worker_then_up_front(served, unix, folder):
@@ -485,11 +753,14 @@ def test_the_engines_refusals_are_403_413_and_a_503_with_retry_after(served, uni
         ('allowed_origins = ["http://ui.example/"]', ["key 'allowed_origins'", "no trailing slash"]),
         ('allowed_origins = ["ui.example"]', ["key 'allowed_origins'", "SCHEME://HOST[:PORT]"]),
         ("max_connections = 0", ["key 'max_connections'", "from 1 to 65536"]),
+        ("max_connections_per_user = -1", ["key 'max_connections_per_user'", "0: a quarter of max_connections"]),
         ("max_header_bytes = 100", ["key 'max_header_bytes'", "from 1024"]),
         ("header_timeout = 0", ["key 'header_timeout'", "seconds from 0.1"]),
         ('keep_alive_timeout = "5"', ["key 'keep_alive_timeout'", "a number of seconds"]),
         ("body_timeout = -1", ["key 'body_timeout'", "from 0.1"]),
+        ("send_timeout = 0", ["key 'send_timeout'", "seconds from 0.1"]),
         ("max_inputs = 2.5", ["key 'max_inputs'", "a whole number of inputs"]),
+        ("max_messages = 0", ["key 'max_messages'", "messages from 1"]),
         ("max_input_chars = 0", ["key 'max_input_chars'", "characters from 1"]),
         ("max_stop = 65", ["key 'max_stop'", "from 0 to 64"]),
         ("max_stop_chars = 0", ["key 'max_stop_chars'", "from 1"]),
@@ -511,9 +782,10 @@ def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
         parse('[modes.a]\nloader = "m:f"\n[http.models.m]\nmode = "a"\nmax_tokens = 0\nchat = "c"\n', "f")
     docs = {name: [line.split("|") for line in (ROOT / "docs" / name).read_text().splitlines() if line.startswith("| `")]
             for name in ("http.md", "configuration.md")}  # fmt: skip
-    for key in ("max_connections", "max_header_bytes", "header_timeout", "keep_alive_timeout", "body_timeout",
-                "max_body_bytes", "max_inputs", "max_input_chars", "max_stop", "max_stop_chars", "max_tokens",
-                "timeout", "allowed_origins", "allow_unauthenticated_tcp"):  # fmt: skip
+    for key in ("max_connections", "max_connections_per_user", "max_header_bytes", "header_timeout",
+                "keep_alive_timeout", "body_timeout", "send_timeout", "max_body_bytes", "max_inputs", "max_messages",
+                "max_input_chars", "max_stop", "max_stop_chars", "max_tokens", "timeout", "allowed_origins",
+                "allow_unauthenticated_tcp"):  # fmt: skip
         default = getattr(HttpSettings, key)
         shown = {float: lambda v: f"{v:g}", bool: lambda v: str(v).lower(), tuple: lambda v: "[]"}.get(
             type(default), str

@@ -161,6 +161,7 @@ class Admission:
                               "request_too_large")  # fmt: skip
                 return
             receive = _replay(body_message, receive)
+            del body_message  # held by the replay until the route takes it, then by nobody here
         await self.app(scope, receive, send)
 
     def _stranger(self, scope: Scope, headers: dict[str, str]) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
@@ -55,15 +56,18 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
                            "model_not_supported", "model")  # fmt: skip
         return model, task
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: openai.EmbeddingRequest, request: Request) -> Response:
-        body.refuse_unsupported()
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(openai.EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
         limits = door.settings
+        body = openai.parse(openai.EmbeddingRequest, await _body(request), limits)
+        body.refuse_unsupported()
         model, task = served(body.model, "embeddings")
         texts = body.texts(limits)
+        dimensions, encoding = body.dimensions, body.encoding_format
+        del body  # the payload is all the job needs
         width = door.widths.get((model.mode, task))  # known from this task's first answer
         if width is not None:
-            check_width(body.dimensions, width)
+            check_width(dimensions, width)
             if not openai.answer_fits(len(texts), width):
                 raise ApiError(413, f"{len(texts)} vectors of {width} values would be over the frame limit of one "
                                "answer: send fewer inputs", "request_too_large", "input")  # fmt: skip
@@ -71,32 +75,35 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
         result = await jobs.run(sup, request, task, payload, model.mode, limits.timeout_of(model))
         array, tokens = await run_in_threadpool(openai.vectors, result, len(texts))
         door.widths[(model.mode, task)] = array.shape[1]
-        check_width(body.dimensions, array.shape[1])
-        content = await run_in_threadpool(openai.embeddings, model.name, array, tokens, body.encoding_format)
+        check_width(dimensions, array.shape[1])
+        content = await run_in_threadpool(openai.embeddings, model.name, array, tokens, encoding)
         return Response(content, media_type="application/json")
 
-    async def generation(body: openai.ChatRequest | openai.CompletionRequest, request: Request,
+    async def generation(request: Request, kind: type[openai.ChatRequest | openai.CompletionRequest],
                          endpoint: str) -> Response:  # fmt: skip
-        body.refuse_unsupported()
         limits = door.settings
+        body = openai.parse(kind, await _body(request), limits)
+        body.refuse_unsupported()
         model, task = served(body.model, endpoint)
         payload = body.payload(limits, limits.max_tokens_of(model))
+        stream, include_usage = body.stream, body.include_usage
+        del body  # the payload is all the job needs
         reply = openai.Reply(model.name, chat=endpoint == "chat")
         timeout = limits.timeout_of(model)
-        if not body.stream:
+        if not stream:
             result = await jobs.run(sup, request, task, payload, model.mode, timeout)
             return JSONResponse(reply.whole(result))
-        stream = jobs.Stream(sup, request, task, payload, model.mode, timeout)
-        first = await stream.first(request)
-        return jobs.JobStreamResponse(_events(stream, first, reply, body.include_usage), stream, request)
+        job = jobs.Stream(sup, request, task, payload, model.mode, timeout)
+        first = await job.first(request)
+        return jobs.JobStreamResponse(_events(job, first, reply, include_usage), job, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: openai.ChatRequest, request: Request) -> Response:
-        return await generation(body, request, "chat")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(openai.ChatRequest))
+    async def chat(request: Request) -> Response:
+        return await generation(request, openai.ChatRequest, "chat")
 
-    @app.post("/v1/completions")
-    async def completions(body: openai.CompletionRequest, request: Request) -> Response:
-        return await generation(body, request, "completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(openai.CompletionRequest))
+    async def completions(request: Request) -> Response:
+        return await generation(request, openai.CompletionRequest, "completions")
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -118,6 +125,26 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
         return Response(sup.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _body(request: Request) -> bytes:
+    """The request's body. Read here, not by FastAPI from a declared body
+    parameter: FastAPI keeps the bytes and everything parsed from them
+    referenced until the route returns, which for a queued job is as long
+    as it waits."""
+    parts = []
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise jobs.ClientGone
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _body_schema(kind: type[BaseModel]) -> dict[str, Any]:
+    """The route's request body in the OpenAPI schema (not served; the fuzz tests draw bodies from it)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": kind.model_json_schema()}}}}
 
 
 def check_width(dimensions: int | None, width: int) -> None:

@@ -20,6 +20,7 @@ import logging
 import math
 import secrets
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
@@ -174,21 +175,22 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return ApiError(500, f"the server could not answer this request (error id {error_id})").response()
 
 
-async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """pydantic's complaint, as one readable line naming the field."""
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+def invalid(errors: Sequence[Any]) -> ApiError:
+    """pydantic's complaint (``errors()``), as one readable line naming the field."""
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return ApiError(400, f"the request body is not JSON: {first.get('ctx', {}).get('error', 'invalid')}").response()
+        return ApiError(400, f"the request body is not JSON: {first.get('ctx', {}).get('error', 'invalid')}")
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
     message = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg', 'invalid')}"
         for e in errors[:5]
     )
-    return ApiError(
-        400, short(message) or "the request body is not valid", param=".".join(where)[:SHORT] or None
-    ).response()
+    return ApiError(400, short(message) or "the request body is not valid", param=".".join(where)[:SHORT] or None)
+
+
+async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return invalid(exc.errors()).response()
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

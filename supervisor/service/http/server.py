@@ -43,7 +43,7 @@ from supervisor.config_http import HttpSettings, loopback_host, split_listen
 from supervisor.service.front import EndpointError, bind_unix, release_path
 from supervisor.service.http.admission import Admission, Door, read_tokens
 from supervisor.service.http.app import create_app
-from supervisor.service.http.connection import DoorProtocol
+from supervisor.service.http.connection import QUIET, DoorProtocol
 
 log = logging.getLogger("gpuvisor")
 
@@ -118,6 +118,7 @@ class HttpFront:
         )
         for name in ("uvicorn", "uvicorn.error"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("uvicorn.error").addFilter(QUIET)  # a flood of bad requests is one line in 10 s
         self._server = server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, args=(server,), name="gpuvisor-http", daemon=True)
         self._thread.start()
