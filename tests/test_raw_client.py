@@ -140,7 +140,7 @@ def test_error_replies(diag):
 
 
 def test_job_timeout(diag):
-    err = error(diag.call("submit", task="sleep", payload={"seconds": 10}, timeout=0.5))
+    err = error(diag.call("submit", task="sleep", payload={"seconds": 2}, timeout=0.5))
     assert err["code"] == "job_timeout"
     assert value(diag.call("submit", task="echo", payload="after")) == "after"
 
