@@ -79,29 +79,37 @@ def test_switches_and_restarts_take_a_place_in_the_queue(write_config):
 # ---------------------------------------------------------------- payloads stay bytes in the daemon
 
 
+def _echo_growing(d, request_id: str, payload: bytes) -> tuple[dict, int]:
+    """Echo ``payload`` (msgpack, sent as it is) through a fresh daemon in
+    diag: the answer, and how much the daemon's RSS grew meanwhile. The
+    worker still serves a plain job afterwards."""
+    raw = RawClient(d.endpoint, timeout=T)
+    try:
+        wait_until(lambda: raw.call("status")["value"]["mode"] == "diag", T, "diag to load")
+        daemon_proc = psutil.Process(d.proc.pid)
+        before = daemon_proc.memory_info().rss
+        raw._sock.send(_with_raw_payload({"v": 1, "k": "submit", "id": request_id, "task": "echo"}, payload))
+        answer = raw.wait_for(request_id)
+        grown = daemon_proc.memory_info().rss - before
+        assert raw.call("submit", task="echo", payload=[1, 2])["value"] == [1, 2], "the worker serves on"
+        return answer, grown
+    finally:
+        raw.close()
+
+
 def test_a_payload_that_decodes_to_far_more_than_it_weighs_does_not_swell_the_daemon(daemon):
     """3.8 MB of empty arrays decoded to 282 MB in the daemon on main. The
     daemon now forwards a payload as the bytes it came as; the worker's
     decoder refuses an array of more than 1,048,576 items, and the job
     fails with its own error, under its own id."""
     d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
-    raw = RawClient(d.endpoint, timeout=T)
-    try:
-        wait_until(lambda: raw.call("status")["value"]["mode"] == "diag", T, "diag to load")
-        daemon_proc = psutil.Process(d.proc.pid)
-        before = daemon_proc.memory_info().rss
-        payload = msgpack.packb([[]] * 3_800_000)
-        raw._sock.send(_with_raw_payload({"v": 1, "k": "submit", "id": "big", "task": "echo"}, payload))
-        answer = raw.wait_for("big")
-        grown = daemon_proc.memory_info().rss - before
-        assert not answer["ok"] and answer["error"]["code"] == "protocol_error", answer
-        assert "exceeds max_array_len" in answer["error"]["message"], answer
-        assert grown < 64 * 1024 * 1024, (
-            f"the daemon grew by {grown / 2**20:.0f} MiB for a {len(payload) / 2**20:.1f} MiB payload"
-        )
-        assert raw.call("submit", task="echo", payload=[1, 2])["value"] == [1, 2], "the worker serves on"
-    finally:
-        raw.close()
+    payload = msgpack.packb([[]] * 3_800_000)
+    answer, grown = _echo_growing(d, "big", payload)
+    assert not answer["ok"] and answer["error"]["code"] == "protocol_error", answer
+    assert "exceeds max_array_len" in answer["error"]["message"], answer
+    assert grown < 64 * 1024 * 1024, (
+        f"the daemon grew by {grown / 2**20:.0f} MiB for a {len(payload) / 2**20:.1f} MiB payload"
+    )
 
 
 def _with_raw_payload(fields: dict, payload: bytes) -> bytes:
@@ -443,17 +451,6 @@ def test_an_answer_that_decodes_to_far_more_than_it_weighs_is_not_built_in_the_d
     main it decoded the answer to send it again: +600 MB and the others'
     jobs waited behind it (adversarial review)."""
     d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
-    raw = RawClient(d.endpoint, timeout=T)
-    try:
-        wait_until(lambda: raw.call("status")["value"]["mode"] == "diag", T, "diag to load")
-        daemon_proc = psutil.Process(d.proc.pid)
-        before = daemon_proc.memory_info().rss
-        payload = msgpack.packb([[[]] * 1_000_000] * 4)
-        raw._sock.send(_with_raw_payload({"v": 1, "k": "submit", "id": "nested", "task": "echo"}, payload))
-        answer = raw.wait_for("nested")
-        grown = daemon_proc.memory_info().rss - before
-        assert answer["ok"] and len(answer["value"]) == 4 and len(answer["value"][0]) == 1_000_000
-        assert grown < 64 * 1024 * 1024, f"the daemon grew by {grown / 2**20:.0f} MiB"
-        assert raw.call("submit", task="echo", payload=[1, 2])["value"] == [1, 2]
-    finally:
-        raw.close()
+    answer, grown = _echo_growing(d, "nested", msgpack.packb([[[]] * 1_000_000] * 4))
+    assert answer["ok"] and len(answer["value"]) == 4 and len(answer["value"][0]) == 1_000_000
+    assert grown < 64 * 1024 * 1024, f"the daemon grew by {grown / 2**20:.0f} MiB"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,14 +65,14 @@ class WorkerLink:
         except zmq.ZMQError:
             return False
 
-    def receive(self, packed: Callable[[Any], bool] | None = None) -> Iterator[Received]:
-        """Every message waiting, decoded, without blocking. ``packed(job)``:
-        whether that job's answers are forwarded as the bytes they came as
-        (a RESULT's or CHUNK's value left packed), for a door's client."""
+    def receive(self, packed: Collection[int] = ()) -> Iterator[Received]:
+        """Every message waiting, decoded, without blocking. ``packed``: the
+        jobs whose answers are forwarded as the bytes they came as (a
+        RESULT's or CHUNK's value left packed), for a door's client."""
         for frames in read_all(self.socket, copied=2):  # identity and header as bytes; arrays stay in frames
             identity, body = frames[0], frames[1:]
             try:
-                raw = packed is not None and peek(body, "k") in _ANSWERS and packed(peek(body, "job"))
+                raw = bool(packed) and peek(body, "k") in _ANSWERS and peek(body, "job") in packed
                 yield Received(identity, decode_from_worker(body, packed_value=raw))
             except ProtocolError as exc:
                 yield Received(identity, None, exc, peek(body, "k"), peek(body, "job"))

@@ -236,7 +236,7 @@ class Engine:
                 if w is not None and w.stderr_fd in events:
                     w.pump_stderr()
             if self.link.socket in events:
-                for got in self.link.receive(self._packed if self._forwarding() else None):
+                for got in self.link.receive(self._packed()):
                     inbox.handle(self._sender(got.identity), got)
             # 2. exits. Without a pidfd, look every turn.
             for slot in slots:
@@ -270,13 +270,9 @@ class Engine:
         for fd in watched:
             poller.unregister(fd)
 
-    def _forwarding(self) -> bool:
-        """A job in flight wants its answers as they came (a door's)."""
-        return any(job.packed for slot in self.slots if slot.worker is not None for job in slot.worker.in_flight)
-
-    def _packed(self, job_id: Any) -> bool:
-        return any(job.id == job_id and job.packed
-                   for slot in self.slots if slot.worker is not None for job in slot.worker.in_flight)  # fmt: skip
+    def _packed(self) -> set[int]:
+        """The jobs in flight whose answers go on as they came (a door's)."""
+        return {job.id for slot in self.slots if slot.worker is not None for job in slot.worker.in_flight if job.packed}
 
     def _sender(self, identity: bytes) -> Slot:
         """The slot whose worker (of any generation: each has its own) sent

@@ -104,8 +104,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     submit.add_argument("payload", nargs="?", default="null", help="the payload as JSON (default: null)")
     submit.add_argument("--mode", help="switch to this mode first if needed")
     submit.add_argument("--timeout", "--job-timeout", type=_job_seconds, dest="job_timeout", metavar="SECONDS",
-                        help="seconds the job may run; 0: no limit (never past the daemon's job_timeout, a ceiling; "
-                             "default: the job_timeout)")  # fmt: skip
+                        help="seconds to wait for the job; 0 or none: the daemon's job_timeout, a ceiling; "
+                             "less gives up on it while the worker finishes it")  # fmt: skip
     submit.add_argument("--retries", type=_whole, default=0, help="re-run this many times if the worker dies")
     submit.add_argument(
         "--stream", action="store_true", help="print each chunk as it comes (one JSON line each with --json)"

@@ -40,12 +40,7 @@ def check_secret_file(path: str, setting: str) -> None:
     it. For a file whose content is a secret: ``[http] token_file``,
     ``[daemon] curve_secret_key``. ``setting`` names it in the messages.
     Call it before the file is read, so a refused file is never used."""
-    real, folders = _resolve(path, setting)
-    st = _stat(real, path, setting)
-    if not stat.S_ISREG(st.st_mode):
-        raise EndpointError(f"{setting} {path} is not a regular file")
-    _refuse_if_others_can_change(real, st, path, setting)
-    _refuse_if_a_folder_is_open(folders, path, setting)
+    _, st = _held_by_us(path, setting, stat.S_ISREG, "a regular file")
     _warn_if_others_can_read(st, path, setting)
 
 
@@ -55,18 +50,23 @@ def check_trusted_folder(path: str, setting: str, pattern: str = "*.key") -> Non
     ``pattern``. For a folder whose files say who may come in:
     ``[daemon] curve_clients_dir`` (the allowed clients' public keys, which
     anyone may read: only writing them is refused)."""
-    real, folders = _resolve(path, setting)
-    st = _stat(real, path, setting)
-    if not stat.S_ISDIR(st.st_mode):
-        raise EndpointError(f"{setting} {path} is not a folder")
-    _refuse_if_others_can_change(real, st, path, setting)
-    _refuse_if_a_folder_is_open(folders, path, setting)
+    real, _ = _held_by_us(path, setting, stat.S_ISDIR, "a folder")
     for name in sorted(os.listdir(real)):
         if fnmatch.fnmatch(name, pattern):
-            inner = os.path.join(real, name)
-            inner_real, inner_folders = _resolve(inner, f"{setting}: the file")  # a key may be a link too
-            _refuse_if_others_can_change(inner_real, _stat(inner_real, inner, setting), inner, f"{setting}: the file")
-            _refuse_if_a_folder_is_open(inner_folders, inner, f"{setting}: the file")
+            _held_by_us(os.path.join(real, name), f"{setting}: the file")  # a key may be a link too
+
+
+def _held_by_us(path: str, setting: str, is_kind=None, kind: str = "") -> tuple[str, os.stat_result]:
+    """``path``'s real path and status, refused unless it is of the ``kind``
+    ``is_kind`` accepts and nobody but this daemon's user and root could
+    change it, a link on its way, or a folder it goes through."""
+    real, folders = _resolve(path, setting)
+    st = _stat(real, path, setting)
+    if is_kind is not None and not is_kind(st.st_mode):
+        raise EndpointError(f"{setting} {path} is not {kind}")
+    _refuse_if_others_can_change(real, st, path, setting)
+    _refuse_if_a_folder_is_open(folders, path, setting)
+    return real, st
 
 
 def _stat(real: str, path: str, setting: str) -> os.stat_result:
