@@ -177,6 +177,13 @@ report["bf16_run"] = drain(bf16["generate"], {"prompt": "hi", "max_new_tokens": 
 report["missing_path"] = load_error(model_path=folder + "/does-not-exist")
 report["empty_folder"] = load_error(model_path=empty)
 report["bad_dtype"] = load_error(dtype="float64")
+sized = mode.load(device="cpu", size={"n_embd": 96, "n_layer": 3, "n_head": 4})
+report["sized_info"] = sized["info"](None)
+report["sized_run"] = drain(sized["generate"], {"prompt": "hi", "max_new_tokens": 3})
+report["bad_size_key"] = load_error(size={"vocab_size": 10})
+report["bad_size_value"] = load_error(size={"n_layer": 0})
+report["bad_size_type"] = load_error(size=[1, 2])
+report["size_with_path"] = load_error(model_path=folder, size={"n_layer": 1})
 print(json.dumps(report))
 """
 
@@ -427,3 +434,20 @@ def test_a_template_that_refuses_the_messages_is_a_value_error(seen):
     assert kind == "ValueError" and "no system role here" in message
     kind, message = seen["bad_template_arg"]
     assert kind == "TypeError" and "chat_template" in message
+
+
+def test_size_shapes_the_random_model_and_refuses_what_is_not_a_shape(seen):
+    """A model big enough to see on a GPU, with nothing to download: the GPU
+    tests build a 5 GB one this way."""
+    assert seen["sized_info"]["parameters"] > seen["info"]["parameters"] * 2
+    assert len(tokens(seen["sized_run"])) == 3
+    assert seen["bad_size_key"] == [
+        "ValueError",
+        "generate: size may set ('n_embd', 'n_layer', 'n_head', 'n_positions', 'n_inner'), not 'vocab_size'",
+    ]
+    assert seen["bad_size_value"] == ["ValueError", "generate: size.n_layer must be a whole number >= 1, got 0"]
+    assert seen["bad_size_type"][0] == "TypeError"
+    assert seen["size_with_path"] == [
+        "ValueError",
+        "generate: size shapes the built-in random model; a model_path brings its own",
+    ]

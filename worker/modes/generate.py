@@ -43,9 +43,18 @@ def _byte_symbols() -> list[str]:
     return [symbols[byte] for byte in range(256)]
 
 
-def build_tiny(seed: int = 0) -> tuple[Any, Any]:
+# The GPT-2 fields a ``size`` may set: the random model's shape, nothing that
+# changes its vocabulary or its tokens.
+SIZE_FIELDS = ("n_embd", "n_layer", "n_head", "n_positions", "n_inner")
+
+
+def build_tiny(seed: int = 0, size: dict | None = None, device: str = "cpu") -> tuple[Any, Any]:
     """The built-in model and its tokenizer. Public so a test can save both
-    to a folder and prove that loading through ``model_path`` behaves the same."""
+    to a folder and prove that loading through ``model_path`` behaves the same.
+    ``size`` overrides the model's shape (e.g. ``{"n_embd": 2048, "n_layer":
+    24}``, about 5 GB in float32): a model big enough to see on a GPU with
+    nothing to download. It is built on ``device`` directly, so a large one
+    is not first initialised on the CPU."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -57,18 +66,31 @@ def build_tiny(seed: int = 0) -> tuple[Any, Any]:
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=EOS, eos_token=EOS)
 
+    shape = {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 1024, **_size(size)}
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
-        n_positions=1024,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **shape,
     )
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval(), tokenizer
+    with torch.device(device):
+        model = GPT2LMHeadModel(config)
+    return model.eval(), tokenizer
+
+
+def _size(size: Any) -> dict:
+    if size is None:
+        return {}
+    if not isinstance(size, dict):
+        raise TypeError(f"generate: size must be a table of GPT-2 fields {SIZE_FIELDS}, got {size!r}")
+    for key, value in size.items():
+        if key not in SIZE_FIELDS:
+            raise ValueError(f"generate: size may set {SIZE_FIELDS}, not {key!r}")
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"generate: size.{key} must be a whole number >= 1, got {value!r}")
+    return dict(size)
 
 
 def _pick_device(device: str) -> str:
@@ -355,11 +377,13 @@ def load(
     chat_template: str | None = None,
     max_stops: int = MAX_STOPS,
     max_stop_chars: int = MAX_STOP_CHARS,
+    size: dict | None = None,
 ) -> dict:
     """``chat_template``: Jinja text for the ``chat`` task, instead of the
     tokenizer's own (the built-in tiny model has none: without this its
     ``chat`` refuses every job). ``max_stops``, ``max_stop_chars``: the most
-    stop strings a job may give, and their longest length."""
+    stop strings a job may give, and their longest length. ``size``: the
+    random model's shape (see ``build_tiny``); only without ``model_path``."""
     import inspect
 
     for name, value in (("max_stops", max_stops), ("max_stop_chars", max_stop_chars)):
@@ -371,8 +395,10 @@ def load(
         raise ValueError(f"generate: dtype must be one of {_DTYPES}, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     target = _pick_device(device)
+    if size is not None and model_path is not None:
+        raise ValueError("generate: size shapes the built-in random model; a model_path brings its own")
     if model_path is None:
-        model, tokenizer = build_tiny(seed)
+        model, tokenizer = build_tiny(seed, size, target)
     else:
         from pathlib import Path
 
