@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from typing import Any
 
@@ -74,6 +74,15 @@ def settle(future: Future, *, result: Any = None, error: BaseException | None = 
     (a stream stopped at its caller's word)."""
     if isinstance(error, CancelledError):
         _cancel_now(future)
+        return
+    if future._state == RUNNING:  # type: ignore[attr-defined]  # the usual case, a job the loop started: no lock twice over
+        try:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        except InvalidStateError:  # a stream its caller stopped meanwhile keeps that outcome
+            pass
         return
     if not future.done() and not future.running():
         if not future.set_running_or_notify_cancel():

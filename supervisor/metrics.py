@@ -86,6 +86,17 @@ class Metrics:
         self.batch_size = Histogram("gpuvisor_batch_size", "Jobs per call of a batch handler", ["mode", "task"],
                                     buckets=_BATCH_SIZES, registry=r)  # fmt: skip
         r.register(_StatusCollector(status))
+        # The labelled series each event touches, by metric and label values:
+        # ``labels()`` checks and locks on every call, and a job makes three.
+        # Filled from whichever thread settles a job; a race only looks one up twice.
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _of(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*values)
+        return series
 
     # ------------------------------------------------------------ events
 
@@ -99,11 +110,11 @@ class Metrics:
 
     def job_ended(self, mode: str | None, task: str, outcome: str, seconds: float) -> None:
         mode_label, task_label = self._labels(mode, task)
-        self.jobs.labels(mode_label, task_label, outcome).inc()
-        self.job_seconds.labels(mode_label, task_label).observe(seconds)
+        self._of(self.jobs, mode_label, task_label, outcome).inc()
+        self._of(self.job_seconds, mode_label, task_label).observe(seconds)
 
     def job_started(self, mode: str | None, waited: float) -> None:
-        self.queue_wait.labels(self._labels(mode, "")[0]).observe(max(0.0, waited))
+        self._of(self.queue_wait, self._labels(mode, "")[0]).observe(max(0.0, waited))
 
     def switched(self, mode: str, result: Mapping[str, Any]) -> None:
         self.switches.labels(mode, "loaded").inc()
@@ -119,7 +130,7 @@ class Metrics:
         self.switches.labels(mode, "failed").inc()
 
     def batch(self, mode: str | None, task: str, size: int) -> None:
-        self.batch_size.labels(*self._labels(mode, task)).observe(size)
+        self._of(self.batch_size, *self._labels(mode, task)).observe(size)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

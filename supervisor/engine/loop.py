@@ -375,6 +375,7 @@ class Engine:
     # ------------------------------------------------------------ commands
 
     def _on_command(self, command: Command) -> None:
+        in_force = self.mode_in_force()
         if isinstance(command, Shutdown):
             self._begin_shutdown(command)
         elif isinstance(command, Reload):
@@ -384,13 +385,13 @@ class Engine:
         elif self._shutdown is not None:
             _refuse(command)
         elif (isinstance(command, QueuedJob) and not self.queue.barrier_queued()
-              and not self.can_serve(mode := command.mode or self.mode_in_force())):  # fmt: skip
+              and not self.can_serve(mode := command.mode or in_force)):  # fmt: skip
             self.decide(command.future, error=self._broken_error(mode))
         elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
             next(s for s in self.slots if s.worker is w).mode_since = time.monotonic()  # the caller's word: in force
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
-            self.queue.append(command, mode_in_force=self.mode_in_force())
+            self.queue.append(command, mode_in_force=in_force)
 
     def _holder(self, future: Future) -> Slot:
         """The slot whose worker holds the job of ``future``, else the first
