@@ -28,7 +28,7 @@ def read_all(sock: zmq.Socket, copied: int = 1) -> Iterator[list]:
     """Every message waiting on ``sock``, as ``recv_message`` gives them,
     without blocking. The socket's EVENTS say when none is left: cheaper
     than the ``zmq.Again`` a non-blocking ``recv`` raises, once a turn."""
-    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+    while int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
         try:
             yield recv_message(sock, zmq.NOBLOCK, copied)
         except zmq.Again:

@@ -75,7 +75,7 @@ def settle(future: Future, *, result: Any = None, error: BaseException | None = 
     if isinstance(error, CancelledError):
         _cancel_now(future)
         return
-    if future._state == RUNNING:  # type: ignore[attr-defined]  # the usual case, a job the loop started: no lock twice over
+    if future._state == RUNNING:  # the usual case, a job the loop started: no lock twice over
         try:
             if error is not None:
                 future.set_exception(error)
