@@ -12,6 +12,10 @@ from collections.abc import Iterator
 
 import zmq
 
+# Plain ints: pyzmq's own constants are IntFlags, and every ``&`` or ``|`` of
+# them builds a new enum member in Python code, several times a message.
+_EVENTS, _POLLIN, _RCVMORE, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE), int(zmq.NOBLOCK)
+
 
 def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1, first_frame: bool = False) -> list:
     """The next message: its first ``copied`` parts as bytes, the rest as
@@ -19,7 +23,7 @@ def recv_message(sock: zmq.Socket, flags: int = 0, copied: int = 1, first_frame:
     ``first_frame``: the first part as a ``zmq.Frame`` whatever ``copied``
     says, for the properties of the connection it came on."""
     parts: list = [sock.recv(flags, copy=not first_frame)]
-    while sock.getsockopt(zmq.RCVMORE):
+    while sock.getsockopt(_RCVMORE):
         parts.append(sock.recv(copy=len(parts) < copied))
     return parts
 
@@ -28,9 +32,9 @@ def read_all(sock: zmq.Socket, copied: int = 1) -> Iterator[list]:
     """Every message waiting on ``sock``, as ``recv_message`` gives them,
     without blocking. The socket's EVENTS say when none is left: cheaper
     than the ``zmq.Again`` a non-blocking ``recv`` raises, once a turn."""
-    while int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
+    while int(sock.getsockopt(_EVENTS)) & _POLLIN:
         try:
-            yield recv_message(sock, zmq.NOBLOCK, copied)
+            yield recv_message(sock, _NOBLOCK, copied)
         except zmq.Again:
             return
 

@@ -29,6 +29,10 @@ class Deadline(enum.StrEnum):
     STANDBY_REAP = "standby_reap"  # look again for stopped standbys to reap
     STANDBY_PACE = "standby_pace"  # the spare may go on importing: the worker has been idle long enough
 
+    # Hashed at C speed: the loop sets a dozen deadlines a turn, and Enum's
+    # own __hash__ is Python code. Equal to its value, so hashed like it.
+    __hash__ = str.__hash__
+
 
 Key = Deadline | tuple[Deadline, int]
 """A deadline's name: the engine's own (``DRAIN``), or a slot's (the name and the slot)."""
@@ -73,4 +77,7 @@ class Deadlines:
         """The names whose time has come, earliest first. They stay set: the
         action for each clears or moves it."""
         now = self.clock()
-        return [name for name, when in sorted(self._at.items(), key=lambda item: item[1]) if when <= now]
+        at = self._at
+        if not at or min(at.values()) > now:  # most turns: nothing due, nothing to sort
+            return []
+        return [name for name, when in sorted(at.items(), key=lambda item: item[1]) if when <= now]

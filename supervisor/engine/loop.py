@@ -213,21 +213,22 @@ class Engine:
         poller.register(self.mailbox.fd, zmq.POLLIN)
         poller.register(self.link.socket, zmq.POLLIN)
         watched: set[int] = set()
+        seen: list[tuple[int | None, int | None]] = []
         slots = self.slots
         while not self._finished():
-            wanted: set[int] = set()
-            longest = _IDLE_POLL_S
-            for slot in slots:
-                w = slot.worker
-                if w is not None:
-                    wanted |= {fd for fd in (w.pidfd, w.stderr_fd) if fd is not None}
-                    if w.pidfd is None:
-                        longest = _NO_PIDFD_POLL_S
-            for fd in watched - wanted:
-                poller.unregister(fd)
-            for fd in wanted - watched:
-                poller.register(fd, zmq.POLLIN)
-            watched = wanted
+            # The workers' fds change only when a worker starts or ends (or
+            # closes its stderr): the poller is told then, not every turn.
+            fds = [(w.pidfd, w.stderr_fd) if (w := slot.worker) is not None else (None, None) for slot in slots]
+            if fds != seen:
+                seen = fds
+                wanted = {fd for pair in fds for fd in pair if fd is not None}
+                for fd in watched - wanted:
+                    poller.unregister(fd)
+                for fd in wanted - watched:
+                    poller.register(fd, zmq.POLLIN)
+                watched = wanted
+            without_pidfd = any(w is not None and w.pidfd is None for w in (slot.worker for slot in slots))
+            longest = _NO_PIDFD_POLL_S if without_pidfd else _IDLE_POLL_S
             events = dict(poller.poll(math.ceil(self.deadlines.wait(longest) * 1000)))
             # 1. news from the workers, before commands: a command must see the
             # worker as it is now (a switch to a mode whose worker just died is not a no-op).

@@ -64,6 +64,7 @@ class Slot:
     def __init__(self, engine: EngineView, device: DeviceChoice, key: int = 0, name: str = ""):
         self.engine = engine
         self.key = key  # its place in the engine's list: its deadlines carry it
+        self._keys = {name: (name, key) for name in Deadline}  # made once: set anew every turn
         self.name = name or device.setting  # what status, metrics and switch_mode(device=) call it
         self.device = device
         meter = GpuMeter.open(device.index) if device.index is not None else device.reason
@@ -102,7 +103,7 @@ class Slot:
     # ------------------------------------------------------------ what the loop asks
 
     def at(self, name: Deadline) -> tuple[Deadline, int]:
-        return (name, self.key)
+        return self._keys[name]
 
     @property
     def config(self):
@@ -140,11 +141,11 @@ class Slot:
     def refresh_deadlines(self) -> None:
         """The deadlines that follow from the state as it is now, set anew
         each turn: heartbeat, load, the running job, respawn, idle unload."""
-        d, w, now = self.engine.deadlines, self.worker, time.monotonic()
+        d, w, now, config = self.engine.deadlines, self.worker, time.monotonic(), self.engine.config
         heartbeat = load = job = None
         if w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
-            heartbeat = w.last_seen + self.config.heartbeat_timeout if w.state in HEARTBEATING else None
-            load = w.started_at + self.config.load_timeout if w.state in STARTING else None
+            heartbeat = w.last_seen + config.heartbeat_timeout if w.state in HEARTBEATING else None
+            load = w.started_at + config.load_timeout if w.state in STARTING else None
             job = min((t for j in self.running(w) for t in j.deadlines()), default=None)
         d.set(self.at(Deadline.HEARTBEAT), heartbeat)
         d.set(self.at(Deadline.LOAD), load)
