@@ -449,8 +449,9 @@ class Engine:
         device free the longest first."""
         for slot in self.slots:
             work.recycle_if_due(slot)
-        for slot in self._free_first():
-            self._pump_slot(slot)
+        if self.queue:  # a slot takes work only from the queue: an empty one, nothing to place
+            for slot in self._free_first():
+                self._pump_slot(slot)
         if self._shutdown is not None and not self.queue:
             for slot in self.slots:
                 w = slot.worker
