@@ -19,7 +19,10 @@ so a neighbour's load falls on each alike):
   >= 0.9 x ZeroMQ on the same load.
 
 Latency is the median over rounds of each round's percentile; throughput is
-the best round (the least disturbed: the machine is shared). Every answer is
+the best round (the least disturbed: the machine is shared, and torch's
+threads spin while they wait for each other, so a neighbour that takes a
+core can cost the model several times its CPU: read the ratios, and the
+rounds in the notes). Every answer is
 checked (status 200 and one vector of WIDTH floats), or the run fails. The
 HTTP clients are a few lines of asyncio over raw sockets, so the load costs
 little CPU beside the servers on a small machine. ``python -m bench door``
