@@ -26,6 +26,7 @@ SUITES = [
     "daemon",
     "flood",
     "http",
+    "door",
 ]
 
 

@@ -180,30 +180,46 @@ def run_callers(callers: list, timeout: float = 600) -> tuple[float, list]:
     return time.perf_counter() - t0, results
 
 
-def serve_daemon(folder: str, timeout: float = 60.0):
-    """``gpuvisor serve`` (the built-in config) on ``ipc://FOLDER/run/g.sock``,
-    its output in ``FOLDER/daemon.log`` (a file: a pipe nobody reads could
-    block it). Returns once it answers a ping: (the process, its endpoint,
-    the log, a Client connected to it, which the caller closes)."""
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (free until someone else takes it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_daemon(folder: str, timeout: float = 60.0, config_file: str | None = None):
+    """``gpuvisor serve`` (the built-in config, or ``config_file``) on
+    ``ipc://FOLDER/run/g.sock``, its output in ``FOLDER/daemon.log`` (a
+    file: a pipe nobody reads could block it). Returns once it answers a
+    ping: (the process, its endpoint, the log, a Client connected to it,
+    which the caller closes)."""
     import os
 
     from protocol import DaemonUnavailable
     from supervisor.client import Client
 
     endpoint = f"ipc://{folder}/run/g.sock"
+    chosen = ["--config", config_file] if config_file else []
     log = open(os.path.join(folder, "daemon.log"), "w+")  # noqa: SIM115 - the caller closes it with the daemon
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.service.cli", "--endpoint", endpoint, "serve"],
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.service.cli", *chosen, "--endpoint", endpoint, "serve"],
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.returncode} before answering a ping")
-        client = Client(endpoint, timeout=2.0)
-        try:
-            client.ping()
-            return proc, endpoint, log, client
-        except DaemonUnavailable:
-            client.close()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not answer a ping within {timeout:g}s") from None
-            time.sleep(0.1)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {proc.returncode} before answering a ping")
+            client = Client(endpoint, timeout=2.0)
+            try:
+                client.ping()
+                return proc, endpoint, log, client
+            except DaemonUnavailable:
+                client.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not answer a ping within {timeout:g}s") from None
+                time.sleep(0.1)
+    except BaseException:  # nobody else holds the daemon yet: reap it here, and show why it did not start
+        reap(proc)
+        log.seek(0)
+        print("".join(log.readlines()[-20:]), file=sys.stderr)
+        log.close()
+        raise

@@ -12,8 +12,8 @@ chunk the worker yields, ending in ``data: [DONE]``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from supervisor.service.http import errors, jobs, openai
 from supervisor.service.http.admission import Door
 from supervisor.service.http.errors import ApiError
 
+T = TypeVar("T")
 ENDPOINTS = {"embeddings": "/v1/embeddings", "chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
@@ -73,10 +74,11 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
                                "answer: send fewer inputs", "request_too_large", "input")  # fmt: skip
         payload = {"texts": texts, "details": True}
         result = await jobs.run(sup, request, task, payload, model.mode, limits.timeout_of(model))
-        array, tokens = await run_in_threadpool(openai.vectors, result, len(texts))
+        expected = len(texts) * width if width is not None else None
+        array, tokens = await _off_loop_unless_small(expected, openai.vectors, result, len(texts))
         door.widths[(model.mode, task)] = array.shape[1]
         check_width(dimensions, array.shape[1])
-        content = await run_in_threadpool(openai.embeddings, model.name, array, tokens, encoding)
+        content = await _off_loop_unless_small(array.size, openai.embeddings, model.name, array, tokens, encoding)
         return Response(content, media_type="application/json")
 
     async def generation(request: Request, kind: type[openai.ChatRequest | openai.CompletionRequest],
@@ -125,6 +127,20 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
         return Response(sup.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+INLINE_VALUES = 4096  # an answer of up to this many values is written on the event loop: about 90 us
+
+
+async def _off_loop_unless_small(values: int | None, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` for an answer of ``values`` numbers (None: not known
+    yet): here when it is small, else on a thread, so that a large one never
+    holds up the event loop. One sentence a request is the common case, and
+    its answer takes microseconds: less than the hand-off to a thread and
+    back, which under load also waits for the GIL."""
+    if values is not None and values <= INLINE_VALUES:
+        return work(*args)
+    return await run_in_threadpool(work, *args)
 
 
 async def _body(request: Request) -> bytes:
