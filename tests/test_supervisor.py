@@ -9,7 +9,6 @@ import threading
 import time
 from concurrent.futures import Future
 
-import psutil
 import pytest
 
 from supervisor import (
@@ -536,16 +535,3 @@ def test_a_switch_right_after_the_idle_worker_died_is_not_a_noop(sup):
     wait_until(exited, T, "the worker's exit to be reportable")
     result = sup.switch_mode("diag").result(T)
     assert result["status"] == "loaded" and result["pid"] != dead
-
-
-def test_a_worker_s_openmp_threads_sleep_unless_the_environment_says_otherwise(monkeypatch):
-    """OpenMP's threads spin between parallel regions by default, taking the
-    cores the supervisor and its doors need: a worker starts with
-    OMP_WAIT_POLICY=PASSIVE, and a value in our own environment wins."""
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    with Supervisor() as sup:
-        pid = sup.switch_mode("diag").result(T)["pid"]
-        assert psutil.Process(pid).environ().get("OMP_WAIT_POLICY") == "PASSIVE"
-        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-        pid = sup.restart("diag").result(T)["pid"]
-        assert psutil.Process(pid).environ().get("OMP_WAIT_POLICY") == "ACTIVE"

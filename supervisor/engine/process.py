@@ -42,20 +42,12 @@ class UnkillableWorker(RuntimeError):
     kernel, state D). Nothing more can be done from user space."""
 
 
-# What a worker gets unless our own environment says otherwise. OpenMP's
-# threads (torch's CPU ops) spin for a while after each parallel region by
-# default: on a small machine they take the cores the supervisor, its doors
-# and the spare need, and under a neighbour's load the worker's own jobs
-# slowed 3 to 5 times. Passive threads sleep instead (measured in docs/performance.md).
-WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
 def worker_env(device_env: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment without the service manager's variables, plus the
     device pinning (CUDA_VISIBLE_DEVICES): the worker sees only its GPU.
     ``PYTHONSAFEPATH``: see ``BUILT_IN_WORKER``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
-    return {**WORKER_ENV_DEFAULTS, **env, "PYTHONSAFEPATH": "1", **(device_env or {})}
+    return {**env, "PYTHONSAFEPATH": "1", **(device_env or {})}
 
 
 def worker_argv(command: tuple[str, ...], endpoint: str, gen: int, heartbeat_interval: float) -> list[str]:
