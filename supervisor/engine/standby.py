@@ -16,13 +16,20 @@ or seen to import them takes it: a light worker made from a spare would
 carry hundreds of MB of imports it never uses.
 
 A spare never competes with the worker it stands behind. Its imports are
-seconds of CPU, and on a small machine they would slow every job that runs
-meanwhile several times over (torch's threads wait for each other when one
-loses its core). So the next spare starts only once the worker has been
-idle for ``RESUME_AFTER_IDLE_S``, and while that worker loads or runs jobs
-(and for ``RESUME_AFTER_IDLE_S`` after), a spare still importing is stopped
-(SIGSTOP to its process group); it goes on importing once the worker is
-idle (SIGCONT). A spare done importing waits on a read and costs nothing.
+seconds of CPU. They run in a thread under ``SCHED_IDLE``, the lowest CPU
+priority the kernel offers (``worker/standby.py``), which takes no CPU
+time from any other thread: beside a light worker (a mode that takes no
+spare) a spare imports freely. That is not enough beside a torch worker:
+the policy decides which thread gets a CPU, not what the CPUs share, and
+on a 2-core machine an importer at ``SCHED_IDLE`` still made a worker's
+embedding jobs 2.6 times slower (5.6 times at the normal priority; torch's
+threads wait for each other when one of them is slowed). So while a heavy
+worker (one of a mode that takes the spare) loads or runs jobs, and for
+``RESUME_AFTER_IDLE_S`` after, a spare still importing is stopped
+(SIGSTOP to its process group), and the next spare starts only once that
+worker has been idle that long; unless a switch that takes the spare is
+coming (jobs wait for such a mode): then it runs. A spare done importing
+waits on a read and costs nothing.
 
 The standby reads the modules to import from a file descriptor, then
 blocks on stdin; ``activate()`` writes it a generation and it connects like
@@ -186,7 +193,7 @@ class StandbyPool:
         self.preload: tuple[str, ...] = ()
         self.reconfigure(config)
         self._stopping: list[Standby] = []
-        self._busy_at = float("-inf")  # when the worker was last known to be loading or running jobs
+        self._busy_at = float("-inf")  # when a heavy worker was last known to be loading or running jobs
         self._was_busy = False
         self._wanted = False  # a spare is to be started (once the worker is idle): prepare() until stop()
         if wanted:
@@ -231,39 +238,53 @@ class StandbyPool:
     def prepare(self) -> None:
         """At start and after a switch: a spare that preloads everything now
         known to be needed, replacing one that died or preloads less. It
-        starts now if the worker has been idle for ``RESUME_AFTER_IDLE_S``
-        (at start: there is none), else once it has (``pace()``): even the
-        spare's interpreter start-up would slow the first jobs of a worker
-        that has just loaded."""
-        s = self.spare
-        if s is not None and (s.proc.poll() is not None or set(self.preload) - set(s.preload)):
-            self.stop()
-        self._wanted = bool(self.preload)
+        starts now unless a heavy worker has been busy within
+        ``RESUME_AFTER_IDLE_S`` (at start there is none), else once it has
+        been idle that long (``pace()``): even the spare's interpreter
+        start-up would slow the first jobs of a torch worker that has just
+        loaded."""
+        if self.spare is not None and self._stale(self.spare):
+            self._drop(self.spare)
+            self.spare = None
+        self._wanted = bool(self.preload) and self.spare is None
         if not self._was_busy and time.monotonic() >= self._busy_at + RESUME_AFTER_IDLE_S:
             self._start()
 
+    def _stale(self, s: Standby) -> bool:
+        """It died, or it preloads less than is now known to be needed."""
+        return s.proc.poll() is not None or bool(set(self.preload) - set(s.preload))
+
     def _start(self) -> None:
         self._wanted = False
-        if self.spare is not None or not self.preload:
-            return
+        if self.spare is None:
+            self.spare = self._new()
+
+    def _new(self) -> Standby | None:
+        if not self.preload:
+            return None
         try:
-            self.spare = Standby(self._endpoint, self.preload, self._device_env)
+            return Standby(self._endpoint, self.preload, self._device_env)
         except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
             log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
+            return None
+
+    def _drop(self, s: Standby) -> None:
+        s.kill()
+        self._stopping.append(s)
 
     def check(self) -> None:
         """Now and then (on heartbeats): a spare that died idle is let go."""
-        if self.spare is not None and self.spare.proc.poll() is not None:
+        s = self.spare
+        if s is not None and s.proc.poll() is not None:
             log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
-                        self.spare.pid, describe_exit(self.spare.proc.returncode))  # fmt: skip
+                        s.pid, describe_exit(s.proc.returncode))  # fmt: skip
             self.stop()
 
     def stop(self) -> None:
         """No spare until the next ``prepare()``; one there is killed."""
         self._wanted = False
         if self.spare is not None:
-            self.spare.kill()
-            self._stopping.append(self.spare)
+            self._drop(self.spare)
             self.spare = None
 
     def reap(self) -> None:
@@ -274,52 +295,39 @@ class StandbyPool:
     def stopping(self) -> bool:
         return bool(self._stopping)
 
-    @property
-    def pending(self) -> bool:
-        """A spare is wanted and not yet done importing."""
-        return self._wanted or (self.spare is not None and not self.spare.ready())
-
-    def pace(self, worker_busy: bool, now: float, needed: bool = False) -> float | None:
-        """Called every turn: whether the worker it stands behind is loading
-        or running jobs now. A spare still importing is stopped while it is,
-        and until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes
-        on (and a spare wanted but not yet started starts); unless it is
-        ``needed``: a switch that takes it is coming. Returns when it wants
-        to be asked again, if it is waiting for that moment (None: at the next turn is soon enough). Cheap on the
-        busy path: once stopped, a spare is not looked at again until the
-        worker is idle. A spare is stopped only once it has said that it dies
-        with the supervisor: a process stopped before it armed PDEATHSIG
-        would outlive a supervisor killed meanwhile, stopped for good."""
-        if worker_busy or self._was_busy:  # busy until this turn at least: the loop may not turn for a second
+    def pace(self, heavy_busy: bool, now: float, coming: bool = False) -> float | None:
+        """Called every turn: whether a heavy worker is loading or running
+        jobs now, and whether a switch that takes the spare is ``coming``.
+        A spare still importing is stopped while such a worker is busy, and
+        until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes on
+        (and a spare wanted but not yet started starts); unless the switch
+        that takes it is coming. Returns when it wants to be asked again, if it is waiting for that
+        moment (None: at the next turn is soon enough). Cheap on the busy
+        path: once stopped, a spare is not looked at again until the worker
+        is idle. A spare is stopped only once it has said that it dies with
+        the supervisor: a process stopped before it armed PDEATHSIG would
+        outlive a supervisor killed meanwhile, stopped for good."""
+        if heavy_busy or self._was_busy:  # busy until this turn at least: the loop may not turn for a second
             self._busy_at = now
-        self._was_busy = worker_busy
-        s, resume_at = self.spare, self._busy_at + RESUME_AFTER_IDLE_S
-        if needed:
-            # Jobs wait for a mode that will take the spare: the switch is
-            # coming (at the starvation bound at the latest), and a spare
-            # ready by then saves seconds of cold imports, more than it
-            # costs the worker meanwhile. Under steady load the worker is
-            # never idle, so without this every such switch would be cold.
-            if s is None:
-                if self._wanted:
-                    self._start()
-            elif s.paused:
+        self._was_busy = heavy_busy
+        resume_at = self._busy_at + RESUME_AFTER_IDLE_S
+        idle_enough = now >= resume_at
+        if self._wanted and (idle_enough or coming):
+            self._start()
+        s = self.spare
+        if idle_enough:
+            if s is not None:
                 s.resume()
             return None
         if s is None:
-            if not self._wanted:
-                return None
-            if now < resume_at:
-                return None if worker_busy else resume_at
-            self._start()
-            return None
-        if now < resume_at and (s.paused or not s.ready()):
-            if not s.stoppable():  # its first moments, before it dies with the supervisor
-                return now + ARMING_POLL_S if s.proc.poll() is None else None
+            return None if heavy_busy or not self._wanted else resume_at
+        if coming or not (s.paused or not s.ready()):
+            s.resume()
+        elif not s.stoppable():  # its first moments, before it dies with the supervisor
+            return now + ARMING_POLL_S if s.proc.poll() is None else None
+        else:
             s.pause()
-            return None if worker_busy else resume_at
-        s.resume()
-        return None
+        return None if heavy_busy else resume_at
 
     @property
     def pid(self) -> int | None:
