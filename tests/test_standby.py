@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor import WorkerCrashed
@@ -401,6 +402,29 @@ def test_the_next_spare_starts_only_once_a_heavy_worker_is_idle(supervisor_from,
     assert sup.status()["standby_pid"] is None, "a new spare started while the worker had just loaded"
     monkeypatch.setattr(standby, "RESUME_AFTER_IDLE_S", 0.0)
     assert wait_until(lambda: sup.status()["standby_pid"], T, "the next spare, now that the worker is idle") != spare
+
+
+def _spares() -> set[int]:
+    """The standby processes this test session has started and not reaped."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if "--standby" in p.cmdline()}
+
+
+def test_while_jobs_wait_for_a_mode_that_takes_the_spare_its_successor_starts(supervisor_from, gated):
+    """The successor imports beside the light worker, as the spare does."""
+    sup = supervisor_from(config_text(gated.modes))
+    spare = _spare_importing(sup)
+    sup.switch_mode("light").result(T)
+    job = gated.hold(sup)
+    waiting = sup.submit("pid", mode="heavy")  # waits for the job in flight, then a switch takes the spare
+    successor = wait_until(lambda: _spares() - {spare}, T, "the spare's successor")
+    assert len(successor) == 1 and sup.status()["standby_pid"] == spare
+    (pid,) = successor
+    wait_until(lambda: _importing_at_the_lowest_priority(pid), T, "the successor's importing thread")
+    assert _state(pid) != "T"
+    gated.open()
+    job.release()
+    assert waiting.result(T) == spare
+    assert sup.status()["standby_pid"] == pid
 
 
 def test_a_stopped_spare_is_reaped_at_shutdown(supervisor_from, gated):

@@ -31,6 +31,15 @@ worker has been idle that long; unless a switch that takes the spare is
 coming (jobs wait for such a mode): then it runs. A spare done importing
 waits on a read and costs nothing.
 
+Under steady load a heavy mode's jobs come back about every ``max_wait_s``
+plus a switch (3.7 s at the default 3 s), and the spare taken by one visit
+would have only that time, beside the light worker, to be ready for the
+next: less than its imports take on a small machine (3 to 4.5 s of CPU
+here). So while jobs wait for a mode that will take the spare, its
+successor starts (``pace()``) and imports beside the light worker too; it
+is the spare once that switch has taken the first, and has had
+``max_wait_s`` more. Two spares hold twice the host RAM meanwhile.
+
 The standby reads the modules to import from a file descriptor, then
 blocks on stdin; ``activate()`` writes it a generation and it connects like
 any worker. Closing stdin, or the supervisor's death (PR_SET_PDEATHSIG, set
@@ -176,8 +185,9 @@ class Standby:
 
 
 class StandbyPool:
-    """One slot's spare: what it should preload, which modes it suits, when
-    it may run, and the spares being stopped until they are reaped.
+    """One slot's spare (and its successor while a switch that takes it is
+    coming): what they preload, which modes they suit, when they may run,
+    and the spares being stopped until they are reaped.
 
     ``wanted``: start a spare now if there is anything to preload (the
     configured lists, or what the state directory remembers)."""
@@ -186,6 +196,7 @@ class StandbyPool:
         self._endpoint = endpoint
         self._device_env = device_env
         self.spare: Standby | None = None
+        self._successor: Standby | None = None  # the next spare, started before a switch takes this one
         self._folder = learned.state_directory(config.state_dir)
         self._learned = learned.read(self._folder)
         self._configured: tuple[str, ...] = ()
@@ -229,10 +240,11 @@ class StandbyPool:
     def take(self, mode: str) -> Standby | None:
         """The spare, if ``mode`` is known to need what it preloads (ready or
         still importing, stopped or not: it is ahead of a fresh process
-        either way, and ``activate()`` lets it run)."""
+        either way, and ``activate()`` lets it run); its successor, if any,
+        is the spare from now on."""
         if self.spare is None or not self.heavy(mode):
             return None
-        spare, self.spare = self.spare, None
+        spare, self.spare, self._successor = self.spare, self._successor, None
         return spare
 
     def prepare(self) -> None:
@@ -243,9 +255,12 @@ class StandbyPool:
         been idle that long (``pace()``): even the spare's interpreter
         start-up would slow the first jobs of a torch worker that has just
         loaded."""
+        if self._successor is not None and self._stale(self._successor):
+            self._drop(self._successor)
+            self._successor = None
         if self.spare is not None and self._stale(self.spare):
             self._drop(self.spare)
-            self.spare = None
+            self.spare, self._successor = self._successor, None
         self._wanted = bool(self.preload) and self.spare is None
         if not self._was_busy and time.monotonic() >= self._busy_at + RESUME_AFTER_IDLE_S:
             self._start()
@@ -274,18 +289,20 @@ class StandbyPool:
 
     def check(self) -> None:
         """Now and then (on heartbeats): a spare that died idle is let go."""
-        s = self.spare
-        if s is not None and s.proc.poll() is not None:
-            log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
-                        s.pid, describe_exit(s.proc.returncode))  # fmt: skip
-            self.stop()
+        for s in (self.spare, self._successor):
+            if s is not None and s.proc.poll() is not None:
+                log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
+                            s.pid, describe_exit(s.proc.returncode))  # fmt: skip
+                self.stop()
+                return
 
     def stop(self) -> None:
-        """No spare until the next ``prepare()``; one there is killed."""
+        """No spare until the next ``prepare()``; those there are killed."""
         self._wanted = False
-        if self.spare is not None:
-            self._drop(self.spare)
-            self.spare = None
+        for s in (self.spare, self._successor):
+            if s is not None:
+                self._drop(s)
+        self.spare = self._successor = None
 
     def reap(self) -> None:
         """Reap the spares that have exited since they were stopped."""
@@ -301,7 +318,9 @@ class StandbyPool:
         A spare still importing is stopped while such a worker is busy, and
         until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes on
         (and a spare wanted but not yet started starts); unless the switch
-        that takes it is coming. Returns when it wants to be asked again, if it is waiting for that
+        that takes it is coming. Then too its successor starts (paced like
+        any spare: the coming switch does not take it).
+        Returns when it wants to be asked again, if it is waiting for that
         moment (None: at the next turn is soon enough). Cheap on the busy
         path: once stopped, a spare is not looked at again until the worker
         is idle. A spare is stopped only once it has said that it dies with
@@ -314,20 +333,23 @@ class StandbyPool:
         idle_enough = now >= resume_at
         if self._wanted and (idle_enough or coming):
             self._start()
-        s = self.spare
-        if idle_enough:
-            if s is not None:
+        spare = self.spare
+        if coming and idle_enough and self._successor is None and spare is not None:
+            self._successor = self._new()
+        wake: float | None = None if heavy_busy else resume_at
+        for s, may_run in ((spare, coming or idle_enough), (self._successor, idle_enough)):
+            if s is None:
+                continue
+            if may_run or not (s.paused or not s.ready()):
                 s.resume()
+            elif not s.stoppable():  # its first moments, before it dies with the supervisor
+                if s.proc.poll() is None:
+                    wake = now + ARMING_POLL_S
+            else:
+                s.pause()
+        if idle_enough or (spare is None and not self._wanted):
             return None
-        if s is None:
-            return None if heavy_busy or not self._wanted else resume_at
-        if coming or not (s.paused or not s.ready()):
-            s.resume()
-        elif not s.stoppable():  # its first moments, before it dies with the supervisor
-            return now + ARMING_POLL_S if s.proc.poll() is None else None
-        else:
-            s.pause()
-        return None if heavy_busy else resume_at
+        return wake
 
     @property
     def pid(self) -> int | None:
