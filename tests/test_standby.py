@@ -427,6 +427,26 @@ def test_while_jobs_wait_for_a_mode_that_takes_the_spare_its_successor_starts(su
     assert sup.status()["standby_pid"] == pid
 
 
+def test_a_spare_that_preloads_less_than_a_worker_taught_gives_way_once_its_successor_is_ready(supervisor_from, gated):
+    """A mode not yet known to be heavy starts fresh and, in READY, teaches
+    what it imported: the spare there is kept, still the one a switch would
+    take, until a successor that preloads that too is ready."""
+    modes = {**gated.modes, "newcomer": "tests.helpers.loaders:preloads"}  # imports safetensors
+    sup = supervisor_from(config_text(modes))
+    first = _spare_importing(sup)
+    gated.open(first)
+    wait_until(lambda: sup.status()["standby_ready"], T, "the first spare done with its preload")
+    assert sup.switch_mode("newcomer").result(T)["standby"] is False
+    successor = wait_until(lambda: _spares() - {first}, T, "a successor that preloads what the newcomer taught")
+    assert len(successor) == 1 and sup.status()["standby_pid"] == first
+    (pid,) = successor
+    gated.open(pid)
+    wait_until(lambda: sup.status()["standby_pid"] == pid, T, "the successor, once ready, to be the spare")
+    wait_until(lambda: pid_gone(first), T, "the spare that preloads less to be gone")
+    with open(f"/proc/{pid}/maps") as f:
+        assert "safetensors" in f.read()
+
+
 def test_a_stopped_spare_is_reaped_at_shutdown(supervisor_from, gated):
     sup = supervisor_from(config_text(gated.modes))
     _, spare = gated.heavy_and_next_spare(sup)

@@ -83,6 +83,7 @@ class Standby:
         # (before that, a stopped spare would outlive it), and one once its
         # imports are done (a spare still importing is no faster than a fresh
         # process for a light mode).
+        self.behind = False  # it preloads less than has since become known to be needed
         self._ready_r, ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
         # The module list (tens of KB) goes in an unlinked temporary file, not
@@ -221,6 +222,9 @@ class StandbyPool:
         order, then those workers were seen to import, in their import
         order; no repeats."""
         self.preload = tuple(dict.fromkeys([*self._configured, *self._learned.preload]))
+        for s in (self.spare, self._successor):
+            if s is not None and set(self.preload) - set(s.preload):
+                s.behind = True
 
     def heavy(self, mode: str) -> bool:
         return mode in self._declared or self._learned.heavy.get(mode, False)
@@ -248,26 +252,24 @@ class StandbyPool:
         return spare
 
     def prepare(self) -> None:
-        """At start and after a switch: a spare that preloads everything now
-        known to be needed, replacing one that died or preloads less. It
+        """At start and after a switch: a spare, replacing one that died. It
         starts now unless a heavy worker has been busy within
         ``RESUME_AFTER_IDLE_S`` (at start there is none), else once it has
         been idle that long (``pace()``): even the spare's interpreter
         start-up would slow the first jobs of a torch worker that has just
-        loaded."""
-        if self._successor is not None and self._stale(self._successor):
+        loaded. A spare that preloads less than is now known to be needed
+        (a worker's READY taught more) is kept until a successor that
+        preloads everything is ready (``pace()``): killed at once, it would
+        leave a heavy switch meanwhile a spare seconds behind it, or none."""
+        if self._successor is not None and self._successor.proc.poll() is not None:
             self._drop(self._successor)
             self._successor = None
-        if self.spare is not None and self._stale(self.spare):
+        if self.spare is not None and self.spare.proc.poll() is not None:
             self._drop(self.spare)
             self.spare, self._successor = self._successor, None
         self._wanted = bool(self.preload) and self.spare is None
         if not self._was_busy and time.monotonic() >= self._busy_at + RESUME_AFTER_IDLE_S:
             self._start()
-
-    def _stale(self, s: Standby) -> bool:
-        """It died, or it preloads less than is now known to be needed."""
-        return s.proc.poll() is not None or bool(set(self.preload) - set(s.preload))
 
     def _start(self) -> None:
         self._wanted = False
@@ -319,7 +321,9 @@ class StandbyPool:
         until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes on
         (and a spare wanted but not yet started starts); unless the switch
         that takes it is coming. Then too its successor starts (paced like
-        any spare: the coming switch does not take it).
+        any spare: the coming switch does not take it), and when the spare
+        preloads less than is now known to be needed; such a spare gives way
+        to its successor once that is ready.
         Returns when it wants to be asked again, if it is waiting for that
         moment (None: at the next turn is soon enough). Cheap on the busy
         path: once stopped, a spare is not looked at again until the worker
@@ -334,8 +338,11 @@ class StandbyPool:
         if self._wanted and (idle_enough or coming):
             self._start()
         spare = self.spare
-        if coming and idle_enough and self._successor is None and spare is not None:
+        if spare is not None and self._successor is None and idle_enough and (coming or spare.behind):
             self._successor = self._new()
+        if spare is not None and spare.behind and self._successor is not None and self._successor.ready():
+            self._drop(spare)
+            spare, self.spare, self._successor = self._successor, self._successor, None
         wake: float | None = None if heavy_busy else resume_at
         for s, may_run in ((spare, coming or idle_enough), (self._successor, idle_enough)):
             if s is None:
