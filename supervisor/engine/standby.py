@@ -38,7 +38,9 @@ next: less than its imports take on a small machine (3 to 4.5 s of CPU
 here). So while jobs wait for a mode that will take the spare, its
 successor starts (``pace()``) and imports beside the light worker too; it
 is the spare once that switch has taken the first, and has had
-``max_wait_s`` more. Two spares hold twice the host RAM meanwhile.
+``max_wait_s`` more. Two spares hold twice the host RAM meanwhile. A
+successor also starts when a worker's READY teaches modules the spare does
+not preload; the spare gives way to it once it is ready.
 
 The standby reads the modules to import from a file descriptor, then
 blocks on stdin; ``activate()`` writes it a generation and it connects like
