@@ -40,7 +40,7 @@ class Status(TypedDict):
     reclaiming: bool  # a switch waits for the last worker's VRAM to show free
     standby_pid: int | None
     standby_ready: bool
-    standby_paused: bool  # the spare is stopped (SIGSTOP) while the worker loads or runs jobs
+    standby_paused: bool  # the spare is stopped (SIGSTOP) while a heavy worker loads or runs jobs
     last_error: str | None  # why the mode in force is not loaded, after a failed switch
     failed_reason: str | None  # set while state is "failed": every mode is broken
     broken_modes: dict[str, dict[str, Any]]  # modes no device may run now: "reason", "retry_in_s" (None: an operator's)

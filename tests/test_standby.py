@@ -1,6 +1,7 @@
 """The warm standby: a spare worker that has imported what the modes
 preload and what earlier workers imported, taken into service by the next
-switch, and stopped while the worker it stands behind is busy. Real
+switch, importing at the lowest CPU priority beside a light worker and
+stopped while a heavy one is busy. Real
 processes throughout; ``tests.helpers.loaders:preloads`` stands in for a
 torch mode (it imports safetensors, which is on the preload list and light).
 A spare that must still be importing when a test looks imports a module
@@ -13,8 +14,11 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor import WorkerCrashed
@@ -22,6 +26,7 @@ from supervisor.engine import standby
 from tests.helpers import T, pid_gone, repo_pythonpath, wait_until
 from tests.helpers.config import DIAG, config_text
 from tests.helpers.script import read_line, supervisor_script
+from worker.standby import IMPORTER_NAME
 
 MODES = {"heavy": "tests.helpers.loaders:preloads", "light": DIAG}
 TORCH_MODES = {**MODES, "heavy": "tests.helpers.loaders:tensors"}  # "heavy" imports torch
@@ -150,12 +155,13 @@ def test_a_light_mode_never_takes_a_standby_and_stays_light(supervisor_from):
     assert "the mode's own last words" in str(info.value) and "standby" not in str(info.value)
 
 
-# ------------------------------------------------------------ stopped while the worker is busy
+# ------------------------------------------------------------ imports at the lowest priority
 
 _GATE = """
 import os, time
 deadline = time.monotonic() + {bound}
-while not os.path.exists({path!r}) and time.monotonic() < deadline:
+mine = {path!r} + "-" + str(os.getpid())
+while not (os.path.exists({path!r}) or os.path.exists(mine)) and time.monotonic() < deadline:
     time.sleep(0.01)
 """
 
@@ -175,14 +181,15 @@ def load():
             time.sleep(0.01)
         return True
 
-    return {{"hold": hold, "was_preloaded": lambda payload: preloaded, "pid": lambda payload: os.getpid()}}
+    return {{"hold": hold, "was_preloaded": lambda payload: preloaded, "pid": lambda payload: os.getpid(),
+             "policy": lambda payload: os.sched_getscheduler(0)}}
 """
 
 
 class Gated:
     """Modes "light" (``standby_holding``: a ``hold`` job that runs until a
     file exists) and "heavy" (the same, preloading ``standby_gate``, whose
-    import lasts until ``open()``)."""
+    import lasts until ``open()``, or ``open(pid)`` for that spare alone)."""
 
     def __init__(self, folder: Path, monkeypatch):
         self.folder = folder
@@ -193,8 +200,18 @@ class Gated:
                                                                    "preload": ["standby_gate"]}}  # fmt: skip
         self.jobs = 0
 
-    def open(self) -> None:
-        (self.folder / "gate-open").touch()
+    def open(self, pid: int | None = None) -> None:
+        (self.folder / ("gate-open" if pid is None else f"gate-open-{pid}")).touch()
+
+    def heavy_and_next_spare(self, sup) -> tuple[int, int]:
+        """The spare of the start taken by "heavy", and the next one, which
+        is stopped at its gate: (the worker's pid, the next spare's pid)."""
+        first = wait_until(lambda: sup.status()["standby_pid"], T, "the spare the preload starts with the supervisor")
+        self.open(first)
+        assert sup.switch_mode("heavy").result(T)["pid"] == first
+        spare = wait_until(lambda: sup.status()["standby_pid"], T, "the next spare, once the heavy worker is idle")
+        wait_until(lambda: _importing_at_the_lowest_priority(spare), T, "the next spare's importing thread")
+        return first, spare
 
     def hold(self, sup):
         """A job that is running when this returns; ``release()`` ends it."""
@@ -211,23 +228,63 @@ def gated(tmp_path, monkeypatch) -> Gated:
     return Gated(tmp_path, monkeypatch)
 
 
+def _policies(pid: int) -> dict[int, tuple[str, int]]:
+    """Each thread of process ``pid``: its name and its scheduling policy."""
+    threads = {}
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                threads[tid] = (f.read().strip(), os.sched_getscheduler(tid))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return threads
+
+
+def _importing_at_the_lowest_priority(pid: int) -> bool:
+    return any(name == IMPORTER_NAME and policy == os.SCHED_IDLE for name, policy in _policies(pid).values())
+
+
+def _spare_importing(sup) -> int:
+    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
+    wait_until(lambda: _importing_at_the_lowest_priority(spare), T, "the spare's importing thread under SCHED_IDLE")
+    return spare
+
+
 def _state(pid: int) -> str:
     """The process's state in /proc/PID/stat: T is stopped (SIGSTOP)."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rpartition(")")[2].split()[0]
 
 
-def test_a_spare_still_importing_is_stopped_while_a_job_runs_and_goes_on_once_the_worker_idles(supervisor_from, gated):
+def test_a_spare_imports_beside_a_busy_light_worker_in_a_thread_at_the_lowest_priority(supervisor_from, gated):
+    """Beside a light worker's job the spare goes on importing, in a thread
+    under SCHED_IDLE; its main thread, the one that becomes the worker,
+    keeps the normal policy."""
     sup = supervisor_from(config_text(gated.modes))
-    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
     sup.switch_mode("light").result(T)
     job = gated.hold(sup)
-    wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
-    assert not sup.status()["standby_ready"]
+    spare = _spare_importing(sup)
+    assert os.sched_getscheduler(spare) == os.SCHED_OTHER  # its main thread: the tid is the pid
+    assert _state(spare) != "T" and not sup.status()["standby_ready"]
+    gated.open()
+    wait_until(lambda: sup.status()["standby_ready"], T, "the spare to finish its imports while the job runs")
+    job.release()
+    assert job.result(T) is True
+
+
+def test_a_spare_still_importing_is_stopped_while_a_heavy_worker_runs_a_job_and_goes_on_once_it_idles(
+    supervisor_from, gated
+):
+    """SCHED_IDLE takes no CPU time from a torch worker, but what the cores
+    share still slows its jobs: beside a heavy worker a spare is stopped."""
+    sup = supervisor_from(config_text(gated.modes))
+    _, spare = gated.heavy_and_next_spare(sup)
+    job = gated.hold(sup)
+    wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the heavy worker's job runs")
     job.release()
     assert job.result(T) is True
     wait_until(lambda: _state(spare) != "T", T, "the spare to go on once the worker is idle")
-    gated.open()
+    gated.open(spare)
     wait_until(lambda: sup.status()["standby_ready"], T, "the spare to finish its imports")
     again = gated.hold(sup)  # the job's turn has passed: a spare done importing would have been stopped by now
     assert _state(spare) != "T", "a spare done importing costs nothing, and is left alone"
@@ -236,25 +293,108 @@ def test_a_spare_still_importing_is_stopped_while_a_job_runs_and_goes_on_once_th
 
 
 def test_a_stopped_spare_taken_by_a_switch_becomes_a_working_worker(supervisor_from, gated, monkeypatch):
+    sup = supervisor_from(config_text(gated.modes))
+    _, spare = gated.heavy_and_next_spare(sup)
     # The spare stays stopped after the job, so the switch surely takes it
     # stopped (the loop thread reads the module's setting at each turn).
     monkeypatch.setattr(standby, "RESUME_AFTER_IDLE_S", 10 * T)
-    sup = supervisor_from(config_text(gated.modes))
-    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
-    sup.switch_mode("light").result(T)
     job = gated.hold(sup)
     wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
     job.release()
     assert job.result(T) is True
     assert _state(spare) == "T"
-    gated.open()  # it cannot see this until it runs again
-    result = sup.switch_mode("heavy").result(T)
+    gated.open(spare)  # it cannot see this until it runs again
+    result = sup.restart().result(T)
     assert result["standby"] is True and result["pid"] == spare
     assert sup.submit("was_preloaded").result(T) is True and sup.submit("pid").result(T) == spare
-    assert _state(spare) != "T"
+    assert sup.submit("policy").result(T) == os.SCHED_OTHER and _state(spare) != "T"
 
 
-def test_the_next_spare_starts_only_once_the_worker_is_idle(supervisor_from, monkeypatch):
+def test_a_spare_taken_mid_import_runs_its_jobs_at_the_normal_priority(supervisor_from, gated):
+    sup = supervisor_from(config_text(gated.modes))
+    spare = _spare_importing(sup)
+    switched = sup.switch_mode("heavy")  # taken mid-import: the module under way is finished first
+    gated.open()
+    result = switched.result(T)
+    assert result["standby"] is True and result["pid"] == spare
+    assert sup.submit("policy").result(T) == os.SCHED_OTHER
+    assert all(policy != os.SCHED_IDLE for _, policy in _policies(spare).values()), _policies(spare)
+
+
+_LEAVE_SCHED_IDLE = """
+import os, threading
+def leave():
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        print("left")
+    except PermissionError:
+        print("kept")
+t = threading.Thread(target=leave)
+t.start()
+t.join()
+"""
+
+
+def _gated_supervisor(config: Path) -> str:
+    """The start of a supervisor script over ``Gated``'s modes: the gate's
+    folder on the workers' path, the supervisor started, and its first
+    spare's pid in ``first``."""
+    return f"""
+import os
+os.environ["PYTHONPATH"] = {os.environ["PYTHONPATH"]!r}
+sup = Supervisor({str(config)!r}).start()
+while not sup.status()["standby_pid"]:
+    time.sleep(0.02)
+first = sup.status()["standby_pid"]
+"""
+
+
+def _without_leaving_sched_idle() -> list[str]:
+    """A command prefix under which a thread cannot leave SCHED_IDLE, as for
+    an unprivileged user (root without CAP_SYS_NICE); the test is skipped
+    where there is none."""
+    prefix = ["setpriv", "--bounding-set=-sys_nice"] if os.geteuid() == 0 else []
+    try:
+        said = subprocess.run(
+            [*prefix, sys.executable, "-c", _LEAVE_SCHED_IDLE], capture_output=True, text=True, timeout=T
+        )
+    except FileNotFoundError:
+        pytest.skip("no setpriv to run the supervisor without CAP_SYS_NICE")
+    if said.stdout.strip() != "kept":
+        pytest.skip(f"a thread may leave SCHED_IDLE here ({said.stdout.strip() or said.stderr.strip()})")
+    return prefix
+
+
+def test_a_spare_taken_mid_import_that_only_the_lowest_priority_may_finish_starts_afresh(gated, tmp_path):
+    """Unprivileged, the importer cannot leave SCHED_IDLE, and waiting for it
+    has no bound on a busy machine: the spare becomes a fresh worker (the
+    same process), which never imported the gate (still closed) and runs
+    its jobs at the normal priority."""
+    prefix = _without_leaving_sched_idle()
+    config, go = tmp_path / "g.toml", tmp_path / "go"
+    config.write_text(config_text(gated.modes))
+    script = (
+        _gated_supervisor(config)
+        + f"""
+print(json.dumps(first), flush=True)
+while not os.path.exists({str(go)!r}):
+    time.sleep(0.02)
+result = sup.switch_mode("heavy").result(60)
+print(json.dumps([result["standby"], result["pid"]]), flush=True)
+print(json.dumps([sup.submit("policy").result(60), sup.submit("was_preloaded").result(60)]), flush=True)
+time.sleep(600)
+"""
+    )
+    with supervisor_script(script, prefix=prefix) as proc:
+        spare = read_line(proc)
+        wait_until(lambda: _importing_at_the_lowest_priority(spare), T, "the spare's importing thread under SCHED_IDLE")
+        go.touch()
+        assert read_line(proc) == [True, spare]
+        assert read_line(proc) == [os.SCHED_OTHER, False]
+
+
+def test_the_next_spare_starts_only_once_a_heavy_worker_is_idle(supervisor_from, monkeypatch):
     monkeypatch.setattr(standby, "RESUME_AFTER_IDLE_S", 10 * T)  # idle for long enough: not in this test's time
     sup = supervisor_from(config_text(HEAVY_PRELOADS))
     spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
@@ -264,10 +404,52 @@ def test_the_next_spare_starts_only_once_the_worker_is_idle(supervisor_from, mon
     assert wait_until(lambda: sup.status()["standby_pid"], T, "the next spare, now that the worker is idle") != spare
 
 
+def _spares() -> set[int]:
+    """The standby processes this test session has started and not reaped."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if "--standby" in p.cmdline()}
+
+
+def test_while_jobs_wait_for_a_mode_that_takes_the_spare_its_successor_starts(supervisor_from, gated):
+    """The successor imports beside the light worker, as the spare does."""
+    sup = supervisor_from(config_text(gated.modes))
+    spare = _spare_importing(sup)
+    sup.switch_mode("light").result(T)
+    job = gated.hold(sup)
+    waiting = sup.submit("pid", mode="heavy")  # waits for the job in flight, then a switch takes the spare
+    successor = wait_until(lambda: _spares() - {spare}, T, "the spare's successor")
+    assert len(successor) == 1 and sup.status()["standby_pid"] == spare
+    (pid,) = successor
+    wait_until(lambda: _importing_at_the_lowest_priority(pid), T, "the successor's importing thread")
+    assert _state(pid) != "T"
+    gated.open()
+    job.release()
+    assert waiting.result(T) == spare
+    assert sup.status()["standby_pid"] == pid
+
+
+def test_a_spare_that_preloads_less_than_a_worker_taught_gives_way_once_its_successor_is_ready(supervisor_from, gated):
+    """A mode not yet known to be heavy starts fresh and, in READY, teaches
+    what it imported: the spare there is kept, still the one a switch would
+    take, until a successor that preloads that too is ready."""
+    modes = {**gated.modes, "newcomer": "tests.helpers.loaders:preloads"}  # imports safetensors
+    sup = supervisor_from(config_text(modes))
+    first = _spare_importing(sup)
+    gated.open(first)
+    wait_until(lambda: sup.status()["standby_ready"], T, "the first spare done with its preload")
+    assert sup.switch_mode("newcomer").result(T)["standby"] is False
+    successor = wait_until(lambda: _spares() - {first}, T, "a successor that preloads what the newcomer taught")
+    assert len(successor) == 1 and sup.status()["standby_pid"] == first
+    (pid,) = successor
+    gated.open(pid)
+    wait_until(lambda: sup.status()["standby_pid"] == pid, T, "the successor, once ready, to be the spare")
+    wait_until(lambda: pid_gone(first), T, "the spare that preloads less to be gone")
+    with open(f"/proc/{pid}/maps") as f:
+        assert "safetensors" in f.read()
+
+
 def test_a_stopped_spare_is_reaped_at_shutdown(supervisor_from, gated):
     sup = supervisor_from(config_text(gated.modes))
-    spare = wait_until(lambda: sup.status()["standby_pid"], T, "the spare a mode's preload starts with the supervisor")
-    sup.switch_mode("light").result(T)
+    _, spare = gated.heavy_and_next_spare(sup)
     job = gated.hold(sup)
     wait_until(lambda: _state(spare) == "T", T, "the spare to be stopped while the job runs")
     sup.shutdown(drain=False)
@@ -279,18 +461,20 @@ def test_a_stopped_spare_dies_with_its_supervisor(gated, tmp_path):
     """A stopped process runs nothing, so it cannot notice it is orphaned:
     the kernel's SIGKILL (PDEATHSIG, armed before the spare may be stopped)
     is what ends it."""
-    config = tmp_path / "g.toml"
+    config, started, until = tmp_path / "g.toml", tmp_path / "started", tmp_path / "until"
     config.write_text(config_text(gated.modes))
-    started, until = tmp_path / "started", tmp_path / "until"
-    script = f"""
-sup = Supervisor({str(config)!r}).start()
-sup.switch_mode("light").result(60)
-sup.submit("hold", {{"started": {str(started)!r}, "until": {str(until)!r}}})
-while not sup.status()["standby_pid"]:
+    script = (
+        _gated_supervisor(config)
+        + f"""
+open({str(tmp_path)!r} + f"/gate-open-{{first}}", "w").close()
+sup.switch_mode("heavy").result(60)
+while sup.status()["standby_pid"] in (None, first):
     time.sleep(0.02)
+sup.submit("hold", {{"started": {str(started)!r}, "until": {str(until)!r}}})
 print(json.dumps(sup.status()["standby_pid"]), flush=True)
 time.sleep(600)
 """
+    )
     with supervisor_script(script) as proc:
         spare = read_line(proc)
         wait_until(started.exists, T, "the hold job to start")

@@ -1,20 +1,24 @@
 """Entry point: ``python -m worker --endpoint E --gen N --parent-pid P``, or
-``--standby`` to become a warm spare (see ``supervisor/standby.py``)."""
+``--standby`` to become a warm spare (see ``supervisor/engine/standby.py`` and
+``worker/standby.py``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 
-def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
+def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float, bool]:
     """Import what the supervisor names in ``preload_fd`` (comma-separated
     modules: the modes' ``preload`` lists, then what earlier workers
     imported, in their order), touching no GPU: importing torch does not
-    initialise CUDA. Then wait for a line on stdin, ``"GEN
-    HEARTBEAT_INTERVAL"``, and become that worker. EOF: not needed, exit 0.
+    initialise CUDA. The imports run in a thread at the lowest CPU priority
+    (``worker.standby``), while this thread waits for a line on stdin,
+    ``"GEN HEARTBEAT_INTERVAL"``, and becomes that worker. EOF: not needed,
+    exit 0 (at once, even mid-import). Returns the generation, the interval,
+    and whether to start afresh instead (an import under way that only the
+    lowest priority may finish).
 
     ``ready_fd`` gets one byte now, once this process dies with its
     supervisor (PDEATHSIG is armed: the supervisor may stop it with SIGSTOP
@@ -22,26 +26,23 @@ def _standby(ready_fd: int | None, preload_fd: int | None) -> tuple[int, float]:
     the imports are done. It writes nothing to stderr: what a worker writes
     there is quoted in its crash reports, and a standby's history is the
     supervisor's to log."""
+    from worker.standby import Importer
+
     _tell(ready_fd)
     preload = ""
     if preload_fd is not None:
         with os.fdopen(preload_fd, "rb") as names:
             preload = names.read().decode().strip()
-    for name in filter(None, preload.split(",")):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a failed preload only costs the speed-up
-            pass
-    import worker.runtime  # noqa: F401 - what every worker imports next: ready before its generation comes
-
-    if ready_fd is not None:
-        _tell(ready_fd)
-        os.close(ready_fd)
+    importer = Importer(list(filter(None, preload.split(","))), lambda: _tell(ready_fd))
+    importer.start()
     line = sys.stdin.readline()
     if not line:
-        raise SystemExit(0)
+        os._exit(0)
+    afresh = not importer.stop()
+    if ready_fd is not None:
+        os.close(ready_fd)
     gen, interval = line.split()
-    return int(gen), float(interval)
+    return int(gen), float(interval), afresh
 
 
 def _tell(ready_fd: int | None) -> None:
@@ -91,8 +92,13 @@ def main() -> None:
     die_with_parent(args.parent_pid)
     gen, interval = args.gen, args.heartbeat_interval
     if args.standby:
-        gen, interval = _standby(args.ready_fd, args.preload_fd)
+        gen, interval, afresh = _standby(args.ready_fd, args.preload_fd)
         exit_if_orphaned(args.parent_pid)
+        if afresh:  # the same process, pipes and process group: to the supervisor, still the spare it took
+            argv = ["--endpoint", args.endpoint, "--gen", str(gen), "--parent-pid", str(args.parent_pid)]
+            os.execv(
+                sys.executable, [sys.executable, "-P", "-m", "worker", *argv, "--heartbeat-interval", repr(interval)]
+            )
 
     from worker.runtime import run
 

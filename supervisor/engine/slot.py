@@ -155,8 +155,9 @@ class Slot:
         d.set(self.at(Deadline.RESPAWN), respawn_at if backing_off else None)
         d.set(self.at(Deadline.IDLE_UNLOAD), self._idle_unload_at())
         busy = w is not None and w.state in (WorkerState.SPAWNED, WorkerState.LOADING, WorkerState.BUSY)
-        needed = busy and self.standby.pending and self._heavy_switch_ahead()
-        d.set(self.at(Deadline.STANDBY_PACE), self.standby.pace(worker_busy=busy, now=now, needed=needed))
+        heavy_busy = busy and w is not None and self.standby.heavy(w.spec.name)  # beside a light one, spares import
+        coming = self._heavy_switch_ahead()
+        d.set(self.at(Deadline.STANDBY_PACE), self.standby.pace(heavy_busy=heavy_busy, now=now, coming=coming))
         if self.standby.stopping and self.at(Deadline.STANDBY_REAP) not in d:
             d.after(self.at(Deadline.STANDBY_REAP), 0.05)  # stopped spares are reaped without waiting on them
 

@@ -16,13 +16,31 @@ or seen to import them takes it: a light worker made from a spare would
 carry hundreds of MB of imports it never uses.
 
 A spare never competes with the worker it stands behind. Its imports are
-seconds of CPU, and on a small machine they would slow every job that runs
-meanwhile several times over (torch's threads wait for each other when one
-loses its core). So the next spare starts only once the worker has been
-idle for ``RESUME_AFTER_IDLE_S``, and while that worker loads or runs jobs
-(and for ``RESUME_AFTER_IDLE_S`` after), a spare still importing is stopped
-(SIGSTOP to its process group); it goes on importing once the worker is
-idle (SIGCONT). A spare done importing waits on a read and costs nothing.
+seconds of CPU. They run in a thread under ``SCHED_IDLE``, the lowest CPU
+priority the kernel offers (``worker/standby.py``), which takes no CPU
+time from any other thread: beside a light worker (a mode that takes no
+spare) a spare imports freely. That is not enough beside a torch worker:
+the policy decides which thread gets a CPU, not what the CPUs share, and
+on a 2-core machine an importer at ``SCHED_IDLE`` still made a worker's
+embedding jobs 2.6 times slower (5.6 times at the normal priority; torch's
+threads wait for each other when one of them is slowed). So while a heavy
+worker (one of a mode that takes the spare) loads or runs jobs, and for
+``RESUME_AFTER_IDLE_S`` after, a spare still importing is stopped
+(SIGSTOP to its process group), and the next spare starts only once that
+worker has been idle that long; unless a switch that takes the spare is
+coming (jobs wait for such a mode): then it runs. A spare done importing
+waits on a read and costs nothing.
+
+Under steady load a heavy mode's jobs come back about every ``max_wait_s``
+plus a switch (3.7 s at the default 3 s), and the spare taken by one visit
+would have only that time, beside the light worker, to be ready for the
+next: less than its imports take on a small machine (3 to 4.5 s of CPU
+here). So while jobs wait for a mode that will take the spare, its
+successor starts (``pace()``) and imports beside the light worker too; it
+is the spare once that switch has taken the first, and has had
+``max_wait_s`` more. Two spares hold twice the host RAM meanwhile. A
+successor also starts when a worker's READY teaches modules the spare does
+not preload; the spare gives way to it once it is ready.
 
 The standby reads the modules to import from a file descriptor, then
 blocks on stdin; ``activate()`` writes it a generation and it connects like
@@ -67,6 +85,7 @@ class Standby:
         # (before that, a stopped spare would outlive it), and one once its
         # imports are done (a spare still importing is no faster than a fresh
         # process for a light mode).
+        self.behind = False  # it preloads less than has since become known to be needed
         self._ready_r, ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
         # The module list (tens of KB) goes in an unlinked temporary file, not
@@ -169,8 +188,9 @@ class Standby:
 
 
 class StandbyPool:
-    """One slot's spare: what it should preload, which modes it suits, when
-    it may run, and the spares being stopped until they are reaped.
+    """One slot's spare (and its successor while a switch that takes it is
+    coming): what they preload, which modes they suit, when they may run,
+    and the spares being stopped until they are reaped.
 
     ``wanted``: start a spare now if there is anything to preload (the
     configured lists, or what the state directory remembers)."""
@@ -179,6 +199,7 @@ class StandbyPool:
         self._endpoint = endpoint
         self._device_env = device_env
         self.spare: Standby | None = None
+        self._successor: Standby | None = None  # the next spare, started before a switch takes this one
         self._folder = learned.state_directory(config.state_dir)
         self._learned = learned.read(self._folder)
         self._configured: tuple[str, ...] = ()
@@ -186,7 +207,7 @@ class StandbyPool:
         self.preload: tuple[str, ...] = ()
         self.reconfigure(config)
         self._stopping: list[Standby] = []
-        self._busy_at = float("-inf")  # when the worker was last known to be loading or running jobs
+        self._busy_at = float("-inf")  # when a heavy worker was last known to be loading or running jobs
         self._was_busy = False
         self._wanted = False  # a spare is to be started (once the worker is idle): prepare() until stop()
         if wanted:
@@ -203,6 +224,9 @@ class StandbyPool:
         order, then those workers were seen to import, in their import
         order; no repeats."""
         self.preload = tuple(dict.fromkeys([*self._configured, *self._learned.preload]))
+        for s in (self.spare, self._successor):
+            if s is not None and set(self.preload) - set(s.preload):
+                s.behind = True
 
     def heavy(self, mode: str) -> bool:
         return mode in self._declared or self._learned.heavy.get(mode, False)
@@ -222,49 +246,67 @@ class StandbyPool:
     def take(self, mode: str) -> Standby | None:
         """The spare, if ``mode`` is known to need what it preloads (ready or
         still importing, stopped or not: it is ahead of a fresh process
-        either way, and ``activate()`` lets it run)."""
+        either way, and ``activate()`` lets it run); its successor, if any,
+        is the spare from now on."""
         if self.spare is None or not self.heavy(mode):
             return None
-        spare, self.spare = self.spare, None
+        spare, self.spare, self._successor = self.spare, self._successor, None
         return spare
 
     def prepare(self) -> None:
-        """At start and after a switch: a spare that preloads everything now
-        known to be needed, replacing one that died or preloads less. It
-        starts now if the worker has been idle for ``RESUME_AFTER_IDLE_S``
-        (at start: there is none), else once it has (``pace()``): even the
-        spare's interpreter start-up would slow the first jobs of a worker
-        that has just loaded."""
-        s = self.spare
-        if s is not None and (s.proc.poll() is not None or set(self.preload) - set(s.preload)):
-            self.stop()
-        self._wanted = bool(self.preload)
+        """At start and after a switch: a spare, replacing one that died. It
+        starts now unless a heavy worker has been busy within
+        ``RESUME_AFTER_IDLE_S`` (at start there is none), else once it has
+        been idle that long (``pace()``): even the spare's interpreter
+        start-up would slow the first jobs of a torch worker that has just
+        loaded. A spare that preloads less than is now known to be needed
+        (a worker's READY taught more) is kept until a successor that
+        preloads everything is ready (``pace()``): killed at once, it would
+        leave a heavy switch meanwhile a spare seconds behind it, or none."""
+        if self._successor is not None and self._successor.proc.poll() is not None:
+            self._drop(self._successor)
+            self._successor = None
+        if self.spare is not None and self.spare.proc.poll() is not None:
+            self._drop(self.spare)
+            self.spare, self._successor = self._successor, None
+        self._wanted = bool(self.preload) and self.spare is None
         if not self._was_busy and time.monotonic() >= self._busy_at + RESUME_AFTER_IDLE_S:
             self._start()
 
     def _start(self) -> None:
         self._wanted = False
-        if self.spare is not None or not self.preload:
-            return
+        if self.spare is None:
+            self.spare = self._new()
+
+    def _new(self) -> Standby | None:
+        if not self.preload:
+            return None
         try:
-            self.spare = Standby(self._endpoint, self.preload, self._device_env)
+            return Standby(self._endpoint, self.preload, self._device_env)
         except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: never worth the worker
             log.warning("could not start a warm standby: %s: %s", type(exc).__name__, exc)
+            return None
+
+    def _drop(self, s: Standby) -> None:
+        s.kill()
+        self._stopping.append(s)
 
     def check(self) -> None:
         """Now and then (on heartbeats): a spare that died idle is let go."""
-        if self.spare is not None and self.spare.proc.poll() is not None:
-            log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
-                        self.spare.pid, describe_exit(self.spare.proc.returncode))  # fmt: skip
-            self.stop()
+        for s in (self.spare, self._successor):
+            if s is not None and s.proc.poll() is not None:
+                log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
+                            s.pid, describe_exit(s.proc.returncode))  # fmt: skip
+                self.stop()
+                return
 
     def stop(self) -> None:
-        """No spare until the next ``prepare()``; one there is killed."""
+        """No spare until the next ``prepare()``; those there are killed."""
         self._wanted = False
-        if self.spare is not None:
-            self.spare.kill()
-            self._stopping.append(self.spare)
-            self.spare = None
+        for s in (self.spare, self._successor):
+            if s is not None:
+                self._drop(s)
+        self.spare = self._successor = None
 
     def reap(self) -> None:
         """Reap the spares that have exited since they were stopped."""
@@ -274,52 +316,49 @@ class StandbyPool:
     def stopping(self) -> bool:
         return bool(self._stopping)
 
-    @property
-    def pending(self) -> bool:
-        """A spare is wanted and not yet done importing."""
-        return self._wanted or (self.spare is not None and not self.spare.ready())
-
-    def pace(self, worker_busy: bool, now: float, needed: bool = False) -> float | None:
-        """Called every turn: whether the worker it stands behind is loading
-        or running jobs now. A spare still importing is stopped while it is,
-        and until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes
-        on (and a spare wanted but not yet started starts); unless it is
-        ``needed``: a switch that takes it is coming. Returns when it wants
-        to be asked again, if it is waiting for that moment (None: at the next turn is soon enough). Cheap on the
-        busy path: once stopped, a spare is not looked at again until the
-        worker is idle. A spare is stopped only once it has said that it dies
-        with the supervisor: a process stopped before it armed PDEATHSIG
-        would outlive a supervisor killed meanwhile, stopped for good."""
-        if worker_busy or self._was_busy:  # busy until this turn at least: the loop may not turn for a second
+    def pace(self, heavy_busy: bool, now: float, coming: bool = False) -> float | None:
+        """Called every turn: whether a heavy worker is loading or running
+        jobs now, and whether a switch that takes the spare is ``coming``.
+        A spare still importing is stopped while such a worker is busy, and
+        until it has been idle for ``RESUME_AFTER_IDLE_S``; then it goes on
+        (and a spare wanted but not yet started starts); unless the switch
+        that takes it is coming. Then too its successor starts (paced like
+        any spare: the coming switch does not take it), and when the spare
+        preloads less than is now known to be needed; such a spare gives way
+        to its successor once that is ready.
+        Returns when it wants to be asked again, if it is waiting for that
+        moment (None: at the next turn is soon enough). Cheap on the busy
+        path: once stopped, a spare is not looked at again until the worker
+        is idle. A spare is stopped only once it has said that it dies with
+        the supervisor: a process stopped before it armed PDEATHSIG would
+        outlive a supervisor killed meanwhile, stopped for good."""
+        if heavy_busy or self._was_busy:  # busy until this turn at least: the loop may not turn for a second
             self._busy_at = now
-        self._was_busy = worker_busy
-        s, resume_at = self.spare, self._busy_at + RESUME_AFTER_IDLE_S
-        if needed:
-            # Jobs wait for a mode that will take the spare: the switch is
-            # coming (at the starvation bound at the latest), and a spare
-            # ready by then saves seconds of cold imports, more than it
-            # costs the worker meanwhile. Under steady load the worker is
-            # never idle, so without this every such switch would be cold.
-            if s is None:
-                if self._wanted:
-                    self._start()
-            elif s.paused:
-                s.resume()
-            return None
-        if s is None:
-            if not self._wanted:
-                return None
-            if now < resume_at:
-                return None if worker_busy else resume_at
+        self._was_busy = heavy_busy
+        resume_at = self._busy_at + RESUME_AFTER_IDLE_S
+        idle_enough = now >= resume_at
+        if self._wanted and (idle_enough or coming):
             self._start()
+        spare = self.spare
+        if spare is not None and self._successor is None and idle_enough and (coming or spare.behind):
+            self._successor = self._new()
+        if spare is not None and spare.behind and self._successor is not None and self._successor.ready():
+            self._drop(spare)
+            spare, self.spare, self._successor = self._successor, self._successor, None
+        wake: float | None = None if heavy_busy else resume_at
+        for s, may_run in ((spare, coming or idle_enough), (self._successor, idle_enough)):
+            if s is None:
+                continue
+            if may_run or not (s.paused or not s.ready()):
+                s.resume()
+            elif not s.stoppable():  # its first moments, before it dies with the supervisor
+                if s.proc.poll() is None:
+                    wake = now + ARMING_POLL_S
+            else:
+                s.pause()
+        if idle_enough or (spare is None and not self._wanted):
             return None
-        if now < resume_at and (s.paused or not s.ready()):
-            if not s.stoppable():  # its first moments, before it dies with the supervisor
-                return now + ARMING_POLL_S if s.proc.poll() is None else None
-            s.pause()
-            return None if worker_busy else resume_at
-        s.resume()
-        return None
+        return wake
 
     @property
     def pid(self) -> int | None:

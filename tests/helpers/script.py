@@ -10,19 +10,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from tests.helpers import T, repo_pythonpath
 
 
 @contextlib.contextmanager
-def supervisor_script(body: str) -> Iterator[subprocess.Popen]:
+def supervisor_script(body: str, prefix: Sequence[str] = ()) -> Iterator[subprocess.Popen]:
     """A supervisor in a process of its own, running ``body`` (with json,
     sys, time and Supervisor imported) and printing JSON lines as it goes;
-    killed, reaped and closed on the way out, whatever the test did to it."""
+    killed, reaped and closed on the way out, whatever the test did to it.
+    ``prefix``: a command that runs the interpreter (``setpriv ...``)."""
     code = "import json, sys, time\nfrom supervisor import Supervisor\n" + textwrap.dedent(body)
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     try:
         yield proc
     finally:
