@@ -401,8 +401,11 @@ def test_idle_unload_stops_each_idle_device_and_the_next_job_reloads_its_mode(su
     first = {m: sup.submit("work", 0, mode=m).result(T) for m in "abc"}
     wait_until(lambda: all(d["idle_unloaded"] for d in by_device(sup).values()), T, "every device to unload")
     wait_until(lambda: all_reaped(r["pid"] for r in first.values()), T, "the unloaded workers to be reaped")
+    # A reaped worker stays in the status until its last words are in (a
+    # few tens of ms after its exit): the status is waited for, not assumed.
+    wait_until(lambda: not worker_pids(sup), T, "the status to list no worker")
     unloaded = {d["idle_unloaded"]: n for n, d in by_device(sup).items()}
-    assert sorted(unloaded) == ["a", "b", "c"] and not worker_pids(sup)
+    assert sorted(unloaded) == ["a", "b", "c"]
     again = {m: sup.submit("work", 0, mode=m) for m in "abc"}
     seen = [outcomes(f) for f in again.values()]
     for m, f in again.items():
