@@ -75,24 +75,16 @@ def settle(future: Future, *, result: Any = None, error: BaseException | None = 
     if isinstance(error, CancelledError):
         _cancel_now(future)
         return
-    if future._state == RUNNING:  # the usual case, a job the loop started: no lock twice over
-        try:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-        except InvalidStateError:  # a stream its caller stopped meanwhile keeps that outcome
-            pass
-        return
-    if not future.done() and not future.running():
-        if not future.set_running_or_notify_cancel():
-            return
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+    # A job the loop started is RUNNING already (the usual case: no lock taken twice over).
+    if future._state != RUNNING and (future.done() or not future.set_running_or_notify_cancel()):
+        return  # over already, or cancelled by its caller while it waited
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # a stream its caller stopped meanwhile keeps that outcome
+        pass
 
 
 def _cancel_now(future: Future) -> None:
