@@ -142,7 +142,7 @@ def test_a_result_msgpack_cannot_carry_is_a_job_failure_and_the_worker_goes_on(t
     [
         ("tests.helpers.loaders:raises", ["RuntimeError", "fails on purpose"]),
         ("tests.helpers.loaders:not_a_mapping", ["TypeError", "mapping of task name"]),
-        ("worker.modes.nowhere:load", ["ImportError", "cannot import 'worker.modes.nowhere'"]),
+        ("worker.modes.nowhere:load", ["LoaderNotFound", "cannot import 'worker.modes.nowhere'"]),
         ("worker.modes.diag:nothing", ["AttributeError", "has no 'nothing'"]),
     ],
 )

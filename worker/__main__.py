@@ -66,6 +66,12 @@ def _stdout_into_stderr() -> None:
 
 
 def main() -> None:
+    from worker.loader_check import FLAG
+
+    if sys.argv[1:] == [FLAG]:  # gpuvisor check-config: import the loaders, load nothing
+        from worker.loader_check import main as check_loaders
+
+        raise SystemExit(check_loaders())
     _stdout_into_stderr()
     from gpuvisor.packages import foreign_package
 

@@ -75,7 +75,7 @@ from protocol.frames import read_all, recv_message, small
 from protocol.messages import Cancel, peek
 from worker.batching import batch_limits
 from worker.lifeline import exit_if_orphaned
-from worker.loader import Handler, load_mode
+from worker.loader import Handler, failure_text, load_mode
 from worker.memory import is_out_of_memory, torch_memory
 
 _LINGER_MS = 5000
@@ -155,17 +155,19 @@ class _HeartbeatThread(threading.Thread):
             sock.close()
 
 
-def _error_map(exc: BaseException, fallback: type[GpuvisorError]) -> dict[str, Any]:
+def _error_map(exc: BaseException, fallback: type[GpuvisorError], text: str | None = None) -> dict[str, Any]:
     """A handler's exception as a wire error. One the handler raised on purpose
     (a GpuvisorError) keeps its own code; running out of memory becomes
-    ``OutOfMemory`` with torch's figures; anything else becomes ``fallback``."""
+    ``OutOfMemory`` with torch's figures; anything else becomes ``fallback``.
+    ``text``: the message, when it says more than the exception's own."""
     tb = "".join(traceback.format_exception(exc))
+    text = text or f"{type(exc).__name__}: {exc}"
     if isinstance(exc, GpuvisorError):
         wire = exc.to_wire()
     elif is_out_of_memory(exc) and fallback is JobFailed:
-        wire = OutOfMemory(f"{type(exc).__name__}: {exc}", memory=torch_memory()).to_wire()
+        wire = OutOfMemory(text, memory=torch_memory()).to_wire()
     else:
-        wire = fallback(f"{type(exc).__name__}: {exc}").to_wire()
+        wire = fallback(text).to_wire()
     wire.setdefault("remote_type", type(exc).__name__)
     wire.setdefault("traceback", tb)
     return wire
@@ -207,8 +209,10 @@ class _Worker:
                 self._warm_up(msg.warmup)
                 warmup_seconds = time.perf_counter() - loaded
         except Exception as exc:  # noqa: BLE001 - any loader error fails the switch, with its traceback
-            _log(self.gen, f"loading mode {msg.mode!r} failed: {type(exc).__name__}: {exc}")
-            self.send(LoadFailed(msg.mode, _error_map(exc, ModeLoadError)))
+            # The loader file's line goes into the message itself: the CLI and the log show the message.
+            text = failure_text(msg.loader, exc)
+            _log(self.gen, f"loading mode {msg.mode!r} failed: {text}")
+            self.send(LoadFailed(msg.mode, _error_map(exc, ModeLoadError, text)))
             return False
         self.mode = msg.mode
         load_seconds = (loaded - started) if warmup_seconds is not None else time.perf_counter() - started

@@ -128,6 +128,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     stop.add_argument("--drain-timeout", type=_positive_seconds, metavar="SECONDS",
                       help="cancel what has not run after this long (default: the daemon's drain_timeout)")  # fmt: skip
     add("demo", help="the five-minute tour, in this process (no daemon)")
+    check = add("check-config", help="check a config file and import its loaders in a throwaway worker (no load)")
+    check.add_argument("file", nargs="?", help="the TOML file (default: --config, else the built-in config)")
     return parser, submit
 
 
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_tour()
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check-config":
+            from supervisor.service.check_config import run as check_config
+
+            return check_config(args)
         return _client_command(args)
     except ConfigError as exc:
         print(f"gpuvisor: bad configuration: {exc}", file=sys.stderr)
