@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 
+from gpuvisor.testing import load_mode
 from supervisor import JobFailed, ModeLoadError
 from tests.helpers import T
-from tests.helpers.config import DIAG, DIAG_HOOKS, config_text
+from tests.helpers.config import DIAG, DIAG_HOOKS
 
 FORGED = "gpuvisor ERROR a line forged by a caller"
 
@@ -40,12 +41,10 @@ def test_the_built_in_diag_refuses_every_test_hook_and_writes_nothing(daemon, tm
     assert FORGED not in d.output()
 
 
-def test_test_hooks_true_turns_them_on_and_anything_but_a_bool_fails_the_load(supervisor_from, tmp_path):
-    sup = supervisor_from(config_text({
-        "diag": DIAG, "hooked": DIAG_HOOKS, "odd": {"loader": DIAG, "args": {"test_hooks": "yes"}},
-    }))  # fmt: skip
+def test_test_hooks_true_turns_them_on_and_anything_but_a_bool_fails_the_load(tmp_path):
     record = tmp_path / "record"
-    assert sup.submit("count", {"n": 2, "record": str(record)}, mode="hooked").result(T) == {"count": 2}
+    with load_mode(DIAG_HOOKS["loader"], DIAG_HOOKS["args"]) as hooked:
+        assert hooked.call("count", {"n": 2, "record": str(record)}) == {"count": 2}
     assert record.read_text().split() == ["0", "1", "closed"]
     with pytest.raises(ModeLoadError, match="diag: 'test_hooks' must be true or false, got 'yes'"):
-        sup.switch_mode("odd").result(T)
+        load_mode(DIAG, {"test_hooks": "yes"})

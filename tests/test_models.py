@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from gpuvisor.testing import load_mode, mode_fixture
 from supervisor import AsyncSupervisor, JobFailed, ModeLoadError, OutOfMemory, Supervisor, WorkerCrashed
 from tests.helpers import T, pid_gone, wait_until
 from tests.helpers.config import DIAG, config_text
@@ -24,38 +25,43 @@ TWO_DIAGS = {"diag": DIAG, "other": DIAG}
 # ----------------------------------------------------------------- streaming
 
 
-def test_a_stream_yields_every_chunk_in_order_then_ends_with_the_return_value(sup):
-    stream = sup.submit("count", {"n": 50}, mode="diag", stream=True)
+# The diag mode's streams, through the kit a mode's author tests with: one worker for these tests.
+diag = mode_fixture(DIAG)
+
+
+def test_a_stream_yields_every_chunk_in_order_then_ends_with_the_return_value(diag):
+    stream = diag.stream("count", {"n": 50})
     assert list(stream) == list(range(50))
     assert stream.result(T) == {"count": 50} and stream.future.done()
     assert list(stream) == []  # iterating a finished stream again ends again
 
 
-def test_chunks_arrive_while_the_job_still_runs(sup):
-    stream = sup.submit("count", {"n": 3, "delay": 1.0}, mode="diag", stream=True)
+def test_chunks_arrive_while_the_job_still_runs(diag):
+    stream = diag.stream("count", {"n": 3, "delay": 1.0})
     assert next(stream) == 0
     assert not stream.future.done()  # the handler is sleeping before its next chunk
     assert list(stream) == [1, 2] and stream.result(T) == {"count": 3}
 
 
-def test_without_stream_a_generator_handler_gives_its_return_value_only(sup):
-    assert sup.submit("count", {"n": 5}, mode="diag").result(T) == {"count": 5}
+def test_without_stream_a_generator_handler_gives_its_return_value_only(diag):
+    assert diag.call("count", {"n": 5}) == {"count": 5}
 
 
-def test_a_crash_mid_stream_ends_it_with_worker_crashed_after_the_chunks_sent(sup):
+def test_a_crash_mid_stream_ends_it_with_worker_crashed_after_the_chunks_sent():
     # The delay lets each chunk leave the worker before the next step: a chunk
     # still inside a process that is SIGKILLed is lost with it.
-    stream = sup.submit("count", {"n": 10, "die_after": 4, "delay": 0.2}, mode="diag", stream=True)
-    got = []
-    with pytest.raises(WorkerCrashed, match="SIGKILL"):
-        for chunk in stream:
-            got.append(chunk)
-    assert got == [0, 1, 2, 3]
-    assert sup.submit("echo", "after", mode="diag").result(T) == "after"  # a fresh worker
+    with load_mode(DIAG) as diag:
+        stream = diag.stream("count", {"n": 10, "die_after": 4, "delay": 0.2})
+        got = []
+        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+            for chunk in stream:
+                got.append(chunk)
+        assert got == [0, 1, 2, 3]
+        assert diag.call("echo", "after") == "after"  # a fresh worker
 
 
-def test_a_handler_error_mid_stream_is_the_streams_one_typed_outcome(sup):
-    stream = sup.submit("count", {"n": "three"}, mode="diag", stream=True)
+def test_a_handler_error_mid_stream_is_the_streams_one_typed_outcome(diag):
+    stream = diag.stream("count", {"n": "three"})
     with pytest.raises(JobFailed, match="'n' must be a whole number"):
         list(stream)
     with pytest.raises(JobFailed):
@@ -257,15 +263,15 @@ def test_the_worker_is_pinned_to_its_device(supervisor_from):
 def test_generate_streams_tokens_that_add_up_to_its_result():
     """The tiny built-in model has random weights: its text is gibberish, so
     only its shape and consistency are checked."""
-    with Supervisor() as sup:
+    with load_mode("worker.modes.generate:load", wait=3 * T) as generate:
         request = {"prompt": "Hello", "max_new_tokens": 12}
-        stream = sup.submit("generate", request, mode="generate", stream=True)
+        stream = generate.stream("generate", request)
         chunks = list(stream)
         final = stream.result(T)
         assert [c["token"] for c in chunks] == final["tokens"] and len(final["tokens"]) <= 12
         assert "".join(c["text"] for c in chunks) == final["text"]
-        assert sup.submit("generate", request).result(T) == final  # greedy: the same again
-        info = sup.submit("info").result(T)
+        assert generate.call("generate", request) == final  # greedy: the same again
+        info = generate.call("info")
         assert info["random_weights"] is True and info["model"] == "tiny-random"
 
 
