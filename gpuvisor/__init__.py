@@ -2,4 +2,6 @@
 distribution is likely to install: the console script starts here, so it
 can tell a user that ``supervisor``, ``worker`` or ``protocol`` is another
 distribution's package before Python fails to import ours
-(``gpuvisor.packages``). Everything else lives in those three packages."""
+(``gpuvisor.packages``). It also holds ``gpuvisor.testing``, the kit a
+mode's author tests a mode with. Everything else lives in those three
+packages."""
