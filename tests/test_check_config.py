@@ -24,7 +24,7 @@ def check_config(*args: str | Path) -> subprocess.CompletedProcess:
 def test_the_examples_config_is_ready_to_serve():
     done = check_config(EXAMPLE)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["scorer: ok (scorer:load)", f"{EXAMPLE}: ok, 1 modes"]
+    assert done.stdout.splitlines() == ["scorer: ok (scorer:load)", f"{EXAMPLE}: ok, 1 mode"]
     report = json.loads(check_config(EXAMPLE, "--json").stdout)
     assert report == {"ok": True, "file": str(EXAMPLE), "modes": {"scorer": {"ok": True, "loader": "scorer:load"}}}
 

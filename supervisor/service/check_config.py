@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         for name, entry in report["modes"].items():
             print(f"{name}: ok ({entry['loader']})" if entry["ok"] else f"{name}: {entry['error']}")
         if report["ok"]:
-            print(f"{report['file']}: ok, {len(report['modes'])} modes")
+            n = len(report["modes"])
+            print(f"{report['file']}: ok, {n} mode{'s' if n != 1 else ''}")
         elif report["modes"] and "error" not in report:
             bad = sum(not entry["ok"] for entry in report["modes"].values())
             print(
