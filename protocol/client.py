@@ -43,6 +43,7 @@ class Request(enum.StrEnum):
     SHUTDOWN = "shutdown"
     MODES = "modes"
     METRICS = "metrics"
+    EVENTS = "events"  # answered with a chunk per event until cancelled; then one reply
 
 
 REPLY = "reply"
@@ -69,6 +70,7 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
     Request.SHUTDOWN: {"drain": ((bool,), True), "timeout": ((*_NUMBER, _NONE), None)},
     Request.MODES: {},
     Request.METRICS: {},
+    Request.EVENTS: {"buffer": ((int, _NONE), None)},
 }
 
 
