@@ -45,6 +45,7 @@ class Request(enum.StrEnum):
     METRICS = "metrics"
     UNLOAD = "unload"
     RELOAD = "reload"
+    EVENTS = "events"  # answered with a chunk per event until cancelled; then one reply
 
 
 REPLY = "reply"
@@ -73,6 +74,7 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
     Request.METRICS: {},
     Request.UNLOAD: {"device": ((str, _NONE), None)},
     Request.RELOAD: {},
+    Request.EVENTS: {"buffer": ((int, _NONE), None)},
 }
 
 

@@ -28,8 +28,9 @@ from protocol.arrays import nbytes
 from supervisor import config as config_mod
 from supervisor.arguments import check_mode, check_seconds, check_submit
 from supervisor.config import Config
-from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
+from supervisor.engine.commands import CancelJob, Follow, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
 from supervisor.engine.loop import Engine
+from supervisor.events import DEFAULT_BUFFER, AsyncEventStream, EventStream, Subscription
 from supervisor.futures import JobFuture, gather
 from supervisor.quota import Limits, QueueQuota
 from supervisor.status import Status, SwitchResult
@@ -384,6 +385,21 @@ class Supervisor:
         ``gpuvisor metrics`` serve."""
         return self._engine.metrics.exposition().decode()
 
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> EventStream:
+        """Follow what the supervisor does: switch phases, workers started
+        and ended, a drain's progress (docs/protocol.md lists the events).
+        The stream begins with where things stand (``following``, then the
+        phase of each switch under way) and ends when the supervisor stops.
+        A reader that falls ``buffer`` events behind loses the oldest and
+        is told how many (a ``dropped`` event): the supervisor never waits
+        for a reader."""
+        sub = Subscription(buffer)
+        if not self._started:
+            self.start()  # ShuttingDown if it was shut down before it started
+        # Posted even while it stops (a drain is worth following); once it has stopped, the stream ends at once.
+        self._engine.post(Follow(sub))
+        return EventStream(sub)
+
     def healthy(self, max_age: float) -> bool:
         """The core loop is alive and has turned within ``max_age`` seconds
         (it turns at least once a second when idle). For watchdogs."""
@@ -471,6 +487,12 @@ class AsyncSupervisor:
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)
+
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> AsyncEventStream:
+        """``Supervisor.events()`` for asyncio: ``async with sup.events() as
+        events: async for event in events``."""
+        stream = self._sync.events(buffer=buffer)
+        return AsyncEventStream(stream, asyncio.get_running_loop())
 
     async def __aenter__(self) -> AsyncSupervisor:
         return await self.start()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, runtime_checkable
 
+from supervisor.events import DEFAULT_BUFFER, AsyncEventStream, EventStream
 from supervisor.futures import JobFuture
 from supervisor.status import Status, SwitchResult
 from supervisor.stream import AsyncJobStream, JobStream
@@ -67,6 +68,12 @@ class SupervisorAPI(Protocol):
         ``timeout``), and return once the worker is gone."""
         ...
 
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> EventStream:
+        """Follow switch phases, workers and drains as they happen, until the
+        stream is closed or the supervisor stops; a reader ``buffer`` events
+        behind loses the oldest, and is told."""
+        ...
+
 
 @runtime_checkable
 class AsyncSupervisorAPI(Protocol):
@@ -96,5 +103,7 @@ class AsyncSupervisorAPI(Protocol):
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None: ...
 
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> AsyncEventStream: ...
 
-SYNC_METHODS = ("submit", "switch_mode", "restart", "unload", "status", "modes", "metrics", "shutdown")
+
+SYNC_METHODS = ("submit", "switch_mode", "restart", "unload", "status", "modes", "metrics", "shutdown", "events")

@@ -10,6 +10,7 @@ from typing import Any
 
 from supervisor.arguments import check_submit
 from supervisor.client.client import Client
+from supervisor.events import DEFAULT_BUFFER, AsyncEventStream
 from supervisor.status import Status, SwitchResult
 from supervisor.stream import AsyncJobStream
 
@@ -71,6 +72,11 @@ class AsyncClient:
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)
+
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> AsyncEventStream:
+        """``Client.events()`` for asyncio: ``async with client.events() as
+        events: async for event in events``."""
+        return AsyncEventStream(self._sync.events(buffer=buffer), asyncio.get_running_loop())
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._sync.close)

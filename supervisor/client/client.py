@@ -40,6 +40,7 @@ from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
 from supervisor.arguments import check_submit
 from supervisor.client.endpoint import client_default_endpoint, unreachable
+from supervisor.events import DEFAULT_BUFFER, EventStream, Subscription
 from supervisor.futures import JobFuture, settle
 from supervisor.mailbox import Mailbox
 from supervisor.status import Status, SwitchResult
@@ -192,6 +193,19 @@ class Client:
 
     def ping(self) -> dict[str, Any]:
         return self._request(Request.PING, Future()).result()
+
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> EventStream:
+        """The daemon's events as they happen (``with client.events() as
+        events: for event in events``), until the stream is closed or the
+        daemon stops; an error that ends it (the daemon went away) is raised
+        by the iteration. ``buffer`` bounds the events kept for a reader
+        that falls behind, on the daemon and here: the oldest go, and a
+        ``dropped`` event says how many."""
+        sub = Subscription(buffer)
+        future = RemoteJobFuture(self, sub.put)  # its chunks are the events, put on the I/O thread
+        future.add_done_callback(lambda _: sub.close())
+        self._request(Request.EVENTS, future, buffer=buffer)
+        return EventStream(sub, future.give_up, ended=future)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the daemon, after running what is queued (``drain``, bounded by

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.events import Subscription
 from supervisor.futures import JobFuture
 
 
@@ -100,4 +101,14 @@ class Unload:
     future: Future = field(default_factory=Future)
 
 
-Command = QueuedJob | QueuedSwitch | Shutdown | Reload | CancelJob | Unload
+@dataclass(eq=False)
+class Follow:
+    """A follower of the supervisor's events: its queue gets what is under
+    way now, then every event until it is closed (by its reader, or when the
+    supervisor stops)."""
+
+    subscription: Subscription
+    future: None = None
+
+
+Command = QueuedJob | QueuedSwitch | Shutdown | Reload | CancelJob | Unload | Follow

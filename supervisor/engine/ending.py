@@ -125,6 +125,12 @@ def conclude(slot: Slot) -> None:
         slot.engine.decide(future, result=result, error=error)
     tail = w.stderr_tail()
     said = ("; its last stderr lines:\n    " + "\n    ".join(tail)) if tail else ""
+    if slot.engine.followers:
+        on_purpose = ended_in is WorkerState.DRAINING or (ending is not None and ending.job_error is None)
+        why = "drained" if ended_in is WorkerState.DRAINING else ending.why if ending is not None else None
+        slot.engine.tell("worker_ended", pid=w.pid, gen=w.gen, mode=w.mode, device=slot.name, code=code,
+                         exit=describe_exit(code), why=why or describe_exit(code, loading=ended_in in STARTING),
+                         expected=on_purpose)  # fmt: skip
     if ended_in is WorkerState.DRAINING:
         log.info("worker gen %d pid %d drained and %s", w.gen, w.pid, describe_exit(code))
         return
@@ -189,6 +195,7 @@ def _died_loading(slot: Slot, w: WorkerHandle, what: str, said: str, tail: list[
         # The mode was serving and is still wanted: an OOM kill or an
         # operator's kill during a reload is a death like any other. The
         # jobs wait for the next respawn, after the backoff.
+        slot.tell_switch(slot.switch, "failed", error=what)
         slot.switch = None
         slot.restarts += 1
         slot.count_death(w.mode, what)  # may break the mode, which fails them

@@ -40,6 +40,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -49,7 +50,7 @@ from protocol import GpuvisorError, JobCancelled, NoModeLoaded, ShuttingDown
 from protocol.messages import MAX_FRAMES
 from supervisor.config import Config
 from supervisor.engine import ending, inbox, work
-from supervisor.engine.commands import CancelJob, Command, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
+from supervisor.engine.commands import CancelJob, Command, Follow, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import choose_devices
 from supervisor.engine.link import WorkerLink
@@ -57,6 +58,7 @@ from supervisor.engine.process import stop_and_reap
 from supervisor.engine.queue import JobQueue
 from supervisor.engine.slot import Slot
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
+from supervisor.events import Subscription, event
 from supervisor.futures import settle
 from supervisor.mailbox import Mailbox
 from supervisor.metrics import Metrics, outcome_of
@@ -102,6 +104,11 @@ class Engine:
         self._accepted: weakref.WeakSet[Future] = weakref.WeakSet()
         self._outcomes: list[tuple[Future, Any, BaseException | None]] = []
         self._after_standbys: list[tuple[Future, Any, BaseException | None]] = []  # until stopped spares are reaped
+        # Who follows the events (each a bounded queue), and how many events were built for them: none
+        # while nobody follows, so the phases cost nothing then.
+        self.followers: list[Subscription] = []
+        self.told = 0
+        self._drain: _DrainTally | None = None  # since shutdown began: what the drain has done
 
     # ------------------------------------------------ API-thread side (only these)
 
@@ -159,6 +166,19 @@ class Engine:
     def fail_before_barrier(self, error_for: Callable[[QueuedJob], GpuvisorError | None]) -> None:
         self._outcomes.extend(self.queue.fail_before_barrier(error_for))
 
+    def tell(self, name: str, **fields: Any) -> None:
+        """An event for whoever follows; nothing at all while nobody does.
+        A follower that closed its queue is forgotten here."""
+        followers = self.followers
+        if not followers:
+            return
+        self.told += 1
+        told = event(name, **fields)
+        for sub in followers:
+            sub.put(told)
+        if any(sub.closed for sub in followers):
+            self.followers = [sub for sub in followers if not sub.closed]
+
     def next_generation(self) -> int:
         self._generation += 1
         return self._generation
@@ -202,6 +222,7 @@ class Engine:
             self._end_standbys()
             self._publish(state="stopped")
             self._hand_out()
+            self._tell_stopped()
             self.link.close()
             for command in self.mailbox.close():
                 _refuse(command)
@@ -265,6 +286,8 @@ class Engine:
             self._pump()
             for slot in slots:
                 slot.refresh_deadlines()
+            if self._drain is not None:
+                self._drain_progress()
             # 7. publish, then hand out
             self._publish()
             self._hand_out()
@@ -377,7 +400,9 @@ class Engine:
 
     def _on_command(self, command: Command) -> None:
         in_force = self.mode_in_force()
-        if isinstance(command, Shutdown):
+        if isinstance(command, Follow):  # taken while shutting down too: a drain is worth following
+            self._follow(command.subscription)
+        elif isinstance(command, Shutdown):
             self._begin_shutdown(command)
         elif isinstance(command, Reload):
             self._reload(command)
@@ -394,6 +419,8 @@ class Engine:
             next(s for s in self.slots if s.worker is w).mode_since = time.monotonic()  # the caller's word: in force
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
+            if isinstance(command, QueuedSwitch) or self.followers:  # a switch's wait is logged too
+                self._tell_waiting(command)
             self.queue.append(command, mode_in_force=in_force)
 
     def _holder(self, future: Future) -> Slot:
@@ -588,6 +615,7 @@ class Engine:
         if self._shutdown is None:
             self._shutdown = command
             log.info("shutting down (%s)", "drain" if command.drain else "no drain")
+            self._drain = _DrainTally(sum(slot.jobs_done for slot in self.slots), time.monotonic())
         if command.drain and command.timeout is not None:  # the tightest of all the callers' bounds
             deadline = time.monotonic() + command.timeout
             current = self.deadlines.get(Deadline.DRAIN)
@@ -600,14 +628,19 @@ class Engine:
         """Fail queued work, the switches under way and the jobs in flight
         with ``error``, and stop the workers."""
         for item in self.queue.take_all():
+            if self._drain is not None and isinstance(item, QueuedJob) and not item.future.done():
+                self._drain.cancelled += 1
             self.decide(item.future, error=error)
         for slot in self.slots:
             if slot.switch is not None:
                 self.decide(slot.switch.request.future, error=error)
+                slot.tell_switch(slot.switch, "failed", error=error.message)
                 slot.switch = None
             w = slot.worker
             if w is not None:
                 for job in w.in_flight:
+                    if self._drain is not None and not job.future.done():
+                        self._drain.cancelled += 1
                     self.decide(job.future, error=error)
                 w.in_flight.clear()
                 if w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
@@ -641,6 +674,77 @@ class Engine:
                 pool.reap()
             time.sleep(0.005)
 
+    # ------------------------------------------------------------ events
+
+    def _follow(self, sub: Subscription) -> None:
+        """A new follower gets what is under way first: where each device
+        stands, the phase of each switch, the drain."""
+        devices = [{"name": s.name, "mode": d["mode"], "worker_pid": d["worker_pid"], "switching_to": d["switching_to"]}
+                   for s, d in zip(self.slots, self._status.get("devices") or [], strict=False)]  # fmt: skip
+        sub.put(event("following", state=self._status["state"], queued=len(self.queue),
+                      in_flight=self._status["in_flight"], devices=devices))  # fmt: skip
+        self.followers.append(sub)
+        followers, self.followers = self.followers, [sub]  # the state now, to the new follower alone
+        try:
+            for slot in self.slots:
+                if slot.switch is not None:
+                    slot.tell_switch(slot.switch, slot.switch_phase())
+            if self._drain is not None:
+                self._drain.left = -1
+                self._drain_progress()
+        finally:
+            self.followers = followers
+
+    def _tell_waiting(self, command: QueuedJob | QueuedSwitch) -> None:
+        """Work queued behind a switch: how much is ahead of it, and which
+        switch it waits for (a follower's ``submit`` shows it)."""
+        ahead = len(self.queue) + sum(len(s.worker.in_flight) for s in self.slots if s.worker is not None)
+        switching = [{"device": s.name, "mode": s.switch.mode, "phase": s.switch_phase()}
+                     for s in self.slots if s.switch is not None]  # fmt: skip
+        if isinstance(command, QueuedSwitch):
+            if ahead or switching:
+                why = "restart" if command.force else "switch"
+                log.info("%s to mode %r queued behind %d jobs%s", why, command.mode, ahead,
+                         "".join(f" and the switch to {s['mode']!r} on {s['device']}" for s in switching))  # fmt: skip
+                self.tell("switch", phase="queued", mode=command.mode, device=command.device, why=why, ahead=ahead,
+                          switching=switching)  # fmt: skip
+        elif switching or self.queue.barrier_queued():
+            self.tell("job_waiting", job=command.id, task=command.task, mode=command.mode, ahead=ahead,
+                      switching=switching)  # fmt: skip
+
+    def _drain_progress(self) -> None:
+        """While stopping: the jobs left, logged and told each time it changes."""
+        drain = self._drain
+        if drain is None:
+            return
+        in_flight = sum(len(s.worker.in_flight) for s in self.slots if s.worker is not None)
+        left = len(self.queue) + in_flight
+        if left == drain.left:
+            return
+        if drain.left != -1:
+            log.info("draining: %d jobs left (%d queued, %d running)", left, len(self.queue), in_flight)
+        drain.left = left
+        shutdown = self._shutdown
+        self.tell("drain", jobs_left=left, queued=len(self.queue), in_flight=in_flight,
+                  drain=shutdown is not None and shutdown.drain, finished=self._drain_finished(),
+                  cancelled=drain.cancelled, elapsed=round(time.monotonic() - drain.began, 3))  # fmt: skip
+
+    def _drain_finished(self) -> int:
+        drain = self._drain
+        return sum(slot.jobs_done for slot in self.slots) - drain.jobs_done if drain is not None else 0
+
+    def _tell_stopped(self) -> None:
+        """The loop is over: what the stop did, then every follower's queue is closed."""
+        drain = self._drain
+        finished, cancelled = self._drain_finished(), drain.cancelled if drain is not None else 0
+        seconds = time.monotonic() - drain.began if drain is not None else 0.0
+        if drain is not None:
+            log.info("stopped: %d jobs finished, %d cancelled, in %.2fs", finished, cancelled, seconds)
+        self.tell("stopped", finished=finished, cancelled=cancelled, seconds=round(seconds, 3))
+        for sub in self.followers:
+            sub.close()
+        self.followers = []
+
     # ------------------------------------------------------------ status
 
     def _publish(self, state: str | None = None) -> None:
@@ -673,6 +777,14 @@ class Engine:
         self._status = MappingProxyType(status)
 
 
+@dataclass
+class _DrainTally:
+    jobs_done: int  # the devices' jobs done when the stop began
+    began: float
+    cancelled: int = 0
+    left: int = -1  # the jobs left when last told
+
+
 def _free_longest(slot: Slot) -> tuple[bool, bool, float]:
     """Placement's order: free devices before busy ones, a device holding no
     mode before one whose mode would be evicted, then the longest free."""
@@ -680,7 +792,10 @@ def _free_longest(slot: Slot) -> tuple[bool, bool, float]:
 
 
 def _refuse(command: Command) -> None:
-    if isinstance(command, Shutdown):
+    if isinstance(command, Follow):
+        command.subscription.put(event("stopped", finished=0, cancelled=0, seconds=0.0))
+        command.subscription.close()
+    elif isinstance(command, Shutdown):
         settle(command.future, result=None)
     elif command.future is not None:
         settle(command.future, error=ShuttingDown("the supervisor is shut down; it accepts no new work"))

@@ -45,6 +45,9 @@ class EngineView(Protocol):
     metrics: Metrics
 
     slots: list[Slot]
+    followers: list
+
+    def tell(self, name: str, **fields: Any) -> None: ...
 
     def can_serve(self, mode: str) -> bool: ...
 
@@ -235,6 +238,24 @@ class Slot:
             raise RuntimeError("no switch is under way")
         return self.switch
 
+    def tell_switch(self, sw: Switch, phase: str, **fields: Any) -> None:
+        """A phase of ``sw`` for whoever follows the events (nothing is built
+        while nobody does)."""
+        if not self.engine.followers:
+            return
+        why = "restart" if sw.request.force else "switch" if sw.request.future is not None else "jobs"
+        told = {"phase": phase, "device": self.name, "mode": sw.mode, "previous": sw.previous, "why": why,
+                "elapsed": round(time.monotonic() - sw.started, 3)}  # fmt: skip
+        self.engine.tell("switch", **{**told, **fields})
+
+    def switch_phase(self) -> str:
+        """The phase of the switch under way, by the names the events and
+        the switch metrics use."""
+        sw, w = self.under_way(), self.worker
+        if sw.phase is SwitchPhase.STARTING:
+            return "spawn" if w is None or w.state is WorkerState.SPAWNED else "load"
+        return "reclaim" if sw.phase is SwitchPhase.RECLAIMING else "stop"
+
     def after_stop(self, stopped_here: bool) -> None:
         sw, gone, now = self.under_way(), self.gone, time.monotonic()
         self.gone = None  # also one that died or was unloaded earlier: its memory too
@@ -242,6 +263,9 @@ class Slot:
         if gone is not None and self.meter is not None and gone.baseline_used is not None:
             sw.phase, sw.waiting_for = SwitchPhase.RECLAIMING, gone
             sw.reclaim_until = now + self.config.reclaim_timeout
+            log.info("switch to mode %r on %s: waiting for the memory of worker pid %d to come back (stopped in %s)",
+                     sw.mode, self.name, gone.pid, _secs(sw.stop_seconds))  # fmt: skip
+            self.tell_switch(sw, "reclaim", pid=gone.pid, stop_seconds=sw.stop_seconds)
             self.poll_reclaim()
             return
         sw.no_gpu(gone, now)
@@ -293,6 +317,10 @@ class Slot:
             self.mode_served = False
         self.mode, self.mode_error = sw.mode, None
         log.info("worker gen %d pid %d starting mode %r", gen, proc.pid, sw.mode)
+        if self.engine.followers:
+            self.tell_switch(sw, "spawn", pid=proc.pid, gen=gen, standby=sw.standby)
+            self.engine.tell("worker_started", pid=proc.pid, gen=gen, mode=sw.mode, device=self.name,
+                             standby=sw.standby)  # fmt: skip
 
     def is_respawn(self) -> bool:
         """The switch only brings back the mode in force, which has served
@@ -307,10 +335,12 @@ class Slot:
         self.mode_served, self.turn_since = True, float("inf")
         self.free_since = time.monotonic()
         self.breakers.of(sw.mode).served()
-        log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d", sw.mode, time.monotonic() - sw.started,
-                 w.load_seconds or 0, w.pid)  # fmt: skip
+        log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d; stop %s, spawn %s, warm-up %s", sw.mode,
+                 time.monotonic() - sw.started, w.load_seconds or 0, w.pid, _secs(sw.stop_seconds),
+                 _secs(w.hello_at - w.started_at if w.hello_at else None), _secs(w.warmup_seconds))  # fmt: skip
         spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
         result = sw.result(w.pid, w.load_seconds, w.warmup_seconds, spawn_seconds)
+        self.tell_switch(sw, "ready", **result)
         self.engine.metrics.switched(sw.mode, result)
         self.engine.decide(sw.request.future, result=result)
         if self.standby_wanted() and not self.engine.shutting_down:
@@ -331,6 +361,7 @@ class Slot:
         self.mode = None if forget else sw.mode
         self.mode_error = f"switch to {sw.mode!r} failed: {error.message}"
         log.error("mode %r failed to load: %s", sw.mode, error.message)
+        self.tell_switch(sw, "failed", error=error.message)
         self.engine.metrics.switch_failed(sw.mode)
         if sw.request.future is not None:
             self.engine.decide(sw.request.future, error=error)
@@ -362,6 +393,9 @@ class Slot:
         if mode is None:
             raise RuntimeError("a refused switch names its mode")
         log.error("mode %r cannot be loaded (its worker was not stopped): %s", mode, error.message)
+        why = "restart" if request.force else "switch" if request.future is not None else "jobs"
+        self.engine.tell("switch", phase="failed", device=self.name, mode=mode, previous=self.mode, why=why,
+                         elapsed=0.0, error=error.message)  # fmt: skip
         self.engine.metrics.switch_failed(mode)
         if request.future is not None:
             self.engine.decide(request.future, error=error)
@@ -453,3 +487,7 @@ class Slot:
             "worker_torch": torch_figures,
         }
         self.gpu = self.meter.snapshot() if self.meter is not None else None
+
+
+def _secs(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}s"

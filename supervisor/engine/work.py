@@ -159,7 +159,10 @@ def begin_switch(slot: Slot, request: QueuedSwitch) -> None:
     slot.idle_unloaded = None
     if w is None:
         slot.after_stop(stopped_here=False)
-    elif w.state is not WorkerState.STOPPING:
+        return
+    log.info("switching %s from mode %r to %r: stopping worker pid %d", slot.name, w.mode, request.mode, w.pid)
+    slot.tell_switch(slot.switch, "stop", pid=w.pid)
+    if w.state is not WorkerState.STOPPING:
         ending.stop(slot, f"switching to mode {request.mode!r}")
 
 
@@ -239,5 +242,9 @@ def send_load(slot: Slot, w: WorkerHandle) -> None:
     load = Load(spec.name, spec.loader, spec.args, spec.warmup, list(slot.config.loader_path) or None)
     if slot.engine.link.send(w.identity, encode(load)):
         w.transition(WorkerState.LOADING)
+        spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
+        log.info("worker pid %d up in %.2fs; loading mode %r", w.pid, spawn_seconds or 0.0, spec.name)
+        if slot.switch is not None:
+            slot.tell_switch(slot.switch, "load", pid=w.pid, spawn_seconds=spawn_seconds)
     else:
         ending.kill(slot, "stopped taking messages")

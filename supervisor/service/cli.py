@@ -8,7 +8,12 @@ running without), an endpoint that is unsafe or unusable (a client's
 runtime folder another user made, say), or a secret file others could
 change; 130 a
 ``submit`` interrupted (Ctrl-C), its job cancelled on the daemon (a queued
-one never runs, a stream stops at its next chunk).
+one never runs, a stream stops at its next chunk). ``events`` ends with 0
+when interrupted: following until Ctrl-C is how it is used.
+
+``switch``, ``restart``, ``stop`` and a ``submit`` that waits show their
+progress on stderr (live on a terminal, a line per phase in a pipe); stdout
+holds the result alone.
 
 The options every command shares may stand before or after the command
 (``gpuvisor serve --config F`` and ``gpuvisor --config F serve``), because
@@ -127,6 +132,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     stop.add_argument("--no-drain", action="store_true", help="cancel queued jobs instead of running them")
     stop.add_argument("--drain-timeout", type=_positive_seconds, metavar="SECONDS",
                       help="cancel what has not run after this long (default: the daemon's drain_timeout)")  # fmt: skip
+    add("events", help="follow the daemon's events (switch phases, workers, drains) until Ctrl-C")
     add("demo", help="the five-minute tour, in this process (no daemon)")
     check = add("check-config", help="check a config file and import its loaders in a throwaway worker (no load)")
     check.add_argument("file", nargs="?", help="the TOML file (default: --config, else the built-in config)")
@@ -231,6 +237,7 @@ def _client_command(args: argparse.Namespace) -> int:
     from protocol import DaemonUnavailable
     from supervisor.client import Client
     from supervisor.client.endpoint import unreachable
+    from supervisor.service import follow
 
     if args.command == "submit":
         try:
@@ -247,14 +254,18 @@ def _client_command(args: argparse.Namespace) -> int:
             value = _submit(args, client, payload)
             if value is _INTERRUPTED:
                 return EXIT_INTERRUPTED
-        elif args.command == "switch":
-            value = client.switch_mode(args.mode, device=args.device).result()
-        elif args.command == "restart":
-            value = client.restart(args.mode, device=args.device).result()
         elif args.command == "unload":
             value = client.unload(args.device).result()
         elif args.command == "reload":
             return _reload(args, client)
+        elif args.command in ("switch", "restart"):
+            value = follow.switch(client, args.mode, args.device, restart=args.command == "restart")
+        elif args.command == "events":
+            try:
+                follow.events(client, args.json)
+            except KeyboardInterrupt:
+                pass
+            return EXIT_OK
         elif args.command == "status":
             value = client.status()
         elif args.command == "modes":
@@ -263,8 +274,7 @@ def _client_command(args: argparse.Namespace) -> int:
             sys.stdout.write(client.metrics())  # the exposition as it is, with or without --json
             return EXIT_OK
         else:  # stop
-            client.shutdown(drain=not args.no_drain, timeout=args.drain_timeout)
-            value = {"stopped": True}
+            value = follow.stop(client, drain=not args.no_drain, timeout=args.drain_timeout)
     output.show(args, value)
     return EXIT_OK
 
@@ -301,7 +311,9 @@ def _submit(args: argparse.Namespace, client: Client, payload: Any) -> Any:
             output.show_stream(args, job)
             return job.result()
         job = client.submit(args.task, payload, mode=args.mode, timeout=timeout, retries=args.retries)
-        return job.result()
+        from supervisor.service import follow
+
+        return follow.job(client, job, args.mode)
     except KeyboardInterrupt:
         cancelled = False
         if job is not None:

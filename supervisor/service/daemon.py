@@ -62,6 +62,7 @@ from protocol.frames import recv_message
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.client.endpoint import default_endpoint
+from supervisor.events import DEFAULT_BUFFER, EventStream
 from supervisor.mailbox import Mailbox, empty_pipe
 from supervisor.service import reloading
 from supervisor.service.connections import ConnectionCap
@@ -131,6 +132,25 @@ class _Chunk:
     value: Any
 
 
+EVENTS_AHEAD = 16
+"""A follower's events waiting in its backlog (flow.py) at most; the rest wait
+in its own bounded queue, which drops the oldest when it does not read."""
+
+
+@dataclass(eq=False)
+class _Following:
+    """An ``events`` request: its events go out as chunks until it is cancelled."""
+
+    route: Route
+    request_id: Any
+    stream: EventStream
+    future: Future  # its one reply; cancelled by the client's cancel, a cut-off, or its connection going
+    seq: Any = None
+
+    def __post_init__(self) -> None:
+        self.seq = itertools.count(1)
+
+
 class Daemon:
     def __init__(self, config_path: str | Path | None = None, endpoint: str | None = None,
                  notifier: Notifier | None = None):  # fmt: skip
@@ -149,6 +169,7 @@ class Daemon:
         self._operators = Operators()  # set in run(), with the CURVE keys
         self._connections: ConnectionCap | None = None  # made in run(), once the front socket is bound
         self._reloading = threading.Lock()
+        self._following: dict[tuple[Route, Any], _Following] = {}  # the events requests being served
 
     # ------------------------------------------------------------ running
 
@@ -284,6 +305,8 @@ class Daemon:
             retry = flow.retry_in()
             if retry is not None:
                 wait = min(wait, retry)
+            if self._events_due():
+                wait = 0.0
             paused = now < pause_until
             if paused:
                 events = dict(pausing.poll(math.ceil(min(wait, pause_until - now) * 1000)))
@@ -298,6 +321,7 @@ class Daemon:
                 self._on_signal(sup, self._signals.pop(0))
             handled = self._read_front(sup, front) if front in events else 0
             now = time.monotonic()
+            self._pump_events()  # before the replies: a request's last events go out before its answer
             self._take_replies()
             flow.flush(now)
             if not paused:
@@ -332,6 +356,7 @@ class Daemon:
         flow = self._flow
         started = last_sent = time.monotonic()
         while True:
+            self._pump_events()
             self._take_replies()
             now = time.monotonic()
             if flow.flush(now):
@@ -460,6 +485,8 @@ class Daemon:
             self._reply_now(peer, request.id, value=sup.modes())
         elif kind is Request.METRICS:
             self._reply_now(peer, request.id, value=sup.metrics())
+        elif kind is Request.EVENTS:  # anyone who may run jobs: the events tell what status() tells, as it happens
+            self._follow(sup, peer, request.id, args["buffer"])
         elif kind is Request.CANCEL:  # a queued job never runs; a stream that runs is stopped at its next chunk
             future = peer.jobs.get(args["target"])
             self._reply_now(peer, request.id, value={"cancelled": bool(future is not None and future.cancel())})
@@ -493,6 +520,49 @@ class Daemon:
         elif kind is Request.RELOAD:
             self._reply_now(peer, request.id, value=self.reload(sup))
 
+    # ------------------------------------------------------------ events
+
+    def _follow(self, sup: Supervisor, peer: Peer, request_id: Any, buffer: int | None) -> None:
+        """An ``events`` request: the supervisor's events, as chunks, until
+        the client cancels it (or is cut off, or goes); a reply ends it."""
+        stream = sup.events(buffer=DEFAULT_BUFFER if buffer is None else buffer)
+        stream.subscription.wake = self._replies.wake
+        self._replies.wake()  # for what came before the wake was in place
+        future: Future = Future()
+        future.add_done_callback(lambda _: stream.close())
+        peer.jobs[request_id] = future  # a CANCEL finds it there, and a cut-off cancels it
+        self._following[(peer.route, request_id)] = _Following(peer.route, request_id, stream, future)
+        self._when_done(peer.route, request_id, future)
+
+    def _pump_events(self) -> None:
+        """Each follower's events to its backlog, at most ``EVENTS_AHEAD``
+        waiting there: one that does not read loses its oldest in its own
+        queue (and is told), and flow control cuts it off as any other."""
+        flow = self._flow
+        for key, following in list(self._following.items()):
+            peer = flow.peers.get(following.route)
+            if following.future.done() or (peer is not None and (peer.gone or peer.cut_off is not None)):
+                following.future.cancel()
+                del self._following[key]
+                continue
+            room = EVENTS_AHEAD - (len(peer.backlog) if peer is not None else 0)
+            if room > 0:
+                for told in following.stream.take(room):
+                    flow.post(following.route, encode_chunk(following.request_id, next(following.seq), told))
+            if following.stream.over:  # the supervisor stopped: every event is out, then the reply
+                dropped = following.stream.subscription.dropped_total
+                following.future.set_result({"ended": "the supervisor stopped", "dropped": dropped})
+                del self._following[key]
+
+    def _events_due(self) -> bool:
+        """A follower has events waiting and room for them now."""
+        peers = self._flow.peers
+        for following in self._following.values():
+            peer = peers.get(following.route)
+            if following.stream.subscription.pending and (peer is None or len(peer.backlog) < EVENTS_AHEAD):
+                return True
+        return False
+
     def _patience(self, timeout: float | None) -> float | None:
         """What a client's ``timeout`` may do. Only the operator's
         ``job_timeout`` stops a worker, and it is a ceiling: a client may
@@ -517,6 +587,7 @@ class Daemon:
             "refused": flow.counts.refused,
             "open_connections": self._connections.open if self._connections is not None else 0,
             "refused_connections": self._connections.refused if self._connections is not None else 0,
+            "following_events": len(self._following),
         }
 
     # ------------------------------------------------------------ replies

@@ -102,6 +102,7 @@ class Peer:
     jobs: dict[Any, Future] = field(default_factory=dict)  # request id -> its submit's Future
     cut_off: CutOff | None = None
     caller: Caller | None = None  # who it is, read from its first message's connection
+    gone: bool = False  # a send found its connection closed: what it follows can stop
 
     @property
     def client(self) -> str:
@@ -300,6 +301,7 @@ class FlowControl:
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
+        peer.gone = True
         lost = len(peer.backlog)
         self.counts.dropped += lost
         if lost or peer.held:

@@ -163,7 +163,7 @@ def show(args: argparse.Namespace, value: Any) -> None:
     elif args.command == "modes" and isinstance(value, dict):
         print("\n".join(_modes_table(value)))
     elif args.command == "stop":
-        print("stopped")
+        print(stopped_line(value))
     else:
         print(_human(value))
 
@@ -173,3 +173,11 @@ def fail(args: argparse.Namespace, exc: GpuvisorError) -> None:
         print(_json({"ok": False, "error": {"type": type(exc).__name__, **exc.to_wire()}}))
     else:
         print(f"gpuvisor: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def stopped_line(value: Any) -> str:
+    """``stopped: 3 jobs finished, 2 cancelled``; plain ``stopped`` when the
+    daemon did not say (it went before its last event reached this client)."""
+    if isinstance(value, dict) and value.get("finished") is not None:
+        return f"stopped: {value['finished']} jobs finished, {value.get('cancelled') or 0} cancelled"
+    return "stopped"
