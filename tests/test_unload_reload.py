@@ -39,6 +39,15 @@ def test_unload_waits_for_the_job_in_flight_then_frees_the_device_until_the_next
     out = gpuvisor(d, "--json", "unload")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["value"] == {"unloaded": [{"device": "cpu", "mode": "diag", "pid": fresh}]}
+    with d.client() as c:
+        c.submit("echo", 1).result(T)
+        busy = c.submit("sleep", {"seconds": 1.0})
+        wait_until(lambda: c.status()["in_flight"] == 1, T, "the sleep to run")
+        piped = gpuvisor(d, "unload")  # stderr is a pipe: one plain line per step
+        assert busy.result(T) == {"slept": 1.0}
+    assert piped.returncode == 0, piped.stderr
+    steps = piped.stderr.splitlines()
+    assert "1 job(s) in flight on cpu finish first" in steps[0] and "ended: unloaded by an operator" in steps[-1], steps
     bad = gpuvisor(d, "unload", "--device", "cuda:7")
     assert bad.returncode == 1 and "unknown device 'cuda:7'" in bad.stderr
     assert "unloading mode 'diag' on cpu" in d.output()

@@ -255,7 +255,7 @@ def _client_command(args: argparse.Namespace) -> int:
             if value is _INTERRUPTED:
                 return EXIT_INTERRUPTED
         elif args.command == "unload":
-            value = client.unload(args.device).result()
+            value = follow.unload(client, args.device)
         elif args.command == "reload":
             return _reload(args, client)
         elif args.command in ("switch", "restart"):

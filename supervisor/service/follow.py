@@ -52,6 +52,22 @@ def switch(client: Client, mode: str | None, device: str | None, restart: bool) 
     return future.result()
 
 
+def unload(client: Client, device: str | None) -> Any:
+    """``unload``: the jobs in flight it waits for, then each worker's end."""
+    with client.events() as events, Progress() as progress:
+        busy = [d for d in client.status().get("devices", ()) if device in (None, d.get("name")) and d.get("in_flight")]
+        future = client.unload(device)
+        for d in busy:
+            progress.phase(f"unloading: {d['in_flight']} job(s) in flight on {d['name']} finish first")
+
+        def on_event(e: dict) -> None:
+            if e.get("event") == "worker_ended" and device in (None, e.get("device")):
+                progress.phase(describe(e))
+
+        _until_done(events, future, on_event)
+    return future.result()
+
+
 def stop(client: Client, drain: bool, timeout: float | None) -> dict[str, Any]:
     """``stop``: the drain's jobs left as they go; returns what the stop did."""
     failure: list[BaseException] = []
