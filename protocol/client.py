@@ -43,6 +43,8 @@ class Request(enum.StrEnum):
     SHUTDOWN = "shutdown"
     MODES = "modes"
     METRICS = "metrics"
+    UNLOAD = "unload"
+    RELOAD = "reload"
 
 
 REPLY = "reply"
@@ -69,6 +71,8 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
     Request.SHUTDOWN: {"drain": ((bool,), True), "timeout": ((*_NUMBER, _NONE), None)},
     Request.MODES: {},
     Request.METRICS: {},
+    Request.UNLOAD: {"device": ((str, _NONE), None)},
+    Request.RELOAD: {},
 }
 
 

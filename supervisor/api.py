@@ -28,9 +28,9 @@ from protocol.arrays import nbytes
 from supervisor import config as config_mod
 from supervisor.arguments import check_mode, check_seconds, check_submit
 from supervisor.config import Config
-from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch, Reload, Shutdown
+from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
 from supervisor.engine.loop import Engine
-from supervisor.futures import JobFuture
+from supervisor.futures import JobFuture, gather
 from supervisor.quota import Limits, QueueQuota
 from supervisor.status import Status, SwitchResult
 from supervisor.stream import AsyncJobStream, JobStream
@@ -313,6 +313,25 @@ class Supervisor:
         self._engine.post(QueuedSwitch(mode, future, force=True, device=device))
         return future
 
+    def unload(self, device: str | None = None) -> Future[dict[str, Any]]:
+        """Free ``device`` (None: every device) now, the way ``idle_unload_s``
+        does after a while: its worker is stopped once the jobs handed to it
+        are done, and its memory comes back. The mode stays in force and jobs
+        stay queued: the next job that needs the mode loads it again. Result:
+        ``{"unloaded": [{"device", "mode", "pid"}, ...]}``, once those workers
+        are gone; a device that held nothing, or was switching, is not in it."""
+        future: Future = Future()
+        if not self._running_or_fail(future):
+            return future
+        self._check_device(device, None)
+        parts: list[Future] = []
+        for name in [device] if device is not None else self._engine.device_names:
+            command = Unload(name)
+            parts.append(command.future)
+            self._engine.post(command)
+        gather(parts, future, lambda results: {"unloaded": [r for r in results if r is not None]})
+        return future
+
     def _check_device(self, device: str | None, mode: str | None) -> None:
         """``ValueError`` for a device this supervisor does not drive, or one
         ``mode``'s ``devices`` leaves out; the names are known once started."""
@@ -437,6 +456,9 @@ class AsyncSupervisor:
 
     async def restart(self, mode: str | None = None, *, device: str | None = None) -> SwitchResult:
         return await asyncio.wrap_future(self._sync.restart(mode, device=device))
+
+    async def unload(self, device: str | None = None) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync.unload(device))
 
     async def status(self) -> Status:
         return self._sync.status()

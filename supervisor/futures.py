@@ -104,3 +104,25 @@ def _cancel_now(future: Future) -> None:
             waiter.add_cancelled(future)
         future._condition.notify_all()
     future._invoke_callbacks()  # type: ignore[attr-defined]
+
+
+def gather(parts: list[Future], into: Future, combine: Callable[[list[Any]], Any]) -> None:
+    """``into`` gets ``combine(results)`` once every one of ``parts`` is done,
+    or the first error among them: one answer for a request the loop
+    carries out as several commands (an unload of every device)."""
+    left = [len(parts)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        errors = [p.exception() for p in parts if not p.cancelled() and p.exception() is not None]
+        if errors:
+            settle(into, error=errors[0])
+        else:
+            settle(into, result=combine([None if p.cancelled() else p.result() for p in parts]))
+
+    for part in parts:
+        part.add_done_callback(one_done)

@@ -46,6 +46,11 @@ class SupervisorAPI(Protocol):
         """After every job queued before it: a fresh worker; clears ``failed``."""
         ...
 
+    def unload(self, device: str | None = None) -> Future[dict[str, Any]]:
+        """Free ``device`` (None: all) once its jobs in flight are done; the
+        mode stays in force and the next job that needs it loads it again."""
+        ...
+
     def status(self) -> Status: ...
 
     def modes(self) -> dict[str, dict[str, Any]]:
@@ -81,6 +86,8 @@ class AsyncSupervisorAPI(Protocol):
 
     async def restart(self, mode: str | None = None, *, device: str | None = None) -> SwitchResult: ...
 
+    async def unload(self, device: str | None = None) -> dict[str, Any]: ...
+
     async def status(self) -> Status: ...
 
     async def modes(self) -> dict[str, dict[str, Any]]: ...
@@ -90,4 +97,4 @@ class AsyncSupervisorAPI(Protocol):
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None: ...
 
 
-SYNC_METHODS = ("submit", "switch_mode", "restart", "status", "modes", "metrics", "shutdown")
+SYNC_METHODS = ("submit", "switch_mode", "restart", "unload", "status", "modes", "metrics", "shutdown")

@@ -170,14 +170,14 @@ def shared_daemon(daemon):
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
-def test_a_caller_of_another_user_may_run_jobs_but_not_stop_switch_or_restart(shared_daemon):
+def test_a_caller_of_another_user_may_run_jobs_but_not_stop_switch_restart_unload_or_reload(shared_daemon):
     d = shared_daemon()
     out = _as_another_user(
         d.endpoint,
         """
         print(c.submit("echo", "a job").result(30))
         for call in (lambda: c.shutdown(drain=False), lambda: c.switch_mode("other").result(30),
-                     lambda: c.restart().result(30)):
+                     lambda: c.restart().result(30), lambda: c.unload().result(30), c.reload):
             try:
                 call()
                 print("allowed")
@@ -188,7 +188,7 @@ def test_a_caller_of_another_user_may_run_jobs_but_not_stop_switch_or_restart(sh
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "a job"
-    assert len(lines) == 4 and all(line.startswith("forbidden: ") for line in lines[1:]), out.stdout
+    assert len(lines) == 6 and all(line.startswith("forbidden: ") for line in lines[1:]), out.stdout
     assert "admin_group" in lines[1]
     assert d.running(), "the daemon still serves"
     with d.client() as c:

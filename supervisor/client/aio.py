@@ -51,6 +51,12 @@ class AsyncClient:
     async def restart(self, mode: str | None = None, *, device: str | None = None) -> SwitchResult:
         return await asyncio.wrap_future(self._sync.restart(mode, device=device))
 
+    async def unload(self, device: str | None = None) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._sync.unload(device))
+
+    async def reload(self) -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._sync.reload)
+
     async def status(self) -> Status:
         return await asyncio.get_running_loop().run_in_executor(None, self._sync.status)
 

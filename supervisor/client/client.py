@@ -169,6 +169,15 @@ class Client:
     def restart(self, mode: str | None = None, *, device: str | None = None) -> Future[SwitchResult]:
         return self._request(Request.RESTART, Future(), **_with_device({"mode": mode}, device))
 
+    def unload(self, device: str | None = None) -> Future[dict[str, Any]]:
+        return self._request(Request.UNLOAD, Future(), device=device)
+
+    def reload(self) -> dict[str, Any]:
+        """Ask the daemon to read its configuration file again (as SIGHUP
+        does). The answer says what changed and what waits for a restart,
+        or why the file was refused (``reloaded`` false, ``error``)."""
+        return self._request(Request.RELOAD, Future()).result()
+
     def status(self) -> Status:
         """The daemon's status: the supervisor's ``Status`` plus ``daemon_pid``,
         ``endpoint``, ``modes`` (their names) and ``clients``."""

@@ -77,4 +77,27 @@ class CancelJob:
     future: Future | None = None
 
 
-Command = QueuedJob | QueuedSwitch | Shutdown | Reload | CancelJob
+@dataclass(eq=False)
+class Recycle:
+    """A worker to stop once the jobs handed to it are done: after an OOM
+    (``recycle_on_oom``) or at an operator's ``unload()``. The mode stays in
+    force either way. ``then``: outcomes handed out once it is gone."""
+
+    why: str
+    unload: bool = False  # an operator's word: status shows the mode as unloaded
+    then: list[tuple[Future, Any, BaseException | None]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Unload:
+    """An operator frees ``device``: its worker is stopped once the jobs in
+    flight are done. The mode stays in force, so the next job that needs it
+    loads it again (as after ``idle_unload_s``). The Future's result is
+    ``{"device", "mode", "pid"}``, once the worker is gone, or None when
+    nothing was loaded there (or a switch was under way)."""
+
+    device: str
+    future: Future = field(default_factory=Future)
+
+
+Command = QueuedJob | QueuedSwitch | Shutdown | Reload | CancelJob | Unload

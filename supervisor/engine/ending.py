@@ -112,7 +112,11 @@ def conclude(slot: Slot) -> None:
         return
     for name in (Deadline.HEARTBEAT, Deadline.LOAD, Deadline.JOB, Deadline.EXIT):
         slot.engine.deadlines.clear(slot.at(name))
-    slot.worker, slot.recycle = None, False  # whatever ended it, the next worker is fresh
+    slot.worker = None
+    if slot.recycle is not None:  # whatever ended it, the next worker is fresh: what waited for its end is due
+        for future, result, error in slot.recycle.then:
+            slot.engine.decide(future, result=result, error=error)
+        slot.recycle = None
     slot.gone = Gone(w.pid, w.baseline_used, w.used_before, slot.memory.get("worker_rss_bytes"), w.stopping_since)
     slot.memory = {}
     w.close_fds()  # reads the last of its stderr

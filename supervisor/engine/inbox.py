@@ -30,6 +30,7 @@ from protocol import (
     error_from_wire,
 )
 from supervisor.engine import ending, work
+from supervisor.engine.commands import Recycle
 from supervisor.engine.link import Received
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
 
@@ -162,7 +163,7 @@ def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
         # the OOM is handed out once it is gone.
         slot.oom_recycles += 1
         log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
-        slot.recycle = True
+        slot.recycle = slot.recycle or Recycle("recycling after out of memory")
         work.recycle_if_due(slot, outcome)
         return
     slot.engine.decide(outcome[0], result=outcome[1], error=outcome[2])

@@ -49,7 +49,7 @@ from protocol import GpuvisorError, JobCancelled, NoModeLoaded, ShuttingDown
 from protocol.messages import MAX_FRAMES
 from supervisor.config import Config
 from supervisor.engine import ending, inbox, work
-from supervisor.engine.commands import CancelJob, Command, QueuedJob, QueuedSwitch, Reload, Shutdown
+from supervisor.engine.commands import CancelJob, Command, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import choose_devices
 from supervisor.engine.link import WorkerLink
@@ -385,6 +385,8 @@ class Engine:
             work.cancel(self._holder(command.target), command)
         elif self._shutdown is not None:
             _refuse(command)
+        elif isinstance(command, Unload):
+            work.unload(next(s for s in self.slots if s.name == command.device), command)
         elif (isinstance(command, QueuedJob) and not self.queue.barrier_queued()
               and not self.can_serve(mode := command.mode or in_force)):  # fmt: skip
             self.decide(command.future, error=self._broken_error(mode))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from protocol import GpuvisorError, ModeBroken, ModeLoadError
 from supervisor.config import Config
 from supervisor.engine.budget import Breakers
-from supervisor.engine.commands import QueuedJob, QueuedSwitch
+from supervisor.engine.commands import QueuedJob, QueuedSwitch, Recycle
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import DeviceChoice
 from supervisor.engine.gpu import GpuMeter, process_rss
@@ -92,13 +92,13 @@ class Slot:
         self.restarts = 0
         self.jobs_done = 0
         self.memory: dict[str, Any] = {}  # the worker's memory at the last heartbeat
-        self.idle_unloaded: str | None = None  # the mode idle_unload_s stopped, until it loads again
+        self.idle_unloaded: str | None = None  # the mode idle_unload_s or unload() stopped, until it loads again
         self.oom_recycles = 0
         self.batches = {"count": 0, "jobs": 0, "largest": 0, "last": 0}  # batches sent (of more than one job)
         # (mode, task) of a batch handler -> how many jobs its last batch held: after a batch of one, the
         # next job waits for no others (max_delay_ms). Keys: the batch tasks workers listed in READY.
         self.last_batch: dict[tuple[str, str], int] = {}
-        self.recycle = False  # an OOM asked for a fresh worker once the jobs in flight are done
+        self.recycle: Recycle | None = None  # the worker goes once the jobs in flight are done (an OOM, unload())
 
     # ------------------------------------------------------------ what the loop asks
 

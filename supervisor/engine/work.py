@@ -15,7 +15,7 @@ from concurrent.futures import CancelledError, Future
 from protocol import Drain, JobTimeout, Load, ModeLoadError, encode, encode_batch
 from protocol.messages import Cancel
 from supervisor.engine import ending
-from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch
+from supervisor.engine.commands import CancelJob, QueuedJob, QueuedSwitch, Recycle, Unload
 from supervisor.engine.deadlines import Deadline
 from supervisor.engine.preflight import loader_problem
 from supervisor.engine.slot import Slot
@@ -107,12 +107,32 @@ def drain(slot: Slot) -> None:
         slot.engine.deadlines.after(slot.at(Deadline.EXIT), slot.config.stop_timeout)
 
 
+def unload(slot: Slot, command: Unload) -> None:
+    """An operator frees the device (``Supervisor.unload``): its worker
+    goes once the jobs handed to it are done; queued jobs stay queued, and
+    the next that needs the mode loads it again. A device that holds
+    nothing, or is switching, is left as it is (the answer is None)."""
+    w = slot.worker
+    if w is None or slot.switch is not None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
+        slot.engine.decide(command.future, result=None)
+        return
+    log.info("unloading mode %r on %s (worker pid %d)%s", w.mode, slot.name, w.pid,
+             f" once its {len(w.in_flight)} job(s) in flight are done" if w.in_flight else "")  # fmt: skip
+    slot.recycle = slot.recycle or Recycle("unloaded by an operator")
+    slot.recycle.unload = True
+    slot.recycle.then.append((command.future, {"device": slot.name, "mode": w.mode, "pid": w.pid}, None))
+    recycle_if_due(slot)
+
+
 def recycle_if_due(slot: Slot, *then: tuple) -> None:
-    """After an OOM: stop the worker once the jobs handed to it are done
-    (``then``: outcomes to hand out once it is gone)."""
-    if slot.recycle and slot.worker is not None and not slot.worker.in_flight:
-        slot.recycle = False
-        ending.stop(slot, "recycling after out of memory", then=list(then))  # the mode stays in force
+    """After an OOM or an operator's unload: stop the worker once the jobs
+    handed to it are done (``then``: outcomes to hand out once it is gone)."""
+    recycle, w = slot.recycle, slot.worker
+    if recycle is not None and w is not None and not w.in_flight:
+        slot.recycle = None
+        if recycle.unload:
+            slot.idle_unloaded = w.mode
+        ending.stop(slot, recycle.why, then=[*recycle.then, *then])  # the mode stays in force
     else:
         for future, result, error in then:
             slot.engine.decide(future, result=result, error=error)

@@ -3,7 +3,8 @@
 Exit codes: 0 ok; 1 the job or switch failed, or another daemon already
 serves the endpoint; 2 usage; 3 the daemon is not running (nothing
 answered); 6 bad configuration: the file (the message names the file, the
-line and the key), an endpoint that is unsafe or unusable (a client's
+line and the key; for ``reload``, the daemon's file, which it then keeps
+running without), an endpoint that is unsafe or unusable (a client's
 runtime folder another user made, say), or a secret file others could
 change; 130 a
 ``submit`` interrupted (Ctrl-C), its job cancelled on the daemon (a queued
@@ -116,6 +117,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     restart = add("restart", help="replace the worker with a fresh one (clears 'failed')")
     restart.add_argument("mode", nargs="?")
     restart.add_argument("--device", help="with several devices: the one to restart (default: a failed one first)")
+    unload = add("unload", help="stop the worker and free its memory; the next job that needs the mode loads it again")
+    unload.add_argument("--device", help="with several devices: the one to free (default: every device)")
+    add("reload", help="read the configuration file again and say what changed (as SIGHUP does)")
     add("status", help="what the daemon is doing")
     add("modes", help="the modes the daemon serves: loader, whether loaded, tasks")
     add("metrics", help="the daemon's metrics in the Prometheus text format (for a textfile collector)")
@@ -241,6 +245,10 @@ def _client_command(args: argparse.Namespace) -> int:
             value = client.switch_mode(args.mode, device=args.device).result()
         elif args.command == "restart":
             value = client.restart(args.mode, device=args.device).result()
+        elif args.command == "unload":
+            value = client.unload(args.device).result()
+        elif args.command == "reload":
+            return _reload(args, client)
         elif args.command == "status":
             value = client.status()
         elif args.command == "modes":
@@ -252,6 +260,22 @@ def _client_command(args: argparse.Namespace) -> int:
             client.shutdown(drain=not args.no_drain, timeout=args.drain_timeout)
             value = {"stopped": True}
     output.show(args, value)
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace, client: Client) -> int:
+    """What changed, or why the daemon kept its file (exit 6, as for any
+    configuration mistake: the daemon goes on with the last good one)."""
+    from supervisor.service.reloading import describe
+
+    report = client.reload()
+    if args.json:
+        output.show(args, report)
+    elif report["reloaded"]:
+        print(describe(report))
+    if not report["reloaded"]:
+        print(f"gpuvisor: the daemon {describe(report)}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -63,6 +63,7 @@ from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.client.endpoint import default_endpoint
 from supervisor.mailbox import Mailbox, empty_pipe
+from supervisor.service import reloading
 from supervisor.service.connections import ConnectionCap
 from supervisor.service.flow import FlowControl, Peer, Route
 from supervisor.service.front import EndpointError, bind_front, release_ipc
@@ -99,7 +100,7 @@ _EXIT_STALL_S = 0.25  # ... and stop when nothing went out for this long
 
 SNDHWM_FRONT = 64
 """Replies libzmq queues for one client before a send says EAGAIN."""
-_OPERATORS_ONLY = frozenset({Request.SHUTDOWN, Request.SWITCH, Request.RESTART})
+_OPERATORS_ONLY = frozenset({Request.SHUTDOWN, Request.SWITCH, Request.RESTART, Request.UNLOAD, Request.RELOAD})
 
 
 def _admin_keys(folder: str) -> frozenset[str]:
@@ -147,6 +148,7 @@ class Daemon:
         self._http: HttpFront | None = None
         self._operators = Operators()  # set in run(), with the CURVE keys
         self._connections: ConnectionCap | None = None  # made in run(), once the front socket is bound
+        self._reloading = threading.Lock()
 
     # ------------------------------------------------------------ running
 
@@ -342,7 +344,7 @@ class Daemon:
 
     def _on_signal(self, sup: Supervisor, signum: int) -> None:
         if signum == signal.SIGHUP:
-            self._reload(sup)
+            self.reload(sup)
         elif signum == signal.SIGINT and self._stopper is not None:
             log.warning("second SIGINT: stopping now; queued jobs are cancelled")
             self._stop(sup, drain=False)
@@ -376,18 +378,30 @@ class Daemon:
             finally:
                 self._replies.wake()  # the loop exits now, not at its next tick
 
-    def _reload(self, sup: Supervisor) -> None:
-        self.notifier.reloading()
-        try:
-            new = config_mod.load(self.config_path)
-        except GpuvisorError as exc:
-            log.error("SIGHUP: keeping the running configuration; the file has a mistake: %s", exc)
-        else:
+    def reload(self, sup: Supervisor) -> dict[str, Any]:
+        """Read the file again and swap it in (SIGHUP, ``gpuvisor reload``,
+        the HTTP door's admin route: one at a time), or keep the running
+        configuration when the file has a mistake. Returns what changed, and
+        what waits for a restart (``supervisor.service.reloading``)."""
+        with self._reloading:
+            self.notifier.reloading()
+            try:
+                new = config_mod.load(self.config_path)
+            except GpuvisorError as exc:
+                log.error("reload: keeping the running configuration; the file has a mistake: %s", exc)
+                return reloading.refused(str(self.config_path) if self.config_path else None, exc.message)
+            finally:
+                self.notifier.ready()
+            loaded = [d["mode"] for d in sup.status().get("devices", ()) if d.get("mode")]
+            report = reloading.compare(self.config, new, loaded)
             sup.reload(new)
             self.config = new
             if self._http is not None:
                 self._http.reload(new.http)
-        self.notifier.ready()
+            log.info("reload from %s: modes added %s, removed %s, changed %s; settings changed %s%s", new.source,
+                     report["added"], report["removed"], report["changed"], report["settings"],
+                     "".join(f"; {note}" for note in report["notes"]))  # fmt: skip
+            return report
 
     # ------------------------------------------------------------ requests
 
@@ -474,6 +488,10 @@ class Daemon:
             if args["mode"] is not None and sup.config.mode(args["mode"]) is None:
                 raise UnknownMode(f"unknown mode {args['mode']!r}")
             self._when_done(peer.route, request.id, sup.restart(args["mode"], device=args["device"]))
+        elif kind is Request.UNLOAD:
+            self._when_done(peer.route, request.id, sup.unload(args["device"]))
+        elif kind is Request.RELOAD:
+            self._reply_now(peer, request.id, value=self.reload(sup))
 
     def _patience(self, timeout: float | None) -> float | None:
         """What a client's ``timeout`` may do. Only the operator's
