@@ -132,8 +132,16 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "max_tokens": (1, 10_000_000, "tokens"),
     "timeout": (0.0, 86400.0, "seconds (0: none)"),
 }
-_HTTP_KEYS = ("listen", "token_file", "admin_token_file", "access_log", "allow_unauthenticated_tcp",
-              "allowed_origins", *_LIMITS, "models")
+_HTTP_KEYS = (
+    "listen",
+    "token_file",
+    "admin_token_file",
+    "access_log",
+    "allow_unauthenticated_tcp",
+    "allowed_origins",
+    *_LIMITS,
+    "models",
+)
 _HTTP_MODEL_KEYS = ("mode", "embeddings", "chat", "completions", "timeout", "max_tokens")
 _MODEL_NAME_RE = re.compile(r"^[^\s\x00-\x1f]{1,128}$")
 _ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?$")
@@ -175,8 +183,10 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
             "http", "listen", f'expected a list like ["unix:http.sock", "127.0.0.1:8080"], got {listen!r}'
         )
     token_file, admin_token_file = (_path(where, table, key) for key in ("token_file", "admin_token_file"))
-    unauthenticated, access_log = (_flag(where, table, key, default)
-                                   for key, default in (("allow_unauthenticated_tcp", False), ("access_log", True)))
+    unauthenticated, access_log = (
+        _flag(where, table, key, default)
+        for key, default in (("allow_unauthenticated_tcp", False), ("access_log", True))
+    )
     tokens = token_file or admin_token_file  # either file makes every request show a token
     for entry in listen:
         try:

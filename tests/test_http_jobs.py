@@ -27,7 +27,7 @@ from tests.helpers.daemon import free_port, serving
 from tests.test_http import assert_error, curl, http_config, http_socket, sdk, sse
 
 PORT = free_port()
-SHAPES = '''
+SHAPES = """
 import numpy as np
 
 
@@ -54,7 +54,7 @@ def load():
 
     return {"array": array, "mixed": mixed, "bytes_keys": bytes_keys, "rows": rows,
             "bad_second_chunk": bad_second_chunk}
-'''
+"""
 MODELS = {
     "pid-as-text": {"mode": "kit", "completions": "pid"},
     "echo-for-all": {"mode": "kit", "embeddings": "echo", "chat": "echo"},
