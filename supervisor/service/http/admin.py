@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from supervisor.api import Supervisor
 from supervisor.service.http import jobs, results
+from supervisor.service.http.admission import Door
 from supervisor.service.http.clients import ADMIN_KEY, PEER_KEY, address_of, visit_of
 from supervisor.service.http.errors import ApiError, from_named
 from supervisor.service.http.openai import parse
@@ -72,7 +73,7 @@ def is_operator(request: Request, operators: Operators) -> bool:
     return peer is not None and peer[0] >= 0 and operators.allows(*peer)
 
 
-def add_routes(app: FastAPI, sup: Supervisor, door: Any, operators: Operators, reload: Reload | None) -> None:
+def add_routes(app: FastAPI, sup: Supervisor, door: Door, operators: Operators, reload: Reload | None) -> None:
     async def order(request: Request, kind: type[BaseModel]) -> Any:
         """The request's order, once its caller is known to be an operator."""
         if not is_operator(request, operators):
