@@ -44,6 +44,8 @@ class HttpSettings:
 
     listen: tuple[str, ...] = (HTTP_UNIX_DEFAULT,)  # "unix:PATH" (relative: the runtime directory) or "HOST:PORT"
     token_file: str = ""  # bearer tokens, one a line; absolute once parsed; "" none
+    admin_token_file: str = ""  # tokens that may also call the admin routes; the same rules; "" none
+    access_log: bool = True  # a line per request in the daemon's log
     max_body_bytes: int = 16 * 1024 * 1024
     models: dict[str, HttpModel] = field(default_factory=dict)
     allow_unauthenticated_tcp: bool = False  # loopback TCP without tokens: every local user gets in
@@ -130,7 +132,16 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "max_tokens": (1, 10_000_000, "tokens"),
     "timeout": (0.0, 86400.0, "seconds (0: none)"),
 }
-_HTTP_KEYS = ("listen", "token_file", "allow_unauthenticated_tcp", "allowed_origins", *_LIMITS, "models")
+_HTTP_KEYS = (
+    "listen",
+    "token_file",
+    "admin_token_file",
+    "access_log",
+    "allow_unauthenticated_tcp",
+    "allowed_origins",
+    *_LIMITS,
+    "models",
+)
 _HTTP_MODEL_KEYS = ("mode", "embeddings", "chat", "completions", "timeout", "max_tokens")
 _MODEL_NAME_RE = re.compile(r"^[^\s\x00-\x1f]{1,128}$")
 _ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?$")
@@ -171,23 +182,23 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
         raise where.error(
             "http", "listen", f'expected a list like ["unix:http.sock", "127.0.0.1:8080"], got {listen!r}'
         )
-    token_file = table.get("token_file", "")
-    if not isinstance(token_file, str):
-        raise where.error("http", "token_file", f"expected the path of a file of bearer tokens, got {token_file!r}")
-    unauthenticated = table.get("allow_unauthenticated_tcp", False)
-    if not isinstance(unauthenticated, bool):
-        raise where.error("http", "allow_unauthenticated_tcp", f"expected true or false, got {unauthenticated!r}")
+    token_file, admin_token_file = (_path(where, table, key) for key in ("token_file", "admin_token_file"))
+    unauthenticated, access_log = (
+        _flag(where, table, key, default)
+        for key, default in (("allow_unauthenticated_tcp", False), ("access_log", True))
+    )
+    tokens = token_file or admin_token_file  # either file makes every request show a token
     for entry in listen:
         try:
             address = split_listen(entry)
         except ValueError as exc:
             raise where.error("http", "listen", f"{entry!r}: {exc}") from None
-        if isinstance(address, tuple) and not loopback_host(address[0]) and not token_file:
+        if isinstance(address, tuple) and not loopback_host(address[0]) and not tokens:
             raise where.error(
                 "http", "listen", f"{entry!r} is not a loopback address: anyone who can reach it could run jobs on "
                 "this GPU. Set token_file (a file of bearer tokens, one a line), or listen on loopback or a unix socket"
             )  # fmt: skip
-        if isinstance(address, tuple) and not token_file and not unauthenticated:
+        if isinstance(address, tuple) and not tokens and not unauthenticated:
             raise where.error(
                 "http", "listen", f"{entry!r} has no authentication: every local user could run jobs on this GPU "
                 "(a unix socket's file permissions do not apply to TCP). Listen on a unix socket, set token_file, "
@@ -199,13 +210,26 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
     if not isinstance(models_table, dict):
         raise where.error("http", "models", "must be a table of [http.models.NAME] tables")
     models = {name: _http_model(where, name, entry, modes) for name, entry in models_table.items()}
-    if token_file:
-        # Absolute, its links kept: check_secret_file judges each link on the
-        # way, at start and at every SIGHUP (resolved here, someone else's link
-        # was followed and its target trusted).
-        token_file = str(base / token_file)
-    return HttpSettings(tuple(listen), token_file, models=models, allow_unauthenticated_tcp=unauthenticated,
-                        allowed_origins=origins, **limits)  # fmt: skip
+    # Absolute, their links kept: check_secret_file judges each link on the
+    # way, at start and at every reload (resolved here, someone else's link
+    # was followed and its target trusted).
+    token_file, admin_token_file = (str(base / path) if path else "" for path in (token_file, admin_token_file))
+    return HttpSettings(tuple(listen), token_file, admin_token_file, access_log, models=models,
+                        allow_unauthenticated_tcp=unauthenticated, allowed_origins=origins, **limits)  # fmt: skip
+
+
+def _path(where: Locator, table: dict, key: str) -> str:
+    value = table.get(key, "")
+    if not isinstance(value, str):
+        raise where.error("http", key, f"expected the path of a file of bearer tokens, got {value!r}")
+    return value
+
+
+def _flag(where: Locator, table: dict, key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise where.error("http", key, f"expected true or false, got {value!r}")
+    return value
 
 
 def _http_model(where: Locator, name: str, entry: Any, modes: Collection[str]) -> HttpModel:

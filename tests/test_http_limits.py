@@ -785,7 +785,7 @@ def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
     for key in ("max_connections", "max_connections_per_user", "max_header_bytes", "header_timeout",
                 "keep_alive_timeout", "body_timeout", "send_timeout", "max_body_bytes", "max_inputs", "max_messages",
                 "max_input_chars", "max_stop", "max_stop_chars", "max_tokens", "timeout", "allowed_origins",
-                "allow_unauthenticated_tcp"):  # fmt: skip
+                "allow_unauthenticated_tcp", "access_log"):  # fmt: skip
         default = getattr(HttpSettings, key)
         shown = {float: lambda v: f"{v:g}", bool: lambda v: str(v).lower(), tuple: lambda v: "[]"}.get(
             type(default), str

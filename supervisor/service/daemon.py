@@ -214,7 +214,7 @@ class Daemon:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
             sup = Supervisor(self.config).start()
             if self._http is not None:
-                self._http.serve(sup)
+                self._http.serve(sup, reload=lambda: self.reload(sup))
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
             self._loop(sup, front, sig_r)

@@ -127,6 +127,8 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()  # records come from every thread; due() runs on the listener's
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "every_one", False):  # a record of every event (an access log): never held back
+            return True
         key = (record.name, record.pathname, record.lineno, str(record.msg))
         now = self.clock()
         with self._lock:

@@ -62,10 +62,11 @@ class Operators:
         if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):  # a unix socket: host:uid:gid:pid
             uid, gid, pid = (int(p) for p in parts[1:])
             share = None if uid in (0, os.getuid()) else f"uid:{uid}"  # all of a user's connections: one share
-            return Caller(self._allows(uid, gid), f"uid {uid} ({_user(uid)}) pid {pid}", share)
+            return Caller(self.allows(uid, gid), f"uid {uid} ({_user(uid)}) pid {pid}", share)
         return Caller(False, address or "an unknown peer")
 
-    def _allows(self, uid: int, gid: int) -> bool:
+    def allows(self, uid: int, gid: int) -> bool:
+        """Whether the user ``uid`` (its primary group ``gid``) is an operator."""
         if uid in (0, os.getuid()):
             return True
         if self.admin_gid is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from supervisor.client.endpoint import ipc_path, runtime_dir
 from supervisor.config import Config
 from supervisor.service.front import EndpointError
+from supervisor.service.operators import Operators
 
 if TYPE_CHECKING:
     from supervisor.service.http.server import HttpFront
@@ -51,4 +52,5 @@ def open_http(config: Config, endpoint: str) -> HttpFront | None:
         ) from None
     path = ipc_path(endpoint)
     folder = os.path.dirname(path) if path and path.startswith("/") else runtime_dir()
-    return HttpFront(settings, folder, group=config.daemon.socket_group)
+    return HttpFront(settings, folder, group=config.daemon.socket_group,
+                     operators=Operators(config.daemon.admin_group))  # fmt: skip

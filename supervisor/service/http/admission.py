@@ -12,6 +12,8 @@ Tokens: one a line in the file (blank lines and ``#`` comments ignored),
 compared in constant time with every token there, so the time an answer
 takes says nothing about how much of a guess was right. ``/health`` needs
 none: a load balancer's probe seldom carries one, and it tells no secrets.
+A token of ``admin_token_file`` is a token like the others, and marks its
+caller an operator for the admin routes (``admin.py`` decides those).
 
 Browsers: a web page the user visits can send requests to any address,
 loopback included, so what a browser sends on a page's behalf is refused
@@ -36,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from supervisor.config_http import HttpModel, HttpSettings
 from supervisor.service.front import EndpointError
-from supervisor.service.http.clients import TOKEN_KEY, fingerprint
+from supervisor.service.http.clients import ADMIN_KEY, TOKEN_KEY, fingerprint, visit_of
 from supervisor.service.http.errors import body
 from supervisor.service.secret_files import check_secret_file
 
@@ -46,23 +48,39 @@ OPEN_PATHS = ("/health",)  # served without a token
 ALWAYS_PATHS = ("/health", "/metrics")  # served while draining too
 
 
-def read_tokens(path: str) -> tuple[str, ...]:
-    """The bearer tokens in ``path``; a file that cannot be read, or holds
-    none, stops the daemon from starting (a door with no key would lock
-    everyone out, or be mistaken for one with no lock), and so does one that
-    someone else could add a token to (``check_secret_file``)."""
-    check_secret_file(path, "[http] token_file")
+def read_tokens(path: str, key: str = "token_file") -> tuple[str, ...]:
+    """The bearer tokens in ``path`` (``[http] key``); a file that cannot be
+    read, or holds none, stops the daemon from starting (a door with no key
+    would lock everyone out, or be mistaken for one with no lock), and so
+    does one that someone else could add a token to (``check_secret_file``)."""
+    check_secret_file(path, f"[http] {key}")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise EndpointError(f"[http] token_file {path}: cannot read: {exc}") from None
+        raise EndpointError(f"[http] {key} {path}: cannot read: {exc}") from None
     tokens = tuple(t for t in (line.strip() for line in lines) if t and not t.startswith("#"))
     if not tokens:
-        raise EndpointError(f"[http] token_file {path} holds no token (one a line)")
+        raise EndpointError(f"[http] {key} {path} holds no token (one a line)")
     if any(len(t) < 16 or any(c.isspace() for c in t) for t in tokens):
-        raise EndpointError(f"[http] token_file {path}: a token must be at least 16 characters, without spaces")
+        raise EndpointError(f"[http] {key} {path}: a token must be at least 16 characters, without spaces")
     return tokens
+
+
+def read_all_tokens(settings: HttpSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``token_file``'s tokens and ``admin_token_file``'s, each () when not set."""
+    plain = read_tokens(settings.token_file) if settings.token_file else ()
+    admin = read_tokens(settings.admin_token_file, "admin_token_file") if settings.admin_token_file else ()
+    return plain, admin
+
+
+@dataclass(frozen=True)
+class Badge:
+    """A caller's token, as the door knows it: never the token itself."""
+
+    fingerprint: str
+    label: str  # for the access log: "token 2", "admin 1" (its place in its file, counting tokens only)
+    admin: bool
 
 
 @dataclass
@@ -73,6 +91,7 @@ class Door:
 
     settings: HttpSettings
     tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()  # admin_token_file's: tokens too, and operators' on the admin routes
     draining: bool = False
     started: float = field(default=0.0)
     widths: dict[tuple[str, str], int] = field(default_factory=dict)  # (mode, task) -> its vectors' width
@@ -81,17 +100,26 @@ class Door:
     def models(self) -> dict[str, HttpModel]:
         return self.settings.models
 
-    def token_of(self, header: str | None) -> str | None:
-        """The configured token ``header`` carries (``Bearer TOKEN``), or None."""
+    @property
+    def guarded(self) -> bool:
+        """Whether every request but ``OPEN_PATHS`` must show a token."""
+        return bool(self.tokens or self.admin_tokens)
+
+    def badge_of(self, header: str | None) -> Badge | None:
+        """Who the token ``header`` carries (``Bearer TOKEN``) is, or None
+        for no configured token."""
         scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             return None
         given_bytes = given.strip().encode()
-        matches = [hmac.compare_digest(given_bytes, t.encode()) for t in self.tokens]  # every one, always
-        return self.tokens[matches.index(True)] if any(matches) else None
-
-    def token_ok(self, header: str | None) -> bool:
-        return self.token_of(header) is not None
+        tokens = (*self.admin_tokens, *self.tokens)  # an admin token in both files is an admin's
+        matches = [hmac.compare_digest(given_bytes, t.encode()) for t in tokens]  # every one, always
+        if not any(matches):
+            return None
+        index = matches.index(True)
+        admin = index < len(self.admin_tokens)
+        place = index + 1 if admin else index - len(self.admin_tokens) + 1
+        return Badge(fingerprint(tokens[index]), f"{'admin' if admin else 'token'} {place}", admin)
 
 
 def loopback_name(host: str) -> bool:
@@ -122,7 +150,7 @@ class Admission:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         refused = self._stranger(scope, headers)
         if refused is not None:
-            await _answer(send, 403, refused, "forbidden")
+            await answer(send, 403, refused, "forbidden")
             return
         origin = headers.get("origin")
         if origin is not None and _listed(origin, limits.allowed_origins):
@@ -131,20 +159,23 @@ class Admission:
                 await send({"type": "http.response.start", "status": 204, "headers": _PREFLIGHT})
                 await send({"type": "http.response.body", "body": b""})
                 return
-        if door.tokens and path not in OPEN_PATHS:
-            token = door.token_of(headers.get("authorization"))
-            if token is None:
-                await _answer(send, 401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
+        if door.guarded and path not in OPEN_PATHS:
+            badge = door.badge_of(headers.get("authorization"))
+            if badge is None:
+                await answer(send, 401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
                               "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
                 return
-            scope = {**scope, TOKEN_KEY: fingerprint(token)}
+            scope = {**scope, TOKEN_KEY: badge.fingerprint, ADMIN_KEY: badge.admin}
+            visit = visit_of(scope)
+            if visit is not None:
+                visit.caller = badge.label
         if door.draining and path not in ALWAYS_PATHS:
-            await _answer(send, 503, "the daemon is draining: it takes no new requests", "shutting_down")
+            await answer(send, 503, "the daemon is draining: it takes no new requests", "shutting_down")
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             media = headers.get("content-type", "").partition(";")[0].strip().lower()
             if media != "application/json":
-                await _answer(send, 415, "the body must be JSON, sent with Content-Type: application/json "
+                await answer(send, 415, "the body must be JSON, sent with Content-Type: application/json "
                               "(curl --json)", "unsupported_media_type")  # fmt: skip
                 return
             declared = headers.get("content-length", "")
@@ -153,11 +184,11 @@ class Admission:
                 async with asyncio.timeout(limits.body_timeout):
                     body_message = None if too_large else await _read_body(receive, limits.max_body_bytes)
             except TimeoutError:
-                await _answer(send, 408, f"the body did not arrive within body_timeout ({limits.body_timeout:g} s)",
+                await answer(send, 408, f"the body did not arrive within body_timeout ({limits.body_timeout:g} s)",
                               "request_timeout", extra=[(b"connection", b"close")])  # fmt: skip
                 return
             if body_message is None:
-                await _answer(send, 413, f"the request body is over max_body_bytes ({limits.max_body_bytes})",
+                await answer(send, 413, f"the request body is over max_body_bytes ({limits.max_body_bytes})",
                               "request_too_large")  # fmt: skip
                 return
             receive = _replay(body_message, receive)
@@ -168,7 +199,7 @@ class Admission:
         """Why a browser (or a name that is not ours) may not come in, or None."""
         server = scope.get("server")
         host = headers.get("host")
-        if not self.door.tokens and server is not None and server[1] is not None and host is not None:
+        if not self.door.guarded and server is not None and server[1] is not None and host is not None:
             if not loopback_name(host):  # TCP without tokens: only this machine's names (no DNS rebinding)
                 return (f"Host {host[:100]!r} is not served here: without tokens this listener answers to "
                         "localhost, 127.0.0.1 and [::1] only")  # fmt: skip
@@ -234,7 +265,7 @@ def _replay(first: Message, receive: Receive) -> Receive:
     return replayed
 
 
-async def _answer(send: Send, status: int, message: str, code: str,
+async def answer(send: Send, status: int, message: str, code: str,
                   extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
     content = json.dumps(body(status, message, code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]

@@ -1,5 +1,6 @@
 """The HTTP routes: OpenAI's embeddings, chat and completions, the models
-list, a health probe and Prometheus metrics, all over the daemon's one
+list, any task (``native.py``), the operator's routes (``admin.py``), a
+health probe and Prometheus metrics, all over the daemon's one
 ``Supervisor`` (one queue, one scheduler: an HTTP job waits its turn like
 any other, and a model in another mode switches as a job naming its mode
 does).
@@ -25,9 +26,10 @@ from starlette.responses import JSONResponse, Response
 
 from supervisor.api import Supervisor
 from supervisor.config_http import HttpModel
-from supervisor.service.http import errors, jobs, openai
+from supervisor.service.http import admin, errors, jobs, native, openai
 from supervisor.service.http.admission import Door
 from supervisor.service.http.errors import ApiError
+from supervisor.service.operators import Operators
 
 T = TypeVar("T")
 ENDPOINTS = {"embeddings": "/v1/embeddings", "chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -37,7 +39,11 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def create_app(sup: Supervisor, door: Door) -> FastAPI:
+def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
+               reload: admin.Reload | None = None) -> FastAPI:  # fmt: skip
+    """The routes. ``operators`` says who is one on a unix socket (default:
+    the daemon's own user and root); ``reload`` is the daemon's, for
+    ``/v1/admin/reload`` (None: that route answers 501)."""
     app = FastAPI(title="gpuvisor", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, errors.on_api_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
@@ -60,7 +66,7 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
     @app.post("/v1/embeddings", openapi_extra=_body_schema(openai.EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         limits = door.settings
-        body = openai.parse(openai.EmbeddingRequest, await _body(request), limits)
+        body = openai.parse(openai.EmbeddingRequest, await jobs.read_body(request), limits)
         body.refuse_unsupported()
         model, task = served(body.model, "embeddings")
         texts = body.texts(limits)
@@ -73,9 +79,10 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
                 raise ApiError(413, f"{len(texts)} vectors of {width} values would be over the frame limit of one "
                                "answer: send fewer inputs", "request_too_large", "input")  # fmt: skip
         payload = {"texts": texts, "details": True}
-        result = await jobs.run(sup, request, task, payload, model.mode, limits.timeout_of(model))
+        result = await jobs.run(sup, request, task, payload, jobs.Terms(model.mode, limits.timeout_of(model)))
         expected = len(texts) * width if width is not None else None
-        array, tokens = await _off_loop_unless_small(expected, openai.vectors, result, len(texts))
+        served_by = openai.Served(model.name, task, ENDPOINTS["embeddings"])
+        array, tokens = await _off_loop_unless_small(expected, openai.vectors, result, len(texts), served_by)
         door.widths[(model.mode, task)] = array.shape[1]
         check_width(dimensions, array.shape[1])
         content = await _off_loop_unless_small(array.size, openai.embeddings, model.name, array, tokens, encoding)
@@ -84,20 +91,21 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
     async def generation(request: Request, kind: type[openai.ChatRequest | openai.CompletionRequest],
                          endpoint: str) -> Response:  # fmt: skip
         limits = door.settings
-        body = openai.parse(kind, await _body(request), limits)
+        body = openai.parse(kind, await jobs.read_body(request), limits)
         body.refuse_unsupported()
         model, task = served(body.model, endpoint)
         payload = body.payload(limits, limits.max_tokens_of(model))
         stream, include_usage = body.stream, body.include_usage
         del body  # the payload is all the job needs
         reply = openai.Reply(model.name, chat=endpoint == "chat")
-        timeout = limits.timeout_of(model)
+        served_by = openai.Served(model.name, task, ENDPOINTS[endpoint])
+        terms = jobs.Terms(model.mode, limits.timeout_of(model))
         if not stream:
-            result = await jobs.run(sup, request, task, payload, model.mode, timeout)
-            return JSONResponse(reply.whole(result))
-        job = jobs.Stream(sup, request, task, payload, model.mode, timeout)
+            result = await jobs.run(sup, request, task, payload, terms)
+            return JSONResponse(reply.whole(openai.generated(result, served_by)))
+        job = jobs.Stream(sup, request, task, payload, terms)
         first = await job.first(request)
-        return jobs.JobStreamResponse(_events(job, first, reply, include_usage), job, request)
+        return jobs.JobStreamResponse(_events(job, first, reply, include_usage, served_by), job, request)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(openai.ChatRequest))
     async def chat(request: Request) -> Response:
@@ -107,16 +115,26 @@ def create_app(sup: Supervisor, door: Door) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await generation(request, openai.CompletionRequest, "completions")
 
+    def listed(model: HttpModel, modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {"id": model.name, "object": "model", "created": int(door.started), "owned_by": "gpuvisor",
+                "mode": model.mode, "loaded": modes[model.mode]["loaded"], "devices": modes[model.mode]["devices"],
+                "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(model, e)]}  # fmt: skip
+
     @app.get("/v1/models")
     async def models() -> Response:
         modes = sup.modes()
-        data = [
-            {"id": m.name, "object": "model", "created": int(door.started), "owned_by": "gpuvisor", "mode": m.mode,
-             "loaded": modes[m.mode]["loaded"], "devices": modes[m.mode]["devices"],
-             "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(m, e)]}
-            for m in door.models.values()
-        ]  # fmt: skip
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [listed(m, modes) for m in door.models.values()]})
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> Response:
+        found = door.models.get(name)
+        if found is None:
+            raise ApiError(404, f"the model {name[:200]!r} does not exist; GET /v1/models lists them",
+                           "model_not_found", "model")  # fmt: skip
+        return JSONResponse(listed(found, sup.modes()))
+
+    native.add_routes(app, sup, door)
+    admin.add_routes(app, sup, door, operators or Operators(), reload)
 
     @app.get("/health")
     async def health() -> Response:
@@ -143,21 +161,6 @@ async def _off_loop_unless_small(values: int | None, work: Callable[..., T], *ar
     return await run_in_threadpool(work, *args)
 
 
-async def _body(request: Request) -> bytes:
-    """The request's body. Read here, not by FastAPI from a declared body
-    parameter: FastAPI keeps the bytes and everything parsed from them
-    referenced until the route returns, which for a queued job is as long
-    as it waits."""
-    parts = []
-    while True:
-        message = await request.receive()
-        if message["type"] != "http.request":
-            raise jobs.ClientGone
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
 def _body_schema(kind: type[BaseModel]) -> dict[str, Any]:
     """The route's request body in the OpenAPI schema (not served; the fuzz tests draw bodies from it)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": kind.model_json_schema()}}}}
@@ -171,25 +174,25 @@ def check_width(dimensions: int | None, width: int) -> None:
                        "dimensions")  # fmt: skip
 
 
-async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_usage: bool) -> AsyncIterator[str]:
+async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_usage: bool,
+                  served_by: openai.Served) -> AsyncIterator[str]:  # fmt: skip
     """One event per chunk of text, the finish reason, the usage if asked
     for, ``[DONE]``. An error after the first event can only travel inside
     the stream: the status is already sent."""
     started, sent = False, ""
     async for chunk in stream.rest(first):
         text = chunk.get("text") if isinstance(chunk, dict) else None
+        text = text if isinstance(text, str) else None
         if text or (reply.chat and not started):
             yield _sse(reply.chunk(text or "", first=not started))
             started, sent = True, sent + (text or "")
-    future = stream.future
-    error = None if future.cancelled() else future.exception()
-    if future.cancelled() or error is not None:
-        failure = errors.from_job(error) if error is not None else ApiError(503, "the job was cancelled")
-        yield _sse(errors.body(failure.status, failure.message, failure.code))
+    try:
+        result = openai.generated(stream.outcome(), served_by)
+    except ApiError as failure:
+        yield _sse(failure.body())
     else:
-        result = future.result()
-        text = result.get("text", "") if isinstance(result, dict) else ""
-        if isinstance(text, str) and len(text) > len(sent) and text.startswith(sent):
+        text = result["text"]
+        if len(text) > len(sent) and text.startswith(sent):
             # A task that does not stream (or held text back) still gives the reader all of its text.
             yield _sse(reply.chunk(text[len(sent) :], first=not started))
             started = True

@@ -69,7 +69,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from supervisor.service.http.admission import Door
-from supervisor.service.http.clients import CONNECTION_KEY
+from supervisor.service.http.clients import CONNECTION_KEY, PEER_KEY
 from supervisor.service.http.errors import body
 
 log = logging.getLogger("gpuvisor")
@@ -134,13 +134,15 @@ class Census:
     users: Counter[int] = field(default_factory=Counter)  # unix socket peers, by uid
 
 
-def peer_uid(sock: Any) -> int:
-    """The uid of the process at the other end of the unix socket ``sock``."""
+def peer_credentials(sock: Any) -> tuple[int, int]:
+    """The uid and gid of the process at the other end of the unix socket
+    ``sock`` (``_UNKNOWN`` each, where they cannot be read)."""
     try:
-        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        _, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))  # fmt: skip
     except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED on this system
-        return _UNKNOWN
-    return int(uid)
+        return _UNKNOWN, _UNKNOWN
+    return int(uid), int(gid)
 
 
 class BoundedH11(h11.Connection):
@@ -195,10 +197,13 @@ class DoorProtocol(H11Protocol):
         self.refused = False
         self.counted: int | str | None = None  # "tcp", or the unix peer's uid, once counted in the census
         self.number = next(self.numbers)
+        self.peer: tuple[int, int] | None = None  # a unix socket peer's (uid, gid)
         app = self.app
 
         async def numbered(scope: Any, receive: Any, send: Any) -> None:
             scope[CONNECTION_KEY] = self.number
+            if self.peer is not None:
+                scope[PEER_KEY] = self.peer
             await app(scope, receive, send)
 
         self.app = numbered
@@ -273,7 +278,8 @@ class DoorProtocol(H11Protocol):
             census.tcp += 1
             self.counted = "tcp"
             return None
-        uid = peer_uid(sock)
+        self.peer = peer_credentials(sock)
+        uid = self.peer[0]
         if uid not in _EXEMPT and census.users[uid] >= limits.per_user():
             return "user", f"uid {uid} holds {census.users[uid]} connections (max_connections_per_user)"
         census.users[uid] += 1

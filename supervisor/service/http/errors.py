@@ -35,24 +35,30 @@ from protocol import (
     JobFailed,
     JobTimeout,
     ModeBroken,
+    NoModeLoaded,
     OutOfMemory,
     ProtocolError,
     QueueFull,
     RequestTooLarge,
     ShuttingDown,
     SupervisorFailed,
+    UnknownMode,
+    UnknownTask,
 )
 
 log = logging.getLogger("gpuvisor")
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          404: "invalid_request_error", 406: "invalid_request_error", 408: "invalid_request_error",
+          409: "invalid_request_error", 413: "invalid_request_error",
           415: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable", 504: "timeout"}  # fmt: skip
 
 REFUSED_INPUT = ("TypeError", "ValueError")
 """A handler that raises one of these refused its payload: the caller's
 input, so a 400 (the built-in modes check their payloads this way)."""
+
+LOGGED = "_gpuvisor_logged"  # set on an exception whose traceback is in the log already
 
 SHORT = 200  # the most characters of a handler's own message a 4xx repeats
 
@@ -89,9 +95,11 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return body(self.status, self.message, self.code, self.param)
+
     def response(self) -> JSONResponse:
-        return JSONResponse(body(self.status, self.message, self.code, self.param), status_code=self.status,
-                            headers=self.headers)  # fmt: skip
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 _SEEN: OrderedDict[str, str] = OrderedDict()  # details -> its error id, for what is asked about again and again
@@ -163,6 +171,17 @@ def from_job(exc: BaseException) -> ApiError:
     return ApiError(status, f"{generic} (error id {error_id})", code, headers=headers)
 
 
+def from_named(exc: BaseException) -> ApiError:
+    """``from_job``, where the caller named the mode and the task (``/v1/jobs``,
+    the admin routes): naming one that does not exist is its mistake, a 404,
+    not the server's; a job naming no mode while none is loaded, a 409."""
+    if isinstance(exc, UnknownMode | UnknownTask):
+        return ApiError(404, short(exc.message), exc.code, "mode" if isinstance(exc, UnknownMode) else "task")
+    if isinstance(exc, NoModeLoaded):
+        return ApiError(409, "no mode is loaded: name the task's mode in 'mode'", exc.code, "mode")
+    return from_job(exc)
+
+
 async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return exc.response()
@@ -172,6 +191,10 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug on this side: a 500 with an error id, the traceback in the log."""
     error_id = secrets.token_hex(6)
     log.error("HTTP error %s: %s %s raised", error_id, request.method, request.url.path, exc_info=exc)
+    try:
+        setattr(exc, LOGGED, True)  # Starlette raises it again, for the server to log: said once is enough
+    except AttributeError:
+        pass
     return ApiError(500, f"the server could not answer this request (error id {error_id})").response()
 
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -25,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from supervisor.api import Supervisor
 from supervisor.service.http.clients import client_of
-from supervisor.service.http.errors import from_job
+from supervisor.service.http.errors import ApiError, from_job
 
 T = TypeVar("T")
 _END = object()
@@ -69,28 +70,57 @@ async def unless_gone(awaitable: Awaitable[T], request: Request) -> T:
     return work.result()
 
 
-def submit(sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None,
+@dataclass(frozen=True)
+class Terms:
+    """What a job is submitted with besides its task and payload. ``answer``
+    turns a job's error into the HTTP answer (a route that lets the caller
+    name the task answers an unknown one as the caller's mistake)."""
+
+    mode: str | None
+    timeout: float | None
+    retries: int = 0
+    give_up_after: float | None = None
+    answer: Callable[[BaseException], ApiError] = from_job
+
+
+def submit(sup: Supervisor, request: Request, task: str, payload: Any, terms: Terms,
            on_chunk: Callable[[Any], None] | None = None) -> Future:  # fmt: skip
     """``sup.submit_for`` the request's client (its token, else its
     connection: its share of the queue), with what it raises at once
     (``QueueFull``, a payload msgpack cannot carry) as the HTTP answer it
     maps to."""
     try:
-        return sup.submit_for(client_of(request.scope), task, payload, mode=mode, timeout=timeout, on_chunk=on_chunk)
+        return sup.submit_for(client_of(request.scope), task, payload, mode=terms.mode, timeout=terms.timeout,
+                              retries=terms.retries, on_chunk=on_chunk, give_up_after=terms.give_up_after)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - every refusal has its status
-        raise from_job(exc) from exc
+        raise terms.answer(exc) from exc
 
 
-async def run(sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None) -> Any:
+async def run(sup: Supervisor, request: Request, task: str, payload: Any, terms: Terms) -> Any:
     """The job's result, or its error as an ``ApiError``."""
-    future = submit(sup, request, task, payload, mode, timeout)
+    future = submit(sup, request, task, payload, terms)
     try:
         return await unless_gone(asyncio.wrap_future(future), request)
     except ClientGone:
         _give_up(request, future)  # now, not when the wrapper's callback gets round to it: the log says which it was
         raise
     except Exception as exc:  # noqa: BLE001 - the job's typed error
-        raise from_job(exc) from exc
+        raise terms.answer(exc) from exc
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body. Read here, not by FastAPI from a declared body
+    parameter: FastAPI keeps the bytes and everything parsed from them
+    referenced until the route returns, which for a queued job is as long
+    as it waits."""
+    parts = []
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 class Stream:
@@ -99,7 +129,8 @@ class Stream:
     first chunk (bad input, a full queue, a timeout) still gets its own
     status rather than a 200 with an error inside."""
 
-    def __init__(self, sup: Supervisor, request: Request, task: str, payload: Any, mode: str, timeout: float | None):
+    def __init__(self, sup: Supervisor, request: Request, task: str, payload: Any, terms: Terms):
+        self.answer = terms.answer
         loop = asyncio.get_running_loop()
         self._items: asyncio.Queue = asyncio.Queue()
 
@@ -109,7 +140,7 @@ class Stream:
             except RuntimeError:  # this event loop is closed: nobody is left to read
                 pass
 
-        self.future = submit(sup, request, task, payload, mode, timeout, on_chunk=hand_over)
+        self.future = submit(sup, request, task, payload, terms, on_chunk=hand_over)
         self.future.add_done_callback(lambda _: hand_over(_END))
 
     async def first(self, request: Request) -> Any:
@@ -122,15 +153,25 @@ class Stream:
             raise ClientGone
         error = self.future.exception() if item is _END else None
         if error is not None:
-            raise from_job(error)
+            raise self.answer(error)
         return item
 
     async def rest(self, first: Any) -> AsyncIterator[Any]:
-        """The chunks from ``first`` on; then the job's outcome is ``future``'s."""
+        """The chunks from ``first`` on; then ``outcome()`` is the job's."""
         item = first
         while item is not _END:
             yield item
             item = await self._items.get()
+
+    def outcome(self) -> Any:
+        """The ended job's result, or its error as the ``ApiError`` that
+        goes in the stream's last event."""
+        if self.future.cancelled():
+            raise ApiError(503, "the job was cancelled", "job_cancelled")
+        error = self.future.exception()
+        if error is not None:
+            raise self.answer(error)
+        return self.future.result()
 
 
 class JobStreamResponse(StreamingResponse):
@@ -138,7 +179,7 @@ class JobStreamResponse(StreamingResponse):
     the client gone, the server stopping), the job is given up if it has
     not ended."""
 
-    def __init__(self, events: AsyncIterator[str], stream: Stream, request: Request):
+    def __init__(self, events: AsyncIterator[str | bytes], stream: Stream, request: Request):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.stream, self.request = stream, request
 

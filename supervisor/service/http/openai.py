@@ -43,7 +43,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from protocol import MAX_MESSAGE_BYTES
 from supervisor.config_http import HttpSettings
-from supervisor.service.http.errors import ApiError, invalid, short
+from supervisor.service.http.errors import ApiError, incident, invalid, short
 
 FRAME_MARGIN = 64 * 1024  # room in a frame for what travels beside an answer's array
 GREEDY_BELOW = 1e-3  # a temperature under this samples as 0 does: dividing logits by less can overflow to inf
@@ -101,7 +101,7 @@ class _Request(BaseModel):
                                "unsupported", key)  # fmt: skip
 
 
-R = TypeVar("R", bound=_Request)
+R = TypeVar("R", bound=BaseModel)
 
 
 def parse(kind: type[R], raw: bytes, limits: HttpSettings) -> R:
@@ -119,7 +119,9 @@ def parse(kind: type[R], raw: bytes, limits: HttpSettings) -> R:
             gc.enable()
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    kind.bound(data, limits)
+    bound = getattr(kind, "bound", None)
+    if bound is not None:
+        bound(data, limits)
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
@@ -280,18 +282,63 @@ class CompletionRequest(_Generation):
 # ------------------------------------------------------------ responses
 
 
-def vectors(result: Any, inputs: int) -> tuple[np.ndarray, list]:
+class Served:
+    """Which model and task answered, at which endpoint: what a wrong
+    answer's error names."""
+
+    def __init__(self, model: str, task: str, path: str):
+        self.model, self.task, self.path = model, task, path
+
+    def wrong(self, got: Any, expected: str) -> ApiError:
+        """A 502 for a task whose answer this endpoint cannot use: the
+        mapping in ``[http.models]`` or the task is wrong, not the request.
+        One line in the log, under the error id the answer carries."""
+        what = f"the task {self.task!r} of the model {self.model!r} answered {describe(got)}"
+        error_id = incident("bad_task_result", f"{self.path}: {what}; it needs {expected}")
+        return ApiError(502, f"{what}; {self.path} needs {expected} (error id {error_id})", "bad_task_result")
+
+
+def describe(value: Any) -> str:
+    """A value's shape in a few words, never its content (it may be a caller's text)."""
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype.name} with shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        keys = [str(k)[:40] for k in list(value)[:6]]
+        return f"a map with the keys {keys}{' ...' if len(value) > 6 else ''}" if value else "an empty map"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if value is None:
+        return "nothing (null)"
+    kind = type(value).__name__
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+GENERATED = "a map with 'text' (a string), and optionally 'tokens', 'prompt_tokens' and 'finish_reason'"
+EMBEDDED = "a float array of one row an input, or a map with it under 'embeddings' (and optionally 'tokens')"
+
+
+def generated(result: Any, served: Served) -> dict[str, Any]:
+    """The chat or completions task's answer, if it has the shape OpenAI's answer is made from."""
+    if isinstance(result, dict) and isinstance(result.get("text"), str):
+        return result
+    raise served.wrong(result, GENERATED)
+
+
+def vectors(result: Any, inputs: int, served: Served) -> tuple[np.ndarray, list]:
     """The embed task's answer (the details map, or just the array) as a
     C-ordered little-endian float32 array of one row an input, and its token
-    counts. Anything else is the task's fault: a 500."""
+    counts. Anything else is the task's fault: a 502."""
     tokens = result.get("tokens", []) if isinstance(result, dict) else []
+    found = result.get("embeddings") if isinstance(result, dict) else result
+    if not isinstance(found, np.ndarray | list) or isinstance(found, np.ndarray) and found.dtype.kind not in "biuf":
+        raise served.wrong(result, EMBEDDED)
     try:
-        array = np.ascontiguousarray(result["embeddings"] if isinstance(result, dict) else result, dtype="<f4")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ApiError(500, "the embeddings task did not answer with an array") from exc
+        array = np.ascontiguousarray(found, dtype="<f4")
+    except (TypeError, ValueError):
+        raise served.wrong(result, EMBEDDED) from None
     if array.ndim != 2 or array.shape[0] != inputs:
-        raise ApiError(500, f"the embeddings task answered with an array of shape {array.shape}, not ({inputs}, width)")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise served.wrong(array, f"{EMBEDDED}: {inputs} rows here")
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
         tokens = []
     return array, tokens
 
@@ -323,7 +370,10 @@ def finish_reason(result: dict[str, Any]) -> str:
 
 
 def usage(result: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = int(result.get("prompt_tokens", 0)), len(result.get("tokens", ()))
+    """The counts, from what the task said of them; 0 for what it did not say (or said as something else)."""
+    prompt, tokens = result.get("prompt_tokens", 0), result.get("tokens", ())
+    prompt = prompt if type(prompt) is int and prompt >= 0 else 0
+    completion = len(tokens) if isinstance(tokens, list) else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

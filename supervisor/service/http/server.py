@@ -41,9 +41,12 @@ import uvicorn
 from supervisor.api import Supervisor
 from supervisor.config_http import HttpSettings, loopback_host, split_listen
 from supervisor.service.front import EndpointError, bind_unix, release_path
-from supervisor.service.http.admission import Admission, Door, read_tokens
+from supervisor.service.http.admin import Reload
+from supervisor.service.http.admission import Admission, Door, read_all_tokens
 from supervisor.service.http.app import create_app
 from supervisor.service.http.connection import QUIET, DoorProtocol
+from supervisor.service.http.outer import AccessLog, LastResort
+from supervisor.service.operators import Operators
 
 log = logging.getLogger("gpuvisor")
 
@@ -53,13 +56,15 @@ _OWN_FILES = 256  # descriptors the daemon needs besides its HTTP connections (s
 
 
 class HttpFront:
-    def __init__(self, settings: HttpSettings, folder: str, group: str = ""):
+    def __init__(self, settings: HttpSettings, folder: str, group: str = "", operators: Operators | None = None):
         """Bind every address in ``settings.listen`` now (on the daemon's
         main thread, before the worker starts): an address in use or unsafe
         stops the daemon here, with the reason. A relative unix socket path
-        starts from ``folder``: where the daemon's own socket is."""
-        tokens = read_tokens(settings.token_file) if settings.token_file else ()
-        self.door = Door(settings, tokens=tokens)
+        starts from ``folder``: where the daemon's own socket is.
+        ``operators``: who may call the admin routes on a unix socket."""
+        tokens, admin_tokens = read_all_tokens(settings)
+        self.door = Door(settings, tokens=tokens, admin_tokens=admin_tokens)
+        self.operators = operators or Operators()
         self.settings = settings
         self.listening: list[str] = []
         self._sockets: list[socket.socket] = []
@@ -93,7 +98,7 @@ class HttpFront:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             shown = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
-            if loopback_host(host) and not self.door.tokens:
+            if loopback_host(host) and not self.door.guarded:
                 log.warning("HTTP on %s without tokens (allow_unauthenticated_tcp = true): every local user can "
                             "run jobs on this GPU", shown)  # fmt: skip
         sock.listen(_BACKLOG)  # at once: a second daemon probing a unix socket must find it alive
@@ -101,12 +106,14 @@ class HttpFront:
 
     # ------------------------------------------------------------ running
 
-    def serve(self, sup: Supervisor) -> None:
-        """Start answering on the bound sockets; returns once uvicorn listens."""
+    def serve(self, sup: Supervisor, reload: Reload | None = None) -> None:
+        """Start answering on the bound sockets; returns once uvicorn listens.
+        ``reload``: the daemon's, which ``/v1/admin/reload`` calls."""
         self.door.started = time.time()
         _check_files(self.settings.max_connections)
+        app = Admission(create_app(sup, self.door, self.operators, reload), self.door)
         config = uvicorn.Config(
-            Admission(create_app(sup, self.door), self.door),
+            AccessLog(LastResort(app), self.door),
             http=DoorProtocol.for_door(self.door),  # h11, held to the door's limits; never httptools by default
             lifespan="off",  # nothing to set up, and a failing lifespan would sys.exit() this thread
             log_config=None,  # the daemon's logging stays as it is
@@ -173,16 +180,17 @@ class HttpFront:
         if settings is None or settings.listen != self.settings.listen:
             log.warning("SIGHUP: [http] listen changed; the HTTP listener keeps its settings until a restart")
             return
-        if not settings.token_file and self.settings.token_file:
+        guarded = bool(settings.token_file or settings.admin_token_file)
+        if not guarded and (self.settings.token_file or self.settings.admin_token_file):
             log.warning("SIGHUP: [http] token_file removed; the HTTP listener keeps its settings until a restart")
             return
         try:
-            tokens = read_tokens(settings.token_file) if settings.token_file else ()
+            tokens, admin_tokens = read_all_tokens(settings)
         except EndpointError as exc:
             log.error("SIGHUP: keeping the HTTP listener's settings: %s", exc)
             return
         self.settings = settings
-        self.door.settings, self.door.tokens = settings, tokens
+        self.door.settings, self.door.tokens, self.door.admin_tokens = settings, tokens, admin_tokens
         _check_files(settings.max_connections)
 
 
