@@ -60,7 +60,7 @@ def test_a_link_of_another_user_replacing_roots_is_refused_at_sighup_and_the_old
     d.proc.send_signal(signal.SIGHUP)
     d.wait_note("READY=1", after=after)
     wait_until(lambda: f"{toklink} is a link which belongs to nobody" in d.output(), T, "the refusal in the log")
-    assert "SIGHUP: keeping the HTTP listener's settings" in d.output()
+    assert "reload: the HTTP listener keeps its settings" in d.output()
     assert curl("http://gpuvisor/v1/models", unix=unix, token="a-token-of-sixteen-or-more")[0] == 401
     assert curl("http://gpuvisor/v1/models", unix=unix, token="the-old-token-0123456789")[0] == 200
 

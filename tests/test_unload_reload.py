@@ -62,13 +62,14 @@ def test_reload_reports_what_changed_and_keeps_the_running_file_when_it_is_broke
     changed = config_text({"diag": {"loader": DIAG, "args": {"test_hooks": False}}, "extra": DIAG},
                           supervisor={"max_queue": 200, "max_wait_s": 1.5})  # fmt: skip
     with open(d.config, "w") as f:
-        f.write(changed)
+        f.write(changed + '\n[http.models.echo]\nmode = "diag"\ncompletions = "echo"\n')
     out = gpuvisor(d, "--json", "reload")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)["value"]
     assert report["reloaded"] is True and report["error"] is None and report["file"] == d.config
     assert (report["added"], report["removed"], report["changed"]) == (["extra"], ["diag2"], ["diag"])
-    assert set(report["settings"]) == {"max_queue", "max_wait_s"}
+    assert set(report["settings"]) == {"max_queue", "max_wait_s", "http"}
+    assert any("[http] applies when the daemon restarts" in n for n in report["notes"])
     assert any("max_queue keeps its value" in n for n in report["notes"])
     assert any("mode 'diag' is loaded with its old entry" in n for n in report["notes"])
     human = gpuvisor(d, "reload")  # nothing changed since: the same file again

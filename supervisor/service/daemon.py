@@ -421,8 +421,11 @@ class Daemon:
             report = reloading.compare(self.config, new, loaded)
             sup.reload(new)
             self.config = new
-            if self._http is not None:
-                self._http.reload(new.http)
+            kept = self._http.reload(new.http) if self._http is not None else None
+            if kept is None and self._http is None and any(k.split(".")[0] == "http" for k in report["settings"]):
+                kept = "[http] applies when the daemon restarts: no HTTP listener runs now"
+            if kept is not None:
+                report["notes"].append(kept)
             log.info("reload from %s: modes added %s, removed %s, changed %s; settings changed %s%s", new.source,
                      report["added"], report["removed"], report["changed"], report["settings"],
                      "".join(f"; {note}" for note in report["notes"]))  # fmt: skip

@@ -170,28 +170,33 @@ class HttpFront:
             release_path(path, bound)
         self._sockets, self._files = [], []
 
-    def reload(self, settings: HttpSettings | None) -> None:
-        """SIGHUP: the model table, the tokens (read again: a token is
+    def reload(self, settings: HttpSettings | None) -> str | None:
+        """A reload: the model table, the tokens (read again: a token is
         revoked by deleting its line), the allowed origins and every limit
         change now (a connection's limits apply to connections that open
         after). New addresses need a restart; until then everything stays
         as it was, so the tokens never fall off an address that was bound
-        needing them, nor does a tokenless one lose its opt-in."""
+        needing them, nor does a tokenless one lose its opt-in. Returns
+        why the listener kept its settings, or None."""
+        kept = None
         if settings is None or settings.listen != self.settings.listen:
-            log.warning("SIGHUP: [http] listen changed; the HTTP listener keeps its settings until a restart")
-            return
-        guarded = bool(settings.token_file or settings.admin_token_file)
-        if not guarded and (self.settings.token_file or self.settings.admin_token_file):
-            log.warning("SIGHUP: [http] token_file removed; the HTTP listener keeps its settings until a restart")
-            return
-        try:
-            tokens, admin_tokens = read_all_tokens(settings)
-        except EndpointError as exc:
-            log.error("SIGHUP: keeping the HTTP listener's settings: %s", exc)
-            return
+            kept = "[http] listen changed; the HTTP listener keeps its settings until the daemon restarts"
+        elif not (settings.token_file or settings.admin_token_file) and (
+            self.settings.token_file or self.settings.admin_token_file
+        ):
+            kept = "[http] token_file removed; the HTTP listener keeps its settings until the daemon restarts"
+        else:
+            try:
+                tokens, admin_tokens = read_all_tokens(settings)
+            except EndpointError as exc:
+                kept = f"the HTTP listener keeps its settings: {exc}"
+        if kept is not None or settings is None:
+            log.warning("reload: %s", kept)
+            return kept
         self.settings = settings
         self.door.settings, self.door.tokens, self.door.admin_tokens = settings, tokens, admin_tokens
         _check_files(settings.max_connections)
+        return None
 
 
 def _check_files(connections: int) -> None:
