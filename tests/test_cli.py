@@ -228,6 +228,9 @@ def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
     out = gpuvisor("demo", env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=4 * T)
     assert out.returncode == 0, out.stderr
     assert "switch_mode('embed')" in out.stdout and "streamed tokens" in out.stdout
+    assert "submit('chat'" in out.stdout, "chat works on the built-in config"
+    assert "status(): running, mode 'diag' in worker pid" in out.stdout
+    assert "{'state'" not in out.stdout, "the status in words, not the whole dict"
     assert " INFO " not in out.stdout + out.stderr
     assert "Warning" not in out.stderr and "deprecated" not in out.stderr, out.stderr
 
