@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def _modes_table(modes: dict) -> list[str]:
     return [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
 
 
-def show_http_socket(status: dict) -> bool:
+def show_http_socket(status: Mapping[str, Any]) -> bool:
     """The path of the HTTP listener's unix socket, alone on stdout, so a
     shell can hand it to ``curl --unix-socket`` wherever the runtime folder
     is; False, with the reason on stderr, when the daemon has none."""

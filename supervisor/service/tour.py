@@ -5,6 +5,7 @@ sees the process boundary at work."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from supervisor.api import Supervisor
@@ -23,7 +24,7 @@ def _vram(result: dict) -> str:
     return f"{result['reclaimed_bytes'] / 2**20:.0f} MiB, complete: {result['reclaim_complete']}"
 
 
-def _status_lines(status: dict) -> list[str]:
+def _status_lines(status: Mapping[str, Any]) -> list[str]:
     """What a person asks of ``status()`` at the end of the tour: which mode
     runs where, in which process, at what cost; the rest is for programs."""
     rss = status.get("worker_rss_bytes")
