@@ -1,4 +1,4 @@
-"""The five-minute tour behind ``make run``: every step of the README's
+"""The five-minute tour behind ``make demo``: every step of the README's
 example, with the worker's pid and the time each step took, so a newcomer
 sees the process boundary at work."""
 
