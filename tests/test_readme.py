@@ -101,6 +101,7 @@ def test_the_tour_runs_and_prints_what_the_readme_shows(daemon, tmp_path):
             chat = subprocess.run([sys.executable, "-c", "\n".join(_block("Chat works on the built-in config", "```python"))],
                                   env=env, capture_output=True, text=True, timeout=2 * T)  # fmt: skip
             assert chat.returncode == 0, chat.stderr[-3000:]
+            assert chat.stdout.rstrip("\n").endswith(" 8"), f"the README says: gibberish, 8 tokens; {chat.stdout!r}"
         done = _run(command, env)
         output = (done.stdout + done.stderr).rstrip("\n").split("\n")
         assert done.returncode == code, f"{command}: exit {done.returncode}\n{done.stdout}{done.stderr}"
