@@ -10,6 +10,9 @@ TORCH_PIP_ARGS ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Ray Serve's deployment (contrib/ray, with Ray itself: a few hundred MB) only
+# for the suite, which tests it: `make install` leaves it out.
+RAY_STAMP := $(VENV)/.installed-ray
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -23,8 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[models,http,dev,ray]'
+	$(PY) -m pip install --quiet -e '.[models,http,dev]'
 	touch $(STAMP)
+
+$(RAY_STAMP): $(STAMP) contrib/ray/pyproject.toml
+	$(PY) -m pip install --quiet -e ./contrib/ray
+	touch $(RAY_STAMP)
 
 run: install
 	$(VENV)/bin/gpuvisor serve
@@ -32,7 +39,7 @@ run: install
 demo: install
 	$(VENV)/bin/gpuvisor demo
 
-test: install
+test: install $(RAY_STAMP)
 	$(PY) -m pytest
 
 bench: install

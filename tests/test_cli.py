@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grp
 import importlib.metadata
+import itertools
 import json
 import os
 import re
@@ -69,6 +70,10 @@ def test_shared_options_work_before_and_after_the_command(served, short_dir):
         assert out.returncode == 0, (args, out.stderr)
         reply = json.loads(out.stdout)
         assert reply["ok"] is True and reply["value"]["daemon_pid"] == daemon.proc.pid, args
+        assert reply["value"]["http"] == [], "no [http]: no listener"
+    no_http = gpuvisor("status", "--http-socket", "--endpoint", endpoint)
+    assert no_http.returncode == 1 and no_http.stdout == "", no_http
+    assert no_http.stderr == "gpuvisor: the daemon's HTTP listener has no unix socket: it serves no HTTP ([http])\n"
     out = gpuvisor("submit", "echo", '{"x": 1}', "--mode", "diag", "--endpoint", endpoint, "--daemon-timeout", "5")
     assert out.returncode == 0 and json.loads(out.stdout) == {"x": 1}, out.stderr
     # A client reads the endpoint from --config, given after the command too.
@@ -157,7 +162,9 @@ def test_a_socket_this_user_may_not_reach_is_exit_3_with_the_reason(short_dir):
 def test_human_output_arrays_status_and_streams(served, short_dir):
     endpoint = f"ipc://{short_dir}/g.sock"
     config = short_dir / "g.toml"
-    config.write_text(config_text(CLI_MODES))
+    port = free_port()
+    config.write_text(config_text(CLI_MODES) + f'[http]\nlisten = ["unix:http.sock", "127.0.0.1:{port}"]\n'
+                      "allow_unauthenticated_tcp = true\n")  # fmt: skip
     daemon = served("serve", "--config", str(config), "--endpoint", endpoint)
     assert daemon.ready(), daemon.output()
     ep = ["--endpoint", endpoint]
@@ -191,6 +198,15 @@ def test_human_output_arrays_status_and_streams(served, short_dir):
     assert fields["modes"] == "cli, diag"
     assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", fields["worker_rss_bytes"]), fields["worker_rss_bytes"]
     assert fields["reclaiming"] == "no" and fields["last_error"] == "-"
+    # Where HTTP listens, and the unix socket's path alone for curl.
+    assert fields["http"] == f"unix:{short_dir}/http.sock, http://127.0.0.1:{port}"
+    path = gpuvisor("status", "--http-socket", *ep)
+    assert path.returncode == 0 and path.stdout == f"{short_dir}/http.sock\n", path
+    # A list of maps (a status per device) as blocks under their key, each opened by "- ".
+    devices = lines[lines.index("devices:") + 1 :]
+    assert devices[0].startswith("  - name:") and devices[0].split()[-1] == "cpu", status.stdout
+    block = list(itertools.takewhile(lambda line: line.startswith("    "), devices[1:]))
+    assert "    mode:" in "\n".join(block) and block[0].index(block[0].split()[1]) == devices[0].index("cpu"), block
 
 
 def test_the_configs_job_timeout_is_a_ceiling_a_client_cannot_lift(served, short_dir):
@@ -212,6 +228,9 @@ def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
     out = gpuvisor("demo", env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=4 * T)
     assert out.returncode == 0, out.stderr
     assert "switch_mode('embed')" in out.stdout and "streamed tokens" in out.stdout
+    assert "submit('chat'" in out.stdout, "chat works on the built-in config"
+    assert "status(): running, mode 'diag' in worker pid" in out.stdout
+    assert "{'state'" not in out.stdout, "the status in words, not the whole dict"
     assert " INFO " not in out.stdout + out.stderr
     assert "Warning" not in out.stderr and "deprecated" not in out.stderr, out.stderr
 

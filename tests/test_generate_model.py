@@ -98,7 +98,11 @@ report["chat_rendered"] = drain(
     templated["generate"], {"prompt": "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>", "max_new_tokens": 6}
 )
 report["chat_default_length"] = drain(templated["chat"], {"messages": messages, "stop_at_eos": False})
-report["chat_without_template"] = drain(tiny["chat"], {"messages": messages})
+report["tiny_chat"] = drain(tiny["chat"], {"messages": messages, "max_new_tokens": 6})
+report["tiny_chat_rendered"] = drain(
+    gen, {"prompt": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+          "max_new_tokens": 6}
+)
 report["chat_bad"] = {
     "no_messages": drain(templated["chat"], {"max_new_tokens": 2}),
     "empty": drain(templated["chat"], {"messages": []}),
@@ -169,6 +173,7 @@ saved = mode.load(model_path=folder, device="cpu", max_new_tokens_limit=16)
 report["folder_info"] = saved["info"]({})
 report["folder_greedy"] = drain(saved["generate"], {**greedy, "max_new_tokens": 16})
 report["folder_over_limit"] = drain(saved["generate"], {"prompt": "hi", "max_new_tokens": 17})
+report["chat_without_template"] = drain(saved["chat"], {"messages": messages})
 
 bf16 = mode.load(device="cpu", dtype="bfloat16")
 report["bf16_info"] = bf16["info"](None)
@@ -222,7 +227,7 @@ def test_generate_is_a_generator_handler_and_info_describes_the_tiny_model(seen)
         "parameters": info["parameters"],
         "vocab_size": 257,
         "max_positions": 1024,
-        "chat_template": False,
+        "chat_template": True,
         "max_stops": 4,
         "max_stop_chars": 256,
     }
@@ -409,7 +414,18 @@ def test_chat_renders_the_messages_with_the_template_then_generates(seen):
     assert len(tokens(seen["chat_default_length"])) == 512
 
 
+def test_the_tiny_model_chats_through_its_chatml_like_template(seen):
+    """Out of the box, chat works on the built-in model: the messages
+    rendered as ChatML's layout, then generated like that prompt."""
+    chat, rendered = seen["tiny_chat"], seen["tiny_chat_rendered"]
+    assert tokens(chat) == tokens(rendered) and len(tokens(chat)) == 6
+    assert chat["result"]["prompt_tokens"] == rendered["result"]["prompt_tokens"]
+
+
 def test_chat_without_a_template_is_refused_before_any_chunk(seen):
+    """A real model's folder whose tokenizer has no template: its format is
+    never guessed."""
+    assert seen["folder_info"]["chat_template"] is False
     run = seen["chat_without_template"]
     assert run["chunks"] == []
     kind, message = run["error"]

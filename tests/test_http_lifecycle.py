@@ -180,8 +180,15 @@ def test_a_job_past_its_timeout_is_a_504(daemon, tmp_path):
 
 @pytest.mark.slow
 def test_chat_with_a_model_that_has_no_chat_template_is_a_400(daemon, tmp_path):
+    """A model folder whose tokenizer has none (the tiny model, saved
+    without the template the built-in config gives it)."""
+    folder = tmp_path / "no-template"
+    save = "import sys\nfrom worker.modes.generate import build_tiny\nfor part in build_tiny(): part.save_pretrained(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", save, str(folder)], env={**os.environ, "PYTHONPATH": repo_pythonpath()},
+                   capture_output=True, timeout=T, check=True)  # fmt: skip
     models = {"tiny": {"mode": "generate", "chat": "chat", "completions": "generate"}}
-    d = daemon(config_text=http_config({"generate": "worker.modes.generate:load"}, models,
+    generate = {"loader": "worker.modes.generate:load", "args": {"model_path": str(folder)}}
+    d = daemon(config_text=http_config({"generate": generate}, models,
                                        supervisor={"default_mode": "generate", "warm_standby": False}))  # fmt: skip
     client = sdk(unix=http_socket(d))
     for stream in (False, True):

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,57 @@ def supervisord_wheel(tmp_path_factory) -> Path:
     return wheels[0]
 
 
+def source_copy(tmp_path: Path) -> Path:
+    """What the distributions are built from, copied: a build writes its
+    build/ and egg-info folders beside the sources, never into the checkout."""
+    source = tmp_path / "source"
+    for name in ("gpuvisor", "protocol", "supervisor", "worker", "contrib/ray"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    return source
+
+
+def wheel_of(folder: Path, out: Path) -> tuple[set[str], str]:
+    """The files of the wheel pip builds from ``folder``, and its METADATA."""
+    built = pip("wheel", "--no-deps", *BUILD_HERE, "-w", str(out), str(folder))
+    assert built.returncode == 0, built.stderr
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        (metadata,) = (name for name in names if name.endswith(".dist-info/METADATA"))
+        return names, z.read(metadata).decode()
+
+
+def test_the_wheels_carry_the_license_and_the_urls_and_only_the_ray_one_has_gpuvisor_ray(tmp_path):
+    """gpuvisor's own wheel installs no Ray code (it would fail to import
+    without Ray); gpuvisor-ray, built from contrib/ray, carries it and needs
+    Ray Serve and gpuvisor."""
+    source = source_copy(tmp_path)
+    names, metadata = wheel_of(source, tmp_path / "core")
+    assert not [name for name in names if name.startswith("gpuvisor_ray")], sorted(names)
+    assert {"supervisor/default.toml", "worker/modes/generate.py", "gpuvisor-0.1.0.dist-info/licenses/LICENSE"} <= names
+    lines = metadata.splitlines()
+    assert "License-Expression: MIT" in lines and "License-File: LICENSE" in lines
+    for url in ("Homepage, https://github.com/gpuvisor/gpuvisor",
+                "Documentation, https://github.com/gpuvisor/gpuvisor/tree/main/docs",
+                "Source, https://github.com/gpuvisor/gpuvisor", "Issues, https://github.com/gpuvisor/gpuvisor/issues"):  # fmt: skip
+        assert f"Project-URL: {url}" in lines, metadata[:2000]
+    assert "Description-Content-Type: text/markdown" in lines and "# gpuvisor" in metadata
+    assert not [line for line in lines if "ray" in line.lower() and line.startswith(("Requires-Dist", "Provides"))]
+
+    names, metadata = wheel_of(source / "contrib" / "ray", tmp_path / "ray")
+    assert {
+        "gpuvisor_ray/__init__.py",
+        "gpuvisor_ray/py.typed",
+        "gpuvisor_ray-0.1.0.dist-info/licenses/LICENSE",
+    } <= names
+    assert not [name for name in names if name.startswith(("supervisor/", "worker/"))]
+    lines = metadata.splitlines()
+    assert "Name: gpuvisor-ray" in lines and "Requires-Dist: gpuvisor" in lines
+    assert "Requires-Dist: ray[serve]>=2.9" in lines and "License-Expression: MIT" in lines
+
+
 def test_a_sound_checkout_starts(tmp_path):
     done = run([sys.executable, "-m", "gpuvisor", "--version"], [ROOT], tmp_path)
     assert done.returncode == 0 and done.stdout.startswith("gpuvisor "), done.stderr
@@ -79,11 +131,7 @@ def test_supervisord_installed_over_a_real_install_of_gpuvisor_is_named_with_the
     supervisor/__init__.py: the console script still imports, but what it
     imports is no longer ours. The install is this checkout, built and
     installed (not editable) under a prefix of its own."""
-    source = tmp_path / "source"
-    for name in ("gpuvisor", "protocol", "supervisor", "worker", "contrib/ray/gpuvisor_ray"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
+    source = source_copy(tmp_path)
     prefix = tmp_path / "prefix"
     # -I: without it, pip installing under a prefix uninstalls the gpuvisor of the environment it runs in.
     built = pip("install", "--no-deps", "-I", *BUILD_HERE, "--prefix", str(prefix), str(source))

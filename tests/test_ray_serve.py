@@ -1,4 +1,4 @@
-"""gpuvisor on Ray Serve (contrib/ray/, the ``gpuvisor_ray`` package), on a
+"""gpuvisor on Ray Serve (contrib/ray/, the ``gpuvisor-ray`` distribution), on a
 real local Ray with CPU replicas: two replicas of one deployment, each a
 supervisor with its own worker, driven through one Serve handle.
 
@@ -22,8 +22,11 @@ import pytest
 from supervisor import ConfigError, JobFailed, UnknownMode
 from tests.helpers import T, pid_gone, run_python, wait_until
 
-ray = pytest.importorskip("ray", reason="Ray is not installed: `make install` installs the ray extra")
-serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed: `make install` installs the ray extra")
+# `make test` installs both (pip install ./contrib/ray); `make install` leaves Ray out.
+WHY = "is not installed: `make test` installs it, or `pip install ./contrib/ray` (gpuvisor-ray, with Ray Serve)"
+ray = pytest.importorskip("ray", reason=f"Ray {WHY}")
+serve = pytest.importorskip("ray.serve", reason=f"Ray Serve {WHY}")
+pytest.importorskip("gpuvisor_ray", reason=f"gpuvisor_ray {WHY}")
 from gpuvisor_ray import GpuvisorDeployment  # noqa: E402  (after the skip: it needs ray)
 from gpuvisor_ray.deployment import read_config  # noqa: E402
 
@@ -187,4 +190,4 @@ def test_the_package_says_how_to_install_ray_when_it_is_missing():
         "import sys; sys.modules['ray'] = None\n"
         "try:\n    import gpuvisor_ray\nexcept ImportError as exc:\n    print(exc)\n"
     )
-    assert "pip install 'gpuvisor[ray]'" in run_python(code).stdout
+    assert "pip install 'ray[serve]>=2.9'" in run_python(code).stdout

@@ -1,20 +1,22 @@
 """The README as a newcomer uses it: the five-minute tour's commands run
-through the console script (and curl, for the HTTP door) against a real
-``gpuvisor serve`` on its default endpoint, each output checked line by line against the README
-(``…`` stands for what differs from run to run), and the first Python
-example run as it is written."""
+in a shell, through the console script (and curl, for the HTTP door)
+against a real ``gpuvisor serve`` on its default endpoint, each output
+checked line by line against the README (``…`` stands for what differs from
+run to run), with and without ``XDG_RUNTIME_DIR``; its chat through the
+``openai`` SDK; and the first Python example run as it is written."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from supervisor.client.endpoint import unreachable
 from tests.helpers import ROOT, T
 from tests.helpers.daemon import GPUVISOR
 
@@ -23,7 +25,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _block(after: str, fence: str = "```") -> list[str]:
-    """The lines of the first fenced block after the heading ``after``."""
+    """The lines of the first fenced block after the text ``after``."""
     section = README[README.index(after) :]
     start = section.index(fence + "\n") if fence == "```" else section.index(fence)
     body = section[start:].split("\n", 1)[1]
@@ -69,27 +71,61 @@ def _matches(expected: list[str], actual: list[str]) -> str | None:
     return None
 
 
-def test_the_tour_runs_and_prints_what_the_readme_shows(daemon, tmp_path):
+def _shell(changes: dict[str, str | None]) -> dict[str, str]:
     """The user's shell: no NOTIFY_SOCKET, no PYTHONPATH, the console script
-    on PATH."""
-    changes = {"RUNTIME_DIRECTORY": None, "PYTHONPATH": None, "XDG_RUNTIME_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    env = {k: v for k, v in {**os.environ, **changes}.items() if v is not None}
+    on PATH; ``changes`` over it (None: unset)."""
+    changes = {"RUNTIME_DIRECTORY": None, "PYTHONPATH": None, "NOTIFY_SOCKET": None, "HF_HUB_OFFLINE": "1",
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **changes}  # fmt: skip
+    return {k: v for k, v in {**os.environ, **changes}.items() if v is not None}
+
+
+def _run(command: str, env: dict[str, str], as_user: list[str] | None = None) -> subprocess.CompletedProcess:
+    """A README line as the user's shell runs it: variables and ``$(...)`` expanded by bash."""
+    return subprocess.run([*(as_user or []), "bash", "-c", command], env=env, capture_output=True, text=True,
+                          timeout=2 * T)  # a model load among them  # fmt: skip
+
+
+def test_the_tour_runs_and_prints_what_the_readme_shows(daemon, tmp_path):
+    """With XDG_RUNTIME_DIR set, as in a desktop session; before the last
+    step, while the daemon still runs, the chat through the SDK."""
+    changes: dict[str, str | None] = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    env = _shell(changes)
     endpoint = f"ipc://{tmp_path}/gpuvisor/gpuvisor.sock"  # the default endpoint for this XDG_RUNTIME_DIR
-    serve = daemon(argv=[GPUVISOR, "serve"], endpoint=endpoint, env=changes, notify=False)
+    serve = daemon(argv=[GPUVISOR, "serve"], endpoint=endpoint, env=_shell(changes), notify=False)
     steps = _tour()
     assert [s[0].split()[1] for s in steps][:2] == ["switch", "submit"] and steps[-1][0] == "gpuvisor stop"
     assert any(s[0].startswith("curl ") for s in steps), "the tour shows the HTTP door too"
     for command, code, expected in steps:
-        # The one variable the tour uses, expanded as the user's shell would.
-        argv = shlex.split(command.replace("$XDG_RUNTIME_DIR", str(tmp_path)))
-        assert argv[0] in ("gpuvisor", "curl"), command
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=2 * T)  # a model load among them
-        output = (done.stdout + done.stderr).rstrip("\n").split("\n")
+        assert command.split()[0] in ("gpuvisor", "curl"), command
+        if command == "gpuvisor stop":
+            chat = subprocess.run([sys.executable, "-c", "\n".join(_block("Chat works on the built-in config", "```python"))],
+                                  env=env, capture_output=True, text=True, timeout=2 * T)  # fmt: skip
+            assert chat.returncode == 0, chat.stderr[-3000:]
+            assert chat.stdout.rstrip("\n").endswith(" 8"), f"the README says: gibberish, 8 tokens; {chat.stdout!r}"
+        done = _run(command, env)
+        # Progress lines go to stderr and the README leaves them out; an error is shown.
+        output = (done.stdout + (done.stderr if code else "")).rstrip("\n").split("\n")
         assert done.returncode == code, f"{command}: exit {done.returncode}\n{done.stdout}{done.stderr}"
         problem = _matches(expected, output)
         assert problem is None, f"{command}: {problem}\n--- printed:\n" + "\n".join(output)
     assert serve.wait() == 0  # `gpuvisor stop` returned once it had stopped
+
+
+def test_the_curl_line_works_without_xdg_runtime_dir(daemon):
+    """Where XDG_RUNTIME_DIR is not set (su, a container, cron) the daemon's
+    folder is /tmp/gpuvisor-UID, and the README's curl line finds it all the
+    same. That folder is this user's, on a machine others may test on too:
+    where a daemon of theirs already serves there, the test is skipped."""
+    endpoint = f"ipc:///tmp/gpuvisor-{os.getuid()}/gpuvisor.sock"
+    if unreachable(endpoint, 2.0) is None:
+        pytest.skip(f"a daemon of this user already serves at {endpoint}, the endpoint this test needs")
+    env = _shell({"XDG_RUNTIME_DIR": None})
+    daemon(argv=[GPUVISOR, "serve"], endpoint=endpoint, env=env, notify=False)
+    (line,) = [command for command, _, _ in _tour() if command.startswith("curl ")]
+    done = _run(line, env)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
+    answer = json.loads(done.stdout)
+    assert answer["model"] == "all-minilm-l6-v2" and len(answer["data"][0]["embedding"]) == 384, answer
 
 
 @pytest.mark.slow

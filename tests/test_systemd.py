@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from tests.helpers.daemon import GPUVISOR
 from tests.helpers.notify import NotifyReceiver
 
 UNIT = ROOT / "contrib" / "systemd" / "gpuvisor.service"
+SAMPLE = ROOT / "contrib" / "systemd" / "gpuvisor.toml"
 
 # --- sd_notify ------------------------------------------------------------
 
@@ -371,28 +373,37 @@ def test_unit_exposure_is_at_most_4(tmp_path):
     assert float(found.group(1)) <= 4.0, output
 
 
+def units_directories(base: Path) -> dict[str, str | None]:
+    """What systemd gives the unit's ExecStart under ``base``: the
+    environment (the unit's Environment= lines, no PYTHONPATH: the unit sets
+    none) and the RuntimeDirectory (``base``/run, with the unit's mode),
+    StateDirectory and CacheDirectory it names."""
+    run, state, cache = (base / name for name in ("run", "state", "cache"))
+    run.mkdir()
+    os.chmod(run, int(unit_value("RuntimeDirectoryMode"), 8))
+    for directory in (state / "gpuvisor", cache / "gpuvisor"):
+        directory.mkdir(parents=True)
+    env: dict[str, str | None] = {"XDG_RUNTIME_DIR": None, "JOURNAL_STREAM": None, "PYTHONPATH": None}
+    for key, value in unit_directives():
+        if key == "Environment":
+            name, _, setting = value.partition("=")
+            env[name] = setting.replace("%S", str(state)).replace("%C", str(cache))
+    env["RUNTIME_DIRECTORY"] = str(run)
+    env["STATE_DIRECTORY"] = str(state / "gpuvisor")
+    return env
+
+
 def test_the_units_own_exec_start_serves_and_stops_on_sigterm(daemon):
     """The ExecStart line as systemd would run it: from /, with the unit's
-    umask and Environment= lines (and no PYTHONPATH: the unit sets none), a
-    RuntimeDirectory made with the unit's mode and group, and the documented
-    group access (socket_group = the unit's Group=, here this process's
-    group)."""
+    umask and Environment= lines, a RuntimeDirectory made with the unit's
+    mode and group, and the documented group access (socket_group = the
+    unit's Group=, here this process's group)."""
     group = grp.getgrgid(os.getgid()).gr_name
     with tempfile.TemporaryDirectory(prefix="gv-unit-") as base:
-        run, state, cache = (Path(base) / name for name in ("run", "state", "cache"))
-        run.mkdir()
-        os.chmod(run, int(unit_value("RuntimeDirectoryMode"), 8))
-        for directory in (state / "gpuvisor", cache / "gpuvisor"):
-            directory.mkdir(parents=True)
+        env = units_directories(Path(base))
         config = Path(base) / "gpuvisor.toml"
         config.write_text(config_text(daemon={"socket_group": group}))
-        env: dict[str, str | None] = {"XDG_RUNTIME_DIR": None, "JOURNAL_STREAM": None, "PYTHONPATH": None}
-        for key, value in unit_directives():
-            if key == "Environment":
-                name, _, setting = value.partition("=")
-                env[name] = setting.replace("%S", str(state)).replace("%C", str(cache))
-        env["RUNTIME_DIRECTORY"] = str(run)
-        socket_file = run / "gpuvisor.sock"
+        socket_file = Path(base) / "run" / "gpuvisor.sock"
         d = daemon(argv=exec_start(str(config)), endpoint=f"ipc://{socket_file}", env=env, cwd="/",
                    umask=int(unit_value("UMask"), 8))  # fmt: skip
         st = os.stat(socket_file)
@@ -402,3 +413,31 @@ def test_the_units_own_exec_start_serves_and_stops_on_sigterm(daemon):
             assert client.submit("echo", "from the unit's line", mode="diag").result(T) == "from the unit's line"
         assert d.stop() == 0, d.output()
         assert not socket_file.exists(), "the daemon left its socket behind"
+
+
+def test_the_sample_config_mirrors_the_built_in_modes():
+    """contrib/systemd/gpuvisor.toml is what an operator starts from: the
+    modes and HTTP models a fresh install serves, and every operator setting
+    commented out (the unit's defaults)."""
+    sample = tomllib.loads(SAMPLE.read_text())
+    built_in = tomllib.loads((ROOT / "supervisor" / "default.toml").read_text())
+    assert sample["modes"] == built_in["modes"]
+    assert sample["http"] == {"models": built_in["http"]["models"]}
+    assert sample["supervisor"] == {} and sample["daemon"] == {}
+    text = SAMPLE.read_text()
+    for key in ("endpoint", "socket_group", "admin_group", "state_dir", "listen", "token_file"):
+        assert re.search(rf"(?m)^# {key} = ", text), f"{key} is not shown (commented out) in the sample"
+
+
+def test_the_units_exec_start_serves_the_sample_config(daemon):
+    """The unit's ExecStart line, its --config naming the sample as shipped:
+    it serves a job, and HTTP on the runtime directory's http.sock."""
+    with tempfile.TemporaryDirectory(prefix="gv-unit-") as base:
+        env = units_directories(Path(base))
+        run = Path(base) / "run"
+        d = daemon(argv=exec_start(str(SAMPLE)), endpoint=f"ipc://{run}/gpuvisor.sock", env=env, cwd="/",
+                   umask=int(unit_value("UMask"), 8))  # fmt: skip
+        with d.client() as client:
+            assert client.submit("echo", "from the sample", mode="diag").result(T) == "from the sample"
+            assert client.status()["http"] == [f"unix:{run}/http.sock"]
+        assert d.stop() == 0, d.output()

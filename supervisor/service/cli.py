@@ -125,7 +125,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     unload = add("unload", help="stop the worker and free its memory; the next job that needs the mode loads it again")
     unload.add_argument("--device", help="with several devices: the one to free (default: every device)")
     add("reload", help="read the configuration file again and say what changed (as SIGHUP does)")
-    add("status", help="what the daemon is doing")
+    status = add("status", help="what the daemon is doing")
+    status.add_argument("--http-socket", action="store_true",
+                        help="print only the path of the HTTP listener's unix socket (for curl --unix-socket)")  # fmt: skip
     add("modes", help="the modes the daemon serves: loader, whether loaded, tasks")
     add("metrics", help="the daemon's metrics in the Prometheus text format (for a textfile collector)")
     stop = add("stop", help="stop the daemon (after draining its queue); returns once it has stopped")
@@ -268,6 +270,8 @@ def _client_command(args: argparse.Namespace) -> int:
             return EXIT_OK
         elif args.command == "status":
             value = client.status()
+            if args.http_socket:
+                return EXIT_OK if output.show_http_socket(value) else EXIT_FAILED
         elif args.command == "modes":
             value = client.modes()
         elif args.command == "metrics":

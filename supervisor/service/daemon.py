@@ -482,6 +482,7 @@ class Daemon:
             self._reply_now(peer, request.id, value={"pong": True, "pid": os.getpid(), "version": PROTOCOL_VERSION})
         elif kind is Request.STATUS:
             status = {**sup.status(), "daemon_pid": os.getpid(), "endpoint": self.endpoint,
+                      "http": self._http.listening if self._http is not None else [],
                       "modes": sorted(sup.config.modes), "clients": self._clients_status()}  # fmt: skip
             self._reply_now(peer, request.id, value=status)
         elif kind is Request.MODES:

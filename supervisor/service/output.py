@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ def _field(key: str, value: Any) -> str:
         return f"{value:.3f}s" if key.endswith(("seconds", "_s")) else f"{value:.3f}"
     if isinstance(value, list) and all(not isinstance(x, (dict, list)) for x in value):
         return ", ".join(map(str, value)) or "-"
+    if value == {}:
+        return "-"
     if isinstance(value, (dict, list)):
         return _json(value)
     return str(value)
@@ -131,13 +134,21 @@ def _field(key: str, value: Any) -> str:
 
 def _record(value: dict, indent: str = "") -> list[str]:
     """A map as aligned ``key: value`` lines; a nested map as its own
-    block, indented under its key."""
+    block, indented under its key, and a list of maps (``devices``) as one
+    block per map, each opened by a ``-`` as in YAML: one JSON line of a
+    whole device's status is not read by anyone."""
     width = max((len(str(key)) for key in value), default=0) + 1
     lines = []
     for key, item in value.items():
         if isinstance(item, dict) and item:
             lines.append(f"{indent}{key}:")
             lines.extend(_record(item, indent + "  "))
+        elif isinstance(item, list) and item and all(isinstance(x, dict) and x for x in item):
+            lines.append(f"{indent}{key}:")
+            for entry in item:
+                block = _record(entry, indent + "    ")
+                lines.append(f"{indent}  - {block[0].lstrip()}")
+                lines.extend(block[1:])
         else:
             lines.append(f"{indent}{str(key) + ':':<{width}} {_field(str(key), item)}")
     return lines
@@ -153,6 +164,20 @@ def _modes_table(modes: dict) -> list[str]:
                      ", ".join(tasks) if tasks is not None else "(known once loaded)"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
+
+
+def show_http_socket(status: Mapping[str, Any]) -> bool:
+    """The path of the HTTP listener's unix socket, alone on stdout, so a
+    shell can hand it to ``curl --unix-socket`` wherever the runtime folder
+    is; False, with the reason on stderr, when the daemon has none."""
+    listening = status.get("http") or []
+    for address in listening:
+        if isinstance(address, str) and address.startswith("unix:"):
+            print(address.removeprefix("unix:"))
+            return True
+    why = f"it listens on {', '.join(map(str, listening))} only" if listening else "it serves no HTTP ([http])"
+    print(f"gpuvisor: the daemon's HTTP listener has no unix socket: {why}", file=sys.stderr)
+    return False
 
 
 def show(args: argparse.Namespace, value: Any) -> None:

@@ -1,10 +1,11 @@
-"""The five-minute tour behind ``make run``: every step of the README's
+"""The five-minute tour behind ``make demo``: every step of the README's
 example, with the worker's pid and the time each step took, so a newcomer
 sees the process boundary at work."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from supervisor.api import Supervisor
@@ -21,6 +22,23 @@ def _vram(result: dict) -> str:
     if result.get("reclaimed_bytes") is None:
         return "n/a, no GPU"
     return f"{result['reclaimed_bytes'] / 2**20:.0f} MiB, complete: {result['reclaim_complete']}"
+
+
+def _status_lines(status: Mapping[str, Any]) -> list[str]:
+    """What a person asks of ``status()`` at the end of the tour: which mode
+    runs where, in which process, at what cost; the rest is for programs."""
+    rss = status.get("worker_rss_bytes")
+    memory = f"{rss / 2**20:.0f} MiB RSS" if rss else "RSS unknown"
+    if status.get("worker_vram_bytes") is not None:
+        memory += f", {status['worker_vram_bytes'] / 2**20:.0f} MiB VRAM"
+    lines = [
+        f"status(): {status['state']}, mode {status['mode']!r} in worker pid {status['worker_pid']} "
+        f"on {status['device']} ({memory})",
+        f"          {status['jobs_done']} jobs done, {status['queued']} queued, {status['restarts']} restarts",
+    ]
+    if status.get("gpu_unavailable"):
+        lines.append(f"          no GPU: {status['gpu_unavailable']}")
+    return lines
 
 
 def run_tour() -> int:
@@ -72,6 +90,11 @@ def run_tour() -> int:
         print(f"            streamed tokens {tokens}, text {stream.result()['text']!r}")
         print("            (the built-in generate model is tiny, with RANDOM weights: its text is gibberish)")
         _step(
+            "submit('chat', messages=[user: 'Hi'])",
+            lambda: sup.submit("chat", {"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 8}).result(),
+            lambda r: f"{len(r['tokens'])} tokens after a {r['prompt_tokens']}-token prompt (its chat template)",
+        )
+        _step(
             "submit('echo', mode='diag')  (switches back)",
             lambda: sup.submit("echo", "back in diag", mode="diag").result(),
         )
@@ -79,7 +102,8 @@ def run_tour() -> int:
             sup.submit("fail", {"message": "on purpose"}).result()
         except Exception as exc:  # noqa: BLE001 - the tour shows the error type
             print(f"            submit('fail') raised {type(exc).__name__}: {exc}")
-        print(f"            status: {sup.status()}")
+        for line in _status_lines(sup.status()):
+            print(f"            {line}")
         print("  leaving the block: queued jobs finish, the worker gets DRAIN, exits 0, is joined")
         started = time.perf_counter()
     print(

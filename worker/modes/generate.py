@@ -14,9 +14,11 @@ second thread, and a handler must own the only thread that touches the GPU.
 With no ``model_path`` the mode builds a tiny GPT-2 with RANDOM weights and a
 byte-level tokenizer, in memory: no files, no hub, loads in well under a
 second on CPU. Its output is gibberish by design; it exists so the whole
-streaming path can be tested anywhere. Give ``model_path`` (a local folder) for
-a real model, and ``chat_template`` (Jinja text) to give a model without a
-template one, or to replace its own.
+streaming path, chat included, can be tried and tested anywhere, so it gets
+``TINY_CHAT_TEMPLATE`` (a model built here has no template of its own to
+respect). Give ``model_path`` (a local folder) for a real model, and
+``chat_template`` (Jinja text) to give a model without a template one, or to
+replace its own: a real model's format is never guessed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from typing import Any
 
 TINY_NAME = "tiny-random"
 EOS = "<|endoftext|>"
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The built-in model's chat format, ChatML's layout: each message as
+``<|im_start|>ROLE\nCONTENT<|im_end|>\n``, then ``<|im_start|>assistant\n``
+for the reply. The markers are plain text to the byte-level tokenizer; with
+random weights no format is more right than another, and this one is what
+most chat models read, so a prompt rendered here looks like a real one."""
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -380,8 +391,8 @@ def load(
     size: dict | None = None,
 ) -> dict:
     """``chat_template``: Jinja text for the ``chat`` task, instead of the
-    tokenizer's own (the built-in tiny model has none: without this its
-    ``chat`` refuses every job). ``max_stops``, ``max_stop_chars``: the most
+    tokenizer's own (the built-in tiny model's is ``TINY_CHAT_TEMPLATE``; a
+    ``model_path`` whose tokenizer has none refuses every chat job without it). ``max_stops``, ``max_stop_chars``: the most
     stop strings a job may give, and their longest length. ``size``: the
     random model's shape (see ``build_tiny``); only without ``model_path``."""
     import inspect
@@ -399,6 +410,7 @@ def load(
         raise ValueError("generate: size shapes the built-in random model; a model_path brings its own")
     if model_path is None:
         model, tokenizer = build_tiny(seed, size, target)
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
     else:
         from pathlib import Path
 
