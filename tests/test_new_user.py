@@ -66,8 +66,9 @@ def test_a_new_user_tests_checks_serves_and_calls_a_mode_of_their_own(daemon, tm
         stream = c.submit("words", {"text": "fine"}, mode="scorer", stream=True)
         assert list(stream) == [{"word": "fine", "score": 1.0}] and stream.result() == {"score": 1.0}
 
-    # 6. curl, on the HTTP socket beside the daemon's own.
-    unix = os.path.join(folder, "http.sock")
+    # 6. curl, on the HTTP socket beside the daemon's own, found as docs/modes.md finds it.
+    unix = run(GPUVISOR, *ep, "status", "--http-socket").stdout.strip()
+    assert unix == os.path.join(folder, "http.sock")
     body = {"mode": "scorer", "task": "score", "payload": {"text": "a great day"}}
     assert curl("http://localhost/v1/jobs", body, unix=unix) == (200, {"result": {"score": 4.0, "batch": 1}})
     status, text = curl("http://localhost/v1/jobs", {**body, "task": "words", "stream": True}, unix=unix)
