@@ -164,13 +164,13 @@ def test_stop_reports_the_drain_and_what_it_cancelled():
             wait_until(lambda: c.status()["in_flight"] == 1, T, "the first job to run")
             out = gpuvisor(d, "stop", "--drain-timeout", "2")
             assert out.returncode == 0, out.stderr
-            assert out.stdout.strip() == "stopped: 1 jobs finished, 2 cancelled", out
+            assert out.stdout.strip() == "stopped: 1 job finished, 2 cancelled", out
             assert out.stderr.splitlines()[0].startswith("draining: 3 jobs left"), out.stderr
             assert "draining: 2 jobs left" in out.stderr
             assert jobs[0].result(T) == {"slept": 0.5} or jobs[0].exception(T) is None
         assert d.wait() == 0
         log = d.output()
-        assert "draining: 2 jobs left" in log and "stopped: 1 jobs finished, 2 cancelled" in log
+        assert "draining: jobs left 2" in log and "stopped: jobs finished 1, cancelled 2" in log
     finally:
         d.close()
 

@@ -722,7 +722,7 @@ class Engine:
         if left == drain.left:
             return
         if drain.left != -1:
-            log.info("draining: %d jobs left (%d queued, %d running)", left, len(self.queue), in_flight)
+            log.info("draining: jobs left %d (%d queued, %d running)", left, len(self.queue), in_flight)
         drain.left = left
         shutdown = self._shutdown
         self.tell("drain", jobs_left=left, queued=len(self.queue), in_flight=in_flight,
@@ -739,7 +739,7 @@ class Engine:
         finished, cancelled = self._drain_finished(), drain.cancelled if drain is not None else 0
         seconds = time.monotonic() - drain.began if drain is not None else 0.0
         if drain is not None:
-            log.info("stopped: %d jobs finished, %d cancelled, in %.2fs", finished, cancelled, seconds)
+            log.info("stopped: jobs finished %d, cancelled %d, in %.2fs", finished, cancelled, seconds)
         self.tell("stopped", finished=finished, cancelled=cancelled, seconds=round(seconds, 3))
         for sub in self.followers:
             sub.close()

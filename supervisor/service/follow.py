@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from supervisor.service.progress import Progress, describe, waiting_for
+from supervisor.service.progress import Progress, describe, jobs, waiting_for
 
 if TYPE_CHECKING:
     from supervisor.client import Client
@@ -131,13 +131,24 @@ def job(client: Client, future: Future, mode: str | None) -> Any:
             ours = [s for s in switches.values() if mode is None or s[0].get("mode") == mode] or list(switches.values())
             if ours:
                 progress.phase(waiting_for(ours[0][0]), since=ours[0][1])
-            else:
-                status = client.status()
-                ahead = max(0, int(status.get("queued", 0)) + int(status.get("in_flight", 0)) - 1)
-                progress.phase(f"waiting: {ahead} jobs ahead for mode {mode or status.get('mode')!r}", since=began)
+            elif (ahead := _jobs_ahead(client, mode, time.monotonic() - began)) is not None:
+                progress.phase(f"waiting: {jobs(ahead[0])} ahead for mode {ahead[1]!r}", since=began)
             said = True
             _until_done(events, future, on_event)
     return future.result()
+
+
+def _jobs_ahead(client: Client, mode: str | None, age: float) -> tuple[int, str] | None:
+    """How many jobs run or wait before a job of ``mode`` sent ``age``
+    seconds ago, or None if it runs already: no job of its mode has waited
+    that long, so it is not among those waiting (the status tells how long
+    the oldest of each mode has waited, not whose it is)."""
+    status = client.status()
+    mode = mode or status.get("mode")
+    waiting = (status.get("waiting") or {}).get(mode) if mode else None
+    if not waiting or float(waiting.get("oldest_s") or 0.0) < age - 0.5:
+        return None
+    return max(0, int(status.get("queued", 0)) + int(status.get("in_flight", 0)) - 1), str(mode)
 
 
 def events(client: Client, as_json: bool) -> None:

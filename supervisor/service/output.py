@@ -11,6 +11,8 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from supervisor.service.progress import jobs
+
 if TYPE_CHECKING:
     from protocol import GpuvisorError
 
@@ -204,5 +206,5 @@ def stopped_line(value: Any) -> str:
     """``stopped: 3 jobs finished, 2 cancelled``; plain ``stopped`` when the
     daemon did not say (it went before its last event reached this client)."""
     if isinstance(value, dict) and value.get("finished") is not None:
-        return f"stopped: {value['finished']} jobs finished, {value.get('cancelled') or 0} cancelled"
+        return f"stopped: {jobs(value['finished'])} finished, {value.get('cancelled') or 0} cancelled"
     return "stopped"

@@ -19,6 +19,10 @@ _WAITING = {
 }
 
 
+def jobs(count: Any) -> str:
+    return f"{count} job{'' if count == 1 else 's'}"
+
+
 def _s(seconds: Any) -> str:
     return f"{seconds:.2f} s" if isinstance(seconds, (int, float)) else "-"
 
@@ -28,7 +32,7 @@ def _switch(e: dict) -> str:
     what += f" on {e['device']}" if e.get("device") else ""
     phase = e.get("phase")
     if phase == "queued":
-        return f"{what}: queued behind {e.get('ahead')} jobs"
+        return f"{what}: queued behind {jobs(e.get('ahead'))}"
     if phase == "stop":
         return f"{what}: stopping worker pid {e.get('pid')} (mode {e.get('previous')!r})"
     if phase == "reclaim":
@@ -55,11 +59,11 @@ def describe(e: dict) -> str:
     if kind == "worker_ended":
         return f"worker pid {e.get('pid')} (mode {e.get('mode')!r}) on {e.get('device')} ended: {e.get('why')}"
     if kind == "drain":
-        return f"draining: {e.get('jobs_left')} jobs left ({e.get('queued')} queued, {e.get('in_flight')} running)"
+        return f"draining: {jobs(e.get('jobs_left'))} left ({e.get('queued')} queued, {e.get('in_flight')} running)"
     if kind == "stopped":
-        return f"stopped: {e.get('finished')} jobs finished, {e.get('cancelled')} cancelled"
+        return f"stopped: {jobs(e.get('finished'))} finished, {e.get('cancelled')} cancelled"
     if kind == "job_waiting":
-        return f"job {e.get('job')} ({e.get('task')!r}) waits behind a switch, {e.get('ahead')} jobs ahead"
+        return f"job {e.get('job')} ({e.get('task')!r}) waits behind a switch, {jobs(e.get('ahead'))} ahead"
     if kind == "following":
         return f"following: {e.get('state')}, {e.get('queued')} queued, {e.get('in_flight')} running"
     if kind == "dropped":
@@ -92,6 +96,8 @@ class Progress:
         """A new line; the one before it is over. ``since``: when what it
         says began (monotonic), if before now."""
         now = time.monotonic()
+        if self._lines and self._lines[-1][0] == text:
+            return  # the same words again (a phase told twice): the line already there goes on
         if self._lines and self._lines[-1][2] is None:
             last, began, _ = self._lines[-1]
             self._lines[-1] = (last, began, now)
