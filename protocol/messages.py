@@ -80,8 +80,7 @@ class _Optional:
 
 
 W = TypeVar("W", bound="_Message")
-_WIRE_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
-                                 "Any": _Any}  # fmt: skip
+_WIRE_TYPES: dict[str, type] = {t.__name__: t for t in (int, float, str, bool, list, dict)} | {"Any": _Any}
 
 
 def _wire(cls: type[W]) -> type[W]:
@@ -331,13 +330,18 @@ def encode_job(job_id: int, task: str, payload: Any, stream: bool = False, limit
     return pack_packed(head, "payload", payload, limit, "job message")
 
 
-def pack_packed(head: dict, key: str, packed: PackedPayload, limit: int = MAX_MESSAGE_BYTES,
-                what: str = "message") -> list:  # fmt: skip
+def pack_packed(
+    head: dict, key: str, packed: PackedPayload, limit: int = MAX_MESSAGE_BYTES, what: str = "message"
+) -> list:
     """The frames of ``head`` with ``key`` set to ``packed``'s msgpack as it
     is (not decoded, not packed again), then its array frames."""
     pk = msgpack.Packer(use_bin_type=True, datetime=False)
-    parts = [pk.pack_map_header(len(head) + 1), *(pk.pack(k) + pk.pack(v) for k, v in head.items()),
-             pk.pack(key), bytes(packed.data)]  # fmt: skip
+    parts = [
+        pk.pack_map_header(len(head) + 1),
+        *(pk.pack(k) + pk.pack(v) for k, v in head.items()),
+        pk.pack(key),
+        bytes(packed.data),
+    ]
     frame = b"".join(parts)
     for n, buf in enumerate([frame, *packed.frames]):
         if nbytes(buf) > limit:

@@ -113,8 +113,9 @@ class _HeartbeatThread(threading.Thread):
     docstring. It ends when the main thread stops the monitor (the monitor
     socket then says MONITOR_STOPPED)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, gen: int, parent_pid: int, interval: float,
-                 monitor: zmq.Socket):  # fmt: skip
+    def __init__(
+        self, ctx: zmq.Context, endpoint: str, gen: int, parent_pid: int, interval: float, monitor: zmq.Socket
+    ):
         super().__init__(name="gpuvisor-worker-heartbeat", daemon=True)
         self._ctx, self._endpoint, self._gen = ctx, endpoint, gen
         self._parent_pid, self._interval, self._monitor = parent_pid, interval, monitor
@@ -226,7 +227,7 @@ class _Worker:
                 torch_memory(),
                 _heavy_imports(),
                 batch or None,
-            )  # fmt: skip
+            )
         )
         return True
 
@@ -282,8 +283,9 @@ class _Worker:
             return
         except Exception as exc:  # noqa: BLE001 - any handler error is the job's outcome
             if stopped:  # even if the generator's own clean-up raised on the way out
-                error = JobCancelled(f"job {msg.job} ({msg.task!r}) was stopped after chunk {seq}: its caller "
-                                     "cancelled it")  # fmt: skip
+                error = JobCancelled(
+                    f"job {msg.job} ({msg.task!r}) was stopped after chunk {seq}: its caller cancelled it"
+                )
                 self.send(Failure(msg.job, error.to_wire()))
             else:
                 self.send(Failure(msg.job, _error_map(exc, JobFailed)))
@@ -423,9 +425,23 @@ def _job_ids(frames: list) -> list[int]:
 # with every submodule the mode pulled in (``import transformers`` alone is
 # lazy: the model classes are most of the cost). Third-party only: importing
 # them touches no GPU, which a loader's own module might do at import time.
-_PRELOADABLE = frozenset({"torch", "transformers", "tokenizers", "safetensors", "huggingface_hub",
-                          "sentence_transformers", "accelerate", "diffusers", "vllm", "onnxruntime", "scipy",
-                          "sklearn", "numpy"})  # fmt: skip
+_PRELOADABLE = frozenset(
+    {
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "huggingface_hub",
+        "sentence_transformers",
+        "accelerate",
+        "diffusers",
+        "vllm",
+        "onnxruntime",
+        "scipy",
+        "sklearn",
+        "numpy",
+    }
+)
 
 
 def _heavy_imports() -> list[str]:
