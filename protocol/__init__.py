@@ -29,8 +29,6 @@ from protocol.errors import (
 )
 from protocol.messages import (
     EXIT_MEANINGS,
-    MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
     Batch,
     Chunk,
     Drain,
@@ -50,6 +48,10 @@ from protocol.messages import (
     encode,
     encode_batch,
     encode_job,
+)
+from protocol.packing import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     pack,
     pack_frames,
     unpack,

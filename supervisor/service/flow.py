@@ -50,7 +50,7 @@ from protocol import ClientCutOff
 from protocol.arrays import nbytes
 from protocol.client import encode_reply
 from protocol.frames import small
-from protocol.messages import peek
+from protocol.packing import peek
 from supervisor.service.operators import Caller
 
 log = logging.getLogger("gpuvisor")
