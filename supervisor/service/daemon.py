@@ -106,7 +106,7 @@ class Daemon:
         self._flow: FlowControl  # made in run(), with the front socket
         self._followers: Followers  # made in run(), with the flow control
         self._signals: list[int] = []
-        self._stopper: threading.Thread | None = None
+        self._stop_thread: threading.Thread | None = None
         self._bound: tuple[int, int] | None = None  # the socket file we made: (st_dev, st_ino)
         self._http: HttpFront | None = None
         self._operators = Operators()  # set in run(), with the CURVE keys
@@ -149,10 +149,10 @@ class Daemon:
             self._loop(sup, self._requests(sup), front, sig_r)
             return 0
         finally:
-            if sup is not None and self._stopper is None:
+            if sup is not None and self._stop_thread is None:
                 sup.shutdown(drain=False)  # an error got us here: never leave the worker behind
-            if self._stopper is not None:
-                self._stopper.join()
+            if self._stop_thread is not None:
+                self._stop_thread.join()
             if self._http is not None:
                 self._http.stop(grace=0.0)  # already stopped after a drain; closed at once after an error
             self._flush_at_exit()
@@ -215,8 +215,8 @@ class Daemon:
             endpoint=self.endpoint,
             http=self._http,
             connections=self._connections,
-            stopping=lambda: self._stopper is not None,
-            stop=lambda drain, timeout: self._stop(sup, drain, timeout),
+            stopping=lambda: self._stop_thread is not None,
+            stop=lambda drain, timeout: self._begin_stop(sup, drain, timeout),
             reload=lambda: self.reload(sup),
         )
 
@@ -279,8 +279,8 @@ class Daemon:
             )
             if handled >= READ_BUDGET:  # a pause from requests, not from replies or signals
                 pause_until = time.monotonic() + (time.monotonic() - turn) * (1 - DUTY) / DUTY
-            if self._stopper is not None:
-                if not self._stopper.is_alive():
+            if self._stop_thread is not None:
+                if not self._stop_thread.is_alive():
                     return
                 # A long drain asks systemd for more time, a little at a time,
                 # never past the drain budget and the worker's stop after it.
@@ -309,30 +309,31 @@ class Daemon:
     def _on_signal(self, sup: Supervisor, signum: int) -> None:
         if signum == signal.SIGHUP:
             self.reload(sup)
-        elif signum == signal.SIGINT and self._stopper is not None:
+        elif signum == signal.SIGINT and self._stop_thread is not None:
             log.warning("second SIGINT: stopping now; queued jobs are cancelled")
-            self._stop(sup, drain=False)
+            self._begin_stop(sup, drain=False)
         else:
             log.info("%s: draining, then exiting", signal.Signals(signum).name)
-            self._stop(sup, drain=True)
+            self._begin_stop(sup, drain=True)
 
-    def _stop(self, sup: Supervisor, drain: bool, timeout: float | None = None) -> None:
+    def _begin_stop(self, sup: Supervisor, drain: bool, timeout: float | None = None) -> None:
         """A drain is bounded by ``[daemon] drain_timeout`` (and by ``timeout``,
         a stop request's own): what has not run by then is cancelled with
         ``JobCancelled`` and the worker is stopped."""
         budget = min(self.config.daemon.drain_timeout, timeout or float("inf"))
-        if self._stopper is None:
+        if self._stop_thread is None:
             self.notifier.stopping()
             if self._http is not None:
                 self._http.drain()
             self._stop_began = time.monotonic()
-            self._stopper = threading.Thread(target=self._shutdown, args=(sup, drain, budget), name="gpuvisor-stop")
-            self._stopper.start()
+            args = (sup, drain, budget)
+            self._stop_thread = threading.Thread(target=self._stop_supervisor_and_http, args=args, name="gpuvisor-stop")
+            self._stop_thread.start()
         else:  # a second, tighter word: the tightest bound wins (shutdown() calls may overlap)
-            args = (drain, budget if drain else None)
-            threading.Thread(target=sup.shutdown, args=args, name="gpuvisor-stop-now", daemon=True).start()
+            tighter = (drain, budget if drain else None)
+            threading.Thread(target=sup.shutdown, args=tighter, name="gpuvisor-stop-now", daemon=True).start()
 
-    def _shutdown(self, sup: Supervisor, drain: bool, budget: float) -> None:
+    def _stop_supervisor_and_http(self, sup: Supervisor, drain: bool, budget: float) -> None:
         try:
             sup.shutdown(drain=drain, timeout=budget if drain else None)
         finally:
