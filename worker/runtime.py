@@ -74,9 +74,8 @@ from protocol.messages import Cancel
 from protocol.packing import peek
 from worker.batching import batch_limits
 from worker.heartbeat import SEND_TIMEOUT_MS, HeartbeatThread, log_line, send_or_exit
-from worker.loader import Handler, failure_text, load_mode
+from worker.loader import Handler, failure_text, heavy_imports, load_mode
 from worker.memory import is_out_of_memory, torch_memory
-from worker.standby import heavy_imports
 
 _LINGER_MS = 5000
 LOAD_FAILED_EXIT_CODE = WorkerExit.LOAD_FAILED

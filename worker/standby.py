@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -128,32 +127,3 @@ class Importer(threading.Thread):
         self.join()
         restore_normal_policy()
         return True
-
-
-# Libraries slow enough to import that a warm standby should have them ready,
-# with every submodule the mode pulled in (``import transformers`` alone is
-# lazy: the model classes are most of the cost). Third-party only: importing
-# them touches no GPU, which a loader's own module might do at import time.
-PRELOADABLE = frozenset(
-    {
-        "torch",
-        "transformers",
-        "tokenizers",
-        "safetensors",
-        "huggingface_hub",
-        "sentence_transformers",
-        "accelerate",
-        "diffusers",
-        "vllm",
-        "onnxruntime",
-        "scipy",
-        "sklearn",
-        "numpy",
-    }
-)
-
-
-def heavy_imports() -> list[str]:
-    """The heavy modules this worker imported, told in READY: in import
-    order (sys.modules keeps it), so a standby can repeat it."""
-    return [name for name in list(sys.modules) if name.partition(".")[0] in PRELOADABLE]
