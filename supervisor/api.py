@@ -37,6 +37,7 @@ from supervisor.status import Status, SwitchResult
 from supervisor.surface import AsyncSupervisorAPI, ChunkSink, SupervisorAPI
 
 T = TypeVar("T")
+
 # Engines still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
 _LIVE_ENGINES: set[Engine] = set()

@@ -91,10 +91,9 @@ def submit(
     """``sup.submit_for`` the request's client (its token, else its
     connection: its share of the queue), with what it raises at once (a
     payload msgpack cannot carry) as the HTTP answer it maps to."""
-    client = client_of(request.scope)
     try:
         return sup.submit_for(
-            client,
+            client_of(request.scope),
             task,
             payload,
             mode=terms.mode,
