@@ -25,6 +25,7 @@ from protocol.errors import (
     UnknownMode,
     UnknownTask,
     WorkerCrashed,
+    WrongDevice,
     error_from_wire,
 )
 from protocol.messages import (
@@ -99,6 +100,7 @@ __all__ = [
     "UnknownTask",
     "WorkerCrashed",
     "WorkerExit",
+    "WrongDevice",
     "decode_from_worker",
     "decode_to_worker",
     "encode",

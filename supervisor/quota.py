@@ -12,8 +12,8 @@ count against the whole queue only.
 
 A job takes its share when it is submitted, in the caller's thread, and
 gives it back exactly once when it ends (the Future's ``hold_slot``), so
-``QueueFull`` is raised by ``submit()`` itself and the counts are exact
-whatever way a job ends. One lock guards a few additions.
+a job over a bound never reaches the queue (its Future fails with
+``QueueFull`` at once) and the counts are exact whatever way a job ends. One lock guards a few additions.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class Requests:
             return
         try:
             self._carry_out(peer, request)
-        except (GpuvisorError, TypeError, ValueError) as exc:  # raised by the API at once (QueueFull, ...)
+        except (GpuvisorError, TypeError, ValueError) as exc:  # raised by the API at once (bad arguments, Forbidden)
             error = exc if isinstance(exc, GpuvisorError) else BadRequest(str(exc), request.id)
             self._reply_now(peer, request.id, error=error)
 
