@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from typing import TYPE_CHECKING
 
 from protocol import GpuvisorError, ModeLoadError, WorkerCrashed
 from supervisor.engine.commands import QueuedJob
 from supervisor.engine.deadlines import Deadline
-from supervisor.engine.process import describe_exit, signal_group
+from supervisor.engine.process import describe_exit
 from supervisor.engine.switching import Gone, SwitchPhase
 from supervisor.engine.worker_handle import STARTING, Ending, WorkerHandle, WorkerState
 
@@ -56,13 +55,13 @@ def _end(slot: Slot, ending: Ending, sig: signal.Signals | None) -> None:
     if w.state is WorkerState.EXITED:
         return
     if w.state is not WorkerState.STOPPING:
-        w.ending, w.used_before, w.stopping_since = ending, slot.device_used(), time.monotonic()
+        w.ending, w.used_before, w.stopping_since = ending, slot.device_used(), slot.clock()
         w.transition(WorkerState.STOPPING)
     elif sig is signal.SIGKILL and w.ending is not None and w.ending.job_error is None:
         w.ending = ending  # a stop turned into a kill: the new reason is the one that matters
     if sig is not None:
         w.signalled = sig
-        signal_group(w.proc, sig)
+        slot.processes.signal(w.proc, sig)
 
 
 def escalate(slot: Slot) -> None:
@@ -73,12 +72,12 @@ def escalate(slot: Slot) -> None:
         return
     if w.signalled is None:
         w.signalled = signal.SIGTERM
-        signal_group(w.proc, signal.SIGTERM)
+        slot.processes.signal(w.proc, signal.SIGTERM)
         slot.engine.deadlines.after(slot.at(Deadline.STOP), slot.config.stop_timeout)
         return
     log.warning("worker pid %d ignored SIGTERM for %.1fs; sending SIGKILL", w.pid, slot.config.stop_timeout)
     w.signalled = signal.SIGKILL
-    signal_group(w.proc, signal.SIGKILL)
+    slot.processes.signal(w.proc, signal.SIGKILL)
 
 
 def notice_exit(slot: Slot) -> None:
@@ -89,18 +88,18 @@ def notice_exit(slot: Slot) -> None:
     if w is None or w.state is WorkerState.EXITED or not w.reap():
         return
     if w.state is not WorkerState.STOPPING and w.ending is None:
-        w.used_before, w.stopping_since = slot.device_used(), time.monotonic()
+        w.used_before, w.stopping_since = slot.device_used(), slot.clock()
     w.transition(WorkerState.EXITED)
     slot.engine.deadlines.clear(slot.at(Deadline.STOP))
     if w.in_flight:
-        w.last_words_until = time.monotonic() + LAST_WORDS_MAX_S
+        w.last_words_until = slot.clock() + LAST_WORDS_MAX_S
         slot.engine.deadlines.after(slot.at(Deadline.LAST_WORDS), LAST_WORDS_QUIET_S)
 
 
 def heard_last_words(slot: Slot) -> None:
     """A message from the dead worker: wait a little longer for the rest."""
     w = slot.current()
-    quiet = min(time.monotonic() + LAST_WORDS_QUIET_S, w.last_words_until)
+    quiet = min(slot.clock() + LAST_WORDS_QUIET_S, w.last_words_until)
     slot.engine.deadlines.set(slot.at(Deadline.LAST_WORDS), quiet)
 
 

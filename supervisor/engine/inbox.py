@@ -12,7 +12,6 @@ to the new worker.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from protocol import (
@@ -50,7 +49,7 @@ def handle(slot: Slot, got: Received) -> None:
         if not w.alive:
             return
         if isinstance(got.message, Heartbeat):
-            w.last_seen = time.monotonic()
+            w.last_seen = slot.clock()
             _on_heartbeat(slot, w, got.message)
         else:
             log.warning("dropped a message on worker gen %d's heartbeat socket: only heartbeats go there", w.gen)
@@ -66,7 +65,7 @@ def handle(slot: Slot, got: Received) -> None:
     if got.message is None:
         _unreadable(slot, w, got)
         return
-    w.last_seen = time.monotonic()
+    w.last_seen = slot.clock()
     msg = got.message
     try:
         _HANDLERS[type(msg)](slot, w, msg)  # type: ignore[operator]  # each handler takes its own kind
@@ -85,7 +84,7 @@ def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
     job = w.in_flight[0] if w.in_flight else None
     problem = got.error.message if got.error is not None else "unreadable"
     if job is not None and got.kind in _OUTCOMES and got.job == job.id:
-        w.last_seen = time.monotonic()
+        w.last_seen = slot.clock()
         log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id,
                   problem)  # fmt: skip
         error = ProtocolError(f"the worker's {got.kind} for job {job.id} ({job.task!r}) cannot be read: {problem}")
@@ -104,7 +103,7 @@ def _on_hello(slot: Slot, w: WorkerHandle, msg: Hello) -> None:
     if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
         log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
         return
-    w.hello_at = time.monotonic()
+    w.hello_at = slot.clock()
     work.send_load(slot, w)
 
 

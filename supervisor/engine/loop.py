@@ -38,7 +38,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -54,7 +54,7 @@ from supervisor.engine.commands import CancelJob, Command, Follow, QueuedJob, Qu
 from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import choose_devices
 from supervisor.engine.link import WorkerLink
-from supervisor.engine.process import stop_and_reap
+from supervisor.engine.process import Processes
 from supervisor.engine.queue import JobQueue
 from supervisor.engine.slot import Slot
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
@@ -71,8 +71,18 @@ _NO_PIDFD_POLL_S = 0.05  # how often to look for the worker's exit where pidfd_o
 
 
 class Engine:
-    def __init__(self, config: Config):
+    """The loop and everything it owns. ``link``, ``processes`` and ``clock``
+    are the worker socket, the OS calls on worker processes and the time;
+    by default the real ones, made on the loop thread. A test passes fakes
+    and turns the loop by hand with ``open()``, ``step()`` and ``close()``
+    (``tests/helpers/fake_world.py``), as the thread does in ``_main``."""
+
+    def __init__(self, config: Config, *, link: WorkerLink | None = None, processes: Processes | None = None,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
         self.config = config
+        self.clock = clock
+        self.processes = processes or Processes()
+        self._link = link
         self.owner_pid = os.getpid()
         self.mailbox: Mailbox[Command] = Mailbox()
         self._thread = threading.Thread(target=self._main, name="gpuvisor-loop", daemon=True)
@@ -84,8 +94,8 @@ class Engine:
         # settle); read by any thread that scrapes.
         self.metrics = Metrics(lambda: self._status, lambda: (self.config.modes, self.tasks))
         # Everything below belongs to the loop thread.
-        self.queue = JobQueue(max_wait=lambda mode: self.config.max_wait_for(mode))
-        self.deadlines = Deadlines()
+        self.queue = JobQueue(max_wait=lambda mode: self.config.max_wait_for(mode), clock=clock)
+        self.deadlines = Deadlines(clock)
         # Made by the loop thread as it starts (_main), before any other use:
         # a slot per device, in the configuration's order (the first is the
         # status's top-level worker).
@@ -189,13 +199,9 @@ class Engine:
 
     # ------------------------------------------------------------ the thread
 
-    def _main(self) -> None:
-        try:
-            self.link = WorkerLink()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._boot_error = exc
-            self._ready.set()
-            return
+    def open(self) -> None:
+        """The worker link and a slot per device; raises what went wrong."""
+        self.link = self._link or WorkerLink()
         try:
             chosen = choose_devices(self.config.device_settings())
             names = [name for name, _ in chosen]
@@ -204,14 +210,34 @@ class Engine:
                     raise ValueError(f"mode {spec.name!r} names device {unknown[0]!r}; the devices are {names}")
             self.slots = [Slot(self, choice, key, name) for key, (name, choice) in enumerate(chosen)]
             self.device_names = names
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
+        except BaseException:
             for slot in self.slots:
                 slot.standby.stop()
-            self._boot_error = exc
             self.link.close()
+            raise
+        self._publish()
+
+    def close(self) -> None:
+        """The loop is over (done, or crashed): the spares reaped, a last
+        status, every outcome handed out, the followers told, the socket
+        closed, and every command still posted refused."""
+        self._end_standbys()
+        self._publish(state="stopped")
+        self._hand_out()
+        self._tell_stopped()
+        self.link.close()
+        for command in self.mailbox.close():
+            _refuse(command)
+        for waiter in self._shutdown_waiters:
+            settle(waiter, result=None)
+
+    def _main(self) -> None:
+        try:
+            self.open()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._boot_error = exc
             self._ready.set()
             return
-        self._publish()
         self._ready.set()
         try:
             self._loop()
@@ -219,15 +245,7 @@ class Engine:
             log.exception("gpuvisor loop crashed; stopping the worker and failing all work")
             self._abort(GpuvisorError("the supervisor's loop crashed; see its log"))
         finally:
-            self._end_standbys()
-            self._publish(state="stopped")
-            self._hand_out()
-            self._tell_stopped()
-            self.link.close()
-            for command in self.mailbox.close():
-                _refuse(command)
-            for waiter in self._shutdown_waiters:
-                settle(waiter, result=None)
+            self.close()
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -236,7 +254,7 @@ class Engine:
         watched: set[int] = set()
         seen: list[tuple[int | None, int | None]] = []
         slots = self.slots
-        while not self._finished():
+        while not self.finished():
             # The workers' fds change only when a worker starts or ends (or
             # closes its stderr): the poller is told then, not every turn.
             fds = [(w.pidfd, w.stderr_fd) if (w := slot.worker) is not None else (None, None) for slot in slots]
@@ -250,49 +268,55 @@ class Engine:
                 watched = wanted
             without_pidfd = any(w is not None and w.pidfd is None for w in (slot.worker for slot in slots))
             longest = _NO_PIDFD_POLL_S if without_pidfd else _IDLE_POLL_S
-            events = dict(poller.poll(math.ceil(self.deadlines.wait(longest) * 1000)))
-            # 1. news from the workers, before commands: a command must see the
-            # worker as it is now (a switch to a mode whose worker just died is not a no-op).
-            for slot in slots:
-                w = slot.worker
-                if w is not None and w.stderr_fd in events:
-                    w.pump_stderr()
-            if self.link.socket in events:
-                for got in self.link.receive(self._packed()):
-                    inbox.handle(self._sender(got.identity), got)
-            # 2. exits. Without a pidfd, look every turn.
-            for slot in slots:
-                w = slot.worker
-                if w is not None and (w.pidfd is None or w.pidfd in events):
-                    ending.notice_exit(slot)
-            # 3. commands
-            if self.mailbox.fd in events:
-                self._take_commands()
-            # 4. deadlines
-            for name in self.deadlines.due():
-                if isinstance(name, tuple):  # a slot's
-                    work.on_deadline(slots[name[1]], name[0])
-                else:
-                    self.deadlines.clear(name)
-                    log.warning("shutdown drain ran out of time; cancelling what is left")
-                    self._cancel_everything(JobCancelled("shutdown's drain timeout passed before this job ran"))
-            # 5. a worker's end
-            for slot in slots:
-                ending.conclude(slot)
-            if self._after_standbys and not any(slot.standby.stopping for slot in slots):
-                self._outcomes.extend(self._after_standbys)
-                self._after_standbys.clear()
-            # 6. the pump
-            self._pump()
-            for slot in slots:
-                slot.refresh_deadlines()
-            if self._drain is not None:
-                self._drain_progress()
-            # 7. publish, then hand out
-            self._publish()
-            self._hand_out()
+            self.step(dict(poller.poll(math.ceil(self.deadlines.wait(longest) * 1000))))
         for fd in watched:
             poller.unregister(fd)
+
+    def step(self, ready: Container | None = None) -> None:
+        """One turn of the loop. ``ready``: what the poll found readable (the
+        mailbox's fd, the worker socket, workers' pidfds and stderr); None
+        looks at everything, as a test's turn does."""
+        slots = self.slots
+        # 1. news from the workers, before commands: a command must see the
+        # worker as it is now (a switch to a mode whose worker just died is not a no-op).
+        for slot in slots:
+            w = slot.worker
+            if w is not None and w.stderr_fd is not None and (ready is None or w.stderr_fd in ready):
+                w.pump_stderr()
+        if ready is None or self.link.socket in ready:
+            for got in self.link.receive(self._packed()):
+                inbox.handle(self._sender(got.identity), got)
+        # 2. exits. Without a pidfd, look every turn.
+        for slot in slots:
+            w = slot.worker
+            if w is not None and (w.pidfd is None or ready is None or w.pidfd in ready):
+                ending.notice_exit(slot)
+        # 3. commands
+        if ready is None or self.mailbox.fd in ready:
+            self._take_commands()
+        # 4. deadlines
+        for name in self.deadlines.due():
+            if isinstance(name, tuple):  # a slot's
+                work.on_deadline(slots[name[1]], name[0])
+            else:
+                self.deadlines.clear(name)
+                log.warning("shutdown drain ran out of time; cancelling what is left")
+                self._cancel_everything(JobCancelled("shutdown's drain timeout passed before this job ran"))
+        # 5. a worker's end
+        for slot in slots:
+            ending.conclude(slot)
+        if self._after_standbys and not any(slot.standby.stopping for slot in slots):
+            self._outcomes.extend(self._after_standbys)
+            self._after_standbys.clear()
+        # 6. the pump
+        self._pump()
+        for slot in slots:
+            slot.refresh_deadlines()
+        if self._drain is not None:
+            self._drain_progress()
+        # 7. publish, then hand out
+        self._publish()
+        self._hand_out()
 
     def _packed(self) -> set[int]:
         """The jobs in flight whose answers go on as they came (a door's)."""
@@ -307,7 +331,7 @@ class Engine:
                 return slot
         return self.slots[0]
 
-    def _finished(self) -> bool:
+    def finished(self) -> bool:
         """Shut down, and nothing is left: no worker alive, nothing queued."""
         return self._shutdown is not None and all(s.idle() for s in self.slots) and not self.queue
 
@@ -317,7 +341,7 @@ class Engine:
             if command.future is not None:
                 self._accepted.add(command.future)
             if isinstance(command, QueuedJob):
-                command.future.add_done_callback(functools.partial(self._job_ended, command, time.monotonic()))
+                command.future.add_done_callback(functools.partial(self._job_ended, command, self.clock()))
         for command in commands:
             self._on_command(command)
         if len(self.queue) > self.config.max_queue:
@@ -328,7 +352,7 @@ class Engine:
     def _job_ended(self, job: QueuedJob, since: float, future: Future) -> None:
         """Counted wherever the job's Future settles: on this thread, or on a
         caller's that cancelled it while queued."""
-        self.metrics.job_ended(job.ran_in or job.mode, job.task, outcome_of(future), time.monotonic() - since)
+        self.metrics.job_ended(job.ran_in or job.mode, job.task, outcome_of(future), self.clock() - since)
 
     def _hand_out(self) -> None:
         outcomes, self._outcomes = self._outcomes, []
@@ -361,7 +385,7 @@ class Engine:
         spec = self.config.mode(mode) if mode is not None else None
         if spec is None or mode == slot.mode_ahead:
             return True
-        if slot.refused.get(spec.name, 0.0) > time.monotonic():
+        if slot.refused.get(spec.name, 0.0) > self.clock():
             return False
         holders = sum(1 for s in self.slots
                       if s is not slot and s.mode_ahead == mode and not s.breakers.broken(mode)
@@ -416,7 +440,7 @@ class Engine:
               and not self.can_serve(mode := command.mode or in_force)):  # fmt: skip
             self.decide(command.future, error=self._broken_error(mode))
         elif isinstance(command, QueuedSwitch) and (w := self._switch_is_noop(command)) is not None:
-            next(s for s in self.slots if s.worker is w).mode_since = time.monotonic()  # the caller's word: in force
+            next(s for s in self.slots if s.worker is w).mode_since = self.clock()  # the caller's word: in force
             self.decide(command.future, result=already_loaded(w.mode, w.pid))
         else:
             if isinstance(command, QueuedSwitch) or self.followers:  # a switch's wait is logged too
@@ -548,7 +572,7 @@ class Engine:
         run = self.queue.run_of(job, job.task, size, MAX_FRAMES - 1)
         due = job.queued_at + limits["max_delay_ms"] / 1000
         alone = slot.last_batch.get((w.mode, job.task), 1) == 1
-        if len(run) < size and self._shutdown is None and not alone and time.monotonic() < due:
+        if len(run) < size and self._shutdown is None and not alone and self.clock() < due:
             self.deadlines.set(key, due)
             return []
         self.deadlines.clear(key)
@@ -600,7 +624,7 @@ class Engine:
                 return True
             item.mode = slot.mode
         if not item.force and w is not None and w.state is WorkerState.READY and w.mode == item.mode:
-            slot.mode_since = time.monotonic()
+            slot.mode_since = self.clock()
             self.decide(item.future, result=already_loaded(item.mode, w.pid))
             return True
         work.begin_switch(slot, item)
@@ -615,9 +639,9 @@ class Engine:
         if self._shutdown is None:
             self._shutdown = command
             log.info("shutting down (%s)", "drain" if command.drain else "no drain")
-            self._drain = _DrainTally(sum(slot.jobs_done for slot in self.slots), time.monotonic())
+            self._drain = _DrainTally(sum(slot.jobs_done for slot in self.slots), self.clock())
         if command.drain and command.timeout is not None:  # the tightest of all the callers' bounds
-            deadline = time.monotonic() + command.timeout
+            deadline = self.clock() + command.timeout
             current = self.deadlines.get(Deadline.DRAIN)
             self.deadlines.set(Deadline.DRAIN, min(deadline, current) if current is not None else deadline)
         if not command.drain:
@@ -656,7 +680,7 @@ class Engine:
             w = slot.worker
             if w is not None:
                 try:
-                    stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
+                    self.processes.stop_and_reap(w.proc, self.config.stop_timeout, kill_now=True)
                 except BaseException:  # noqa: BLE001 - last resort
                     log.exception("could not stop worker pid %d", w.pid)
         for future in list(self._accepted):
@@ -668,7 +692,7 @@ class Engine:
         pools = [slot.standby for slot in self.slots]
         for pool in pools:
             pool.stop()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + 5.0  # real processes, waited for in real time
         while any(pool.stopping for pool in pools) and time.monotonic() < deadline:
             for pool in pools:
                 pool.reap()
@@ -727,7 +751,7 @@ class Engine:
         shutdown = self._shutdown
         self.tell("drain", jobs_left=left, queued=len(self.queue), in_flight=in_flight,
                   drain=shutdown is not None and shutdown.drain, finished=self._drain_finished(),
-                  cancelled=drain.cancelled, elapsed=round(time.monotonic() - drain.began, 3))  # fmt: skip
+                  cancelled=drain.cancelled, elapsed=round(self.clock() - drain.began, 3))  # fmt: skip
 
     def _drain_finished(self) -> int:
         drain = self._drain
@@ -737,7 +761,7 @@ class Engine:
         """The loop is over: what the stop did, then every follower's queue is closed."""
         drain = self._drain
         finished, cancelled = self._drain_finished(), drain.cancelled if drain is not None else 0
-        seconds = time.monotonic() - drain.began if drain is not None else 0.0
+        seconds = self.clock() - drain.began if drain is not None else 0.0
         if drain is not None:
             log.info("stopped: jobs finished %d, cancelled %d, in %.2fs", finished, cancelled, seconds)
         self.tell("stopped", finished=finished, cancelled=cancelled, seconds=round(seconds, 3))
@@ -748,7 +772,7 @@ class Engine:
     # ------------------------------------------------------------ status
 
     def _publish(self, state: str | None = None) -> None:
-        self.published_at = time.monotonic()  # read by Supervisor.healthy(): is the loop turning?
+        self.published_at = self.clock()  # read by Supervisor.healthy(): is the loop turning?
         slots = self.slots
         devices = [slot.describe() for slot in slots]
         broken = self._broken_modes(devices)

@@ -11,7 +11,6 @@ handles a worker's end.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -24,7 +23,7 @@ from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.devices import DeviceChoice
 from supervisor.engine.gpu import GpuMeter, process_rss
 from supervisor.engine.link import WorkerLink
-from supervisor.engine.process import spawn_worker, worker_argv
+from supervisor.engine.process import Processes, worker_argv
 from supervisor.engine.queue import JobQueue
 from supervisor.engine.standby import StandbyPool
 from supervisor.engine.switching import RECLAIM_POLL_S, Gone, Switch, SwitchPhase
@@ -43,6 +42,8 @@ class EngineView(Protocol):
     link: WorkerLink
     tasks: dict[str, list[str]]
     metrics: Metrics
+    processes: Processes
+    clock: Callable[[], float]
 
     slots: list[Slot]
     followers: list
@@ -66,6 +67,8 @@ class EngineView(Protocol):
 class Slot:
     def __init__(self, engine: EngineView, device: DeviceChoice, key: int = 0, name: str = ""):
         self.engine = engine
+        self.clock = engine.clock
+        self.processes = engine.processes
         self.key = key  # its place in the engine's list: its deadlines carry it
         self._keys = {name: (name, key) for name in Deadline}  # made once: set anew every turn
         self.name = name or device.setting  # what status, metrics and switch_mode(device=) call it
@@ -90,8 +93,10 @@ class Slot:
         self.mode_error: str | None = None  # why the mode in force is not loaded, after a failed switch
         self.switch: Switch | None = None
         self.gone: Gone | None = None  # the last worker, until its memory is verified back
-        self.breakers = Breakers(engine.config)  # a mode that keeps failing here is broken here, alone
-        self.standby = StandbyPool(engine.link.endpoint, device.env, engine.config, wanted=self.standby_wanted())
+        self.breakers = Breakers(engine.config, self.clock)  # a mode that keeps failing here is broken here, alone
+        self.standby = StandbyPool(
+            engine.link.endpoint, device.env, engine.config, wanted=self.standby_wanted(), clock=self.clock
+        )
         self.restarts = 0
         self.jobs_done = 0
         self.memory: dict[str, Any] = {}  # the worker's memory at the last heartbeat
@@ -144,7 +149,7 @@ class Slot:
     def refresh_deadlines(self) -> None:
         """The deadlines that follow from the state as it is now, set anew
         each turn: heartbeat, load, the running job, respawn, idle unload."""
-        d, w, now, config = self.engine.deadlines, self.worker, time.monotonic(), self.engine.config
+        d, w, now, config = self.engine.deadlines, self.worker, self.clock(), self.engine.config
         heartbeat = load = job = None
         if w is not None and w.state not in (WorkerState.STOPPING, WorkerState.EXITED):
             heartbeat = w.last_seen + config.heartbeat_timeout if w.state in HEARTBEATING else None
@@ -185,7 +190,7 @@ class Slot:
         of the jobs in flight (the worker runs them in order), or when its
         batch is sent (the jobs of a batch run as one call)."""
         timeout = job.timeout if job.timeout is not None else self.config.job_timeout
-        job.started, now = True, time.monotonic()
+        job.started, now = True, self.clock()
         job.deadline = now + timeout if timeout else None
         if job.give_up is not None and (not timeout or job.give_up < timeout):
             job.give_up_at = now + job.give_up
@@ -219,7 +224,7 @@ class Slot:
             if not w.in_flight[0].started:
                 self.start_clock(w.in_flight[0])
         else:
-            self.free_since = time.monotonic()
+            self.free_since = self.clock()
             if w.state is WorkerState.BUSY:
                 w.transition(WorkerState.READY)
         return job
@@ -245,7 +250,7 @@ class Slot:
             return
         why = "restart" if sw.request.force else "switch" if sw.request.future is not None else "jobs"
         told = {"phase": phase, "device": self.name, "mode": sw.mode, "previous": sw.previous, "why": why,
-                "elapsed": round(time.monotonic() - sw.started, 3)}  # fmt: skip
+                "elapsed": round(self.clock() - sw.started, 3)}  # fmt: skip
         self.engine.tell("switch", **{**told, **fields})
 
     def switch_phase(self) -> str:
@@ -257,9 +262,9 @@ class Slot:
         return "reclaim" if sw.phase is SwitchPhase.RECLAIMING else "stop"
 
     def after_stop(self, stopped_here: bool) -> None:
-        sw, gone, now = self.under_way(), self.gone, time.monotonic()
+        sw, gone, now = self.under_way(), self.gone, self.clock()
         self.gone = None  # also one that died or was unloaded earlier: its memory too
-        sw.stopped(gone, stopped_here)
+        sw.stopped(gone, stopped_here, now)
         if gone is not None and self.meter is not None and gone.baseline_used is not None:
             sw.phase, sw.waiting_for = SwitchPhase.RECLAIMING, gone
             sw.reclaim_until = now + self.config.reclaim_timeout
@@ -275,7 +280,7 @@ class Slot:
         """One NVML reading for the switch waiting on a stopped worker's
         memory; the spawn follows once it is back or ``reclaim_timeout`` has
         passed (logged: another process may have taken memory meanwhile)."""
-        sw, now = self.switch, time.monotonic()
+        sw, now = self.switch, self.clock()
         if sw is None or sw.waiting_for is None or self.meter is None:  # the switch was cancelled meanwhile
             self.engine.deadlines.clear(self.at(Deadline.RECLAIM))
             return
@@ -307,11 +312,11 @@ class Slot:
             log.info("worker gen %d is the warm standby pid %d (%d modules preloaded)", gen, proc.pid,
                      len(spare.preload))  # fmt: skip
         try:
-            proc = proc or spawn_worker(argv, self.device.env)
+            proc = proc or self.processes.start(argv, self.device.env)
         except OSError as exc:  # a worker_command that does not exist, say
             self.switch_failed(ModeLoadError(f"could not start a worker with {argv[0]!r}: {exc}"))
             return
-        self.worker = WorkerHandle(proc, gen, spec)
+        self.worker = WorkerHandle(proc, gen, spec, self.processes.pidfd(proc), self.clock)
         self.worker.baseline_used = baseline_used
         if sw.mode != self.mode:
             self.mode_served = False
@@ -333,13 +338,13 @@ class Slot:
     def switch_done(self, w: WorkerHandle) -> None:
         sw, self.switch = self.under_way(), None
         self.mode_served, self.turn_since = True, float("inf")
-        self.free_since = time.monotonic()
+        self.free_since = self.clock()
         self.breakers.of(sw.mode).served()
         log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d; stop %s, spawn %s, warm-up %s", sw.mode,
-                 time.monotonic() - sw.started, w.load_seconds or 0, w.pid, _secs(sw.stop_seconds),
+                 self.clock() - sw.started, w.load_seconds or 0, w.pid, _secs(sw.stop_seconds),
                  _secs(w.hello_at - w.started_at if w.hello_at else None), _secs(w.warmup_seconds))  # fmt: skip
         spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
-        result = sw.result(w.pid, w.load_seconds, w.warmup_seconds, spawn_seconds)
+        result = sw.result(w.pid, w.load_seconds, w.warmup_seconds, spawn_seconds, self.clock())
         self.tell_switch(sw, "ready", **result)
         self.engine.metrics.switched(sw.mode, result)
         self.engine.decide(sw.request.future, result=result)
@@ -369,7 +374,7 @@ class Slot:
                    for s in self.engine.slots)  # fmt: skip
         if held:  # another device holds the mode: its jobs go there; this device does not keep it
             self.mode = None
-            self.refused[sw.mode] = time.monotonic() + self.config.restart_window  # nor tries it again at once
+            self.refused[sw.mode] = self.clock() + self.config.restart_window  # nor tries it again at once
         else:
             self.engine.fail_before_barrier(
                 lambda job: (

@@ -58,6 +58,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 from supervisor.config import Config
 from supervisor.engine import learned
@@ -195,8 +196,10 @@ class StandbyPool:
     ``wanted``: start a spare now if there is anything to preload (the
     configured lists, or what the state directory remembers)."""
 
-    def __init__(self, endpoint: str, device_env: dict[str, str], config: Config, *, wanted: bool):
+    def __init__(self, endpoint: str, device_env: dict[str, str], config: Config, *, wanted: bool,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
         self._endpoint = endpoint
+        self._clock = clock
         self._device_env = device_env
         self.spare: Standby | None = None
         self._successor: Standby | None = None  # the next spare, started before a switch takes this one
@@ -270,7 +273,7 @@ class StandbyPool:
             self._drop(self.spare)
             self.spare, self._successor = self._successor, None
         self._wanted = bool(self.preload) and self.spare is None
-        if not self._was_busy and time.monotonic() >= self._busy_at + RESUME_AFTER_IDLE_S:
+        if not self._was_busy and self._clock() >= self._busy_at + RESUME_AFTER_IDLE_S:
             self._start()
 
     def _start(self) -> None:

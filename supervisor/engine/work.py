@@ -9,7 +9,6 @@ is handled in the loop's own phase (``ending.conclude()``).
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import CancelledError, Future
 
 from protocol import Drain, JobTimeout, Load, ModeLoadError, encode, encode_batch
@@ -42,10 +41,10 @@ def dispatch(slot: Slot, jobs: list[QueuedJob], w: WorkerHandle) -> bool:
     if w.state is WorkerState.READY:
         w.transition(WorkerState.BUSY)
     if slot.turn_since == float("inf"):
-        slot.turn_since = time.monotonic()  # the loaded mode's turn runs from its first job
+        slot.turn_since = slot.clock()  # the loaded mode's turn runs from its first job
     if len(jobs) > 1:
         slot.batched(jobs)
-    now, metrics = time.monotonic(), slot.engine.metrics
+    now, metrics = slot.clock(), slot.engine.metrics
     for job in jobs:
         job.ran_in = w.mode
         metrics.job_started(w.mode, now - job.queued_at)
@@ -153,9 +152,9 @@ def begin_switch(slot: Slot, request: QueuedSwitch) -> None:
         if problem is not None:  # the worker that serves is left as it is
             slot.refuse_switch(request, ModeLoadError(f"mode {request.mode!r}: {problem}"))
             return
-    slot.switch = Switch(request.mode, request, w.mode if w is not None else None)
+    slot.switch = Switch(request.mode, request, w.mode if w is not None else None, slot.clock())
     if request.future is not None or request.mode != slot.mode:  # a respawn or a reload puts nothing new in force
-        slot.mode_since = time.monotonic()
+        slot.mode_since = slot.clock()
     slot.idle_unloaded = None
     if w is None:
         slot.after_stop(stopped_here=False)
@@ -176,7 +175,7 @@ def load_failed(slot: Slot, error: ModeLoadError) -> None:
 
 def on_deadline(slot: Slot, name: Deadline) -> None:
     """A deadline of this slot fired (the loop's deadline phase)."""
-    d, w, now = slot.engine.deadlines, slot.worker, time.monotonic()
+    d, w, now = slot.engine.deadlines, slot.worker, slot.clock()
     if name is Deadline.RECLAIM:
         slot.poll_reclaim()
     elif name is Deadline.STOP:

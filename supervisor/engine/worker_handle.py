@@ -26,6 +26,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import GpuvisorError
@@ -184,14 +185,16 @@ class WorkerHandle:
     and the last lines of all of it are kept, because "killed by SIGSEGV" is
     only half a crash report."""
 
-    def __init__(self, proc: subprocess.Popen, gen: int, spec: ModeSpec):
+    def __init__(self, proc: subprocess.Popen, gen: int, spec: ModeSpec, pidfd: int | None,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
         self.proc = proc
+        self.clock = clock
         self.gen = gen
         self.spec = spec
         self.identity = f"g{gen}".encode()  # its main socket: everything but heartbeats
         self.heartbeat_identity = f"h{gen}".encode()  # its heartbeat socket, if it has one
         self.state = WorkerState.SPAWNED
-        self.started_at = time.monotonic()
+        self.started_at = clock()
         self.last_seen = self.started_at
         self.load_seconds: float | None = None
         self.batch: dict[str, dict[str, float]] = {}  # task -> limits, for handlers that take a batch (READY)
@@ -220,11 +223,7 @@ class WorkerHandle:
         self._dropping_since = 0.0  # ... counted from then
         self._skip_line = False  # the line under way was cut: drop the rest of it
         self._open_line = False  # what was passed on ends inside a line
-        self.pidfd: int | None = None
-        try:
-            self.pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            self.pidfd = None  # the loop falls back to polling proc.poll()
+        self.pidfd = pidfd  # None: the loop looks for its exit every 50 ms instead
 
     @property
     def pid(self) -> int:
@@ -248,7 +247,7 @@ class WorkerHandle:
             self.ended_in = self.state
         self.state = new
         if new is WorkerState.READY:
-            self.idle_since = time.monotonic()
+            self.idle_since = self.clock()
 
     def reap(self) -> bool:
         """Collect its exit status if it has exited (never blocks); True then."""
