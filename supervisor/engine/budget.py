@@ -129,11 +129,6 @@ class Breakers:
         budget = self._by_mode.get(mode) if mode is not None else None
         return budget is not None and budget.broken()
 
-    def reconfigure(self, config: Any) -> None:
-        self.config = config
-        for budget in self._by_mode.values():
-            budget.config = config
-
     def tripped(self) -> Iterator[RestartBudget]:
         """The breakers that are broken now, due for a retry or not."""
         return (b for b in self._by_mode.values() if b.failed is not None)

@@ -92,7 +92,7 @@ class Switch:
                spawn_seconds: float | None, now: float) -> SwitchResult:  # fmt: skip
         return {
             "mode": self.mode,
-            "status": "restarted" if self.request.force else "loaded",
+            "status": "restarted" if self.request.restart else "loaded",
             "previous": self.previous,
             "seconds": now - self.started,
             "load_seconds": load_seconds,

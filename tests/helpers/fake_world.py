@@ -219,7 +219,7 @@ class FakeWorld:
 
     def restart(self, mode: str | None = None, device: str | None = None) -> Future:
         future: Future = Future()
-        self.post(QueuedSwitch(mode, future, force=True, device=device))
+        self.post(QueuedSwitch(mode, future, restart=True, device=device))
         return future
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> Future:
