@@ -59,8 +59,11 @@ class RestartBudget:
             self._deaths.popleft()
         n = len(self._deaths)
         if n > self.config.max_restarts:
-            return self._trip(now, f"{n} failure{'s' if n > 1 else ''} in {self.config.restart_window:g}s "
-                                   f"(max_restarts={self.config.max_restarts}); the last: {what}")  # fmt: skip
+            return self._trip(
+                now,
+                f"{n} failure{'s' if n > 1 else ''} in {self.config.restart_window:g}s "
+                f"(max_restarts={self.config.max_restarts}); the last: {what}",
+            )
         delay = 0.0 if n <= 1 else min(self.config.restart_backoff * 2 ** (n - 2), self.config.restart_backoff_max)
         self.respawn_at = now + delay
         if delay:

@@ -94,8 +94,13 @@ class Device(DeviceSwitching):
         if w is None or self.switch is not None or w.state in (WorkerState.STOPPING, WorkerState.EXITED):
             self.parts.outcomes.add(future, result=None)
             return
-        log.info("unloading mode %r on %s (worker pid %d)%s", w.mode, self.name, w.pid,
-                 f" once its {len(w.in_flight)} job(s) in flight are done" if w.in_flight else "")  # fmt: skip
+        log.info(
+            "unloading mode %r on %s (worker pid %d)%s",
+            w.mode,
+            self.name,
+            w.pid,
+            f" once its {len(w.in_flight)} job(s) in flight are done" if w.in_flight else "",
+        )
         self.recycle = self.recycle or Recycle("unloaded by an operator")
         self.recycle.unload = True
         self.parts.outcomes.hold(worker_gone(w.gen), future, result={"device": self.name, "mode": w.mode, "pid": w.pid})
@@ -158,8 +163,9 @@ class Device(DeviceSwitching):
         if job.cancel_sent or w.state is not WorkerState.BUSY:
             return  # told already, or ending anyway
         job.cancel_sent = True
-        log.info("job %d (%r): its caller cancelled the stream; telling worker gen %d to stop it", job.id, job.task,
-                 w.gen)  # fmt: skip
+        log.info(
+            "job %d (%r): its caller cancelled the stream; telling worker gen %d to stop it", job.id, job.task, w.gen
+        )
         if not self.parts.link.send(w.identity, encode(Cancel(job.id))):
             self.kill("stopped taking messages")
 
@@ -171,11 +177,19 @@ class Device(DeviceSwitching):
         (``job_timeout``, an HTTP model's ``timeout``) kills. A stream is told
         to stop at its next chunk, as when its caller cancels it."""
         job.given_up = True
-        log.info("job %d (%r) ran past its caller's %gs timeout: given up; the worker finishes it", job.id, job.task,
-                 job.give_up or 0.0)  # fmt: skip
-        self.parts.outcomes.add(job.future, error=JobTimeout(
-            f"job {job.id} ran past its {job.give_up:g}s timeout; it was given up (its worker finishes it and its "
-            "answer is dropped: only the operator's job_timeout stops a worker)"))  # fmt: skip
+        log.info(
+            "job %d (%r) ran past its caller's %gs timeout: given up; the worker finishes it",
+            job.id,
+            job.task,
+            job.give_up or 0.0,
+        )
+        self.parts.outcomes.add(
+            job.future,
+            error=JobTimeout(
+                f"job {job.id} ran past its {job.give_up:g}s timeout; it was given up (its worker finishes it and its "
+                "answer is dropped: only the operator's job_timeout stops a worker)"
+            ),
+        )
         if job.on_chunk is not None:
             job.stopped, job.on_chunk = True, None
             self.send_cancel(job)
@@ -261,8 +275,9 @@ class Device(DeviceSwitching):
         timed = [j for j in w.running() if j.deadline is not None]
         job = min(timed, key=lambda j: j.deadline or 0.0) if timed else None
         if job is None or job.deadline is None or job.deadline > now:
-            self.parts.deadlines.set(self.key(Deadline.JOB), min((t for j in w.running() for t in j.deadlines()),
-                                                                  default=None))  # fmt: skip
+            self.parts.deadlines.set(
+                self.key(Deadline.JOB), min((t for j in w.running() for t in j.deadlines()), default=None)
+            )
             return
         limit = job.timeout or self.config.job_timeout
         self.kill(f"was killed: job {job.id} ran past its {limit:g}s timeout", JobTimeout, job.id)
@@ -291,9 +306,17 @@ class Device(DeviceSwitching):
         if parts.followers:
             on_purpose = ended_in is WorkerState.DRAINING or (ending is not None and ending.job_error is None)
             why = "drained" if ended_in is WorkerState.DRAINING else ending.why if ending is not None else None
-            parts.followers.tell("worker_ended", pid=w.pid, gen=w.gen, mode=w.mode, device=self.name, code=code,
-                                 exit=describe_exit(code), why=why or describe_exit(code, loading=ended_in in STARTING),
-                                 expected=on_purpose)  # fmt: skip
+            parts.followers.tell(
+                "worker_ended",
+                pid=w.pid,
+                gen=w.gen,
+                mode=w.mode,
+                device=self.name,
+                code=code,
+                exit=describe_exit(code),
+                why=why or describe_exit(code, loading=ended_in in STARTING),
+                expected=on_purpose,
+            )
         if ended_in is WorkerState.DRAINING:
             log.info("worker gen %d pid %d drained and %s", w.gen, w.pid, describe_exit(code))
             return
@@ -344,8 +367,9 @@ class Device(DeviceSwitching):
         self.switch_failed(ModeLoadError(f"{what}{said}", stderr_tail=tail))
 
 
-def verdict(w: WorkerHandle, job: QueuedJob, ending: Ending | None, how: str, said: str, tail: list[str],
-            broken: bool) -> GpuvisorError | None:  # fmt: skip
+def verdict(
+    w: WorkerHandle, job: QueuedJob, ending: Ending | None, how: str, said: str, tail: list[str], broken: bool
+) -> GpuvisorError | None:
     """What one job the dead worker was running gets: its error, or None to
     run again (a crash, with retries left, in a mode not broken; the retry
     is counted here)."""

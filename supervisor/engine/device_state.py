@@ -22,7 +22,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from protocol import GpuvisorError, ModeBroken, WorkerCrashed
 from supervisor.config import Config
@@ -42,9 +42,6 @@ from supervisor.engine.standby import StandbyPool
 from supervisor.engine.switching import Gone, Switch, SwitchPhase
 from supervisor.engine.worker_handle import Ending, WorkerHandle, WorkerState
 from supervisor.metrics import Metrics
-
-if TYPE_CHECKING:
-    from supervisor.engine.device import Device
 
 log = logging.getLogger("gpuvisor")
 
@@ -68,7 +65,7 @@ class Parts:
     followers: Followers
     metrics: Metrics
     tasks: dict[str, list[str]] = field(default_factory=dict)  # mode -> its tasks, as its worker said in READY
-    devices: list[Device] = field(default_factory=list)
+    devices: list[Any] = field(default_factory=list)  # each a device.Device, the layer above this module
     generation: int = 0  # the last worker generation handed out, on any device
     stopping: bool = False
 
@@ -175,8 +172,11 @@ class DeviceState:
         """What a job of ``mode`` gets while the mode is broken here."""
         budget = self.breakers.of(mode)
         retry_in = budget.retry_in()
-        return ModeBroken(f"mode {mode!r} is broken: {budget.failed}", mode=mode,
-                          retry_in=None if retry_in is None else round(retry_in, 1))  # fmt: skip
+        return ModeBroken(
+            f"mode {mode!r} is broken: {budget.failed}",
+            mode=mode,
+            retry_in=None if retry_in is None else round(retry_in, 1),
+        )
 
     def _live_worker(self) -> WorkerHandle:
         """The worker: the paths that call this run only while there is one."""
@@ -217,8 +217,14 @@ class DeviceState:
         if not followers:
             return
         why = "restart" if sw.request.restart else "switch" if sw.request.future is not None else "jobs"
-        told = {"phase": phase, "device": self.name, "mode": sw.mode, "previous": sw.previous, "why": why,
-                "elapsed": round(self.clock() - sw.started, 3)}  # fmt: skip
+        told = {
+            "phase": phase,
+            "device": self.name,
+            "mode": sw.mode,
+            "previous": sw.previous,
+            "why": why,
+            "elapsed": round(self.clock() - sw.started, 3),
+        }
         followers.tell("switch", **{**told, **fields})
 
     def switch_phase(self) -> str:
@@ -315,8 +321,12 @@ class DeviceState:
             self.standby.stop()  # the reload is answered once the spare is reaped
         w = self.worker
         if w is not None and old.mode(w.mode) != config.mode(w.mode):
-            log.warning("mode %r is loaded with its old entry on %s; the new one applies when it is next loaded "
-                        "(restart() does it now)", w.mode, self.name)  # fmt: skip
+            log.warning(
+                "mode %r is loaded with its old entry on %s; the new one applies when it is next loaded "
+                "(restart() does it now)",
+                w.mode,
+                self.name,
+            )
 
     def heard_heartbeat(self, w: WorkerHandle, torch_figures: dict | None) -> None:
         self.sample_memory(w, torch_figures)

@@ -35,8 +35,14 @@ class DeviceSwitching(DeviceState):
         same_mode = item.mode in (None, self.mode)
         target = item.mode or self.mode
         budget = self.breakers.of(target) if target is not None else None
-        if budget is not None and budget.failed is None and not item.restart and same_mode and w is None \
-                and budget.backing_off():  # fmt: skip
+        if (
+            budget is not None
+            and budget.failed is None
+            and not item.restart
+            and same_mode
+            and w is None
+            and budget.backing_off()
+        ):
             return False  # a same-mode switch is a respawn: it waits out the backoff like one
         queue.take(item)
         if budget is not None and (budget.failed is not None or item.restart or not same_mode):
@@ -99,8 +105,13 @@ class DeviceSwitching(DeviceState):
         if gone is not None and self.meter is not None and gone.baseline_used is not None:
             sw.phase, sw.waiting_for = SwitchPhase.RECLAIMING, gone
             sw.reclaim_until = now + self.config.reclaim_timeout
-            log.info("switch to mode %r on %s: waiting for the memory of worker pid %d to come back (stopped in %s)",
-                     sw.mode, self.name, gone.pid, _secs(sw.stop_seconds))  # fmt: skip
+            log.info(
+                "switch to mode %r on %s: waiting for the memory of worker pid %d to come back (stopped in %s)",
+                sw.mode,
+                self.name,
+                gone.pid,
+                _secs(sw.stop_seconds),
+            )
             self.tell_switch(sw, "reclaim", pid=gone.pid, stop_seconds=sw.stop_seconds)
             self.poll_reclaim()
             return
@@ -142,8 +153,9 @@ class DeviceSwitching(DeviceState):
         proc = spare.activate(gen, config.heartbeat_interval) if spare is not None else None
         sw.standby = proc is not None
         if proc is not None and spare is not None:
-            log.info("worker gen %d is the warm standby pid %d (%d modules preloaded)", gen, proc.pid,
-                     len(spare.preload))  # fmt: skip
+            log.info(
+                "worker gen %d is the warm standby pid %d (%d modules preloaded)", gen, proc.pid, len(spare.preload)
+            )
         try:
             proc = proc or parts.processes.start(argv, self.choice.env)
         except OSError as exc:  # a worker_command that does not exist, say
@@ -157,8 +169,9 @@ class DeviceSwitching(DeviceState):
         log.info("worker gen %d pid %d starting mode %r", gen, proc.pid, sw.mode)
         if parts.followers:
             self.tell_switch(sw, "spawn", pid=proc.pid, gen=gen, standby=sw.standby)
-            parts.followers.tell("worker_started", pid=proc.pid, gen=gen, mode=sw.mode, device=self.name,
-                                 standby=sw.standby)  # fmt: skip
+            parts.followers.tell(
+                "worker_started", pid=proc.pid, gen=gen, mode=sw.mode, device=self.name, standby=sw.standby
+            )
 
     def said_hello(self, w: WorkerHandle) -> None:
         """Its HELLO: it is up; LOAD tells it its mode."""
@@ -196,9 +209,16 @@ class DeviceSwitching(DeviceState):
         self.mode_served, self.turn_since = True, float("inf")
         self.free_since = now = self.clock()
         self.breakers.of(sw.mode).served()
-        log.info("mode %r ready in %.2fs (load %.2fs), worker pid %d; stop %s, spawn %s, warm-up %s", sw.mode,
-                 now - sw.started, w.load_seconds or 0, w.pid, _secs(sw.stop_seconds),
-                 _secs(w.hello_at - w.started_at if w.hello_at else None), _secs(w.warmup_seconds))  # fmt: skip
+        log.info(
+            "mode %r ready in %.2fs (load %.2fs), worker pid %d; stop %s, spawn %s, warm-up %s",
+            sw.mode,
+            now - sw.started,
+            w.load_seconds or 0,
+            w.pid,
+            _secs(sw.stop_seconds),
+            _secs(w.hello_at - w.started_at if w.hello_at else None),
+            _secs(w.warmup_seconds),
+        )
         spawn_seconds = w.hello_at - w.started_at if w.hello_at else None
         result = sw.result(w.pid, w.load_seconds, w.warmup_seconds, spawn_seconds, now)
         self.tell_switch(sw, "ready", **result)
@@ -253,8 +273,16 @@ class DeviceSwitching(DeviceState):
             raise RuntimeError("a refused switch names its mode")
         log.error("mode %r cannot be loaded (its worker was not stopped): %s", mode, error.message)
         why = "restart" if request.restart else "switch" if request.future is not None else "jobs"
-        self.parts.followers.tell("switch", phase="failed", device=self.name, mode=mode, previous=self.mode, why=why,
-                                  elapsed=0.0, error=error.message)  # fmt: skip
+        self.parts.followers.tell(
+            "switch",
+            phase="failed",
+            device=self.name,
+            mode=mode,
+            previous=self.mode,
+            why=why,
+            elapsed=0.0,
+            error=error.message,
+        )
         self.parts.metrics.switch_failed(mode)
         self.parts.outcomes.add(request.future, error=error)
         self._fail_queued(mode, error, unnamed_too=False)
@@ -280,7 +308,12 @@ class DeviceSwitching(DeviceState):
         fail at once. Other modes are not touched."""
         if self.breakers.of(mode).count(what):
             config, devices = self.config, self.parts.devices
-            self.parts.outcomes.extend(self.parts.queue.fail_before_barrier(
-                lambda job: self.broken_error(mode)
-                if job.mode == mode and not placement.can_serve(config, devices, mode) else None
-            ))  # fmt: skip
+            self.parts.outcomes.extend(
+                self.parts.queue.fail_before_barrier(
+                    lambda job: (
+                        self.broken_error(mode)
+                        if job.mode == mode and not placement.can_serve(config, devices, mode)
+                        else None
+                    )
+                )
+            )

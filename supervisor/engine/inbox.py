@@ -53,8 +53,9 @@ def handle(device: Device, got: Received) -> None:
             log.warning("dropped a message on worker gen %d's heartbeat socket: only heartbeats go there", w.gen)
         return
     if w is None or got.identity != w.identity:
-        log.warning("dropped a message from %r: not the current worker (generation %s)",
-                    got.identity, w.gen if w else None)  # fmt: skip
+        log.warning(
+            "dropped a message from %r: not the current worker (generation %s)", got.identity, w.gen if w else None
+        )
         return
     if w.state is WorkerState.EXITED:
         if not w.in_flight:
@@ -83,8 +84,7 @@ def _unreadable(device: Device, w: WorkerHandle, got: Received) -> None:
     problem = got.error.message if got.error is not None else "unreadable"
     if job is not None and got.kind in _OUTCOMES and got.job == job.id:
         w.last_seen = device.clock()
-        log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id,
-                  problem)  # fmt: skip
+        log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id, problem)
         error = ProtocolError(f"the worker's {got.kind} for job {job.id} ({job.task!r}) cannot be read: {problem}")
         if got.kind == Kind.CHUNK:  # the stream is broken: it ends now; the job's own outcome is still to come
             job.on_chunk, job.stream_broken = None, True

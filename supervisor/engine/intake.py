@@ -39,8 +39,11 @@ def take(parts: Parts, stopping: Stopping, command: Command, status: Mapping[str
         refuse(command)
     elif isinstance(command, Unload):
         next(d for d in devices if d.name == command.device).unload(command.future)
-    elif (isinstance(command, QueuedJob) and not queue.barrier_queued()
-          and not placement.can_serve(config, devices, mode := command.mode or in_force)):  # fmt: skip
+    elif (
+        isinstance(command, QueuedJob)
+        and not queue.barrier_queued()
+        and not placement.can_serve(config, devices, mode := command.mode or in_force)
+    ):
         parts.outcomes.add(command.future, error=_broken_error(devices, mode))
     elif isinstance(command, QueuedSwitch) and (holder := _switch_is_noop(parts, command)) is not None:
         holder.put_in_force()  # the caller's word: its next jobs want this mode
@@ -111,10 +114,15 @@ def _reload(parts: Parts, command: Reload) -> None:
 def _follow(parts: Parts, stopping: Stopping, sub: Subscription, status: Mapping[str, Any]) -> None:
     """A new follower gets what is under way first: where each device
     stands, the phase of each switch, the drain."""
-    devices = [{"name": d.name, "mode": s["mode"], "worker_pid": s["worker_pid"], "switching_to": s["switching_to"]}
-               for d, s in zip(parts.devices, status.get("devices") or [], strict=False)]  # fmt: skip
-    sub.put(event("following", state=status["state"], queued=len(parts.queue), in_flight=status["in_flight"],
-                  devices=devices))  # fmt: skip
+    devices = [
+        {"name": d.name, "mode": s["mode"], "worker_pid": s["worker_pid"], "switching_to": s["switching_to"]}
+        for d, s in zip(parts.devices, status.get("devices") or [], strict=False)
+    ]
+    sub.put(
+        event(
+            "following", state=status["state"], queued=len(parts.queue), in_flight=status["in_flight"], devices=devices
+        )
+    )
     followers = parts.followers
     followers.subscriptions.append(sub)
     others = followers.only(sub)  # the state now, to the new follower alone
@@ -132,15 +140,29 @@ def _tell_waiting(parts: Parts, command: QueuedJob | QueuedSwitch) -> None:
     switch it waits for (a follower's ``submit`` shows it)."""
     queue, devices = parts.queue, parts.devices
     ahead = len(queue) + sum(len(d.worker.in_flight) for d in devices if d.worker is not None)
-    switching = [{"device": d.name, "mode": d.switch.mode, "phase": d.switch_phase()}
-                 for d in devices if d.switch is not None]  # fmt: skip
+    switching = [
+        {"device": d.name, "mode": d.switch.mode, "phase": d.switch_phase()} for d in devices if d.switch is not None
+    ]
     if isinstance(command, QueuedSwitch):
         if ahead or switching:
             why = "restart" if command.restart else "switch"
-            log.info("%s to mode %r queued behind %d jobs%s", why, command.mode, ahead,
-                     "".join(f" and the switch to {s['mode']!r} on {s['device']}" for s in switching))  # fmt: skip
-            parts.followers.tell("switch", phase="queued", mode=command.mode, device=command.device, why=why,
-                                 ahead=ahead, switching=switching)  # fmt: skip
+            log.info(
+                "%s to mode %r queued behind %d jobs%s",
+                why,
+                command.mode,
+                ahead,
+                "".join(f" and the switch to {s['mode']!r} on {s['device']}" for s in switching),
+            )
+            parts.followers.tell(
+                "switch",
+                phase="queued",
+                mode=command.mode,
+                device=command.device,
+                why=why,
+                ahead=ahead,
+                switching=switching,
+            )
     elif switching or queue.barrier_queued():
-        parts.followers.tell("job_waiting", job=command.id, task=command.task, mode=command.mode, ahead=ahead,
-                             switching=switching)  # fmt: skip
+        parts.followers.tell(
+            "job_waiting", job=command.id, task=command.task, mode=command.mode, ahead=ahead, switching=switching
+        )

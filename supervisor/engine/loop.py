@@ -80,8 +80,14 @@ class Engine:
     and turns the loop by hand with ``open()``, ``step()`` and ``close()``
     (``tests/helpers/fake_world.py``), as the thread does in ``_main``."""
 
-    def __init__(self, config: Config, *, link: WorkerLink | None = None, processes: Processes | None = None,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self,
+        config: Config,
+        *,
+        link: WorkerLink | None = None,
+        processes: Processes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.settings = Settings(config)  # the one holder of the configuration: a reload is one assignment
         self.clock = clock
         self.processes = processes or Processes()
@@ -175,17 +181,23 @@ class Engine:
     def link(self) -> WorkerLink:
         return self.parts.link
 
-    @property
-    def devices(self) -> list[Device]:
-        return self.parts.devices
-
     # ------------------------------------------------------------ the thread
 
     def open(self) -> None:
         """The worker link and a device each; raises what went wrong."""
         link = self._link or WorkerLink()
-        self.parts = parts = Parts(self.settings, self.queue, self.deadlines, link, self.processes, self.clock,
-                                   self.outcomes, self.followers_of_events, self.metrics, self.tasks)  # fmt: skip
+        self.parts = parts = Parts(
+            self.settings,
+            self.queue,
+            self.deadlines,
+            link,
+            self.processes,
+            self.clock,
+            self.outcomes,
+            self.followers_of_events,
+            self.metrics,
+            self.tasks,
+        )
         self.stopping = Stopping(parts)
         try:
             chosen = choose_devices(self.config.device_settings())

@@ -150,8 +150,15 @@ class Move(enum.Enum):
     HAND_OVER = "hand over"  # a job for the worker as it is
 
 
-def move(device: DeviceView, item: QueuedJob | QueuedSwitch, *, target: str | None, worker_mode: str | None,
-         in_flight: int, backing_off: Callable[[str], bool]) -> Move:  # fmt: skip
+def move(
+    device: DeviceView,
+    item: QueuedJob | QueuedSwitch,
+    *,
+    target: str | None,
+    worker_mode: str | None,
+    in_flight: int,
+    backing_off: Callable[[str], bool],
+) -> Move:
     """The move for ``item`` on ``device``, whose worker (if any) holds
     ``worker_mode`` with ``in_flight`` jobs handed to it: a barrier waits
     for the device it is for (``target``), and nothing behind it runs

@@ -45,9 +45,14 @@ def _offer(parts: Parts, device: Device) -> None:
         target = None
         if isinstance(item, QueuedSwitch):  # a barrier is placed once: the device is recorded on it
             target = item.device = placement.switch_target(parts.settings.config, parts.devices, item)
-        move = placement.move(device, item, target=target, worker_mode=w.mode if w is not None else None,
-                              in_flight=len(w.in_flight) if w is not None else 0,
-                              backing_off=device.backing_off)  # fmt: skip
+        move = placement.move(
+            device,
+            item,
+            target=target,
+            worker_mode=w.mode if w is not None else None,
+            in_flight=len(w.in_flight) if w is not None else 0,
+            backing_off=device.backing_off,
+        )
         if move is Move.WAIT:
             return
         if move is Move.BEGIN_BARRIER:
@@ -59,9 +64,12 @@ def _offer(parts: Parts, device: Device) -> None:
         if move is Move.NO_MODE:
             queue.take(item)
             why = f" ({device.mode_error})" if device.mode_error else ""
-            outcomes.add(item.future, error=NoModeLoaded(
-                f"job {item.id} ({item.task!r}) names no mode and none is loaded{why}; pass mode= or call switch_mode()"
-            ))  # fmt: skip
+            outcomes.add(
+                item.future,
+                error=NoModeLoaded(
+                    f"job {item.id} ({item.task!r}) names no mode and none is loaded{why}; pass mode= or call switch_mode()"
+                ),
+            )
             continue
         if move is Move.SWITCH_FOR_JOB:
             device.begin_switch(QueuedSwitch(item.mode or device.mode, None))

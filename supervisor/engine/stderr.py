@@ -91,8 +91,9 @@ class _StderrForwarder(threading.Thread):
                 chunks, self._chunks, self._size = self._chunks, [], 0
                 dropped, self._dropped = self._dropped, 0
             if dropped:
-                chunks.insert(0, f"[gpuvisor: {dropped} bytes of worker stderr dropped: our stderr is not keeping up]\n"
-                              .encode())  # fmt: skip
+                chunks.insert(
+                    0, f"[gpuvisor: {dropped} bytes of worker stderr dropped: our stderr is not keeping up]\n".encode()
+                )
             data = memoryview(b"".join(chunks))
             try:
                 while data:
@@ -191,9 +192,12 @@ class StderrPipe:
         log.warning(
             "dropped %s bytes of the stderr of %s in %.1f s: more than the %s KiB a second "
             "(%s KiB at once) passed on from a worker; its last lines are kept for crash reports",
-            f"{self._dropped:,}", self.who, now - self._dropping_since,
-            f"{STDERR_RATE // 1024:,}", f"{STDERR_BURST // 1024:,}",
-        )  # fmt: skip
+            f"{self._dropped:,}",
+            self.who,
+            now - self._dropping_since,
+            f"{STDERR_RATE // 1024:,}",
+            f"{STDERR_BURST // 1024:,}",
+        )
         self._dropped = 0
 
     def _keep_tail(self, chunk: bytes) -> None:

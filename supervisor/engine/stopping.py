@@ -91,9 +91,16 @@ class Stopping:
             log.info("draining: jobs left %d (%d queued, %d running)", left, len(parts.queue), in_flight)
         tally.left = left
         command = self.command
-        parts.followers.tell("drain", jobs_left=left, queued=len(parts.queue), in_flight=in_flight,
-                             drain=command is not None and command.drain, finished=self.finished_jobs(),
-                             cancelled=tally.cancelled, elapsed=round(parts.clock() - tally.began, 3))  # fmt: skip
+        parts.followers.tell(
+            "drain",
+            jobs_left=left,
+            queued=len(parts.queue),
+            in_flight=in_flight,
+            drain=command is not None and command.drain,
+            finished=self.finished_jobs(),
+            cancelled=tally.cancelled,
+            elapsed=round(parts.clock() - tally.began, 3),
+        )
 
     def finished_jobs(self) -> int:
         tally = self.tally

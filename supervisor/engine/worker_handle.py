@@ -87,8 +87,14 @@ class WorkerHandle:
     """The loop's view of one worker process: its state, the jobs handed to
     it, how it is ending, its stderr (``engine.stderr``)."""
 
-    def __init__(self, proc: subprocess.Popen, gen: int, spec: ModeSpec, pidfd: int | None,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        gen: int,
+        spec: ModeSpec,
+        pidfd: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.proc = proc
         self.clock = clock
         self.gen = gen
@@ -161,8 +167,13 @@ class WorkerHandle:
 
     # ------------------------------------------------------------ its end
 
-    def end(self, ending: Ending, sig: signal.Signals | None, used: Callable[[], int | None],
-            signal_group: Callable[[Any, signal.Signals], None]) -> None:  # fmt: skip
+    def end(
+        self,
+        ending: Ending,
+        sig: signal.Signals | None,
+        used: Callable[[], int | None],
+        signal_group: Callable[[Any, signal.Signals], None],
+    ) -> None:
         """Record why it ends (the first reason, unless a stop turns into a
         kill) and send ``sig`` to its group; ``used``: the device's memory
         now, read only when it begins to end."""
