@@ -1,7 +1,7 @@
 """What each command from an API thread means: a job or a switch joins the
 queue (or is answered at once), a cancel, an unload, a reload, a new
-follower, a shutdown. Taken in the loop's command phase, after the news
-from the workers, so a command sees each worker as it is now."""
+follower, a shutdown. Taken in the loop's command phase, after what the
+workers sent, so a command sees each worker as it is now."""
 
 from __future__ import annotations
 

@@ -255,7 +255,7 @@ class JobQueue:
     # ------------------------------------------------------------ failing
 
     def drop_cancelled(self) -> None:
-        """Cancelled jobs gave their slots back at once; past ``max_queue``
+        """Cancelled jobs gave their places back at once; past ``max_queue``
         they are dropped now rather than when they surface."""
         for segment in self._segments:
             for mode, line in list(segment.modes.items()):

@@ -189,7 +189,7 @@ class Standby:
 
 
 class StandbyPool:
-    """One slot's spare (and its successor while a switch that takes it is
+    """One device's spare (and its successor while a switch that takes it is
     coming): what they preload, which modes they suit, when they may run,
     and the spares being stopped until they are reaped.
 

@@ -37,7 +37,7 @@ class SwitchPhase(enum.Enum):
 
 @dataclass
 class Gone:
-    """A slot's last worker after its end, until its memory is verified back."""
+    """A device's last worker after its end, until its memory is verified back."""
 
     pid: int
     baseline_used: int | None  # device memory used before it started

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import GpuvisorError
@@ -80,7 +80,6 @@ class Ending:
     why: str  # for the log, and the crash report when ``job_error`` is set
     job_error: type[GpuvisorError] | None = None  # what the running job gets; None: we stop it idle, on purpose
     job_id: int | None = None  # the job the cause is about (a timeout): another one running gets WorkerCrashed
-    then: list = field(default_factory=list)  # outcomes handed out once it is reaped (future, result, error)
 
 
 class WorkerHandle:
