@@ -259,7 +259,7 @@ class Supervisor(SupervisorAPI):
         check_device(device)
         future: Future = Future()
         if self._open(future, mode, device) and self._hold_place(future):
-            self._engine.post(QueuedSwitch(mode, future, force=True, device=device))
+            self._engine.post(QueuedSwitch(mode, future, restart=True, device=device))
         return future
 
     def unload(self, device: str | None = None) -> Future[dict[str, Any]]:

@@ -35,6 +35,15 @@ class Received:
     job: Any = None
 
 
+def received(identity: bytes, body: list, packed: Collection[int] = ()) -> Received:
+    """One message from the worker at ``identity``, decoded (see ``WorkerLink.receive``)."""
+    try:
+        raw = bool(packed) and peek(body, "k") in _ANSWERS and peek(body, "job") in packed
+        return Received(identity, decode_from_worker(body, packed_value=raw))
+    except ProtocolError as exc:
+        return Received(identity, None, exc, peek(body, "k"), peek(body, "job"))
+
+
 class WorkerLink:
     def __init__(self) -> None:
         self._ctx = zmq.Context()
@@ -70,12 +79,7 @@ class WorkerLink:
         jobs whose answers are forwarded as the bytes they came as (a
         RESULT's or CHUNK's value left packed), for a door's client."""
         for frames in read_all(self.socket, copied=2):  # identity and header as bytes; arrays stay in frames
-            identity, body = frames[0], frames[1:]
-            try:
-                raw = bool(packed) and peek(body, "k") in _ANSWERS and peek(body, "job") in packed
-                yield Received(identity, decode_from_worker(body, packed_value=raw))
-            except ProtocolError as exc:
-                yield Received(identity, None, exc, peek(body, "k"), peek(body, "job"))
+            yield received(frames[0], frames[1:], packed)
 
     def close(self) -> None:
         sock = getattr(self, "socket", None)

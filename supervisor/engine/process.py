@@ -78,7 +78,7 @@ def spawn_worker(
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
     supervisor decides how it stops). Its stdout goes to our stderr: a worker
     must never write into a CLI's machine-readable output. Its stderr comes
-    to the loop through a pipe (see WorkerHandle.pump_stderr). It runs in
+    to the loop through a pipe (see engine.stderr). It runs in
     ``WORKER_CWD``."""
     return subprocess.Popen(
         argv,
@@ -121,6 +121,30 @@ def stop_and_reap(proc: subprocess.Popen, grace: float, *, kill_now: bool = Fals
                 raise UnkillableWorker(f"worker pid {proc.pid} survived SIGKILL for {max(grace, 5.0):.0f}s") from None
     signal_group(proc, signal.SIGKILL)  # grandchildren left in the group
     return proc.returncode
+
+
+class Processes:
+    """The calls the engine makes on worker processes: start one, signal its
+    group, watch for its end, and (only once no loop is left) stop and reap
+    it waiting. The engine takes these as an argument so that a test can
+    step it against fake processes (``tests/helpers/fake_world.py``)."""
+
+    def start(self, argv: list[str], device_env: dict[str, str]) -> subprocess.Popen:
+        return spawn_worker(argv, device_env)
+
+    def signal(self, proc: subprocess.Popen, sig: signal.Signals) -> None:
+        signal_group(proc, sig)
+
+    def pidfd(self, proc: subprocess.Popen) -> int | None:
+        """A descriptor that becomes readable when ``proc`` ends; None where
+        ``pidfd_open`` is missing (the loop then looks every 50 ms)."""
+        try:
+            return os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            return None
+
+    def stop_and_reap(self, proc: subprocess.Popen, grace: float, *, kill_now: bool = False) -> int:
+        return stop_and_reap(proc, grace, kill_now=kill_now)
 
 
 def describe_exit(returncode: int | None, *, loading: bool = False) -> str:

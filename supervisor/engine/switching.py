@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,7 @@ class SwitchPhase(enum.Enum):
 
 @dataclass
 class Gone:
-    """A slot's last worker after its end, until its memory is verified back."""
+    """A device's last worker after its end, until its memory is verified back."""
 
     pid: int
     baseline_used: int | None  # device memory used before it started
@@ -52,7 +51,7 @@ class Switch:
     mode: str
     request: QueuedSwitch
     previous: str | None  # the mode of the worker it replaces, if any
-    started: float = field(default_factory=time.monotonic)
+    started: float  # when it began (the engine's clock)
     phase: SwitchPhase = SwitchPhase.STOPPING
     stop_seconds: float | None = None
     standby: bool = False  # the new worker was the warm standby
@@ -61,13 +60,13 @@ class Switch:
     reclaim_until: float = 0.0
     failure: GpuvisorError | None = None  # its loader raised: it fails once that worker is reaped
 
-    def stopped(self, gone: Gone | None, stopped_here: bool) -> None:
+    def stopped(self, gone: Gone | None, stopped_here: bool, now: float) -> None:
         """The old worker is reaped (or there was none). Figures are reported
         only for a worker this switch stopped: a worker that died or was
         unloaded earlier is still waited for, but readings taken hours apart
         would mean nothing."""
         if stopped_here:
-            self.stop_seconds = time.monotonic() - self.started
+            self.stop_seconds = now - self.started
         if gone is not None and stopped_here:
             self.figures = {"previous_pid": gone.pid, "previous_rss_bytes": gone.rss_bytes}
 
@@ -77,8 +76,11 @@ class Switch:
         if not reading.complete:
             log.warning(
                 "VRAM of worker pid %d not verified back in time (pid listed: %s, device used %s vs baseline %s)",
-                gone.pid, not reading.pid_gone, reading.used_after, gone.baseline_used,
-            )  # fmt: skip
+                gone.pid,
+                not reading.pid_gone,
+                reading.used_after,
+                gone.baseline_used,
+            )
         if self.figures:
             self.figures.update(reading.as_result(), reclaim_seconds=now - gone.stopping_since)  # the kill included
         self.waiting_for = None
@@ -89,13 +91,19 @@ class Switch:
         if self.figures and gone is not None:
             self.figures.update(reclaimed_bytes=None, reclaim_seconds=now - gone.stopping_since, reclaim_complete=None)
 
-    def result(self, pid: int, load_seconds: float | None, warmup_seconds: float | None,
-               spawn_seconds: float | None) -> SwitchResult:  # fmt: skip
+    def result(
+        self,
+        pid: int,
+        load_seconds: float | None,
+        warmup_seconds: float | None,
+        spawn_seconds: float | None,
+        now: float,
+    ) -> SwitchResult:
         return {
             "mode": self.mode,
-            "status": "restarted" if self.request.force else "loaded",
+            "status": "restarted" if self.request.restart else "loaded",
             "previous": self.previous,
-            "seconds": time.monotonic() - self.started,
+            "seconds": now - self.started,
             "load_seconds": load_seconds,
             "warmup_seconds": warmup_seconds,
             "stop_seconds": self.stop_seconds,
