@@ -25,6 +25,7 @@ def _shape(fn) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "protocol, classes",
     [(SupervisorAPI, (Supervisor, Client)), (AsyncSupervisorAPI, (AsyncSupervisor, AsyncClient))],
@@ -41,11 +42,13 @@ def test_each_face_is_kept_method_for_method(protocol, classes):
             assert inspect.iscoroutinefunction(kept) == inspect.iscoroutinefunction(declared), (cls, name)
 
 
+@pytest.mark.unit
 def test_the_sync_and_async_faces_take_the_same_arguments():
     for name in _methods(SupervisorAPI):
         assert _shape(getattr(SupervisorAPI, name)) == _shape(getattr(AsyncSupervisorAPI, name)), name
 
 
+@pytest.mark.process
 def test_importing_the_client_loads_nothing_of_the_engine():
     code = "import sys, supervisor.client; print(sorted(m for m in sys.modules if m.startswith('supervisor')))"
     out = run_python(code)
@@ -56,6 +59,7 @@ def test_importing_the_client_loads_nothing_of_the_engine():
     assert not {"torch", "numpy", "psutil", "pynvml", "worker"} & set(eval(out.stdout))  # noqa: S307
 
 
+@pytest.mark.process
 def test_import_supervisor_is_light_until_a_name_is_used():
     code = (
         "import sys, supervisor; before = {m for m in sys.modules if m.startswith('supervisor')}; "
