@@ -311,7 +311,7 @@ class Supervisor:
             return future
         self._check_device(device, mode)
         self._hold_place(future)
-        self._engine.post(QueuedSwitch(mode, future, force=True, device=device))
+        self._engine.post(QueuedSwitch(mode, future, restart=True, device=device))
         return future
 
     def unload(self, device: str | None = None) -> Future[dict[str, Any]]:

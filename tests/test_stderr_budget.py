@@ -15,7 +15,7 @@ import time
 import pytest
 
 from supervisor import WorkerCrashed
-from supervisor.engine.worker_handle import STDERR_BURST, STDERR_RATE, StderrBudget
+from supervisor.engine.stderr import STDERR_BURST, STDERR_RATE, StderrBudget
 from tests.helpers import T, wait_until
 from tests.helpers.config import config_text
 

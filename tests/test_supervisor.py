@@ -464,9 +464,9 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
     """Fault injection in the supervisor's own loop (a bug we do not know of
     yet): every accepted Future still ends, the worker is reaped, and later
     calls get ShuttingDown instead of hanging."""
-    from supervisor.engine import work
+    from supervisor.engine.device import Device
 
-    real = work.dispatch
+    real = Device.dispatch
     calls = {"n": 0}
 
     def exploding_dispatch(slot, job, w):
@@ -475,7 +475,7 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
             raise RuntimeError("injected bug in the loop")
         return real(slot, job, w)
 
-    monkeypatch.setattr(work, "dispatch", exploding_dispatch)
+    monkeypatch.setattr(Device, "dispatch", exploding_dispatch)
     sup = Supervisor().start()
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)

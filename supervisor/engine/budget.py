@@ -59,8 +59,11 @@ class RestartBudget:
             self._deaths.popleft()
         n = len(self._deaths)
         if n > self.config.max_restarts:
-            return self._trip(now, f"{n} failure{'s' if n > 1 else ''} in {self.config.restart_window:g}s "
-                                   f"(max_restarts={self.config.max_restarts}); the last: {what}")  # fmt: skip
+            return self._trip(
+                now,
+                f"{n} failure{'s' if n > 1 else ''} in {self.config.restart_window:g}s "
+                f"(max_restarts={self.config.max_restarts}); the last: {what}",
+            )
         delay = 0.0 if n <= 1 else min(self.config.restart_backoff * 2 ** (n - 2), self.config.restart_backoff_max)
         self.respawn_at = now + delay
         if delay:
@@ -128,11 +131,6 @@ class Breakers:
         """``mode``'s jobs fail at once on this device."""
         budget = self._by_mode.get(mode) if mode is not None else None
         return budget is not None and budget.broken()
-
-    def reconfigure(self, config: Any) -> None:
-        self.config = config
-        for budget in self._by_mode.values():
-            budget.config = config
 
     def tripped(self) -> Iterator[RestartBudget]:
         """The breakers that are broken now, due for a retry or not."""

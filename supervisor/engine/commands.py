@@ -46,9 +46,9 @@ class QueuedJob:
 
 @dataclass(eq=False)
 class QueuedSwitch:
-    mode: str | None  # None only with ``force``: restart the mode in force
+    mode: str | None  # None only with ``restart``: restart the mode in force
     future: Future | None  # None: implicit, for jobs that need its mode
-    force: bool = False  # restart(): a fresh worker even if the mode is loaded
+    restart: bool = False  # restart(): a fresh worker even if the mode is loaded
     device: str | None = None  # the device it applies to; None: the engine decides (and records it here)
 
 
@@ -76,17 +76,6 @@ class CancelJob:
 
     target: JobFuture
     future: Future | None = None
-
-
-@dataclass(eq=False)
-class Recycle:
-    """A worker to stop once the jobs handed to it are done: after an OOM
-    (``recycle_on_oom``) or at an operator's ``unload()``. The mode stays in
-    force either way. ``then``: outcomes handed out once it is gone."""
-
-    why: str
-    unload: bool = False  # an operator's word: status shows the mode as unloaded
-    then: list[tuple[Future, Any, BaseException | None]] = field(default_factory=list)
 
 
 @dataclass(eq=False)

@@ -1,9 +1,10 @@
 """The loop's deadlines, in one table: what is due now, and when the next
 one comes, are read from the same entries, so the two can never disagree.
 
-Each deadline has a name (a ``Deadline`` and, with several workers, the
-slot it belongs to); setting a name again moves it, and an action that has
-fired clears its own entry. The table holds times, not actions: the loop
+Each deadline is named by a ``Deadline`` and the part that acts on it
+when it fires (a device, or the shutdown's stop): ``(Deadline.JOB,
+device)``. Setting a name again moves it, and an action that has fired
+clears its own entry. The table holds times, not actions: the owner
 decides what each name means, so every action runs in one place.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 class Deadline(enum.StrEnum):
@@ -34,8 +36,9 @@ class Deadline(enum.StrEnum):
     __hash__ = str.__hash__
 
 
-Key = Deadline | tuple[Deadline, int]
-"""A deadline's name: the engine's own (``DRAIN``), or a slot's (the name and the slot)."""
+Key = Any
+"""A deadline's name, any hashable; in the engine ``(Deadline, owner)``, the
+owner having ``on_deadline(Deadline)``."""
 
 
 class Deadlines:

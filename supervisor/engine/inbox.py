@@ -1,12 +1,12 @@
-"""What each message from a worker means for its slot.
+"""What each message from a worker means for its device.
 
 Messages are handled in the loop's first phase, before commands and
-deadlines, so a command sees the worker as it is now. A handler changes the
-slot's state and decides outcomes; when a message shows the worker cannot
-go on (it broke the protocol), the handler kills it and the slot's end
-phase does the rest. A message from a worker that is not the slot's
-current one (an older generation) is logged and dropped, never attributed
-to the new worker.
+deadlines, so a command sees the worker as it is now. A handler reads the
+message and asks the device to act on it; when a message shows the worker
+cannot go on (it broke the protocol), the device kills it and the loop's
+end phase does the rest. A message from a worker that is not the device's
+own now (an older generation) is logged and dropped, never attributed to
+the new worker.
 """
 
 from __future__ import annotations
@@ -28,54 +28,53 @@ from protocol import (
     Result,
     error_from_wire,
 )
-from supervisor.engine import ending, work
-from supervisor.engine.commands import Recycle
 from supervisor.engine.link import Received
 from supervisor.engine.worker_handle import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
-    from supervisor.engine.slot import Slot
+    from supervisor.engine.device import Device
 
 log = logging.getLogger("gpuvisor")
 
 _OUTCOMES = (Kind.RESULT, Kind.FAILURE, Kind.CHUNK)
 
 
-def handle(slot: Slot, got: Received) -> None:
-    w = slot.worker
+def handle(device: Device, got: Received) -> None:
+    w = device.worker
     if w is not None and got.identity == w.heartbeat_identity:
         # A worker may send its heartbeats on a socket of their own (routing
         # id h<gen>), so a long handler on its main thread never delays them.
         if not w.alive:
             return
         if isinstance(got.message, Heartbeat):
-            w.last_seen = slot.clock()
-            _on_heartbeat(slot, w, got.message)
+            w.last_seen = device.clock()
+            _on_heartbeat(device, w, got.message)
         else:
             log.warning("dropped a message on worker gen %d's heartbeat socket: only heartbeats go there", w.gen)
         return
     if w is None or got.identity != w.identity:
-        log.warning("dropped a message from %r: not the current worker (generation %s)",
-                    got.identity, w.gen if w else None)  # fmt: skip
+        log.warning(
+            "dropped a message from %r: not the current worker (generation %s)", got.identity, w.gen if w else None
+        )
         return
     if w.state is WorkerState.EXITED:
         if not w.in_flight:
             return
-        ending.heard_last_words(slot)  # it died, but what it sent before still counts
+        device.heard_last_words()  # it died, but what it sent before still counts
     if got.message is None:
-        _unreadable(slot, w, got)
+        _unreadable(device, w, got)
         return
-    w.last_seen = slot.clock()
+    w.last_seen = device.clock()
     msg = got.message
     try:
-        _HANDLERS[type(msg)](slot, w, msg)  # type: ignore[operator]  # each handler takes its own kind
+        _HANDLERS[type(msg)](device, w, msg)  # type: ignore[operator]  # each handler takes its own kind
     except Exception as exc:  # noqa: BLE001 - the loop must outlive any one message
         log.exception("could not handle %s from worker gen %d", msg.kind.value, w.gen)
         if w.alive:
-            ending.kill(slot, f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
+            device.kill(f"sent a {msg.kind.value} message the supervisor could not handle ({exc})")
 
 
-def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
+def _unreadable(device: Device, w: WorkerHandle, got: Received) -> None:
     """A RESULT, FAILURE or CHUNK whose header names the running job but whose
     value cannot be read fails that job alone: the worker kept to the
     protocol otherwise and serves on. Anything else unreadable means our own
@@ -84,41 +83,32 @@ def _unreadable(slot: Slot, w: WorkerHandle, got: Received) -> None:
     job = w.in_flight[0] if w.in_flight else None
     problem = got.error.message if got.error is not None else "unreadable"
     if job is not None and got.kind in _OUTCOMES and got.job == job.id:
-        w.last_seen = slot.clock()
-        log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id,
-                  problem)  # fmt: skip
+        w.last_seen = device.clock()
+        log.error("worker gen %d sent a %s for job %d that cannot be read: %s", w.gen, got.kind, job.id, problem)
         error = ProtocolError(f"the worker's {got.kind} for job {job.id} ({job.task!r}) cannot be read: {problem}")
         if got.kind == Kind.CHUNK:  # the stream is broken: it ends now; the job's own outcome is still to come
             job.on_chunk, job.stream_broken = None, True
-            slot.engine.decide(job.future, error=error)
+            device.parts.outcomes.add(job.future, error=error)
         else:
-            _on_outcome(slot, w, Failure(job.id, error.to_wire()))
+            _on_outcome(device, w, Failure(job.id, error.to_wire()))
         return
     log.error("worker gen %d sent a malformed message: %s", w.gen, got.error)
     if w.alive:
-        ending.kill(slot, f"sent a malformed message ({got.error})", ProtocolError)
+        device.kill(f"sent a malformed message ({got.error})", ProtocolError)
 
 
-def _on_hello(slot: Slot, w: WorkerHandle, msg: Hello) -> None:
+def _on_hello(device: Device, w: WorkerHandle, msg: Hello) -> None:
     if w.state is not WorkerState.SPAWNED or msg.gen != w.gen:
         log.warning("worker gen %d: unexpected HELLO (gen %d) in state %s", w.gen, msg.gen, w.state.value)
         return
-    w.hello_at = slot.clock()
-    work.send_load(slot, w)
+    device.said_hello(w)
 
 
-def _on_ready(slot: Slot, w: WorkerHandle, msg: Ready) -> None:
+def _on_ready(device: Device, w: WorkerHandle, msg: Ready) -> None:
     if w.state is not WorkerState.LOADING or msg.mode != w.mode:
         log.warning("worker gen %d: unexpected READY for %r in state %s", w.gen, msg.mode, w.state.value)
         return
-    w.load_seconds = float(msg.load_seconds)
-    w.batch = _batch_limits(msg.batch)
-    w.warmup_seconds = msg.warmup_seconds
-    slot.standby.learn(msg.mode, msg.imported)
-    slot.engine.tasks[msg.mode] = sorted(t for t in msg.tasks if isinstance(t, str))
-    w.transition(WorkerState.READY)
-    slot.sample_memory(w, msg.memory)
-    slot.switch_done(w)
+    device.switch_done(w, msg, _batch_limits(msg.batch))
 
 
 def _batch_limits(declared: dict | None) -> dict[str, dict[str, float]]:
@@ -134,41 +124,34 @@ def _batch_limits(declared: dict | None) -> dict[str, dict[str, float]]:
     return out
 
 
-def _on_load_failed(slot: Slot, w: WorkerHandle, msg: LoadFailed) -> None:
+def _on_load_failed(device: Device, w: WorkerHandle, msg: LoadFailed) -> None:
     """The worker exits 3 by itself (a stop makes sure); the switch fails when
     it is reaped, without waiting here."""
     if w.state is not WorkerState.LOADING:
         log.warning("worker gen %d: unexpected LOAD_FAILED in state %s", w.gen, w.state.value)
         return
     remote = error_from_wire(msg.error)
-    work.load_failed(slot, ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **remote.details))
+    device.load_failed(ModeLoadError(f"loading mode {msg.mode!r} raised {remote.message}", **remote.details))
 
 
-def _on_outcome(slot: Slot, w: WorkerHandle, msg: Result | Failure) -> None:
+def _on_outcome(device: Device, w: WorkerHandle, msg: Result | Failure) -> None:
     job = w.in_flight[0] if w.in_flight else None
     if job is None or job.id != msg.job or w.state not in (WorkerState.BUSY, WorkerState.STOPPING, WorkerState.EXITED):
         log.warning("worker gen %d: dropped an outcome for job %d, which is not running", w.gen, msg.job)
         return
     error = error_from_wire(msg.error) if isinstance(msg, Failure) else None
-    slot.finished(w)
+    device.finished(w)
     if w.in_flight and w.in_flight[0].stopped:  # its caller left while it waited in the window: it starts now
-        work.send_cancel(slot, w.in_flight[0])
+        device.send_cancel(w.in_flight[0])
     outcome = (job.future, msg.value if isinstance(msg, Result) else None, error)
-    if isinstance(error, OutOfMemory) and slot.config.recycle_on_oom and w.alive:
-        # The allocator keeps its fragments after an OOM, so the next job would
-        # likely fail too: the worker is stopped once the jobs already handed
-        # to it are done, and the next job that needs the mode starts a fresh
-        # one. Not a death: the restart budget is untouched. If it stops now,
-        # the OOM is handed out once it is gone.
-        slot.oom_recycles += 1
+    if isinstance(error, OutOfMemory) and device.config.recycle_on_oom and w.alive:
         log.warning("job %d (%r) ran out of memory; recycling worker gen %d (recycle_on_oom)", job.id, job.task, w.gen)
-        slot.recycle = slot.recycle or Recycle("recycling after out of memory")
-        work.recycle_if_due(slot, outcome)
+        device.ran_out_of_memory(outcome)
         return
-    slot.engine.decide(outcome[0], result=outcome[1], error=outcome[2])
+    device.parts.outcomes.add(outcome[0], result=outcome[1], error=outcome[2])
 
 
-def _on_chunk(slot: Slot, w: WorkerHandle, msg: Chunk) -> None:
+def _on_chunk(device: Device, w: WorkerHandle, msg: Chunk) -> None:
     job = w.in_flight[0] if w.in_flight else None
     if job is not None and job.id == msg.job and (job.stream_broken or job.stopped):
         return  # its reader already has its error, or has left
@@ -177,7 +160,7 @@ def _on_chunk(slot: Slot, w: WorkerHandle, msg: Chunk) -> None:
         return
     if msg.seq != job.chunks + 1:
         if w.alive:
-            ending.kill(slot, f"sent chunk {msg.seq} of job {job.id} after chunk {job.chunks}", ProtocolError)
+            device.kill(f"sent chunk {msg.seq} of job {job.id} after chunk {job.chunks}", ProtocolError)
         return
     job.chunks = msg.seq
     try:
@@ -186,9 +169,8 @@ def _on_chunk(slot: Slot, w: WorkerHandle, msg: Chunk) -> None:
         log.exception("job %d: could not deliver chunk %d to its reader", job.id, msg.seq)
 
 
-def _on_heartbeat(slot: Slot, w: WorkerHandle, msg: Heartbeat) -> None:
-    slot.sample_memory(w, msg.memory)  # last_seen is already updated for every message
-    slot.standby.check()
+def _on_heartbeat(device: Device, w: WorkerHandle, msg: Heartbeat) -> None:
+    device.heard_heartbeat(w, msg.memory)  # last_seen is already updated for every message
 
 
 _HANDLERS = {

@@ -25,8 +25,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-_STANDARD_FINDERS = (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter,
-                     importlib.machinery.PathFinder)  # fmt: skip
+_STANDARD_FINDERS = (
+    importlib.machinery.BuiltinImporter,
+    importlib.machinery.FrozenImporter,
+    importlib.machinery.PathFinder,
+)
 _cache: dict[tuple[str, int, int], str | None] = {}  # (source file, mtime, size) -> its problem
 
 
@@ -70,8 +73,10 @@ def loader_problem(loader: str, folders: Sequence[str]) -> str | None:
     spec = _find(module, folders)
     if spec is None:
         where = f"[supervisor] loader_path ({', '.join(folders)}) or " if folders else ""
-        return (f"cannot import {module!r}: no such module in {where}the installed packages or PYTHONPATH (never the "
-                "working directory); name the folder that holds it in [supervisor] loader_path")  # fmt: skip
+        return (
+            f"cannot import {module!r}: no such module in {where}the installed packages or PYTHONPATH (never the "
+            "working directory); name the folder that holds it in [supervisor] loader_path"
+        )
     origin = spec.origin
     if not isinstance(origin, str) or not origin.endswith(".py") or not os.path.isfile(origin):
         return None  # an extension, a namespace package, a zip: nothing more to read without running it
@@ -101,6 +106,8 @@ def _source_problem(module: str, origin: str, folders: Sequence[str]) -> str | N
             if name == "__future__":
                 continue
             if _find(name.split(".")[0], folders) is None:
-                return (f"cannot import {module!r}: {origin}:{node.lineno} imports {name!r}, which is not installed "
-                        "where the worker runs")  # fmt: skip
+                return (
+                    f"cannot import {module!r}: {origin}:{node.lineno} imports {name!r}, which is not installed "
+                    "where the worker runs"
+                )
     return None

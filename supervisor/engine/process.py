@@ -78,7 +78,7 @@ def spawn_worker(
     tree, and so a Ctrl-C meant for the supervisor does not reach it (the
     supervisor decides how it stops). Its stdout goes to our stderr: a worker
     must never write into a CLI's machine-readable output. Its stderr comes
-    to the loop through a pipe (see WorkerHandle.pump_stderr). It runs in
+    to the loop through a pipe (see engine.stderr). It runs in
     ``WORKER_CWD``."""
     return subprocess.Popen(
         argv,

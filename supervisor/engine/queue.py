@@ -79,8 +79,9 @@ class _Segment:
 
 
 class JobQueue:
-    def __init__(self, max_wait: Callable[[str], float] = lambda mode: 0.0,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self, max_wait: Callable[[str], float] = lambda mode: 0.0, clock: Callable[[], float] = time.monotonic
+    ):
         """``max_wait(mode)``: the starvation bound of ``mode``'s jobs, in
         seconds (0: no grouping, first in first out between modes)."""
         self.max_wait = max_wait
@@ -133,8 +134,9 @@ class JobQueue:
 
     # ------------------------------------------------------------ out
 
-    def next(self, loaded: str | None, turn_since: float = 0.0,
-             eligible: Callable[[str | None], bool] | None = None) -> Item | None:  # fmt: skip
+    def next(
+        self, loaded: str | None, turn_since: float = 0.0, eligible: Callable[[str | None], bool] | None = None
+    ) -> Item | None:
         """The item a device should run next, with ``loaded`` its mode in
         force since ``turn_since``, among the modes it is ``eligible`` for
         (all, by default); None when nothing waits that it may run. Jobs of
@@ -253,7 +255,7 @@ class JobQueue:
     # ------------------------------------------------------------ failing
 
     def drop_cancelled(self) -> None:
-        """Cancelled jobs gave their slots back at once; past ``max_queue``
+        """Cancelled jobs gave their places back at once; past ``max_queue``
         they are dropped now rather than when they surface."""
         for segment in self._segments:
             for mode, line in list(segment.modes.items()):

@@ -189,15 +189,22 @@ class Standby:
 
 
 class StandbyPool:
-    """One slot's spare (and its successor while a switch that takes it is
+    """One device's spare (and its successor while a switch that takes it is
     coming): what they preload, which modes they suit, when they may run,
     and the spares being stopped until they are reaped.
 
     ``wanted``: start a spare now if there is anything to preload (the
     configured lists, or what the state directory remembers)."""
 
-    def __init__(self, endpoint: str, device_env: dict[str, str], config: Config, *, wanted: bool,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        device_env: dict[str, str],
+        config: Config,
+        *,
+        wanted: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._endpoint = endpoint
         self._clock = clock
         self._device_env = device_env
@@ -298,8 +305,11 @@ class StandbyPool:
         """Now and then (on heartbeats): a spare that died idle is let go."""
         for s in (self.spare, self._successor):
             if s is not None and s.proc.poll() is not None:
-                log.warning("warm standby pid %d died idle (%s); a new one comes after the next switch",
-                            s.pid, describe_exit(s.proc.returncode))  # fmt: skip
+                log.warning(
+                    "warm standby pid %d died idle (%s); a new one comes after the next switch",
+                    s.pid,
+                    describe_exit(s.proc.returncode),
+                )
                 self.stop()
                 return
 

@@ -37,7 +37,7 @@ class SwitchPhase(enum.Enum):
 
 @dataclass
 class Gone:
-    """A slot's last worker after its end, until its memory is verified back."""
+    """A device's last worker after its end, until its memory is verified back."""
 
     pid: int
     baseline_used: int | None  # device memory used before it started
@@ -76,8 +76,11 @@ class Switch:
         if not reading.complete:
             log.warning(
                 "VRAM of worker pid %d not verified back in time (pid listed: %s, device used %s vs baseline %s)",
-                gone.pid, not reading.pid_gone, reading.used_after, gone.baseline_used,
-            )  # fmt: skip
+                gone.pid,
+                not reading.pid_gone,
+                reading.used_after,
+                gone.baseline_used,
+            )
         if self.figures:
             self.figures.update(reading.as_result(), reclaim_seconds=now - gone.stopping_since)  # the kill included
         self.waiting_for = None
@@ -88,11 +91,17 @@ class Switch:
         if self.figures and gone is not None:
             self.figures.update(reclaimed_bytes=None, reclaim_seconds=now - gone.stopping_since, reclaim_complete=None)
 
-    def result(self, pid: int, load_seconds: float | None, warmup_seconds: float | None,
-               spawn_seconds: float | None, now: float) -> SwitchResult:  # fmt: skip
+    def result(
+        self,
+        pid: int,
+        load_seconds: float | None,
+        warmup_seconds: float | None,
+        spawn_seconds: float | None,
+        now: float,
+    ) -> SwitchResult:
         return {
             "mode": self.mode,
-            "status": "restarted" if self.request.force else "loaded",
+            "status": "restarted" if self.request.restart else "loaded",
             "previous": self.previous,
             "seconds": now - self.started,
             "load_seconds": load_seconds,

@@ -36,10 +36,15 @@ from protocol import Chunk, Failure, Heartbeat, Hello, Job, LoadFailed, Ready, R
 from protocol.messages import JobBatch, encode_job
 from supervisor.config import Config, parse
 from supervisor.engine.commands import CancelJob, Command, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
+from supervisor.engine.device_state import LAST_WORDS_MAX_S
 from supervisor.engine.link import Received, received
 from supervisor.engine.loop import Engine
 from supervisor.futures import JobFuture
 from tests.helpers.config import config_text
+
+__all__ = ["LAST_WORDS_MAX_S", "FakeClock", "FakeLink", "FakeProcess", "FakeProcesses", "FakeWorld"]
+# LAST_WORDS_MAX_S: how long the engine reads a dead worker's socket for its last words at most;
+# advance past it and the death is concluded.
 
 FIRST_FAKE_PID = 7_000_000  # above any pid_max Linux allows by default: never a real process's
 
@@ -219,7 +224,7 @@ class FakeWorld:
 
     def restart(self, mode: str | None = None, device: str | None = None) -> Future:
         future: Future = Future()
-        self.post(QueuedSwitch(mode, future, force=True, device=device))
+        self.post(QueuedSwitch(mode, future, restart=True, device=device))
         return future
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> Future:
