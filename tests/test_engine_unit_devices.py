@@ -12,8 +12,7 @@ import signal
 import pytest
 
 from protocol import WorkerCrashed
-from supervisor.engine.ending import LAST_WORDS_MAX_S
-from tests.helpers.fake_world import FakeWorld
+from tests.helpers.fake_world import LAST_WORDS_MAX_S, FakeWorld
 from tests.helpers.world_steps import answer_all, loaded, payloads
 
 pytestmark = pytest.mark.unit

@@ -22,8 +22,7 @@ from protocol import (
     WorkerCrashed,
     encode,
 )
-from supervisor.engine.ending import LAST_WORDS_MAX_S
-from tests.helpers.fake_world import FakeWorld
+from tests.helpers.fake_world import LAST_WORDS_MAX_S, FakeWorld
 from tests.helpers.world_steps import answer_all, loaded, payloads
 
 pytestmark = pytest.mark.unit
