@@ -101,7 +101,8 @@ def test_a_message_from_an_older_generation_is_dropped():
         first = world.worker()
         dies(world)
         world.worker_says_ready()
-        world.link.deliver(f"g{first.gen}".encode(), encode(Result(payloads(world)[0], "from the dead")))
+        assert world.jobs_sent() == [job_id := world.running()], "the job runs again on the new worker"
+        world.link.deliver(f"g{first.gen}".encode(), encode(Result(job_id, "from the dead")))
         world.step()
         assert not job.done(), "the old worker's answer is not the new one's"
         world.finish_job(value="from the living")
