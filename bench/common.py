@@ -201,8 +201,11 @@ def serve_daemon(folder: str, timeout: float = 60.0, config_file: str | None = N
     endpoint = f"ipc://{folder}/run/g.sock"
     chosen = ["--config", config_file] if config_file else []
     log = open(os.path.join(folder, "daemon.log"), "w+")  # noqa: SIM115 - the caller closes it with the daemon
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor.service.cli", *chosen, "--endpoint", endpoint, "serve"],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.service.cli", *chosen, "--endpoint", endpoint, "serve"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -119,8 +119,10 @@ class Load:
 
 def _post(port: int, text: str) -> bytes:
     body = orjson.dumps({"model": MODEL, "input": text})
-    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -218,8 +220,9 @@ def _servers(folder: str) -> Iterator[tuple[int, int, str]]:
         f.write(_CONFIG.format(port=door_port, model=MODEL))
     with contextlib.ExitStack() as stack:
         naive_log = stack.enter_context(open(os.path.join(folder, "naive.log"), "w+"))
-        naive = subprocess.Popen([sys.executable, "-m", "bench.naive_server", str(naive_port)],
-                                 stdout=naive_log, stderr=subprocess.STDOUT)  # fmt: skip
+        naive = subprocess.Popen(
+            [sys.executable, "-m", "bench.naive_server", str(naive_port)], stdout=naive_log, stderr=subprocess.STDOUT
+        )
         stack.callback(reap, naive)
         proc, endpoint, log, client = serve_daemon(folder, START_TIMEOUT, config_file)
         stack.callback(log.close)
@@ -296,17 +299,20 @@ def run() -> list[Row]:
         for r in range(ROUNDS):
             for phase in phases if r % 2 == 0 else phases[::-1]:
                 phase()
-            progress(f"door, round {r + 1}/{ROUNDS}: sequential p50 {seq['gpuvisor'][-1].ms(50):.1f} ms vs "
-                     f"{seq['naive'][-1].ms(50):.1f} naive; {CLIENTS} clients {many['gpuvisor'][-1].per_s:.0f} req/s "
-                     f"HTTP, {many['zmq'][-1].per_s:.0f} ZeroMQ, {many['naive'][-1].per_s:.0f} naive, "
-                     f"{by_hand[-1]:.0f}/s the model directly")  # fmt: skip
+            progress(
+                f"door, round {r + 1}/{ROUNDS}: sequential p50 {seq['gpuvisor'][-1].ms(50):.1f} ms vs "
+                f"{seq['naive'][-1].ms(50):.1f} naive; {CLIENTS} clients {many['gpuvisor'][-1].per_s:.0f} req/s "
+                f"HTTP, {many['zmq'][-1].per_s:.0f} ZeroMQ, {many['naive'][-1].per_s:.0f} naive, "
+                f"{by_hand[-1]:.0f}/s the model directly"
+            )
     if "torch" in sys.modules:
         raise RuntimeError("the bench process imported torch: the model directly must run in a child")
     return _rows(seq, many, by_hand, batched)
 
 
-def _rows(seq: dict[str, list[Load]], many: dict[str, list[Load]], by_hand: list[float],
-          batched: list[tuple[int, int]]) -> list[Row]:  # fmt: skip
+def _rows(
+    seq: dict[str, list[Load]], many: dict[str, list[Load]], by_hand: list[float], batched: list[tuple[int, int]]
+) -> list[Row]:
     def p(name: str, q: float) -> float:
         return median([load.ms(q) for load in seq[name]])
 
@@ -315,14 +321,18 @@ def _rows(seq: dict[str, list[Load]], many: dict[str, list[Load]], by_hand: list
     count, jobs = map(sum, zip(*batched, strict=True))
     total = ROUNDS * CLIENTS * REQUESTS
     mean_batch = total / (count + total - jobs)  # a job sent alone is a batch of one
-    latency_note = (f"{SEQUENTIAL} requests a round, one keep-alive connection; median of {ROUNDS} interleaved "
-                    f"rounds; p50 each round (ms): gpuvisor {', '.join(f'{x.ms(50):.1f}' for x in seq['gpuvisor'])}, "
-                    f"naive {', '.join(f'{x.ms(50):.1f}' for x in seq['naive'])}")  # fmt: skip
+    latency_note = (
+        f"{SEQUENTIAL} requests a round, one keep-alive connection; median of {ROUNDS} interleaved "
+        f"rounds; p50 each round (ms): gpuvisor {', '.join(f'{x.ms(50):.1f}' for x in seq['gpuvisor'])}, "
+        f"naive {', '.join(f'{x.ms(50):.1f}' for x in seq['naive'])}"
+    )
     load = f"{CLIENTS} HTTP clients x {REQUESTS} embeddings, TCP (req/s)"
-    load_note = (f"closed loop, one sentence a request; best of {ROUNDS} interleaved rounds, each (req/s): {each}; "
-                 f"direct {', '.join(f'{x:.0f}' for x in by_hand)}; gpuvisor HTTP p50 "
-                 f"{median([x.ms(50) for x in many['gpuvisor']]):.1f} ms; the worker's mean batch {mean_batch:.1f} "
-                 "jobs")  # fmt: skip
+    load_note = (
+        f"closed loop, one sentence a request; best of {ROUNDS} interleaved rounds, each (req/s): {each}; "
+        f"direct {', '.join(f'{x:.0f}' for x in by_hand)}; gpuvisor HTTP p50 "
+        f"{median([x.ms(50) for x in many['gpuvisor']]):.1f} ms; the worker's mean batch {mean_batch:.1f} "
+        "jobs"
+    )
     return [
         Row(
             "HTTP over TCP, 1 client sequential: p50 (ms)",
@@ -332,14 +342,14 @@ def _rows(seq: dict[str, list[Load]], many: dict[str, list[Load]], by_hand: list
             "ms",
             limit=1.3,
             note=latency_note,
-        ),  # fmt: skip
+        ),
         Row(
             "HTTP over TCP, 1 client sequential: p99 (ms)",
             p("gpuvisor", 99),
             "the naive FastAPI server, p99",
             p("naive", 99),
             "ms",
-        ),  # fmt: skip
+        ),
         Row(
             load,
             best["gpuvisor"],
@@ -354,7 +364,7 @@ def _rows(seq: dict[str, list[Load]], many: dict[str, list[Load]], by_hand: list
                 "direct": by_hand,
                 "mean_batch": mean_batch,
             },
-        ),  # fmt: skip
+        ),
         Row(
             load,
             best["gpuvisor"],
@@ -363,7 +373,7 @@ def _rows(seq: dict[str, list[Load]], many: dict[str, list[Load]], by_hand: list
             "req/s",
             limit=0.9,
             higher_is_better=True,
-        ),  # fmt: skip
+        ),
         Row(load, best["gpuvisor"], "the naive FastAPI server, same load", best["naive"], "req/s"),
     ]
 

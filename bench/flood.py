@@ -123,8 +123,11 @@ def reading_flooder() -> tuple[list[float], list[float], dict, int, bool, float,
                     said = _say(flooder, "report")  # it stops, and reads what it is owed
                     _say(flooder, "stop")
                     flooder.wait(30)
-                counts = {"sent": counts["sent"] + said["sent"], "read": counts["read"] + said["read"],
-                          "cut_off": counts["cut_off"] or said["cut_off"]}  # fmt: skip
+                counts = {
+                    "sent": counts["sent"] + said["sent"],
+                    "read": counts["read"] + said["read"],
+                    "cut_off": counts["cut_off"] or said["cut_off"],
+                }
             with _flood(endpoint, FLOOD_BURST) as flooder:
                 assert flooder.stdout.readline().strip() == "flooding"
                 time.sleep(0.3)

@@ -118,8 +118,8 @@ def _health_while_big(socket_path: str) -> tuple[list[float], list[float], float
 
         def big() -> None:
             try:
-                with httpx2.Client(transport=httpx2.HTTPTransport(uds=socket_path), base_url="http://gpuvisor",
-                                   timeout=600) as client:  # fmt: skip
+                transport = httpx2.HTTPTransport(uds=socket_path)
+                with httpx2.Client(transport=transport, base_url="http://gpuvisor", timeout=600) as client:
                     for _ in range(BIG_ROUNDS):
                         t0 = time.perf_counter()
                         answer = client.post("/v1/embeddings", json={"model": MODEL, "input": texts})
@@ -162,11 +162,15 @@ def run() -> list[Row]:
                 if answered != CLIENTS * REQUESTS:
                     raise RuntimeError(f"{name}: {answered} of {CLIENTS * REQUESTS} requests answered")
                 out.append(seconds)
-            progress(f"http, round {r + 1}/{ROUNDS}: {CLIENTS} x {REQUESTS} embeddings in {http_s[-1]:.2f}s over "
-                     f"HTTP, {zmq_s[-1]:.2f}s over ZeroMQ")  # fmt: skip
+            progress(
+                f"http, round {r + 1}/{ROUNDS}: {CLIENTS} x {REQUESTS} embeddings in {http_s[-1]:.2f}s over "
+                f"HTTP, {zmq_s[-1]:.2f}s over ZeroMQ"
+            )
         idle_ms, busy_ms, big_s = _health_while_big(socket_path)
-        progress(f"http: /health p99 {percentile(busy_ms, 99):.2f} ms while {BIG}-input embeddings are served "
-                 f"({big_s:.1f}s each), {percentile(idle_ms, 99):.2f} ms idle")  # fmt: skip
+        progress(
+            f"http: /health p99 {percentile(busy_ms, 99):.2f} ms while {BIG}-input embeddings are served "
+            f"({big_s:.1f}s each), {percentile(idle_ms, 99):.2f} ms idle"
+        )
         with Client(endpoint, timeout=10) as client:
             client.shutdown()
         proc.wait(60)

@@ -48,8 +48,8 @@ def _plans() -> list[list[str]]:
 
 
 def _switches(sup: Supervisor) -> int:
-    return int(sum(s.value for family in text_string_to_metric_families(sup.metrics()) for s in family.samples
-                   if s.name == "gpuvisor_switches_total" and s.labels["outcome"] == "loaded"))  # fmt: skip
+    samples = (s for family in text_string_to_metric_families(sup.metrics()) for s in family.samples)
+    return int(sum(s.value for s in samples if s.name == "gpuvisor_switches_total" and s.labels["outcome"] == "loaded"))
 
 
 def placed() -> tuple[float, int, list[int]]:
@@ -69,12 +69,16 @@ def by_hand() -> tuple[float, int]:
     counts = collections.Counter(m for plan in _plans() for m in plan)
     order = [m for m, _ in counts.most_common()]
     lanes = [[order[0]], [order[1]], order[2:]]  # the two busiest alone, the rest share
-    sups = [Supervisor(config(modes=_modes(), default_mode="", device="cpu", warm_standby=False)).start()
-            for _ in lanes]  # fmt: skip
+    settings = {"default_mode": "", "device": "cpu", "warm_standby": False}
+    sups = [Supervisor(config(modes=_modes(), **settings)).start() for _ in lanes]
     try:
         t = time.perf_counter()
-        futures = [sup.submit("sleep", {"seconds": JOB_S}, mode=m)
-                   for sup, lane in zip(sups, lanes, strict=True) for m in lane for _ in range(counts[m])]  # fmt: skip
+        futures = [
+            sup.submit("sleep", {"seconds": JOB_S}, mode=m)
+            for sup, lane in zip(sups, lanes, strict=True)
+            for m in lane
+            for _ in range(counts[m])
+        ]
         for f in futures:
             f.result(300)
         seconds = time.perf_counter() - t
@@ -88,9 +92,7 @@ def run() -> list[Row]:
     progress(f"placement: {CALLERS} callers x {JOBS} jobs, {len(MODES)} modes, 3 CPU devices ...")
     seconds, switches, spread = placed()
     hand_s, hand_switches = by_hand()
-    return [Row(
-        f"{CALLERS}x{JOBS} jobs, 4 modes on 3 devices, placed (s)", seconds, "the same jobs placed by hand", hand_s,
-        "s", limit=1.3,
-        note=f"switches: {switches} placed, {hand_switches} by hand; jobs per device {spread}",
-        extra={"switches": switches, "hand_switches": hand_switches, "spread": spread},
-    )]  # fmt: skip
+    title = f"{CALLERS}x{JOBS} jobs, 4 modes on 3 devices, placed (s)"
+    note = f"switches: {switches} placed, {hand_switches} by hand; jobs per device {spread}"
+    extra = {"switches": switches, "hand_switches": hand_switches, "spread": spread}
+    return [Row(title, seconds, "the same jobs placed by hand", hand_s, "s", limit=1.3, note=note, extra=extra)]

@@ -146,8 +146,10 @@ def run() -> list[Row]:
         readies.append(ready)
         firsts.append(first)
         results.append(result)
-        progress(f"standby: spare ready {ready:.2f}s after start; first switch to embed {first:.3f}s "
-                 f"(standby {result.get('standby')}, load {result.get('load_seconds', 0):.3f}s)")  # fmt: skip
+        progress(
+            f"standby: spare ready {ready:.2f}s after start; first switch to embed {first:.3f}s "
+            f"(standby {result.get('standby')}, load {result.get('load_seconds', 0):.3f}s)"
+        )
         warms.append(warm_process())
         seconds, result, seen = work_after_switch()
         paced.append(seconds)
@@ -156,15 +158,19 @@ def run() -> list[Row]:
         seconds, _, seen = work_after_switch(paced=False)
         unpaced.append(seconds)
         unpaced_states.append("".join(seen))
-        progress(f"standby: {BATCHES} x 32 sentences: one warm process {warms[-1]:.3f}s, right after a warm switch "
-                 f"{paced[-1]:.3f}s (the spare after each job: {states[-1]}), with the spare never stopped "
-                 f"{unpaced[-1]:.3f}s ({unpaced_states[-1]})")  # fmt: skip
+        progress(
+            f"standby: {BATCHES} x 32 sentences: one warm process {warms[-1]:.3f}s, right after a warm switch "
+            f"{paced[-1]:.3f}s (the spare after each job: {states[-1]}), with the spare never stopped "
+            f"{unpaced[-1]:.3f}s ({unpaced_states[-1]})"
+        )
         rate, ready = diag_beside_first_spare(spare=True)
         beside.append(rate)
         ready_by_end.append(ready)
         alone.append(diag_beside_first_spare(spare=False)[0])
-        progress(f"standby: diag in its first {FIRST_SECONDS:g}s: {beside[-1]:.1f} jobs/s while the first spare "
-                 f"imports (ready by the end: {ready}), {alone[-1]:.1f} with none")  # fmt: skip
+        progress(
+            f"standby: diag in its first {FIRST_SECONDS:g}s: {beside[-1]:.1f} jobs/s while the first spare "
+            f"imports (ready by the end: {ready}), {alone[-1]:.1f} with none"
+        )
     best = firsts.index(min(firsts))
     warm = min(warms)
     return [
@@ -196,7 +202,7 @@ def run() -> list[Row]:
                 "states": states,
                 "unpaced_states": unpaced_states,
                 "switches": switch_results,
-            },  # fmt: skip
+            },
         ),
         Row(
             f"diag in its first {FIRST_SECONDS:g}s, the first spare importing (jobs/s)",

@@ -264,12 +264,12 @@ def alternating_rows() -> list[Row]:
         alt.append(alternating())
         grp.append(grouped())
     (alt_s, alt_switches), (grouped_s, grouped_switches) = min(alt), min(grp)  # the least disturbed runs
-    rows.append(Row(
-        "2 callers x 40 jobs alternating diag/embed (s)", alt_s, "the same jobs grouped by mode", grouped_s, "s",
-        limit=1.3,
-        note=(f"switches: {alt_switches} alternating, {grouped_switches} grouped; best of {ROUNDS}: "
-              f"{', '.join(f'{a:.3f}' for a, _ in alt)} s against {', '.join(f'{g:.3f}' for g, _ in grp)} s"),
-    ))  # fmt: skip
+    note = (
+        f"switches: {alt_switches} alternating, {grouped_switches} grouped; best of {ROUNDS}: "
+        f"{', '.join(f'{a:.3f}' for a, _ in alt)} s against {', '.join(f'{g:.3f}' for g, _ in grp)} s"
+    )
+    title = "2 callers x 40 jobs alternating diag/embed (s)"
+    rows.append(Row(title, alt_s, "the same jobs grouped by mode", grouped_s, "s", limit=1.3, note=note))
 
     return rows
 
@@ -287,19 +287,19 @@ def batching_rows() -> list[Row]:
     unbatched, by_hand, one_by_one = max(runs["unbatched"]), max(runs["direct_64"]), max(runs["direct_1"])
     each = {name: [r[0] if isinstance(r, tuple) else r for r in rs] for name, rs in runs.items()}
     mean = batches["jobs"] / batches["count"] if batches["count"] else 0.0
-    rows.append(Row(
-        "8 callers x 250 embed, batched (jobs/s)", batched, "unbatched", unbatched, "jobs/s",
-        limit=5.0, higher_is_better=True,
-        note=(f"{batches['count']} batches, mean {mean:.1f} jobs, largest {batches['largest']}; the most batching "
-              f"can give here: the model directly, 64 at a time vs one, {by_hand / one_by_one:.2f}x "
-              f"({by_hand:.0f} vs {one_by_one:.1f}/s); best of {ROUNDS}, each (jobs/s): "
-              + "; ".join(f"{name} {', '.join(f'{x:.0f}' for x in xs)}" for name, xs in each.items())),
-        extra={**batches, "direct_64": by_hand, "direct_1": one_by_one, "each": each},
-    ))  # fmt: skip
-    rows.append(Row(
-        "8 callers x 250 embed, batched (jobs/s)", batched, "the model called directly, batches of 64", by_hand,
-        "jobs/s", limit=0.7, higher_is_better=True,
-    ))  # fmt: skip
+    each_run = "; ".join(f"{name} {', '.join(f'{x:.0f}' for x in xs)}" for name, xs in each.items())
+    note = (
+        f"{batches['count']} batches, mean {mean:.1f} jobs, largest {batches['largest']}; the most batching "
+        f"can give here: the model directly, 64 at a time vs one, {by_hand / one_by_one:.2f}x "
+        f"({by_hand:.0f} vs {one_by_one:.1f}/s); best of {ROUNDS}, each (jobs/s): {each_run}"
+    )
+    extra = {**batches, "direct_64": by_hand, "direct_1": one_by_one, "each": each}
+    title = "8 callers x 250 embed, batched (jobs/s)"
+    rows.append(
+        Row(title, batched, "unbatched", unbatched, "jobs/s", limit=5.0, higher_is_better=True, note=note, extra=extra)
+    )
+    model_direct = "the model called directly, batches of 64"
+    rows.append(Row(title, batched, model_direct, by_hand, "jobs/s", limit=0.7, higher_is_better=True))
 
     return rows
 
@@ -318,18 +318,19 @@ def starvation_rows() -> list[Row]:
         # A wait here runs from submit to result, so it holds the job's own run
         # too: the bound is max_wait_s + a switch + the job ahead + its own.
         as_came = w + max(to_embed, default=switch) + 2 * job
-        rows.append(Row(
-            f"mixed load, max_wait_s={w:g}: longest wait (s)", longest, "max_wait_s + a switch + a job (+ its own)",
-            w + switch + 2 * job, "s", limit=1.0,
-            note=(f"diag {m['longest_diag']:.2f}s, embed {m['longest_embed']:.2f}s longest; "
-                  f"diag {m['diag_jobs_per_s']:.0f} jobs/s ({m['diag_jobs_per_s'] / alone:.2f}x of {alone:.0f} alone), "
-                  f"{m['embed_jobs']} embed jobs, {m['switches']} switches; to embed: "
-                  f"{', '.join(f'{x:.2f}' for x in to_embed)} s, {slow} over 1 s (a warm one: {switch:.2f} s); "
-                  f"with the slowest switch seen the bound is {as_came:.2f} s: "
-                  f"{'met' if m['longest_embed'] <= as_came else 'missed'} for embed"
-                  + (" (the default)" if w == default else "")),
-            extra={**m, "diag_alone_jobs_per_s": alone, "warm_switch": switch, "job": job},
-        ))  # fmt: skip
+        met = "met" if m["longest_embed"] <= as_came else "missed"
+        note = (
+            f"diag {m['longest_diag']:.2f}s, embed {m['longest_embed']:.2f}s longest; "
+            f"diag {m['diag_jobs_per_s']:.0f} jobs/s ({m['diag_jobs_per_s'] / alone:.2f}x of {alone:.0f} alone), "
+            f"{m['embed_jobs']} embed jobs, {m['switches']} switches; to embed: "
+            f"{', '.join(f'{x:.2f}' for x in to_embed)} s, {slow} over 1 s (a warm one: {switch:.2f} s); "
+            f"with the slowest switch seen the bound is {as_came:.2f} s: {met} for embed"
+            + (" (the default)" if w == default else "")
+        )
+        extra = {**m, "diag_alone_jobs_per_s": alone, "warm_switch": switch, "job": job}
+        title = f"mixed load, max_wait_s={w:g}: longest wait (s)"
+        bound = "max_wait_s + a switch + a job (+ its own)"
+        rows.append(Row(title, longest, bound, w + switch + 2 * job, "s", limit=1.0, note=note, extra=extra))
     return rows
 
 

@@ -81,8 +81,9 @@ class LoadedMode:
             problem: list[BaseException] = []
             done = threading.Event()
 
-            def submit_all(gate: Future, sent: list = sent, problem: list = problem,
-                           done: threading.Event = done) -> None:  # fmt: skip
+            def submit_all(
+                gate: Future, sent: list = sent, problem: list = problem, done: threading.Event = done
+            ) -> None:
                 try:
                     if threading.get_ident() != caller and gate.exception() is None:
                         sent.extend(self.submit(task, payload) for payload in payloads)
@@ -138,9 +139,17 @@ class LoadedMode:
         self.close()
 
 
-def load_mode(loader: str, args: Mapping[str, Any] | None = None, *, loader_path: Sequence[str | os.PathLike] = (),
-              name: str | None = None, warmup: Mapping[str, Any] | None = None, device: str = "cpu",
-              wait: float = WAIT, **settings: Any) -> LoadedMode:  # fmt: skip
+def load_mode(
+    loader: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    loader_path: Sequence[str | os.PathLike] = (),
+    name: str | None = None,
+    warmup: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    wait: float = WAIT,
+    **settings: Any,
+) -> LoadedMode:
     """Load ``loader`` (``"module:function"``, as in the config) with
     ``args`` in a fresh worker, and return the mode once it is READY; use
     it in a ``with`` block, which stops the worker at its end.
@@ -161,8 +170,14 @@ def load_mode(loader: str, args: Mapping[str, Any] | None = None, *, loader_path
     name = name or module.rpartition(".")[2]
     spec = ModeSpec(name, loader, args, dict(warmup) if warmup is not None else None)
     folders = tuple(str(Path(folder).resolve()) for folder in loader_path)
-    config = Config(modes={name: spec}, warm_standby=False, device=device, loader_path=folders,
-                    source=f"<gpuvisor.testing: {loader}>", **settings)  # fmt: skip
+    config = Config(
+        modes={name: spec},
+        warm_standby=False,
+        device=device,
+        loader_path=folders,
+        source=f"<gpuvisor.testing: {loader}>",
+        **settings,
+    )
     sup = Supervisor(config)
     try:
         sup.switch_mode(name).result(wait)
@@ -172,9 +187,13 @@ def load_mode(loader: str, args: Mapping[str, Any] | None = None, *, loader_path
     return LoadedMode(sup, name, wait)
 
 
-def mode_fixture(loader: str, args: Mapping[str, Any] | None = None, *,
-                 scope: Literal["session", "package", "module", "class", "function"] = "module",
-                 **options: Any) -> Callable[..., Any]:  # fmt: skip
+def mode_fixture(
+    loader: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    scope: Literal["session", "package", "module", "class", "function"] = "module",
+    **options: Any,
+) -> Callable[..., Any]:
     """A pytest fixture that yields ``load_mode(loader, args, **options)``,
     one worker for every test of its ``scope`` (a module's, by default: a
     model loads once)::

@@ -25,12 +25,11 @@ from protocol.errors import (
     UnknownMode,
     UnknownTask,
     WorkerCrashed,
+    WrongDevice,
     error_from_wire,
 )
 from protocol.messages import (
     EXIT_MEANINGS,
-    MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
     Batch,
     Chunk,
     Drain,
@@ -50,6 +49,10 @@ from protocol.messages import (
     encode,
     encode_batch,
     encode_job,
+)
+from protocol.packing import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     pack,
     pack_frames,
     unpack,
@@ -97,6 +100,7 @@ __all__ = [
     "UnknownTask",
     "WorkerCrashed",
     "WorkerExit",
+    "WrongDevice",
     "decode_from_worker",
     "decode_to_worker",
     "encode",

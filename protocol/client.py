@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import GpuvisorError, ProtocolError
-from protocol.messages import (
+from protocol.packing import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Container,

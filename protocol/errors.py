@@ -43,6 +43,14 @@ class UnknownMode(GpuvisorError):
     code = "unknown_mode"
 
 
+class WrongDevice(GpuvisorError, ValueError):
+    """The device named is not one the supervisor drives, or the mode's
+    ``devices`` leave it out. The caller's fault; retrying cannot help
+    until the configuration changes. A ``ValueError`` too: a wrong value."""
+
+    code = "wrong_device"
+
+
 class NoModeLoaded(GpuvisorError):
     """A job named no mode and no mode is loaded (nothing was switched to yet,
     or the last switch failed). Pass ``mode=`` or call ``switch_mode()``."""
@@ -220,6 +228,7 @@ _BY_CODE: dict[str, type[GpuvisorError]] = {
         GpuvisorError,
         ProtocolError,
         UnknownMode,
+        WrongDevice,
         NoModeLoaded,
         UnknownTask,
         ModeLoadError,

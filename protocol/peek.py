@@ -60,9 +60,14 @@ class _Header:
         self._stream.seek(pos)
         self._base = pos
         self._unpacker = msgpack.Unpacker(
-            self._stream, read_size=_READ_SIZE, max_buffer_size=self._limit + 1, raw=False,
-            strict_map_key=False, use_list=True, ext_hook=lambda code, data: None,
-        )  # fmt: skip
+            self._stream,
+            read_size=_READ_SIZE,
+            max_buffer_size=self._limit + 1,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            ext_hook=lambda code, data: None,
+        )
         return self._unpacker
 
     def _pos(self) -> int:
@@ -107,11 +112,19 @@ class _Header:
 
 
 # Bytes after the type byte, for msgpack's fixed-size types.
-_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
-          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}  # fmt: skip
+_FIXED = (
+    {0xC0: 0, 0xC2: 0, 0xC3: 0}  # nil, false, true
+    | {0xCA: 4, 0xCB: 8}  # float 32, 64
+    | {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # uint 8 to 64
+    | {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}  # int 8 to 64
+    | {0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}  # fixext 1 to 16, with its ext type byte
+)
 # Length-prefixed types: (bytes of length, extra bytes after it: the ext type).
-_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
-          0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # fmt: skip
+_SIZED = (
+    {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0)}  # bin 8, 16, 32
+    | {0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1)}  # ext 8, 16, 32
+    | {0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # str 8, 16, 32
+)
 # Containers: (bytes of count, objects per counted element).
 _COUNTED = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
 

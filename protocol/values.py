@@ -43,8 +43,14 @@ def unpackb(data: Any, ext_hook) -> Any:
     return msgpack.unpackb(data, **DECODER, ext_hook=ext_hook)
 
 
-DECODER = {"raw": False, "strict_map_key": False, "use_list": True, "max_array_len": MAX_CONTAINER_LEN,
-           "max_map_len": MAX_CONTAINER_LEN, "max_ext_len": MAX_EXT_LEN}  # fmt: skip
+DECODER = {
+    "raw": False,
+    "strict_map_key": False,
+    "use_list": True,
+    "max_array_len": MAX_CONTAINER_LEN,
+    "max_map_len": MAX_CONTAINER_LEN,
+    "max_ext_len": MAX_EXT_LEN,
+}
 """The decoder's settings, for a streaming ``Unpacker`` too."""
 
 
@@ -57,8 +63,10 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, msgpack.StackError):
         return f"nested deeper than {MAX_DEPTH:,} levels (the message's own map counts as one)"
     if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
-        return (f"{exc}: an array or map holds at most {MAX_CONTAINER_LEN:,} items "
-                "(send bulk data as a numpy array, which travels as a frame of its own)")  # fmt: skip
+        return (
+            f"{exc}: an array or map holds at most {MAX_CONTAINER_LEN:,} items "
+            "(send bulk data as a numpy array, which travels as a frame of its own)"
+        )
     if isinstance(exc, TypeError) and "unhashable" in str(exc):
         return (
             f"a map key is an array, a map or an array reference ({exc}); "

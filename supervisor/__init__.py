@@ -33,6 +33,7 @@ _ERRORS = (
     "UnknownMode",
     "UnknownTask",
     "WorkerCrashed",
+    "WrongDevice",
 )
 # name -> (module, attribute in it)
 _WHERE: dict[str, tuple[str, str]] = {
@@ -79,6 +80,7 @@ __all__ = [
     "UnknownMode",
     "UnknownTask",
     "WorkerCrashed",
+    "WrongDevice",
     "load_config",
 ]
 
@@ -119,6 +121,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
         UnknownMode,
         UnknownTask,
         WorkerCrashed,
+        WrongDevice,
     )
     from supervisor.api import AsyncSupervisor, Supervisor
     from supervisor.config import Config, ConfigError, ModeSpec

@@ -1,15 +1,15 @@
-"""The public faces of the core loop: ``Supervisor`` (threads, returns
-``concurrent.futures.Future``) and ``AsyncSupervisor`` (asyncio, awaitables).
+"""The API in this process: ``Supervisor`` (threads, returns
+``concurrent.futures.Future``) and ``AsyncSupervisor`` (asyncio, awaitables),
+the faces ``supervisor.surface`` declares, over the engine.
 
-Both only check arguments, encode the job in the caller's thread (so a
-payload msgpack cannot carry fails right here, at ``submit()``) and post a
-command; the loop thread does everything else. That keeps the facades free
-of shared state and lets many threads submit at once.
+A call only checks its arguments, encodes the job in the caller's thread
+(so a payload msgpack cannot carry fails right here, at ``submit()``) and
+posts a command; the loop thread does everything else. That keeps the
+faces free of shared state and lets many threads submit at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import functools
 import itertools
@@ -21,20 +21,22 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, TypeVar
 
-from protocol import GpuvisorError, ShuttingDown, UnknownMode, encode_job
+from protocol import GpuvisorError, QueueFull, RequestTooLarge, ShuttingDown, UnknownMode, WrongDevice, encode_job
 from protocol.arrays import nbytes
 from supervisor import config as config_mod
-from supervisor.arguments import check_mode, check_seconds, check_submit
+from supervisor.arguments import check_device, check_mode, check_seconds, check_submit
 from supervisor.config import Config
 from supervisor.engine.commands import CancelJob, Follow, QueuedJob, QueuedSwitch, Reload, Shutdown, Unload
 from supervisor.engine.loop import Engine
-from supervisor.events import DEFAULT_BUFFER, AsyncEventStream, EventStream, Subscription
+from supervisor.events import DEFAULT_BUFFER, EventStream, Subscription
 from supervisor.futures import JobFuture, gather
 from supervisor.quota import Limits, QueueQuota
 from supervisor.status import Status, SwitchResult
-from supervisor.stream import AsyncJobStream, JobStream
+from supervisor.surface import AsyncSupervisorAPI, ChunkSink, SupervisorAPI
+
+T = TypeVar("T")
 
 # Engines still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
@@ -89,13 +91,7 @@ def _stop_stream(engine: Engine, future: JobFuture, wait: bool) -> bool:
         return future.cancelled()
 
 
-def _failed(error: BaseException) -> JobFuture:
-    future = JobFuture()
-    future.set_exception(error)
-    return future
-
-
-class Supervisor:
+class Supervisor(SupervisorAPI):
     """Runs jobs in a worker process that owns the GPU; see the README's tour.
 
     Thread-safe. ``config`` is a path to a TOML file, a ``Config``, or None
@@ -168,71 +164,19 @@ class Supervisor:
 
     # -------------------------------------------------------------- work
 
-    @overload
-    def submit(
+    def submit_for(
         self,
-        task: str,
-        payload: Any = ...,
-        *,
-        mode: str | None = ...,
-        timeout: float | None = ...,
-        retries: int = ...,
-        stream: Literal[False] = ...,
-        on_chunk: Callable[[Any], None] | None = ...,
-    ) -> JobFuture: ...
-
-    @overload
-    def submit(
-        self,
-        task: str,
-        payload: Any = ...,
-        *,
-        mode: str | None = ...,
-        timeout: float | None = ...,
-        retries: int = ...,
-        stream: Literal[True],
-        on_chunk: None = ...,
-    ) -> JobStream: ...
-
-    def submit(
-        self,
+        client: str,
         task: str,
         payload: Any = None,
         *,
         mode: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-        stream: bool = False,
-        on_chunk: Callable[[Any], None] | None = None,
-    ) -> JobFuture | JobStream:
-        """Queue ``task`` with ``payload``; the Future gets the handler's result
-        or a typed error. ``mode`` switches first when another is loaded.
-        ``stream=True`` returns a ``JobStream`` instead: an iterator of the
-        chunks a generator handler yields, then its typed outcome. numpy
-        arrays and CPU tensors in ``payload`` travel as raw frames without a
-        copy, so do not change them until the job is done. ``on_chunk``
-        instead of ``stream=True``: a Future, and each chunk passed to
-        ``on_chunk`` on the supervisor's loop thread (it must not block).
-        ``timeout`` is seconds of running time in the worker; past it the
-        worker is killed and the job fails with ``JobTimeout``; 0 means no
-        timeout, even where the config sets a default ``job_timeout``. ``retries``
-        is the caller's word that the job is idempotent: if the worker dies
-        (or hangs) under it, it runs again, up to that many times, before it
-        fails with ``WorkerCrashed``.
-
-        Raises ``QueueFull`` at once when ``max_queue`` jobs are waiting or
-        running (or their payloads hold ``max_queue_bytes``). ``Future.cancel()`` succeeds while the job is queued, and
-        for a streamed job while it runs too (the worker stops it at its
-        next chunk); it returns False for any other job once it runs.
-        Either way a cancelled Future raises ``CancelledError``."""
-        timeout = check_submit(task, mode, timeout, retries, stream, on_chunk)
-        if stream:
-            return JobStream()._feed(lambda sink: self._submit(None, task, payload, mode, timeout, retries, sink))
-        return self._submit(None, task, payload, mode, timeout, retries, on_chunk)
-
-    def submit_for(self, client: str, task: str, payload: Any = None, *, mode: str | None = None,
-                   timeout: float | None = None, retries: int = 0, on_chunk: Callable[[Any], None] | None = None,
-                   give_up_after: float | None = None, packed: bool = False) -> JobFuture:  # fmt: skip
+        on_chunk: ChunkSink | None = None,
+        give_up_after: float | None = None,
+        packed: bool = False,
+    ) -> JobFuture:
         """``submit()`` on behalf of ``client``, one of many callers a front
         door serves (a ZeroMQ connection, an HTTP token): the job counts
         against that client's share of the queue (``max_queue_per_client``,
@@ -250,24 +194,42 @@ class Supervisor:
             raise TypeError(f"client must be a non-empty str, got {client!r}")
         timeout = check_submit(task, mode, timeout, retries, False, on_chunk)
         give_up = check_seconds("give_up_after", give_up_after)
-        return self._submit(client, task, payload, mode, timeout, retries, on_chunk, give_up, packed)
+        return self._queue_job(task, payload, mode, timeout, retries, on_chunk, client, give_up, packed)
 
-    def _submit(self, client, task, payload, mode, timeout, retries, on_chunk, give_up=None, packed=False) -> JobFuture:
-        """``submit`` after its checks. With ``on_chunk``, the job streams."""
-        if (unknown := self._unknown(mode)) is not None:
-            return unknown
+    def _queue_job(
+        self,
+        task: str,
+        payload: Any,
+        mode: str | None,
+        timeout: float | None,
+        retries: int,
+        on_chunk: ChunkSink | None,
+        client: str | None = None,
+        give_up: float | None = None,
+        packed: bool = False,
+    ) -> JobFuture:
+        """``submit`` (and ``submit_for``) after the checks of the arguments.
+        The payload is encoded here, in the caller's thread, so one msgpack
+        cannot carry is the caller's ``TypeError`` at once."""
         job_id = next(self._ids)
         frames = encode_job(job_id, task, payload, on_chunk is not None)  # TypeError / ProtocolError here
         # A stream can be stopped while it runs; the stopper holds the engine, not the Supervisor.
         future = JobFuture(on_chunk, functools.partial(_stop_stream, self._engine) if on_chunk is not None else None)
-        if not self._running_or_fail(future):
+        if not self._open(future, mode):
             return future
-        # Given back exactly once: by the loop just before it settles the job
-        # (so a caller woken by the result finds it free), or on cancel().
-        # Neither holds a reference to the Supervisor.
-        future.hold_slot(self._quota.take(client, sum(nbytes(f) for f in frames)))  # QueueFull here
-        self._engine.post(QueuedJob(job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk,
-                                    give_up=give_up, packed=packed))  # fmt: skip
+        try:
+            # Given back exactly once: by the loop just before it settles the
+            # job (so a caller woken by the result finds it free), or on
+            # cancel(). Neither holds a reference to the Supervisor.
+            future.hold_slot(self._quota.take(client, sum(nbytes(f) for f in frames)))
+        except (QueueFull, RequestTooLarge) as exc:
+            future.set_exception(exc)
+            return future
+        self._engine.post(
+            QueuedJob(
+                job_id, task, frames, mode, timeout, future, retries, on_chunk=on_chunk, give_up=give_up, packed=packed
+            )
+        )
         return future
 
     def switch_mode(self, mode: str, *, device: str | None = None) -> Future[SwitchResult]:
@@ -280,21 +242,11 @@ class Supervisor:
         one the mode may use, the longest free (the jobs' own placement
         would choose it too)."""
         check_mode(mode, optional=False)
-        if (unknown := self._unknown(mode)) is not None:
-            return unknown
+        check_device(device)
         future: Future = Future()
-        if not self._running_or_fail(future):
-            return future
-        self._check_device(device, mode)
-        self._hold_place(future)
-        self._engine.post(QueuedSwitch(mode, future, device=device))
+        if self._open(future, mode, device) and self._hold_place(future):
+            self._engine.post(QueuedSwitch(mode, future, device=device))
         return future
-
-    def _hold_place(self, future: Future) -> None:
-        """A switch or restart waits in the queue like a job: it takes a
-        place under ``max_queue`` (``QueueFull`` here) until it ends."""
-        release = self._quota.take(None, 0)
-        future.add_done_callback(lambda _: release())
 
     def restart(self, mode: str | None = None, *, device: str | None = None) -> Future[SwitchResult]:
         """Replace a worker with a fresh one, in ``mode`` or the mode in force
@@ -304,14 +256,10 @@ class Supervisor:
         Result: ``{"mode", "status": "restarted", "previous", "seconds",
         "load_seconds", "pid"}``."""
         check_mode(mode, optional=True)
-        if (unknown := self._unknown(mode)) is not None:
-            return unknown
+        check_device(device)
         future: Future = Future()
-        if not self._running_or_fail(future):
-            return future
-        self._check_device(device, mode)
-        self._hold_place(future)
-        self._engine.post(QueuedSwitch(mode, future, restart=True, device=device))
+        if self._open(future, mode, device) and self._hold_place(future):
+            self._engine.post(QueuedSwitch(mode, future, restart=True, device=device))
         return future
 
     def unload(self, device: str | None = None) -> Future[dict[str, Any]]:
@@ -321,10 +269,10 @@ class Supervisor:
         stay queued: the next job that needs the mode loads it again. Result:
         ``{"unloaded": [{"device", "mode", "pid"}, ...]}``, once those workers
         are gone; a device that held nothing, or was switching, is not in it."""
+        check_device(device)
         future: Future = Future()
-        if not self._running_or_fail(future):
+        if not self._open(future, None, device):
             return future
-        self._check_device(device, None)
         parts: list[Future] = []
         for name in [device] if device is not None else self._engine.device_names:
             command = Unload(name)
@@ -333,19 +281,47 @@ class Supervisor:
         gather(parts, future, lambda results: {"unloaded": [r for r in results if r is not None]})
         return future
 
-    def _check_device(self, device: str | None, mode: str | None) -> None:
-        """``ValueError`` for a device this supervisor does not drive, or one
-        ``mode``'s ``devices`` leaves out; the names are known once started."""
+    def _open(self, future: Future, mode: str | None, device: str | None = None) -> bool:
+        """Whether this supervisor takes a call that names ``mode`` and
+        ``device``, starting it on first use; if not, ``future`` fails with
+        why: ``UnknownMode``, ``ShuttingDown`` or ``WrongDevice``. These are
+        the configuration's answers, not the arguments' (a client learns
+        them from the daemon), so they come through the Future."""
+        if mode is not None and self.config.mode(mode) is None:
+            future.set_exception(UnknownMode(self._unknown_mode_message(mode)))
+            return False
+        if not self._running_or_fail(future):
+            return False
+        wrong = self._wrong_device(device, mode)
+        if wrong is not None:
+            future.set_exception(wrong)
+            return False
+        return True
+
+    def _hold_place(self, future: Future) -> bool:
+        """A switch or restart waits in the queue like a job: it holds a
+        place under ``max_queue`` until it ends; with none left, ``future``
+        fails with ``QueueFull``."""
+        try:
+            release = self._quota.take(None, 0)
+        except QueueFull as exc:
+            future.set_exception(exc)
+            return False
+        future.add_done_callback(lambda _: release())
+        return True
+
+    def _wrong_device(self, device: str | None, mode: str | None) -> WrongDevice | None:
+        """A device this supervisor does not drive, or one ``mode``'s
+        ``devices`` leaves out; the names are known once started."""
         if device is None:
-            return
-        if not isinstance(device, str):
-            raise TypeError(f"device must be a str or None, got {type(device).__name__}")
+            return None
         names = self._engine.device_names
         if device not in names:
-            raise ValueError(f"unknown device {device!r}; this supervisor drives {', '.join(names)}")
+            return WrongDevice(f"unknown device {device!r}; this supervisor drives {', '.join(names)}")
         spec = self.config.mode(mode) if mode is not None else None
         if spec is not None and not spec.allows(device):
-            raise ValueError(f"mode {mode!r} may not run on {device!r}: its devices are {', '.join(spec.devices)}")
+            return WrongDevice(f"mode {mode!r} may not run on {device!r}: its devices are {', '.join(spec.devices)}")
+        return None
 
     def reload(self, config: str | Path | Config | None = None) -> Future:
         """Swap in a new mode table and settings (a daemon does this on SIGHUP).
@@ -395,7 +371,10 @@ class Supervisor:
         for a reader."""
         sub = Subscription(buffer)
         if not self._started:
-            self.start()  # ShuttingDown if it was shut down before it started
+            refused: Future = Future()
+            if not self._running_or_fail(refused):  # shut down before it started: the stream ends with why
+                sub.close()
+                return EventStream(sub, ended=refused)
         # Posted even while it stops (a drain is worth following); once it has stopped, the stream ends at once.
         self._engine.post(Follow(sub))
         return EventStream(sub)
@@ -416,20 +395,16 @@ class Supervisor:
             future.set_exception(exc)
             return False
 
-    def _unknown(self, mode: str | None) -> JobFuture | None:
-        """A Future already failed with UnknownMode, or None if ``mode`` is fine."""
-        if mode is None or self.config.mode(mode) is not None:
-            return None
-        return _failed(UnknownMode(self._unknown_mode_message(mode)))
-
     def _unknown_mode_message(self, mode: str) -> str:
         return f"unknown mode {mode!r}; {self.config.source} has {', '.join(sorted(self.config.modes))}"
 
 
-class AsyncSupervisor:
+class AsyncSupervisor(AsyncSupervisorAPI):
     """The same supervisor for asyncio code: every call is awaitable, and
     cancelling the awaiting task cancels a job that is still queued (and
     stops a streamed one that runs)."""
+
+    _sync: Supervisor
 
     def __init__(self, config: str | Path | Config | None = None, *, mode: str | None = None):
         self._sync = Supervisor(config, mode=mode)
@@ -442,57 +417,9 @@ class AsyncSupervisor:
         self._sync.start()
         return self
 
-    async def submit(
-        self,
-        task: str,
-        payload: Any = None,
-        *,
-        mode: str | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        stream: bool = False,
-        on_chunk: Callable[[Any], None] | None = None,
-    ) -> Any:
-        """The handler's result; with ``stream=True`` an ``AsyncJobStream``
-        (``async for chunk in await sup.submit(..., stream=True)``). Awaiting
-        runs on this event loop: the result is handed to it by the
-        supervisor's loop thread, with no thread of its own in between."""
-        if not stream:
-            return await asyncio.wrap_future(
-                self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=on_chunk)
-            )
-        check_submit(task, mode, timeout, retries, stream, on_chunk)
-        job_stream = AsyncJobStream(asyncio.get_running_loop())
-        return job_stream._feed(
-            lambda sink: self._sync.submit(task, payload, mode=mode, timeout=timeout, retries=retries, on_chunk=sink)
-        )
-
-    async def switch_mode(self, mode: str, *, device: str | None = None) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.switch_mode(mode, device=device))
-
-    async def restart(self, mode: str | None = None, *, device: str | None = None) -> SwitchResult:
-        return await asyncio.wrap_future(self._sync.restart(mode, device=device))
-
-    async def unload(self, device: str | None = None) -> dict[str, Any]:
-        return await asyncio.wrap_future(self._sync.unload(device))
-
-    async def status(self) -> Status:
-        return self._sync.status()
-
-    async def modes(self) -> dict[str, dict[str, Any]]:
-        return self._sync.modes()
-
-    async def metrics(self) -> str:
-        return self._sync.metrics()
-
-    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._sync.shutdown, drain, timeout)
-
-    def events(self, *, buffer: int = DEFAULT_BUFFER) -> AsyncEventStream:
-        """``Supervisor.events()`` for asyncio: ``async with sup.events() as
-        events: async for event in events``."""
-        stream = self._sync.events(buffer=buffer)
-        return AsyncEventStream(stream, asyncio.get_running_loop())
+    async def _ask(self, call: Callable[[], T]) -> T:
+        """In this process a plain answer is a snapshot that never waits."""
+        return call()
 
     async def __aenter__(self) -> AsyncSupervisor:
         return await self.start()

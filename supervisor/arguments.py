@@ -1,7 +1,9 @@
 """The rules of the API's arguments, checked in the caller's thread when
 the call is made, the same for every face: a ``Supervisor`` and a ``Client``
 refuse the same arguments with the same ``TypeError`` or ``ValueError``,
-before anything is queued or sent."""
+before anything is queued or sent. Only what the arguments show by
+themselves is checked here: whether a mode or a device exists is the
+supervisor's configuration, and its answer comes through the Future."""
 
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ def check_mode(mode: Any, optional: bool) -> None:
     if (mode is None and optional) or isinstance(mode, str):
         return
     raise TypeError(f"mode must be a str{' or None' if optional else ''}, got {type(mode).__name__}")
+
+
+def check_device(device: Any) -> None:
+    if device is not None and not isinstance(device, str):
+        raise TypeError(f"device must be a str or None, got {type(device).__name__}")
 
 
 def check_seconds(name: str, value: Any, zero_means_none: bool = False) -> float | None:

@@ -229,8 +229,8 @@ class Config:
     def client_share(self) -> tuple[int, int]:
         """One client's share of the queue: (jobs, bytes)."""
         jobs = self.max_queue_per_client or max(1, self.max_queue // 4)
-        return min(jobs, self.max_queue), min(self.max_queue_bytes_per_client or self.max_queue_bytes // 4,
-                                              self.max_queue_bytes)  # fmt: skip
+        nbytes = self.max_queue_bytes_per_client or self.max_queue_bytes // 4
+        return min(jobs, self.max_queue), min(nbytes, self.max_queue_bytes)
 
     def max_wait_for(self, mode: str) -> float:
         spec = self.modes.get(mode)
@@ -351,8 +351,9 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
         if not check(value):
             raise where.error("daemon", key, f"expected {expected}, got {value!r}")
     if daemon_table.get("curve_admins_dir") and not daemon_table.get("curve_secret_key"):
-        raise where.error("daemon", "curve_admins_dir", "admin keys need CURVE: set curve_secret_key and "
-                          "curve_clients_dir too")  # fmt: skip
+        raise where.error(
+            "daemon", "curve_admins_dir", "admin keys need CURVE: set curve_secret_key and curve_clients_dir too"
+        )
     if bool(daemon_table.get("curve_secret_key")) != bool(daemon_table.get("curve_clients_dir")):
         key = "curve_clients_dir" if daemon_table.get("curve_secret_key") else "curve_secret_key"
         raise where.error("daemon", key, "CURVE needs both curve_secret_key and curve_clients_dir")
@@ -411,8 +412,8 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
         if isinstance(known, tuple):  # "auto" is known once NVML has been asked: checked as the supervisor starts
             unknown = [d for d in mode.devices if d not in device_names(known)]
             if unknown:
-                raise where.error(f"modes.{mode.name}", "devices", f"{unknown[0]!r} is not one of [supervisor] devices "
-                                  f"{device_names(known)}")  # fmt: skip
+                message = f"{unknown[0]!r} is not one of [supervisor] devices {device_names(known)}"
+                raise where.error(f"modes.{mode.name}", "devices", message)
         elif known is None and mode.devices:
             raise where.error(f"modes.{mode.name}", "devices", "names devices, but [supervisor] devices is not set")
     if "drain_timeout" in daemon_table:

@@ -162,8 +162,11 @@ def _origins(where: Locator, value: Any) -> tuple[str, ...]:
         raise where.error("http", "allowed_origins", f'expected a list like ["https://ui.example"], got {value!r}')
     for origin in value:
         if origin != "*" and not _ORIGIN_RE.match(origin.lower()):
-            raise where.error("http", "allowed_origins", f"{origin!r}: expected SCHEME://HOST[:PORT] as a browser "
-                              'sends it (no path, no trailing slash), or "*" for any')  # fmt: skip
+            message = (
+                f"{origin!r}: expected SCHEME://HOST[:PORT] as a browser sends it (no path, no trailing slash), "
+                'or "*" for any'
+            )
+            raise where.error("http", "allowed_origins", message)
     return tuple(o.lower() for o in value)
 
 
@@ -194,16 +197,18 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
         except ValueError as exc:
             raise where.error("http", "listen", f"{entry!r}: {exc}") from None
         if isinstance(address, tuple) and not loopback_host(address[0]) and not tokens:
-            raise where.error(
-                "http", "listen", f"{entry!r} is not a loopback address: anyone who can reach it could run jobs on "
-                "this GPU. Set token_file (a file of bearer tokens, one a line), or listen on loopback or a unix socket"
-            )  # fmt: skip
+            message = (
+                f"{entry!r} is not a loopback address: anyone who can reach it could run jobs on this GPU. "
+                "Set token_file (a file of bearer tokens, one a line), or listen on loopback or a unix socket"
+            )
+            raise where.error("http", "listen", message)
         if isinstance(address, tuple) and not tokens and not unauthenticated:
-            raise where.error(
-                "http", "listen", f"{entry!r} has no authentication: every local user could run jobs on this GPU "
+            message = (
+                f"{entry!r} has no authentication: every local user could run jobs on this GPU "
                 "(a unix socket's file permissions do not apply to TCP). Listen on a unix socket, set token_file, "
                 "or accept it with [http] allow_unauthenticated_tcp = true"
-            )  # fmt: skip
+            )
+            raise where.error("http", "listen", message)
     origins = _origins(where, table.get("allowed_origins", []))
     limits = {key: _limit(where, "http", table, key, getattr(HttpSettings, key)) for key in _LIMITS}
     models_table = table.get("models", {})
@@ -214,8 +219,16 @@ def parse_http(where: Locator, table: Any, modes: Collection[str], base: Path) -
     # way, at start and at every reload (resolved here, someone else's link
     # was followed and its target trusted).
     token_file, admin_token_file = (str(base / path) if path else "" for path in (token_file, admin_token_file))
-    return HttpSettings(tuple(listen), token_file, admin_token_file, access_log, models=models,
-                        allow_unauthenticated_tcp=unauthenticated, allowed_origins=origins, **limits)  # fmt: skip
+    return HttpSettings(
+        tuple(listen),
+        token_file,
+        admin_token_file,
+        access_log,
+        models=models,
+        allow_unauthenticated_tcp=unauthenticated,
+        allowed_origins=origins,
+        **limits,
+    )
 
 
 def _path(where: Locator, table: dict, key: str) -> str:
@@ -251,5 +264,5 @@ def _http_model(where: Locator, name: str, entry: Any, modes: Collection[str]) -
     if not any(tasks.values()):
         raise where.error(table, None, "names no task: give at least one of embeddings, chat or completions")
     max_tokens = _limit(where, table, entry, "max_tokens", 0) if "max_tokens" in entry else None
-    return HttpModel(name, mode, **tasks, timeout=seconds(where, table, entry, "timeout", "0: none"),
-                     max_tokens=max_tokens)  # fmt: skip
+    timeout = seconds(where, table, entry, "timeout", "0: none")
+    return HttpModel(name, mode, **tasks, timeout=timeout, max_tokens=max_tokens)

@@ -3,10 +3,9 @@
 ``JobFuture`` is a ``concurrent.futures.Future`` that also carries what the
 job's owner needs on the way: where its streamed chunks go, the queue slot
 it holds (given back exactly once, however the job ends), and how a
-streamed job that runs is stopped at its caller's word. These used to be
-attributes patched onto plain Futures; a subclass says what a job's Future
-is. The daemon's client subclasses it so that ``cancel()`` asks the daemon,
-whose answer is the truth.
+streamed job that runs is stopped at its caller's word. The daemon's
+client subclasses it so that ``cancel()`` asks the daemon, whose answer is
+the truth.
 
 A caller's cancel ends a Future ``cancelled()`` whether the job was queued
 or was a stream that ran, in process and through the daemon alike: the

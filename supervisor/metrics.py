@@ -63,28 +63,59 @@ class Metrics:
     """The event figures of one supervisor (called on its loop thread), and
     its registry, which also reads the status at scrape time."""
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]],
-                 known: Callable[[], tuple[Collection[str], Mapping[str, Collection[str]]]] = lambda: ((), {})):  # fmt: skip
+    def __init__(
+        self,
+        status: Callable[[], Mapping[str, Any]],
+        known: Callable[[], tuple[Collection[str], Mapping[str, Collection[str]]]] = lambda: ((), {}),
+    ):
         """``known()``: the configured modes, and each mode's tasks as its
         worker listed them: the only label values there are."""
         self._known = known
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.jobs = Counter("gpuvisor_jobs", "Jobs ended, by mode, task and outcome (ok, cancelled or the error's code)",
-                            ["mode", "task", "outcome"], registry=r)  # fmt: skip
-        self.job_seconds = Histogram("gpuvisor_job_duration_seconds", "From submit to the job's outcome",
-                                     ["mode", "task"], buckets=_SECONDS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("gpuvisor_queue_wait_seconds", "From being queued to starting on a worker",
-                                    ["mode"], buckets=_SECONDS, registry=r)  # fmt: skip
-        self.switches = Counter("gpuvisor_switches", "Mode switches (a worker started for a mode), by outcome",
-                                ["mode", "outcome"], registry=r)  # fmt: skip
-        self.switch_seconds = Histogram("gpuvisor_switch_duration_seconds", "Switches that loaded, by phase "
-                                        "(total, stop, reclaim, spawn, load, warmup)", ["phase"],
-                                        buckets=_SWITCH_SECONDS, registry=r)  # fmt: skip
-        self.reclaimed = Counter("gpuvisor_reclaimed_bytes", "Device memory verified back after a worker was stopped",
-                                 registry=r)  # fmt: skip
-        self.batch_size = Histogram("gpuvisor_batch_size", "Jobs per call of a batch handler", ["mode", "task"],
-                                    buckets=_BATCH_SIZES, registry=r)  # fmt: skip
+        self.jobs = Counter(
+            "gpuvisor_jobs",
+            "Jobs ended, by mode, task and outcome (ok, cancelled or the error's code)",
+            ["mode", "task", "outcome"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "gpuvisor_job_duration_seconds",
+            "From submit to the job's outcome",
+            ["mode", "task"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gpuvisor_queue_wait_seconds",
+            "From being queued to starting on a worker",
+            ["mode"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.switches = Counter(
+            "gpuvisor_switches",
+            "Mode switches (a worker started for a mode), by outcome",
+            ["mode", "outcome"],
+            registry=r,
+        )
+        self.switch_seconds = Histogram(
+            "gpuvisor_switch_duration_seconds",
+            "Switches that loaded, by phase (total, stop, reclaim, spawn, load, warmup)",
+            ["phase"],
+            buckets=_SWITCH_SECONDS,
+            registry=r,
+        )
+        self.reclaimed = Counter(
+            "gpuvisor_reclaimed_bytes", "Device memory verified back after a worker was stopped", registry=r
+        )
+        self.batch_size = Histogram(
+            "gpuvisor_batch_size",
+            "Jobs per call of a batch handler",
+            ["mode", "task"],
+            buckets=_BATCH_SIZES,
+            registry=r,
+        )
         r.register(_StatusCollector(status))
         # The labelled series each event touches, by metric and label values:
         # ``labels()`` checks and locks on every call, and a job makes three.
@@ -152,28 +183,37 @@ class _StatusCollector(Collector):
         for name in ("not_started", "running", "draining", "failed", "stopped"):
             state.add_metric([name], 1.0 if s.get("state") == name else 0.0)
         yield state
-        loaded = GaugeMetricFamily("gpuvisor_mode_loaded", "1 for the mode each device's worker has loaded",
-                                   labels=["device", "mode"])  # fmt: skip
+        loaded = GaugeMetricFamily(
+            "gpuvisor_mode_loaded", "1 for the mode each device's worker has loaded", labels=["device", "mode"]
+        )
         for d in devices:
             if d.get("mode"):
                 loaded.add_metric([d["name"], d["mode"]], 1.0)
         yield loaded
         depth = GaugeMetricFamily("gpuvisor_queue_depth", "Jobs waiting, by the mode they need", labels=["mode"])
-        oldest = GaugeMetricFamily("gpuvisor_queue_oldest_seconds", "How long the oldest job waiting for each mode "
-                                   "has waited", labels=["mode"])  # fmt: skip
+        oldest = GaugeMetricFamily(
+            "gpuvisor_queue_oldest_seconds", "How long the oldest job waiting for each mode has waited", labels=["mode"]
+        )
         for mode, waiting in (s.get("waiting") or {}).items():
             depth.add_metric([mode or ""], float(waiting.get("jobs", 0)))
             oldest.add_metric([mode or ""], float(waiting.get("oldest_s", 0.0)))
         yield depth
         yield oldest
-        broken = GaugeMetricFamily("gpuvisor_mode_broken", "1 for each mode no device may run now (its breaker is "
-                                   "open: it failed too often)", labels=["mode"])  # fmt: skip
+        broken = GaugeMetricFamily(
+            "gpuvisor_mode_broken",
+            "1 for each mode no device may run now (its breaker is open: it failed too often)",
+            labels=["mode"],
+        )
         for mode in s.get("broken_modes") or {}:
             broken.add_metric([mode], 1.0)
         yield broken
         yield _gauge("gpuvisor_queued", "Jobs and switches queued", [([], s.get("queued"))])
-        yield _gauge("gpuvisor_worker_generations", "Workers started so far, on every device",
-                     [([], s.get("generation"))], counter=True)  # fmt: skip
+        yield _gauge(
+            "gpuvisor_worker_generations",
+            "Workers started so far, on every device",
+            [([], s.get("generation"))],
+            counter=True,
+        )
         for name, text, key, counter, flag in _PER_DEVICE:
             values = [([d["name"]], (1.0 if d.get(key) else 0.0) if flag else d.get(key)) for d in devices]
             yield _gauge(name, text, values, labels=["device"], counter=counter)
@@ -191,8 +231,9 @@ _PER_DEVICE = (
 )
 
 
-def _gauge(name: str, text: str, values: list[tuple[list[str], Any]], labels: list[str] | None = None,
-           counter: bool = False) -> GaugeMetricFamily | CounterMetricFamily:  # fmt: skip
+def _gauge(
+    name: str, text: str, values: list[tuple[list[str], Any]], labels: list[str] | None = None, counter: bool = False
+) -> GaugeMetricFamily | CounterMetricFamily:
     """One family; samples whose value is unknown (None) are left out."""
     family_type = CounterMetricFamily if counter else GaugeMetricFamily
     family = family_type(name, text, labels=labels or [])

@@ -12,8 +12,8 @@ count against the whole queue only.
 
 A job takes its share when it is submitted, in the caller's thread, and
 gives it back exactly once when it ends (the Future's ``hold_slot``), so
-``QueueFull`` is raised by ``submit()`` itself and the counts are exact
-whatever way a job ends. One lock guards a few additions.
+a job over a bound never reaches the queue (its Future fails with
+``QueueFull`` at once) and the counts are exact whatever way a job ends. One lock guards a few additions.
 """
 
 from __future__ import annotations
@@ -49,22 +49,26 @@ class QueueQuota:
         lim = self.limits
         if nbytes > (lim.client_bytes if client is not None else lim.bytes):
             bound = "max_queue_bytes_per_client" if client is not None else "max_queue_bytes"
-            raise RequestTooLarge(f"a job of {nbytes:,} bytes is over {bound} "
-                                  f"({lim.client_bytes if client is not None else lim.bytes:,}): it can never be "
-                                  "queued; send less at a time")  # fmt: skip
+            limit = lim.client_bytes if client is not None else lim.bytes
+            raise RequestTooLarge(
+                f"a job of {nbytes:,} bytes is over {bound} ({limit:,}): it can never be queued; send less at a time"
+            )
         with self._lock:
             held = self._by_client.get(client, [0, 0]) if client is not None else [0, 0]
             if client is not None and held[0] >= lim.client_jobs:
-                raise QueueFull(f"this client already has {held[0]:,} job{'s' if held[0] > 1 else ''} queued or running "
-                                f"(max_queue_per_client); other clients are still served")  # fmt: skip
+                jobs = f"{held[0]:,} job{'s' if held[0] > 1 else ''}"
+                raise QueueFull(
+                    f"this client already has {jobs} queued or running (max_queue_per_client); "
+                    "other clients are still served"
+                )
             if client is not None and held[1] + nbytes > lim.client_bytes:
-                raise QueueFull(f"this client's queued jobs hold {held[1]:,} bytes; {nbytes:,} more is over "
-                                f"max_queue_bytes_per_client ({lim.client_bytes:,})")  # fmt: skip
+                over = f"max_queue_bytes_per_client ({lim.client_bytes:,})"
+                raise QueueFull(f"this client's queued jobs hold {held[1]:,} bytes; {nbytes:,} more is over {over}")
             if self._jobs >= lim.jobs:
                 raise QueueFull(f"{lim.jobs} jobs are already queued or running (max_queue)")
             if self._bytes + nbytes > lim.bytes:
-                raise QueueFull(f"the queue holds {self._bytes:,} bytes; {nbytes:,} more is over max_queue_bytes "
-                                f"({lim.bytes:,})")  # fmt: skip
+                over = f"max_queue_bytes ({lim.bytes:,})"
+                raise QueueFull(f"the queue holds {self._bytes:,} bytes; {nbytes:,} more is over {over}")
             self._jobs += 1
             self._bytes += nbytes
             if client is not None:

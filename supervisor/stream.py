@@ -24,7 +24,9 @@ from typing import Any
 
 from supervisor.futures import JobFuture
 
-_END = object()  # after a stream's last chunk: its Future is done
+END = object()
+"""What ``AsyncJobStream.take()`` gives after the last chunk: the job's
+Future is done."""
 
 
 class JobStream:
@@ -48,7 +50,7 @@ class JobStream:
         Its chunks may arrive before ``submit`` returns; its end comes after
         them (a job is settled after its last chunk)."""
         self.future = submit(self._on_chunk)
-        self.future.add_done_callback(lambda _: self._deliver(_END))
+        self.future.add_done_callback(lambda _: self._deliver(END))
         return self
 
     def _on_chunk(self, value: Any) -> None:
@@ -59,7 +61,7 @@ class JobStream:
         try:
             while True:
                 item = self._chunks.get()
-                if item is _END:
+                if item is END:
                     ended = True
                     self._finish()
                     return
@@ -72,14 +74,14 @@ class JobStream:
         """The next chunk (``next(stream)``); unlike a ``for`` loop, this
         leaves the job alone when the caller stops calling it."""
         item = self._chunks.get()
-        if item is _END:
+        if item is END:
             self._finish()
             raise StopIteration
         return item
 
     def _finish(self) -> None:
         """The stream is over: the job's error is raised, if it has one."""
-        self._chunks.put(_END)  # iterating again ends again
+        self._chunks.put(END)  # iterating again ends again
         error = self.future.exception()  # CancelledError if it was cancelled
         if error is not None:
             raise error
@@ -124,17 +126,24 @@ class AsyncJobStream(JobStream):
 
     async def __anext__(self) -> Any:
         try:
-            item = await self._queue.get()
+            item = await self.take()
         except asyncio.CancelledError:
             self.close()  # the reader gave up
             raise
-        if item is _END:
+        if item is END:
             self._end_async()
             raise StopAsyncIteration
         return item
 
+    async def take(self) -> Any:
+        """The next chunk, or ``END`` once the job has ended (its outcome is
+        then on ``future``). Unlike ``async for``, a cancelled wait leaves
+        the job alone: for a reader with its own way of giving it up (the
+        HTTP door, which says in its log how the job ended)."""
+        return await self._queue.get()
+
     def _end_async(self) -> None:
-        self._queue.put_nowait(_END)
+        self._queue.put_nowait(END)
         error = self.future.exception()
         if error is not None:
             raise error

@@ -146,9 +146,9 @@ def test_switch_mode_names_its_device_or_placement_chooses(supervisor_from):
     assert sup.switch_mode("pinned").result(T)["status"] == "loaded"
     assert by_device(sup)["cpu:1"]["mode"] == "pinned"
     with pytest.raises(ValueError, match="unknown device 'cuda:7'"):
-        sup.switch_mode("a", device="cuda:7")
+        sup.switch_mode("a", device="cuda:7").result(0)  # failed at once, as through the daemon
     with pytest.raises(ValueError, match="may not run on 'cpu:0'"):
-        sup.switch_mode("pinned", device="cpu:0")
+        sup.switch_mode("pinned", device="cpu:0").result(0)
     restarted = sup.restart(device="cpu:1").result(T)
     assert restarted["status"] == "restarted" and restarted["mode"] == "pinned"
 

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.process, pytest.mark.slow]
 SCRIPT = r"""
 import inspect, json, sys
 from worker.modes import generate as mode
+from worker.modes.detokenize import Detokenizer
 
 report = {"torch_at_import": "torch" in sys.modules or "transformers" in sys.modules}
 import torch
@@ -117,14 +118,14 @@ report["bad_template_arg"] = load_error(chat_template="")
 
 _, tokenizer = mode.build_tiny()
 report["eos_id"] = tokenizer.eos_token_id
-detok = mode._Detokenizer(tokenizer)
+detok = Detokenizer(tokenizer)
 ids = list("a\u20acb\U0001f600".encode())
 report["detok_deltas"] = [detok.delta(ids[: i + 1], final=False) for i in range(len(ids))]
-detok = mode._Detokenizer(tokenizer)
+detok = Detokenizer(tokenizer)
 report["detok_flush"] = [detok.delta([97, 0xE2], final=False), detok.delta([97, 0xE2], final=True)]
 hello = list(b"hello world")
 for name, stops in (("detok_stop", ["o w"]), ("detok_false_start", ["lo!"])):
-    detok = mode._Detokenizer(tokenizer, stops)
+    detok = Detokenizer(tokenizer, stops)
     deltas = []
     for i in range(len(hello)):
         deltas.append(detok.delta(hello[: i + 1], final=i == len(hello) - 1))

@@ -172,7 +172,7 @@ def test_error_codes_are_unique_and_stable():
     assert ERROR_CODES == {
         "error", "protocol_error", "unknown_mode", "no_mode_loaded", "unknown_task", "mode_load_error",
         "job_failed", "out_of_memory", "job_timeout", "worker_crashed", "job_cancelled", "shutting_down", "supervisor_failed", "queue_full", "daemon_unavailable", "client_cut_off", "stream_incomplete",
-        "mode_broken", "forbidden", "request_too_large",
+        "mode_broken", "forbidden", "request_too_large", "wrong_device",
     }  # fmt: skip
 
 

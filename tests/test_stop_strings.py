@@ -16,7 +16,8 @@ import random
 import pytest
 
 from tests.test_http import MODEL_T, curl, http_config, http_socket
-from worker.modes.generate import _Detokenizer, _Stops
+from worker.modes.detokenize import Detokenizer as _Detokenizer
+from worker.modes.detokenize import Stops as _Stops
 
 
 class Reference:

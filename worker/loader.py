@@ -147,3 +147,32 @@ def _frames(tb: TracebackType | None) -> Iterator[tuple[Any, int]]:
     while tb is not None:
         yield tb.tb_frame, tb.tb_lineno
         tb = tb.tb_next
+
+
+# Libraries slow enough to import that a warm standby should have them ready,
+# with every submodule the mode pulled in (``import transformers`` alone is
+# lazy: the model classes are most of the cost). Third-party only: importing
+# them touches no GPU, which a loader's own module might do at import time.
+PRELOADABLE = frozenset(
+    {
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "huggingface_hub",
+        "sentence_transformers",
+        "accelerate",
+        "diffusers",
+        "vllm",
+        "onnxruntime",
+        "scipy",
+        "sklearn",
+        "numpy",
+    }
+)
+
+
+def heavy_imports() -> list[str]:
+    """The heavy modules this worker imported, told in READY: in import
+    order (sys.modules keeps it), so a standby can repeat it."""
+    return [name for name in list(sys.modules) if name.partition(".")[0] in PRELOADABLE]

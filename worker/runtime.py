@@ -13,18 +13,19 @@
 
 The main thread owns the job socket and runs the loader and the handlers,
 one job at a time, so a handler may use whatever needs the main thread and
-a job crosses no thread inside the worker: a relay thread between the
-socket and the handlers cost about 95 µs of CPU per job. Heartbeats go
-from a thread of their own on a socket of their own, so they keep coming
-while a handler runs for minutes, and that thread also watches the job
-socket's connection: a dropped connection must end the worker even while
-its main thread is busy. ZeroMQ sockets are not thread-safe, so each socket
-has one owning thread (the job socket's monitor is made by the main thread
-and handed over before the heartbeat thread starts).
+a job crosses no thread inside the worker (handing each job from a socket
+thread to a handler thread costs about 95 µs of CPU, measured). Heartbeats
+go from a thread of their own on a socket of their own
+(``worker.heartbeat``), so they keep coming while a handler runs for
+minutes, and that thread also watches the job socket's connection: a
+dropped connection must end the worker even while its main thread is busy.
+ZeroMQ sockets are not thread-safe, so each socket has one owning thread
+(the job socket's monitor is made by the main thread and handed over before
+the heartbeat thread starts).
 
 A streamed job can be stopped: after each chunk it sends, the main thread
-looks at the job socket without blocking (a poll with a zero timeout:
-1.6 µs a chunk, measured) for a CANCEL naming that job, closes the generator (its
+looks at the job socket without blocking (a poll with a zero timeout: 1.6 µs
+a chunk, measured) for a CANCEL naming that job, closes the generator (its
 ``finally`` blocks run) and answers ``job_cancelled``. What else it reads
 meanwhile (the next JOB of a window) is kept, in order, for the main loop.
 A job that does not stream is never interrupted: only killing the worker
@@ -38,20 +39,17 @@ import contextlib
 import inspect
 import os
 import sys
-import threading
 import time
 import traceback
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from protocol import (
     Chunk,
     Drain,
     Failure,
     GpuvisorError,
-    Heartbeat,
     Hello,
     Job,
     JobBatch,
@@ -71,88 +69,16 @@ from protocol import (
     encode,
     unpack,
 )
-from protocol.frames import read_all, recv_message, small
-from protocol.messages import Cancel, peek
+from protocol.frames import read_all, recv_message
+from protocol.messages import Cancel
+from protocol.packing import peek
 from worker.batching import batch_limits
-from worker.lifeline import exit_if_orphaned
-from worker.loader import Handler, failure_text, load_mode
+from worker.heartbeat import SEND_TIMEOUT_MS, HeartbeatThread, log_line, send_or_exit
+from worker.loader import Handler, failure_text, heavy_imports, load_mode
 from worker.memory import is_out_of_memory, torch_memory
 
 _LINGER_MS = 5000
-# A DEALER blocks a send for as long as it has no peer. Past this, the
-# supervisor is unreachable: waiting longer would leave a job unanswered
-# (main thread) or stop the orphan check (heartbeat thread).
-_SEND_TIMEOUT_MS = 3000
 LOAD_FAILED_EXIT_CODE = WorkerExit.LOAD_FAILED
-
-
-def _log(gen: int, text: str) -> None:
-    """One line to stderr, which is a pipe to the supervisor: when the
-    supervisor is gone the write fails, and a log line must never be what
-    stops the worker from noticing that."""
-    try:
-        print(f"gpuvisor-worker[gen {gen} pid {os.getpid()}]: {text}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
-def _lost(gen: int, why: str) -> None:
-    _log(gen, f"{why}; exiting")
-    os._exit(WorkerExit.DISCONNECTED)
-
-
-def _send(sock: zmq.Socket, frames: list, gen: int, copy: bool | None = None) -> None:
-    try:
-        sock.send_multipart(frames, copy=small(frames) if copy is None else copy)
-    except zmq.Again:
-        _lost(gen, f"could not send to the supervisor for {_SEND_TIMEOUT_MS / 1000:g}s")
-
-
-class _HeartbeatThread(threading.Thread):
-    """Owns the heartbeat socket and the job socket's monitor; see the module
-    docstring. It ends when the main thread stops the monitor (the monitor
-    socket then says MONITOR_STOPPED)."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, gen: int, parent_pid: int, interval: float,
-                 monitor: zmq.Socket):  # fmt: skip
-        super().__init__(name="gpuvisor-worker-heartbeat", daemon=True)
-        self._ctx, self._endpoint, self._gen = ctx, endpoint, gen
-        self._parent_pid, self._interval, self._monitor = parent_pid, interval, monitor
-        self.busy = False  # written by the main thread only; read here for heartbeats
-
-    def run(self) -> None:
-        try:
-            self._beat()
-        except BaseException as exc:  # noqa: BLE001 - without this thread the worker is blind to its supervisor
-            _log(self._gen, f"heartbeat thread failed ({type(exc).__name__}: {exc}); exiting")
-            os._exit(WorkerExit.DISCONNECTED)
-
-    def _beat(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.ROUTING_ID, f"h{self._gen}".encode())
-            sock.setsockopt(zmq.LINGER, 0)  # a heartbeat left unsent at exit means nothing
-            sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-            sock.connect(self._endpoint)
-            next_beat = 0.0
-            while True:
-                now = time.monotonic()
-                if now >= next_beat:
-                    exit_if_orphaned(self._parent_pid)
-                    _send(sock, encode(Heartbeat(self.busy, torch_memory())), self._gen)
-                    next_beat = now + self._interval
-                wait_ms = max(0, round((next_beat - time.monotonic()) * 1000))
-                if self._monitor.poll(wait_ms):
-                    event = recv_monitor_message(self._monitor)["event"]
-                    if event == zmq.EVENT_MONITOR_STOPPED:
-                        return
-                    # A dropped connection is fatal, never silently healed by a
-                    # reconnect: the supervisor drops it when we send a frame
-                    # over its limit, and whatever we were answering is lost.
-                    _lost(self._gen, "the supervisor dropped our connection")
-        finally:
-            self._monitor.close(linger=0)
-            sock.close()
 
 
 def _error_map(exc: BaseException, fallback: type[GpuvisorError], text: str | None = None) -> dict[str, Any]:
@@ -174,7 +100,7 @@ def _error_map(exc: BaseException, fallback: type[GpuvisorError], text: str | No
 
 
 class _Worker:
-    def __init__(self, gen: int, sock: zmq.Socket, beat: _HeartbeatThread):
+    def __init__(self, gen: int, sock: zmq.Socket, beat: HeartbeatThread):
         self.gen, self._sock, self._beat = gen, sock, beat
         self.mode: str | None = None
         self.handlers: dict[str, Handler] = {}
@@ -184,7 +110,7 @@ class _Worker:
         self._incoming.register(sock, zmq.POLLIN)
 
     def send(self, msg) -> None:
-        _send(self._sock, encode(msg), self.gen)
+        send_or_exit(self._sock, encode(msg), self.gen)
 
     def recv(self):
         while True:
@@ -193,7 +119,7 @@ class _Worker:
             try:
                 return decode_to_worker(frames)
             except ProtocolError as exc:
-                _log(self.gen, f"dropped a malformed message from the supervisor: {exc}")
+                log_line(self.gen, f"dropped a malformed message from the supervisor: {exc}")
                 if self.mode is not None:  # a job we cannot read still gets its one answer
                     error = ProtocolError(f"the {peek(frames, 'k')} message could not be read: {exc.message}")
                     for job in _job_ids(frames):
@@ -211,7 +137,7 @@ class _Worker:
         except Exception as exc:  # noqa: BLE001 - any loader error fails the switch, with its traceback
             # The loader file's line goes into the message itself: the CLI and the log show the message.
             text = failure_text(msg.loader, exc)
-            _log(self.gen, f"loading mode {msg.mode!r} failed: {text}")
+            log_line(self.gen, f"loading mode {msg.mode!r} failed: {text}")
             self.send(LoadFailed(msg.mode, _error_map(exc, ModeLoadError, text)))
             return False
         self.mode = msg.mode
@@ -224,9 +150,9 @@ class _Worker:
                 sorted(self.handlers),
                 warmup_seconds,
                 torch_memory(),
-                _heavy_imports(),
+                heavy_imports(),
                 batch or None,
-            )  # fmt: skip
+            )
         )
         return True
 
@@ -269,7 +195,8 @@ class _Worker:
                 seq += 1
                 # Copied (copy=True): the generator resumes as soon as this
                 # returns and may refill the very buffer it just yielded.
-                _send(self._sock, self._encode_outcome(Chunk(msg.job, seq, value), msg.task), self.gen, copy=True)
+                frames = self._encode_outcome(Chunk(msg.job, seq, value), msg.task)
+                send_or_exit(self._sock, frames, self.gen, copy=True)
                 if self._incoming.poll(0) and self._cancel_asked(msg.job):
                     stopped = True
                     raise _Cancelled
@@ -282,8 +209,9 @@ class _Worker:
             return
         except Exception as exc:  # noqa: BLE001 - any handler error is the job's outcome
             if stopped:  # even if the generator's own clean-up raised on the way out
-                error = JobCancelled(f"job {msg.job} ({msg.task!r}) was stopped after chunk {seq}: its caller "
-                                     "cancelled it")  # fmt: skip
+                error = JobCancelled(
+                    f"job {msg.job} ({msg.task!r}) was stopped after chunk {seq}: its caller cancelled it"
+                )
                 self.send(Failure(msg.job, error.to_wire()))
             else:
                 self.send(Failure(msg.job, _error_map(exc, JobFailed)))
@@ -351,7 +279,7 @@ class _Worker:
         except _Unsendable as exc:
             self.send(Failure(job.job, exc.error))
             return
-        _send(self._sock, frames, self.gen)
+        send_or_exit(self._sock, frames, self.gen)
 
     @staticmethod
     def _encode_outcome(msg: Result | Chunk, task: str) -> list:
@@ -373,7 +301,7 @@ class _Worker:
                 if not self.load(msg):
                     return LOAD_FAILED_EXIT_CODE
             else:
-                _log(self.gen, f"ignored {_kind(msg)} before LOAD")
+                log_line(self.gen, f"ignored {_kind(msg)} before LOAD")
         while True:
             msg = self.recv()
             if isinstance(msg, Job):
@@ -385,7 +313,7 @@ class _Worker:
             elif isinstance(msg, Cancel):
                 pass  # its job has been answered (or never came): nothing is running to stop
             else:
-                _log(self.gen, f"ignored {_kind(msg)}: mode {self.mode!r} is already loaded")
+                log_line(self.gen, f"ignored {_kind(msg)}: mode {self.mode!r} is already loaded")
 
 
 def _kind(msg: Any) -> str:
@@ -417,20 +345,6 @@ def _job_ids(frames: list) -> list[int]:
         if isinstance(job, int) and job not in ids:
             ids.append(job)
     return ids
-
-
-# Libraries slow enough to import that a warm standby should have them ready,
-# with every submodule the mode pulled in (``import transformers`` alone is
-# lazy: the model classes are most of the cost). Third-party only: importing
-# them touches no GPU, which a loader's own module might do at import time.
-_PRELOADABLE = frozenset({"torch", "transformers", "tokenizers", "safetensors", "huggingface_hub",
-                          "sentence_transformers", "accelerate", "diffusers", "vllm", "onnxruntime", "scipy",
-                          "sklearn", "numpy"})  # fmt: skip
-
-
-def _heavy_imports() -> list[str]:
-    """In import order (sys.modules keeps it), so a standby can repeat it."""
-    return [name for name in list(sys.modules) if name.partition(".")[0] in _PRELOADABLE]
 
 
 class _Cancelled(Exception):
@@ -467,10 +381,10 @@ def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, f"g{gen}".encode())
     sock.setsockopt(zmq.LINGER, _LINGER_MS)
-    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
     sock.connect(endpoint)
-    beat = _HeartbeatThread(ctx, endpoint, gen, parent_pid, heartbeat_interval, monitor)
+    beat = HeartbeatThread(ctx, endpoint, gen, parent_pid, heartbeat_interval, monitor)
     beat.start()
     code = 1
     try:
@@ -479,7 +393,7 @@ def run(endpoint: str, gen: int, parent_pid: int, heartbeat_interval: float) -> 
         code = worker.serve()
     finally:
         sock.disable_monitor()  # the heartbeat thread hears MONITOR_STOPPED and ends
-        beat.join(timeout=_SEND_TIMEOUT_MS / 1000 + 1)
+        beat.join(timeout=SEND_TIMEOUT_MS / 1000 + 1)
         sock.close()  # lingers, so the last RESULT and LOAD_FAILED get out
         if beat.is_alive():  # stuck: ctx.term() would block on its socket
             os._exit(code)

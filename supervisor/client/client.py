@@ -28,9 +28,8 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Literal, overload
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -38,19 +37,21 @@ from zmq.utils.monitor import recv_monitor_message
 from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolError, StreamIncomplete, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
-from supervisor.arguments import check_submit
+from supervisor.arguments import check_device, check_mode, check_seconds
 from supervisor.client.endpoint import client_default_endpoint, unreachable
 from supervisor.events import DEFAULT_BUFFER, EventStream, Subscription
 from supervisor.futures import JobFuture, settle
 from supervisor.mailbox import Mailbox
 from supervisor.status import Status, SwitchResult
-from supervisor.stream import JobStream
+from supervisor.surface import ChunkSink, SupervisorAPI
 
 _LINGER_MS = 0
 log = logging.getLogger("gpuvisor")
 
 
-class Client:
+class Client(SupervisorAPI):
+    """The sync face of ``supervisor.surface`` through a daemon; thread-safe."""
+
     def __init__(
         self,
         endpoint: str | None = None,
@@ -107,56 +108,19 @@ class Client:
 
     # ------------------------------------------------------------ the API
 
-    @overload
-    def submit(
+    def _queue_job(
         self,
         task: str,
-        payload: Any = ...,
-        *,
-        mode: str | None = ...,
-        timeout: float | None = ...,
-        retries: int = ...,
-        stream: Literal[False] = ...,
-        on_chunk: Callable[[Any], None] | None = ...,
-    ) -> JobFuture: ...
-
-    @overload
-    def submit(
-        self,
-        task: str,
-        payload: Any = ...,
-        *,
-        mode: str | None = ...,
-        timeout: float | None = ...,
-        retries: int = ...,
-        stream: Literal[True],
-        on_chunk: None = ...,
-    ) -> JobStream: ...
-
-    def submit(
-        self,
-        task: str,
-        payload: Any = None,
-        *,
-        mode: str | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        stream: bool = False,
-        on_chunk: Callable[[Any], None] | None = None,
-    ) -> JobFuture | JobStream:
-        """As ``Supervisor.submit``, through the daemon. ``stream=True`` gives
-        a ``JobStream`` of the chunks the daemon relays, then the job's one
-        outcome; ``on_chunk`` instead gets each chunk on this client's I/O
-        thread (it must not block). The Future's ``cancel()`` asks the daemon
-        and tells the truth: True only if the job will never run."""
-        timeout = check_submit(task, mode, timeout, retries, stream, on_chunk)
-        if not stream:
-            return self._submit(task, payload, mode, timeout, retries, on_chunk)
-        return JobStream()._feed(lambda sink: self._submit(task, payload, mode, timeout, retries, sink))
-
-    def _submit(self, task: str, payload: Any, mode: str | None, timeout: float | None, retries: int,
-                on_chunk: Callable[[Any], None] | None) -> JobFuture:  # fmt: skip
-        """A submit request; with ``on_chunk``, a streamed one."""
+        payload: Any,
+        mode: str | None,
+        timeout: float | None,
+        retries: int,
+        on_chunk: ChunkSink | None,
+    ) -> JobFuture:
+        """A submit request, through the daemon; with ``on_chunk``, a
+        streamed one, whose chunks come on this client's I/O thread. The
+        Future's ``cancel()`` asks the daemon and tells the truth: True only
+        if the job will never run."""
         fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
         if on_chunk is not None:
             fields["stream"] = True
@@ -165,12 +129,17 @@ class Client:
         return future
 
     def switch_mode(self, mode: str, *, device: str | None = None) -> Future[SwitchResult]:
+        check_mode(mode, optional=False)
+        check_device(device)
         return self._request(Request.SWITCH, Future(), **_with_device({"mode": mode}, device))
 
     def restart(self, mode: str | None = None, *, device: str | None = None) -> Future[SwitchResult]:
+        check_mode(mode, optional=True)
+        check_device(device)
         return self._request(Request.RESTART, Future(), **_with_device({"mode": mode}, device))
 
     def unload(self, device: str | None = None) -> Future[dict[str, Any]]:
+        check_device(device)
         return self._request(Request.UNLOAD, Future(), device=device)
 
     def reload(self) -> dict[str, Any]:
@@ -211,6 +180,7 @@ class Client:
         """Stop the daemon, after running what is queued (``drain``, bounded by
         ``timeout`` and by its ``[daemon] drain_timeout``); returns once it
         has stopped: its connection is gone, or it stopped answering."""
+        timeout = check_seconds("timeout", timeout)
         self._request(Request.SHUTDOWN, Future(), drain=drain, timeout=timeout).result()
         next_ping = time.monotonic() + self.timeout
         while not self._lost.wait(0.05):
@@ -423,8 +393,11 @@ class Client:
                     if isinstance(error, ClientCutOff):
                         log.warning("the daemon at %s cut this client off: %s", self.endpoint, error.message)
                         return time.monotonic(), error
-                    log.warning("the daemon at %s could not read one of this client's requests (%d outstanding, "
-                                "which one is unknown): %s", self.endpoint, len(pending), error)  # fmt: skip
+                    unread = (
+                        "the daemon at %s could not read one of this client's requests "
+                        "(%d outstanding, which one is unknown): %s"
+                    )
+                    log.warning(unread, self.endpoint, len(pending), error)
                 continue
             future = pending.get(reply.id)
             if future is None:
@@ -460,9 +433,8 @@ class Client:
         if reply.seq != expected:
             del pending[reply.id]
             lost = f"{reply.seq - expected:,} lost" if reply.seq > expected else "out of order"
-            error = StreamIncomplete(f"request {reply.id}: chunk {reply.seq} came after chunk {expected - 1} "
-                                     f"({lost}); the stream is incomplete")  # fmt: skip
-            settle(future, error=error)
+            gap = f"request {reply.id}: chunk {reply.seq} came after chunk {expected - 1} ({lost})"
+            settle(future, error=StreamIncomplete(f"{gap}; the stream is incomplete"))
             return
         future.chunks = expected
         sink(reply.value)
@@ -473,8 +445,10 @@ class Client:
         request_id = peek(frames, "id")
         future = pending.pop(request_id, None) if isinstance(request_id, int) else None
         if future is None:
-            log.warning("dropped a message from the daemon at %s that cannot be decoded and names no request of "
-                        "this client: %s", self.endpoint, exc.message)  # fmt: skip
+            dropped = (
+                "dropped a message from the daemon at %s that cannot be decoded and names no request of this client: %s"
+            )
+            log.warning(dropped, self.endpoint, exc.message)
             return
         settle(future, error=ProtocolError(f"the reply to request {request_id} cannot be decoded: {exc.message}"))
 
@@ -485,7 +459,7 @@ class RemoteJobFuture(JobFuture):
     is a stream it stopped (the Future is then cancelled, as in-process);
     False for any other job once it runs."""
 
-    def __init__(self, client: Client, on_chunk: Callable[[Any], None] | None = None):
+    def __init__(self, client: Client, on_chunk: ChunkSink | None = None):
         super().__init__(on_chunk)
         self._client = weakref.ref(client)
         self.request_id = 0

@@ -64,8 +64,10 @@ def check_runtime_dir(path: str) -> None:
         "or set XDG_RUNTIME_DIR to a folder of your own (systemd's /run/user/UID)"
     )
     if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeRuntimeDir(f"the runtime folder {path} is not a folder; refusing to look for the daemon there. "
-                               f"Remove it if it is stale (rm {path}). {what_to_do}")  # fmt: skip
+        raise UnsafeRuntimeDir(
+            f"the runtime folder {path} is not a folder; refusing to look for the daemon there. "
+            f"Remove it if it is stale (rm {path}). {what_to_do}"
+        )
     if st.st_uid != os.getuid():
         raise UnsafeRuntimeDir(
             f"the runtime folder {path} belongs to {_user(st.st_uid)}, not to you ({_user(os.getuid())}): whoever "

@@ -51,8 +51,8 @@ def check(path: str | None) -> dict[str, Any]:
         finding = found.get(name) or {"ok": False, "error": "the checker gave no answer for this mode"}
         if not finding.get("ok"):
             table = f"modes.{name}"
-            entry.update(ok=False, line=where.line(table, "loader"),
-                         error=str(where.error(table, "loader", str(finding.get("error")))))  # fmt: skip
+            error = where.error(table, "loader", str(finding.get("error")))
+            entry.update(ok=False, line=where.line(table, "loader"), error=str(error))
             report["ok"] = False
         report["modes"][name] = entry
     return report
@@ -71,11 +71,20 @@ class _CheckerFailed(Exception):
 
 def _import_loaders(config: Config) -> dict[str, dict[str, Any]]:
     command = [*(config.worker_command or BUILT_IN_WORKER), _FLAG]
-    request = {"loaders": {name: spec.loader for name, spec in config.modes.items()},
-               "loader_path": list(config.loader_path)}  # fmt: skip
+    request = {
+        "loaders": {name: spec.loader for name, spec in config.modes.items()},
+        "loader_path": list(config.loader_path),
+    }
     try:
-        done = subprocess.run(command, input=json.dumps(request), capture_output=True, text=True, cwd=WORKER_CWD,
-                              env=worker_env({"CUDA_VISIBLE_DEVICES": ""}), timeout=config.load_timeout)  # fmt: skip
+        done = subprocess.run(
+            command,
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            cwd=WORKER_CWD,
+            env=worker_env({"CUDA_VISIBLE_DEVICES": ""}),
+            timeout=config.load_timeout,
+        )
     except subprocess.TimeoutExpired:
         raise _CheckerFailed(
             f"importing the loaders took longer than load_timeout ({config.load_timeout:g}s)"

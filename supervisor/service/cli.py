@@ -79,8 +79,13 @@ def _shared_options() -> argparse.ArgumentParser:
     add("-v", "--verbose", action="store_true", help="log every worker transition")
     add("--endpoint", help="the daemon's endpoint (default: ipc:// in the runtime directory)")
     add("--config", help="TOML config file (serve reads it; clients take [daemon] endpoint from it)")
-    add("--daemon-timeout", type=_positive_seconds, dest="daemon_timeout", metavar="SECONDS",
-        help="seconds of silence before the daemon counts as down (default 10)")  # fmt: skip
+    add(
+        "--daemon-timeout",
+        type=_positive_seconds,
+        dest="daemon_timeout",
+        metavar="SECONDS",
+        help="seconds of silence before the daemon counts as down (default 10)",
+    )
     add("--json", action="store_true", help="machine-readable output")
     return shared
 
@@ -109,9 +114,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     submit.add_argument("task")
     submit.add_argument("payload", nargs="?", default="null", help="the payload as JSON (default: null)")
     submit.add_argument("--mode", help="switch to this mode first if needed")
-    submit.add_argument("--timeout", "--job-timeout", type=_job_seconds, dest="job_timeout", metavar="SECONDS",
-                        help="seconds to wait for the job; 0 or none: the daemon's job_timeout, a ceiling; "
-                             "less gives up on it while the worker finishes it")  # fmt: skip
+    submit.add_argument(
+        "--timeout",
+        "--job-timeout",
+        type=_job_seconds,
+        dest="job_timeout",
+        metavar="SECONDS",
+        help="seconds to wait for the job; 0 or none: the daemon's job_timeout, a ceiling; "
+        "less gives up on it while the worker finishes it",
+    )
     submit.add_argument("--retries", type=_whole, default=0, help="re-run this many times if the worker dies")
     submit.add_argument(
         "--stream", action="store_true", help="print each chunk as it comes (one JSON line each with --json)"
@@ -126,14 +137,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     unload.add_argument("--device", help="with several devices: the one to free (default: every device)")
     add("reload", help="read the configuration file again and say what changed (as SIGHUP does)")
     status = add("status", help="what the daemon is doing")
-    status.add_argument("--http-socket", action="store_true",
-                        help="print only the path of the HTTP listener's unix socket (for curl --unix-socket)")  # fmt: skip
+    status.add_argument(
+        "--http-socket",
+        action="store_true",
+        help="print only the path of the HTTP listener's unix socket (for curl --unix-socket)",
+    )
     add("modes", help="the modes the daemon serves: loader, whether loaded, tasks")
     add("metrics", help="the daemon's metrics in the Prometheus text format (for a textfile collector)")
     stop = add("stop", help="stop the daemon (after draining its queue); returns once it has stopped")
     stop.add_argument("--no-drain", action="store_true", help="cancel queued jobs instead of running them")
-    stop.add_argument("--drain-timeout", type=_positive_seconds, metavar="SECONDS",
-                      help="cancel what has not run after this long (default: the daemon's drain_timeout)")  # fmt: skip
+    stop.add_argument(
+        "--drain-timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="cancel what has not run after this long (default: the daemon's drain_timeout)",
+    )
     add("events", help="follow the daemon's events (switch phases, workers, drains) until Ctrl-C")
     add("demo", help="the five-minute tour, in this process (no daemon)")
     check = add("check-config", help="check a config file and import its loaders in a throwaway worker (no load)")

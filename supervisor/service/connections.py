@@ -110,8 +110,14 @@ class ConnectionCap:
         if now - self._warned > _WARN_EVERY_S:
             self._warned = now
             who = f"uid {uid}" if uid is not None else "a TCP peer"
-            log.warning("ZeroMQ: closed a connection of %s past max_connections_per_user (%d) or max_connections "
-                        "(%d); %d refused so far", who, self.max_per_user, self.max_total, self.refused)  # fmt: skip
+            log.warning(
+                "ZeroMQ: closed a connection of %s past max_connections_per_user (%d) or max_connections "
+                "(%d); %d refused so far",
+                who,
+                self.max_per_user,
+                self.max_total,
+                self.refused,
+            )
 
     def close(self) -> None:
         self.monitor.close(linger=0)

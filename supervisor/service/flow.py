@@ -50,7 +50,7 @@ from protocol import ClientCutOff
 from protocol.arrays import nbytes
 from protocol.client import encode_reply
 from protocol.frames import small
-from protocol.messages import peek
+from protocol.packing import peek
 from supervisor.service.operators import Caller
 
 log = logging.getLogger("gpuvisor")
@@ -157,11 +157,14 @@ class FlowControl:
         peer.held.append(frames)
         peer.held_bytes += sum(nbytes(f) for f in frames)
         if len(peer.held) == 1:
-            log.debug("client %s reads slower than it asks: its requests wait (%d replies waiting)",
-                      peer.route[0].hex(), len(peer.backlog))  # fmt: skip
+            log.debug(
+                "client %s reads slower than it asks: its requests wait (%d replies waiting)",
+                peer.route[0].hex(),
+                len(peer.backlog),
+            )
         if len(peer.held) > MAX_HELD or peer.held_bytes > MAX_HELD_BYTES:
-            self.cut(peer, f"it sent {len(peer.held):,} requests ({peer.held_bytes:,} bytes) more than it read "
-                           "replies", now)  # fmt: skip
+            reason = f"it sent {len(peer.held):,} requests ({peer.held_bytes:,} bytes) more than it read replies"
+            self.cut(peer, reason, now)
 
     def refuse(self, peer: Peer, frames: list) -> None:
         """A request on a cut-off connection: not handled. Once the client has
@@ -207,8 +210,8 @@ class FlowControl:
                     if peer.blocked_since is None:
                         peer.blocked_since = now
                     elif now - peer.blocked_since > STALL_S:
-                        self.cut(peer, f"it read nothing for {now - peer.blocked_since:.0f}s while "
-                                       f"{len(backlog):,} replies waited", now)  # fmt: skip
+                        silent = now - peer.blocked_since
+                        self.cut(peer, f"it read nothing for {silent:.0f}s while {len(backlog):,} replies waited", now)
                     break
                 backlog.popleft()
                 peer.blocked_since = None
@@ -270,8 +273,14 @@ class FlowControl:
         )
         notice = encode_reply(None, error=ClientCutOff(message, dropped=dropped, cancelled=cancelled, unrun=unrun))
         peer.cut_off = CutOff(reason, now, notice)
-        log.warning("cut off client %s: %s; dropped %d replies, cancelled %d queued jobs, %d requests never run",
-                    peer.route[0].hex(), reason, dropped, cancelled, unrun)  # fmt: skip
+        log.warning(
+            "cut off client %s: %s; dropped %d replies, cancelled %d queued jobs, %d requests never run",
+            peer.route[0].hex(),
+            reason,
+            dropped,
+            cancelled,
+            unrun,
+        )
         self._notify(peer, now)
 
     def _notify(self, peer: Peer, now: float) -> None:
@@ -282,8 +291,13 @@ class FlowControl:
             outcome = self._try_send(peer, cut.notice)
             if outcome:
                 cut.notice = None
-                log.info("client %s read again and was told it was cut off (%.1fs after); %d requests it sent "
-                         "meanwhile were not run", peer.route[0].hex(), now - cut.when, cut.refused)  # fmt: skip
+                log.info(
+                    "client %s read again and was told it was cut off (%.1fs after); %d requests it sent "
+                    "meanwhile were not run",
+                    peer.route[0].hex(),
+                    now - cut.when,
+                    cut.refused,
+                )
             return
         if now - peer.heard > FORGET_S and not peer.jobs:
             del self.peers[peer.route]
@@ -305,8 +319,12 @@ class FlowControl:
         lost = len(peer.backlog)
         self.counts.dropped += lost
         if lost or peer.held:
-            log.info("client %s went away; dropped %d replies and %d requests waiting for it",
-                     peer.route[0].hex(), lost, len(peer.held))  # fmt: skip
+            log.info(
+                "client %s went away; dropped %d replies and %d requests waiting for it",
+                peer.route[0].hex(),
+                lost,
+                len(peer.held),
+            )
         peer.backlog.clear()
         peer.held.clear()
         peer.held_bytes = 0

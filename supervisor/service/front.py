@@ -105,8 +105,11 @@ def _warn_if_closed_above(path: str, group: tuple[str, int]) -> None:
         if not _passable(st, group[1]):
             log.warning(
                 "socket_group %r cannot pass %s (mode %04o, group %s) on the way to the socket",
-                group[0], parent, stat.S_IMODE(st.st_mode), _group_name(st.st_gid),
-            )  # fmt: skip
+                group[0],
+                parent,
+                stat.S_IMODE(st.st_mode),
+                _group_name(st.st_gid),
+            )
             return
         parent = os.path.dirname(parent)
 

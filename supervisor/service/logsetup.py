@@ -117,8 +117,9 @@ class RepeatFilter(logging.Filter):
     ``due()`` gives one summary record per window that suppressed any, once
     the window is over."""
 
-    def __init__(self, limit: int = REPEAT_LIMIT, window: float = REPEAT_WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self, limit: int = REPEAT_LIMIT, window: float = REPEAT_WINDOW_S, clock: Callable[[], float] = time.monotonic
+    ):
         super().__init__()
         self.limit = limit
         self.window = window
@@ -167,9 +168,9 @@ class RepeatFilter(logging.Filter):
         text = last.getMessage().split("\n", 1)[0]
         if len(text) > 200:
             text = text[:200] + "..."
-        return logging.LogRecord(last.name, last.levelno, last.pathname, last.lineno,
-                                 "dropped %s more like this in %.0f s (the last: %s)",
-                                 (f"{w.suppressed:,}", seconds, text), None)  # fmt: skip
+        message = "dropped %s more like this in %.0f s (the last: %s)"
+        args = (f"{w.suppressed:,}", seconds, text)
+        return logging.LogRecord(last.name, last.levelno, last.pathname, last.lineno, message, args, None)
 
 
 class DroppingQueueHandler(QueueHandler):
@@ -237,8 +238,7 @@ class _Listener(QueueListener):
     """The one writer. Between records, and at least once a ``_TICK_S``, it
     writes what was dropped and the summaries of finished repeat windows."""
 
-    def __init__(self, q: queue.Queue, writer: logging.Handler, source: DroppingQueueHandler,
-                 repeats: RepeatFilter):  # fmt: skip
+    def __init__(self, q: queue.Queue, writer: logging.Handler, source: DroppingQueueHandler, repeats: RepeatFilter):
         super().__init__(q, writer)
         self.records: queue.Queue = q
         self.writer = writer
@@ -260,10 +260,9 @@ class _Listener(QueueListener):
     def _report(self, summaries: bool, final: bool = False) -> None:
         dropped = self.source.take_dropped()
         if dropped:
-            self.writer.handle(logging.LogRecord(
-                "gpuvisor", logging.WARNING, __file__, 0,
-                "dropped %s log records: the log queue was full (stderr is not keeping up)", (f"{dropped:,}",), None,
-            ))  # fmt: skip
+            message = "dropped %s log records: the log queue was full (stderr is not keeping up)"
+            record = logging.LogRecord("gpuvisor", logging.WARNING, __file__, 0, message, (f"{dropped:,}",), None)
+            self.writer.handle(record)
         if summaries:  # a look at every window: once a tick, not once a record
             self._next_summaries = time.monotonic() + _TICK_S
             for summary in self.repeats.due(final):

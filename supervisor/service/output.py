@@ -162,8 +162,9 @@ def _modes_table(modes: dict) -> list[str]:
     rows = [("MODE", "LOADED", "LOADER", "TASKS")]
     for name, mode in modes.items():
         tasks = mode.get("tasks")
-        rows.append((name, "yes" if mode.get("loaded") else "-", str(mode.get("loader")),
-                     ", ".join(tasks) if tasks is not None else "(known once loaded)"))  # fmt: skip
+        loaded = "yes" if mode.get("loaded") else "-"
+        known = ", ".join(tasks) if tasks is not None else "(known once loaded)"
+        rows.append((name, loaded, str(mode.get("loader")), known))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
 

@@ -29,8 +29,8 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def refused(path: str | None, error: str) -> dict[str, Any]:
     """The answer when the file could not be read: nothing changed."""
-    return {"reloaded": False, "file": path, "error": error, "added": [], "removed": [], "changed": [],
-            "settings": [], "notes": []}  # fmt: skip
+    nothing: dict[str, list] = {key: [] for key in ("added", "removed", "changed", "settings", "notes")}
+    return {"reloaded": False, "file": path, "error": error, **nothing}
 
 
 def compare(old: Config, new: Config, loaded: list[str]) -> dict[str, Any]:
@@ -43,14 +43,31 @@ def compare(old: Config, new: Config, loaded: list[str]) -> dict[str, Any]:
     daemon = _changed_fields(old.daemon, new.daemon, "daemon.")
     http = _changed_fields(old.http, new.http, "http.")
     notes = [f"{key} keeps its value until the daemon restarts" for key in top if key in _SUPERVISOR_FIXED]
-    notes += [f"[daemon] {key.removeprefix('daemon.')} applies when the daemon restarts"
-              for key in daemon if key.removeprefix("daemon.") not in _DAEMON_LIVE]  # fmt: skip
-    notes += [f"mode {m!r} is loaded with its old entry; `gpuvisor restart {m}` loads the new one"
-              for m in changed if m in loaded]  # fmt: skip
-    notes += [f"mode {m!r} is no longer configured but still loaded; it serves until the next switch"
-              for m in removed if m in loaded]  # fmt: skip
-    return {"reloaded": True, "file": new.source, "error": None, "added": added, "removed": removed,
-            "changed": changed, "settings": top + daemon + http, "notes": notes}  # fmt: skip
+    notes += [
+        f"[daemon] {key.removeprefix('daemon.')} applies when the daemon restarts"
+        for key in daemon
+        if key.removeprefix("daemon.") not in _DAEMON_LIVE
+    ]
+    notes += [
+        f"mode {m!r} is loaded with its old entry; `gpuvisor restart {m}` loads the new one"
+        for m in changed
+        if m in loaded
+    ]
+    notes += [
+        f"mode {m!r} is no longer configured but still loaded; it serves until the next switch"
+        for m in removed
+        if m in loaded
+    ]
+    return {
+        "reloaded": True,
+        "file": new.source,
+        "error": None,
+        "added": added,
+        "removed": removed,
+        "changed": changed,
+        "settings": top + daemon + http,
+        "notes": notes,
+    }
 
 
 def describe(report: dict[str, Any]) -> str:

@@ -175,10 +175,12 @@ def crash(payload: Any) -> Any:
 
 TEST_HOOKS: dict[str, dict[str | None, str]] = {
     "count": {"record": "appends to any file the worker's user may write"},
-    "crash": {"once_file": "creates any file the worker's user may create",
-              "say": "writes any text into the supervisor's log"},
+    "crash": {
+        "once_file": "creates any file the worker's user may create",
+        "say": "writes any text into the supervisor's log",
+    },
     "chatter": {None: "floods the supervisor's log"},
-}  # fmt: skip
+}
 """The test hooks, by task: the payload key (None: the whole task) and what
 it does that a caller must not be free to do."""
 

@@ -44,13 +44,13 @@ def open_http(config: Config, endpoint: str) -> HttpFront | None:
         from supervisor.service.http.server import HttpFront
     except ImportError as exc:
         if config.source.startswith("<built-in"):
-            log.warning("no HTTP listener: the built-in configuration has one, but %s (pip install 'gpuvisor[http]')",
-                        exc)  # fmt: skip
+            why = "no HTTP listener: the built-in configuration has one, but %s (pip install 'gpuvisor[http]')"
+            log.warning(why, exc)
             return None
         raise HttpUnavailable(
             f"{config.source} has [http], but the HTTP extra is not installed ({exc}): pip install 'gpuvisor[http]'"
         ) from None
     path = ipc_path(endpoint)
     folder = os.path.dirname(path) if path and path.startswith("/") else runtime_dir()
-    return HttpFront(settings, folder, group=config.daemon.socket_group,
-                     operators=Operators(config.daemon.admin_group))  # fmt: skip
+    operators = Operators(config.daemon.admin_group)
+    return HttpFront(settings, folder, group=config.daemon.socket_group, operators=operators)

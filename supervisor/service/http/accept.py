@@ -57,5 +57,5 @@ def choose(header: str | None, offered: Sequence[str]) -> list[str]:
 
 def not_acceptable(header: str | None, offered: Sequence[str], why: str = "") -> ApiError:
     shown = (header or "")[:100]
-    return ApiError(406, f"Accept: {shown!r} names no form this answer has{why}; it comes as "
-                    f"{', '.join(offered)}", "not_acceptable")  # fmt: skip
+    message = f"Accept: {shown!r} names no form this answer has{why}; it comes as {', '.join(offered)}"
+    return ApiError(406, message, "not_acceptable")

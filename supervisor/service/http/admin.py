@@ -77,9 +77,11 @@ def add_routes(app: FastAPI, sup: Supervisor, door: Door, operators: Operators, 
     async def order(request: Request, kind: type[BaseModel]) -> Any:
         """The request's order, once its caller is known to be an operator."""
         if not is_operator(request, operators):
-            raise ApiError(403, "the admin routes are for operators: send a token of [http] admin_token_file, or "
-                           "call on the unix socket as the daemon's own user, root or a member of [daemon] "
-                           "admin_group", "forbidden")  # fmt: skip
+            message = (
+                "the admin routes are for operators: send a token of [http] admin_token_file, or call on the "
+                "unix socket as the daemon's own user, root or a member of [daemon] admin_group"
+            )
+            raise ApiError(403, message, "forbidden")
         if request.method == "GET":
             return None
         raw = await jobs.read_body(request)
@@ -87,8 +89,9 @@ def add_routes(app: FastAPI, sup: Supervisor, door: Door, operators: Operators, 
 
     def said(request: Request, what: str) -> None:
         visit = visit_of(request.scope)
-        log.info("HTTP admin %s (%s): %s", request.url.path.rsplit("/", 1)[-1],
-                 (visit.caller if visit and visit.caller else address_of(request.scope)), what)  # fmt: skip
+        route = request.url.path.rsplit("/", 1)[-1]
+        caller = visit.caller if visit and visit.caller else address_of(request.scope)
+        log.info("HTTP admin %s (%s): %s", route, caller, what)
 
     @app.get("/v1/admin/status")
     async def status(request: Request) -> Response:

@@ -162,8 +162,8 @@ class Admission:
         if door.guarded and path not in OPEN_PATHS:
             badge = door.badge_of(headers.get("authorization"))
             if badge is None:
-                await answer(send, 401, "a valid bearer token is required (Authorization: Bearer TOKEN)",
-                              "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
+                message = "a valid bearer token is required (Authorization: Bearer TOKEN)"
+                await answer(send, 401, message, "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])
                 return
             scope = {**scope, TOKEN_KEY: badge.fingerprint, ADMIN_KEY: badge.admin}
             visit = visit_of(scope)
@@ -175,8 +175,8 @@ class Admission:
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             media = headers.get("content-type", "").partition(";")[0].strip().lower()
             if media != "application/json":
-                await answer(send, 415, "the body must be JSON, sent with Content-Type: application/json "
-                              "(curl --json)", "unsupported_media_type")  # fmt: skip
+                message = "the body must be JSON, sent with Content-Type: application/json (curl --json)"
+                await answer(send, 415, message, "unsupported_media_type")
                 return
             declared = headers.get("content-length", "")
             too_large = declared.isdigit() and int(declared) > limits.max_body_bytes
@@ -184,12 +184,12 @@ class Admission:
                 async with asyncio.timeout(limits.body_timeout):
                     body_message = None if too_large else await _read_body(receive, limits.max_body_bytes)
             except TimeoutError:
-                await answer(send, 408, f"the body did not arrive within body_timeout ({limits.body_timeout:g} s)",
-                              "request_timeout", extra=[(b"connection", b"close")])  # fmt: skip
+                message = f"the body did not arrive within body_timeout ({limits.body_timeout:g} s)"
+                await answer(send, 408, message, "request_timeout", extra=[(b"connection", b"close")])
                 return
             if body_message is None:
-                await answer(send, 413, f"the request body is over max_body_bytes ({limits.max_body_bytes})",
-                              "request_too_large")  # fmt: skip
+                message = f"the request body is over max_body_bytes ({limits.max_body_bytes})"
+                await answer(send, 413, message, "request_too_large")
                 return
             receive = _replay(body_message, receive)
             del body_message  # held by the replay until the route takes it, then by nobody here
@@ -201,14 +201,18 @@ class Admission:
         host = headers.get("host")
         if not self.door.guarded and server is not None and server[1] is not None and host is not None:
             if not loopback_name(host):  # TCP without tokens: only this machine's names (no DNS rebinding)
-                return (f"Host {host[:100]!r} is not served here: without tokens this listener answers to "
-                        "localhost, 127.0.0.1 and [::1] only")  # fmt: skip
+                return (
+                    f"Host {host[:100]!r} is not served here: without tokens this listener answers to "
+                    "localhost, 127.0.0.1 and [::1] only"
+                )
         origin = headers.get("origin")
         if origin is not None:
             own = host is not None and origin.lower() == f"http://{host.lower()}"
             if not own and not _listed(origin, self.door.settings.allowed_origins):
-                return (f"requests from web pages of another origin ({origin[:100]!r}) are refused; "
-                        "[http] allowed_origins lets one in")  # fmt: skip
+                return (
+                    f"requests from web pages of another origin ({origin[:100]!r}) are refused; "
+                    "[http] allowed_origins lets one in"
+                )
         elif headers.get("sec-fetch-site", "").lower() == "cross-site":
             return "requests from web pages of another site are refused; [http] allowed_origins lets one in"
         return None
@@ -218,9 +222,12 @@ def _listed(origin: str, allowed: tuple[str, ...]) -> bool:
     return "*" in allowed or origin.lower() in allowed
 
 
-_PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST"),
-              (b"access-control-allow-headers", b"authorization, content-type"),
-              (b"access-control-max-age", b"600"), (b"content-length", b"0")]  # fmt: skip
+_PREFLIGHT = [
+    (b"access-control-allow-methods", b"GET, POST"),
+    (b"access-control-allow-headers", b"authorization, content-type"),
+    (b"access-control-max-age", b"600"),
+    (b"content-length", b"0"),
+]
 
 
 def _with_cors(send: Send, origin: str) -> Send:
@@ -265,8 +272,9 @@ def _replay(first: Message, receive: Receive) -> Receive:
     return replayed
 
 
-async def answer(send: Send, status: int, message: str, code: str,
-                  extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+async def answer(
+    send: Send, status: int, message: str, code: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     content = json.dumps(body(status, message, code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})

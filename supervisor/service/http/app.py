@@ -39,8 +39,9 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
-               reload: admin.Reload | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    sup: Supervisor, door: Door, operators: Operators | None = None, reload: admin.Reload | None = None
+) -> FastAPI:
     """The routes. ``operators`` says who is one on a unix socket (default:
     the daemon's own user and root); ``reload`` is the daemon's, for
     ``/v1/admin/reload`` (None: that route answers 501)."""
@@ -54,13 +55,13 @@ def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
     def served(name: str, endpoint: str) -> tuple[HttpModel, str]:
         model = door.models.get(name)
         if model is None:
-            raise ApiError(404, f"the model {name!r} does not exist; GET /v1/models lists them", "model_not_found",
-                           "model")  # fmt: skip
+            message = f"the model {name!r} does not exist; GET /v1/models lists them"
+            raise ApiError(404, message, "model_not_found", "model")
         task = getattr(model, endpoint)
         if task is None:
             offered = ", ".join(ENDPOINTS[e] for e in ENDPOINTS if getattr(model, e)) or "nothing"
-            raise ApiError(400, f"the model {name!r} is not served at {ENDPOINTS[endpoint]} (it is at {offered})",
-                           "model_not_supported", "model")  # fmt: skip
+            message = f"the model {name!r} is not served at {ENDPOINTS[endpoint]} (it is at {offered})"
+            raise ApiError(400, message, "model_not_supported", "model")
         return model, task
 
     @app.post("/v1/embeddings", openapi_extra=_body_schema(openai.EmbeddingRequest))
@@ -76,8 +77,8 @@ def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
         if width is not None:
             check_width(dimensions, width)
             if not openai.answer_fits(len(texts), width):
-                raise ApiError(413, f"{len(texts)} vectors of {width} values would be over the frame limit of one "
-                               "answer: send fewer inputs", "request_too_large", "input")  # fmt: skip
+                message = f"{len(texts)} vectors of {width} values would be over the frame limit of one answer"
+                raise ApiError(413, f"{message}: send fewer inputs", "request_too_large", "input")
         payload = {"texts": texts, "details": True}
         result = await jobs.run(sup, request, task, payload, jobs.Terms(model.mode, limits.timeout_of(model)))
         expected = len(texts) * width if width is not None else None
@@ -88,8 +89,9 @@ def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
         content = await _off_loop_unless_small(array.size, openai.embeddings, model.name, array, tokens, encoding)
         return Response(content, media_type="application/json")
 
-    async def generation(request: Request, kind: type[openai.ChatRequest | openai.CompletionRequest],
-                         endpoint: str) -> Response:  # fmt: skip
+    async def generation(
+        request: Request, kind: type[openai.ChatRequest | openai.CompletionRequest], endpoint: str
+    ) -> Response:
         limits = door.settings
         body = openai.parse(kind, await jobs.read_body(request), limits)
         body.refuse_unsupported()
@@ -116,9 +118,16 @@ def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
         return await generation(request, openai.CompletionRequest, "completions")
 
     def listed(model: HttpModel, modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": int(door.started), "owned_by": "gpuvisor",
-                "mode": model.mode, "loaded": modes[model.mode]["loaded"], "devices": modes[model.mode]["devices"],
-                "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(model, e)]}  # fmt: skip
+        return {
+            "id": model.name,
+            "object": "model",
+            "created": int(door.started),
+            "owned_by": "gpuvisor",
+            "mode": model.mode,
+            "loaded": modes[model.mode]["loaded"],
+            "devices": modes[model.mode]["devices"],
+            "endpoints": [ENDPOINTS[e] for e in ENDPOINTS if getattr(model, e)],
+        }
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -129,8 +138,8 @@ def create_app(sup: Supervisor, door: Door, operators: Operators | None = None,
     async def model(name: str) -> Response:
         found = door.models.get(name)
         if found is None:
-            raise ApiError(404, f"the model {name[:200]!r} does not exist; GET /v1/models lists them",
-                           "model_not_found", "model")  # fmt: skip
+            message = f"the model {name[:200]!r} does not exist; GET /v1/models lists them"
+            raise ApiError(404, message, "model_not_found", "model")
         return JSONResponse(listed(found, sup.modes()))
 
     native.add_routes(app, sup, door)
@@ -170,12 +179,13 @@ def check_width(dimensions: int | None, width: int) -> None:
     """``dimensions`` is only accepted when it is the width the model has:
     cutting vectors short is right for a few models only."""
     if dimensions is not None and dimensions != width:
-        raise ApiError(400, f"dimensions={dimensions}: this model's vectors have {width} values", "unsupported",
-                       "dimensions")  # fmt: skip
+        message = f"dimensions={dimensions}: this model's vectors have {width} values"
+        raise ApiError(400, message, "unsupported", "dimensions")
 
 
-async def _events(stream: jobs.Stream, first: Any, reply: openai.Reply, include_usage: bool,
-                  served_by: openai.Served) -> AsyncIterator[str]:  # fmt: skip
+async def _events(
+    stream: jobs.Stream, first: Any, reply: openai.Reply, include_usage: bool, served_by: openai.Served
+) -> AsyncIterator[str]:
     """One event per chunk of text, the finish reason, the usage if asked
     for, ``[DONE]``. An error after the first event can only travel inside
     the stream: the status is already sent."""
@@ -213,15 +223,19 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
     loaded anything and whose configured mode is broken should leave the
     Service, as one that is still loading does. A reason carries no
     worker output and no path: those are in the log, under its error id.
-    Once any mode has loaded
-    the daemon serves again. A later switch, a mode stopped by
-    ``idle_unload_s`` and a respawn after a crash are still serving: jobs
-    wait in the queue; a later switch that fails is answered to the job or
-    caller that asked (other modes serve on), so it keeps 200 too."""
+    Once any mode has loaded the daemon serves again. A later switch, a
+    mode stopped by ``idle_unload_s`` and a respawn after a crash are still
+    serving: jobs wait in the queue; a later switch that fails is answered
+    to the job or caller that asked (other modes serve on), so it keeps 200
+    too."""
     status = sup.status()
     state = status["state"]
-    fields: dict[str, Any] = {"mode": status["mode"], "switching_to": status["switching_to"],
-                              "queued": status["queued"], "in_flight": status["in_flight"]}  # fmt: skip
+    fields: dict[str, Any] = {
+        "mode": status["mode"],
+        "switching_to": status["switching_to"],
+        "queued": status["queued"],
+        "in_flight": status["in_flight"],
+    }
     devices = status["devices"]
     if len(devices) > 1:  # several: each one's, and the top-level mode is any one's that serves
         fields["devices"] = [{k: d[k] for k in ("name", "mode", "switching_to", "in_flight")} for d in devices]
@@ -231,14 +245,13 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
         return JSONResponse({"status": "draining", "reason": "the daemon is stopping", **fields}, status_code=503)
     broken = status.get("broken_modes") or {}
     if broken:  # named, with when each is tried again; why is in the log (a loader's error may quote paths)
-        fields["broken"] = {mode: {"retry_in_s": entry["retry_in_s"],
-                                   "error_id": errors.incident(f"mode {mode!r} is broken", str(entry["reason"]),
-                                                               once=True)}
-                            for mode, entry in broken.items()}  # fmt: skip
+        fields["broken"] = {mode: _broken(mode, entry) for mode, entry in broken.items()}
     if state == "failed":
         error_id = errors.incident("the supervisor failed", str(status["failed_reason"]), once=True)
-        reason = (f"every mode failed too often (max_restarts) and is broken; each is tried again by itself, or "
-                  f"gpuvisor restart tries one now (error id {error_id})")  # fmt: skip
+        reason = (
+            f"every mode failed too often (max_restarts) and is broken; each is tried again by itself, or "
+            f"gpuvisor restart tries one now (error id {error_id})"
+        )
         return JSONResponse({"status": "failed", "reason": reason, **fields}, status_code=503)
     if state != "running":
         return JSONResponse({"status": "starting", "reason": f"supervisor {state}", **fields}, status_code=503)
@@ -252,3 +265,10 @@ def _health(sup: Supervisor, door: Door) -> JSONResponse:
             reason = f"the default mode {sup.config.default_mode!r} failed to load (error id {error_id})"
             return JSONResponse({"status": "load_failed", "reason": reason, **fields}, status_code=503)
     return JSONResponse({"status": "ok", **fields})
+
+
+def _broken(mode: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A broken mode as the health probe tells it: when it is tried again,
+    and the error id of why (the reason stays in the log)."""
+    error_id = errors.incident(f"mode {mode!r} is broken", str(entry["reason"]), once=True)
+    return {"retry_in_s": entry["retry_in_s"], "error_id": error_id}

@@ -138,8 +138,8 @@ def peer_credentials(sock: Any) -> tuple[int, int]:
     """The uid and gid of the process at the other end of the unix socket
     ``sock`` (``_UNKNOWN`` each, where they cannot be read)."""
     try:
-        _, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                          struct.calcsize("3i")))  # fmt: skip
+        ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, gid = struct.unpack("3i", ucred)
     except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED on this system
         return _UNKNOWN, _UNKNOWN
     return int(uid), int(gid)
@@ -253,10 +253,12 @@ class DoorProtocol(H11Protocol):
         if not self.conn.head_too_large:
             super().send_400_response(msg)
             return
-        content = json.dumps(body(431, f"the request's head is over max_header_bytes ({self.max_header_bytes})",
-                                  "request_too_large")).encode()  # fmt: skip
-        head = f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n" \
-               f"content-length: {len(content)}\r\nconnection: close\r\n\r\n"  # fmt: skip
+        message = f"the request's head is over max_header_bytes ({self.max_header_bytes})"
+        content = json.dumps(body(431, message, "request_too_large")).encode()
+        head = (
+            f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(content)}\r\nconnection: close\r\n\r\n"
+        )
         answer = head.encode("ascii") + content
         self.conn.written += len(answer)
         self.transport.write(answer)  # h11 is in its error state: written by hand
@@ -273,8 +275,10 @@ class DoorProtocol(H11Protocol):
         sock = transport.get_extra_info("socket")
         if sock is None or sock.family != socket.AF_UNIX:
             if census.tcp >= limits.tcp_connections():
-                return "tcp", (f"TCP holds {census.tcp} connections, all it may of max_connections "
-                               f"({limits.max_connections}: the rest are kept for the unix socket)")  # fmt: skip
+                return "tcp", (
+                    f"TCP holds {census.tcp} connections, all it may of max_connections "
+                    f"({limits.max_connections}: the rest are kept for the unix socket)"
+                )
             census.tcp += 1
             self.counted = "tcp"
             return None
@@ -314,8 +318,8 @@ class DoorProtocol(H11Protocol):
     def _head_too_slow(self) -> None:
         self.head_timer = None
         if not self._serving() and not self.transport.is_closing():
-            log.debug("HTTP: no whole request within header_timeout (%s s): closing the connection",
-                      self.header_timeout)  # fmt: skip
+            timeout = self.header_timeout
+            log.debug("HTTP: no whole request within header_timeout (%s s): closing the connection", timeout)
             self.transport.close()
 
     # ------------------------------------------------------------ the send watch
@@ -336,6 +340,9 @@ class DoorProtocol(H11Protocol):
         if self._taken() > self.taken:
             self._watch_sending()  # read, however slowly
             return
-        _UNREAD.warn("HTTP: a client read none of its answer for send_timeout (%g s): closing its connection, "
-                     "%d bytes unsent", self.send_timeout, self.transport.get_write_buffer_size())  # fmt: skip
+        _UNREAD.warn(
+            "HTTP: a client read none of its answer for send_timeout (%g s): closing its connection, %d bytes unsent",
+            self.send_timeout,
+            self.transport.get_write_buffer_size(),
+        )
         self.transport.abort()

@@ -48,11 +48,10 @@ from protocol import (
 
 log = logging.getLogger("gpuvisor")
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error", 406: "invalid_request_error", 408: "invalid_request_error",
-          409: "invalid_request_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable", 504: "timeout"}  # fmt: skip
+_INVALID_REQUEST = (400, 401, 403, 404, 406, 408, 409, 413, 415, 431)
+_TYPES = dict.fromkeys(_INVALID_REQUEST, "invalid_request_error")
+_TYPES |= {429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+"""OpenAI's error ``type`` for each status; any other is a ``server_error``."""
 
 REFUSED_INPUT = ("TypeError", "ValueError")
 """A handler that raises one of these refused its payload: the caller's
@@ -89,8 +88,14 @@ def short(text: str) -> str:
 class ApiError(Exception):
     """An answer other than 200, raised anywhere in a route."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
@@ -159,8 +164,8 @@ def from_job(exc: BaseException) -> ApiError:
     status = status_of(exc)
     code = exc.code if isinstance(exc, GpuvisorError) else None
     if status == 413:
-        return ApiError(413, "the request or its answer is over what one job may carry (the frame limit): "
-                        "send fewer or shorter inputs", "request_too_large")  # fmt: skip
+        message = "the request or its answer is over what one job may carry (the frame limit)"
+        return ApiError(413, f"{message}: send fewer or shorter inputs", "request_too_large")
     if status < 500:
         return ApiError(status, short(exc.message if isinstance(exc, GpuvisorError) else str(exc)), code)
     generic = _GENERIC.get(code or "", "the server could not answer this request")

@@ -3,8 +3,8 @@ event loop, and given up when their caller leaves.
 
 The supervisor settles a job's ``concurrent.futures.Future`` on its own loop
 thread; this side only waits for it (``asyncio.wrap_future``) or, for a
-stream, has the chunks and the end handed to the event loop in order
-(``call_soon_threadsafe``), with no thread per request. While it waits, it
+stream, reads the chunks and the end that an ``AsyncJobStream`` hands to
+the event loop in order, with no thread per request. While it waits, it
 also listens for the client's disconnect (ASGI's ``http.disconnect``): a
 caller that left gets its job cancelled, so a job still queued never runs
 and a stream that runs stops at its next chunk (the worker closes its
@@ -25,11 +25,13 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from supervisor.api import Supervisor
+from supervisor.futures import JobFuture
 from supervisor.service.http.clients import client_of
 from supervisor.service.http.errors import ApiError, from_job
+from supervisor.stream import END, AsyncJobStream
+from supervisor.surface import ChunkSink
 
 T = TypeVar("T")
-_END = object()
 log = logging.getLogger("gpuvisor")
 
 
@@ -83,15 +85,23 @@ class Terms:
     answer: Callable[[BaseException], ApiError] = from_job
 
 
-def submit(sup: Supervisor, request: Request, task: str, payload: Any, terms: Terms,
-           on_chunk: Callable[[Any], None] | None = None) -> Future:  # fmt: skip
+def submit(
+    sup: Supervisor, request: Request, task: str, payload: Any, terms: Terms, on_chunk: ChunkSink | None = None
+) -> JobFuture:
     """``sup.submit_for`` the request's client (its token, else its
-    connection: its share of the queue), with what it raises at once
-    (``QueueFull``, a payload msgpack cannot carry) as the HTTP answer it
-    maps to."""
+    connection: its share of the queue), with what it raises at once (a
+    payload msgpack cannot carry) as the HTTP answer it maps to."""
     try:
-        return sup.submit_for(client_of(request.scope), task, payload, mode=terms.mode, timeout=terms.timeout,
-                              retries=terms.retries, on_chunk=on_chunk, give_up_after=terms.give_up_after)  # fmt: skip
+        return sup.submit_for(
+            client_of(request.scope),
+            task,
+            payload,
+            mode=terms.mode,
+            timeout=terms.timeout,
+            retries=terms.retries,
+            on_chunk=on_chunk,
+            give_up_after=terms.give_up_after,
+        )
     except Exception as exc:  # noqa: BLE001 - every refusal has its status
         raise terms.answer(exc) from exc
 
@@ -124,34 +134,27 @@ async def read_body(request: Request) -> bytes:
 
 
 class Stream:
-    """A streamed job's chunks on this event loop, then ``_END``. The first
-    item is awaited before the response starts, so a job refused before its
-    first chunk (bad input, a full queue, a timeout) still gets its own
-    status rather than a 200 with an error inside."""
+    """A streamed job's chunks on this event loop (an ``AsyncJobStream``),
+    then ``END``. The first item is awaited before the response starts, so
+    a job refused before its first chunk (bad input, a full queue, a
+    timeout) still gets its own status rather than a 200 with an error
+    inside."""
 
     def __init__(self, sup: Supervisor, request: Request, task: str, payload: Any, terms: Terms):
         self.answer = terms.answer
-        loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue = asyncio.Queue()
-
-        def hand_over(item: Any) -> None:  # on the supervisor's loop thread: hand over, nothing more
-            try:
-                loop.call_soon_threadsafe(self._items.put_nowait, item)
-            except RuntimeError:  # this event loop is closed: nobody is left to read
-                pass
-
-        self.future = submit(sup, request, task, payload, terms, on_chunk=hand_over)
-        self.future.add_done_callback(lambda _: hand_over(_END))
+        self._chunks = AsyncJobStream(asyncio.get_running_loop())
+        self._chunks._feed(lambda sink: submit(sup, request, task, payload, terms, on_chunk=sink))
+        self.future = self._chunks.future
 
     async def first(self, request: Request) -> Any:
         try:
-            item = await unless_gone(self._items.get(), request)
+            item = await unless_gone(self._chunks.take(), request)
         except ClientGone:
             _give_up(request, self.future)
             raise
-        if item is _END and self.future.cancelled():
+        if item is END and self.future.cancelled():
             raise ClientGone
-        error = self.future.exception() if item is _END else None
+        error = self.future.exception() if item is END else None
         if error is not None:
             raise self.answer(error)
         return item
@@ -159,9 +162,9 @@ class Stream:
     async def rest(self, first: Any) -> AsyncIterator[Any]:
         """The chunks from ``first`` on; then ``outcome()`` is the job's."""
         item = first
-        while item is not _END:
+        while item is not END:
             yield item
-            item = await self._items.get()
+            item = await self._chunks.take()
 
     def outcome(self) -> Any:
         """The ended job's result, or its error as the ``ApiError`` that

@@ -68,10 +68,10 @@ def add_routes(app: FastAPI, sup: Supervisor, door: Door) -> None:
         result = await jobs.run(sup, request, task, payload, terms)
         media = next((m for m in forms if m != results.NPY or isinstance(result, np.ndarray)), None)
         if media is None:
-            raise not_acceptable(accept, WHOLE, f" (application/x-npy is for a result that is an array; this one is "
-                                 f"{describe(result)})")  # fmt: skip
-        return Response(await _encoded({"result": result} if media == results.JSON else result, media),
-                        media_type=media)  # fmt: skip
+            why = f" (application/x-npy is for a result that is an array; this one is {describe(result)})"
+            raise not_acceptable(accept, WHOLE, why)
+        content = await _encoded({"result": result} if media == results.JSON else result, media)
+        return Response(content, media_type=media)
 
 
 def _check_task(sup: Supervisor, mode: str | None, task: str) -> None:
@@ -81,12 +81,12 @@ def _check_task(sup: Supervisor, mode: str | None, task: str) -> None:
         return
     modes = sup.modes()
     if mode not in modes:
-        raise ApiError(404, short(f"unknown mode {mode!r}; the modes are {', '.join(sorted(modes))}"),
-                       "unknown_mode", "mode")  # fmt: skip
+        message = f"unknown mode {mode!r}; the modes are {', '.join(sorted(modes))}"
+        raise ApiError(404, short(message), "unknown_mode", "mode")
     tasks = modes[mode]["tasks"]
     if tasks is not None and task not in tasks:
-        raise ApiError(404, short(f"the mode {mode!r} has no task {task!r}; its tasks are {', '.join(sorted(tasks))}"),
-                       "unknown_task", "task")  # fmt: skip
+        message = f"the mode {mode!r} has no task {task!r}; its tasks are {', '.join(sorted(tasks))}"
+        raise ApiError(404, short(message), "unknown_task", "task")
 
 
 def _terms(body: JobRequest, ceiling: float) -> jobs.Terms:
@@ -122,5 +122,5 @@ async def _events(stream: jobs.Stream, first: Any) -> AsyncIterator[bytes]:
 
 def _schema() -> dict[str, Any]:
     """The route's request body in the OpenAPI schema (not served; the fuzz tests draw bodies from it)."""
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": JobRequest.model_json_schema()}}}}  # fmt: skip
+    content = {"application/json": {"schema": JobRequest.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}

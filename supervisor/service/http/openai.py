@@ -97,8 +97,8 @@ class _Request(BaseModel):
         for key, neutral in _NEUTRAL.items():
             value = getattr(self, key)
             if value not in neutral:
-                raise ApiError(400, short(f"{key}={_SHOWN.repr(value)} is not supported by this server"),
-                               "unsupported", key)  # fmt: skip
+                message = f"{key}={_SHOWN.repr(value)} is not supported by this server"
+                raise ApiError(400, short(message), "unsupported", key)
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -137,8 +137,8 @@ class EmbeddingRequest(_Request):
     def bound(cls, data: dict[str, Any], limits: HttpSettings) -> None:
         texts = data.get("input")
         if isinstance(texts, list) and len(texts) > limits.max_inputs:
-            raise ApiError(413, f"input has {len(texts)} items; at most {limits.max_inputs} (max_inputs) in one "
-                           "request: split it", "request_too_large", "input")  # fmt: skip
+            message = f"input has {len(texts)} items; at most {limits.max_inputs} (max_inputs) in one request"
+            raise ApiError(413, f"{message}: split it", "request_too_large", "input")
         if isinstance(texts, list) and not all(type(t) is str for t in texts):
             raise ApiError(400, "input as token ids is not supported here: send the text", "unsupported", "input")
 
@@ -153,8 +153,8 @@ class EmbeddingRequest(_Request):
 
 def too_long(chars: int, limits: HttpSettings, param: str = "input") -> None:
     if chars > limits.max_input_chars:
-        raise ApiError(413, f"the {param} has {chars} characters; at most {limits.max_input_chars} "
-                       "(max_input_chars) in one request", "request_too_large", param)  # fmt: skip
+        message = f"the {param} has {chars} characters; at most {limits.max_input_chars} (max_input_chars)"
+        raise ApiError(413, f"{message} in one request", "request_too_large", param)
 
 
 def answer_fits(inputs: int, width: int) -> bool:
@@ -182,8 +182,9 @@ class _Generation(_Request):
         if isinstance(stop, list) and len(stop) > limits.max_stop:
             raise ApiError(400, f"stop has {len(stop)} strings; at most {limits.max_stop} (max_stop)", param="stop")
 
-    def sampling(self, max_tokens: int | None, limits: HttpSettings, ceiling: int,
-                 param: str = "max_tokens") -> dict[str, Any]:  # fmt: skip
+    def sampling(
+        self, max_tokens: int | None, limits: HttpSettings, ceiling: int, param: str = "max_tokens"
+    ) -> dict[str, Any]:
         """The generate task's payload keys. Sampling is greedy unless the
         request sets a temperature (OpenAI's default is 1; a local service
         answers the same question the same way unless asked otherwise).
@@ -193,8 +194,7 @@ class _Generation(_Request):
         out: dict[str, Any] = {}
         if max_tokens is not None:
             if max_tokens > ceiling:
-                raise ApiError(400, f"{param}={max_tokens} is over this model's limit of {ceiling} tokens",
-                               param=param)  # fmt: skip
+                raise ApiError(400, f"{param}={max_tokens} is over this model's limit of {ceiling} tokens", param=param)
             out["max_new_tokens"] = max_tokens
         for key in ("temperature", "top_p", "seed"):
             if getattr(self, key) is not None:
@@ -206,11 +206,10 @@ class _Generation(_Request):
             if not all(stop):
                 raise ApiError(400, "stop strings must not be empty", param="stop")
             if len(stop) > limits.max_stop:  # a single string counts one
-                raise ApiError(400, f"stop has {len(stop)} strings; at most {limits.max_stop} (max_stop)",
-                               param="stop")  # fmt: skip
+                raise ApiError(400, f"stop has {len(stop)} strings; at most {limits.max_stop} (max_stop)", param="stop")
             if max(len(s) for s in stop) > limits.max_stop_chars:
-                raise ApiError(400, f"a stop string is over {limits.max_stop_chars} characters (max_stop_chars)",
-                               param="stop")  # fmt: skip
+                message = f"a stop string is over {limits.max_stop_chars} characters (max_stop_chars)"
+                raise ApiError(400, message, param="stop")
             out["stop"] = stop
         return out
 
@@ -249,18 +248,21 @@ class ChatRequest(_Generation):
         if not isinstance(messages, list):
             return
         if len(messages) > limits.max_messages:
-            raise ApiError(413, f"messages has {len(messages)} items; at most {limits.max_messages} (max_messages) "
-                           "in one request", "request_too_large", "messages")  # fmt: skip
+            message = f"messages has {len(messages)} items; at most {limits.max_messages} (max_messages)"
+            raise ApiError(413, f"{message} in one request", "request_too_large", "messages")
         parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
         if parts > limits.max_messages:
-            raise ApiError(413, f"the messages have {parts} content parts; at most {limits.max_messages} "
-                           "(max_messages) in one request", "request_too_large", "messages")  # fmt: skip
+            message = f"the messages have {parts} content parts; at most {limits.max_messages} (max_messages)"
+            raise ApiError(413, f"{message} in one request", "request_too_large", "messages")
 
     def payload(self, limits: HttpSettings, ceiling: int) -> dict[str, Any]:
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
         too_long(sum(len(m["role"]) + len(m["content"]) for m in messages), limits, "messages")
-        asked, param = ((self.max_completion_tokens, "max_completion_tokens") if self.max_completion_tokens
-                        else (self.max_tokens, "max_tokens"))  # fmt: skip
+        asked: int | None
+        if self.max_completion_tokens:
+            asked, param = self.max_completion_tokens, "max_completion_tokens"
+        else:
+            asked, param = self.max_tokens, "max_tokens"
         return {"messages": messages, **self.sampling(asked, limits, ceiling, param)}
 
 
@@ -273,8 +275,8 @@ class CompletionRequest(_Generation):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
-            raise ApiError(400, "prompt must be one string (a batch or token ids is not supported)", "unsupported",
-                           "prompt")  # fmt: skip
+            message = "prompt must be one string (a batch or token ids is not supported)"
+            raise ApiError(400, message, "unsupported", "prompt")
         too_long(len(prompt), limits, "prompt")
         return {"prompt": prompt, **self.sampling(self.max_tokens, limits, ceiling)}
 
@@ -387,8 +389,8 @@ class Reply:
         self.object = "chat.completion" if chat else "text_completion"
 
     def _envelope(self, obj: str, choices: list, extra: dict | None = None) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **(extra or {})}  # fmt: skip
+        head = {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {**head, "choices": choices, **(extra or {})}
 
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
         text, reason = result.get("text", ""), finish_reason(result)
@@ -408,8 +410,12 @@ class Reply:
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
-        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+        return self._envelope(self._chunk_object, [choice])
 
     def usage_chunk(self, result: dict[str, Any]) -> dict[str, Any]:
-        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [],
-                              {"usage": usage(result)})  # fmt: skip
+        return self._envelope(self._chunk_object, [], {"usage": usage(result)})
+
+    @property
+    def _chunk_object(self) -> str:
+        """A streamed chunk's ``object``."""
+        return "chat.completion.chunk" if self.chat else "text_completion"

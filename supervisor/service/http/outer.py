@@ -57,8 +57,9 @@ class AccessLog:
             if self.door.settings.access_log:
                 path = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "backslashreplace")
                 shown = path.decode("ascii", "backslashreplace")[:_SHOWN]
-                log.info("HTTP %s %s %s %.3fs %s", str(scope.get("method", ""))[:_SHOWN], shown, status,
-                         time.perf_counter() - began, visit.caller, extra={"every_one": True})  # fmt: skip
+                method = str(scope.get("method", ""))[:_SHOWN]
+                took = time.perf_counter() - began
+                log.info("HTTP %s %s %s %.3fs %s", method, shown, status, took, visit.caller, extra={"every_one": True})
 
 
 class LastResort:
@@ -81,5 +82,6 @@ class LastResort:
             error_id = secrets.token_hex(6)
             log.error("HTTP error %s: %s %s raised", error_id, scope.get("method"), scope.get("path"), exc_info=exc)
             if not started:
-                await answer(send, 500, f"the server could not answer this request (error id {error_id})",
-                             "internal_error")  # fmt: skip
+                await answer(
+                    send, 500, f"the server could not answer this request (error id {error_id})", "internal_error"
+                )

@@ -59,8 +59,8 @@ def as_json(value: Any) -> bytes:
     try:
         return orjson.dumps(value, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
-        raise ApiError(406, f"the task's result has no JSON form ({exc}): ask for it as msgpack "
-                       "(Accept: application/msgpack)", "not_acceptable") from None  # fmt: skip
+        message = f"the task's result has no JSON form ({exc}): ask for it as msgpack (Accept: application/msgpack)"
+        raise ApiError(406, message, "not_acceptable") from None
 
 
 def _msgpack_default(value: Any) -> Any:

@@ -99,8 +99,8 @@ class HttpFront:
             sock.bind((host, port))
             shown = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
             if loopback_host(host) and not self.door.guarded:
-                log.warning("HTTP on %s without tokens (allow_unauthenticated_tcp = true): every local user can "
-                            "run jobs on this GPU", shown)  # fmt: skip
+                risk = "every local user can run jobs on this GPU"
+                log.warning("HTTP on %s without tokens (allow_unauthenticated_tcp = true): %s", shown, risk)
         sock.listen(_BACKLOG)  # at once: a second daemon probing a unix socket must find it alive
         self.listening.append(shown)
 
@@ -205,6 +205,10 @@ def _check_files(connections: int) -> None:
     the backlog instead of being closed at once."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < connections + _OWN_FILES:
-        log.warning("[http] max_connections = %d needs about %d open files, but this process may open %d "
-                    "(LimitNOFILE= under systemd, ulimit -n in a shell)", connections, connections + _OWN_FILES,
-                    soft)  # fmt: skip
+        log.warning(
+            "[http] max_connections = %d needs about %d open files, but this process may open %d "
+            "(LimitNOFILE= under systemd, ulimit -n in a shell)",
+            connections,
+            connections + _OWN_FILES,
+            soft,
+        )
