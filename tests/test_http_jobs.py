@@ -174,6 +174,22 @@ def test_a_caller_that_leaves_a_stream_stops_the_worker_producing(served, unix, 
     assert len(record.read_text().splitlines()) < 400
 
 
+def test_a_caller_that_leaves_a_stream_before_its_first_chunk_cancels_it_cleanly(served, unix, folder):
+    record = folder / "never"
+    body = {"mode": "kit", "task": "count", "payload": {"n": 3, "record": str(record)}, "stream": True}
+    with served.client() as c:
+        blocker = c.submit("sleep", {"seconds": 1.5}, mode="kit")  # the stream waits in the queue behind it
+        wait_until(lambda: c.status()["in_flight"] == 1, T, "the sleep to run")
+        with httpx2.Client(transport=httpx2.HTTPTransport(uds=unix), timeout=httpx2.Timeout(T, read=0.3)) as client:
+            with pytest.raises(httpx2.ReadTimeout):
+                with client.stream("POST", "http://gpuvisor/v1/jobs", json=body) as answer:
+                    next(answer.iter_lines())
+        assert blocker.result(T) == {"slept": 1.5}
+        assert c.submit("echo", "after", mode="kit").result(T) == "after"  # the queue has moved past it
+    assert not record.exists(), "the stream its caller left while it was queued never ran"
+    assert "InvalidStateError" not in served.output() and "Traceback" not in served.output()
+
+
 def test_a_wrong_request_is_a_clear_openai_shaped_error(served, unix):
     cases = [
         ({"mode": "kit", "task": "no_such_task"}, 404, "unknown_task", "its tasks are array, bad_second_chunk"),

@@ -67,6 +67,9 @@ async def unless_gone(awaitable: Awaitable[T], request: Request) -> T:
         watch.cancel()
         if not work.done():
             work.cancel()  # a wrapped Future passes this on: the job, if still queued, never runs
+            # A Task (a stream's next chunk) is cancelled only once it has run again: wait for that,
+            # or its result would be asked for while it is still pending.
+            await asyncio.wait({work})
     if work.cancelled():
         raise ClientGone
     return work.result()
