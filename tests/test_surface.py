@@ -168,6 +168,7 @@ def arrival(face, name: str, *args, **kwargs) -> tuple[str, BaseException]:
     raise AssertionError(f"{type(face).__name__}.{name}{args} succeeded")
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("mistakes, sync_arrival", [(ARGUMENT_MISTAKES, "call"), (REFUSALS, "future")],
                          ids=["arguments", "refusals"])  # fmt: skip
 def test_the_same_mistake_is_the_same_error_arriving_the_same_way_on_every_face(face, mistakes, sync_arrival):
@@ -181,6 +182,7 @@ def test_the_same_mistake_is_the_same_error_arriving_the_same_way_on_every_face(
         _stop(face)
 
 
+@pytest.mark.daemon
 def test_a_full_queue_fails_the_future_on_every_face(face):
     """Two sleeps hold the two places of the queue; a third job's Future
     fails with ``QueueFull``: on every face, as a client can only learn it
@@ -206,6 +208,7 @@ def test_a_full_queue_fails_the_future_on_every_face(face):
         _stop(face)
 
 
+@pytest.mark.daemon
 def test_a_refused_stream_ends_with_the_refusal_on_every_face(face):
     try:
         if isinstance(face, AsyncSupervisorAPI):
@@ -224,6 +227,7 @@ def test_a_refused_stream_ends_with_the_refusal_on_every_face(face):
         _stop(face)
 
 
+@pytest.mark.unit
 def test_following_a_supervisor_shut_down_before_it_started_ends_with_shutting_down(tmp_path):
     """In process, as through a daemon: the events stream says why it ends,
     the call that opened it does not raise."""
