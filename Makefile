@@ -1,5 +1,6 @@
-# gpuvisor: `make run` serves the daemon, `make test` runs the suite. Both set up
-# their own virtualenv on a fresh machine; nothing needs installing by hand.
+# gpuvisor: `make run` serves the daemon, `make test` runs the suite (`make
+# test-unit` its unit layer alone: seconds, no process). They set up their own
+# virtualenv on a fresh machine; nothing needs installing by hand.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run demo test bench lint clean
+.PHONY: install run demo test test-unit bench lint clean
 
 install: $(STAMP)
 
@@ -41,6 +42,9 @@ demo: install
 
 test: install $(RAY_STAMP)
 	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest -m unit
 
 bench: install
 	$(PY) -m bench

@@ -1,15 +1,27 @@
 """Shared fixtures. Every wait is bounded and says what it waited for, and
-every test ends by checking that no process it spawned is left behind."""
+every test ends by checking that no process it spawned is left behind.
+
+Every test carries exactly one layer marker (see ``LAYERS``), most through
+its module's ``pytestmark``; collection stops with the list of those that
+carry none or several. A ``unit`` test is held to its word while it runs:
+starting a process, opening a ZeroMQ socket or sleeping fails it, so
+``pytest -m unit`` stays a layer of milliseconds that a laptop runs in
+seconds (docs/operations.md, "The test layers")."""
 
 from __future__ import annotations
 
+import _posixsubprocess
 import logging
 import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
 import pytest
+import zmq
 
 from supervisor import Supervisor
 from supervisor.engine import gpu
@@ -20,6 +32,84 @@ from tests.helpers.fake_nvml import FakeNvml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LAYERS = ("unit", "process", "daemon", "gpu")
+"""The layers, from fast to slow; pyproject.toml registers and describes them."""
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+"""Each example's own tests, written as a mode's author writes them (no
+marker of ours): each starts its mode's worker, so they are ``process``."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects: the examples' layer must be there to select by
+def pytest_collection_modifyitems(config, items):
+    """Every test in exactly one layer, or the run stops before it starts."""
+    wrong = []
+    for item in items:
+        layers = {mark.name for mark in item.iter_markers() if mark.name in LAYERS}
+        if not layers and item.path.is_relative_to(EXAMPLES):
+            item.add_marker(pytest.mark.process)
+            layers = {"process"}
+        if len(layers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(sorted(layers)) or 'none'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test carries exactly one layer marker of {sorted(LAYERS)} (a module's pytestmark, or the "
+            f"test's own in a module of several layers); these do not:\n" + "\n".join(wrong)
+        )
+
+
+class _UnitGuard:
+    """What a unit test may not do, refused where it is tried, and recorded
+    in case the code under test swallows the refusal."""
+
+    # Every way Python starts a process ends in one of these: subprocess in
+    # the fork_exec it imported, multiprocessing in _posixsubprocess's, the
+    # rest in os.
+    _STARTS = [
+        (owner, name)
+        for owner, name in [(subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec")]
+        + [(os, name) for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system")]
+        if getattr(owner, name, None) is not None
+    ]
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tried: list[str] = []
+        for owner, name in self._STARTS:
+            monkeypatch.setattr(owner, name, self._refuse(f"start a process ({owner.__name__}.{name})"))
+        monkeypatch.setattr(zmq.Socket, "__init__", self._refuse("open a ZeroMQ socket"))
+        sleep = time.sleep
+        main = threading.main_thread()
+        refuse_sleep = self._refuse("sleep")
+
+        def no_sleep_here(seconds: float) -> None:
+            if threading.current_thread() is main:
+                refuse_sleep(seconds)
+            sleep(seconds)  # another thread's (one left by an earlier test) is not this test's doing
+
+        monkeypatch.setattr(time, "sleep", no_sleep_here)
+
+    def _refuse(self, what: str):
+        def refuse(*args, **kwargs):
+            self.tried.append(what)
+            raise AssertionError(f"a unit test may not {what}: mark it process (or daemon) instead")
+
+        return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_layer_holds(request):
+    """A ``unit`` test starts no process, opens no ZeroMQ socket and does
+    not sleep, even where the code it drives catches the error."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        guard = _UnitGuard(monkeypatch)
+        yield
+    if guard.tried:
+        pytest.fail(f"this unit test tried to {', '.join(dict.fromkeys(guard.tried))}")
 
 
 @pytest.fixture(autouse=True)

@@ -34,6 +34,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_dtype_and_shape_round_trips_bit_exactly(dtype, shape):
@@ -45,6 +46,7 @@ def test_every_dtype_and_shape_round_trips_bit_exactly(dtype, shape):
         assert _same(got, arr)
 
 
+@pytest.mark.unit
 def test_non_contiguous_views_arrive_as_their_values_in_c_order():
     base = _array("<f8", (6, 8), seed=3)
     for view in (base[::2, 1::3], base.T, base[:, ::-1], np.asfortranarray(base)):
@@ -52,6 +54,7 @@ def test_non_contiguous_views_arrive_as_their_values_in_c_order():
         assert np.array_equal(got, view) and got.flags.c_contiguous and _same(got, view)
 
 
+@pytest.mark.unit
 def test_a_large_array_is_sent_from_its_own_memory_not_copied():
     arr = np.arange(1 << 20, dtype=np.float32)
     frames = encode_job(1, "echo", arr)
@@ -59,6 +62,7 @@ def test_a_large_array_is_sent_from_its_own_memory_not_copied():
     assert isinstance(buffer, memoryview) and np.shares_memory(np.frombuffer(buffer, np.float32), arr)
 
 
+@pytest.mark.unit
 def test_the_header_describes_each_array_with_frame_dtype_and_shape():
     """The layout docs/protocol.md promises a foreign peer, byte for byte."""
     arr = np.arange(6, dtype="<i4").reshape(2, 3)
@@ -69,6 +73,7 @@ def test_the_header_describes_each_array_with_frame_dtype_and_shape():
     assert bytes(data) == arr.tobytes()
 
 
+@pytest.mark.unit
 def test_a_peer_may_send_arrays_as_plain_bytes_frames():
     header = msgpack.packb(
         {"v": 1, "k": "result", "job": 3, "value": msgpack.ExtType(ARRAY_EXT, msgpack.packb([1, "<u2", [2]]))}
@@ -81,6 +86,7 @@ def _ref(index, dtype, shape):
     return msgpack.ExtType(ARRAY_EXT, msgpack.packb([index, dtype, shape]))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("value", "extra", "match"),
     [
@@ -106,6 +112,7 @@ def test_bad_array_references_are_protocol_errors(value, extra, match):
         decode_from_worker([header, *extra])
 
 
+@pytest.mark.unit
 def test_arrays_that_cannot_travel_fail_at_encoding_with_a_reason():
     with pytest.raises(TypeError, match="dtype object"):
         encode_job(1, "echo", np.array([object()]))
@@ -118,6 +125,7 @@ def test_arrays_that_cannot_travel_fail_at_encoding_with_a_reason():
 # ----------------------------------------------------------- through a worker
 
 
+@pytest.mark.process
 def test_arrays_round_trip_through_a_real_worker_bit_exactly(sup):
     cases = zip(DTYPES, SHAPES * 3, strict=False)
     payload = {f"{dtype}{shape}": _array(dtype, shape, seed=i) for i, (dtype, shape) in enumerate(cases)}
@@ -129,6 +137,7 @@ def test_arrays_round_trip_through_a_real_worker_bit_exactly(sup):
         assert _same(back[key], arr), key  # tobytes() is C order whatever the input's layout
 
 
+@pytest.mark.process
 def test_received_arrays_are_writable_and_own_nothing_shared_with_the_sender(sup):
     arr = np.arange(100_000, dtype=np.float64)
     back = sup.submit("echo", arr, mode="diag").result(T)
@@ -136,6 +145,7 @@ def test_received_arrays_are_writable_and_own_nothing_shared_with_the_sender(sup
     assert arr[0] == 0.0
 
 
+@pytest.mark.process
 def test_a_torch_tensor_from_a_handler_arrives_as_an_array(supervisor_from, tmp_path):
     sup = supervisor_from(config_text({"t": "tests.helpers.loaders:tensors"}))
     got = sup.submit("make", {"n": 5}, mode="t").result(T)
@@ -146,6 +156,7 @@ def test_a_torch_tensor_from_a_handler_arrives_as_an_array(supervisor_from, tmp_
         sup.submit("bfloat16", None, mode="t").result(T)
 
 
+@pytest.mark.unit
 def test_what_the_decoder_refuses_the_encoder_refuses_at_submit():
     """Otherwise a payload submit() accepted would be dropped by the worker."""
     with pytest.raises(TypeError, match="at most 1024 arrays"):
@@ -155,6 +166,7 @@ def test_what_the_decoder_refuses_the_encoder_refuses_at_submit():
         encode_job(1, "echo", np.zeros((1,) * 33))
 
 
+@pytest.mark.process
 def test_small_arrays_arrive_aligned_for_code_that_needs_it(sup):
     """libzmq packs small messages at any offset in a shared buffer; an
     array over it must still be aligned (numba, SIMD and C code assume so)."""

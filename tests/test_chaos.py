@@ -18,6 +18,8 @@ from supervisor import Supervisor, WorkerCrashed
 from tests.helpers import T, wait_until
 from tests.helpers.config import config_text
 
+pytestmark = pytest.mark.process
+
 JOBS = 2000
 KILLS = 20
 

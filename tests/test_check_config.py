@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, T, repo_pythonpath
+
+pytestmark = pytest.mark.process
 
 EXAMPLE = ROOT / "examples" / "scorer" / "gpuvisor.toml"
 

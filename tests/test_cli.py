@@ -53,6 +53,7 @@ def short_dir():
 # ---------------------------------------------------------------- options on either side
 
 
+@pytest.mark.daemon
 def test_shared_options_work_before_and_after_the_command(served, short_dir):
     endpoint = f"ipc://{short_dir}/run/g.sock"
     config = short_dir / "g.toml"
@@ -84,12 +85,14 @@ def test_shared_options_work_before_and_after_the_command(served, short_dir):
     assert "DEBUG" in daemon.output(), "-v after serve did not reach the daemon"
 
 
+@pytest.mark.process
 def test_version_is_the_installed_package_version():
     out = gpuvisor("--version")
     assert out.returncode == 0
     assert out.stdout.strip() == f"gpuvisor {importlib.metadata.version('gpuvisor')}"
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -113,6 +116,7 @@ def test_usage_errors_exit_2_with_the_reason(args, words):
 # ---------------------------------------------------------------- nothing serves
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", ["no directory", "no file", "stale file", "tcp refused"])
 def test_nothing_serving_is_exit_3_at_once(short_dir, case):
     if case == "no directory":
@@ -133,6 +137,7 @@ def test_nothing_serving_is_exit_3_at_once(short_dir, case):
         assert says in shown and "is `gpuvisor serve` running?" in shown, shown
 
 
+@pytest.mark.process
 def test_a_socket_this_user_may_not_reach_is_exit_3_with_the_reason(short_dir):
     private = short_dir / "private"
     private.mkdir()
@@ -159,6 +164,7 @@ def test_a_socket_this_user_may_not_reach_is_exit_3_with_the_reason(short_dir):
 # ---------------------------------------------------------------- what people read
 
 
+@pytest.mark.daemon
 def test_human_output_arrays_status_and_streams(served, short_dir):
     endpoint = f"ipc://{short_dir}/g.sock"
     config = short_dir / "g.toml"
@@ -209,6 +215,7 @@ def test_human_output_arrays_status_and_streams(served, short_dir):
     assert "    mode:" in "\n".join(block) and block[0].index(block[0].split()[1]) == devices[0].index("cpu"), block
 
 
+@pytest.mark.daemon
 def test_the_configs_job_timeout_is_a_ceiling_a_client_cannot_lift(served, short_dir):
     """On main ``--timeout 0`` ran a job past the operator's job_timeout."""
     endpoint = f"ipc://{short_dir}/g.sock"
@@ -224,6 +231,7 @@ def test_the_configs_job_timeout_is_a_ceiling_a_client_cannot_lift(served, short
     assert shorter.returncode == 0 and json.loads(shorter.stdout) == {"slept": 0.2}, shorter.stderr
 
 
+@pytest.mark.process
 def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
     out = gpuvisor("demo", env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=4 * T)
     assert out.returncode == 0, out.stderr
@@ -238,6 +246,7 @@ def test_demo_prints_the_tour_without_log_lines_or_library_warnings():
 # ---------------------------------------------------------------- what serve refuses
 
 
+@pytest.mark.daemon
 def test_plain_tcp_needs_allow_unauthenticated_tcp_and_is_logged(served, short_dir):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = short_dir / "g.toml"
@@ -256,6 +265,7 @@ def test_plain_tcp_needs_allow_unauthenticated_tcp_and_is_logged(served, short_d
     assert warning and "without authentication" in warning[0], daemon.output()
 
 
+@pytest.mark.daemon
 def test_a_socket_group_shut_out_of_an_existing_directory_is_refused(served, short_dir):
     group = grp.getgrgid(os.getgid()).gr_name
     run = short_dir / "run"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
+import pytest
+
 from supervisor.engine.commands import QueuedSwitch
 from supervisor.futures import settle
 from supervisor.mailbox import Mailbox
@@ -43,6 +45,7 @@ def _race_posters_against_close(posters: int = 4) -> tuple[int, int, list[BaseEx
     return delivered, len(accepted), errors
 
 
+@pytest.mark.process  # threads raced 100 times: seconds, not the unit layer's milliseconds
 def test_closing_while_threads_post_loses_nothing_and_raises_nothing():
     for _ in range(100):
         delivered, accepted, errors = _race_posters_against_close()
@@ -50,6 +53,7 @@ def test_closing_while_threads_post_loses_nothing_and_raises_nothing():
         assert delivered == accepted
 
 
+@pytest.mark.unit
 def test_settle_gives_one_outcome_and_respects_cancellation():
     f: Future = Future()
     settle(f, result=1)

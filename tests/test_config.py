@@ -7,6 +7,8 @@ import pytest
 from supervisor import ConfigError, Supervisor, UnknownMode, load_config
 from supervisor.config import parse
 
+pytestmark = pytest.mark.unit
+
 
 def assert_config_error(path, line: int, words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:

@@ -36,6 +36,7 @@ def cli(*args: str, timeout: float = T) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- clients
 
 
+@pytest.mark.daemon
 def test_many_concurrent_clients_each_get_every_answer_once_and_right(daemon):
     d = daemon(config_text=TWO_MODES)
     errors: list[str] = []
@@ -63,6 +64,7 @@ def test_many_concurrent_clients_each_get_every_answer_once_and_right(daemon):
     assert len(counts) == 18 * 200 + 2 * 20 and set(counts.values()) == {1}
 
 
+@pytest.mark.daemon
 def test_the_client_api_mirrors_the_supervisor(daemon):
     d = daemon()
     with d.client() as c:
@@ -98,6 +100,7 @@ def test_the_client_api_mirrors_the_supervisor(daemon):
     asyncio.run(asyncio.wait_for(use_async(), T))
 
 
+@pytest.mark.process
 def test_nothing_answering_is_daemon_unavailable(tmp_path):
     with Client(f"ipc://{tmp_path}/nobody.sock", timeout=0.3) as c:
         with pytest.raises(DaemonUnavailable, match="is `gpuvisor serve` running"):
@@ -106,6 +109,7 @@ def test_nothing_answering_is_daemon_unavailable(tmp_path):
             c.submit("echo", 1).result(T)
 
 
+@pytest.mark.daemon
 def test_malformed_and_oversized_client_frames_get_errors_and_the_daemon_goes_on(daemon):
     import msgpack
 
@@ -137,6 +141,7 @@ def test_malformed_and_oversized_client_frames_get_errors_and_the_daemon_goes_on
         ctx.term()
 
 
+@pytest.mark.daemon
 def test_replies_for_a_client_that_went_away_are_dropped_harmlessly(daemon):
     d = daemon()
     c = d.client()
@@ -154,6 +159,7 @@ def test_replies_for_a_client_that_went_away_are_dropped_harmlessly(daemon):
 # ---------------------------------------------------------------- the socket
 
 
+@pytest.mark.daemon
 def test_the_directory_and_socket_are_private_whatever_the_umask(daemon):
     d = daemon(umask=0)
     path = d.endpoint[len("ipc://") :]
@@ -161,6 +167,7 @@ def test_the_directory_and_socket_are_private_whatever_the_umask(daemon):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+@pytest.mark.daemon
 def test_a_socket_group_gets_0660(daemon):
     group = grp.getgrgid(os.getgid()).gr_name
     d = daemon(config_text=config_text(MODES, daemon={"socket_group": group}), umask=0)
@@ -169,6 +176,7 @@ def test_a_socket_group_gets_0660(daemon):
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o710
 
 
+@pytest.mark.daemon
 def test_a_second_daemon_on_the_same_endpoint_is_refused_and_the_first_keeps_serving(daemon):
     first = daemon()
     second = daemon("--endpoint", first.endpoint, wait_ready=False)
@@ -178,6 +186,7 @@ def test_a_second_daemon_on_the_same_endpoint_is_refused_and_the_first_keeps_ser
         assert c.ping()["pid"] == first.proc.pid
 
 
+@pytest.mark.daemon
 def test_a_stale_socket_file_is_replaced(daemon, tmp_path):
     short = os.path.join("/tmp", f"gv-stale-{os.getpid()}")
     os.makedirs(short, mode=0o700, exist_ok=True)
@@ -193,6 +202,7 @@ def test_a_stale_socket_file_is_replaced(daemon, tmp_path):
         shutil.rmtree(short, ignore_errors=True)
 
 
+@pytest.mark.daemon
 def test_tcp_is_refused_off_loopback_and_served_on_it(daemon):
     exposed = daemon("--endpoint", "tcp://0.0.0.0:0", wait_ready=False)
     assert exposed.wait() == 6
@@ -207,6 +217,7 @@ def test_tcp_is_refused_off_loopback_and_served_on_it(daemon):
         assert c.ping()["pong"] is True
 
 
+@pytest.mark.daemon
 def test_curve_lets_in_only_the_clients_whose_keys_are_listed(daemon, tmp_path):
     import zmq.auth
 
@@ -240,6 +251,7 @@ def test_curve_lets_in_only_the_clients_whose_keys_are_listed(daemon, tmp_path):
 # ---------------------------------------------------------------- systemd and signals
 
 
+@pytest.mark.daemon
 def test_sd_notify_ready_after_bind_then_status_watchdog_and_stopping(daemon):
     d = daemon(env={"WATCHDOG_USEC": "200000"})
     path = d.endpoint[len("ipc://") :]
@@ -258,6 +270,7 @@ def test_sd_notify_ready_after_bind_then_status_watchdog_and_stopping(daemon):
     d.wait_note("STOPPING=1")
 
 
+@pytest.mark.daemon
 def test_sigterm_drains_the_queue_then_exits_0(daemon):
     d = daemon()
     with d.client() as c:
@@ -272,6 +285,7 @@ def test_sigterm_drains_the_queue_then_exits_0(daemon):
     assert "drained and exited with code 0" in d.output()
 
 
+@pytest.mark.daemon
 def test_a_second_sigint_stops_at_once_and_cancels_the_queue(daemon):
     d = daemon()
     with d.client() as c:
@@ -288,6 +302,7 @@ def test_a_second_sigint_stops_at_once_and_cancels_the_queue(daemon):
     assert d.wait() == 0
 
 
+@pytest.mark.daemon
 def test_sighup_reloads_the_mode_table_and_keeps_it_if_the_file_is_broken(daemon):
     d = daemon(config_text=TWO_MODES)
     with d.client() as c:
@@ -309,6 +324,7 @@ def test_sighup_reloads_the_mode_table_and_keeps_it_if_the_file_is_broken(daemon
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.daemon
 def test_every_cli_exit_code(daemon, write_config):
     d = daemon()
     ep = ["--endpoint", d.endpoint]
@@ -335,6 +351,7 @@ def test_every_cli_exit_code(daemon, write_config):
 # ---------------------------------------------------------------- regressions from review
 
 
+@pytest.mark.daemon
 def test_a_client_that_never_reads_its_replies_cannot_wedge_the_daemon(daemon):
     import msgpack
 
@@ -357,12 +374,14 @@ def test_a_client_that_never_reads_its_replies_cannot_wedge_the_daemon(daemon):
     assert d.wait() == 0
 
 
+@pytest.mark.process
 def test_a_bad_endpoint_fails_at_once_and_the_cli_says_3():
     with pytest.raises(DaemonUnavailable, match="cannot connect to bogus://x"):
         Client("bogus://x")
     assert cli("--endpoint", "bogus://x", "status").returncode == 3
 
 
+@pytest.mark.daemon
 def test_requests_in_flight_when_the_daemon_dies_fail_even_if_a_new_one_takes_its_place(daemon):
     first = daemon()
     with first.client(timeout=5) as c:
@@ -376,6 +395,7 @@ def test_requests_in_flight_when_the_daemon_dies_fail_even_if_a_new_one_takes_it
         assert c.ping()["pid"] == second.proc.pid, "the same client goes on with the new daemon"
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize(
     "args, config, words",
     [
@@ -390,6 +410,7 @@ def test_unsafe_endpoints_are_refused_with_exit_6(daemon, args, config, words):
     assert words in d.output()
 
 
+@pytest.mark.daemon
 def test_an_existing_socket_directory_is_checked_not_changed(daemon, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
@@ -406,6 +427,7 @@ def test_an_existing_socket_directory_is_checked_not_changed(daemon, tmp_path):
 # ---------------------------------------------------------------- streams and arrays through the daemon
 
 
+@pytest.mark.daemon
 def test_streams_and_arrays_cross_the_daemon(daemon):
     import numpy as np
 
@@ -435,6 +457,7 @@ def test_streams_and_arrays_cross_the_daemon(daemon):
     asyncio.run(asyncio.wait_for(use_async(), T))
 
 
+@pytest.mark.daemon
 def test_the_cli_streams_chunks_as_json_lines(daemon):
     d = daemon(config_text=TWO_MODES)
     out = cli("--endpoint", d.endpoint, "--json", "submit", "count", '{"n": 3}', "--mode", "diag", "--stream")
@@ -446,6 +469,7 @@ def test_the_cli_streams_chunks_as_json_lines(daemon):
 # ---------------------------------------------------------------- stopping, modes, a daemon that is not there
 
 
+@pytest.mark.daemon
 def test_a_stop_is_bounded_by_drain_timeout_and_asks_systemd_for_no_more(daemon):
     """SIGTERM drains, but for at most [daemon] drain_timeout: a job that
     would run past it is cancelled with JobCancelled, the worker is stopped,
@@ -467,6 +491,7 @@ def test_a_stop_is_bounded_by_drain_timeout_and_asks_systemd_for_no_more(daemon)
     assert asked and max(asked) <= 1.5 + 1.0 + 5.0, asked
 
 
+@pytest.mark.daemon
 def test_client_shutdown_returns_once_the_daemon_has_stopped(daemon):
     d = daemon()
     with d.client() as c:
@@ -477,6 +502,7 @@ def test_client_shutdown_returns_once_the_daemon_has_stopped(daemon):
     assert d.wait(T) == 0
 
 
+@pytest.mark.daemon
 def test_modes_lists_each_mode_its_loader_and_its_tasks_once_loaded(daemon):
     d = daemon(config_text=TWO_MODES)
     with d.client() as c:
@@ -496,6 +522,7 @@ def test_modes_lists_each_mode_its_loader_and_its_tasks_once_loaded(daemon):
     assert as_json["value"]["diag"]["loaded"] is True
 
 
+@pytest.mark.process
 def test_a_client_learns_at_once_that_no_daemon_is_there(tmp_path):
     """No socket file, or a stale one that refuses: the first request fails
     with the reason, without waiting for the silence timeout (10 s here)."""

@@ -49,6 +49,7 @@ def by_device(sup) -> dict[str, dict]:
     return {d["name"]: d for d in sup.status()["devices"]}
 
 
+@pytest.mark.process
 def test_mixed_traffic_from_several_callers_runs_each_job_in_its_mode_once(supervisor_from):
     """4 callers, 4 modes, 3 devices: every job ends once, in a worker of its
     own mode; the devices share the work; switches stay near what grouping
@@ -81,6 +82,7 @@ def test_mixed_traffic_from_several_callers_runs_each_job_in_its_mode_once(super
     assert 4 <= made <= 16, f"{made} switches for 120 jobs of 4 modes on 3 devices"
 
 
+@pytest.mark.process
 def test_a_mode_is_held_by_at_most_replicas_devices_and_only_those_it_names(supervisor_from):
     sup: Supervisor = supervisor_from(config_text(
         {"busy": mode("busy", replicas=3), "rare": mode("rare", devices=["cpu:2"]), "solo": mode("solo")},
@@ -102,6 +104,7 @@ def test_a_mode_is_held_by_at_most_replicas_devices_and_only_those_it_names(supe
         assert got["pid"] == by_device(sup)["cpu:2"]["worker_pid"]
 
 
+@pytest.mark.process
 def test_a_kill_on_one_device_leaves_the_others_jobs_alone(supervisor_from):
     sup: Supervisor = supervisor_from(config_text({m: mode(m) for m in "abc"},
                                                   supervisor={"devices": THREE, "warm_standby": False}))  # fmt: skip
@@ -125,6 +128,7 @@ def test_a_kill_on_one_device_leaves_the_others_jobs_alone(supervisor_from):
     assert sup.status()["state"] == "running"
 
 
+@pytest.mark.process
 def test_switch_mode_names_its_device_or_placement_chooses(supervisor_from):
     sup: Supervisor = supervisor_from(config_text(
         {"a": mode("a"), "b": mode("b"), "pinned": mode("pinned", devices=["cpu:1"])},
@@ -149,6 +153,7 @@ def test_switch_mode_names_its_device_or_placement_chooses(supervisor_from):
     assert restarted["status"] == "restarted" and restarted["mode"] == "pinned"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("settings", "mode_keys", "words"),
     [
@@ -167,6 +172,7 @@ def test_device_settings_with_mistakes_say_which_line_and_key(settings, mode_key
     assert words in str(caught.value) and "g.toml:" in str(caught.value), caught.value
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_a_daemon_shows_every_device_through_its_doors():
     """``gpuvisor switch --device``, ``gpuvisor status``, ``/v1/models`` and
@@ -197,6 +203,7 @@ def test_a_daemon_shows_every_device_through_its_doors():
         d.close()
 
 
+@pytest.mark.process
 def test_a_device_whose_budget_is_spent_fails_alone_and_its_mode_moves_on(supervisor_from):
     """``max_restarts = 0``: the first death fails that device. The mode's
     jobs go to another device; the supervisor is not failed while one is
@@ -222,6 +229,7 @@ def test_a_device_whose_budget_is_spent_fails_alone_and_its_mode_moves_on(superv
     assert back["status"] == "restarted" and by_device(sup)[holder["name"]]["failed_reason"] is None
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_health_with_several_devices_lists_each_and_serves_while_any_does():
     text = http_config({"a": mode("a"), "b": mode("b")}, {"model-a": {"mode": "a", "completions": "work"}},

@@ -27,6 +27,8 @@ from supervisor import Supervisor
 from tests.helpers import T, pid_gone, wait_until
 from tests.helpers.config import DIAG, DIAG_HOOKS, config_text
 
+pytestmark = pytest.mark.process
+
 THREE = ["cpu", "cpu", "cpu"]
 NAMES = ["cpu:0", "cpu:1", "cpu:2"]
 HERE = __name__

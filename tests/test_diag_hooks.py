@@ -18,6 +18,7 @@ from tests.helpers.config import DIAG, DIAG_HOOKS
 FORGED = "gpuvisor ERROR a line forged by a caller"
 
 
+@pytest.mark.daemon
 def test_the_built_in_diag_refuses_every_test_hook_and_writes_nothing(daemon, tmp_path):
     d = daemon()  # the built-in config
     record, once = tmp_path / "record", tmp_path / "once"
@@ -41,6 +42,7 @@ def test_the_built_in_diag_refuses_every_test_hook_and_writes_nothing(daemon, tm
     assert FORGED not in d.output()
 
 
+@pytest.mark.process
 def test_test_hooks_true_turns_them_on_and_anything_but_a_bool_fails_the_load(tmp_path):
     record = tmp_path / "record"
     with load_mode(DIAG_HOOKS["loader"], DIAG_HOOKS["args"]) as hooked:

@@ -19,7 +19,7 @@ from tests.helpers.harness import Harness
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 MODEL_T = 3 * T  # a wait here may include loading the model (torch and the weights) on a shared CPU
 
 

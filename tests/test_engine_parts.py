@@ -16,6 +16,8 @@ from supervisor.engine.deadlines import Deadline, Deadlines
 from supervisor.engine.queue import JobQueue
 from supervisor.futures import JobFuture
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     def __init__(self) -> None:

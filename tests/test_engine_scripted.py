@@ -26,6 +26,8 @@ from supervisor import JobTimeout, Supervisor
 from tests.helpers import T, pid_gone, wait_until
 from tests.helpers.config import config_text
 
+pytestmark = pytest.mark.process
+
 SLEEPER = "import time; time.sleep(600)"
 DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
 

@@ -10,6 +10,8 @@ import pytest
 from protocol import Drain, Job, Load, WorkerCrashed
 from tests.helpers.fake_world import FakeWorld
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def world():

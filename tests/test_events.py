@@ -57,6 +57,7 @@ def to_mode(d: RunningDaemon, mode: str) -> None:
         c.switch_mode(mode).result(T)
 
 
+@pytest.mark.daemon
 def test_events_json_follows_a_switch_phase_by_phase(daemon):
     to_mode(daemon, "diag")
     follower = subprocess.Popen([GPUVISOR, "--endpoint", daemon.endpoint, "events", "--json"], text=True,
@@ -94,6 +95,7 @@ def test_events_json_follows_a_switch_phase_by_phase(daemon):
     assert "loading mode 'slow'" in log and "mode 'slow' ready in" in log and "spawn" in log
 
 
+@pytest.mark.daemon
 def test_switch_in_a_pipe_prints_a_line_per_phase_on_stderr(daemon):
     to_mode(daemon, "slow")
     out = gpuvisor(daemon, "switch", "diag")
@@ -108,6 +110,7 @@ def test_switch_in_a_pipe_prints_a_line_per_phase_on_stderr(daemon):
     assert "restart to mode 'diag' on cpu: ready in" in again.stderr
 
 
+@pytest.mark.daemon
 def test_a_submit_behind_a_slow_switch_says_what_it_waits_for(daemon):
     to_mode(daemon, "diag")
     with daemon.client() as c:
@@ -122,6 +125,7 @@ def test_a_submit_behind_a_slow_switch_says_what_it_waits_for(daemon):
     assert quick.returncode == 0 and quick.stdout.strip() == "8" and quick.stderr == ""
 
 
+@pytest.mark.daemon
 def test_a_follower_that_never_reads_does_not_stall_anyone_and_is_let_go(daemon):
     to_mode(daemon, "diag")
     deaf = RawClient(daemon.endpoint)
@@ -136,6 +140,7 @@ def test_a_follower_that_never_reads_does_not_stall_anyone_and_is_let_go(daemon)
         wait_until(lambda: c.status()["clients"]["following_events"] == 0, T, "the gone follower to be let go")
 
 
+@pytest.mark.daemon
 def test_the_async_client_follows_too(daemon):
     async def first_two():
         client = AsyncClient(daemon.endpoint)
@@ -155,6 +160,7 @@ def test_the_async_client_follows_too(daemon):
     assert got[0]["event"] == "following" and got[-1]["why"] == "restart"
 
 
+@pytest.mark.daemon
 def test_stop_reports_the_drain_and_what_it_cancelled():
     d = RunningDaemon(config_text=config_text(supervisor={"default_mode": "diag"}))
     try:
@@ -175,6 +181,7 @@ def test_stop_reports_the_drain_and_what_it_cancelled():
         d.close()
 
 
+@pytest.mark.process
 def test_with_nobody_following_the_engine_builds_no_events(write_config):
     sup = Supervisor(write_config(config_text()), mode="diag").start()
     try:

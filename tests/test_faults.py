@@ -24,6 +24,8 @@ from supervisor import (
 from tests.helpers import T, pid_gone, wait_until
 from tests.helpers.config import DIAG, DIAG_HOOKS, config_text
 
+pytestmark = pytest.mark.process
+
 MODES = {
     "diag": DIAG_HOOKS,  # crash's say and once_file
     "other": {"loader": "tests.helpers.loaders:tagged", "args": {"tag": "other"}},

@@ -63,6 +63,7 @@ class Flooder(threading.Thread):
 # ---------------------------------------------------------------- every reply, every chunk
 
 
+@pytest.mark.daemon
 def test_every_future_settles_when_20000_jobs_fail_at_once(daemon):
     broken = {"loader": "tests.helpers.loaders:sleeps_then_raises", "args": {"seconds": 2.0}}
     d = daemon(
@@ -79,6 +80,7 @@ def test_every_future_settles_when_20000_jobs_fail_at_once(daemon):
         assert c.status()["clients"]["dropped"] == 0
 
 
+@pytest.mark.daemon
 def test_a_long_stream_arrives_complete_and_in_order(daemon):
     d = daemon(config_text=config_text())
     n = 100_000
@@ -105,6 +107,7 @@ def flooded(daemon):
     ctx.term()
 
 
+@pytest.mark.daemon
 def test_a_flooder_that_never_reads_is_cut_off_alone_and_told_when_it_reads(flooded):
     d, flooder = flooded
     with d.client() as other:
@@ -143,6 +146,7 @@ def test_a_flooder_that_never_reads_is_cut_off_alone_and_told_when_it_reads(floo
         assert d.output().count("cut off client") == 1
 
 
+@pytest.mark.daemon
 def test_sigterm_is_prompt_while_a_client_floods(flooded):
     d, flooder = flooded
     with d.client() as c:
@@ -154,6 +158,7 @@ def test_sigterm_is_prompt_while_a_client_floods(flooded):
     assert d.wait() == 0
 
 
+@pytest.mark.daemon
 def test_a_daemon_whose_stderr_nobody_reads_still_answers_and_stops(daemon):
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
@@ -228,6 +233,7 @@ def reply(request_id, value=None, error: dict | None = None) -> dict:
     return {"v": 1, "k": "reply", "id": request_id, "ok": True, "value": value}
 
 
+@pytest.mark.process
 def test_a_gap_in_a_stream_ends_it_with_StreamIncomplete_never_a_success(fake, tmp_path):
     with Client(f"ipc://{tmp_path}/fake.sock") as c:
         stream = c.submit("count", {"n": 3}, stream=True)
@@ -249,6 +255,7 @@ def test_a_gap_in_a_stream_ends_it_with_StreamIncomplete_never_a_success(fake, t
         assert again.result(T) == "fine"
 
 
+@pytest.mark.process
 def test_a_reply_that_cannot_be_decoded_fails_the_request_it_names(fake, tmp_path, caplog):
     with Client(f"ipc://{tmp_path}/fake.sock") as c:
         broken, unreadable = c.submit("echo", 1), c.submit("echo", 2)
@@ -265,6 +272,7 @@ def test_a_reply_that_cannot_be_decoded_fails_the_request_it_names(fake, tmp_pat
         assert unreadable.result(T) == "late but right"
 
 
+@pytest.mark.process
 def test_a_cut_off_notice_fails_every_outstanding_request_and_the_client_goes_on_anew(fake, tmp_path):
     with Client(f"ipc://{tmp_path}/fake.sock") as c:
         futures = [c.submit("echo", i) for i in range(3)]
@@ -286,6 +294,7 @@ def test_a_cut_off_notice_fails_every_outstanding_request_and_the_client_goes_on
         assert after.result(T) == "again"
 
 
+@pytest.mark.process
 def test_errno_of_a_gone_client_is_what_flow_control_expects():
     """The daemon forgets a client on EHOSTUNREACH (ROUTER_MANDATORY to an
     unknown routing id); libzmq must still say exactly that."""

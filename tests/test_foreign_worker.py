@@ -19,6 +19,8 @@ from supervisor import JobFailed, ModeLoadError, ProtocolError, Supervisor, Unkn
 from tests.helpers import T, pid_gone
 from tests.helpers.config import config_text
 
+pytestmark = pytest.mark.process
+
 FOREIGN = Path(__file__).resolve().parent / "helpers" / "foreign_worker.py"
 MODES = {
     "f": "foreign.any:thing",

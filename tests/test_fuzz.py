@@ -12,6 +12,7 @@ import tempfile
 import threading
 
 import msgpack
+import pytest
 import zmq
 
 from protocol import (
@@ -30,6 +31,8 @@ from supervisor import Supervisor
 from tests.helpers import T
 from tests.helpers.config import DIAG
 from tests.helpers.harness import Harness
+
+pytestmark = pytest.mark.process
 
 SEED = 20261124
 FUZZ_FRAMES = 3000

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ROOT, T, repo_pythonpath
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 SCRIPT = r"""
 import inspect, json, sys

@@ -58,11 +58,13 @@ needs_no_nvml = pytest.mark.skipif(
 # ------------------------------------------------------------ syntax, no NVML
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("setting", ["auto", "cpu", "cuda:0", "cuda:1", "cuda:12"])
 def test_valid_device_settings(setting):
     assert valid_device_setting(setting)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "setting", ["gpu", "cuda:-1", "cuda:x", 3, "", "cuda", "cuda:", "cuda:01", "CPU", " cpu", "cuda:0 ", None, True]
 )
@@ -72,12 +74,14 @@ def test_bad_device_settings_are_refused(setting):
         choose_device(setting)
 
 
+@pytest.mark.unit
 def test_cpu_hides_every_gpu_whatever_nvml_says():
     choice = choose_device("cpu")
     assert choice == DeviceChoice("cpu", "cpu", None, {"CUDA_VISIBLE_DEVICES": ""}, choice.reason)
     assert "hides every GPU" in choice.reason
 
 
+@pytest.mark.process
 def test_importing_the_module_imports_no_nvml_numpy_or_torch():
     code = (
         "import sys, supervisor; before = set(sys.modules); import supervisor.engine.gpu, supervisor.engine.devices; "
@@ -90,6 +94,7 @@ def test_importing_the_module_imports_no_nvml_numpy_or_torch():
 # ------------------------------------------------------------ this machine without NVML
 
 
+@pytest.mark.unit
 @needs_no_nvml
 def test_auto_without_nvml_is_cpu_and_says_why():
     choice = choose_device("auto", environ={})
@@ -97,6 +102,7 @@ def test_auto_without_nvml_is_cpu_and_says_why():
     assert choice.reason.startswith("auto: NVML sees no GPU (") and choice.reason.endswith(")")
 
 
+@pytest.mark.unit
 @needs_no_nvml
 def test_a_pinned_gpu_is_pinned_without_nvml_but_not_verified():
     choice = choose_device("cuda:1")
@@ -105,6 +111,7 @@ def test_a_pinned_gpu_is_pinned_without_nvml_but_not_verified():
     assert "NVML is unavailable" in choice.reason and "VRAM cannot be verified" in choice.reason
 
 
+@pytest.mark.unit
 @needs_no_nvml
 def test_a_meter_without_nvml_is_a_reason_not_an_exception():
     meter = GpuMeter.open(0)
@@ -115,6 +122,7 @@ def test_a_meter_without_nvml_is_a_reason_not_an_exception():
 # ------------------------------------------------------------ process RSS
 
 
+@pytest.mark.process
 def test_process_rss_of_a_live_process_and_of_a_reaped_one():
     assert process_rss(os.getpid()) > 0
     child = subprocess.Popen(["sleep", "30"])
@@ -126,6 +134,7 @@ def test_process_rss_of_a_live_process_and_of_a_reaped_one():
     assert process_rss(child.pid) is None
 
 
+@pytest.mark.process
 def test_process_rss_of_a_zombie_is_none():
     child = subprocess.Popen(["sleep", "30"])
     child.kill()
@@ -141,6 +150,7 @@ def test_process_rss_of_a_zombie_is_none():
 # ------------------------------------------------------------ a fake pynvml (tests/helpers/fake_nvml.py, fixture in conftest)
 
 
+@pytest.mark.unit
 def test_fake_no_library_gives_reasons_everywhere(fake_nvml):
     fake_nvml(FakeNvml(init_error=LIBRARY_NOT_FOUND))
     auto = choose_device("auto", environ={})
@@ -153,6 +163,7 @@ def test_fake_no_library_gives_reasons_everywhere(fake_nvml):
     assert GpuMeter.open(0) == "NVML is unavailable: NVML Shared Library Not Found"
 
 
+@pytest.mark.unit
 def test_fake_no_gpu_auto_is_cpu_and_cuda_n_is_refused(fake_nvml):
     fake_nvml(FakeNvml([]))
     assert choose_device("auto", environ={}).reason == "auto: NVML sees no GPU (0 devices)"
@@ -161,6 +172,7 @@ def test_fake_no_gpu_auto_is_cpu_and_cuda_n_is_refused(fake_nvml):
     assert GpuMeter.open(0) == "NVML sees 0 GPUs; there is no GPU 0"
 
 
+@pytest.mark.unit
 def test_fake_two_gpus_pin_by_uuid_and_refuse_a_third(fake_nvml):
     fake = fake_nvml(FakeNvml([{}, {}]))
     auto = choose_device("auto", environ={})
@@ -175,6 +187,7 @@ def test_fake_two_gpus_pin_by_uuid_and_refuse_a_third(fake_nvml):
     assert fake.inits == 1  # one nvmlInit per process, however many calls
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("environ", "kind", "index", "words"),
     [
@@ -195,6 +208,7 @@ def test_fake_auto_honours_the_supervisors_cuda_visible_devices(fake_nvml, envir
     assert words in choice.reason and repr(environ["CUDA_VISIBLE_DEVICES"]) in choice.reason
 
 
+@pytest.mark.unit
 def test_fake_meter_merges_the_process_lists(fake_nvml):
     fake_nvml(
         FakeNvml(
@@ -228,6 +242,7 @@ def test_fake_meter_merges_the_process_lists(fake_nvml):
     }
 
 
+@pytest.mark.unit
 def test_fake_old_driver_falls_back_to_v2_calls_and_v1_memory(fake_nvml):
     missing = {
         "nvmlDeviceGetMemoryInfo_v2",
@@ -243,12 +258,14 @@ def test_fake_old_driver_falls_back_to_v2_calls_and_v1_memory(fake_nvml):
     assert fake.memory_versions[-1] is None  # v1 from open() on, so every reading is comparable
 
 
+@pytest.mark.unit
 def test_fake_new_driver_reads_memory_v2(fake_nvml):
     fake = fake_nvml(FakeNvml([{}]))
     GpuMeter.open(0).memory()
     assert fake.memory_versions == [FakeNvml.nvmlMemory_v2] * 2
 
 
+@pytest.mark.unit
 def test_fake_a_driver_without_any_compute_list_cannot_say(fake_nvml):
     missing = {f"nvmlDeviceGetComputeRunningProcesses{v}" for v in ("_v2", "_v3")}
     fake_nvml(FakeNvml([{}], missing=missing))
@@ -257,6 +274,7 @@ def test_fake_a_driver_without_any_compute_list_cannot_say(fake_nvml):
     assert "cannot list the processes" in meter.last_error
 
 
+@pytest.mark.process
 def test_fake_a_lost_gpu_gives_none_and_a_wait_that_ends(fake_nvml):
     fake = fake_nvml(FakeNvml([{"Compute": [(100, GiB)]}]))
     meter = GpuMeter.open(0)
@@ -283,6 +301,7 @@ class ReclaimingGpu(FakeNvml):
         return super().nvmlDeviceGetMemoryInfo(handle, version)
 
 
+@pytest.mark.process
 def test_fake_wait_reclaimed_waits_for_the_pid_and_the_baseline(fake_nvml):
     fake_nvml(ReclaimingGpu(polls=5))
     meter = GpuMeter.open(0)
@@ -301,6 +320,7 @@ def test_fake_wait_reclaimed_waits_for_the_pid_and_the_baseline(fake_nvml):
     }
 
 
+@pytest.mark.process
 def test_fake_wait_reclaimed_reports_a_leak_at_the_timeout(fake_nvml):
     fake_nvml(ReclaimingGpu(polls=1, leak=512 * MiB))
     r = GpuMeter.open(0).wait_reclaimed(4242, 6 * GiB, GiB, tolerance=64 * MiB, timeout=0.05, poll=0.01)
@@ -308,6 +328,7 @@ def test_fake_wait_reclaimed_reports_a_leak_at_the_timeout(fake_nvml):
     assert r.reclaimed_bytes == 6 * GiB - (GiB + 512 * MiB)
 
 
+@pytest.mark.process
 def test_fake_in_a_container_the_wait_rests_on_device_used(fake_nvml):
     """NVML lists host pids (here 77) in a container: the worker's pid is
     never listed, so process_bytes reads 0 and the device's used memory
@@ -319,6 +340,7 @@ def test_fake_in_a_container_the_wait_rests_on_device_used(fake_nvml):
     assert r.complete and r.used_after == GiB
 
 
+@pytest.mark.process
 def test_fake_without_a_baseline_only_the_pid_is_waited_for(fake_nvml):
     fake_nvml(ReclaimingGpu(polls=3))
     r = GpuMeter.open(0).wait_reclaimed(4242, 6 * GiB, None, tolerance=0, timeout=30, poll=0.001)
@@ -379,6 +401,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.process
 def test_the_real_pynvml_over_a_stub_driver(tmp_path):
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -561,6 +584,7 @@ def test_an_in_process_del_and_empty_cache_is_measured_beside_it(gpu_meter, reco
         print("(the switch figure is missing: run test_a_switch_gives_back_the_big_workers_vram first)")
 
 
+@pytest.mark.unit
 def test_fake_devices_auto_is_every_gpu_each_pinned_by_its_uuid(fake_nvml):
     fake_nvml(FakeNvml([{}, {}]))
     chosen = choose_devices("auto", environ={})

@@ -25,7 +25,7 @@ from tests.helpers import T
 from tests.helpers.config import config_text
 from tests.helpers.daemon import RunningDaemon, free_port, serving
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.daemon, pytest.mark.slow]
 MODEL_T = 3 * T  # a wait that may include loading torch and a model on a shared CPU
 
 TEMPLATE = (

@@ -14,6 +14,8 @@ from tests.helpers.config import DIAG
 from tests.helpers.daemon import free_port, serving
 from tests.test_http import assert_error, curl, http_config, http_socket
 
+pytestmark = pytest.mark.daemon
+
 PORT = free_port()
 PLAIN, ADMIN = "a-plain-token-for-jobs-only", "an-admin-token-for-operators"
 

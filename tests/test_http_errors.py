@@ -21,6 +21,8 @@ from tests.helpers import T, wait_until
 from tests.helpers.daemon import RunningDaemon, free_port, serving
 from tests.test_http import GATE_MODELS, assert_error, curl, gates, http_config, http_socket, sdk
 
+pytestmark = pytest.mark.daemon
+
 TOKEN = "s3cret-token-for-the-http-tests"
 PORT, OUTSIDE_PORT = free_port(), free_port()
 

@@ -30,7 +30,7 @@ from tests.helpers import T
 from tests.helpers.daemon import serving
 from tests.test_http import ASSISTANT, MODEL_T, assert_error, http_config, http_socket
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.daemon, pytest.mark.slow]
 
 MODELS = {
     "minilm": {"mode": "assistant", "embeddings": "embed"},

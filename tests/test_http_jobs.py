@@ -26,6 +26,8 @@ from tests.helpers.config import DIAG, DIAG_HOOKS
 from tests.helpers.daemon import free_port, serving
 from tests.test_http import assert_error, curl, http_config, http_socket, sdk, sse
 
+pytestmark = pytest.mark.daemon
+
 PORT = free_port()
 SHAPES = """
 import numpy as np

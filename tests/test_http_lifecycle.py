@@ -25,6 +25,8 @@ from tests.helpers.config import DIAG
 from tests.helpers.daemon import free_port
 from tests.test_http import GATE_MODELS, assert_error, curl, gates, http_config, http_socket, sdk
 
+pytestmark = pytest.mark.daemon
+
 
 def gates_config(folder, *, modes=None, models=None, http=None, **supervisor) -> str:
     return http_config(modes or {"gates": gates(folder)}, models or GATE_MODELS, http=http,

@@ -143,6 +143,7 @@ def request(method: str, path: str, body: bytes = b"", host: str = "localhost", 
 # ---------------------------------------------------------------- the connection
 
 
+@pytest.mark.daemon
 def test_a_head_over_max_header_bytes_is_a_431_and_not_read_whole(served):
     with connect() as s:
         with contextlib.suppress(OSError):  # the server may close before it has all of it
@@ -173,6 +174,7 @@ def head_of(size: int, path: str = "/health", extra: str = "") -> bytes:
     return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
 
 
+@pytest.mark.daemon
 def test_a_head_over_max_header_bytes_is_a_431_however_it_arrives(served):
     """h11 bounds only a head still incomplete: one that arrived whole in
     one read was parsed, whatever its size (65,000 bytes were served)."""
@@ -188,6 +190,7 @@ def test_a_head_over_max_header_bytes_is_a_431_however_it_arrives(served):
         assert [status for status, _ in answers(s)] == [200], "a head of max_header_bytes exactly is served"
 
 
+@pytest.mark.daemon
 def test_pipelined_requests_are_each_held_to_max_header_bytes_not_their_sum(served):
     with connect() as s:
         s.sendall(head_of(5000) + head_of(5000, extra="Connection: close\r\n"))  # 10,000 bytes in one write
@@ -197,6 +200,7 @@ def test_pipelined_requests_are_each_held_to_max_header_bytes_not_their_sum(serv
         assert [status for status, _ in answers(s)] == [200, 431]
 
 
+@pytest.mark.daemon
 def test_a_flood_of_bad_requests_is_one_log_line_in_ten_seconds(served):
     """uvicorn logs a warning for every request h11 cannot read, and two for
     every upgrade it does not serve: a flood filled the log."""
@@ -229,6 +233,7 @@ def trickle_until_closed(s: socket.socket) -> bool:
     return False
 
 
+@pytest.mark.daemon
 def test_a_head_sent_slowly_is_cut_off_by_header_timeout_at_first_and_after_a_response(served):
     with connect() as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
@@ -244,6 +249,7 @@ def test_a_head_sent_slowly_is_cut_off_by_header_timeout_at_first_and_after_a_re
         assert closed_by_server(s), "an idle keep-alive connection stayed open"
 
 
+@pytest.mark.daemon
 def test_a_body_sent_slowly_is_a_408_after_body_timeout(served):
     with connect() as s:
         s.sendall(
@@ -267,6 +273,7 @@ def embeddings_request(inputs: int, extra: str = "") -> bytes:
     return request("POST", "/v1/embeddings", body, extra=extra)
 
 
+@pytest.mark.daemon
 def test_a_client_that_reads_none_of_its_answer_is_cut_off_after_send_timeout(served):
     """The answer (2048 vectors: 9 MB of JSON) waits in the daemon's buffer
     for a reader; one that reads none of it for send_timeout is let go."""
@@ -281,6 +288,7 @@ def test_a_client_that_reads_none_of_its_answer_is_cut_off_after_send_timeout(se
     assert curl(f"http://127.0.0.1:{PORT}/health")[0] == 200
 
 
+@pytest.mark.daemon
 def test_a_client_that_reads_slowly_gets_its_whole_answer_however_long_it_takes(served, unix):
     """200 vectors (870 KB of JSON) read 16 KB every 50 ms: longer than
     send_timeout, but never a send_timeout without reading."""
@@ -296,6 +304,7 @@ def test_a_client_that_reads_slowly_gets_its_whole_answer_however_long_it_takes(
     assert head.startswith(b"HTTP/1.1 200") and len(json.loads(content)["data"]) == 200
 
 
+@pytest.mark.daemon
 def test_connections_past_max_connections_are_closed_at_once(daemon, tmp_path):
     port = free_port()
     d = started(daemon(config_text=limits_config(tmp_path, {"listen": [f"127.0.0.1:{port}"], "max_connections": 3})))
@@ -384,6 +393,7 @@ def as_user(uid: int, gid: int, path: str, holds: int) -> tuple[int | None, sock
     return json.loads(line), result
 
 
+@pytest.mark.daemon
 def test_each_unix_user_is_held_to_a_share_of_the_connections_and_tcp_leaves_the_unix_socket_some(daemon, tmp_path):
     """Connections are counted before a byte of a head, so one peer could
     hold them all, tokens or none. On the unix socket each uid gets its
@@ -448,6 +458,7 @@ def accepted_socket(pid: int, client: socket.socket) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+@pytest.mark.daemon
 def test_an_accepted_tcp_connection_has_tcp_nodelay(served):
     with connect() as s:
         s.sendall(request("GET", "/health"))
@@ -459,6 +470,7 @@ def test_an_accepted_tcp_connection_has_tcp_nodelay(served):
 # ---------------------------------------------------------------- browsers and names that are not ours
 
 
+@pytest.mark.daemon
 def test_a_browser_page_of_another_site_is_refused_whatever_it_sends(served):
     url = f"http://127.0.0.1:{PORT}/v1/completions"
     body = json.dumps({"model": "say", "prompt": "x"})
@@ -473,6 +485,7 @@ def test_a_browser_page_of_another_site_is_refused_whatever_it_sends(served):
     assert status == 403
 
 
+@pytest.mark.daemon
 def test_a_post_whose_body_is_not_said_to_be_json_is_a_415(served, unix):
     body = json.dumps({"model": "say", "prompt": "x"})
     for args in (("-d", body), ("-H", "Content-Type: text/plain", "--data-raw", body), ("-X", "POST")):
@@ -484,6 +497,7 @@ def test_a_post_whose_body_is_not_said_to_be_json_is_a_415(served, unix):
     assert ok[0] == 200, ok
 
 
+@pytest.mark.daemon
 def test_tcp_without_tokens_serves_loopback_host_names_only(served, unix):
     url = f"http://127.0.0.1:{PORT}/v1/models"
     for host in ("attacker.example", f"attacker.example:{PORT}", f"192.0.2.1:{PORT}", "localhost.attacker.example"):
@@ -497,6 +511,7 @@ def test_tcp_without_tokens_serves_loopback_host_names_only(served, unix):
         assert {m.id for m in client.models.list()} == set(MODELS)
 
 
+@pytest.mark.daemon
 def test_the_listeners_own_origin_and_an_allowed_one_are_served_with_cors_for_the_allowed(served):
     url = f"http://127.0.0.1:{PORT}/v1/completions"
     body = json.dumps({"model": "say", "prompt": "x"})
@@ -525,6 +540,7 @@ def calls(folder: Path, width: int) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.daemon
 def test_embeddings_over_max_inputs_or_max_input_chars_are_413_before_anything_is_queued(served, unix, folder):
     before = calls(folder, 384)
     for n in (2049, 30_000, 50_000):
@@ -548,6 +564,7 @@ def rss(d: RunningDaemon) -> int:
     return psutil.Process(d.proc.pid).memory_info().rss
 
 
+@pytest.mark.daemon
 def test_unknown_fields_are_dropped_as_the_body_is_read_not_kept_while_the_job_waits(served, unix, folder):
     """Four requests, each with an unknown field of two million empty
     objects (6 MB of JSON, some 160 MB once parsed), wait in the queue: the
@@ -576,6 +593,7 @@ def test_unknown_fields_are_dropped_as_the_body_is_read_not_kept_while_the_job_w
             s.close()
 
 
+@pytest.mark.daemon
 def test_a_refused_field_is_refused_whatever_its_size_and_said_in_a_few_words(served, unix):
     many = {"logit_bias": {str(i): 1 for i in range(200_000)}, "tools": [{}] * 200_000, "n": 2}
     for key, value in many.items():
@@ -588,6 +606,7 @@ def test_a_refused_field_is_refused_whatever_its_size_and_said_in_a_few_words(se
     assert status == 200, answer
 
 
+@pytest.mark.daemon
 def test_chat_messages_past_max_messages_are_a_413_however_short(served, unix):
     url = "http://gpuvisor/v1/chat/completions"
     empty = {"role": "", "content": ""}
@@ -603,6 +622,7 @@ def test_chat_messages_past_max_messages_are_a_413_however_short(served, unix):
     assert status == 200, answer
 
 
+@pytest.mark.daemon
 def test_an_embeddings_answer_over_the_frame_limit_is_a_413_from_the_worker_then_up_front(served, unix, folder):
     too_many = {"model": "wide", "input": ["x"] * 1100}  # 1100 x 16384 float32: 72 MB, over the 64 MiB frame
     status, answer = curl("http://gpuvisor/v1/embeddings", too_many, unix=unix)
@@ -623,6 +643,7 @@ def said(answer) -> dict:
     )
 
 
+@pytest.mark.daemon
 def test_stop_strings_past_max_stop_or_max_stop_chars_are_a_400(served, unix):
     with door_sdk(unix=unix) as client:
         for stop, words in ((["a", "b", "c", "d", "e"], "at most 4 (max_stop)"),
@@ -635,6 +656,7 @@ def test_stop_strings_past_max_stop_or_max_stop_chars_are_a_400(served, unix):
         assert said(client.completions.create(model="say", prompt="x", stop=most))["stop"] == most
 
 
+@pytest.mark.daemon
 def test_max_tokens_past_the_models_ceiling_is_a_400_and_up_to_it_is_passed_on(served, unix):
     messages = [{"role": "user", "content": "x"}]
     with door_sdk(unix=unix) as client:
@@ -657,6 +679,7 @@ def test_max_tokens_past_the_models_ceiling_is_a_400_and_up_to_it_is_passed_on(s
             "a chat that asks for no count leaves it to the mode, whose own limit bounds it"  # fmt: skip
 
 
+@pytest.mark.daemon
 def test_prompts_and_messages_past_max_input_chars_are_a_413(served, unix):
     with door_sdk(unix=unix) as client:
         with pytest.raises(openai.APIStatusError) as refused:
@@ -667,6 +690,7 @@ def test_prompts_and_messages_past_max_input_chars_are_a_413(served, unix):
         assert refused.value.status_code == 413 and refused.value.response.json()["error"]["param"] == "messages"
 
 
+@pytest.mark.daemon
 def test_health_answers_while_the_largest_allowed_embeddings_request_is_served(served, unix):
     """2048 inputs, the most one request may send: its answer (2048 x 384
     float32, about 9 MB of JSON) is encoded off the event loop, so /health
@@ -688,6 +712,7 @@ def test_health_answers_while_the_largest_allowed_embeddings_request_is_served(s
     np.testing.assert_array_equal(np.array([d["embedding"] for d in answer["data"]], dtype=np.float32), expected)
 
 
+@pytest.mark.daemon
 def test_an_http_model_without_a_timeout_gets_the_http_timeout(daemon, tmp_path):
     models = {"sleepy": {"mode": "gates", "completions": "sleep"}, "patient": {"mode": "gates", "completions": "hold",
                                                                              "timeout": 0}}  # fmt: skip
@@ -707,6 +732,7 @@ def error_id(message: str) -> str:
     return message.rpartition("(error id ")[2].rstrip(")")
 
 
+@pytest.mark.daemon
 def test_a_task_that_raises_is_a_500_whose_message_stays_in_the_log(served, unix):
     status, answer = curl("http://gpuvisor/v1/completions", {"model": "explode", "prompt": "x"}, unix=unix)
     assert status == 500
@@ -716,6 +742,7 @@ def test_a_task_that_raises_is_a_500_whose_message_stays_in_the_log(served, unix
     assert "cannot open /srv/private/weights.bin" in served.output()[at:]
 
 
+@pytest.mark.daemon
 def test_a_handler_that_refused_its_input_keeps_one_short_line(served, unix):
     status, answer = curl("http://gpuvisor/v1/completions", {"model": "refuse", "prompt": "x"}, unix=unix)
     assert status == 400
@@ -724,6 +751,7 @@ def test_a_handler_that_refused_its_input_keeps_one_short_line(served, unix):
     assert "\n" not in message and len(message) <= 200 and "/srv" not in message and "Traceback" not in message
 
 
+@pytest.mark.daemon
 def test_the_engines_refusals_are_403_413_and_a_503_with_retry_after(served, unix):
     with door_sdk(unix=unix) as client:
         with pytest.raises(openai.InternalServerError) as broken:
@@ -743,6 +771,7 @@ def test_the_engines_refusals_are_403_413_and_a_503_with_retry_after(served, uni
 # ---------------------------------------------------------------- configuration and reload
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text, words",
     [
@@ -777,6 +806,7 @@ def test_each_http_limit_is_checked_with_file_line_and_key(text, words):
     assert all(w in message for w in words), message
 
 
+@pytest.mark.unit
 def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
     with pytest.raises(Exception, match=r"f:5: \[http.models.m\] key 'max_tokens'"):
         parse('[modes.a]\nloader = "m:f"\n[http.models.m]\nmode = "a"\nmax_tokens = 0\nchat = "c"\n', "f")
@@ -794,6 +824,7 @@ def test_a_models_max_tokens_is_checked_and_the_defaults_are_documented():
             assert any(row[1].strip() == f"`{key}`" and shown(default) in row[2] for row in rows), (name, key)
 
 
+@pytest.mark.daemon
 def test_loopback_tcp_without_tokens_or_the_opt_in_stops_the_daemon_before_it_starts(daemon):
     d = daemon(config_text=http_config({"diag": DIAG}, {}, http={"listen": [f"127.0.0.1:{free_port()}"]}),
                wait_ready=False)  # fmt: skip
@@ -801,6 +832,7 @@ def test_loopback_tcp_without_tokens_or_the_opt_in_stops_the_daemon_before_it_st
     assert "[http] key 'listen'" in d.output() and "allow_unauthenticated_tcp = true" in d.output()
 
 
+@pytest.mark.daemon
 def test_sighup_reloads_the_limits(daemon, tmp_path):
     d = started(daemon(config_text=limits_config(tmp_path, {"listen": ["unix:http.sock"]})))
     unix = http_socket(d)
@@ -815,6 +847,7 @@ def test_sighup_reloads_the_limits(daemon, tmp_path):
     assert status == 400 and "at most 1 (max_stop)" in answer["error"]["message"]
 
 
+@pytest.mark.unit
 def test_the_systemd_unit_lets_the_daemon_open_max_connections_and_its_own_files():
     unit = (ROOT / "contrib" / "systemd" / "gpuvisor.service").read_text()
     limit = next(int(line.split("=", 1)[1]) for line in unit.splitlines() if line.startswith("LimitNOFILE="))
@@ -824,6 +857,7 @@ def test_the_systemd_unit_lets_the_daemon_open_max_connections_and_its_own_files
 # ---------------------------------------------------------------- who the client is
 
 
+@pytest.mark.process
 def test_client_of_is_a_tokens_fingerprint_else_the_connection():
     token = "s3cret-token-for-the-http-tests"
     with_token = client_of({"type": "http", TOKEN_KEY: fingerprint(token), "client": ("127.0.0.1", 5)})

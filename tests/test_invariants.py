@@ -15,6 +15,8 @@ from tests.helpers import T, run_python, wait_until
 from tests.helpers.config import DIAG, config_text
 from tests.helpers.script import read_line, supervisor_script
 
+pytestmark = pytest.mark.process
+
 DIAG_AND_HANGS = config_text({"diag": DIAG, "hangs": "tests.helpers.loaders:hangs"})
 
 

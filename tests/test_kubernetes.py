@@ -103,6 +103,7 @@ def config_paths(text: str) -> list[str]:
 # ---------------------------------------------------------------- the manifests, as the API server reads them
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_every_manifest_is_valid_kubernetes(name):
     docs = documents(name)
@@ -116,6 +117,7 @@ def test_every_manifest_is_valid_kubernetes(name):
         assert checked == KUBERNETES  # the 1.30 schema, not an older one standing in for it
 
 
+@pytest.mark.unit
 def test_kustomization_applies_every_manifest_but_the_example_secret():
     (kustomization,) = documents("kustomization.yaml")
     assert kustomization["kind"] == "Kustomization"
@@ -124,6 +126,7 @@ def test_kustomization_applies_every_manifest_but_the_example_secret():
         assert doc["kind"] == "Secret"
 
 
+@pytest.mark.unit
 def test_one_pod_per_gpu_node_with_one_gpu_each():
     deployment = resource("Deployment")
     spec = pod()["spec"]
@@ -140,6 +143,7 @@ def test_one_pod_per_gpu_node_with_one_gpu_each():
 # ---------------------------------------------------------------- the ConfigMap, as gpuvisor reads it
 
 
+@pytest.mark.unit
 def test_the_configmap_is_a_configuration_gpuvisor_accepts():
     config = parse(config_text(), "contrib/kubernetes/configmap.yaml")
     assert config.default_mode in config.modes
@@ -154,6 +158,7 @@ def test_the_configmap_is_a_configuration_gpuvisor_accepts():
         parse(without, "contrib/kubernetes/configmap.yaml")
 
 
+@pytest.mark.unit
 def test_the_daemon_reads_the_mounted_config_and_token_file():
     daemon = container("gpuvisor")
     args = daemon["args"]
@@ -180,6 +185,7 @@ def test_the_daemon_reads_the_mounted_config_and_token_file():
     assert secret["stringData"]["prometheus"].strip() in lines
 
 
+@pytest.mark.unit
 def test_probes_and_the_scrape_point_at_what_the_config_serves():
     config = parse(config_text())
     port = tcp_port(config.http.listen)
@@ -196,6 +202,7 @@ def test_probes_and_the_scrape_point_at_what_the_config_serves():
     assert resource("Service")["spec"]["selector"] == resource("Deployment")["spec"]["selector"]["matchLabels"]
 
 
+@pytest.mark.unit
 def test_the_network_policy_lets_in_only_clients_and_prometheus_on_the_http_port_and_nothing_out():
     policy = resource("NetworkPolicy")["spec"]
     assert policy["podSelector"]["matchLabels"] == resource("Deployment")["spec"]["selector"]["matchLabels"]
@@ -209,6 +216,7 @@ def test_the_network_policy_lets_in_only_clients_and_prometheus_on_the_http_port
     assert sources == [({("gpuvisor.io/client", "true")}, False), ({("app.kubernetes.io/name", "prometheus")}, True)]
 
 
+@pytest.mark.unit
 def test_the_grace_period_covers_prestop_drain_and_the_workers_stop():
     config = parse(config_text())
     daemon = container("gpuvisor")
@@ -221,6 +229,7 @@ def test_the_grace_period_covers_prestop_drain_and_the_workers_stop():
     assert startup["periodSeconds"] * startup["failureThreshold"] > config.load_timeout
 
 
+@pytest.mark.unit
 def test_what_the_daemon_writes_lies_on_a_writable_volume_and_the_client_shares_its_socket():
     config = parse(config_text())
     daemon, client = container("gpuvisor"), container("example-client")
@@ -325,6 +334,7 @@ def token(key: str) -> str:
     return next(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_health_answers_the_probe_without_a_token(served):
     here, _, config = served
@@ -335,6 +345,7 @@ def test_health_answers_the_probe_without_a_token(served):
     assert curl("http://gpuvisor/health", unix=unix)[0] == 200
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_metrics_need_the_token_prometheus_is_given(served):
     here, _, config = served
@@ -351,6 +362,7 @@ def test_metrics_need_the_token_prometheus_is_given(served):
     assert status == 200 and {m["id"] for m in body["data"]} == set(config.http.models)
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_the_example_client_container_embeds_over_the_shared_socket(served):
     here, _, _ = served
@@ -368,6 +380,7 @@ def test_the_example_client_container_embeds_over_the_shared_socket(served):
         proc.wait(T)
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_sigterm_drains_what_was_queued_then_exits_and_removes_its_sockets(served):
     here, running, config = served

@@ -20,6 +20,7 @@ from tests.helpers.daemon import GPUVISOR
 MODULE = "import os\n\ndef load_tiny():\n    return {'where': lambda payload: (__file__, os.getcwd())}\n"
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("loader_path", ['["."]', '["../beside"]', None])
 def test_a_loader_beside_the_config_is_found_from_systemds_working_directory(daemon, tmp_path, loader_path):
     folder = tmp_path / ("beside" if loader_path == '["../beside"]' else "etc")
@@ -44,6 +45,7 @@ def test_a_loader_beside_the_config_is_found_from_systemds_working_directory(dae
     assert d.wait() == 0
 
 
+@pytest.mark.unit
 def test_a_loader_path_that_is_not_a_folder_is_a_config_error_naming_the_line(tmp_path):
     config = tmp_path / "gpuvisor.toml"
     config.write_text('[supervisor]\nloader_path = ["nope"]\n[modes.tiny]\nloader = "mymodes:load_tiny"\n')
@@ -53,6 +55,7 @@ def test_a_loader_path_that_is_not_a_folder_is_a_config_error_naming_the_line(tm
         load_config(config)
 
 
+@pytest.mark.unit
 def test_a_relative_state_dir_starts_from_the_config_files_folder(tmp_path, monkeypatch):
     """Like loader_path: a daemon under systemd runs in /, so a relative
     state_dir must not land there."""
@@ -79,6 +82,7 @@ def isolated(pid: int) -> tuple[str, bool, bool]:
     return process.cwd(), "-P" in process.cmdline(), process.environ().get("PYTHONSAFEPATH") == "1"
 
 
+@pytest.mark.daemon
 def test_what_the_daemons_working_directory_holds_never_reaches_a_worker(daemon, tmp_path):
     """The console script started in a folder of decoys, as someone would
     from a shell: the switch loads the real worker, jobs run, the warm

@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from supervisor.service.logsetup import QUEUE_SIZE, REPEAT_LIMIT, RepeatFilter
 from tests.helpers import ROOT, T
 
@@ -43,6 +45,7 @@ def child(script: str, *args: str) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
+@pytest.mark.process
 def test_a_stuck_stderr_never_blocks_logging_and_every_record_is_written_or_counted():
     n = QUEUE_SIZE * 3
     proc = child(STUCK, str(n))
@@ -67,6 +70,7 @@ def test_a_stuck_stderr_never_blocks_logging_and_every_record_is_written_or_coun
     assert written + last + sum(dropped) == n + 1, (written, last, dropped)
 
 
+@pytest.mark.process
 def test_a_repeated_message_is_said_limit_times_then_summed_up_in_one_line():
     proc = child(REPEATS)
     out, err = proc.communicate(timeout=T)
@@ -84,6 +88,7 @@ def record(msg: str, lineno: int = 1) -> logging.LogRecord:
     return logging.LogRecord("gpuvisor", logging.WARNING, "here.py", lineno, msg, (), None)
 
 
+@pytest.mark.unit
 def test_repeat_windows_on_a_fake_clock():
     now = [0.0]
     f = RepeatFilter(limit=3, window=10.0, clock=lambda: now[0])

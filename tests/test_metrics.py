@@ -42,6 +42,7 @@ def total(found: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in found.items() if n == name and want <= ls)
 
 
+@pytest.mark.process
 def test_jobs_are_counted_once_each_by_mode_task_and_outcome(supervisor_from):
     sup: Supervisor = supervisor_from(config_text(supervisor={"default_mode": "diag"}))
     sup.switch_mode("diag").result(T)
@@ -74,6 +75,7 @@ def test_jobs_are_counted_once_each_by_mode_task_and_outcome(supervisor_from):
     assert value(got, "gpuvisor_worker_generations_total") == status["generation"] >= 3
 
 
+@pytest.mark.process
 def test_switches_their_phases_batches_and_the_state_the_status_owns(supervisor_from):
     sup: Supervisor = supervisor_from(config_text({"diag": DIAG, "other": DIAG, "broken": {"loader": DIAG,
                                                   "args": {"x": 1}}}, supervisor={"warm_standby": False}))  # fmt: skip
@@ -110,6 +112,7 @@ def test_switches_their_phases_batches_and_the_state_the_status_owns(supervisor_
     assert value(got, "gpuvisor_worker_rss_bytes", device="cpu") == status["worker_rss_bytes"] > 0
 
 
+@pytest.mark.process
 def test_queue_depth_and_age_per_mode_while_jobs_wait(supervisor_from):
     sup: Supervisor = supervisor_from(config_text({"diag": DIAG, "other": DIAG}))
     sup.switch_mode("diag").result(T)
@@ -129,6 +132,7 @@ def test_queue_depth_and_age_per_mode_while_jobs_wait(supervisor_from):
             job.result(T)
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_every_door_of_the_daemon_serves_the_same_metrics(tmp_path):
     """``gpuvisor metrics`` (the console script), ``Client.metrics()``,

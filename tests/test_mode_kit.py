@@ -20,6 +20,7 @@ from tests.helpers.daemon import serving
 diag = mode_fixture(DIAG_HOOKS["loader"], DIAG_HOOKS["args"])
 
 
+@pytest.mark.process
 def test_call_returns_the_result_or_raises_the_jobs_typed_error(diag):
     assert diag.call("echo", {"a": [1, 2]}) == {"a": [1, 2]}
     assert diag.call("pid") == diag.pid and diag.status["mode"] == "diag"
@@ -28,6 +29,7 @@ def test_call_returns_the_result_or_raises_the_jobs_typed_error(diag):
     assert "batch_echo" in diag.tasks and "count" in diag.tasks
 
 
+@pytest.mark.process
 def test_batch_hands_a_batched_handler_every_payload_in_one_call(diag):
     before = diag.status["batches"]["count"]
     for size in (2, 5, 8):  # the first goes at once after a batch of one: still one call
@@ -42,11 +44,13 @@ def test_batch_hands_a_batched_handler_every_payload_in_one_call(diag):
     assert diag.batch("batch_echo", []) == []
 
 
+@pytest.mark.process
 def test_stream_yields_the_chunks_then_holds_the_return_value(diag):
     stream = diag.stream("count", {"n": 4})
     assert list(stream) == [0, 1, 2, 3] and stream.result(T) == {"count": 4}
 
 
+@pytest.mark.process
 def test_restart_gives_a_fresh_worker_and_a_crash_is_a_typed_error():
     with load_mode(DIAG, name="d") as mode:
         first = mode.pid
@@ -75,12 +79,14 @@ def modes_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.process
 def test_a_load_that_raises_fails_load_mode_naming_the_loaders_line(modes_folder):
     with pytest.raises(ModeLoadError) as failed:
         load_mode("mine:load", {"size": 3}, loader_path=[modes_folder])
     assert f"RuntimeError: cannot build size 3 (at {modes_folder}/mine.py line 5)" in str(failed.value)
 
 
+@pytest.mark.daemon
 def test_gpuvisor_switch_shows_the_loaders_file_and_line_and_so_does_the_log(modes_folder):
     text = config_text({"diag": DIAG, "mine": "mine:load", "needy": "needy:load"},
                        supervisor={"loader_path": [str(modes_folder)], "warm_standby": False})  # fmt: skip

@@ -29,6 +29,7 @@ TWO_DIAGS = {"diag": DIAG, "other": DIAG}
 diag = mode_fixture(DIAG)
 
 
+@pytest.mark.process
 def test_a_stream_yields_every_chunk_in_order_then_ends_with_the_return_value(diag):
     stream = diag.stream("count", {"n": 50})
     assert list(stream) == list(range(50))
@@ -36,6 +37,7 @@ def test_a_stream_yields_every_chunk_in_order_then_ends_with_the_return_value(di
     assert list(stream) == []  # iterating a finished stream again ends again
 
 
+@pytest.mark.process
 def test_chunks_arrive_while_the_job_still_runs(diag):
     stream = diag.stream("count", {"n": 3, "delay": 1.0})
     assert next(stream) == 0
@@ -43,10 +45,12 @@ def test_chunks_arrive_while_the_job_still_runs(diag):
     assert list(stream) == [1, 2] and stream.result(T) == {"count": 3}
 
 
+@pytest.mark.process
 def test_without_stream_a_generator_handler_gives_its_return_value_only(diag):
     assert diag.call("count", {"n": 5}) == {"count": 5}
 
 
+@pytest.mark.process
 def test_a_crash_mid_stream_ends_it_with_worker_crashed_after_the_chunks_sent():
     # The delay lets each chunk leave the worker before the next step: a chunk
     # still inside a process that is SIGKILLed is lost with it.
@@ -60,6 +64,7 @@ def test_a_crash_mid_stream_ends_it_with_worker_crashed_after_the_chunks_sent():
         assert diag.call("echo", "after") == "after"  # a fresh worker
 
 
+@pytest.mark.process
 def test_a_handler_error_mid_stream_is_the_streams_one_typed_outcome(diag):
     stream = diag.stream("count", {"n": "three"})
     with pytest.raises(JobFailed, match="'n' must be a whole number"):
@@ -68,6 +73,7 @@ def test_a_handler_error_mid_stream_is_the_streams_one_typed_outcome(diag):
         stream.result(T)
 
 
+@pytest.mark.process
 def test_an_unsendable_chunk_fails_the_job_and_the_worker_serves_on(supervisor_from):
     sup = supervisor_from(config_text({"s": "tests.helpers.loaders:streams"}))
     stream = sup.submit("unsendable", None, mode="s", stream=True)
@@ -78,6 +84,7 @@ def test_an_unsendable_chunk_fails_the_job_and_the_worker_serves_on(supervisor_f
     assert sup.status()["worker_pid"] == pid
 
 
+@pytest.mark.process
 def test_stream_arguments_are_checked(sup):
     with pytest.raises(ValueError, match="cannot be retried"):
         sup.submit("count", mode="diag", stream=True, retries=1)
@@ -85,6 +92,7 @@ def test_stream_arguments_are_checked(sup):
         sup.submit("count", mode="diag", stream="yes")
 
 
+@pytest.mark.process
 def test_a_queued_stream_can_be_cancelled_and_says_so(sup):
     sup.switch_mode("diag").result(T)
     blocker = sup.submit("sleep", {"seconds": 0.5})
@@ -95,6 +103,7 @@ def test_a_queued_stream_can_be_cancelled_and_says_so(sup):
     blocker.result(T)
 
 
+@pytest.mark.process
 def test_async_streams_are_async_iterators_with_the_same_guarantees():
     async def main():
         async with AsyncSupervisor(mode="diag") as sup:
@@ -114,6 +123,7 @@ def test_async_streams_are_async_iterators_with_the_same_guarantees():
 # ----------------------------------------------------------------- out of memory
 
 
+@pytest.mark.process
 def test_a_memory_error_is_out_of_memory_and_the_worker_is_recycled(sup):
     old = sup.submit("pid", mode="diag").result(T)
     with pytest.raises(OutOfMemory, match="MemoryError") as info:
@@ -128,6 +138,7 @@ def test_a_memory_error_is_out_of_memory_and_the_worker_is_recycled(sup):
     assert status["oom_recycles"] == 1 and status["restarts"] == 0 and status["generation"] == 2  # not a death
 
 
+@pytest.mark.process
 def test_an_oom_before_a_switch_loads_only_the_new_mode(supervisor_from):
     sup = supervisor_from(config_text(TWO_DIAGS))
     oom = sup.submit("oom", mode="diag")
@@ -137,6 +148,7 @@ def test_an_oom_before_a_switch_loads_only_the_new_mode(supervisor_from):
     assert switched.result(T)["status"] == "loaded" and sup.status()["generation"] == 2
 
 
+@pytest.mark.process
 def test_recycle_on_oom_false_keeps_the_worker(supervisor_from):
     sup = supervisor_from(config_text(supervisor={"recycle_on_oom": False}))
     old = sup.submit("pid", mode="diag").result(T)
@@ -148,6 +160,7 @@ def test_recycle_on_oom_false_keeps_the_worker(supervisor_from):
 # ----------------------------------------------------------------- warm-up
 
 
+@pytest.mark.process
 def test_a_warm_up_job_runs_after_the_load_and_before_ready(supervisor_from, tmp_path):
     marker = tmp_path / "warmed"
     warmable = {"loader": "tests.helpers.loaders:warmable", "warmup": {"task": "warm", "payload": str(marker)}}
@@ -158,6 +171,7 @@ def test_a_warm_up_job_runs_after_the_load_and_before_ready(supervisor_from, tmp
     assert sup.submit("was_warmed", mode="w").result(T) is True
 
 
+@pytest.mark.process
 def test_a_failing_warm_up_fails_the_switch_with_its_reason(supervisor_from):
     sup = supervisor_from(config_text({"w": {"loader": DIAG, "warmup": {"task": "fail"}}}))
     with pytest.raises(ModeLoadError, match="warm-up job 'fail' failed: RuntimeError"):
@@ -167,6 +181,7 @@ def test_a_failing_warm_up_fails_the_switch_with_its_reason(supervisor_from):
         sup2.switch_mode("w").result(T)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_torch_mode_whose_warm_up_fails_exits_3_by_itself_without_being_signalled(supervisor_from, caplog):
     """A worker that imported torch and built a model takes seconds to tear
@@ -183,6 +198,7 @@ def test_a_torch_mode_whose_warm_up_fails_exits_3_by_itself_without_being_signal
 # ----------------------------------------------------------------- idle unload
 
 
+@pytest.mark.process
 def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(supervisor_from):
     sup = supervisor_from(config_text(supervisor={"idle_unload_s": 0.5}))
     first = sup.submit("pid", mode="diag").result(T)
@@ -198,6 +214,7 @@ def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(supervisor_f
     assert "previous_pid" not in result  # no reclaim figures from a worker stopped long before this switch
 
 
+@pytest.mark.process
 def test_idle_unload_never_stops_a_running_job(supervisor_from):
     sup = supervisor_from(config_text(supervisor={"idle_unload_s": 0.3}))
     pid = sup.submit("pid", mode="diag").result(T)
@@ -207,6 +224,7 @@ def test_idle_unload_never_stops_a_running_job(supervisor_from):
     assert list(stream) == [0, 1, 2] and stream.result(T) == {"count": 3}
 
 
+@pytest.mark.process
 def test_a_mode_may_set_its_own_idle_unload(supervisor_from):
     sticky = {"loader": DIAG, "idle_unload_s": 0}
     sup = supervisor_from(config_text({"diag": DIAG, "sticky": sticky}, supervisor={"idle_unload_s": 0.3}))
@@ -220,6 +238,7 @@ def test_a_mode_may_set_its_own_idle_unload(supervisor_from):
 # ----------------------------------------------------------------- memory in status()
 
 
+@pytest.mark.process
 def test_status_reports_memory_without_a_gpu_and_never_calls_rss_vram(supervisor_from):
     sup = supervisor_from(config_text(supervisor={"heartbeat_interval": 0.2, "heartbeat_timeout": 5}))
     before = sup.status()
@@ -235,6 +254,7 @@ def test_status_reports_memory_without_a_gpu_and_never_calls_rss_vram(supervisor
     assert status["worker_vram_bytes"] is None and status["worker_torch"] is None  # diag never imports torch
 
 
+@pytest.mark.process
 def test_a_switch_reports_what_it_reclaimed(supervisor_from):
     sup = supervisor_from(config_text(TWO_DIAGS))
     sup.switch_mode("diag").result(T)
@@ -247,6 +267,7 @@ def test_a_switch_reports_what_it_reclaimed(supervisor_from):
         assert result["reclaimed_bytes"] is None and result["reclaim_complete"] is None  # RSS is not VRAM
 
 
+@pytest.mark.process
 def test_the_worker_is_pinned_to_its_device(supervisor_from):
     sup = supervisor_from(config_text(supervisor={"device": "cpu"}))
     pid = sup.submit("pid", mode="diag").result(T)
@@ -259,6 +280,7 @@ def test_the_worker_is_pinned_to_its_device(supervisor_from):
 # ----------------------------------------------------------------- real models
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_generate_streams_tokens_that_add_up_to_its_result():
     """The tiny built-in model has random weights: its text is gibberish, so
@@ -275,6 +297,7 @@ def test_generate_streams_tokens_that_add_up_to_its_result():
         assert info["random_weights"] is True and info["model"] == "tiny-random"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_one_mode_may_hold_two_models(tmp_path):
     with Supervisor() as sup:
@@ -286,6 +309,7 @@ def test_one_mode_may_hold_two_models(tmp_path):
         assert sup.status()["worker_pid"] == result["pid"]  # one process served both
 
 
+@pytest.mark.process
 def test_compose_refuses_a_task_defined_twice(supervisor_from):
     compose = {"loader": "worker.modes.compose:load", "args": {"parts": [{"loader": DIAG}, {"loader": DIAG}]}}
     sup = supervisor_from(config_text({"c": compose}))
@@ -326,6 +350,7 @@ def _gpu_supervisor(supervisor_from, **settings):
     return sup, sup.submit("pid", mode="diag").result(T)
 
 
+@pytest.mark.process
 def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memory(fake_nvml, supervisor_from):
     """The real loop, real workers and the real reclaim wait; only the driver
     is a stand-in (this machine has no GPU): it keeps a dead worker's 512 MiB
@@ -349,6 +374,7 @@ def test_with_a_gpu_status_and_switches_carry_nvml_figures_and_wait_for_the_memo
     assert started >= freed - 0.02  # clock ticks are 10 ms
 
 
+@pytest.mark.process
 def test_the_loop_keeps_serving_while_a_switch_waits_for_memory(fake_nvml, supervisor_from):
     live = fake_nvml(_LiveGpu(lag=1.5))
     sup, pid = _gpu_supervisor(supervisor_from)
@@ -362,6 +388,7 @@ def test_the_loop_keeps_serving_while_a_switch_waits_for_memory(fake_nvml, super
     assert switching.result(T)["reclaim_complete"] is True and not sup.status()["reclaiming"]
 
 
+@pytest.mark.process
 def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervisor_from):
     live = fake_nvml(_LiveGpu(lag=3600))  # a leak, as far as the meter can tell
     sup, pid = _gpu_supervisor(supervisor_from, reclaim_timeout=0.5)
@@ -371,6 +398,7 @@ def test_a_reclaim_that_never_completes_is_reported_not_fatal(fake_nvml, supervi
     assert sup.submit("echo", "still serving").result(T) == "still serving"
 
 
+@pytest.mark.unit
 def test_out_of_memory_is_recognised_in_a_chain_and_by_older_torchs_words():
     from worker.memory import is_out_of_memory
 

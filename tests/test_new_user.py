@@ -14,10 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from supervisor.client import Client
 from tests.helpers import T, repo_pythonpath
 from tests.helpers.daemon import GPUVISOR
 from tests.test_http import curl, sse
+
+pytestmark = pytest.mark.daemon
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "scorer"
 

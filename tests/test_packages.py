@@ -24,6 +24,8 @@ import pytest
 
 from tests.helpers import ROOT, T
 
+pytestmark = pytest.mark.process
+
 SUPERVISORD = "supervisor==4.3.0"
 
 

@@ -91,6 +91,7 @@ def diag_sup():
     sup.shutdown(drain=False)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("payload, words", [p[1:] for p in PAYLOADS], ids=[p[0] for p in PAYLOADS])
 def test_submit_refuses_what_a_worker_could_not_decode_and_the_worker_serves_on(diag_sup, payload, words):
     sup = diag_sup
@@ -105,6 +106,7 @@ def test_submit_refuses_what_a_worker_could_not_decode_and_the_worker_serves_on(
     assert sup.status()["restarts"] == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "task, payload, words",
     [
@@ -126,6 +128,7 @@ def test_a_result_the_supervisor_could_not_decode_fails_that_job_alone(superviso
     assert status["restarts"] == 0 and status["state"] != "failed" and status["worker_pid"] == pid
 
 
+@pytest.mark.process
 def test_an_unsendable_chunk_ends_the_stream_with_job_failed_and_the_worker_serves_on(supervisor_from):
     sup = supervisor_from(config_text({"u": "tests.helpers.loaders:unsendable_results"}))
     pid = sup.submit("pid", mode="u").result(T)
@@ -153,6 +156,7 @@ def daemon():
         d.close()
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("payload, words", [p[1:] for p in PAYLOADS], ids=[p[0] for p in PAYLOADS])
 def test_client_submit_refuses_what_the_daemon_could_not_decode(daemon, payload, words):
     with daemon.client(timeout=T) as c:
@@ -194,6 +198,7 @@ HAND_PACKED = [
 ]  # fmt: skip
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("make, words", [h[1:] for h in HAND_PACKED], ids=[h[0] for h in HAND_PACKED])
 def test_a_hand_packed_request_the_daemon_cannot_decode_gets_one_error_reply_under_its_id(daemon, make, words):
     ctx = zmq.Context()
@@ -221,6 +226,7 @@ def test_a_hand_packed_request_the_daemon_cannot_decode_gets_one_error_reply_und
 # ------------------------------------------------------------ a worker alone
 
 
+@pytest.mark.process
 def test_a_hand_packed_job_the_worker_cannot_decode_gets_a_failure_under_its_id():
     h = Harness()
     try:

@@ -10,6 +10,8 @@ import random
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import pytest
+
 from supervisor.config import Config, parse
 from supervisor.engine import placement
 from supervisor.engine.commands import QueuedJob, QueuedSwitch
@@ -17,6 +19,8 @@ from supervisor.engine.placement import Move
 from supervisor.engine.queue import JobQueue
 from supervisor.futures import JobFuture
 from tests.helpers.config import config_text
+
+pytestmark = pytest.mark.unit
 
 
 @dataclass

@@ -45,6 +45,7 @@ FROM_WORKER = [
 TO_WORKER = [Load(mode="diag", loader=DIAG, args={"a": 1}), Job(9, "echo", [1, 2]), Drain(), Cancel(9)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("msg", FROM_WORKER, ids=lambda m: m.kind.value)
 def test_worker_messages_round_trip(msg):
     frames = encode(msg)
@@ -54,11 +55,13 @@ def test_worker_messages_round_trip(msg):
     assert decode_from_worker(frames) == msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("msg", TO_WORKER, ids=lambda m: m.kind.value)
 def test_supervisor_messages_round_trip(msg):
     assert decode_to_worker(encode(msg)) == msg
 
 
+@pytest.mark.unit
 def test_a_message_in_the_wrong_direction_is_refused():
     with pytest.raises(ProtocolError, match="unknown message kind 'job' from a worker"):
         decode_from_worker(encode(Job(1, "echo", None)))
@@ -68,6 +71,7 @@ def test_a_message_in_the_wrong_direction_is_refused():
         decode_from_worker(encode(Cancel(1)))
 
 
+@pytest.mark.unit
 def test_cancel_is_the_bytes_the_protocol_document_shows():
     frame = encode(Cancel(7))[0]
     assert frame == bytes.fromhex("83a17601a16ba663616e63656ca36a6f6207")  # docs/protocol.md, section 6
@@ -80,6 +84,7 @@ def _frame(obj) -> list[bytes]:
     return [msgpack.packb(obj, use_bin_type=True)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "frames, match",
     [
@@ -111,6 +116,7 @@ def test_malformed_input_is_a_protocol_error(frames, match):
         decode_from_worker(frames)
 
 
+@pytest.mark.unit
 def test_oversized_frames_are_refused_before_unpacking():
     big = [b"\x00" * (MAX_MESSAGE_BYTES + 1)]
     with pytest.raises(ProtocolError, match="over the"):
@@ -119,6 +125,7 @@ def test_oversized_frames_are_refused_before_unpacking():
         decode_to_worker(encode(Job(1, "echo", "x" * 200)), limit=100)
 
 
+@pytest.mark.unit
 def test_a_payload_msgpack_cannot_carry_fails_at_encoding_and_never_falls_back_to_pickle():
     class Custom:
         pass
@@ -131,6 +138,7 @@ def test_a_payload_msgpack_cannot_carry_fails_at_encoding_and_never_falls_back_t
         encode_job(1, "echo", [0, 2**70])
 
 
+@pytest.mark.unit
 def test_a_payload_over_the_limit_fails_at_encoding():
     with pytest.raises(ProtocolError, match="header of 2.* bytes is over the 1000-byte frame limit"):
         encode_job(1, "echo", b"x" * 2000, limit=1000)
@@ -145,6 +153,7 @@ def _all_error_classes():
     return [c for c in seen if c.__module__ == "protocol.errors"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cls", _all_error_classes(), ids=lambda c: c.__name__)
 def test_every_error_crosses_the_wire_as_the_same_class(cls):
     err = cls("something happened", traceback="Traceback ...", remote_type="ValueError")
@@ -155,6 +164,7 @@ def test_every_error_crosses_the_wire_as_the_same_class(cls):
     assert back.details["traceback"] == "Traceback ..."
 
 
+@pytest.mark.unit
 def test_error_codes_are_unique_and_stable():
     classes = _all_error_classes()
     assert len({c.code for c in classes}) == len(classes)
@@ -166,6 +176,7 @@ def test_error_codes_are_unique_and_stable():
     }  # fmt: skip
 
 
+@pytest.mark.unit
 def test_an_unknown_or_malformed_error_map_still_becomes_an_error():
     unknown = error_from_wire({"code": "from_the_future", "message": "hi"})
     assert type(unknown) is GpuvisorError and "from_the_future" in str(unknown)
@@ -173,12 +184,14 @@ def test_an_unknown_or_malformed_error_map_still_becomes_an_error():
     assert isinstance(error_from_wire({"code": 1}), ProtocolError)
 
 
+@pytest.mark.process
 def test_protocol_is_a_leaf_package():
     code = "import sys, protocol; print(sorted(m for m in sys.modules if m.split('.')[0] in ('supervisor', 'worker', 'torch')))"
     out = run_python(code)
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.unit
 def test_all_errors_are_importable_from_supervisor():
     import supervisor
 
@@ -187,11 +200,13 @@ def test_all_errors_are_importable_from_supervisor():
         assert getattr(supervisor, name) is getattr(protocol, name)
 
 
+@pytest.mark.unit
 def test_an_error_map_may_carry_any_key_even_self():
     err = error_from_wire({"code": "job_failed", "message": "m", "self": 1, "message2": "x", "cls": 2})
     assert type(err) is protocol.JobFailed and err.details == {"self": 1, "message2": "x", "cls": 2}
 
 
+@pytest.mark.unit
 def test_a_boolean_version_is_not_version_1():
     with pytest.raises(ProtocolError, match="protocol version True"):
         decode_from_worker(_frame({"v": True, "k": "heartbeat", "busy": False}))
@@ -220,6 +235,7 @@ def _random_value(rng, depth: int = 0):
     return {rng.choice(keys): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
 
 
+@pytest.mark.unit
 def test_what_the_encoder_accepts_the_decoder_accepts_and_it_refuses_nothing_else():
     import random
 
@@ -244,6 +260,7 @@ def test_what_the_encoder_accepts_the_decoder_accepts_and_it_refuses_nothing_els
     assert accepted > 50 and refused > 50, (accepted, refused)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "payload, words",
     [
@@ -259,6 +276,7 @@ def test_a_payload_no_receiver_could_decode_is_refused_naming_its_path(payload, 
         encode_job(1, "echo", payload)
 
 
+@pytest.mark.unit
 def test_nesting_is_refused_past_the_decoders_stack_with_the_depth_and_the_limit():
     def nested(levels):
         value: list = []
@@ -282,6 +300,7 @@ def test_nesting_is_refused_past_the_decoders_stack_with_the_depth_and_the_limit
         encode_job(1, "echo", cycle)
 
 
+@pytest.mark.unit
 def test_a_result_and_a_reply_are_checked_like_a_payload():
     with pytest.raises(TypeError, match=re.escape("value: a map key of type tuple")):
         encode(Result(1, {(1, 2): "x"}))
@@ -308,6 +327,7 @@ def _p(obj) -> bytes:
 DEEP = b"\x91" * 5000 + b"\x90"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "frame, expected",
     [
@@ -333,6 +353,7 @@ def test_peek_reads_an_id_whatever_else_the_header_holds(frame, expected):
     assert peek([frame], "id") == expected
 
 
+@pytest.mark.unit
 def test_peek_stays_bounded_on_a_large_header():
     from protocol.messages import peek
 

@@ -16,6 +16,8 @@ from tests.helpers import ROOT, T, wait_until
 from tests.helpers.daemon import RunningDaemon
 from tests.helpers.raw_client import RawClient, error, value
 
+pytestmark = pytest.mark.daemon
+
 STATUS_FIELDS = {
     "state",
     "mode",

@@ -77,6 +77,7 @@ def local_ray(monkeypatch):
             ray.shutdown()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_two_replicas_each_run_their_own_worker_through_a_serve_handle(local_ray):
     app = GpuvisorDeployment.options(
@@ -172,6 +173,7 @@ def test_two_replicas_each_run_their_own_worker_through_a_serve_handle(local_ray
         assert re.search(rf"pid {status['worker_pid']} drained and exited with code 0", said), said[-2000:]
 
 
+@pytest.mark.unit
 def test_the_config_is_a_path_or_text_never_both(tmp_path):
     path = tmp_path / "gpuvisor.toml"
     path.write_text(CONFIG)
@@ -184,6 +186,7 @@ def test_the_config_is_a_path_or_text_never_both(tmp_path):
         read_config(None, "[modes.diag")
 
 
+@pytest.mark.process
 def test_the_package_says_how_to_install_ray_when_it_is_missing():
     """Where ray is absent, importing gpuvisor_ray fails with the install line."""
     code = (

@@ -85,6 +85,7 @@ def _run(command: str, env: dict[str, str], as_user: list[str] | None = None) ->
                           timeout=2 * T)  # a model load among them  # fmt: skip
 
 
+@pytest.mark.daemon
 def test_the_tour_runs_and_prints_what_the_readme_shows(daemon, tmp_path):
     """With XDG_RUNTIME_DIR set, as in a desktop session; before the last
     step, while the daemon still runs, the chat through the SDK."""
@@ -111,6 +112,7 @@ def test_the_tour_runs_and_prints_what_the_readme_shows(daemon, tmp_path):
     assert serve.wait() == 0  # `gpuvisor stop` returned once it had stopped
 
 
+@pytest.mark.daemon
 def test_the_curl_line_works_without_xdg_runtime_dir(daemon):
     """Where XDG_RUNTIME_DIR is not set (su, a container, cron) the daemon's
     folder is /tmp/gpuvisor-UID, and the README's curl line finds it all the
@@ -128,6 +130,7 @@ def test_the_curl_line_works_without_xdg_runtime_dir(daemon):
     assert answer["model"] == "all-minilm-l6-v2" and len(answer["data"][0]["embedding"]) == 384, answer
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_first_python_example_runs_as_written():
     code = "\n".join(_block("# gpuvisor", "```python"))

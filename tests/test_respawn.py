@@ -20,6 +20,8 @@ from supervisor import ModeBroken, ModeLoadError, NoModeLoaded, Supervisor, Supe
 from tests.helpers import T, wait_until
 from tests.helpers.config import DIAG, config_text
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def respawning(supervisor_from, tmp_path):

@@ -22,7 +22,10 @@ from tests.helpers import ROOT, T
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes a folder of another user: needs root")
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.skipif(os.geteuid() != 0, reason="makes a folder of another user: needs root"),
+]
 
 
 def shell_env(xdg: str) -> dict[str, str]:

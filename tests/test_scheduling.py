@@ -13,6 +13,8 @@ import pytest
 from tests.helpers import T
 from tests.helpers.config import DIAG, config_text
 
+pytestmark = pytest.mark.process
+
 
 def _two_modes(max_wait: float = 5.0, **supervisor) -> str:
     return config_text({"a": DIAG, "b": DIAG}, supervisor={"max_wait_s": max_wait, "warm_standby": False, **supervisor})

@@ -42,6 +42,7 @@ def folder(parent, name: str, mode: int):
     return made
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
 def test_a_token_file_others_can_write_stops_the_daemon_naming_the_file_and_the_fix(daemon, tmp_path, mode):
     tokens = secret(tmp_path, mode=mode)
@@ -52,6 +53,7 @@ def test_a_token_file_others_can_write_stops_the_daemon_naming_the_file_and_the_
     assert f"mode {mode:04o}" in out
 
 
+@pytest.mark.daemon
 def test_a_token_file_of_another_user_stops_the_daemon(daemon, tmp_path):
     tokens = secret(tmp_path)
     os.chown(tokens, NOBODY, NOBODY)
@@ -61,6 +63,7 @@ def test_a_token_file_of_another_user_stops_the_daemon(daemon, tmp_path):
     assert f"{tokens} belongs to nobody (uid {NOBODY}), not to root" in out and f"chown root {tokens}" in out, out
 
 
+@pytest.mark.daemon
 def test_a_private_token_file_serves_and_one_every_user_can_read_is_said_in_the_log(daemon, tmp_path):
     tokens = secret(tmp_path, mode=0o644)
     d = daemon(config_text=http_config({"diag": DIAG}, {}, http={"token_file": tokens}))
@@ -69,6 +72,7 @@ def test_a_private_token_file_serves_and_one_every_user_can_read_is_said_in_the_
     assert f"[http] token_file {tokens} can be read by every user (mode 0644); chmod go-r {tokens}" in d.output()
 
 
+@pytest.mark.unit
 def test_a_private_file_in_private_folders_passes_without_a_word(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gpuvisor"):
         check_secret_file(secret(tmp_path), "[http] token_file")
@@ -76,12 +80,14 @@ def test_a_private_file_in_private_folders_passes_without_a_word(tmp_path, caplo
     assert caplog.records == []
 
 
+@pytest.mark.unit
 def test_a_secret_its_group_can_read_is_said_in_the_log(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gpuvisor"):
         check_secret_file(secret(tmp_path, mode=0o640), "[daemon] curve_secret_key")
     assert "[daemon] curve_secret_key" in caplog.text and "can be read by the group" in caplog.text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("mode", "who"), [(0o777, "every user"), (0o775, "the group"), (0o757, "every user"), (0o770, "the group")]
 )
@@ -95,10 +101,12 @@ def test_a_folder_others_can_change_without_the_sticky_bit_is_refused(tmp_path, 
     assert f"mode {mode:04o}, no sticky bit" in message and f"chmod go-w {shared}" in message
 
 
+@pytest.mark.unit
 def test_a_folder_with_the_sticky_bit_is_safe_as_tmp_is(tmp_path):
     check_secret_file(secret(folder(tmp_path, "sticky", 0o1777)), "[http] token_file")
 
 
+@pytest.mark.unit
 def test_any_folder_on_the_way_counts_not_only_the_files_own(tmp_path):
     open_above = folder(tmp_path, "open", 0o777)
     path = secret(folder(open_above, "private", 0o700))
@@ -106,6 +114,7 @@ def test_any_folder_on_the_way_counts_not_only_the_files_own(tmp_path):
         check_secret_file(path, "[http] token_file")
 
 
+@pytest.mark.unit
 def test_a_folder_of_another_user_is_refused(tmp_path):
     theirs = folder(tmp_path, "theirs", 0o755)
     path = secret(theirs)
@@ -114,6 +123,7 @@ def test_a_folder_of_another_user_is_refused(tmp_path):
         check_secret_file(path, "[http] token_file")
 
 
+@pytest.mark.unit
 def test_a_link_is_judged_by_where_it_leads(tmp_path):
     """A safe link to a file in an open folder is no safer than that file;
     a link to a safe file is as safe."""
@@ -128,6 +138,7 @@ def test_a_link_is_judged_by_where_it_leads(tmp_path):
     check_secret_file(str(safe), "[http] token_file")
 
 
+@pytest.mark.unit
 def test_what_is_not_a_readable_regular_file_is_refused(tmp_path):
     with pytest.raises(EndpointError, match="is not a regular file"):
         check_secret_file(str(folder(tmp_path, "a-folder", 0o700)), "[http] token_file")
@@ -135,6 +146,7 @@ def test_what_is_not_a_readable_regular_file_is_refused(tmp_path):
         check_secret_file(str(tmp_path / "missing"), "[http] token_file")
 
 
+@pytest.mark.unit
 def test_the_folder_of_allowed_client_keys_and_its_keys_must_be_ours_alone(tmp_path, caplog):
     keys = folder(tmp_path, "clients", 0o755)
     secret(keys, "alice.key", 0o644)  # public keys: anyone may read them
@@ -189,6 +201,7 @@ def as_nobody(path: str) -> str:
     return said
 
 
+@pytest.mark.process
 def test_a_daemon_that_is_not_root_reads_roots_file_through_its_group_without_a_warning():
     """A Kubernetes Secret mounted with fsGroup: root's file, mode 0440, the
     daemon's group. Reading through the group is how it must be read; only
@@ -228,6 +241,7 @@ def _curve_files(tmp_path):
     return server_secret, tmp_path / "clients", client_public
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("what", ["secret_key_world_writable", "clients_dir_group_writable", "client_key_of_nobody",
                                   "admins_dir_world_writable"])  # fmt: skip
 def test_curve_files_others_could_change_stop_the_daemon(daemon, tmp_path, what):

@@ -32,6 +32,7 @@ def link(path, target, owner: int = 0) -> str:
     return str(path)
 
 
+@pytest.mark.daemon
 def test_a_token_file_that_is_another_users_link_in_a_sticky_folder_stops_the_daemon(daemon, tmp_path):
     """The review's case: ``token_file`` named nobody's link in ``/tmp``,
     which nobody re-pointed at a file of root's, and that file's line became
@@ -45,6 +46,7 @@ def test_a_token_file_that_is_another_users_link_in_a_sticky_folder_stops_the_da
     assert "its owner could point it at another file" in out
 
 
+@pytest.mark.daemon
 def test_a_link_of_another_user_replacing_roots_is_refused_at_sighup_and_the_old_tokens_stay(daemon, tmp_path):
     """Root's link passes; once the name is nobody's link (in a sticky
     folder anyone may make a free name theirs), SIGHUP refuses it: the
@@ -65,6 +67,7 @@ def test_a_link_of_another_user_replacing_roots_is_refused_at_sighup_and_the_old
     assert curl("http://gpuvisor/v1/models", unix=unix, token="the-old-token-0123456789")[0] == 200
 
 
+@pytest.mark.unit
 def test_another_users_link_anywhere_on_the_way_is_refused_naming_it(tmp_path):
     private = folder(tmp_path, "private", 0o700)
     secret(private)
@@ -77,6 +80,7 @@ def test_another_users_link_anywhere_on_the_way_is_refused_naming_it(tmp_path):
         assert f"[http] token_file {path} goes through the link {theirs}, which belongs to nobody" in str(refused.value)
 
 
+@pytest.mark.unit
 def test_links_of_root_are_followed_as_the_kernel_follows_them_and_pass(tmp_path, caplog):
     """Relative targets, ``..`` after a link, a chain: all root's, all in
     root's folders, to a private file: no word said."""
@@ -91,6 +95,7 @@ def test_links_of_root_are_followed_as_the_kernel_follows_them_and_pass(tmp_path
     assert caplog.records == []
 
 
+@pytest.mark.unit
 def test_a_link_through_an_open_folder_is_refused_even_if_its_target_is_safe(tmp_path):
     """Whoever may change the folder a link lies in may put another link in
     its place (no sticky bit)."""
@@ -101,6 +106,7 @@ def test_a_link_through_an_open_folder_is_refused_even_if_its_target_is_safe(tmp
         check_secret_file(via, "[http] token_file")
 
 
+@pytest.mark.unit
 def test_a_client_key_that_is_another_users_link_is_refused(tmp_path):
     keys = folder(tmp_path, "clients", 0o755)
     real = secret(folder(tmp_path, "elsewhere", 0o755), "alice.key", 0o644)

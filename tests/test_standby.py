@@ -28,6 +28,8 @@ from tests.helpers.config import DIAG, config_text
 from tests.helpers.script import read_line, supervisor_script
 from worker.standby import IMPORTER_NAME
 
+pytestmark = pytest.mark.process
+
 MODES = {"heavy": "tests.helpers.loaders:preloads", "light": DIAG}
 TORCH_MODES = {**MODES, "heavy": "tests.helpers.loaders:tensors"}  # "heavy" imports torch
 

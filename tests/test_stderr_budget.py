@@ -44,6 +44,7 @@ def load() -> dict:
     return {"flood": flood, "say": say, "crash": crash}
 
 
+@pytest.mark.unit
 def test_the_budget_passes_a_burst_then_its_rate_and_never_more_than_a_burst():
     budget = StderrBudget(now=100.0, rate=1000, burst=4000)
     assert budget.take(10_000, 100.0) == 4000
@@ -55,6 +56,7 @@ def test_the_budget_passes_a_burst_then_its_rate_and_never_more_than_a_burst():
     assert budget.take(10, 999.0) == 0, "a clock that steps back gives nothing"
 
 
+@pytest.mark.daemon
 def test_a_handler_printing_in_a_loop_is_passed_on_within_the_budget_and_the_rest_is_counted(daemon):
     d = daemon(config_text=config_text({"noisy": f"{__name__}:load"}, supervisor={"warm_standby": False}))
     with d.client() as c:

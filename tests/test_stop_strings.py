@@ -62,6 +62,7 @@ def stream(stops, pieces):
     return deltas, detok
 
 
+@pytest.mark.unit
 def test_a_partial_stop_at_the_end_is_held_back_then_released_when_it_breaks_off():
     deltas, detok = stream(["END"], ["ok ", "E", "N", "D?"])
     assert deltas == ["ok ", "", "", ""] and detok.stopped and detok.sent == "ok "
@@ -69,16 +70,19 @@ def test_a_partial_stop_at_the_end_is_held_back_then_released_when_it_breaks_off
     assert deltas == ["ok ", "", "", "ENo", " more"] and not detok.stopped
 
 
+@pytest.mark.unit
 def test_a_partial_stop_is_released_when_the_text_ends_there():
     deltas, detok = stream(["END"], ["ok ", "EN"])
     assert deltas == ["ok ", "EN"] and not detok.stopped
 
 
+@pytest.mark.unit
 def test_a_stop_spanning_tokens_is_cut_wherever_it_began():
     deltas, detok = stream(["lo w"], ["he", "llo", " ", "wo", "rld"])
     assert deltas == ["he", "l", "", ""] and detok.stopped and detok.sent == "hel"
 
 
+@pytest.mark.unit
 def test_the_earliest_stop_wins_whatever_the_order_they_were_given_in():
     for stops in (["cd", "bc"], ["bc", "cd"]):
         _, detok = stream(stops, ["a", "bcd"])
@@ -87,6 +91,7 @@ def test_the_earliest_stop_wins_whatever_the_order_they_were_given_in():
     assert detok.sent == "ab"
 
 
+@pytest.mark.unit
 def test_overlapping_and_self_overlapping_stops():
     # "aab": after "aa", a third "a" keeps the last two as a possible start.
     deltas, detok = stream(["aab"], ["a", "a", "a", "a", "b"])
@@ -98,6 +103,7 @@ def test_overlapping_and_self_overlapping_stops():
     assert deltas == ["", "", "a"] and detok.sent == "a" and detok.stopped
 
 
+@pytest.mark.unit
 def test_unicode_stops_and_incomplete_characters():
     deltas, detok = stream(["é!"], ["caf", "é", "!"])
     assert deltas == ["caf", "", ""] and detok.sent == "caf"
@@ -109,12 +115,14 @@ def test_unicode_stops_and_incomplete_characters():
     assert [detok.step("a\ufffd", False), detok.step("aé", False), detok.step("aéb", True)] == ["a", "é", "b"]
 
 
+@pytest.mark.unit
 def test_a_stop_whose_last_character_is_still_incomplete_is_neither_shown_in_part_nor_missed():
     detok = _Detokenizer(None, ["aé"])
     assert detok.step("xa\ufffd", False) == "x"
     assert detok.step("xaé", False) == "" and detok.stopped and detok.sent == "x"
 
 
+@pytest.mark.unit
 def test_no_stops_streams_everything_but_a_trailing_replacement_character():
     detok = _Detokenizer(None)
     assert [detok.step("ab", False), detok.step("abc\ufffd", False), detok.step("abcé", True)] == ["ab", "c", "é"]
@@ -127,6 +135,7 @@ def held(stops, text):
     return matcher.held()
 
 
+@pytest.mark.unit
 def test_held_is_the_longest_proper_prefix_of_any_stop_the_text_ends_with():
     assert held(["abcab", "x", "bcd"], "zzabca") == 4
     assert held(["abcab", "x", "bcd"], "zzbc") == 2
@@ -144,6 +153,7 @@ def grow(rng, text, alphabet, keep_at_least=0):
     return text + "".join(rng.choices(alphabet, k=rng.randint(0, 4)))
 
 
+@pytest.mark.unit
 def test_the_matcher_does_what_the_quadratic_one_did_on_random_streams():
     """Random texts over a small alphabet (so stops, partial stops and
     overlaps are frequent), against random stops, step by step."""
@@ -166,6 +176,7 @@ def test_the_matcher_does_what_the_quadratic_one_did_on_random_streams():
                 break
 
 
+@pytest.mark.unit
 def test_what_is_held_after_reading_piece_by_piece_is_what_a_whole_read_holds():
     rng = random.Random(7)
     for _ in range(2000):
@@ -179,6 +190,7 @@ def test_what_is_held_after_reading_piece_by_piece_is_what_a_whole_read_holds():
             assert matcher.held() == Reference(stops).held(text), (stops, text)
 
 
+@pytest.mark.unit
 def test_a_long_stop_is_read_once_not_once_per_token():
     """A 100,000-character stop against 50,000 tokens that each might be
     where it goes on: checking every prefix of it at every token would take
@@ -196,6 +208,7 @@ def test_a_long_stop_is_read_once_not_once_per_token():
     assert detok.step("x" + "ab" * 2999 + "c", True) == "ab" * 2999 + "c"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stop", ["a", "ab", "aaaa", "abcabd", "\U0001f642x\U0001f642"])
 def test_every_prefix_of_a_stop_is_held_and_the_whole_is_cut(stop):
     for k in range(1, len(stop)):
@@ -204,6 +217,7 @@ def test_every_prefix_of_a_stop_is_held_and_the_whole_is_cut(stop):
     assert detok.stopped and detok.sent == "zz"
 
 
+@pytest.mark.daemon
 @pytest.mark.slow
 def test_through_the_http_door_past_the_bounds_is_a_400_and_a_mode_may_allow_more(daemon):
     """The mode's bounds as a caller of the OpenAI door meets them, with the

@@ -92,6 +92,7 @@ def worker_pid(s) -> int:
 # ------------------------------------------------------------------ in process
 
 
+@pytest.mark.process
 def test_a_loop_left_early_stops_the_stream_in_the_worker_which_serves_on(sup, tmp_path):
     pid, record = worker_pid(sup), tmp_path / "r"
     stream = sup.submit("count", count(record), stream=True)
@@ -107,6 +108,7 @@ def test_a_loop_left_early_stops_the_stream_in_the_worker_which_serves_on(sup, t
     assert worker_pid(sup) == pid, "the same worker serves the next job"
 
 
+@pytest.mark.process
 def test_cancel_stops_a_running_stream_and_the_future_is_cancelled_at_once(sup, tmp_path):
     pid, record = worker_pid(sup), tmp_path / "r"
     stream = sup.submit("count", count(record), stream=True)
@@ -124,6 +126,7 @@ def test_cancel_stops_a_running_stream_and_the_future_is_cancelled_at_once(sup, 
     assert worker_pid(sup) == pid
 
 
+@pytest.mark.process
 def test_a_cancel_after_the_end_changes_nothing_and_a_job_that_does_not_stream_is_not_stopped(sup, tmp_path):
     stream = sup.submit("count", {"n": 3}, stream=True)
     assert list(stream) == [0, 1, 2]
@@ -133,6 +136,7 @@ def test_a_cancel_after_the_end_changes_nothing_and_a_job_that_does_not_stream_i
     assert sleeper.cancel() is False and sleeper.result(T) == {"slept": 0.3}
 
 
+@pytest.mark.process
 def test_a_queued_stream_cancelled_never_runs(sup, tmp_path):
     record = tmp_path / "r"
     sleeper = sup.submit("sleep", {"seconds": 0.3})
@@ -143,6 +147,7 @@ def test_a_queued_stream_cancelled_never_runs(sup, tmp_path):
     assert not record.exists(), "the cancelled stream ran"
 
 
+@pytest.mark.process
 def test_a_cancel_racing_the_end_gives_exactly_one_outcome(sup, tmp_path):
     pid = worker_pid(sup)
     answers = []
@@ -162,6 +167,7 @@ def test_a_cancel_racing_the_end_gives_exactly_one_outcome(sup, tmp_path):
     assert True in answers, "no cancel ever reached a stream that ran"
 
 
+@pytest.mark.process
 def test_a_chunk_sink_can_give_its_stream_up_from_the_loop_thread(sup, tmp_path):
     """``on_chunk`` runs on the supervisor's loop thread: ``cancel()`` there
     would wait on itself, ``give_up()`` does not wait."""
@@ -187,6 +193,7 @@ def test_a_chunk_sink_can_give_its_stream_up_from_the_loop_thread(sup, tmp_path)
     stopped_soon_after(record, 2, lambda: idle(sup))
 
 
+@pytest.mark.process
 def test_a_stream_cancelled_while_it_waits_in_the_window_is_stopped_when_it_starts(tmp_path_factory, tmp_path):
     path = tmp_path_factory.mktemp("window") / "g.toml"
     path.write_text(config_text(MODES, supervisor={**SETTINGS, "window": 2}))
@@ -202,6 +209,7 @@ def test_a_stream_cancelled_while_it_waits_in_the_window_is_stopped_when_it_star
         assert worker_pid(s) == pid
 
 
+@pytest.mark.process
 def test_async_for_left_early_and_a_cancelled_reading_task_stop_the_stream(tmp_path_factory, tmp_path):
     async def main() -> None:
         async with AsyncSupervisor(config(tmp_path_factory)) as asup:
@@ -253,6 +261,7 @@ def client(daemon):
         yield c
 
 
+@pytest.mark.daemon
 def test_a_client_stops_a_running_stream_by_leaving_or_by_cancel(daemon, client, tmp_path):
     pid = worker_pid(client)
     left = tmp_path / "left"
@@ -289,6 +298,7 @@ def test_a_client_stops_a_running_stream_by_leaving_or_by_cancel(daemon, client,
     assert worker_pid(client) == pid
 
 
+@pytest.mark.daemon
 def test_an_async_client_stops_the_stream_its_loop_left(daemon, tmp_path):
     record = tmp_path / "r"
 
@@ -305,6 +315,7 @@ def test_an_async_client_stops_the_stream_its_loop_left(daemon, tmp_path):
         stopped_soon_after(record, at_leaving, lambda: idle(c))
 
 
+@pytest.mark.daemon
 def test_ctrl_c_on_submit_stream_cancels_the_job_on_the_daemon_and_exits_130(daemon, client, tmp_path):
     pid, record = worker_pid(client), tmp_path / "r"
     cli = subprocess.Popen(

@@ -51,6 +51,7 @@ def modes(supervisor_from):
     return make
 
 
+@pytest.mark.process
 def test_the_same_mode_again_is_a_noop_that_keeps_the_worker(sup):
     first = sup.switch_mode("diag").result(T)
     assert first["status"] == "loaded" and first["previous"] is None
@@ -62,6 +63,7 @@ def test_the_same_mode_again_is_a_noop_that_keeps_the_worker(sup):
     assert sup.status()["generation"] == 1
 
 
+@pytest.mark.process
 def test_another_mode_gets_a_new_worker_and_the_old_one_is_gone(modes):
     sup = modes()
     sup.switch_mode("a").result(T)
@@ -74,6 +76,7 @@ def test_another_mode_gets_a_new_worker_and_the_old_one_is_gone(modes):
     assert sup.status()["mode"] == "b"
 
 
+@pytest.mark.process
 def test_jobs_before_a_switch_run_in_the_old_mode_and_after_it_in_the_new(modes):
     sup = modes()
     sup.switch_mode("a")
@@ -92,6 +95,7 @@ def test_jobs_before_a_switch_run_in_the_old_mode_and_after_it_in_the_new(modes)
     assert len({pids[0], pids[3], pids[5], pids[7]}) == 4, "every switch starts a fresh process"
 
 
+@pytest.mark.process
 def test_a_job_that_names_its_mode_switches_first_and_later_jobs_stay_there(modes):
     sup = modes()
     sup.switch_mode("a")
@@ -101,6 +105,7 @@ def test_a_job_that_names_its_mode_switches_first_and_later_jobs_stay_there(mode
     assert sup.status()["generation"] == 2
 
 
+@pytest.mark.process
 def test_shutdown_drains_every_queued_job_in_order(caplog):
     sup = Supervisor().start()
     sup.switch_mode("diag")
@@ -115,6 +120,7 @@ def test_shutdown_drains_every_queued_job_in_order(caplog):
     assert sup.status()["state"] == "stopped"
 
 
+@pytest.mark.process
 def test_shutdown_without_drain_cancels_the_queue_and_the_job_in_flight(sup):
     sup.switch_mode("diag").result(T)
     running = sup.submit("sleep", {"seconds": 30})
@@ -128,6 +134,7 @@ def test_shutdown_without_drain_cancels_the_queue_and_the_job_in_flight(sup):
             f.result(0)
 
 
+@pytest.mark.process
 def test_shutdown_drain_timeout_cancels_what_is_left(sup):
     sup.switch_mode("diag").result(T)
     slow = sup.submit("sleep", {"seconds": 30})
@@ -138,6 +145,7 @@ def test_shutdown_drain_timeout_cancels_what_is_left(sup):
             f.result(0)
 
 
+@pytest.mark.process
 def test_new_work_during_and_after_shutdown_gets_shutting_down(sup):
     sup.switch_mode("diag").result(T)
     slow = sup.submit("sleep", {"seconds": 0.5})
@@ -155,6 +163,7 @@ def test_new_work_during_and_after_shutdown_gets_shutting_down(sup):
     sup.shutdown()  # a second shutdown is harmless
 
 
+@pytest.mark.process
 def test_a_handler_exception_is_job_failed_with_the_remote_traceback_and_the_worker_serves_on(sup):
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)
@@ -169,6 +178,7 @@ def test_a_handler_exception_is_job_failed_with_the_remote_traceback_and_the_wor
     assert sup.submit("pid").result(T) == pid
 
 
+@pytest.mark.process
 def test_unknown_mode_unknown_task_and_no_mode_have_their_own_errors(sup):
     with pytest.raises(NoModeLoaded, match="names no mode and none is loaded"):
         sup.submit("echo", 1).result(T)
@@ -182,6 +192,7 @@ def test_unknown_mode_unknown_task_and_no_mode_have_their_own_errors(sup):
     assert sup.submit("echo", "fine").result(T) == "fine"
 
 
+@pytest.mark.process
 def test_bad_arguments_fail_at_submit_with_a_clear_error(sup):
     with pytest.raises(TypeError, match="task must be a non-empty str"):
         sup.submit(42)
@@ -203,6 +214,7 @@ def test_bad_arguments_fail_at_submit_with_a_clear_error(sup):
     assert sup.status()["queued"] == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "how, words",
     [
@@ -226,6 +238,7 @@ def test_a_worker_that_dies_mid_job_fails_that_job_only_and_the_mode_comes_back(
     assert sup.status()["restarts"] == 1 and sup.status()["mode"] == "diag"
 
 
+@pytest.mark.process
 def test_a_worker_killed_from_outside_while_idle_is_replaced_on_the_next_job(sup):
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)
@@ -234,6 +247,7 @@ def test_a_worker_killed_from_outside_while_idle_is_replaced_on_the_next_job(sup
     assert sup.submit("pid").result(T) != pid
 
 
+@pytest.mark.process
 def test_a_job_past_its_timeout_kills_the_worker_and_fails_with_job_timeout(sup):
     sup.switch_mode("diag").result(T)
     pid = sup.submit("pid").result(T)
@@ -244,6 +258,7 @@ def test_a_job_past_its_timeout_kills_the_worker_and_fails_with_job_timeout(sup)
     assert sup.submit("sleep", {"seconds": 0.01}, timeout=30).result(T) == {"slept": 0.01}
 
 
+@pytest.mark.process
 def test_a_frozen_worker_is_detected_by_its_missing_heartbeats(modes):
     sup = modes(heartbeat_timeout=1.0)
     sup.switch_mode("diag").result(T)
@@ -257,6 +272,7 @@ def test_a_frozen_worker_is_detected_by_its_missing_heartbeats(modes):
     assert sup.submit("echo", 1).result(T) == 1
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "mode, words",
     [
@@ -292,6 +308,7 @@ def test_a_mode_that_fails_to_load_fails_the_switch_and_the_jobs_waiting_for_it(
     assert sup.submit("tag").result(T)["tag"] == "b"
 
 
+@pytest.mark.process
 def test_a_worker_that_never_gets_ready_is_killed_after_load_timeout(modes):
     sup = modes(load_timeout=1.0)
     with pytest.raises(ModeLoadError, match="did not say READY within load_timeout=1s"):
@@ -299,6 +316,7 @@ def test_a_worker_that_never_gets_ready_is_killed_after_load_timeout(modes):
     assert sup.status()["worker_pid"] is None
 
 
+@pytest.mark.process
 def test_cancel_removes_a_queued_job_but_not_a_running_one(sup):
     sup.switch_mode("diag").result(T)
     running = sup.submit("sleep", {"seconds": 0.5})
@@ -313,6 +331,7 @@ def test_cancel_removes_a_queued_job_but_not_a_running_one(sup):
     assert sup.submit("echo", "next").result(T) == "next"
 
 
+@pytest.mark.process
 def test_many_threads_every_job_gets_exactly_one_outcome(sup):
     sup.switch_mode("diag").result(T)
     outcomes: dict[int, list] = {}
@@ -345,6 +364,7 @@ def test_many_threads_every_job_gets_exactly_one_outcome(sup):
             assert got[0] == key
 
 
+@pytest.mark.process
 def test_status_says_what_the_supervisor_is_doing(sup):
     before = sup.status()
     for key in ("state", "mode", "worker_pid", "queued", "in_flight", "restarts", "worker_state", "generation"):
@@ -366,6 +386,7 @@ def test_status_says_what_the_supervisor_is_doing(sup):
     assert busy["worker_pid"] == sup.submit("pid").result(T)
 
 
+@pytest.mark.process
 def test_messages_from_an_unknown_or_older_generation_are_dropped(sup, caplog):
     import zmq
 
@@ -390,6 +411,7 @@ def test_messages_from_an_unknown_or_older_generation_are_dropped(sup, caplog):
         ctx.term()
 
 
+@pytest.mark.process
 def test_the_async_supervisor_does_the_same_over_one_core():
     async def main():
         async with AsyncSupervisor() as sup:
@@ -410,6 +432,7 @@ def test_the_async_supervisor_does_the_same_over_one_core():
     asyncio.run(asyncio.wait_for(main(), T))
 
 
+@pytest.mark.process
 def test_shutdown_from_a_future_callback_is_refused_instead_of_deadlocking(sup):
     sup.switch_mode("diag").result(T)
     seen: list[BaseException] = []
@@ -426,6 +449,7 @@ def test_shutdown_from_a_future_callback_is_refused_instead_of_deadlocking(sup):
     assert sup.submit("echo", 2).result(T) == 2
 
 
+@pytest.mark.process
 def test_a_worker_command_that_cannot_start_fails_the_switch_clearly(write_config):
     path = write_config(config_text(supervisor={"worker_command": ["/nonexistent/python", "-m", "worker"]}))
     with Supervisor(path) as sup:
@@ -435,6 +459,7 @@ def test_a_worker_command_that_cannot_start_fails_the_switch_clearly(write_confi
             sup.submit("echo", 1, mode="diag").result(T)
 
 
+@pytest.mark.process
 def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch):
     """Fault injection in the supervisor's own loop (a bug we do not know of
     yet): every accepted Future still ends, the worker is reaped, and later
@@ -468,6 +493,7 @@ def test_even_a_crash_of_the_loop_itself_gives_every_job_an_outcome(monkeypatch)
     sup.shutdown()
 
 
+@pytest.mark.process
 def test_a_supervisor_cannot_be_used_from_a_forked_child(sup):
     sup.switch_mode("diag").result(T)
     pid = os.fork()
@@ -482,6 +508,7 @@ def test_a_supervisor_cannot_be_used_from_a_forked_child(sup):
     assert sup.submit("echo", "parent still fine").result(T) == "parent still fine"
 
 
+@pytest.mark.process
 def test_the_tightest_shutdown_timeout_wins(sup):
     sup.switch_mode("diag").result(T)
     slow = sup.submit("sleep", {"seconds": 30})
@@ -497,6 +524,7 @@ def test_the_tightest_shutdown_timeout_wins(sup):
         slow.result(0)
 
 
+@pytest.mark.unit
 def test_shutdown_before_start_closes_the_supervisor():
     sup = Supervisor()
     sup.shutdown()
@@ -508,6 +536,7 @@ def test_shutdown_before_start_closes_the_supervisor():
         sup.start()
 
 
+@pytest.mark.process
 def test_a_supervisor_dropped_without_shutdown_stops_its_worker():
     import gc
 
@@ -521,6 +550,7 @@ def test_a_supervisor_dropped_without_shutdown_stops_its_worker():
     wait_until(lambda: pid_gone(pid), T, "the dropped supervisor's worker to be stopped")
 
 
+@pytest.mark.process
 def test_a_switch_right_after_the_idle_worker_died_is_not_a_noop(sup):
     sup.switch_mode("diag").result(T)
     dead = sup.submit("pid").result(T)

@@ -30,6 +30,7 @@ def _shape(fn) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "protocol, classes",
     [(SupervisorAPI, (Supervisor, Client)), (AsyncSupervisorAPI, (AsyncSupervisor, AsyncClient))],
@@ -46,11 +47,13 @@ def test_each_face_is_kept_method_for_method(protocol, classes):
             assert inspect.iscoroutinefunction(kept) == inspect.iscoroutinefunction(declared), (cls, name)
 
 
+@pytest.mark.unit
 def test_the_sync_and_async_faces_take_the_same_arguments():
     for name in _methods(SupervisorAPI):
         assert _shape(getattr(SupervisorAPI, name)) == _shape(getattr(AsyncSupervisorAPI, name)), name
 
 
+@pytest.mark.process
 def test_importing_the_client_loads_nothing_of_the_engine():
     code = "import sys, supervisor.client; print(sorted(m for m in sys.modules if m.startswith('supervisor')))"
     out = run_python(code)
@@ -61,6 +64,7 @@ def test_importing_the_client_loads_nothing_of_the_engine():
     assert not {"torch", "numpy", "psutil", "pynvml", "worker"} & set(eval(out.stdout))  # noqa: S307
 
 
+@pytest.mark.process
 def test_import_supervisor_is_light_until_a_name_is_used():
     code = (
         "import sys, supervisor; before = {m for m in sys.modules if m.startswith('supervisor')}; "
@@ -164,6 +168,7 @@ def arrival(face, name: str, *args, **kwargs) -> tuple[str, BaseException]:
     raise AssertionError(f"{type(face).__name__}.{name}{args} succeeded")
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize("mistakes, sync_arrival", [(ARGUMENT_MISTAKES, "call"), (REFUSALS, "future")],
                          ids=["arguments", "refusals"])  # fmt: skip
 def test_the_same_mistake_is_the_same_error_arriving_the_same_way_on_every_face(face, mistakes, sync_arrival):
@@ -177,6 +182,7 @@ def test_the_same_mistake_is_the_same_error_arriving_the_same_way_on_every_face(
         _stop(face)
 
 
+@pytest.mark.daemon
 def test_a_full_queue_fails_the_future_on_every_face(face):
     """Two sleeps hold the two places of the queue; a third job's Future
     fails with ``QueueFull``: on every face, as a client can only learn it
@@ -202,6 +208,7 @@ def test_a_full_queue_fails_the_future_on_every_face(face):
         _stop(face)
 
 
+@pytest.mark.daemon
 def test_a_refused_stream_ends_with_the_refusal_on_every_face(face):
     try:
         if isinstance(face, AsyncSupervisorAPI):
@@ -220,6 +227,7 @@ def test_a_refused_stream_ends_with_the_refusal_on_every_face(face):
         _stop(face)
 
 
+@pytest.mark.unit
 def test_following_a_supervisor_shut_down_before_it_started_ends_with_shutting_down(tmp_path):
     """In process, as through a daemon: the events stream says why it ends,
     the call that opened it does not raise."""

@@ -82,16 +82,19 @@ def exercise(notifier: Notifier, receiver: NotifyReceiver) -> None:
     assert_nothing_pending(receiver)
 
 
+@pytest.mark.process
 def test_notify_to_path_socket(receiver):
     exercise(Notifier.from_environ({"NOTIFY_SOCKET": receiver.address}), receiver)
 
 
+@pytest.mark.process
 def test_notify_to_abstract_socket(abstract_receiver):
     address = abstract_receiver.address
     assert address.startswith("@")
     exercise(Notifier.from_environ({"NOTIFY_SOCKET": address}), abstract_receiver)
 
 
+@pytest.mark.process
 def test_reloading_carries_monotonic_usec(receiver):
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": receiver.address})
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -105,6 +108,7 @@ def test_reloading_carries_monotonic_usec(receiver):
     assert before <= int(value) <= after
 
 
+@pytest.mark.process
 def test_status_changed_sends_only_changes(receiver):
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": receiver.address})
     assert notifier.status_changed("idle") is True
@@ -123,12 +127,14 @@ def test_status_changed_sends_only_changes(receiver):
     assert_nothing_pending(receiver)
 
 
+@pytest.mark.process
 def test_status_is_one_line(receiver):
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": receiver.address})
     assert notifier.status("failed:\nREADY=1") is True
     assert receiver.next() == "STATUS=failed: READY=1"
 
 
+@pytest.mark.process
 def test_missing_socket_returns_false_and_warns_once(short_dir, caplog):
     path = short_dir / "nobody-listens.sock"
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(path)})
@@ -147,6 +153,7 @@ def test_missing_socket_returns_false_and_warns_once(short_dir, caplog):
         assert receiver.next() == "STATUS=idle"
 
 
+@pytest.mark.unit
 def test_disabled_is_a_noop():
     notifier = Notifier.from_environ({})
     assert not notifier.enabled
@@ -156,6 +163,7 @@ def test_disabled_is_a_noop():
     assert notifier.watchdog_interval is None
 
 
+@pytest.mark.unit
 def test_unsupported_address_returns_false(caplog):
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": "relative/path.sock"})
     with caplog.at_level(logging.WARNING, logger="gpuvisor"):
@@ -163,6 +171,7 @@ def test_unsupported_address_returns_false(caplog):
     assert "unsupported NOTIFY_SOCKET" in caplog.text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
@@ -226,6 +235,7 @@ def run_child(mode: str) -> list[str]:
     return proc.stderr.splitlines()
 
 
+@pytest.mark.process
 def test_journal_stream_gets_priority_prefixes():
     lines = run_child("journal")
     assert lines[:5] == [
@@ -244,6 +254,7 @@ def test_journal_stream_gets_priority_prefixes():
     assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines), "journald adds its own timestamp"
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("mode", ["plain", "stale"])
 def test_plain_stderr_has_timestamps_and_no_prefix(mode):
     lines = run_child(mode)
@@ -256,6 +267,7 @@ def test_plain_stderr_has_timestamps_and_no_prefix(mode):
     assert sum("info line" in line for line in lines) == 1, "configure_logging twice added a second handler"
 
 
+@pytest.mark.unit
 def test_journal_priority_levels():
     assert [journal_priority(n) for n in (10, 20, 30, 40, 50)] == [7, 6, 4, 3, 2]
     assert journal_priority(logging.INFO + 5) == 6
@@ -263,6 +275,7 @@ def test_journal_priority_levels():
     assert journal_priority(logging.NOTSET) == 7
 
 
+@pytest.mark.unit
 def test_stderr_is_journal_compares_device_and_inode(tmp_path):
     with open(tmp_path / "log", "w") as f, open(tmp_path / "other", "w") as g:
         st = os.fstat(f.fileno())
@@ -315,6 +328,7 @@ def unit_with_real_exec_start(tmp_path: Path) -> Path:
     return unit
 
 
+@pytest.mark.unit
 def test_unit_has_the_directives_the_daemon_relies_on():
     directives = {f"{key}={value}" for key, value in unit_directives()}
     for needed in (
@@ -351,6 +365,7 @@ def _analyze(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=T, check=False)  # fmt: skip
 
 
+@pytest.mark.process
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     proc = _analyze(tmp_path, "verify", "--man=no")
     output = proc.stdout + proc.stderr
@@ -362,6 +377,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     assert about_us == [], output
 
 
+@pytest.mark.process
 def test_unit_exposure_is_at_most_4(tmp_path):
     proc = _analyze(tmp_path, "security", "--offline=yes", "--no-pager")
     output = proc.stdout + proc.stderr
@@ -393,6 +409,7 @@ def units_directories(base: Path) -> dict[str, str | None]:
     return env
 
 
+@pytest.mark.daemon
 def test_the_units_own_exec_start_serves_and_stops_on_sigterm(daemon):
     """The ExecStart line as systemd would run it: from /, with the unit's
     umask and Environment= lines, a RuntimeDirectory made with the unit's
@@ -415,6 +432,7 @@ def test_the_units_own_exec_start_serves_and_stops_on_sigterm(daemon):
         assert not socket_file.exists(), "the daemon left its socket behind"
 
 
+@pytest.mark.unit
 def test_the_sample_config_mirrors_the_built_in_modes():
     """contrib/systemd/gpuvisor.toml is what an operator starts from: the
     modes and HTTP models a fresh install serves, and every operator setting
@@ -429,6 +447,7 @@ def test_the_sample_config_mirrors_the_built_in_modes():
         assert re.search(rf"(?m)^# {key} = ", text), f"{key} is not shown (commented out) in the sample"
 
 
+@pytest.mark.daemon
 def test_the_units_exec_start_serves_the_sample_config(daemon):
     """The unit's ExecStart line, its --config naming the sample as shipped:
     it serves a job, and HTTP on the runtime directory's http.sock."""

@@ -40,6 +40,7 @@ MODES = {"diag": DIAG, "other": DIAG}
 # ---------------------------------------------------------------- a fair share of the queue
 
 
+@pytest.mark.daemon
 def test_a_client_that_fills_its_share_does_not_keep_another_clients_job_out(daemon):
     """On main, 3,000 jobs from one client made another client's single job
     fail with QueueFull. Now each client has a quarter of max_queue."""
@@ -56,6 +57,7 @@ def test_a_client_that_fills_its_share_does_not_keep_another_clients_job_out(dae
         assert [f.result(T) for f in held] == list(range(9))
 
 
+@pytest.mark.daemon
 def test_a_job_larger_than_a_clients_byte_share_is_refused_before_it_is_queued(daemon):
     d = daemon(config_text=config_text(MODES, supervisor={"max_queue_bytes_per_client": 1 << 20}))
     with d.client() as c:
@@ -64,6 +66,7 @@ def test_a_job_larger_than_a_clients_byte_share_is_refused_before_it_is_queued(d
         assert c.submit("echo", b"y" * 1000, mode="diag").result(T) == b"y" * 1000
 
 
+@pytest.mark.process
 def test_switches_and_restarts_take_a_place_in_the_queue(write_config):
     with Supervisor(write_config(config_text(MODES, supervisor={"max_queue": 3}))) as sup:
         sup.switch_mode("diag").result(T)
@@ -97,6 +100,7 @@ def _echo_growing(d, request_id: str, payload: bytes) -> tuple[dict, int]:
         raw.close()
 
 
+@pytest.mark.daemon
 def test_a_payload_that_decodes_to_far_more_than_it_weighs_does_not_swell_the_daemon(daemon):
     """3.8 MB of empty arrays decoded to 282 MB in the daemon on main. The
     daemon now forwards a payload as the bytes it came as; the worker's
@@ -119,6 +123,7 @@ def _with_raw_payload(fields: dict, payload: bytes) -> bytes:
                      packer.pack("payload"), payload])  # fmt: skip
 
 
+@pytest.mark.daemon
 def test_a_field_that_should_be_plain_but_holds_a_container_is_refused_without_building_it(daemon):
     d = daemon(config_text=config_text(MODES))
     raw = RawClient(d.endpoint, timeout=T)
@@ -169,6 +174,7 @@ def shared_daemon(daemon):
     return start
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
 def test_a_caller_of_another_user_may_run_jobs_but_not_stop_switch_restart_unload_or_reload(shared_daemon):
     d = shared_daemon()
@@ -196,6 +202,7 @@ def test_a_caller_of_another_user_may_run_jobs_but_not_stop_switch_restart_unloa
     assert "refused shutdown from uid 65534 (nobody)" in d.output()
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
 def test_a_member_of_admin_group_is_an_operator(shared_daemon):
     d = shared_daemon(admin_group="nogroup")
@@ -211,12 +218,14 @@ def test_a_member_of_admin_group_is_an_operator(shared_daemon):
     assert d.wait() == 0
 
 
+@pytest.mark.daemon
 def test_an_unknown_admin_group_stops_the_daemon_before_it_starts(daemon):
     d = daemon(config_text=config_text(MODES, daemon={"admin_group": "no-such-group-here"}), wait_ready=False)
     assert d.wait() == 6
     assert "admin_group 'no-such-group-here' is not a group" in d.output()
 
 
+@pytest.mark.daemon
 def test_only_admin_curve_keys_may_stop_the_daemon(daemon, tmp_path):
     from zmq.auth import create_certificates
 
@@ -254,6 +263,7 @@ def test_only_admin_curve_keys_may_stop_the_daemon(daemon, tmp_path):
 # ---------------------------------------------------------------- the operator's limits are ceilings
 
 
+@pytest.mark.daemon
 def test_a_clients_timeout_cannot_run_a_job_past_the_operators_job_timeout(daemon):
     """On main a client's timeout=0 ran an 8 s job past job_timeout = 2."""
     d = daemon(config_text=config_text(MODES, supervisor={"job_timeout": 1.0, "default_mode": "diag"}))
@@ -267,6 +277,7 @@ def test_a_clients_timeout_cannot_run_a_job_past_the_operators_job_timeout(daemo
 # ---------------------------------------------------------------- metrics labels
 
 
+@pytest.mark.daemon
 def test_made_up_task_names_add_no_metric_series(daemon):
     """On main 500 random task names added 12,000 series to /metrics."""
     d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
@@ -285,6 +296,7 @@ def test_made_up_task_names_add_no_metric_series(daemon):
     assert series < 400, f"{series} series"
 
 
+@pytest.mark.daemon
 def test_a_payload_the_worker_cannot_read_fails_its_job_under_its_id(daemon):
     d = daemon(config_text=config_text(MODES, supervisor={"default_mode": "diag"}))
     raw = RawClient(d.endpoint, timeout=T)
@@ -301,6 +313,7 @@ def test_a_payload_the_worker_cannot_read_fails_its_job_under_its_id(daemon):
 # ---------------------------------------------------------------- a typo never costs the loaded mode
 
 
+@pytest.mark.daemon
 def test_a_switch_to_a_mode_whose_module_cannot_be_imported_leaves_the_serving_worker_alone(daemon):
     """On main, a switch to such a mode first killed the mode that served
     (``mode: -`` afterwards). Now it is refused before anything is stopped."""
@@ -316,6 +329,7 @@ def test_a_switch_to_a_mode_whose_module_cannot_be_imported_leaves_the_serving_w
         assert c.submit("pid").result(T) == pid
 
 
+@pytest.mark.daemon
 def test_a_clients_short_timeout_gives_up_without_killing_the_worker_or_breaking_the_mode(daemon):
     """A client's timeout under the operator's (none here) killed the worker
     on main: four jobs with timeout=0.001 forced four reloads and broke the
@@ -337,6 +351,7 @@ def test_a_clients_short_timeout_gives_up_without_killing_the_worker_or_breaking
 # ---------------------------------------------------------------- connections to the ZeroMQ socket
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
 def test_a_user_who_opens_many_zeromq_connections_holds_only_a_few_and_the_daemon_serves_on(shared_daemon):
     """libzmq bounds nothing, and aborts the daemon when its descriptors run
@@ -373,6 +388,7 @@ def test_a_user_who_opens_many_zeromq_connections_holds_only_a_few_and_the_daemo
     assert d.running()
 
 
+@pytest.mark.daemon
 def test_a_daemon_started_with_a_low_soft_limit_on_files_raises_it_and_survives_a_burst_of_connections(
     daemon, tmp_path
 ):
@@ -414,6 +430,7 @@ def test_a_daemon_started_with_a_low_soft_limit_on_files_raises_it_and_survives_
         ctx.term()
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(os.getuid() != 0, reason="changing to another uid needs root")
 def test_many_connections_of_one_user_share_one_share_of_the_queue(shared_daemon):
     """With a share per connection, four connections of one process held
@@ -445,6 +462,7 @@ def test_many_connections_of_one_user_share_one_share_of_the_queue(shared_daemon
     assert out.stdout.split() == ["10", "10"], out.stdout
 
 
+@pytest.mark.daemon
 def test_an_answer_that_decodes_to_far_more_than_it_weighs_is_not_built_in_the_daemon(daemon):
     """An echo of 4 MB of empty arrays: the worker builds it (its own job),
     but the daemon forwards the answer as the bytes the worker sent. On

@@ -9,8 +9,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import T, pid_gone, wait_until
 from tests.helpers.config import DIAG, config_text
+
+pytestmark = pytest.mark.daemon
 
 MODES = {"diag": DIAG, "diag2": DIAG}
 

@@ -11,6 +11,8 @@ from supervisor import JobTimeout, WorkerCrashed
 from tests.helpers import T, wait_until
 from tests.helpers.config import DIAG, config_text
 
+pytestmark = pytest.mark.process
+
 
 def test_a_full_window_is_in_flight_and_the_rest_queued(supervisor_from):
     sup = supervisor_from(config_text(supervisor={"window": 4}))

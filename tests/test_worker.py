@@ -49,6 +49,7 @@ def handshake(h: Harness, mode="diag", loader=DIAG, args=None):
     return h.recv()
 
 
+@pytest.mark.process
 def test_handshake_jobs_and_drain(harness):
     ready = handshake(harness)
     assert isinstance(ready, Ready) and ready.mode == "diag"
@@ -69,6 +70,7 @@ def test_handshake_jobs_and_drain(harness):
     assert harness.proc.wait(T) == 0
 
 
+@pytest.mark.process
 def test_heartbeats_keep_coming_on_their_own_socket_while_a_job_runs(harness):
     """The handler sleeps through ten heartbeat intervals on the main thread;
     the heartbeats come from the heartbeat socket all the while (the harness
@@ -89,6 +91,7 @@ def test_heartbeats_keep_coming_on_their_own_socket_while_a_job_runs(harness):
     assert not harness.heartbeats[beats_after].busy
 
 
+@pytest.mark.process
 def test_a_dropped_connection_ends_the_worker_with_exit_4():
     """libzmq drops a connection that sends a frame over the ROUTER's
     MAXMSGSIZE, without a word to either side; the worker must notice (on
@@ -104,6 +107,7 @@ def test_a_dropped_connection_ends_the_worker_with_exit_4():
         h.close()
 
 
+@pytest.mark.process
 def test_bad_bytes_from_the_supervisor_are_logged_and_the_worker_goes_on(harness):
     handshake(harness)
     harness.send_raw(b"\xc1garbage")
@@ -120,6 +124,7 @@ def test_bad_bytes_from_the_supervisor_are_logged_and_the_worker_goes_on(harness
     assert "already loaded" in stderr
 
 
+@pytest.mark.process
 def test_a_result_msgpack_cannot_carry_is_a_job_failure_and_the_worker_goes_on(tmp_path):
     mod = tmp_path / "badresult.py"
     mod.write_text("def load():\n    return {'setty': lambda p: {1, 2}}\n")
@@ -137,6 +142,7 @@ def test_a_result_msgpack_cannot_carry_is_a_job_failure_and_the_worker_goes_on(t
         h.close()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "loader, words",
     [
@@ -158,6 +164,7 @@ def test_a_loader_that_fails_sends_load_failed_with_its_traceback_and_exits(help
         h.close()
 
 
+@pytest.mark.process
 def test_every_frame_the_worker_sends_is_a_versioned_msgpack_map_and_never_a_pickle(harness):
     handshake(harness)
     for i in range(5):
@@ -172,6 +179,7 @@ def test_every_frame_the_worker_sends_is_a_versioned_msgpack_map_and_never_a_pic
         assert isinstance(header, dict) and header["v"] == PROTOCOL_VERSION
 
 
+@pytest.mark.unit
 def test_no_module_of_ours_imports_pickle():
     import pathlib
 
@@ -182,6 +190,7 @@ def test_no_module_of_ours_imports_pickle():
             assert "import pickle" not in text and "cloudpickle" not in text, path
 
 
+@pytest.mark.process
 def test_a_worker_whose_supervisor_is_already_gone_exits_before_doing_anything():
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(T)  # reaped: its pid names no process now
@@ -193,6 +202,7 @@ def test_a_worker_whose_supervisor_is_already_gone_exits_before_doing_anything()
         h.close()
 
 
+@pytest.mark.process
 def test_a_job_message_that_cannot_be_read_is_answered_under_its_id(harness):
     """A header whose array reference is broken still names its job: the job
     gets its one answer (a ProtocolError) instead of waiting forever."""
@@ -206,6 +216,7 @@ def test_a_job_message_that_cannot_be_read_is_answered_under_its_id(harness):
     assert harness.recv() == Result(9, "still here")
 
 
+@pytest.mark.process
 def test_a_streamed_chunk_is_sent_as_it_was_yielded_even_if_its_buffer_is_reused(helper_loaders, harness):
     handshake(harness, "s", "tests.helpers.loaders:streams")
     harness.send(Job(1, "reuse", {"n": 20}, stream=True))
@@ -215,6 +226,7 @@ def test_a_streamed_chunk_is_sent_as_it_was_yielded_even_if_its_buffer_is_reused
     assert [int(c[0]) for c in chunks] == list(range(20)) and all((c == c[0]).all() for c in chunks)
 
 
+@pytest.mark.process
 def test_a_cancel_stops_the_running_stream_at_its_next_chunk_and_what_came_with_it_keeps_its_turn(harness, tmp_path):
     handshake(harness, args=DIAG_HOOKS["args"])
     record = tmp_path / "produced"
@@ -247,6 +259,7 @@ def send_batch(h: Harness, task: str, jobs: list[tuple[int, object]]) -> None:
     h.send_raw(*encode_batch(task, [encode_job(job, task, payload) for job, payload in jobs]))
 
 
+@pytest.mark.process
 def test_ready_lists_the_batch_tasks_and_a_batch_is_one_call_answered_job_by_job_in_order(harness):
     ready = handshake(harness)
     limits = {"max_batch": 8, "max_delay_ms": 20.0}
@@ -262,6 +275,7 @@ def test_ready_lists_the_batch_tasks_and_a_batch_is_one_call_answered_job_by_job
     assert harness.proc.wait(T) == 0
 
 
+@pytest.mark.process
 def test_a_raising_batch_handler_fails_every_job_with_the_same_error_and_the_worker_serves_on(harness):
     handshake(harness)
     send_batch(harness, "batch_fail", [(1, "a"), (2, "b"), (3, "c")])
@@ -275,6 +289,7 @@ def test_a_raising_batch_handler_fails_every_job_with_the_same_error_and_the_wor
                                                   Result(5, {"payload": "e", "batch": 2})]  # fmt: skip
 
 
+@pytest.mark.process
 def test_a_batch_for_a_handler_that_takes_one_payload_runs_each_job_alone_in_order(harness):
     handshake(harness)
     send_batch(harness, "echo", [(1, "a"), (2, {"b": 2}), (3, None)])
@@ -284,6 +299,7 @@ def test_a_batch_for_a_handler_that_takes_one_payload_runs_each_job_alone_in_ord
     assert [u.job for u in unknown] == [4, 5] and {u.error["code"] for u in unknown} == {"unknown_task"}
 
 
+@pytest.mark.process
 def test_a_batch_message_that_cannot_be_read_is_answered_under_each_of_its_job_ids(harness):
     handshake(harness)
     mixed = encode_batch("echo", [encode_job(1, "echo", "a"), encode_job(2, "pid", None)])  # two tasks in one
@@ -332,6 +348,7 @@ def batch_worker(tmp_path):
     h.close()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "task, words",
     [
@@ -347,6 +364,7 @@ def test_a_batch_handler_that_returns_no_list_of_the_right_length_fails_each_job
         assert isinstance(f, Failure) and f.error["code"] == "job_failed" and words in f.error["message"], f
 
 
+@pytest.mark.process
 def test_a_batch_item_that_cannot_be_sent_fails_that_job_alone(batch_worker):
     send_batch(batch_worker, "unsendable", [(1, "a"), (2, "bad"), (3, "c")])
     first, bad, last = (batch_worker.recv() for _ in range(3))
@@ -355,6 +373,7 @@ def test_a_batch_item_that_cannot_be_sent_fails_that_job_alone(batch_worker):
     assert "returned a result that cannot be sent" in bad.error["message"]
 
 
+@pytest.mark.process
 def test_a_batch_that_runs_out_of_memory_is_out_of_memory_for_each_job(batch_worker):
     send_batch(batch_worker, "oom", [(1, None), (2, None)])
     failures = [batch_worker.recv() for _ in range(2)]
@@ -364,6 +383,7 @@ def test_a_batch_that_runs_out_of_memory_is_out_of_memory_for_each_job(batch_wor
     assert batch_worker.recv() == Result(3, "still here")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -378,6 +398,7 @@ def test_batched_refuses_limits_the_supervisor_could_not_honour(args, words):
         batched(**args)
 
 
+@pytest.mark.unit
 def test_batched_refuses_a_generator_handler():
     def stream(payloads):
         yield from payloads
