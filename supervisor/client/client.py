@@ -27,18 +27,18 @@ import logging
 import math
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolError, StreamIncomplete, error_from_wire
+from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolError, error_from_wire
 from protocol.client import Request, decode_reply, encode_request
 from protocol.messages import peek
 from supervisor.arguments import check_device, check_mode, check_seconds
 from supervisor.client.endpoint import client_default_endpoint, unreachable
+from supervisor.client.remote_job import RemoteJobFuture
 from supervisor.events import DEFAULT_BUFFER, EventStream, Subscription
 from supervisor.futures import JobFuture, settle
 from supervisor.mailbox import Mailbox
@@ -422,22 +422,16 @@ class Client(SupervisorAPI):
     def _chunk(reply: Any, future: Future, pending: dict[int, Future]) -> None:
         if future.cancelled():
             return  # cancelled at its caller's word: the chunks still on their way are dropped
-        sink = future.on_chunk if isinstance(future, RemoteJobFuture) else None
-        if sink is None or not isinstance(future, RemoteJobFuture):
+        if not isinstance(future, RemoteJobFuture) or future.on_chunk is None:
             del pending[reply.id]
             settle(
                 future, error=ProtocolError(f"the daemon sent a chunk for request {reply.id}, which does not stream")
             )
             return
-        expected = future.chunks + 1
-        if reply.seq != expected:
+        error = future.take_chunk(reply.seq, reply.value)
+        if error is not None:
             del pending[reply.id]
-            lost = f"{reply.seq - expected:,} lost" if reply.seq > expected else "out of order"
-            gap = f"request {reply.id}: chunk {reply.seq} came after chunk {expected - 1} ({lost})"
-            settle(future, error=StreamIncomplete(f"{gap}; the stream is incomplete"))
-            return
-        future.chunks = expected
-        sink(reply.value)
+            settle(future, error=error)
 
     def _undecodable(self, frames: list, exc: ProtocolError, pending: dict[int, Future]) -> None:
         """A message that is not a valid reply: if its id can still be read,
@@ -451,31 +445,6 @@ class Client(SupervisorAPI):
             log.warning(dropped, self.endpoint, exc.message)
             return
         settle(future, error=ProtocolError(f"the reply to request {request_id} cannot be decoded: {exc.message}"))
-
-
-class RemoteJobFuture(JobFuture):
-    """A job a daemon runs. ``cancel()`` asks the daemon and answers with
-    its word: True if the job was still queued there and will never run, or
-    is a stream it stopped (the Future is then cancelled, as in-process);
-    False for any other job once it runs."""
-
-    def __init__(self, client: Client, on_chunk: ChunkSink | None = None):
-        super().__init__(on_chunk)
-        self._client = weakref.ref(client)
-        self.request_id = 0
-        self.chunks = 0  # chunks received: the next must carry seq chunks + 1
-
-    def cancel(self) -> bool:
-        if self.done():
-            return self.cancelled()
-        client = self._client()
-        return client is not None and client._cancel(self)
-
-    def give_up(self) -> None:
-        """``cancel()`` without waiting for the daemon's answer."""
-        client = self._client()
-        if not self.done() and client is not None:
-            client._cancel(self, wait=False)
 
 
 def _with_device(fields: dict[str, Any], device: str | None) -> dict[str, Any]:
