@@ -99,8 +99,7 @@ class EventStream:
     stream); it raises the error that ended it, if one did (the daemon went
     away, say). Leaving the ``with`` block, or ``close()``, stops following."""
 
-    def __init__(self, subscription: Subscription, stop: Callable[[], None] | None = None,
-                 ended: Future | None = None):  # fmt: skip
+    def __init__(self, subscription: Subscription, stop: Callable[[], None] | None = None, ended: Future | None = None):
         """``stop``: tells the producer the reader left (a closed queue is
         forgotten by the producer at its next event anyway); ``ended``: the
         request whose error, if any, ends the stream."""
