@@ -124,7 +124,7 @@ class Client(SupervisorAPI):
         fields = {"task": task, "payload": payload, "mode": mode, "timeout": timeout, "retries": retries}
         if on_chunk is not None:
             fields["stream"] = True
-        future = RemoteJobFuture(self, on_chunk)
+        future = RemoteJobFuture(self._cancel, on_chunk)
         self._request(Request.SUBMIT, future, **fields)
         return future
 
@@ -171,7 +171,7 @@ class Client(SupervisorAPI):
         that falls behind, on the daemon and here: the oldest go, and a
         ``dropped`` event says how many."""
         sub = Subscription(buffer)
-        future = RemoteJobFuture(self, sub.put)  # its chunks are the events, put on the I/O thread
+        future = RemoteJobFuture(self._cancel, sub.put)  # its chunks are the events, put on the I/O thread
         future.add_done_callback(lambda _: sub.close())
         self._request(Request.EVENTS, future, buffer=buffer)
         return EventStream(sub, future.give_up, ended=future)

@@ -5,14 +5,15 @@ than leave its reader waiting for a chunk that will never come)."""
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from protocol import StreamIncomplete
 from supervisor.futures import JobFuture
 from supervisor.surface import ChunkSink
 
-if TYPE_CHECKING:
-    from supervisor.client.client import Client
+AskToCancel = Callable[["RemoteJobFuture", bool], bool]
+"""The client's request to the daemon to cancel a job: ``(future, wait)``."""
 
 
 class RemoteJobFuture(JobFuture):
@@ -21,23 +22,25 @@ class RemoteJobFuture(JobFuture):
     is a stream it stopped (the Future is then cancelled, as in-process);
     False for any other job once it runs."""
 
-    def __init__(self, client: Client, on_chunk: ChunkSink | None = None):
+    def __init__(self, ask_to_cancel: AskToCancel, on_chunk: ChunkSink | None = None):
+        """``ask_to_cancel``: a bound method of the client, held weakly (a
+        Future kept after its client is gone must not keep it open)."""
         super().__init__(on_chunk)
-        self._client = weakref.ref(client)
+        self._ask_to_cancel = weakref.WeakMethod(ask_to_cancel)
         self.request_id = 0
         self.chunks = 0  # chunks received: the next must carry seq chunks + 1
 
     def cancel(self) -> bool:
         if self.done():
             return self.cancelled()
-        client = self._client()
-        return client is not None and client._cancel(self)
+        ask = self._ask_to_cancel()
+        return ask is not None and ask(self, True)
 
     def give_up(self) -> None:
         """``cancel()`` without waiting for the daemon's answer."""
-        client = self._client()
-        if not self.done() and client is not None:
-            client._cancel(self, wait=False)
+        ask = self._ask_to_cancel()
+        if not self.done() and ask is not None:
+            ask(self, False)
 
     def take_chunk(self, seq: int, value: Any) -> StreamIncomplete | None:
         """Hand the chunk numbered ``seq`` to its reader, or the error that
