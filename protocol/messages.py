@@ -30,6 +30,7 @@ from protocol.packing import (
     check_version,
     pack_frames,
     pack_packed,
+    unpack,
     unpack_map,
     unpack_map_packed,
 )
@@ -336,3 +337,30 @@ def decode_to_worker(frames: list, limit: int = MAX_MESSAGE_BYTES) -> ToWorker:
     if len(frames) > 1 and peek(frames, "k") == Kind.BATCH:
         return _decode_batch(frames, limit)
     return _decode(frames, _TO_WORKER, "to a worker", limit)
+
+
+def job_ids_of(frames: list) -> list[int]:
+    """The job ids a message the decoder refused still names: a JOB's, or
+    those of each job of a BATCH (its header's ``counts`` say where each
+    job's header frame is; if they cannot be read, every frame is tried)."""
+    kind = peek(frames, "k")
+    if kind == "job":
+        headers = [frames[0]]
+    elif kind == "batch":
+        headers = list(frames[1:])
+        try:
+            counts = unpack(bytes(frames[0])).get("counts")
+        except (ProtocolError, AttributeError):
+            counts = None
+        if isinstance(counts, list) and all(type(n) is int and n >= 1 for n in counts):
+            starts = [1 + sum(counts[:i]) for i in range(len(counts))]
+            if sum(counts) == len(frames) - 1:
+                headers = [frames[i] for i in starts]
+    else:
+        return []
+    ids = []
+    for header in headers:
+        job = peek([header], "job") if peek([header], "k") == "job" else None
+        if isinstance(job, int) and job not in ids:
+            ids.append(job)
+    return ids

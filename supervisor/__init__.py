@@ -39,7 +39,7 @@ _ERRORS = (
 _WHERE: dict[str, tuple[str, str]] = {
     **{name: ("protocol.errors", name) for name in _ERRORS},
     "Supervisor": ("supervisor.api", "Supervisor"),
-    "AsyncSupervisor": ("supervisor.api", "AsyncSupervisor"),
+    "AsyncSupervisor": ("supervisor.aio", "AsyncSupervisor"),
     "JobStream": ("supervisor.stream", "JobStream"),
     "JobFuture": ("supervisor.futures", "JobFuture"),
     "Config": ("supervisor.config", "Config"),
@@ -123,7 +123,8 @@ if TYPE_CHECKING:  # what editors and type checkers see
         WorkerCrashed,
         WrongDevice,
     )
-    from supervisor.api import AsyncSupervisor, Supervisor
+    from supervisor.aio import AsyncSupervisor
+    from supervisor.api import Supervisor
     from supervisor.config import Config, ConfigError, ModeSpec
     from supervisor.config import load as load_config
     from supervisor.futures import JobFuture

@@ -1,6 +1,6 @@
 """The API in this process: ``Supervisor`` (threads, returns
-``concurrent.futures.Future``) and ``AsyncSupervisor`` (asyncio, awaitables),
-the faces ``supervisor.surface`` declares, over the engine.
+``concurrent.futures.Future``), the sync face ``supervisor.surface``
+declares, over the engine (``supervisor.aio`` awaits it for asyncio).
 
 A call only checks its arguments, encodes the job in the caller's thread
 (so a payload msgpack cannot carry fails right here, at ``submit()``) and
@@ -18,10 +18,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from protocol import GpuvisorError, QueueFull, RequestTooLarge, ShuttingDown, UnknownMode, WrongDevice, encode_job
 from protocol.arrays import nbytes
@@ -34,9 +33,7 @@ from supervisor.events import DEFAULT_BUFFER, EventStream, Subscription
 from supervisor.futures import JobFuture, gather
 from supervisor.quota import Limits, QueueQuota
 from supervisor.status import Status, SwitchResult
-from supervisor.surface import AsyncSupervisorAPI, ChunkSink, SupervisorAPI
-
-T = TypeVar("T")
+from supervisor.surface import ChunkSink, SupervisorAPI
 
 # Engines still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
@@ -397,32 +394,3 @@ class Supervisor(SupervisorAPI):
 
     def _unknown_mode_message(self, mode: str) -> str:
         return f"unknown mode {mode!r}; {self.config.source} has {', '.join(sorted(self.config.modes))}"
-
-
-class AsyncSupervisor(AsyncSupervisorAPI):
-    """The same supervisor for asyncio code: every call is awaitable, and
-    cancelling the awaiting task cancels a job that is still queued (and
-    stops a streamed one that runs)."""
-
-    _sync: Supervisor
-
-    def __init__(self, config: str | Path | Config | None = None, *, mode: str | None = None):
-        self._sync = Supervisor(config, mode=mode)
-
-    @property
-    def config(self) -> Config:
-        return self._sync.config
-
-    async def start(self) -> AsyncSupervisor:
-        self._sync.start()
-        return self
-
-    async def _ask(self, call: Callable[[], T]) -> T:
-        """In this process a plain answer is a snapshot that never waits."""
-        return call()
-
-    async def __aenter__(self) -> AsyncSupervisor:
-        return await self.start()
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.shutdown(drain=True)

@@ -67,10 +67,9 @@ from protocol import (
     WorkerExit,
     decode_to_worker,
     encode,
-    unpack,
 )
 from protocol.frames import read_all, recv_message
-from protocol.messages import Cancel
+from protocol.messages import Cancel, job_ids_of
 from protocol.packing import peek
 from worker.batching import batch_limits
 from worker.heartbeat import SEND_TIMEOUT_MS, HeartbeatThread, log_line, send_or_exit
@@ -122,7 +121,7 @@ class _Worker:
                 log_line(self.gen, f"dropped a malformed message from the supervisor: {exc}")
                 if self.mode is not None:  # a job we cannot read still gets its one answer
                     error = ProtocolError(f"the {peek(frames, 'k')} message could not be read: {exc.message}")
-                    for job in _job_ids(frames):
+                    for job in job_ids_of(frames):
                         self.send(Failure(job, error.to_wire()))
 
     def load(self, msg: Load) -> bool:
@@ -318,33 +317,6 @@ class _Worker:
 
 def _kind(msg: Any) -> str:
     return "batch" if isinstance(msg, JobBatch) else msg.kind.value
-
-
-def _job_ids(frames: list) -> list[int]:
-    """The job ids a message the decoder refused still names: a JOB's, or
-    those of each job of a BATCH (its header's ``counts`` say where each
-    job's header frame is; if they cannot be read, every frame is tried)."""
-    kind = peek(frames, "k")
-    if kind == "job":
-        headers = [frames[0]]
-    elif kind == "batch":
-        headers = list(frames[1:])
-        try:
-            counts = unpack(bytes(frames[0])).get("counts")
-        except (ProtocolError, AttributeError):
-            counts = None
-        if isinstance(counts, list) and all(type(n) is int and n >= 1 for n in counts):
-            starts = [1 + sum(counts[:i]) for i in range(len(counts))]
-            if sum(counts) == len(frames) - 1:
-                headers = [frames[i] for i in starts]
-    else:
-        return []
-    ids = []
-    for header in headers:
-        job = peek([header], "job") if peek([header], "k") == "job" else None
-        if isinstance(job, int) and job not in ids:
-            ids.append(job)
-    return ids
 
 
 class _Cancelled(Exception):
