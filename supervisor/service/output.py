@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from supervisor.service.progress import jobs
+from supervisor.service.progress import describe
 
 if TYPE_CHECKING:
     from protocol import GpuvisorError
@@ -207,5 +207,5 @@ def stopped_line(value: Any) -> str:
     """``stopped: 3 jobs finished, 2 cancelled``; plain ``stopped`` when the
     daemon did not say (it went before its last event reached this client)."""
     if isinstance(value, dict) and value.get("finished") is not None:
-        return f"stopped: {jobs(value['finished'])} finished, {value.get('cancelled') or 0} cancelled"
+        return describe({"event": "stopped", "finished": value["finished"], "cancelled": value.get("cancelled") or 0})
     return "stopped"
