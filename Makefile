@@ -14,6 +14,11 @@ STAMP := $(VENV)/.installed
 # Ray Serve's deployment (contrib/ray, with Ray itself: a few hundred MB) only
 # for the suite, which tests it: `make install` leaves it out.
 RAY_STAMP := $(VENV)/.installed-ray
+# Debian's headless browser and Prometheus, for the status page's browser test
+# and the real-Prometheus test: installed with apt-get when this runs as root
+# on a Debian-like machine (as CI does), else those tests skip and say why.
+SYSTEM_TOOLS := chromium chromium-driver prometheus
+SYSTEM_STAMP := $(VENV)/.installed-system
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -40,7 +45,19 @@ run: install
 demo: install
 	$(VENV)/bin/gpuvisor demo
 
-test: install $(RAY_STAMP)
+$(SYSTEM_STAMP): $(STAMP)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null; then \
+		echo "system tools: already here"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "system tools: apt-get install $(SYSTEM_TOOLS)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_TOOLS) >/dev/null \
+			|| echo "system tools: apt-get failed; the browser and Prometheus tests will skip"; \
+	else \
+		echo "system tools: not root or no apt-get; the browser and Prometheus tests will skip"; \
+	fi
+	touch $(SYSTEM_STAMP)
+
+test: install $(RAY_STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest
 
 test-unit: install
