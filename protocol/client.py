@@ -46,6 +46,7 @@ class Request(enum.StrEnum):
     UNLOAD = "unload"
     RELOAD = "reload"
     EVENTS = "events"  # answered with a chunk per event until cancelled; then one reply
+    GLANCE = "glance"  # the status, the last switches, memory over time, the last errors
 
 
 REPLY = "reply"
@@ -75,6 +76,7 @@ _FIELDS: dict[Request, dict[str, tuple[tuple[type, ...], Any]]] = {
     Request.UNLOAD: {"device": ((str, _NONE), None)},
     Request.RELOAD: {},
     Request.EVENTS: {"buffer": ((int, _NONE), None)},
+    Request.GLANCE: {},
 }
 
 

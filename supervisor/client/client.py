@@ -163,6 +163,12 @@ class Client(SupervisorAPI):
     def ping(self) -> dict[str, Any]:
         return self._request(Request.PING, Future()).result()
 
+    def glance(self) -> dict[str, Any]:
+        """What the status page draws: the status, the last switches with
+        their phases, each worker's memory over the last minutes, the last
+        errors, and whether this caller is an operator (docs/protocol.md)."""
+        return self._request(Request.GLANCE, Future()).result()
+
     def events(self, *, buffer: int = DEFAULT_BUFFER) -> EventStream:
         """The daemon's events as they happen (``with client.events() as
         events: for event in events``), until the stream is closed or the

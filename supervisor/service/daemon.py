@@ -56,6 +56,7 @@ from supervisor.service.curve import certificate_keys, start_curve
 from supervisor.service.flow import FlowControl
 from supervisor.service.followers import Followers
 from supervisor.service.front import EndpointError, bind_front, release_ipc
+from supervisor.service.glance import Glance
 from supervisor.service.http import open_http
 from supervisor.service.operators import Operators
 from supervisor.service.replies import Replies, encode
@@ -112,6 +113,7 @@ class Daemon:
         self._operators = Operators()  # set in run(), with the CURVE keys
         self._connections: ConnectionCap | None = None  # made in run(), once the front socket is bound
         self._reloading = threading.Lock()
+        self._glance = Glance()  # what the status page and `gpuvisor top` draw: one history for all
 
     # ------------------------------------------------------------ running
 
@@ -142,8 +144,9 @@ class Daemon:
                 old_handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
             sup = Supervisor(self.config).start()
+            self._glance.start(sup)
             if self._http is not None:
-                self._http.serve(sup, reload=lambda: self.reload(sup))
+                self._http.serve(sup, reload=lambda: self.reload(sup), glance=self._glance)
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
             self._loop(sup, self._requests(sup), front, sig_r)
@@ -153,6 +156,7 @@ class Daemon:
                 sup.shutdown(drain=False)  # an error got us here: never leave the worker behind
             if self._stop_thread is not None:
                 self._stop_thread.join()
+            self._glance.close()  # its stream ended with the supervisor
             if self._http is not None:
                 self._http.stop(grace=0.0)  # already stopped after a drain; closed at once after an error
             self._flush_at_exit()
@@ -218,6 +222,7 @@ class Daemon:
             stopping=lambda: self._stop_thread is not None,
             stop=lambda drain, timeout: self._begin_stop(sup, drain, timeout),
             reload=lambda: self.reload(sup),
+            glance=self._glance,
         )
 
     def _loop(self, sup: Supervisor, requests: Requests, front: zmq.Socket, sig_r: int) -> None:

@@ -24,6 +24,7 @@ from supervisor.api import Supervisor
 from supervisor.service.connections import ConnectionCap
 from supervisor.service.flow import FlowControl, Peer, Route
 from supervisor.service.followers import Followers
+from supervisor.service.glance import Glance
 from supervisor.service.operators import Operators
 from supervisor.service.replies import Replies
 
@@ -53,6 +54,7 @@ class Requests:
         stopping: Callable[[], bool],
         stop: Callable[[bool, float | None], None],
         reload: Callable[[], dict[str, Any]],
+        glance: Glance,
     ):
         self._sup = sup
         self._flow = flow
@@ -65,6 +67,7 @@ class Requests:
         self._stopping = stopping
         self._stop = stop
         self._reload = reload
+        self._glance = glance
 
     def read(self, front: zmq.Socket, budget: int) -> int:
         """At most ``budget`` requests; the rest wait for the next turn.
@@ -122,6 +125,9 @@ class Requests:
             self._reply_now(peer, request.id, value=sup.modes())
         elif kind is Request.METRICS:
             self._reply_now(peer, request.id, value=sup.metrics())
+        elif kind is Request.GLANCE:  # status and the last minutes: what the status page draws
+            picture = self._glance.picture(self._status())
+            self._reply_now(peer, request.id, value={**picture, "operator": _is_operator(peer)})
         elif kind is Request.EVENTS:  # anyone who may run jobs: the events tell what status() tells, as it happens
             self._followers.follow(sup, peer, request.id, args["buffer"])
         elif kind is Request.CANCEL:  # a queued job never runs; a stream that runs is stopped at its next chunk

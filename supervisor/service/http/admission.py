@@ -12,6 +12,8 @@ Tokens: one a line in the file (blank lines and ``#`` comments ignored),
 compared in constant time with every token there, so the time an answer
 takes says nothing about how much of a guess was right. ``/health`` needs
 none: a load balancer's probe seldom carries one, and it tells no secrets.
+The status page's browser shows its token as a cookie (``/ui?token=``
+sets it); the browser rules below keep other sites from using it.
 A token of ``admin_token_file`` is a token like the others, and marks its
 caller an operator for the admin routes (``admin.py`` decides those).
 
@@ -32,6 +34,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import urllib.parse
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,6 +49,8 @@ log = logging.getLogger("gpuvisor")
 
 OPEN_PATHS = ("/health",)  # served without a token
 ALWAYS_PATHS = ("/health", "/metrics")  # served while draining too
+PAGE = "/ui"  # the status page: the one place a token may come in the address, once
+COOKIE = "gpuvisor_token"  # where the page's browser keeps it after that
 
 
 def read_tokens(path: str, key: str = "token_file") -> tuple[str, ...]:
@@ -160,7 +165,10 @@ class Admission:
                 await send({"type": "http.response.body", "body": b""})
                 return
         if door.guarded and path not in OPEN_PATHS:
-            badge = door.badge_of(headers.get("authorization"))
+            if path == PAGE and scope.get("method") == "GET" and b"token=" in scope.get("query_string", b""):
+                await self._let_page_in(scope, send)
+                return
+            badge = door.badge_of(headers.get("authorization") or _cookie_bearer(headers.get("cookie")))
             if badge is None:
                 message = "a valid bearer token is required (Authorization: Bearer TOKEN)"
                 await answer(send, 401, message, "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])
@@ -195,6 +203,25 @@ class Admission:
             del body_message  # held by the replay until the route takes it, then by nobody here
         await self.app(scope, receive, send)
 
+    async def _let_page_in(self, scope: Scope, send: Send) -> None:
+        """``/ui?token=TOKEN``: a person opening a link cannot send a bearer
+        header, so a good token becomes a cookie (HttpOnly: no script reads
+        it; SameSite=Strict: no other site's page sends it) and the browser
+        goes on to ``/ui``, which leaves the token out of its address bar
+        and history. A bad one is a 401 like any other."""
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        given = (query.get("token") or [""])[0]
+        if self.door.badge_of(f"Bearer {given}") is None:
+            message = "the token in the address is not valid: open /ui?token=TOKEN with a token of [http] token_file"
+            await answer(send, 401, message, "invalid_api_key")
+            return
+        cookie = f"{COOKIE}={urllib.parse.quote(given, safe='')}; Path=/; HttpOnly; SameSite=Strict"
+        headers = [(b"location", PAGE.encode()), (b"set-cookie", cookie.encode("latin-1")), (b"content-length", b"0")]
+        await send(
+            {"type": "http.response.start", "status": 303, "headers": [*headers, (b"cache-control", b"no-store")]}
+        )
+        await send({"type": "http.response.body", "body": b""})
+
     def _stranger(self, scope: Scope, headers: dict[str, str]) -> str | None:
         """Why a browser (or a name that is not ours) may not come in, or None."""
         server = scope.get("server")
@@ -216,6 +243,17 @@ class Admission:
         elif headers.get("sec-fetch-site", "").lower() == "cross-site":
             return "requests from web pages of another site are refused; [http] allowed_origins lets one in"
         return None
+
+
+def _cookie_bearer(header: str | None) -> str | None:
+    """The status page's cookie, as the bearer header it stands for (None: no such cookie)."""
+    if not header or COOKIE not in header:
+        return None
+    for part in header.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE and value:
+            return f"Bearer {urllib.parse.unquote(value)}"
+    return None
 
 
 def _listed(origin: str, allowed: tuple[str, ...]) -> bool:

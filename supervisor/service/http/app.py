@@ -26,7 +26,8 @@ from starlette.responses import JSONResponse, Response
 
 from supervisor.api import Supervisor
 from supervisor.config_http import HttpModel
-from supervisor.service.http import admin, errors, jobs, native, openai
+from supervisor.service.glance import Glance
+from supervisor.service.http import admin, errors, jobs, native, openai, ui
 from supervisor.service.http.admission import Door
 from supervisor.service.http.errors import ApiError
 from supervisor.service.operators import Operators
@@ -40,11 +41,16 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 def create_app(
-    sup: Supervisor, door: Door, operators: Operators | None = None, reload: admin.Reload | None = None
+    sup: Supervisor,
+    door: Door,
+    operators: Operators | None = None,
+    reload: admin.Reload | None = None,
+    glance: Glance | None = None,
 ) -> FastAPI:
     """The routes. ``operators`` says who is one on a unix socket (default:
     the daemon's own user and root); ``reload`` is the daemon's, for
-    ``/v1/admin/reload`` (None: that route answers 501)."""
+    ``/v1/admin/reload`` (None: that route answers 501); ``glance`` the
+    history the status page draws (None: one of its own, with no history)."""
     app = FastAPI(title="gpuvisor", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, errors.on_api_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
@@ -144,6 +150,7 @@ def create_app(
 
     native.add_routes(app, sup, door)
     admin.add_routes(app, sup, door, operators or Operators(), reload)
+    ui.add_routes(app, sup, glance or Glance(), operators or Operators())
 
     @app.get("/health")
     async def health() -> Response:

@@ -41,6 +41,7 @@ import uvicorn
 from supervisor.api import Supervisor
 from supervisor.config_http import HttpSettings, loopback_host, split_listen
 from supervisor.service.front import EndpointError, bind_unix, release_path
+from supervisor.service.glance import Glance
 from supervisor.service.http.admin import Reload
 from supervisor.service.http.admission import Admission, Door, read_all_tokens
 from supervisor.service.http.app import create_app
@@ -106,12 +107,13 @@ class HttpFront:
 
     # ------------------------------------------------------------ running
 
-    def serve(self, sup: Supervisor, reload: Reload | None = None) -> None:
+    def serve(self, sup: Supervisor, reload: Reload | None = None, glance: Glance | None = None) -> None:
         """Start answering on the bound sockets; returns once uvicorn listens.
-        ``reload``: the daemon's, which ``/v1/admin/reload`` calls."""
+        ``reload``: the daemon's, which ``/v1/admin/reload`` calls; ``glance``:
+        the history the status page draws."""
         self.door.started = time.time()
         _check_files(self.settings.max_connections)
-        app = Admission(create_app(sup, self.door, self.operators, reload), self.door)
+        app = Admission(create_app(sup, self.door, self.operators, reload, glance), self.door)
         config = uvicorn.Config(
             AccessLog(LastResort(app), self.door),
             http=DoorProtocol.for_door(self.door),  # h11, held to the door's limits; never httptools by default
