@@ -172,8 +172,11 @@ class Chunk(_Message):
 @_wire
 @dataclass(frozen=True, slots=True)
 class Heartbeat(_Message):
+    """Alive, and torch's memory figures when it has them. (A version-1
+    worker also sends ``busy``: the decoder reads only these fields, so it
+    is ignored; the supervisor knows what runs from its own books.)"""
+
     kind: ClassVar[Kind] = Kind.HEARTBEAT
-    busy: bool
     memory: dict | None = None
 
 

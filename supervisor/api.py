@@ -38,6 +38,7 @@ from supervisor.surface import ChunkSink, SupervisorAPI
 # Engines still running, held strongly: a Supervisor the program dropped
 # without shutdown() still has a worker holding VRAM, and must be found here.
 _LIVE_ENGINES: set[Engine] = set()
+_RELOAD_SWAP_S = 10.0  # the most reload() waits for the loop to take the new configuration
 log = logging.getLogger("gpuvisor")
 
 
@@ -96,12 +97,12 @@ class Supervisor(SupervisorAPI):
     """
 
     def __init__(self, config: str | Path | Config | None = None, *, mode: str | None = None):
-        self.config = config if isinstance(config, Config) else config_mod.load(config)
-        initial = mode or self.config.default_mode or None
-        if initial is not None and self.config.mode(initial) is None:
+        loaded = config if isinstance(config, Config) else config_mod.load(config)
+        self._engine = Engine(loaded)
+        initial = mode or loaded.default_mode or None
+        if initial is not None and loaded.mode(initial) is None:
             raise UnknownMode(self._unknown_mode_message(initial))
         self._initial_mode = initial
-        self._engine = Engine(self.config)
         self._ids = itertools.count(1)
         self._start_lock = threading.Lock()
         self._started = False
@@ -332,9 +333,20 @@ class Supervisor(SupervisorAPI):
         future: Future = Future()
         if not self._running_or_fail(future):
             return future
-        self.config = new
-        self._engine.post(Reload(new, future))
+        command = Reload(new, future)
+        self._engine.post(command)
+        # The loop swaps it in at its next turn (milliseconds): from then on
+        # ``config`` and every submit see the new one. A loop that stops
+        # first fails the future instead.
+        deadline = time.monotonic() + _RELOAD_SWAP_S
+        while not command.swapped.wait(0.05) and not future.done() and time.monotonic() < deadline:
+            pass
         return future
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force: the loop's own (one holder), swapped by ``reload``."""
+        return self._engine.config
 
     def modes(self) -> dict[str, dict[str, Any]]:
         """Each configured mode: ``loader``, ``loaded`` (now) and ``tasks``

@@ -40,7 +40,8 @@ FROM_WORKER = [
     LoadFailed(mode="embed", error={"code": "mode_load_error", "message": "boom"}),
     Result(job=7, value={"nested": [1, 2.5, "three", b"four", None, True]}),
     Failure(job=8, error={"code": "job_failed", "message": "x", "traceback": "tb"}),
-    Heartbeat(busy=True),
+    Heartbeat(),
+    Heartbeat({"allocated_bytes": 1}),
 ]
 TO_WORKER = [Load(mode="diag", loader=DIAG, args={"a": 1}), Job(9, "echo", [1, 2]), Drain(), Cancel(9)]
 

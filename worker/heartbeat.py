@@ -63,7 +63,6 @@ class HeartbeatThread(threading.Thread):
         super().__init__(name="gpuvisor-worker-heartbeat", daemon=True)
         self._ctx, self._endpoint, self._gen = ctx, endpoint, gen
         self._parent_pid, self._interval, self._monitor = parent_pid, interval, monitor
-        self.busy = False  # written by the main thread only; read here for heartbeats
 
     def run(self) -> None:
         try:
@@ -84,7 +83,7 @@ class HeartbeatThread(threading.Thread):
                 now = time.monotonic()
                 if now >= next_beat:
                     exit_if_orphaned(self._parent_pid)
-                    send_or_exit(sock, encode(Heartbeat(self.busy, torch_memory())), self._gen)
+                    send_or_exit(sock, encode(Heartbeat(torch_memory())), self._gen)
                     next_beat = now + self._interval
                 wait_ms = max(0, round((next_beat - time.monotonic()) * 1000))
                 if self._monitor.poll(wait_ms):

@@ -200,7 +200,6 @@ class _Worker:
                     stopped = True
                     raise _Cancelled
 
-        self._beat.busy = True
         try:
             value = _exhaust(handler(msg.payload), chunk)
         except _Unsendable as exc:
@@ -215,8 +214,6 @@ class _Worker:
             else:
                 self.send(Failure(msg.job, _error_map(exc, JobFailed)))
             return
-        finally:
-            self._beat.busy = False
         self._answer(msg, value)
 
     def _cancel_asked(self, job: int) -> bool:
@@ -252,7 +249,6 @@ class _Worker:
         return value that is not one result per payload) is every job's
         failure; a result that cannot be sent fails its own job alone."""
         error = None
-        self._beat.busy = True
         try:
             values = handler([job.payload for job in jobs])
             if not isinstance(values, list) or len(values) != len(jobs):
@@ -263,8 +259,6 @@ class _Worker:
                 ).to_wire()
         except Exception as exc:  # noqa: BLE001 - any handler error is the outcome of every job of the batch
             error = _error_map(exc, JobFailed)
-        finally:
-            self._beat.busy = False
         if error is not None:
             for job in jobs:
                 self.send(Failure(job.job, error))

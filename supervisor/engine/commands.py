@@ -3,6 +3,7 @@ Future, and the loop gives that Future its one outcome."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -65,7 +66,8 @@ class Reload:
     mode's new entry applies the next time that mode is loaded."""
 
     config: Any
-    future: Future = field(default_factory=Future)
+    future: Future = field(default_factory=Future)  # once the spares it stopped are reaped
+    swapped: threading.Event = field(default_factory=threading.Event)  # the loop reads the new one from now on
 
 
 @dataclass(eq=False)

@@ -103,6 +103,7 @@ def _switch_is_noop(parts: Parts, switch: QueuedSwitch) -> Device | None:
 def _reload(parts: Parts, command: Reload) -> None:
     settings = parts.settings
     old, settings.config = settings.config, command.config
+    command.swapped.set()
     log.info("configuration reloaded from %s: modes %s", command.config.source, sorted(command.config.modes))
     if command.config.device_settings() != old.device_settings():
         log.warning("device changes take effect when the supervisor restarts; keeping %r", old.device_settings())

@@ -335,7 +335,7 @@ class FakeWorld:
         self.says(Chunk(self.running(device) if job is None else job, seq, value), device)
 
     def heartbeat(self, device: Device = 0, memory: dict | None = None) -> None:
-        self.says(Heartbeat(False, memory), device, heartbeat=True)
+        self.says(Heartbeat(memory), device, heartbeat=True)
 
     def kill_worker(self, device: Device = 0, sig: signal.Signals = signal.SIGKILL) -> None:
         """The worker dies by ``sig`` (an OOM killer, an operator), then a turn."""
