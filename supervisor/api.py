@@ -10,11 +10,9 @@ faces free of shared state and lets many threads submit at once.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import itertools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -24,6 +22,7 @@ from typing import Any
 
 from protocol import GpuvisorError, QueueFull, RequestTooLarge, ShuttingDown, UnknownMode, WrongDevice, encode_job
 from protocol.arrays import nbytes
+from supervisor import at_exit
 from supervisor import config as config_mod
 from supervisor.arguments import check_device, check_mode, check_seconds, check_submit
 from supervisor.config import Config
@@ -35,37 +34,8 @@ from supervisor.quota import Limits, QueueQuota
 from supervisor.status import Status, SwitchResult
 from supervisor.surface import ChunkSink, SupervisorAPI
 
-# Engines still running, held strongly: a Supervisor the program dropped
-# without shutdown() still has a worker holding VRAM, and must be found here.
-_LIVE_ENGINES: set[Engine] = set()
 _RELOAD_SWAP_S = 10.0  # the most reload() waits for the loop to take the new configuration
 log = logging.getLogger("gpuvisor")
-
-
-def _post_stop(engine: Engine) -> Shutdown | None:
-    """Ask ``core`` for a non-draining stop, without waiting. Safe from a
-    finalizer, whatever thread runs it."""
-    if engine.owner_pid != os.getpid() or not engine.alive:
-        return None
-    command = Shutdown(drain=False, timeout=None)
-    engine.post(command)
-    return command
-
-
-def _stop_all_at_exit() -> None:
-    """A program that forgot ``shutdown()`` must still not leave a worker
-    behind: stop them without draining, as ProcessPoolExecutor joins its own."""
-    pending = [(engine, _post_stop(engine)) for engine in list(_LIVE_ENGINES)]
-    for engine, command in pending:
-        if command is not None:
-            command.future.result(timeout=engine.config.stop_timeout * 2 + 10)
-            engine.join(timeout=engine.config.stop_timeout * 2 + 10)
-
-
-atexit.register(_stop_all_at_exit)
-# A forked child has a copy of the parent's Supervisors but not their loop
-# threads: it must neither use nor stop them (Engine.post refuses).
-os.register_at_fork(after_in_child=_LIVE_ENGINES.clear)
 
 
 def _stop_stream(engine: Engine, future: JobFuture, wait: bool) -> bool:
@@ -124,9 +94,9 @@ class Supervisor(SupervisorAPI):
             if not self._started:
                 self._engine.start()
                 self._started = True
-                _LIVE_ENGINES.add(self._engine)
+                at_exit.keep(self._engine)
                 # Dropped without shutdown(): stop the worker rather than leak it.
-                weakref.finalize(self, _post_stop, self._engine).atexit = False
+                weakref.finalize(self, at_exit.post_stop, self._engine).atexit = False
                 if self._initial_mode is not None:
                     self._engine.post(QueuedSwitch(self._initial_mode, Future()))
         return self
@@ -152,7 +122,7 @@ class Supervisor(SupervisorAPI):
         self._engine.post(command)
         command.future.result()
         self._engine.join(timeout=None)
-        _LIVE_ENGINES.discard(self._engine)
+        at_exit.forget(self._engine)
 
     def __enter__(self) -> Supervisor:
         return self.start()

@@ -33,11 +33,11 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import ClientCutOff, DaemonUnavailable, JobCancelled, ProtocolError, error_from_wire
-from protocol.client import Request, decode_reply, encode_request
-from protocol.messages import peek
+from protocol import DaemonUnavailable
+from protocol.client import Request, encode_request
 from supervisor.arguments import check_device, check_mode, check_seconds
 from supervisor.client.endpoint import client_default_endpoint, unreachable
+from supervisor.client.reading import ReplyReader
 from supervisor.client.remote_job import RemoteJobFuture
 from supervisor.events import DEFAULT_BUFFER, EventStream, Subscription
 from supervisor.futures import JobFuture, settle
@@ -71,9 +71,7 @@ class Client(SupervisorAPI):
         self._ids = itertools.count(1)
         self._outbox: Mailbox[tuple[list, int, Future]] = Mailbox()  # requests for the I/O thread to send
         self._closing = False
-        self._cancelling: set[int] = set()  # submits this client asked the daemon to cancel
-        # Cancels of readers that left, not waited for: sent even while the client closes.
-        self._parting: set[int] = set()
+        self._replies = ReplyReader(self.endpoint)  # which requests were cancelled or parting
         self._lost = threading.Event()  # set by the I/O thread while the connection is down
         # Made and connected here, so a bad endpoint or certificate is the
         # caller's error now; then handed to the I/O thread, its only user.
@@ -220,7 +218,7 @@ class Client(SupervisorAPI):
         if isinstance(future, RemoteJobFuture):
             future.request_id = request_id
         if parting:
-            self._parting.add(request_id)
+            self._replies.parting.add(request_id)
         if self._closing or not self._outbox.put((frames, request_id, future)):
             raise DaemonUnavailable("this client is closed")
         return future
@@ -232,7 +230,7 @@ class Client(SupervisorAPI):
         if wait and threading.current_thread() is self._thread:
             raise RuntimeError("cancel() from a Future callback of this client would wait on itself; use give_up()")
         request_id = future.request_id
-        self._cancelling.add(request_id)
+        self._replies.cancelling.add(request_id)
         try:
             answer = self._request(Request.CANCEL, Future(), parting=not wait, target=request_id)
         except DaemonUnavailable:  # closed: its requests have all ended
@@ -241,7 +239,9 @@ class Client(SupervisorAPI):
         def answered(answer: Future) -> bool:
             cancelled = answer.exception() is None and bool(answer.result()["cancelled"])
             if not cancelled:
-                self._cancelling.discard(request_id)  # an error reply it gets later is its own, not this cancel's
+                self._replies.cancelling.discard(
+                    request_id
+                )  # an error reply it gets later is its own, not this cancel's
             return cancelled and (Future.cancel(future) or future.cancelled())
 
         if not wait:
@@ -281,7 +281,9 @@ class Client(SupervisorAPI):
                 batch = self._outbox.take_all() if self._outbox.fd in events else []
                 if self._closing:  # every request gets an outcome, the unsent ones too
                     unsent = [*batch, *self._outbox.close()]
-                    self._part(sock, [frames for frames, request_id, _ in unsent if request_id in self._parting])
+                    self._part(
+                        sock, [frames for frames, request_id, _ in unsent if request_id in self._replies.parting]
+                    )
                     gone = DaemonUnavailable("the client was closed before the daemon answered")
                     for future in [*pending.values(), *(f for _, _, f in unsent)]:
                         settle(future, error=gone)
@@ -320,7 +322,7 @@ class Client(SupervisorAPI):
                     pending.clear()
                     ping_id = None
                 if sock in events:
-                    heard, cut_off = self._read_replies(sock, pending)
+                    heard, cut_off = self._replies.read(sock, pending)
                     if cut_off is not None:  # every request sent on this connection has ended
                         for future in pending.values():
                             settle(future, error=cut_off)
@@ -352,7 +354,7 @@ class Client(SupervisorAPI):
             sock.disable_monitor()
             monitor.close(linger=0)
             # Cancels of readers that left get out before the socket goes, if the daemon takes them soon.
-            sock.close(linger=round(min(self.timeout, 1.0) * 1000) if self._parting else 0)
+            sock.close(linger=round(min(self.timeout, 1.0) * 1000) if self._replies.parting else 0)
             self._ctx.term()
 
     @staticmethod
@@ -379,78 +381,6 @@ class Client(SupervisorAPI):
         return sock.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED, addr=f"inproc://gpuvisor-client-monitor-{next(self._ids)}"
         )
-
-    def _read_replies(self, sock: zmq.Socket, pending: dict[int, Future]) -> tuple[float, ClientCutOff | None]:
-        """Everything waiting on ``sock``: (when it was read, the daemon's
-        cut-off notice if one came: the caller ends every request)."""
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # arrays stay in these frames
-            except zmq.Again:
-                return time.monotonic(), None
-            try:
-                reply = decode_reply(frames)
-            except ProtocolError as exc:
-                self._undecodable(frames, exc, pending)
-                continue
-            if not isinstance(reply.id, int):
-                if reply.id is None and not reply.ok:
-                    error = error_from_wire(reply.error)
-                    if isinstance(error, ClientCutOff):
-                        log.warning("the daemon at %s cut this client off: %s", self.endpoint, error.message)
-                        return time.monotonic(), error
-                    unread = (
-                        "the daemon at %s could not read one of this client's requests "
-                        "(%d outstanding, which one is unknown): %s"
-                    )
-                    log.warning(unread, self.endpoint, len(pending), error)
-                continue
-            future = pending.get(reply.id)
-            if future is None:
-                continue  # a request this client already ended (a gap, a timeout): the rest of it is ignored
-            if reply.seq is not None:  # a chunk: the request stays pending until its reply
-                self._chunk(reply, future, pending)
-                continue
-            del pending[reply.id]
-            self._parting.discard(reply.id)
-            asked_to_cancel = reply.id in self._cancelling
-            self._cancelling.discard(reply.id)
-            if reply.ok:
-                settle(future, result=reply.value)
-                continue
-            error = error_from_wire(reply.error)
-            if asked_to_cancel and isinstance(error, JobCancelled):
-                Future.cancel(future)  # cancelled at this caller's word: a cancelled Future, as in-process
-            else:
-                settle(future, error=error)
-
-    @staticmethod
-    def _chunk(reply: Any, future: Future, pending: dict[int, Future]) -> None:
-        if future.cancelled():
-            return  # cancelled at its caller's word: the chunks still on their way are dropped
-        if not isinstance(future, RemoteJobFuture) or future.on_chunk is None:
-            del pending[reply.id]
-            settle(
-                future, error=ProtocolError(f"the daemon sent a chunk for request {reply.id}, which does not stream")
-            )
-            return
-        error = future.take_chunk(reply.seq, reply.value)
-        if error is not None:
-            del pending[reply.id]
-            settle(future, error=error)
-
-    def _undecodable(self, frames: list, exc: ProtocolError, pending: dict[int, Future]) -> None:
-        """A message that is not a valid reply: if its id can still be read,
-        that request fails with the ``ProtocolError``; otherwise it is logged."""
-        request_id = peek(frames, "id")
-        future = pending.pop(request_id, None) if isinstance(request_id, int) else None
-        if future is None:
-            dropped = (
-                "dropped a message from the daemon at %s that cannot be decoded and names no request of this client: %s"
-            )
-            log.warning(dropped, self.endpoint, exc.message)
-            return
-        settle(future, error=ProtocolError(f"the reply to request {request_id} cannot be decoded: {exc.message}"))
 
 
 def _with_device(fields: dict[str, Any], device: str | None) -> dict[str, Any]:
