@@ -385,7 +385,7 @@ def scene(tmp_path_factory):
                 client.submit("echo", i, mode="diag")
             scene.seen('gpuvisor_queue_depth{mode="diag"}', 3)
             scene.exposition = scene.scrape()
-        yield scene
+            yield scene  # with the client still open: its jobs stay queued
     finally:
         if prometheus is not None:
             prometheus.close()
