@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -217,6 +218,14 @@ class _StatusCollector(Collector):
         for name, text, key, counter, flag in _PER_DEVICE:
             values = [([d["name"]], (1.0 if d.get(key) else 0.0) if flag else d.get(key)) for d in devices]
             yield _gauge(name, text, values, labels=["device"], counter=counter)
+        # What a worker's memory is measured against: a GPU's whole memory
+        # (NVML; no sample for a CPU device) and the host's, for RSS.
+        gpus = [([d["name"]], d.get("gpu") or {}) for d in devices]
+        for name, key, text in _DEVICE_MEMORY:
+            yield _gauge(name, text, [(labels, gpu.get(key)) for labels, gpu in gpus], labels=["device"])
+        yield _gauge(
+            "gpuvisor_host_memory_total_bytes", "The host's memory, for the workers' RSS", [([], _HOST_MEMORY)]
+        )
 
 
 # name, help, the device's status key, a counter (else a gauge), 1/0 for whether the key is set
@@ -229,6 +238,17 @@ _PER_DEVICE = (
     ("gpuvisor_standby_ready", "1 while a warm standby has finished its imports", "standby_ready", False, True),
     ("gpuvisor_device_failed", "1 while the mode in force on the device is broken there", "failed_reason", False, True),
 )
+
+
+_DEVICE_MEMORY = (
+    ("gpuvisor_device_memory_total_bytes", "total_bytes", "The device's total memory, through NVML (GPUs only)"),
+    (
+        "gpuvisor_device_memory_used_bytes",
+        "used_bytes",
+        "Memory in use on the whole device, every process's, through NVML",
+    ),
+)
+_HOST_MEMORY = psutil.virtual_memory().total
 
 
 def _gauge(

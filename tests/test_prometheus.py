@@ -63,8 +63,12 @@ GRAFANA_VALUES = {
     "$mode": ".*",
     "$device": ".*",
 }
-# Without a GPU the daemon exports no VRAM figure (it would be a lie): a query of it alone may be empty.
-ABSENT_WITHOUT_GPU = {"gpuvisor_worker_vram_bytes"}
+# Without a GPU the daemon exports no VRAM figures (they would be a lie): a query of them alone may be empty.
+ABSENT_WITHOUT_GPU = {
+    "gpuvisor_worker_vram_bytes",
+    "gpuvisor_device_memory_total_bytes",
+    "gpuvisor_device_memory_used_bytes",
+}
 # A comparison against a number, wherever it stands in an expression: what stops an alert's series
 # from showing while it does not fire. A label matcher (`state="failed"`, `outcome!="ok"`) compares
 # with a quoted string, never a bare number, so it is left alone.
@@ -154,6 +158,8 @@ def test_every_alert_can_be_routed_and_says_what_to_do():
         "GpuvisorFailed",
         "GpuvisorModeBroken",
         "GpuvisorWorkerRestarts",
+        "GpuvisorWorkerMemoryHigh",
+        "GpuvisorWorkerHostMemoryHigh",
         "GpuvisorQueueStuck",
         "GpuvisorWorkerOutOfMemory",
     }
