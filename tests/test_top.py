@@ -127,7 +127,7 @@ def test_broken_modes_queue_and_gpu_show():
     assert "broken modes" in frame and "crashed 3 times in 60 s" in frame and "in 30.00 s" in frame, frame
     assert "by an operator's switch or restart" in frame, frame
     row = next(line for line in frame.splitlines() if line.startswith("cuda:0"))
-    assert "3.0 GiB / 80.0 GiB" in row and "2.0 GiB" in row and "big" in row, row
+    assert "3.0 / 80.0 GiB" in row and "2.0 GiB" in row and "big" in row, row
     queue = next(line for line in frame.splitlines() if "12.50 s" in line)
     assert queue.split()[:2] == ["b", "4"], queue
 

@@ -35,7 +35,8 @@ BLOCKS = "▁▂▃▄▅▆▇█"
 MIN_SPREAD = 0.05  # of the highest value: what a sparkline's full height stands for, at least
 SWITCHES_SHOWN = 5
 ERRORS_SHOWN = 5
-WRAPPED = ("PHASES, ERROR", "ERROR", "REASON", "BROKEN")  # the columns that give way when the terminal is narrow
+# The columns that give way (wrap) when the terminal is narrow; the others keep their width.
+WRAPPED = ("PHASES, ERROR", "ERROR", "REASON", "BROKEN", "RSS", "VRAM", "GPU")
 PHASE_BAR = 12  # cells of the longest switch shown; the others in proportion
 PHASE_STYLE = {"stop": "red", "reclaim": "yellow", "spawn": "blue", "load": "green", "warmup": "magenta"}
 PLAIN_WIDTH = 132  # a frame in a pipe: a wide terminal's; rich would take 80, too few for the switches
@@ -79,7 +80,7 @@ def render(picture: Mapping[str, Any], width: int = PLAIN_WIDTH) -> RenderableTy
         parts.append(_switches(switches[:SWITCHES_SHOWN], picture.get("at")))
     memory = picture.get("memory") or {}
     if memory:
-        parts.append(_memory(memory, max(10, width - 60)))
+        parts.append(_memory(memory, max(10, width - 52)))
     broken = picture.get("broken_modes") or {}
     if broken:
         parts.append(_broken(broken))
@@ -142,26 +143,26 @@ def _header(p: Mapping[str, Any]) -> Text:
 
 
 def _table(title: str, *columns: str) -> Table:
-    table = Table(
-        title=Text(title, style="bold"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False
-    )
+    table = Table(title=Text(title, style="bold"), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, padding=(0, 1, 0, 0))  # fmt: skip
     for name in columns:
-        table.add_column(name, no_wrap=name not in WRAPPED)
+        table.add_column(name, no_wrap=name not in WRAPPED, min_width=len(name))  # a header whole, at least
     return table
 
 
 def _devices(devices: Sequence[Mapping[str, Any]]) -> Table:
-    table = _table("devices", "DEVICE", "MODE", "WORKER", "PID", "SWITCHING TO", "IN FLIGHT", "RESTARTS", "JOBS",
-                   "RSS", "VRAM", "GPU", "BROKEN")  # fmt: skip
+    table = _table("devices", "DEVICE", "MODE", "WORKER", "PID", "RUNNING", "DONE", "RESTARTS", "RSS", "VRAM", "GPU",
+                   "BROKEN")  # fmt: skip
     for d in devices:
         mode = str(d.get("mode") or "-")
+        if d.get("switching_to"):
+            mode += f" → {d['switching_to']}"
         if d.get("idle_unloaded"):
             mode = f"- ({d['idle_unloaded']} unloaded, idle)"
         worker = str(d.get("worker_state") or "-") + (" +standby" if d.get("standby_ready") else "")
-        cells = [str(d.get("name")), mode, worker, _or_dash(d.get("worker_pid")), _or_dash(d.get("switching_to")),
-                 str(d.get("in_flight", 0)), str(d.get("restarts", 0)), str(d.get("jobs_done", 0)),
-                 _bytes(d.get("rss_bytes")), _bytes(d.get("vram_bytes")), _gpu(d),
-                 ", ".join(map(str, d.get("broken") or {})) or "-"]  # fmt: skip
+        cells = [str(d.get("name")), mode, worker, _or_dash(d.get("worker_pid")), str(d.get("in_flight", 0)),
+                 str(d.get("jobs_done", 0)), str(d.get("restarts", 0)), _bytes(d.get("rss_bytes")),
+                 _bytes(d.get("vram_bytes")), _gpu(d), ", ".join(map(str, d.get("broken") or {})) or "-"]  # fmt: skip
         row = [Text(cell) for cell in cells]
         if d.get("failed_reason"):
             row[2].stylize("red")
@@ -272,4 +273,7 @@ def _gpu(d: Mapping[str, Any]) -> str:
     used, total = d.get("gpu_used_bytes"), d.get("gpu_total_bytes")
     if used is None and total is None:
         return "-"
-    return f"{_bytes(used)} / {_bytes(total)}"
+    used_text, total_text = _bytes(used), _bytes(total)
+    if used_text.split()[-1] == total_text.split()[-1]:  # one unit, said once: 3.0 / 80.0 GiB
+        used_text = used_text.split()[0]
+    return f"{used_text} / {total_text}"
