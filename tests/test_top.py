@@ -114,9 +114,10 @@ def test_a_switch_under_way_shows_its_phase_and_time_so_far():
 
 
 @pytest.mark.unit
-def test_broken_modes_queue_and_gpu_show():
+def test_broken_modes_queue_gpu_and_a_switch_under_way_on_a_device_show():
     device = {**picture()["devices"][0], "name": "cuda:0", "broken": {"big": {"reason": "crashed 3 times"}},
-              "gpu_used_bytes": 3 * 2**30, "gpu_total_bytes": 80 * 2**30, "vram_bytes": 2 * 2**30}  # fmt: skip
+              "gpu_used_bytes": 3 * 2**30, "gpu_total_bytes": 80 * 2**30, "vram_bytes": 2 * 2**30,
+              "switching_to": "small", "worker_state": "stopping"}  # fmt: skip
     frame = text(picture(
         state="failed", failed_reason="every mode is broken", devices=[device], queued=4,
         waiting={"b": {"jobs": 4, "oldest_s": 12.5}},
@@ -127,7 +128,8 @@ def test_broken_modes_queue_and_gpu_show():
     assert "broken modes" in frame and "crashed 3 times in 60 s" in frame and "in 30.00 s" in frame, frame
     assert "by an operator's switch or restart" in frame, frame
     row = next(line for line in frame.splitlines() if line.startswith("cuda:0"))
-    assert "3.0 / 80.0 GiB" in row and "2.0 GiB" in row and "big" in row, row
+    assert "3.0 / 80.0 GiB" in row and "2.0 GiB" in row and row.rstrip().endswith("big"), row
+    assert "b → small" in row and "stopping" in row, "the mode it is switching to, beside its mode"
     queue = next(line for line in frame.splitlines() if "12.50 s" in line)
     assert queue.split()[:2] == ["b", "4"], queue
 
