@@ -8,8 +8,8 @@ running without), an endpoint that is unsafe or unusable (a client's
 runtime folder another user made, say), or a secret file others could
 change; 130 a
 ``submit`` interrupted (Ctrl-C), its job cancelled on the daemon (a queued
-one never runs, a stream stops at its next chunk). ``events`` ends with 0
-when interrupted: following until Ctrl-C is how it is used.
+one never runs, a stream stops at its next chunk). ``events`` and ``top``
+end with 0 when interrupted: watching until Ctrl-C is how they are used.
 
 ``switch``, ``restart``, ``stop`` and a ``submit`` that waits show their
 progress on stderr (live on a terminal, a line per phase in a pipe); stdout
@@ -153,6 +153,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="cancel what has not run after this long (default: the daemon's drain_timeout)",
     )
     add("events", help="follow the daemon's events (switch phases, workers, drains) until Ctrl-C")
+    top = add("top", help="the status page in the terminal: devices, queue, switches, memory, errors, refreshed")
+    top.add_argument(
+        "--interval", type=_positive_seconds, default=1.0, metavar="SECONDS", help="wait between frames (default 1)"
+    )
+    top.add_argument("--once", action="store_true", help="one frame, then exit (as when stdout is not a terminal)")
     add("demo", help="the five-minute tour, in this process (no daemon)")
     check = add("check-config", help="check a config file and import its loaders in a throwaway worker (no load)")
     check.add_argument("file", nargs="?", help="the TOML file (default: --config, else the built-in config)")
@@ -286,6 +291,10 @@ def _client_command(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 pass
             return EXIT_OK
+        elif args.command == "top":
+            from supervisor.service import top
+
+            return top.run(client, args)
         elif args.command == "status":
             value = client.status()
             if args.http_socket:
