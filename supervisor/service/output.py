@@ -106,7 +106,7 @@ def _human(value: Any) -> str:
     return text
 
 
-def _size(n: float) -> str:
+def bytes_text(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:g} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -122,7 +122,7 @@ def _field(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)) and key.endswith("_bytes"):
-        return _size(value)
+        return bytes_text(value)
     if isinstance(value, (int, float)) and (key.endswith(("seconds", "_s")) or isinstance(value, float)):
         return f"{value:.3f}s" if key.endswith(("seconds", "_s")) else f"{value:.3f}"
     if isinstance(value, list) and all(not isinstance(x, (dict, list)) for x in value):

@@ -23,7 +23,7 @@ def jobs(count: Any) -> str:
     return f"{count} job{'' if count == 1 else 's'}"
 
 
-def _s(seconds: Any) -> str:
+def seconds_text(seconds: Any) -> str:
     return f"{seconds:.2f} s" if isinstance(seconds, (int, float)) else "-"
 
 
@@ -36,14 +36,14 @@ def _switch(e: dict) -> str:
     if phase == "stop":
         return f"{what}: stopping worker pid {e.get('pid')} (mode {e.get('previous')!r})"
     if phase == "reclaim":
-        return f"{what}: worker pid {e.get('pid')} stopped in {_s(e.get('stop_seconds'))}; waiting for its memory"
+        return f"{what}: worker pid {e.get('pid')} stopped in {seconds_text(e.get('stop_seconds'))}; waiting for its memory"
     if phase == "spawn":
         return f"{what}: starting worker pid {e.get('pid')}{' (the warm standby)' if e.get('standby') else ''}"
     if phase == "load":
-        return f"{what}: loading (worker pid {e.get('pid')} up in {_s(e.get('spawn_seconds'))})"
+        return f"{what}: loading (worker pid {e.get('pid')} up in {seconds_text(e.get('spawn_seconds'))})"
     if phase == "ready":
-        warm = f", warm-up {_s(e['warmup_seconds'])}" if e.get("warmup_seconds") is not None else ""
-        return f"{what}: ready in {_s(e.get('seconds'))} (load {_s(e.get('load_seconds'))}{warm}), pid {e.get('pid')}"
+        warm = f", warm-up {seconds_text(e['warmup_seconds'])}" if e.get("warmup_seconds") is not None else ""
+        return f"{what}: ready in {seconds_text(e.get('seconds'))} (load {seconds_text(e.get('load_seconds'))}{warm}), pid {e.get('pid')}"
     if phase == "failed":
         return f"{what}: failed: {e.get('error')}"
     return f"{what}: {phase}"

@@ -25,8 +25,8 @@ from rich.text import Text
 
 from supervisor.service import output
 from supervisor.service.glance import PHASES
-from supervisor.service.output import _size as size
-from supervisor.service.progress import _s as seconds
+from supervisor.service.output import bytes_text as size
+from supervisor.service.progress import seconds_text as seconds
 
 if TYPE_CHECKING:
     from supervisor.client import Client
