@@ -39,8 +39,11 @@ $(RAY_STAMP): $(STAMP) contrib/ray/pyproject.toml
 	$(PY) -m pip install --quiet -e ./contrib/ray
 	touch $(RAY_STAMP)
 
+# The status page for a browser on this machine: http://127.0.0.1:$(UI_PORT)/ui
+UI_PORT ?= 8421
+
 run: install
-	$(VENV)/bin/gpuvisor serve
+	$(VENV)/bin/gpuvisor serve --ui 127.0.0.1:$(UI_PORT)
 
 demo: install
 	$(VENV)/bin/gpuvisor demo

@@ -8,6 +8,7 @@ so that the ``http`` extra is needed only to serve, not to read a file."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Collection
@@ -92,6 +93,21 @@ def loopback_host(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def with_page_listener(settings: HttpSettings | None, entry: str) -> HttpSettings:
+    """``[http]`` with the listener ``gpuvisor serve --ui HOST:PORT`` adds:
+    a browser cannot reach a unix socket, so ``make run`` opens the status
+    page on loopback TCP. Loopback only; without tokens it is accepted as
+    ``allow_unauthenticated_tcp`` is, since the command line asked for it.
+    ValueError says what is wrong with ``entry``."""
+    address = split_listen(entry)
+    if not isinstance(address, tuple) or not loopback_host(address[0]):
+        raise ValueError(f"--ui takes a loopback HOST:PORT such as 127.0.0.1:8421, got {entry!r}")
+    base = settings if settings is not None else HttpSettings(listen=())
+    if entry in base.listen:
+        return base
+    return dataclasses.replace(base, listen=(*base.listen, entry), allow_unauthenticated_tcp=True)
 
 
 def split_listen(entry: str) -> tuple[str, int] | str:

@@ -109,7 +109,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser.add_argument("--version", action="version", version=f"gpuvisor {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     add = lambda name, **kw: commands.add_parser(name, parents=[shared], **kw)  # noqa: E731
-    add("serve", help="run the daemon in the foreground")
+    serve = add("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--ui",
+        metavar="HOST:PORT",
+        help="also serve the HTTP door (and its status page, /ui) on this loopback address, for a browser",
+    )
     submit = add("submit", help="run one job and print its result")
     submit.add_argument("task")
     submit.add_argument("payload", nargs="?", default="null", help="the payload as JSON (default: null)")
@@ -222,7 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
     from supervisor.service.daemon import Daemon
 
     try:
-        return Daemon(args.config, args.endpoint).run()
+        return Daemon(args.config, args.endpoint, page=args.ui).run()
     except (zmq.ZMQError, OSError) as exc:  # a port in use, a path we may not write ...
         print(f"gpuvisor: cannot serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG

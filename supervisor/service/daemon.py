@@ -33,6 +33,7 @@ queue, and the listener is closed before the daemon exits, all inside
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -49,6 +50,9 @@ from protocol import MAX_MESSAGE_BYTES, GpuvisorError
 from supervisor import config as config_mod
 from supervisor.api import Supervisor
 from supervisor.client.endpoint import default_endpoint
+from supervisor.config import Config
+from supervisor.config_http import with_page_listener
+from supervisor.config_where import ConfigError
 from supervisor.mailbox import empty_pipe
 from supervisor.service import reloading
 from supervisor.service.connections import ConnectionCap
@@ -96,10 +100,17 @@ SNDHWM_FRONT = 64
 
 class Daemon:
     def __init__(
-        self, config_path: str | Path | None = None, endpoint: str | None = None, notifier: Notifier | None = None
+        self,
+        config_path: str | Path | None = None,
+        endpoint: str | None = None,
+        notifier: Notifier | None = None,
+        page: str | None = None,
     ):
+        """``page``: a loopback ``HOST:PORT`` where the HTTP door listens too,
+        for a browser (``gpuvisor serve --ui``), whatever the file says."""
         self.config_path = config_path
-        self.config = config_mod.load(config_path)  # ConfigError: the caller exits 6
+        self._page = page
+        self.config = self._load()  # ConfigError: the caller exits 6
         self.endpoint = endpoint or self.config.daemon.endpoint or default_endpoint()
         self.notifier = notifier or Notifier.from_environ()
         self._replies = Replies()
@@ -147,6 +158,9 @@ class Daemon:
             self._glance.start(sup)
             if self._http is not None:
                 self._http.serve(sup, reload=lambda: self.reload(sup), glance=self._glance)
+                for shown in self._http.listening:
+                    if shown.startswith("http"):  # a browser reaches TCP, never a unix socket
+                        log.info("status page: %s/ui", shown)
             log.info("serving %s (pid %d, config %s)", self.endpoint, os.getpid(), self.config.source)
             self.notifier.ready()
             self._loop(sup, self._requests(sup), front, sig_r)
@@ -348,6 +362,15 @@ class Daemon:
             finally:
                 self._replies.wake()  # the loop exits now, not at its next tick
 
+    def _load(self) -> Config:
+        config = config_mod.load(self.config_path)
+        if self._page is None:
+            return config
+        try:
+            return dataclasses.replace(config, http=with_page_listener(config.http, self._page))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     def reload(self, sup: Supervisor) -> dict[str, Any]:
         """Read the file again and swap it in (SIGHUP, ``gpuvisor reload``,
         the HTTP door's admin route: one at a time), or keep the running
@@ -356,7 +379,7 @@ class Daemon:
         with self._reloading:
             self.notifier.reloading()
             try:
-                new = config_mod.load(self.config_path)
+                new = self._load()
             except GpuvisorError as exc:
                 log.error("reload: keeping the running configuration; the file has a mistake: %s", exc)
                 return reloading.refused(str(self.config_path) if self.config_path else None, exc.message)
