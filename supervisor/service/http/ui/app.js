@@ -8,6 +8,7 @@
   const POLL_MS = 1000;
   const PHASES = ["stop", "reclaim", "spawn", "load", "warmup"];
   const CHART = { w: 320, h: 96, pad: 4, label: 14, span: 600 }; // span: the most seconds shown, what the daemon keeps
+  const WHY = { switch: "ordered", restart: "a restart", jobs: "for queued jobs" }; // who asked for a switch
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
   const actions = new Map(); // device -> its operator controls, kept across redraws (a chosen mode, focus)
@@ -106,10 +107,12 @@
         b.retry_in_s === null || b.retry_in_s === undefined ? " (until an operator retries it)" : ` (tried again in ${seconds(b.retry_in_s)})`));
       const card = el("article", { class: "device", "data-device": d.name, "data-worker": d.worker_state || "none" },
         el("h3", null, d.name, d.gpu_name ? el("span", { class: "gpu-name" }, ` ${d.gpu_name}`) : null),
-        el("dl", { class: "fields" }, facts),
-        d.failed_reason ? el("p", { class: "device-failed" }, d.failed_reason) : null,
-        broken.length ? el("ul", { class: "device-broken" }, broken) : null,
-        chart(d.name, p.memory[d.name] || [], p.at));
+        el("div", { class: "device-body" },
+          el("div", null,
+            el("dl", { class: "fields" }, facts),
+            d.failed_reason ? el("p", { class: "device-failed" }, d.failed_reason) : null,
+            broken.length ? el("ul", { class: "device-broken" }, broken) : null),
+          chart(d.name, p.memory[d.name] || [], p.at)));
       if (p.operator) card.append(controls(d.name, p.modes, d.mode));
       return card;
     });
@@ -150,7 +153,8 @@
     box.append(svg("text", { class: "axis", x: pad + 2, y: h - 4 }, `-${back}`));
     box.append(svg("text", { class: "axis end", x: w - pad - 2, y: h - 4 }, "now"));
     return el("figure", { class: "memory", "data-device": name }, box,
-      el("figcaption", null, el("span", { class: "key rss" }, "RSS"), " ", el("span", { class: "key vram" }, "VRAM")));
+      el("figcaption", null, el("span", { class: "key rss" }, "worker RSS"),
+        shown.some((pt) => pt[2] !== null && pt[2] !== undefined) ? el("span", { class: "key vram" }, "worker VRAM") : null));
   }
 
   function controls(device, modes, current) {
@@ -232,8 +236,8 @@
         el("div", { class: "switch-head" },
           el("span", { class: "outcome" }, outcome),
           el("strong", { class: "mode" }, sw.mode),
-          el("span", { class: "from" }, sw.previous ? `from ${sw.previous}` : "from nothing"),
-          el("span", { class: "why" }, sw.why || ""),
+          el("span", { class: "from" }, sw.previous ? `from ${sw.previous}` : "from nothing loaded"),
+          el("span", { class: "why", "data-why": sw.why || "" }, WHY[sw.why] || sw.why || ""),
           el("span", { class: "where" }, `on ${sw.device}`),
           el("span", { class: "age" }, ago(p.at - sw.started))),
         el("div", { class: "track" }, bar),
