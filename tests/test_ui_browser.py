@@ -50,6 +50,7 @@ PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 PLAIN, ADMIN = "a-plain-token-for-the-browser", "an-admin-token-for-the-browser"
 BROKEN = "tests.helpers.loaders:raises"  # a loader that raises: its switch fails
+MARKUP = "<img id=injected src=x>"  # in an error the page shows: text, or an element if it were parsed
 ARGS = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1000")
 
 
@@ -59,8 +60,11 @@ def daemon(tmp_path_factory):
     for name, token in (("tokens", PLAIN), ("admins", ADMIN)):
         (folder / name).write_text(f"{token}\n")
         (folder / name).chmod(0o600)
+    trap = folder / MARKUP  # its loader refuses to load while it exists, and names it in its error
+    trap.write_text("")
+    markup = {"loader": "tests.helpers.loaders:fails_while_file_exists", "args": {"path": str(trap)}}
     text = http_config(
-        {"a": DIAG, "b": DIAG, "broken": BROKEN},
+        {"a": DIAG, "b": DIAG, "broken": BROKEN, "markup": markup},
         {"m": {"mode": "a", "completions": "echo"}},
         http={"listen": [f"127.0.0.1:{PORT}"], "token_file": str(folder / "tokens"),
               "admin_token_file": str(folder / "admins"), "access_log": False},
@@ -135,31 +139,55 @@ def open_page(driver, token: str) -> None:
     driver.delete_all_cookies()
     driver.get(f"{BASE}/ui?token={token}")
     assert driver.current_url == f"{BASE}/ui", "the token left the address"
-    shows(driver, lambda d: d.find_element(By.ID, "updated").get_attribute("data-at"), "the first picture")
+    shows(driver, lambda d: read(d, "#updated", "data-at"), "the first picture")
 
 
 def shows(driver, predicate, what: str):
     return WebDriverWait(driver, T, poll_frequency=0.1).until(predicate, f"the page to show {what}")
 
 
-def field(driver, device: str, name: str) -> str:
-    return driver.find_element(By.CSS_SELECTOR, f'.device[data-device="{device}"] [data-field="{name}"] dd').text
+# The page redraws once a second, so an element found now may be replaced
+# before the next call reads it: what a case reads, it reads in one script.
+_READ = """
+const [selector, attr] = arguments;
+const e = document.querySelector(selector);
+return e === null ? null : attr === null ? e.textContent : e.getAttribute(attr);
+"""
+_SWITCH = """
+const e = document.querySelector(arguments[0]);
+if (e === null) return null;
+const error = e.querySelector(".switch-error");
+return {
+  text: e.textContent,
+  error: error && error.textContent,
+  segments: [...e.querySelectorAll(".bar .seg")].map((s) => [s.dataset.phase, s.getBoundingClientRect().width]),
+};
+"""
 
 
-def first_switch(driver, **attrs: str):
-    """The newest switch in the timeline with these data attributes, or None."""
-    selector = ".switch" + "".join(f'[data-{k}="{v}"]' for k, v in attrs.items())
-    found = driver.find_elements(By.CSS_SELECTOR, f"#switches {selector}")
-    return found[0] if found else None
+def read(driver, selector: str, attr: str | None = None) -> str | None:
+    """The text (or ``attr``) of the first element ``selector`` finds, or None."""
+    return driver.execute_script(_READ, selector, attr)
+
+
+def field(driver, device: str, name: str) -> str | None:
+    return read(driver, f'.device[data-device="{device}"] [data-field="{name}"] dd')
+
+
+def newest_switch(driver, **attrs: str) -> dict | None:
+    """The newest switch in the timeline with these data attributes: its
+    text, error and segments (phase, width in pixels); or None."""
+    selector = "#switches .switch" + "".join(f'[data-{k}="{v}"]' for k, v in attrs.items())
+    return driver.execute_script(_SWITCH, selector)
 
 
 def test_the_page_loads_without_a_console_error_and_shows_the_device(daemon, browser):
     open_page(browser, PLAIN)
     shows(browser, lambda d: field(d, "cpu", "mode") == "a", "the cpu card in mode a")
-    assert browser.find_element(By.ID, "state").text == "running"
-    assert browser.find_element(By.ID, "banner").is_displayed() is False
+    assert read(browser, "#state") == "running" and read(browser, "#state", "data-state") == "running"
+    assert read(browser, "#banner", "hidden") is not None
     assert field(browser, "cpu", "worker_state") in ("ready", "idle")
-    assert browser.find_elements(By.CSS_SELECTOR, '.memory[data-device="cpu"] svg')
+    assert read(browser, '.memory[data-device="cpu"] svg', "role") == "img"
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe
 
@@ -169,43 +197,60 @@ def test_a_switch_from_the_command_line_reaches_the_page_with_its_phases(daemon,
     done = gpuvisor(daemon, "switch", "b")
     assert done.returncode == 0, done.stderr
     shows(browser, lambda d: field(d, "cpu", "mode") == "b", "mode b on cpu")
-    switch = shows(browser, lambda d: first_switch(d, mode="b", outcome="ready"), "the switch to b in the timeline")
-    phases = [s.get_attribute("data-phase") for s in switch.find_elements(By.CSS_SELECTOR, ".bar .seg")]
-    assert {"spawn", "load"} <= set(phases), phases
-    assert all(s.size["width"] >= 1 for s in switch.find_elements(By.CSS_SELECTOR, ".bar .seg"))
-    assert "from a" in switch.text
+    switch = shows(browser, lambda d: newest_switch(d, mode="b", outcome="ready"), "the switch to b in the timeline")
+    phases = dict(switch["segments"])
+    assert {"spawn", "load"} <= set(phases), switch
+    assert all(width >= 1 for width in phases.values()), switch
+    assert "from a" in switch["text"] and switch["error"] is None
 
 
 def test_a_failed_switch_shows_as_failed_and_among_the_errors(daemon, browser):
     open_page(browser, PLAIN)
     done = gpuvisor(daemon, "switch", "broken")
     assert done.returncode != 0 and "this loader fails on purpose" in done.stderr
-    failed = shows(browser, lambda d: first_switch(d, mode="broken", outcome="failed"), "the failed switch")
-    assert "this loader fails on purpose" in failed.find_element(By.CSS_SELECTOR, ".switch-error").text
-    assert failed.find_elements(By.CSS_SELECTOR, '.seg[data-phase="failed"]')
-    error = shows(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#errors .error[data-mode="broken"]'),
-                  "the failure among the errors")  # fmt: skip
-    assert "switch to 'broken' failed" in error[0].text
+    failed = shows(browser, lambda d: newest_switch(d, mode="broken", outcome="failed"), "the failed switch")
+    assert "this loader fails on purpose" in failed["error"]
+    assert [phase for phase, _ in failed["segments"]][-1:] == ["failed"], failed
+    error = shows(browser, lambda d: read(d, '#errors .error[data-mode="broken"]'), "the failure among the errors")
+    assert "switch to 'broken' failed" in error
 
 
 def test_only_an_operator_gets_the_buttons_and_a_click_switches(daemon, browser, unload_after):
     open_page(browser, PLAIN)
     assert browser.find_elements(By.CSS_SELECTOR, "[data-action], .actions, select") == []
     open_page(browser, ADMIN)
-    actions = shows(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.actions[data-device="cpu"]'), "the buttons")
-    box = actions[0]
+    # The controls are kept across redraws (a chosen mode stays chosen), so these references hold.
+    box = shows(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.actions[data-device="cpu"]'), "the buttons")[0]
     assert {b.get_attribute("data-action") for b in box.find_elements(By.TAG_NAME, "button")} == {
         "switch", "restart", "unload"}  # fmt: skip
-    choice = Select(box.find_element(By.TAG_NAME, "select"))
-    assert [o.get_attribute("value") for o in choice.options] == ["a", "b", "broken"]
+    select = box.find_element(By.TAG_NAME, "select")
+    choice = Select(select)
+    assert [o.get_attribute("value") for o in choice.options] == ["a", "b", "broken", "markup"]
     choice.select_by_value("b")
-    box.find_element(By.CSS_SELECTOR, '[data-action="switch"]').click()
+    assert click(browser, box, "switch", "ok").startswith("b: loaded")
     shows(browser, lambda d: field(d, "cpu", "mode") == "b", "mode b after the click")
-    answer = shows(browser, lambda d: box.find_element(By.CLASS_NAME, "answer").get_attribute("data-state") == "ok"
-                   and box.find_element(By.CLASS_NAME, "answer").text, "the switch's answer")  # fmt: skip
-    assert answer.startswith("b: loaded"), answer
     with daemon.client() as c:
         assert c.status()["mode"] == "b"
+    assert click(browser, box, "unload", "ok").startswith("unloaded b (pid ")
+    shows(browser, lambda d: field(d, "cpu", "worker_state") == "none", "no worker after the unload")
+    # A mode a reload removed after the page drew its list: the daemon's refusal is shown as it said it.
+    browser.execute_script("arguments[0].add(new Option('gone', 'gone', true, true))", select)
+    assert "gone" in click(browser, box, "switch", "error"), "the error body's message"
+
+
+def click(driver, box, action: str, outcome: str) -> str:
+    """Click an operator's button; the answer the page shows once it came."""
+    answer = box.find_element(By.CLASS_NAME, "answer")
+    box.find_element(By.CSS_SELECTOR, f'[data-action="{action}"]').click()
+    return shows(driver, lambda d: answer.get_attribute("data-state") == outcome and answer.text, f"{action}'s answer")
+
+
+def test_a_browser_whose_cookie_is_gone_is_told_how_to_come_back(daemon, browser):
+    open_page(browser, PLAIN)
+    browser.delete_all_cookies()  # as when the token is taken out of the token file: the polls get a 401
+    banner = shows(browser, lambda d: read(d, "#banner", "hidden") is None and read(d, "#banner"), "the banner")
+    assert "/ui?token=TOKEN" in banner
+    assert read(browser, "body", "class") == "stale"
 
 
 def test_a_screenshot_of_a_page_with_something_to_show(daemon, browser, unload_after, tmp_path):
@@ -214,13 +259,14 @@ def test_a_screenshot_of_a_page_with_something_to_show(daemon, browser, unload_a
     ``GPUVISOR_UI_SCREENSHOT=docs/img/ui.png`` keeps it."""
     target = Path(os.environ.get("GPUVISOR_UI_SCREENSHOT") or tmp_path / "ui.png")
     open_page(browser, ADMIN)
+    rss = '.memory[data-device="cpu"] path[data-kind="rss"]'
     with daemon.client() as c:
         for i in range(5):
             c.submit("echo", i, mode="a").result(T)
-        shows(browser, lambda d: "L" in (line(d) or ""), "a line of the worker's memory")  # two samples, 2 s apart
+        shows(browser, lambda d: "L" in (read(d, rss, "d") or ""), "a line of the worker's memory")  # 2 samples
         running = c.submit("sleep", {"seconds": 2}, mode="a")
         waiting = [c.submit("echo", i, mode="b") for i in range(3)]
-        shows(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#queue tr[data-mode="b"]'), "the jobs for b waiting")
+        shows(browser, lambda d: read(d, '#queue tr[data-mode="b"]'), "the jobs for b waiting")
         shows(browser, lambda d: field(d, "cpu", "in_flight") == "1", "the job in flight")
         target.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(target)), target
@@ -230,7 +276,13 @@ def test_a_screenshot_of_a_page_with_something_to_show(daemon, browser, unload_a
     assert target.stat().st_size > 10_000
 
 
-def line(driver) -> str | None:
-    """The path of the cpu worker's RSS in its chart, or None."""
-    found = driver.find_elements(By.CSS_SELECTOR, '.memory[data-device="cpu"] path[data-kind="rss"]')
-    return found[0].get_attribute("d") if found else None
+def test_what_the_daemon_says_is_shown_as_text_never_run_as_markup(daemon, browser):
+    """An error can carry anything a loader or a path holds; the page
+    writes it as text. (Last: its error is no sight for the screenshot.)"""
+    open_page(browser, PLAIN)
+    assert gpuvisor(daemon, "switch", "markup").returncode != 0
+    failed = shows(browser, lambda d: newest_switch(d, mode="markup", outcome="failed"), "the failed switch")
+    assert f"{MARKUP} exists" in failed["error"]
+    assert MARKUP in shows(browser, lambda d: read(d, '#errors .error[data-mode="markup"]'), "the error listed")
+    assert browser.execute_script("return document.getElementById('injected')") is None
+    assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
