@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -293,3 +294,19 @@ def test_what_the_daemon_says_is_shown_as_text_never_run_as_markup(daemon, brows
     assert MARKUP in shows(browser, lambda d: read(d, '#errors .error[data-mode="markup"]'), "the error listed")
     assert browser.execute_script("return document.getElementById('injected')") is None
     assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
+
+
+def test_a_draining_daemon_shows_as_draining_then_as_gone(daemon, browser):
+    """Last: it stops the module's daemon, as systemd does (SIGTERM: finish
+    the queue, then exit)."""
+    open_page(browser, PLAIN)
+    with daemon.client() as c:
+        job = c.submit("sleep", {"seconds": 3}, mode="a")
+        shows(browser, lambda d: field(d, "cpu", "in_flight") == "1", "the job in flight")
+        daemon.proc.send_signal(signal.SIGTERM)
+        shows(browser, lambda d: read(d, "#state", "data-state") == "draining", "the daemon draining")
+        assert "draining" in read(browser, "#banner")
+        assert job.result(T) == {"slept": 3}, "the drain let the job finish"
+    assert daemon.wait() == 0
+    banner = shows(browser, lambda d: "does not answer" in (read(d, "#banner") or "") and read(d, "#banner"), "gone")
+    assert "Trying again" in banner and read(browser, "body", "class") == "stale"

@@ -98,13 +98,12 @@
         field("restarts", d.restarts),
         field("jobs done", d.jobs_done, "jobs_done"),
         field("RSS", bytes(d.rss_bytes), "rss"),
-        d.vram_bytes !== null || d.gpu_name ? field("VRAM", bytes(d.vram_bytes), "vram") : null,
+        d.gpu_name || d.vram_bytes != null ? field("VRAM", bytes(d.vram_bytes), "vram") : null,
         d.gpu_total_bytes ? field("GPU used", `${bytes(d.gpu_used_bytes)} of ${bytes(d.gpu_total_bytes)}`, "gpu") : null,
         d.standby_ready ? field("standby", "ready") : null,
+        d.idle_unloaded ? field("unloaded when idle", d.idle_unloaded, "idle_unloaded") : null,
       ];
-      const broken = Object.entries(d.broken || {}).map(([mode, b]) => el("li", { "data-mode": mode },
-        el("strong", null, mode), `: ${b.reason || "broken"}`,
-        b.retry_in_s === null || b.retry_in_s === undefined ? " (until an operator retries it)" : ` (tried again in ${seconds(b.retry_in_s)})`));
+      const broken = Object.entries(d.broken || {}).map(brokenItem);
       const card = el("article", { class: "device", "data-device": d.name, "data-worker": d.worker_state || "none" },
         el("h3", null, d.name, d.gpu_name ? el("span", { class: "gpu-name" }, ` ${d.gpu_name}`) : null),
         el("div", { class: "device-body" },
@@ -254,10 +253,13 @@
     $("queue").tBodies[0].replaceChildren(...rows);
   }
 
+  function brokenItem([mode, b]) {
+    const retry = b.retry_in_s == null ? " (until an operator retries it)" : ` (tried again in ${seconds(b.retry_in_s)})`;
+    return el("li", { "data-mode": mode }, el("strong", null, mode), `: ${b.reason || "broken"}`, retry);
+  }
+
   function drawBroken(p) {
-    const items = Object.entries(p.broken_modes).map(([mode, b]) => el("li", { "data-mode": mode },
-      el("strong", null, mode), `: ${b.reason || "broken"}`,
-      b.retry_in_s === null || b.retry_in_s === undefined ? " (until an operator retries it)" : ` (tried again in ${seconds(b.retry_in_s)})`));
+    const items = Object.entries(p.broken_modes).map(brokenItem);
     $("broken").replaceChildren(...(items.length ? items : [el("li", { class: "none" }, "None.")]));
   }
 
@@ -293,7 +295,11 @@
         banner("This browser is not admitted: open /ui?token=TOKEN once, with a token of the daemon's token_file.");
       } else if (!r.ok) {
         const data = await r.json().catch(() => null);
-        banner(`The daemon answered ${r.status}: ${(data && data.error && data.error.message) || r.statusText}`);
+        const error = (data && data.error) || {};
+        if (error.code === "shutting_down") { // a draining daemon answers nothing new, this page included
+          $("state").textContent = $("state").dataset.state = "draining";
+        }
+        banner(`The daemon answered ${r.status}: ${error.message || r.statusText}`);
       } else {
         picture = await r.json();
       }
