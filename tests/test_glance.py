@@ -131,3 +131,16 @@ def test_a_device_error_the_events_missed_is_listed_and_the_picture_travels_as_j
     assert picture["modes"] == ["a", "x"]
     assert json.loads(json.dumps(picture)) == picture
     assert msgpack.unpackb(msgpack.packb(picture), strict_map_key=False) == picture
+
+
+def test_a_switch_under_way_or_failed_keeps_the_phases_seen_so_far():
+    glance = Glance(clock=Clock())
+    glance.record(switch("stop", 30.0, elapsed=0.0))
+    glance.record(switch("spawn", 30.5, elapsed=0.5))
+    glance.record(switch("load", 30.7, elapsed=0.7))
+    [sw] = glance.picture(status())["switches"]
+    assert sw["phases"] == {"stop": 0.5, "spawn": 0.2} and sw["phase"] == "load"
+    glance.record(switch("failed", 32.0, elapsed=2.0, error="ModeLoadError: boom"))
+    [sw] = glance.picture(status())["switches"]
+    assert sw["phases"] == {"stop": 0.5, "spawn": 0.2, "load": 1.3} and sw["failed_in"] == "load"
+    assert sw["seconds"] == pytest.approx(2.0)

@@ -27,7 +27,7 @@ def served(tmp_path_factory):
         (folder / name).write_text(f"{token}\n")
         (folder / name).chmod(0o600)
     text = http_config(
-        {"diag": DIAG, "other": DIAG},
+        {"diag": DIAG, "other": DIAG, "broken": {"loader": DIAG, "args": {"layers": 1}}},  # diag takes no arguments
         {"echo": {"mode": "diag", "completions": "echo"}},
         http={"listen": ["unix:http.sock", f"127.0.0.1:{PORT}"], "token_file": str(folder / "tokens"),
               "admin_token_file": str(folder / "admins"), "access_log": False},
@@ -99,3 +99,14 @@ def test_operators_acts_are_logged_without_the_token_and_requests_are_not_when_t
     output = served.output()
     assert ADMIN not in output and PLAIN not in output
     assert "HTTP GET" not in output and "HTTP POST" not in output
+
+
+def test_a_switch_that_fails_tells_the_operator_why(served):
+    got, answer = curl(f"{TCP}/v1/admin/switch", {"mode": "broken"}, token=ADMIN)
+    assert got >= 500, answer
+    assert answer["error"]["code"] == "mode_load_error", answer
+    assert "diag takes no arguments" in answer["error"]["message"] and "error id" not in answer["error"]["message"]
+    wait_until(lambda: "HTTP admin order failed" in served.output(), T, "the failure in the daemon's log")
+    assert "Traceback" not in served.output()
+    got, unloaded = curl(f"{TCP}/v1/admin/unload", {}, token=ADMIN)  # whatever the case started, gone at its end
+    assert got == 200, unloaded

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.daemon
 
 PORT = free_port()
 PLAIN, ADMIN = "a-plain-token-for-the-page", "an-admin-token-for-the-page"
-UI = Path(__file__).resolve().parents[1] / "supervisor" / "service" / "http" / "ui"
+UI = Path(__file__).resolve().parents[1] / "supervisor" / "service" / "http" / "page"
 
 
 @pytest.fixture(scope="module")

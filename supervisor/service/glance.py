@@ -41,6 +41,7 @@ class Glance:
         self._lock = threading.Lock()  # the rings are written by the thread, read by any viewer
         self._switches: collections.deque[dict[str, Any]] = collections.deque(maxlen=SWITCHES_KEPT)
         self._open: dict[str, dict[str, Any]] = {}  # the switch under way on each device
+        self._phase_began: dict[str, float] = {}  # device -> its switch's elapsed seconds when this phase began
         self._queued: dict[str, float] = {}  # mode -> when an explicit switch to it was queued
         self._errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=ERRORS_KEPT)
         points = int(KEEP_S / sample_every) + 1
@@ -90,9 +91,17 @@ class Glance:
                 "seconds": None,
                 "outcome": "under way",
                 "error": None,
+                "failed_in": None,
             }
             self._open[device] = sw
             self._switches.appendleft(sw)
+            self._phase_began[device] = float(ev.get("elapsed") or 0.0)
+        elapsed = float(ev.get("elapsed") or 0.0)
+        if phase != sw["phase"] and sw["phase"] in PHASES:  # the phase before ended now: its time, as far as seen
+            sw["phases"][sw["phase"]] = round(max(0.0, elapsed - self._phase_began.get(device, elapsed)), 4)
+        if phase != sw["phase"]:
+            self._phase_began[device] = elapsed
+        last = sw["phase"]
         sw["phase"] = phase
         if phase == "ready":
             sw["outcome"], sw["seconds"] = "ready", _rounded(ev.get("seconds"))
@@ -100,6 +109,7 @@ class Glance:
             del self._open[device]
         elif phase == "failed":
             sw["outcome"], sw["error"] = "failed", ev.get("error")
+            sw["failed_in"] = last if last in PHASES else None
             sw["seconds"] = round(t - sw["started"], 3)
             del self._open[device]
             self._error(ev, f"switch to {mode!r} failed: {ev.get('error')}")

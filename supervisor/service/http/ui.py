@@ -1,6 +1,6 @@
 """The status page, ``/ui``, and what it draws, ``/v1/glance``.
 
-The page is three files shipped in the package (``ui/``: HTML, CSS and a
+The page is three files shipped in the package (``page/``: HTML, CSS and a
 little JavaScript; no build step, nothing fetched from elsewhere) that
 poll ``/v1/glance`` once a second. ``/v1/glance`` is the same picture
 ``gpuvisor top`` draws (``supervisor.service.glance``), plus whether this
@@ -45,7 +45,7 @@ _HEADERS = {
 
 
 def _file(name: str) -> bytes:
-    return resources.files("supervisor.service.http").joinpath("ui", name).read_bytes()
+    return resources.files("supervisor.service.http").joinpath("page", name).read_bytes()
 
 
 def add_routes(app: FastAPI, sup: Supervisor, glance: Glance, operators: Operators) -> None:

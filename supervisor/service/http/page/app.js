@@ -229,7 +229,8 @@
         seg.style.width = `${total > 0 ? (100 * s) / total : 100}%`;
         bar.append(seg);
       }
-      const outcome = sw.outcome === "under way" ? `under way: ${sw.phase}` : sw.outcome;
+      const outcome = sw.outcome === "under way" ? `under way: ${sw.phase}`
+        : sw.outcome === "failed" && sw.failed_in ? `failed in ${sw.failed_in}` : sw.outcome;
       const detail = parts.map(([ph, s]) => `${ph} ${seconds(s)}`).join(" · ");
       return el("li", { class: "switch", "data-outcome": sw.outcome.replace(" ", "-"), "data-mode": sw.mode, "data-device": sw.device },
         el("div", { class: "switch-head" },
