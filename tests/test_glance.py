@@ -10,16 +10,9 @@ import msgpack
 import pytest
 
 from supervisor.service.glance import ERRORS_KEPT, SWITCHES_KEPT, Glance
+from tests.helpers.fake_world import FakeClock as Clock
 
 pytestmark = pytest.mark.unit
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def switch(phase: str, t: float, mode: str = "b", device: str | None = "cpu", **fields):

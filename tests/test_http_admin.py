@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import T, wait_until
-from tests.helpers.config import DIAG
+from tests.helpers.config import DIAG, secret_file
 from tests.helpers.daemon import free_port, serving
 from tests.test_http import assert_error, curl, http_config, http_socket
 
@@ -23,9 +23,8 @@ PLAIN, ADMIN = "a-plain-token-for-jobs-only", "an-admin-token-for-operators"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("admin")
-    for name, token in (("tokens", PLAIN), ("admins", ADMIN)):
-        (folder / name).write_text(f"{token}\n")
-        (folder / name).chmod(0o600)
+    secret_file(folder / "tokens", PLAIN)
+    secret_file(folder / "admins", ADMIN)
     text = http_config(
         {"diag": DIAG, "other": DIAG, "broken": {"loader": DIAG, "args": {"layers": 1}}},  # diag takes no arguments
         {"echo": {"mode": "diag", "completions": "echo"}},

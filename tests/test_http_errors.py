@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from tests.helpers import T, wait_until
+from tests.helpers.config import secret_file
 from tests.helpers.daemon import RunningDaemon, free_port, serving
 from tests.test_http import GATE_MODELS, assert_error, curl, gates, http_config, http_socket, sdk
 
@@ -46,9 +47,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folder):
-    tokens = folder / "tokens"
-    tokens.write_text(f"# who may call\n\nan-older-token-still-valid\n{TOKEN}\n")
-    tokens.chmod(0o600)
+    tokens = secret_file(folder / "tokens", "# who may call", "", "an-older-token-still-valid", TOKEN)
     listen = ["unix:http.sock", f"127.0.0.1:{PORT}"] + ([f"{OUTSIDE}:{OUTSIDE_PORT}"] if OUTSIDE else [])
     text = http_config(
         {"gates": gates(folder)},

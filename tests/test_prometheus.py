@@ -41,7 +41,7 @@ import yaml
 
 from supervisor.metrics import Metrics
 from tests.helpers import ROOT, T, wait_until
-from tests.helpers.config import DIAG, config_text
+from tests.helpers.config import DIAG, config_text, secret_file
 from tests.helpers.daemon import RunningDaemon, free_port
 
 PROMETHEUS_DIR = ROOT / "contrib" / "prometheus"
@@ -359,8 +359,7 @@ def scene(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prometheus")
     tokens, credentials = folder / "tokens", folder / "gpuvisor.token"
     for path in (tokens, credentials):
-        path.write_text(TOKEN + "\n")
-        path.chmod(0o600)
+        secret_file(path, TOKEN)
     port = free_port()
     text = config_text(
         {"diag": DIAG, "other": DIAG, "bad": "tests.helpers.loaders:raises"},

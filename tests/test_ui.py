@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import T, wait_until
-from tests.helpers.config import DIAG
+from tests.helpers.config import DIAG, secret_file
 from tests.helpers.daemon import free_port, serving
 from tests.test_http import curl, http_config, http_socket
 
@@ -32,9 +32,8 @@ UI = Path(__file__).resolve().parents[1] / "supervisor" / "service" / "http" / "
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
-    for name, token in (("tokens", PLAIN), ("admins", ADMIN)):
-        (folder / name).write_text(f"{token}\n")
-        (folder / name).chmod(0o600)
+    secret_file(folder / "tokens", PLAIN)
+    secret_file(folder / "admins", ADMIN)
     text = http_config(
         {"diag": DIAG, "other": DIAG},
         {"echo": {"mode": "diag", "completions": "echo"}},

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from tests.helpers import T, repo_pythonpath, wait_until
-from tests.helpers.config import DIAG
+from tests.helpers.config import DIAG, secret_file
 from tests.helpers.daemon import GPUVISOR, free_port, serving
 from tests.test_http import http_config
 
@@ -58,9 +58,8 @@ ARGS = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
-    for name, token in (("tokens", PLAIN), ("admins", ADMIN)):
-        (folder / name).write_text(f"{token}\n")
-        (folder / name).chmod(0o600)
+    secret_file(folder / "tokens", PLAIN)
+    secret_file(folder / "admins", ADMIN)
     trap = folder / MARKUP  # its loader refuses to load while it exists, and names it in its error
     trap.write_text("")
     markup = {"loader": "tests.helpers.loaders:fails_while_file_exists", "args": {"path": str(trap)}}

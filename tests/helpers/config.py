@@ -10,6 +10,7 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 DIAG = "worker.modes.diag:load"
@@ -22,6 +23,13 @@ them: off in ``DIAG``, as in the built-in config."""
 
 Mode = str | Mapping[str, Any]
 """A mode: its loader, or its whole table (``loader``, ``args``, ``warmup``...)."""
+
+
+def secret_file(path: Path, *lines: str) -> str:
+    """A token file as the daemon accepts one: the lines, readable by its owner alone. Returns its path."""
+    path.write_text("".join(f"{line}\n" for line in lines))
+    path.chmod(0o600)
+    return str(path)
 
 
 def config_text(modes: Mapping[str, Mode] | None = None, *, supervisor: Mapping[str, Any] | None = None,
