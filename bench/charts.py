@@ -177,29 +177,33 @@ def draw_roundtrip(results: Results, path: Path) -> Path:
     )
     axes = _panels(fig, nrows=2)
     for ax, q in zip(axes, (50, 99), strict=True):
-        ways = {}  # name -> (value, row against the raw echo)
-        baselines: dict[str, float] = {}
-        for row in results.rows:
-            m = re.fullmatch(rf"round trip p{q}, (Supervisor|AsyncSupervisor)", row["figure"])
-            if not m or not isinstance(row.get("baseline"), (int, float)):
-                continue
-            if row["baseline_name"].startswith("raw") or m[1] not in ways:
-                ways[m[1]] = (row["value"], row)
-            baselines.setdefault(row["baseline_name"].removesuffix(f" p{q}"), row["baseline"])
-        raw = next((v for name, v in baselines.items() if name.startswith("raw")), None)
-        bars: list[tuple[str, float, str, str | None]] = []
-        for i, (name, (value, row)) in enumerate(ways.items()):
-            label = f"{value:,.0f} µs"
-            if raw:
-                label += f", {_times(value / raw)} raw"
-            if row["goal"] and row["baseline_name"].startswith("raw"):
-                label += f" (goal {_goal(row)})"
-            bars.append((name, value, label, OURS if i == 0 else OURS_TOO))
-        bars += [(name, value, f"{value:,.0f} µs", None) for name, value in baselines.items()]
-        if not bars:
+        pattern = rf"round trip p{q}, (Supervisor|AsyncSupervisor)"
+        rows = [r for r in results.rows if re.fullmatch(pattern, r["figure"]) and r.get("baseline") is not None]
+        if not rows:
             ax.set_axis_off()
             continue
-        _hbars(ax, bars, "µs")
+        baselines = list(dict.fromkeys(r["baseline_name"] for r in rows))
+        raw = next((name for name in baselines if name.startswith("raw")), None)
+
+        def goal(row: dict[str, Any]) -> str:
+            return f" (goal {_goal(row)})" if row["goal"] else ""
+
+        bars: list[tuple[str, float, str, str | None]] = []
+        for way in dict.fromkeys(r["figure"].split(", ", 1)[1] for r in rows):
+            mine = [r for r in rows if r["figure"].endswith(f", {way}")]
+            value, label = mine[0]["value"], f"{mine[0]['value']:,.0f} µs"
+            against_raw = next((r for r in mine if r["baseline_name"] == raw), None)
+            if against_raw:
+                label += f", {_times(value / against_raw['baseline'])} raw{goal(against_raw)}"
+            bars.append((way, value, label, OURS if not bars else OURS_TOO))
+        for name in baselines:
+            row = next(r for r in rows if r["baseline_name"] == name)
+            label = f"{row['baseline']:,.0f} µs"
+            if name != raw:
+                way = row["figure"].split(", ", 1)[1]
+                label += f"; {way} {_times(row['value'] / row['baseline'])} this{goal(row)}"
+            bars.append((name.removesuffix(f" p{q}"), row["baseline"], label, None))
+        _hbars(ax, bars, "µs", room=1.6)
         ax.set_title(f"p{q}", fontsize=9, loc="left")
     _legend_ours_and_baseline(axes[0], loc="lower right")
     return _save(fig, path)
