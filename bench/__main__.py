@@ -1,5 +1,6 @@
-"""``make bench``: run every benchmark, print one table, write results.json.
-``python -m bench NAME [NAME ...]`` runs some of them alone."""
+"""``make bench``: run every benchmark, print one table, write results.json
+and draw its charts (docs/img/bench/). ``python -m bench NAME [NAME ...]``
+runs some of them alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import time
 import traceback
 
-from bench.report import failed_row, print_table, progress, write
+from bench.report import RESULTS, failed_row, print_table, progress, write
 
 # name -> module in bench/ with a ``run() -> list[Row]``; the order of a full run.
 SUITES = [
@@ -57,7 +58,25 @@ def main(argv: list[str]) -> int:
     print_table(rows)
     print(f"run time: {seconds:.1f}s ({', '.join(names)})")
     write(rows, seconds, names)
-    return 1 if failed else 0
+    drawn = draw_charts()
+    return 1 if failed or not drawn else 0
+
+
+def draw_charts() -> bool:
+    """The charts of what results.json now holds. Without matplotlib (the dev
+    extra) the figures are still written and the run still counts; a chart
+    that breaks fails the run, so a broken chart is not committed unseen."""
+    try:
+        from bench.charts import DOCS_IMAGES, draw_all
+    except ImportError as exc:
+        print(f"charts not drawn: {exc} (matplotlib comes with the dev extra)")
+        return True
+    try:
+        draw_all(RESULTS, DOCS_IMAGES)
+    except Exception:  # noqa: BLE001 - the figures are written: say what broke and fail the run
+        traceback.print_exc()
+        return False
+    return True
 
 
 if __name__ == "__main__":
