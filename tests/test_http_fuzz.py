@@ -38,7 +38,10 @@ MODELS = {
     "diag-echo": {"mode": "assistant", "completions": "echo", "chat": "echo"},
 }
 ENDPOINTS = {"/v1/embeddings": "embeddings", "/v1/chat/completions": "chat", "/v1/completions": "completions"}
-EXAMPLES = 150  # per test: about 650 requests in all, well under a minute on a loaded 2-core machine
+EXAMPLES = 150  # per test: about 550 requests in all, well under a minute on a loaded 2-core machine
+# A chat body that reaches the model renders its template and generates: about 0.35 s each here, where the
+# other paths take milliseconds, so fewer of them keep the suite's time (they draw from the same schema).
+EXAMPLES_OF = {"/v1/chat/completions": 50}
 SENT: Counter[str] = Counter()  # requests by path
 STATUSES: Counter[int] = Counter()  # answers by status
 
@@ -155,7 +158,7 @@ def post(http: httpx2.Client, path: str, content: bytes) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/chat/completions", "/v1/completions"])
 def test_no_body_drawn_from_the_schema_gets_a_5xx_or_hangs(http, path):
-    @FUZZ
+    @settings(FUZZ, max_examples=EXAMPLES_OF.get(path, EXAMPLES))
     @given(body=body_strategy(path))
     def one(body: Any) -> None:
         post(http, path, json.dumps(body).encode())
@@ -180,4 +183,4 @@ def test_no_get_of_the_schemas_paths_gets_a_5xx(http):
         answered(http.get(path, params={"q": query}), path)
 
     one()
-    assert sum(SENT.values()) >= 4 * EXAMPLES
+    assert sum(SENT.values()) >= sum(EXAMPLES_OF.get(p, EXAMPLES) for p in ENDPOINTS) + EXAMPLES  # every case ran
