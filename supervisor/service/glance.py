@@ -77,9 +77,10 @@ class Glance:
         if phase == "queued" or device is None:
             self._queued.setdefault(str(mode), t)
             return
+        elapsed = float(ev.get("elapsed") or 0.0)
         sw = self._open.get(device)
         if sw is None or sw["mode"] != mode:
-            started = self._queued.pop(str(mode), t - float(ev.get("elapsed") or 0.0))
+            started = self._queued.pop(str(mode), t - elapsed)
             sw = {
                 "device": device,
                 "mode": mode,
@@ -95,13 +96,12 @@ class Glance:
             }
             self._open[device] = sw
             self._switches.appendleft(sw)
-            self._phase_began[device] = float(ev.get("elapsed") or 0.0)
-        elapsed = float(ev.get("elapsed") or 0.0)
-        if phase != sw["phase"] and sw["phase"] in PHASES:  # the phase before ended now: its time, as far as seen
-            sw["phases"][sw["phase"]] = round(max(0.0, elapsed - self._phase_began.get(device, elapsed)), 4)
-        if phase != sw["phase"]:
             self._phase_began[device] = elapsed
         last = sw["phase"]
+        if phase != last:
+            if last in PHASES:  # the phase before ended now: its time, as far as seen
+                sw["phases"][last] = round(max(0.0, elapsed - self._phase_began[device]), 4)
+            self._phase_began[device] = elapsed
         sw["phase"] = phase
         if phase == "ready":
             sw["outcome"], sw["seconds"] = "ready", _rounded(ev.get("seconds"))

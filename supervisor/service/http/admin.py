@@ -28,12 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from protocol import GpuvisorError, NoModeLoaded, UnknownMode, UnknownTask
 from supervisor.api import Supervisor
 from supervisor.service.http import jobs, results
 from supervisor.service.http.admission import Door
 from supervisor.service.http.clients import ADMIN_KEY, PEER_KEY, address_of, visit_of
-from supervisor.service.http.errors import ApiError, from_named, status_of
+from supervisor.service.http.errors import ApiError, from_named
 from supervisor.service.http.openai import parse
 from supervisor.service.operators import Operators
 
@@ -42,7 +41,6 @@ log = logging.getLogger("gpuvisor")
 Reload = Callable[[], dict[str, Any]]
 """The daemon's reload: reads the configuration again and reports what changed."""
 
-_TOLD = 2000  # the most characters of a failure an operator is told
 _NAME = Field(default=None, min_length=1, max_length=256)
 
 
@@ -134,17 +132,8 @@ async def _outcome(start: Callable[[], Future]) -> Any:
         return await asyncio.shield(asyncio.wrap_future(start()))
     except ApiError:
         raise
-    except GpuvisorError as exc:
-        if status_of(exc) < 500 or isinstance(exc, UnknownMode | UnknownTask | NoModeLoaded | TypeError | ValueError):
-            raise from_named(exc) from exc
-        # The operator asked for it and is told why it failed, as `gpuvisor
-        # switch` tells (the worker's last stderr lines included): a caller of
-        # the API gets an error id instead.
-        told = " | ".join(line.strip() for line in exc.message.strip().splitlines() if line.strip())
-        log.warning("HTTP admin order failed: %s", told)
-        raise ApiError(status_of(exc), told[:_TOLD], exc.code) from exc
     except Exception as exc:  # noqa: BLE001 - each error has its answer (bad arguments: a 400)
-        raise from_named(exc) from exc
+        raise from_named(exc, operator=True) from exc
 
 
 def _json(value: Any) -> Response:

@@ -109,6 +109,7 @@ class ApiError(Exception):
 
 _SEEN: OrderedDict[str, str] = OrderedDict()  # details -> its error id, for what is asked about again and again
 _SEEN_MAX = 64
+_TOLD = 2000  # the most characters of a failure an operator is told
 
 
 def incident(what: str, details: str, *, once: bool = False) -> str:
@@ -157,8 +158,11 @@ def status_of(exc: BaseException) -> int:
     return 500
 
 
-def from_job(exc: BaseException) -> ApiError:
-    """The answer for a job that ended in ``exc`` (or a submit that raised it)."""
+def from_job(exc: BaseException, *, operator: bool = False) -> ApiError:
+    """The answer for a job that ended in ``exc`` (or a submit that raised it).
+    ``operator``: the caller asked for it on an admin route, and is told why
+    it failed, as ``gpuvisor switch`` tells (the worker's last stderr lines
+    included); any other caller gets an error id, the details in the log."""
     if isinstance(exc, TypeError | ValueError):  # submit() refused the arguments (a payload msgpack cannot carry)
         return ApiError(400, short(str(exc)) or "the request cannot be sent to the worker")
     status = status_of(exc)
@@ -168,6 +172,10 @@ def from_job(exc: BaseException) -> ApiError:
         return ApiError(413, f"{message}: send fewer or shorter inputs", "request_too_large")
     if status < 500:
         return ApiError(status, short(exc.message if isinstance(exc, GpuvisorError) else str(exc)), code)
+    if operator and isinstance(exc, GpuvisorError):
+        told = " | ".join(line.strip() for line in exc.message.strip().splitlines() if line.strip())
+        log.warning("HTTP admin order failed: %s", told)
+        return ApiError(status, told[:_TOLD], code)
     generic = _GENERIC.get(code or "", "the server could not answer this request")
     error_id = incident(code or type(exc).__name__, _details(exc))
     headers = {}
@@ -176,7 +184,7 @@ def from_job(exc: BaseException) -> ApiError:
     return ApiError(status, f"{generic} (error id {error_id})", code, headers=headers)
 
 
-def from_named(exc: BaseException) -> ApiError:
+def from_named(exc: BaseException, *, operator: bool = False) -> ApiError:
     """``from_job``, where the caller named the mode and the task (``/v1/jobs``,
     the admin routes): naming one that does not exist is its mistake, a 404,
     not the server's; a job naming no mode while none is loaded, a 409."""
@@ -184,7 +192,7 @@ def from_named(exc: BaseException) -> ApiError:
         return ApiError(404, short(exc.message), exc.code, "mode" if isinstance(exc, UnknownMode) else "task")
     if isinstance(exc, NoModeLoaded):
         return ApiError(409, "no mode is loaded: name the task's mode in 'mode'", exc.code, "mode")
-    return from_job(exc)
+    return from_job(exc, operator=operator)
 
 
 async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
